@@ -1,0 +1,1 @@
+"""pipellm's benchmarks (installed as ``pipellm.benchmarks``; run them with ``pipellm bench``)."""

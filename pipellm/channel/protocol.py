@@ -1,0 +1,127 @@
+"""The one definition of pipellm's confidential-channel protocol (version 1).
+
+Every engine that speaks the channel imports it from here: the host endpoint, the
+emulated device's copy engine and (later) the GPU kernels. Two copies of this layout
+would be two protocols.
+
+Message on the untrusted link::
+
+    header (48 bytes, sent in clear, authenticated as AES-GCM associated data)
+    ciphertext (length bytes) || tag (16 bytes)
+
+Header layout, big-endian (``HEADER``)::
+
+    magic    4s  b"PLM1"
+    dir      B   0 = host to device, 1 = device to host
+    kind     B   0 = DATA (other kinds are reserved for the speculative pipeline)
+    flags    H   0
+    session  I   session id chosen by the device at key agreement
+    epoch    I   key epoch (key rotation: see ``next_position``)
+    counter  Q   message counter within the epoch, +1 per message per direction
+    buffer   Q   destination: device buffer id (h2d) or host region id (d2h)
+    offset   Q   destination byte offset
+    length   Q   plaintext length
+
+IV (96 bits) = ``mask XOR counter`` with the counter in the low 64 bits, where ``mask``
+is the 12-byte IV mask of the (direction, epoch). The receiver never trusts the IV or the
+counter it is sent: it uses its own expected position and refuses anything else.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+from typing import NamedTuple
+
+VERSION = 1
+MAGIC = b"PLM1"
+KEY_BYTES = 32
+IV_BYTES = 12
+TAG_BYTES = 16
+HEADER = struct.Struct(">4sBBHIIQQQQ")
+HEADER_BYTES = HEADER.size  # 48
+COUNTER_LIMIT = 1 << 64
+EPOCH_LIMIT = 1 << 32
+#: Messages per key before rotation: a 32-bit counter, as in NVIDIA's CC channels.
+DEFAULT_ROTATE_AFTER = 1 << 32
+#: Largest plaintext of one message (GCM allows 2**36 - 32 bytes; we stay well below).
+MAX_MESSAGE_BYTES = 1 << 32
+
+# byte offsets of fields inside the header, for in-place rewrites (Message.dst setter)
+_BUFFER_AT = 24
+
+
+class Direction(IntEnum):
+    H2D = 0
+    D2H = 1
+
+    @property
+    def label(self) -> str:
+        return "h2d" if self is Direction.H2D else "d2h"
+
+
+class Kind(IntEnum):
+    DATA = 0
+
+
+class Header(NamedTuple):
+    direction: int
+    kind: int
+    session: int
+    epoch: int
+    counter: int
+    buffer: int
+    offset: int
+    length: int
+
+    def pack(self) -> bytes:
+        return HEADER.pack(MAGIC, self.direction, self.kind, 0, self.session, self.epoch,
+                           self.counter, self.buffer, self.offset, self.length)
+
+
+def pack_header(direction: int, kind: int, session: int, epoch: int, counter: int,
+                buffer: int, offset: int, length: int) -> bytes:
+    """Header bytes (the AAD) of one message; the hot path calls this, not ``Header``."""
+    return HEADER.pack(MAGIC, direction, kind, 0, session, epoch, counter, buffer, offset, length)
+
+
+def unpack_header(aad) -> Header | None:
+    """Parse header bytes; None where they are not a version-1 header (wrong size/magic/flags)."""
+    if len(aad) != HEADER_BYTES:
+        return None
+    magic, direction, kind, flags, session, epoch, counter, buffer, offset, length = HEADER.unpack(aad)
+    if magic != MAGIC or flags != 0:
+        return None
+    return Header(direction, kind, session, epoch, counter, buffer, offset, length)
+
+
+def rewrite_destination(aad: bytearray, buffer: int, offset: int, length: int) -> None:
+    """Overwrite the destination fields of header bytes in place."""
+    struct.pack_into(">QQQ", aad, _BUFFER_AT, buffer, offset, length)
+
+
+def iv_for(mask: int, counter: int) -> bytes:
+    """The 96-bit IV of ``counter`` under a 12-byte IV mask given as an int."""
+    return (mask ^ counter).to_bytes(IV_BYTES, "big")
+
+
+def next_position(epoch: int, counter: int, rotate_after: int) -> tuple[int, int]:
+    """The position after (epoch, counter): the rotation rule both endpoints follow.
+
+    A direction's counter runs 0 .. rotate_after - 1 under one key; the next message
+    moves to a fresh key (epoch + 1) and counter 0, so no IV repeats under a key.
+    """
+    counter += 1
+    if counter >= rotate_after:
+        return epoch + 1, 0
+    return epoch, counter
+
+
+def check_rotate_after(rotate_after: int) -> int:
+    from ..errors import ArgumentError, ArgumentTypeError
+
+    if isinstance(rotate_after, bool) or not isinstance(rotate_after, int):
+        raise ArgumentTypeError(f"rotate_after must be an int, got {type(rotate_after).__name__}")
+    if not 1 <= rotate_after <= COUNTER_LIMIT:
+        raise ArgumentError(f"rotate_after must be in 1..2**64 messages per key, got {rotate_after}")
+    return rotate_after

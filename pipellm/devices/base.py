@@ -1,0 +1,247 @@
+"""The small interface the pipeline sees of a device, and the objects it hands out.
+
+A device allocates memory (:class:`DeviceBuffer`), orders work on streams
+(:class:`Stream`), takes ciphertext messages and plain copies, runs (modelled) compute,
+and reports completion through :class:`Op` handles. It knows nothing of predictors or
+speculation. ``emulated`` and ``cuda`` both implement :class:`Device`.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections import deque
+from time import perf_counter
+
+import numpy as np
+
+from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, TransferTimeoutError
+
+
+class DeviceBuffer:
+    """A block of device memory. Comes from :meth:`Device.alloc`.
+
+    ``dtype`` and ``shape`` are what :meth:`Device.read` gives back by default (the
+    pipeline records those of the host array it mirrors).
+    """
+
+    __slots__ = ("device", "id", "nbytes", "dtype", "shape", "freed", "__weakref__")
+
+    def __init__(self, device: Device, id: int, nbytes: int, dtype=np.uint8, shape=None):
+        self.device, self.id, self.nbytes = device, id, nbytes
+        self.dtype = np.dtype(dtype)
+        self.shape = shape if shape is not None else (nbytes // self.dtype.itemsize,)
+        self.freed = False
+
+    def __repr__(self) -> str:
+        state = " freed" if self.freed else ""
+        return f"<DeviceBuffer {self.id} {self.nbytes}B on {self.device.kind}{state}>"
+
+
+class Stream:
+    """An ordered queue of device work. Work on one stream completes in order; work on
+    different streams may overlap. Comes from :meth:`Device.create_stream`."""
+
+    __slots__ = ("device", "id", "_last", "_pending", "_lock")
+
+    def __init__(self, device: Device, id: int):
+        self.device, self.id = device, id
+        self._last: Op | None = None
+        self._pending: deque[Op] = deque()
+        self._lock = threading.Lock()
+
+    def synchronize(self, timeout: float | None = None) -> None:
+        self.device.synchronize(self, timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"<Stream {self.id} on {self.device.kind}>"
+
+
+class Op:
+    """Completion handle of one piece of device work (a message, a copy, a compute).
+
+    It is *done* once the device has really finished it (or failed it) and the modelled
+    hardware time of it has passed. ``error`` is set when it failed.
+    """
+
+    __slots__ = ("device", "kind", "stream", "session", "seq", "nbytes", "prev", "submit_t",
+                 "end", "done_t", "error", "finished", "args", "on_delivered")
+
+    def __init__(self, device: Device, kind: str, stream: Stream, nbytes: int = 0, session=None,
+                 args: tuple = (), on_delivered=None):
+        self.device, self.kind, self.stream, self.nbytes = device, kind, stream, nbytes
+        self.session, self.args, self.on_delivered = session, args, on_delivered
+        self.seq = 0
+        self.prev: Op | None = None
+        self.submit_t = perf_counter()
+        self.end = 0.0            # modelled completion time (perf_counter clock)
+        self.done_t = 0.0         # when the device really finished it
+        self.error: BaseException | None = None
+        self.finished = False     # the device really finished (or failed) it
+
+    def done(self) -> bool:
+        return self.finished and perf_counter() >= self.end
+
+    def wait_done(self, timeout: float | None = None) -> bool:
+        """Block until done; False on timeout. Never raises the op's own error."""
+        return self.device._wait_op(self, timeout)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until done; raise the op's error, or :class:`TransferTimeoutError`."""
+        if not self.wait_done(timeout):
+            raise TransferTimeoutError(
+                f"{self.kind} of {self.nbytes} bytes on stream {self.stream.id} did not complete "
+                f"within {timeout} s (a message lost on the link, or the device is stalled)")
+        if self.error is not None:
+            raise self.error
+
+    def __repr__(self) -> str:
+        state = "failed" if self.error else ("done" if self.finished else "pending")
+        return f"<Op {self.kind} {self.nbytes}B stream={self.stream.id} {state}>"
+
+
+class Device(abc.ABC):
+    """What every device offers the pipeline. Use :func:`pipellm.open_device`."""
+
+    kind: str = "?"
+
+    def __init__(self) -> None:
+        self._closed = False
+        self._buffers: dict[int, DeviceBuffer] = {}
+        self._next_buffer = 1
+        self._streams: list[Stream] = []
+        self._alloc_lock = threading.Lock()
+        self.default_stream = self.create_stream()
+
+    # -- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the device; idempotent. Later use raises :class:`ChannelClosedError`."""
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ChannelClosedError(f"the {self.kind} device is closed")
+
+    # -- memory and streams ------------------------------------------------------------------
+    def create_stream(self) -> Stream:
+        self._check_open()
+        with self._alloc_lock:
+            stream = Stream(self, len(self._streams))
+            self._streams.append(stream)
+        return stream
+
+    def alloc(self, nbytes: int, *, dtype=np.uint8, shape=None) -> DeviceBuffer:
+        """Allocate ``nbytes`` of device memory (zero-filled)."""
+        self._check_open()
+        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)):
+            raise ArgumentTypeError(f"nbytes must be an int, got {type(nbytes).__name__}")
+        if nbytes <= 0:
+            raise ArgumentError(f"nbytes must be positive, got {nbytes}")
+        with self._alloc_lock:
+            buf = DeviceBuffer(self, self._next_buffer, int(nbytes), dtype, shape)
+            self._next_buffer += 1
+            self._allocate(buf)
+            self._buffers[buf.id] = buf
+        return buf
+
+    def free(self, buf: DeviceBuffer) -> None:
+        self.check_buffer(buf)
+        with self._alloc_lock:
+            self._buffers.pop(buf.id, None)
+            buf.freed = True
+            self._release(buf)
+
+    def check_buffer(self, buf) -> DeviceBuffer:
+        if not isinstance(buf, DeviceBuffer):
+            raise ArgumentTypeError(f"expected a DeviceBuffer, got {type(buf).__name__}")
+        if buf.device is not self:
+            raise ArgumentError(f"{buf!r} belongs to another device")
+        if buf.freed:
+            raise ArgumentError(f"{buf!r} was freed")
+        return buf
+
+    def check_stream(self, stream) -> Stream:
+        if stream is None:
+            return self.default_stream
+        if not isinstance(stream, Stream):
+            raise ArgumentTypeError(f"stream must come from device.create_stream(), got {type(stream).__name__}")
+        if stream.device is not self:
+            raise ArgumentError(f"{stream!r} belongs to another device")
+        return stream
+
+    def synchronize(self, stream: Stream | None = None, *, timeout: float | None = None) -> None:
+        """Wait for all work submitted so far (on ``stream``, or on every stream); raise
+        the first error any of it failed with."""
+        streams = list(self._streams) if stream is None else [self.check_stream(stream)]
+        first_error = None
+        for s in streams:
+            with s._lock:
+                while s._pending:
+                    op = s._pending[0]
+                    if not op.wait_done(timeout):
+                        raise TransferTimeoutError(
+                            f"stream {s.id}: {op.kind} of {op.nbytes} bytes did not complete within "
+                            f"{timeout} s (a message lost on the link, or the device is stalled)")
+                    s._pending.popleft()
+                    if op.error is not None and first_error is None:
+                        first_error = op.error
+        if first_error is not None:
+            raise first_error
+
+    # -- what each device implements ---------------------------------------------------------
+    @abc.abstractmethod
+    def _allocate(self, buf: DeviceBuffer) -> None: ...
+
+    @abc.abstractmethod
+    def _release(self, buf: DeviceBuffer) -> None: ...
+
+    @abc.abstractmethod
+    def _wait_op(self, op: Op, timeout: float | None) -> bool: ...
+
+    @abc.abstractmethod
+    def open_session(self, host_public: bytes, *, rotate_after: int) -> tuple[int, bytes]:
+        """Key agreement: returns (session id, the device's X25519 public key)."""
+
+    @abc.abstractmethod
+    def close_session(self, session: int) -> None: ...
+
+    @abc.abstractmethod
+    def submit_message(self, stream: Stream, session: int, msg) -> Op:
+        """Send one sealed host-to-device message (its payload sits in a bounce slot)."""
+
+    @abc.abstractmethod
+    def submit_sealed_read(self, stream: Stream, session: int, src: DeviceBuffer, src_offset: int,
+                           region_id: int, offset: int, nbytes: int, out: memoryview,
+                           on_delivered) -> Op:
+        """Device to host: seal ``nbytes`` of ``src`` for host destination (region_id,
+        offset) into ``out`` (a bounce slot); each message the link delivers is passed
+        to ``on_delivered``."""
+
+    @abc.abstractmethod
+    def submit_copy_in(self, stream: Stream, src: memoryview, dst: DeviceBuffer, dst_offset: int) -> Op:
+        """Plain (unencrypted) host to device copy."""
+
+    @abc.abstractmethod
+    def submit_copy_out(self, stream: Stream, src: DeviceBuffer, src_offset: int, dst: memoryview) -> Op:
+        """Plain (unencrypted) device to host copy."""
+
+    @abc.abstractmethod
+    def compute(self, us: float, *, stream: Stream | None = None) -> Op:
+        """Device work lasting ``us`` microseconds, after earlier work on the stream."""
+
+    @abc.abstractmethod
+    def read(self, buf: DeviceBuffer, offset: int = 0, nbytes: int | None = None) -> np.ndarray:
+        """A numpy copy of device memory, for tests and tools (outside the channel)."""
+
+    def info(self) -> dict:
+        return {"kind": self.kind}

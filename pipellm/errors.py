@@ -1,0 +1,57 @@
+"""Exceptions raised by pipellm.
+
+Every exception the library raises derives from :class:`PipellmError`. Bad arguments
+raise :class:`ArgumentError` or :class:`ArgumentTypeError`, which are also
+``ValueError`` / ``TypeError``, so callers that already catch those keep working.
+"""
+
+from __future__ import annotations
+
+
+class PipellmError(Exception):
+    """Base class of every pipellm exception."""
+
+
+class ArgumentError(PipellmError, ValueError):
+    """An argument has the right type but a wrong value (size, offset, name...)."""
+
+
+class ArgumentTypeError(PipellmError, TypeError):
+    """An argument has the wrong type (or dtype, or memory layout)."""
+
+
+class UnknownRegionError(ArgumentError):
+    """A region that is not registered with this pipeline (or was unregistered)."""
+
+
+class IntegrityError(PipellmError):
+    """A message failed authentication or arrived out of order.
+
+    Nothing from the message reached its destination and the channel is closed: every
+    later use raises :class:`ChannelClosedError`. The message names the direction and
+    counter that failed, never why the tag did not match.
+    """
+
+
+class ChannelClosedError(PipellmError):
+    """The confidential channel (or the pipeline, or the device) is closed."""
+
+
+class DeviceUnavailableError(PipellmError):
+    """A device kind that cannot be opened here; the message says why."""
+
+
+class TransferTimeoutError(PipellmError, TimeoutError):
+    """A wait ran past its timeout (a lost message, a stalled device, a full pool)."""
+
+
+class KeyExhaustedError(PipellmError):
+    """No more key epochs can be derived for a direction (after 2**32 rotations)."""
+
+
+class DeviceError(PipellmError):
+    """The device refused or failed an operation for a reason other than integrity."""
+
+
+class PinningWarning(UserWarning):
+    """Bounce buffers could not be pinned (mlock refused); transfers go on unpinned."""

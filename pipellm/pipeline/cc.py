@@ -1,0 +1,210 @@
+"""``mode="cc"``: confidential computing as the vanilla driver does it.
+
+Host to device: on the calling thread, each chunk is encrypted into a bounce slot and
+handed to the device at once, so earlier chunks are on the link while later ones are
+being encrypted; the call returns when the last chunk is encrypted. Device to host: the
+device seals each chunk into a bounce slot; the host authenticates and decrypts the
+chunks in channel order when a caller needs them (``Transfer.wait``, ``synchronize``,
+or a bounce slot it must reuse).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+from .._ext import BouncePool, copy_into
+from ..channel import Direction, KeyAgreement, Kind, Opener, Sealer
+from ..channel.protocol import TAG_BYTES
+from ..errors import ArgumentError, ChannelClosedError, IntegrityError, TransferTimeoutError
+from .transfer import Transfer
+
+
+class _Incoming:
+    """One device-to-host chunk the host expects; the fence of its bounce slot."""
+
+    __slots__ = ("engine", "op", "region", "offset", "nbytes", "received", "error")
+
+    def __init__(self, engine, region, offset, nbytes):
+        self.engine, self.region, self.offset, self.nbytes = engine, region, offset, nbytes
+        self.op = None
+        self.received = False
+        self.error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self.received
+
+    def wait_done(self, timeout) -> bool:
+        return self.engine.receive_until(self, timeout)
+
+
+class CCEngine:
+    mode = "cc"
+
+    def __init__(self, device, *, timeout: float | None, chunk_size: int, bounce_bytes: int,
+                 rotate_after: int):
+        self.device, self.timeout, self.chunk_size = device, timeout, chunk_size
+        mine = KeyAgreement()
+        self.session, device_public = device.open_session(mine.public_bytes, rotate_after=rotate_after)
+        keys = mine.derive(device_public, session=self.session, host_public=mine.public_bytes,
+                           device_public=device_public)
+        self.sealer = Sealer(keys, Direction.H2D, rotate_after)
+        self.opener = Opener(keys, Direction.D2H, rotate_after)
+        slot_bytes = chunk_size + TAG_BYTES
+        pool_slots = bounce_bytes // slot_bytes
+        if pool_slots < 2:
+            raise ArgumentError(f"bounce_bytes={bounce_bytes} holds fewer than 2 slots of "
+                                f"chunk_size + 16 = {slot_bytes} bytes")
+        self.pool = BouncePool(slot_bytes, pool_slots)
+        self._staging = memoryview(bytearray(chunk_size))
+        self._h2d_lock = threading.Lock()
+        self._d2h_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
+        self._inbox: deque = deque()        # d2h messages as the link delivered them
+        self._expected: deque[_Incoming] = deque()  # d2h chunks in the order they were sent
+        self._failure: BaseException | None = None
+        self.transfers = [0, 0]
+        self.bytes = [0, 0]
+
+    # -- host to device --------------------------------------------------------------------
+    def to_device(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
+        pool, sealer, chunk, source = self.pool, self.sealer, self.chunk_size, region.view
+        with self._h2d_lock:
+            self._check()
+            for pos in range(0, nbytes, chunk):
+                n = min(chunk, nbytes - pos)
+                slot = pool.acquire(self.timeout)
+                try:
+                    # reserve only once the slot is ours: a reserved counter is never skipped
+                    msg = sealer.seal_into(sealer.reserve(), Kind.DATA, dst.id, dst_offset + pos,
+                                           source[offset + pos:offset + pos + n], slot.view(n + TAG_BYTES))
+                    op = self.device.submit_message(stream, self.session, msg)
+                except BaseException:
+                    pool.release(slot)
+                    raise
+                pool.retire(slot, op)
+            self.transfers[0] += 1
+            self.bytes[0] += nbytes
+
+    # -- device to host ---------------------------------------------------------------------
+    def to_host(self, src, src_offset, region, offset, nbytes, stream) -> Transfer:
+        pool, chunk = self.pool, self.chunk_size
+        chunks: list[_Incoming] = []
+        with self._d2h_lock:
+            self._check()
+            for pos in range(0, nbytes, chunk):
+                n = min(chunk, nbytes - pos)
+                slot = pool.acquire(self.timeout)
+                incoming = _Incoming(self, region, offset + pos, n)
+                try:
+                    incoming.op = self.device.submit_sealed_read(
+                        stream, self.session, src, src_offset + pos, region.id, offset + pos, n,
+                        slot.view(n + TAG_BYTES), self._inbox.append)
+                except BaseException:
+                    pool.release(slot)
+                    raise
+                self._expected.append(incoming)
+                pool.retire(slot, incoming)
+                chunks.append(incoming)
+            self.transfers[1] += 1
+            self.bytes[1] += nbytes
+        last = chunks[-1]
+
+        def wait(timeout=None):
+            timeout = self.timeout if timeout is None else timeout
+            if not self.receive_until(last, timeout):
+                raise TransferTimeoutError(f"device-to-host transfer of {nbytes} bytes into "
+                                           f"{region.name!r} did not complete within {timeout} s")
+            for c in chunks:
+                if c.error is not None:
+                    raise c.error
+
+        return Transfer(nbytes, wait, lambda: last.received)
+
+    def receive_until(self, target: _Incoming, timeout) -> bool:
+        """Authenticate, decrypt and commit device-to-host chunks in channel order until
+        ``target`` is received (or failed). False if that took longer than ``timeout``."""
+        with self._recv_lock:
+            while not target.received:
+                head = self._expected[0]
+                if not head.op.wait_done(timeout):
+                    return False
+                self._expected.popleft()
+                if self._failure is None:
+                    self._receive(head)
+                if self._failure is not None:
+                    head.error = self._failure
+                head.received = True
+            return True
+
+    def _receive(self, head: _Incoming) -> None:
+        if head.op.error is not None:
+            self._fail(head.op.error)
+            return
+        if not self._inbox:
+            self._fail(IntegrityError(
+                f"d2h message {self.opener.position[1]} (key epoch {self.opener.position[0]}) never "
+                f"arrived in its bounce slot; the channel is closed"))
+            return
+        try:
+            header, plain = self.opener.open_into(self._inbox.popleft(), self._staging)
+        except IntegrityError as exc:
+            self._fail(exc)
+            return
+        if (header.buffer, header.offset, header.length) != (head.region.id, head.offset, head.nbytes):
+            self._fail(IntegrityError(f"d2h message {header.counter} is not the transfer the host "
+                                      f"asked for; the channel is closed"))
+            return
+        copy_into(head.region.view[head.offset:head.offset + head.nbytes], plain)
+
+    # -- lifetime ------------------------------------------------------------------------------
+    def _fail(self, error: BaseException) -> None:
+        if self._failure is None:
+            self._failure = error
+            self.opener.close(error)
+            self.sealer.close(error)
+
+    def failure(self) -> BaseException | None:
+        """The error that closed the channel, on either side, if any."""
+        if self._failure is None:
+            device_failure = self.device.session_failure(self.session)
+            if isinstance(device_failure, IntegrityError):
+                self._fail(device_failure)
+        return self._failure
+
+    def _check(self) -> None:
+        failure = self.failure()
+        if failure is not None:
+            raise ChannelClosedError(f"the channel is closed: {failure}") from failure
+
+    def drain(self, timeout) -> None:
+        """Receive every expected device-to-host chunk."""
+        while self._expected:
+            try:
+                last = self._expected[-1]
+            except IndexError:
+                break
+            if not self.receive_until(last, timeout):
+                raise TransferTimeoutError(f"device-to-host transfers did not complete within {timeout} s")
+
+    def close(self) -> None:
+        self.device.close_session(self.session)
+        error = ChannelClosedError("the pipeline was closed")
+        self.sealer.close(error)
+        self.opener.close(error)
+        with self._recv_lock:
+            for incoming in self._expected:
+                incoming.error, incoming.received = incoming.error or error, True
+            self._expected.clear()
+        self.pool.close()
+
+    def stats(self) -> dict:
+        pool = self.pool
+        return {"transfers_h2d": self.transfers[0], "transfers_d2h": self.transfers[1],
+                "bytes_h2d": self.bytes[0], "bytes_d2h": self.bytes[1],
+                "messages_h2d": self.sealer.messages, "messages_d2h": self.opener.messages,
+                "encrypt_s": self.sealer.aes_s, "decrypt_s": self.opener.aes_s,
+                "key_rotations": self.sealer.rotations + self.opener.rotations,
+                "bounce": {"cap_bytes": pool.cap_bytes, "slot_bytes": pool.slot_bytes,
+                           "slots": pool.slots, "in_use": pool.in_use,
+                           "high_water_bytes": pool.high_water, "pinned": pool.pinned}}

@@ -1,0 +1,269 @@
+"""The public ``Pipeline``: register host memory, move it to and from a device."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from time import perf_counter
+
+import numpy as np
+
+from ..channel.protocol import DEFAULT_ROTATE_AFTER, check_rotate_after
+from ..devices import Device, DeviceBuffer, Stream, open_device
+from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, IntegrityError
+from .cc import CCEngine
+from .plain import PlainEngine
+from .region import Region, as_host_array, check_int, check_region, check_span
+from .transfer import Transfer
+
+MODES = ("plain", "cc", "pipellm")
+#: 1 MiB chunks: AES-GCM is at full speed (~10 GB/s per core here) from 64 KiB, and
+#: cryptography releases the GIL well only from ~256 KiB per call (see docs/design.md).
+DEFAULT_CHUNK_SIZE = 1 << 20
+DEFAULT_BOUNCE_BYTES = 32 << 20
+DEFAULT_TIMEOUT = 60.0
+
+
+class Pipeline:
+    """Moves registered host memory to and from a device, in one of three modes.
+
+    ``mode="plain"``: no encryption (the non-CC baseline). ``mode="cc"``: every transfer
+    is encrypted on demand on the calling thread, as the vanilla CC driver does.
+    (``"pipellm"``, speculative pipelined encryption, comes in a later version.)
+
+    >>> import numpy as np, pipellm
+    >>> with pipellm.Pipeline(device="emulated", mode="cc") as pipe:
+    ...     region = pipe.register(np.arange(1024, dtype=np.float16), name="layer0.w")
+    ...     dbuf = pipe.to_device(region)
+    ...     back = np.zeros(1024, dtype=np.float16)
+    ...     pipe.to_host(dbuf, pipe.register(back)).wait()
+    ...     bool((back == region.array).all())
+    True
+
+    ``chunk_size`` bytes travel per message (one IV each); ``bounce_bytes`` caps the
+    bounce buffers; every wait gives up after ``timeout`` seconds with
+    :class:`~pipellm.TransferTimeoutError`; keys rotate every ``rotate_after`` messages
+    per direction.
+    """
+
+    def __init__(self, device: str | Device = "auto", mode: str | None = None, predictor=None, *,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, bounce_bytes: int = DEFAULT_BOUNCE_BYTES,
+                 timeout: float | None = DEFAULT_TIMEOUT, rotate_after: int = DEFAULT_ROTATE_AFTER):
+        if mode is None:
+            mode = "pipellm" if predictor is not None else "cc"
+        if not isinstance(mode, str):
+            raise ArgumentTypeError(f"mode must be a str, got {type(mode).__name__}")
+        if mode not in MODES:
+            raise ArgumentError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        if mode == "pipellm":
+            raise ArgumentError("mode 'pipellm' (speculative pipelined encryption) is not available "
+                                "in this version; use 'cc' or 'plain'")
+        if predictor is not None:
+            raise ArgumentError(f"a predictor applies only to mode 'pipellm', not {mode!r}")
+        chunk_size = check_int("chunk_size", chunk_size, minimum=1)
+        bounce_bytes = check_int("bounce_bytes", bounce_bytes, minimum=1)
+        check_rotate_after(rotate_after)
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ArgumentError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        self._owns_device = not isinstance(device, Device)
+        self.device = open_device(device)
+        limit = getattr(self.device, "max_message_bytes", None)
+        if limit is not None and chunk_size > limit:
+            if self._owns_device:
+                self.device.close()
+            raise ArgumentError(f"chunk_size {chunk_size} is larger than the device takes in one message ({limit})")
+        self.mode = mode
+        self.timeout = timeout
+        self.chunk_size = chunk_size
+        self._closed = False
+        self._failure_reported = False
+        self._regions: dict[int, Region] = {}
+        self._names: dict[str, Region] = {}
+        self._region_ids = itertools.count(1)
+        self._lock = threading.Lock()
+        try:
+            if mode == "plain":
+                self._engine = PlainEngine(self.device, timeout=timeout)
+            else:
+                self._engine = CCEngine(self.device, timeout=timeout, chunk_size=chunk_size,
+                                        bounce_bytes=bounce_bytes, rotate_after=rotate_after)
+        except BaseException:
+            if self._owns_device:
+                self.device.close()
+            raise
+        self._started = perf_counter()
+
+    # -- regions ---------------------------------------------------------------------------------
+    def register(self, array, name: str | None = None) -> Region:
+        """Wrap host memory (a C-contiguous numpy array or buffer) for transfers, without
+        copying it. ``name`` must be unique in this pipeline."""
+        self._check()
+        host = as_host_array(array)
+        if name is not None and not isinstance(name, str):
+            raise ArgumentTypeError(f"name must be a str, got {type(name).__name__}")
+        with self._lock:
+            region_id = next(self._region_ids)
+            name = f"region{region_id}" if name is None else name
+            if name in self._names:
+                raise ArgumentError(f"a region named {name!r} is already registered")
+            region = Region(self, region_id, name, host)
+            self._regions[region_id] = region
+            self._names[name] = region
+        return region
+
+    def unregister(self, region: Region) -> None:
+        """Forget a region; its device copy (if the pipeline made one) is freed."""
+        check_region(self, region)
+        self.synchronize()
+        with self._lock:
+            region.registered = False
+            self._regions.pop(region.id, None)
+            self._names.pop(region.name, None)
+        if region.device_buffer is not None and not region.device_buffer.freed:
+            self.device.free(region.device_buffer)
+
+    def region(self, name: str) -> Region:
+        """The registered region called ``name``."""
+        try:
+            return self._names[name]
+        except KeyError:
+            from ..errors import UnknownRegionError
+            raise UnknownRegionError(f"no region named {name!r} is registered") from None
+
+    # -- transfers ---------------------------------------------------------------------------------
+    def to_device(self, region: Region, offset: int = 0, nbytes: int | None = None, *,
+                  dst: DeviceBuffer | None = None, dst_offset: int | None = None,
+                  stream: Stream | None = None) -> DeviceBuffer:
+        """Copy ``region[offset:offset+nbytes]`` to the device; returns the device buffer.
+
+        Without ``dst`` the bytes go to the region's own device copy (allocated on first
+        use) at the same offset; with ``dst`` they go to ``dst`` at ``dst_offset`` (0).
+        Asynchronous like ``cudaMemcpyAsync``: ordered on ``stream``; in ``cc`` mode it
+        returns once the data is encrypted (later host writes can't change what lands).
+        """
+        self._check()
+        region = check_region(self, region)
+        offset, nbytes = check_span(f"region {region.name!r}", region.nbytes, offset, nbytes)
+        stream = self.device.check_stream(stream)
+        if dst is None:
+            if dst_offset is not None:
+                raise ArgumentError("dst_offset needs dst; without dst the region's own device copy is used")
+            dst, dst_offset = self._device_copy(region), offset
+        else:
+            self.device.check_buffer(dst)
+            dst_offset = 0 if dst_offset is None else check_int("dst_offset", dst_offset)
+            if dst_offset + nbytes > dst.nbytes:
+                raise ArgumentError(f"{nbytes} bytes at dst_offset {dst_offset} do not fit in {dst!r}")
+        self._engine.to_device(region, offset, nbytes, dst, dst_offset, stream)
+        return dst
+
+    def to_host(self, src: DeviceBuffer, region: Region, *, src_offset: int = 0, offset: int = 0,
+                nbytes: int | None = None, stream: Stream | None = None) -> Transfer:
+        """Copy device memory back into ``region[offset:offset+nbytes]``; returns a
+        :class:`Transfer` to ``wait()`` on. ``nbytes`` defaults to the rest of the region."""
+        self._check()
+        self.device.check_buffer(src)
+        region = check_region(self, region)
+        if region.readonly:
+            raise ArgumentError(f"{region!r} is read-only; device-to-host transfers need a writable array")
+        offset, nbytes = check_span(f"region {region.name!r}", region.nbytes, offset, nbytes)
+        src_offset = check_int("src_offset", src_offset)
+        if src_offset + nbytes > src.nbytes:
+            raise ArgumentError(f"{nbytes} bytes at src_offset {src_offset} are out of range of {src!r}")
+        stream = self.device.check_stream(stream)
+        return self._engine.to_host(src, src_offset, region, offset, nbytes, stream)
+
+    def compute(self, us: float, *, stream: Stream | None = None) -> None:
+        """Device work of ``us`` microseconds on ``stream`` (modelled on the emulated device)."""
+        self._check()
+        self.device.compute(us, stream=self.device.check_stream(stream))
+
+    def stream(self) -> Stream:
+        """A new device stream."""
+        self._check()
+        return self.device.create_stream()
+
+    def synchronize(self, stream: Stream | None = None) -> None:
+        """Wait until every transfer submitted so far (on ``stream``, or all) has landed;
+        raise :class:`~pipellm.IntegrityError` if any failed authentication."""
+        self._check()
+        try:
+            self.device.synchronize(stream, timeout=self.timeout)
+            self._engine.drain(self.timeout)
+        except IntegrityError:
+            self._failure_reported = True
+            raise
+        self._check()
+
+    def _device_copy(self, region: Region) -> DeviceBuffer:
+        with self._lock:
+            if region.device_buffer is None:
+                region.device_buffer = self.device.alloc(region.nbytes, dtype=region.dtype, shape=region.shape)
+            return region.device_buffer
+
+    # -- state ----------------------------------------------------------------------------------------
+    def _check(self) -> None:
+        if self._closed:
+            raise ChannelClosedError("the pipeline is closed")
+        failure = self._engine.failure()
+        if failure is not None:
+            if not self._failure_reported:
+                self._failure_reported = True
+                raise failure
+            raise ChannelClosedError(f"the channel was closed by an earlier failure: {failure}") from failure
+
+    def stats(self) -> dict:
+        """Counters of this pipeline (and its device's, where it has some)."""
+        out = {"mode": self.mode, "device": self.device.kind, "chunk_size": self.chunk_size,
+               "uptime_s": perf_counter() - self._started}
+        out.update(self._engine.stats())
+        if hasattr(self.device, "stats"):
+            out.update(self.device.stats())
+        return out
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Finish outstanding transfers, end the session, free what the pipeline made.
+
+        Idempotent. Raises the channel's integrity failure if nobody has seen it yet: an
+        authentication failure is never dropped silently."""
+        if self._closed:
+            return
+        try:
+            self.device.synchronize(timeout=self.timeout)
+            self._engine.drain(self.timeout)
+        except Exception:
+            pass  # reported below if it was an integrity failure; close goes on regardless
+        finally:
+            self._closed = True
+            failure = self._engine.failure()
+            self._engine.close()
+            for region in self._regions.values():
+                if region.device_buffer is not None and not region.device_buffer.freed and not self.device.closed:
+                    self.device.free(region.device_buffer)
+                region.registered = False
+            self._regions.clear()
+            self._names.clear()
+            if self._owns_device:
+                self.device.close()
+        if failure is not None and not self._failure_reported:
+            self._failure_reported = True
+            raise failure
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            try:
+                self.close()
+            except Exception:
+                pass  # don't mask the exception already propagating
+
+    def __repr__(self) -> str:
+        return f"<Pipeline mode={self.mode} device={self.device.kind}{' closed' if self._closed else ''}>"

@@ -1,0 +1,1 @@
+"""Predictors of the next transfers (installed as ``pipellm.predictors``)."""
