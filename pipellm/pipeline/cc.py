@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 
-from .._ext import BouncePool, copy_into
+from .._ext import PAGE_BYTES, BouncePool, copy_into
 from ..channel import Direction, KeyAgreement, Kind, Opener, Sealer
 from ..channel.protocol import TAG_BYTES
 from ..errors import ArgumentError, ChannelClosedError, IntegrityError, TransferTimeoutError
@@ -50,11 +50,12 @@ class CCEngine:
                            device_public=device_public)
         self.sealer = Sealer(keys, Direction.H2D, rotate_after)
         self.opener = Opener(keys, Direction.D2H, rotate_after)
-        slot_bytes = chunk_size + TAG_BYTES
+        # a slot holds one message (chunk + tag), rounded up to whole pages
+        slot_bytes = -(-(chunk_size + TAG_BYTES) // PAGE_BYTES) * PAGE_BYTES
         pool_slots = bounce_bytes // slot_bytes
         if pool_slots < 2:
             raise ArgumentError(f"bounce_bytes={bounce_bytes} holds fewer than 2 slots of "
-                                f"chunk_size + 16 = {slot_bytes} bytes")
+                                f"{slot_bytes} bytes (chunk_size + 16, in whole pages)")
         self.pool = BouncePool(slot_bytes, pool_slots)
         self._staging = memoryview(bytearray(chunk_size))
         self._h2d_lock = threading.Lock()
@@ -63,6 +64,7 @@ class CCEngine:
         self._inbox: deque = deque()        # d2h messages as the link delivered them
         self._expected: deque[_Incoming] = deque()  # d2h chunks in the order they were sent
         self._failure: BaseException | None = None
+        self.failure_reported = False  # has a caller seen the failure raised?
         self.transfers = [0, 0]
         self.bytes = [0, 0]
 
@@ -117,6 +119,8 @@ class CCEngine:
                                            f"{region.name!r} did not complete within {timeout} s")
             for c in chunks:
                 if c.error is not None:
+                    if c.error is self._failure:
+                        self.failure_reported = True
                     raise c.error
 
         return Transfer(nbytes, wait, lambda: last.received)

@@ -76,7 +76,6 @@ class Pipeline:
         self.timeout = timeout
         self.chunk_size = chunk_size
         self._closed = False
-        self._failure_reported = False
         self._regions: dict[int, Region] = {}
         self._names: dict[str, Region] = {}
         self._region_ids = itertools.count(1)
@@ -191,7 +190,7 @@ class Pipeline:
             self.device.synchronize(stream, timeout=self.timeout)
             self._engine.drain(self.timeout)
         except IntegrityError:
-            self._failure_reported = True
+            self._engine.failure_reported = True
             raise
         self._check()
 
@@ -207,8 +206,8 @@ class Pipeline:
             raise ChannelClosedError("the pipeline is closed")
         failure = self._engine.failure()
         if failure is not None:
-            if not self._failure_reported:
-                self._failure_reported = True
+            if not self._engine.failure_reported:
+                self._engine.failure_reported = True
                 raise failure
             raise ChannelClosedError(f"the channel was closed by an earlier failure: {failure}") from failure
 
@@ -249,8 +248,8 @@ class Pipeline:
             self._names.clear()
             if self._owns_device:
                 self.device.close()
-        if failure is not None and not self._failure_reported:
-            self._failure_reported = True
+        if failure is not None and not self._engine.failure_reported:
+            self._engine.failure_reported = True
             raise failure
 
     def __enter__(self) -> Pipeline:

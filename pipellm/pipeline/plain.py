@@ -8,6 +8,8 @@ from .transfer import Transfer
 class PlainEngine:
     mode = "plain"
 
+    failure_reported = False
+
     def __init__(self, device, *, timeout: float | None, **_):
         self.device, self.timeout = device, timeout
         self.transfers = [0, 0]

@@ -1,0 +1,223 @@
+"""An adversary on the emulated device's untrusted link, in both directions.
+
+Every attack is refused with IntegrityError (or, for a message dropped at the end, a
+clear timeout), the destination keeps what it held, and the channel stays closed.
+"""
+
+import numpy as np
+import pytest
+
+import pipellm
+from pipellm import ChannelClosedError, IntegrityError, TransferTimeoutError
+from pipellm.testing import Adversary
+from conftest import make_pipe
+
+N = 3000  # bytes per transfer: one message (chunk_size 4096)
+
+
+def flip(index):
+    def attack(msg, adv):
+        msg.payload[index] ^= 0x01
+        return [msg]
+    return attack
+
+
+def flip_iv(msg, adv):
+    msg.iv = bytes([msg.iv[0] ^ 1]) + bytes(msg.iv[1:])
+    return [msg]
+
+
+def flip_aad(byte):
+    def attack(msg, adv):
+        msg.aad[byte] ^= 0x01
+        return [msg]
+    return attack
+
+
+def truncate(msg, adv):
+    msg.payload = msg.payload[:-1]
+    return [msg]
+
+
+def extend(msg, adv):
+    msg.payload = memoryview(bytes(msg.payload) + b"\0")
+    return [msg]
+
+
+def redirect(msg, adv):
+    buffer, offset, length = msg.dst
+    msg.dst = (adv.other, offset, length)
+    return [msg]
+
+
+def replay_old(msg, adv):
+    return [msg, adv.old]           # the current message lands; the stale one must not
+
+
+def replay_twice(msg, adv):
+    return [msg, msg]
+
+
+def reorder(msg, adv):
+    if adv.held is None:
+        adv.held = msg
+        adv.armed = True             # stay armed for the next message
+        return []
+    return [msg, adv.held]
+
+
+def other_session(msg, adv):
+    return [adv.foreign]
+
+
+ATTACKS = {
+    "flip-ciphertext": flip(0),
+    "flip-tag": flip(-1),
+    "flip-iv": flip_iv,
+    "flip-aad-counter": flip_aad(23),
+    "flip-aad-offset": flip_aad(39),
+    "flip-aad-session": flip_aad(11),
+    "truncate": truncate,
+    "extend": extend,
+    "redirect": redirect,
+    "replay-old": replay_old,
+    "replay-twice": replay_twice,
+    "reorder": reorder,
+    "other-session": other_session,
+}
+
+
+class Armed(Adversary):
+    """Passes messages on until armed; then applies ``attack`` once to one direction."""
+
+    def __init__(self, direction, attack):
+        self.direction, self.attack = direction, attack
+        self.armed = False
+        self.old = self.held = self.foreign = self.other = None
+        self.log = []
+
+    def on_message(self, msg):
+        if msg.direction == self.direction and self.old is None:
+            self.old = msg.copy()
+        if not self.armed or msg.direction != self.direction:
+            return [msg]
+        self.armed = False
+        return self.attack(msg, self)
+
+
+def capture_foreign(dev, adv, direction):
+    """A genuine message of another session on the same device."""
+    with make_pipe(device=dev) as other:
+        region = other.register(np.full(N, 9, np.uint8))
+        adv.armed, adv.old = False, None
+        dbuf = other.to_device(region)
+        other.synchronize()
+        if direction == "d2h":
+            other.to_host(dbuf, other.register(np.zeros(N, np.uint8))).wait()
+        adv.foreign = adv.old
+        adv.old = None
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_h2d_attack_is_refused(attack):
+    adv = Armed("h2d", ATTACKS[attack])
+    with pipellm.open_device("emulated", adversary=adv) as dev:
+        if attack == "other-session":
+            capture_foreign(dev, adv, "h2d")
+        pipe = make_pipe(device=dev)
+        a, b = np.full(N, 1, np.uint8), np.full(N, 2, np.uint8)
+        ra, rb = pipe.register(a), pipe.register(b)
+        target = pipe.to_device(ra)               # legit: target holds 1s
+        adv.other = pipe.to_device(rb).id          # legit: another buffer holds 2s
+        pipe.synchronize()
+        a[:] = 3
+        adv.armed = True
+        pipe.to_device(ra)                        # attacked: must not land
+        if attack == "reorder":
+            pipe.to_device(rb)
+        with pytest.raises(IntegrityError, match="h2d message"):
+            pipe.synchronize()
+        # a replay comes after the genuine message, which lands; the stale copy must not
+        expected = 3 if attack.startswith("replay") else 1
+        assert (dev.read(target) == expected).all()
+        assert (dev.read(pipe.region(rb.name).device_buffer) == 2).all()
+        with pytest.raises(ChannelClosedError):
+            pipe.to_device(ra)
+        pipe.close()
+        # a new session on the same device works
+        with make_pipe(device=dev) as fresh:
+            dbuf = fresh.to_device(fresh.register(np.full(N, 5, np.uint8)))
+            fresh.synchronize()
+            assert (dev.read(dbuf) == 5).all()
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_d2h_attack_is_refused(attack):
+    adv = Armed("d2h", ATTACKS[attack])
+    with pipellm.open_device("emulated", adversary=adv) as dev:
+        if attack == "other-session":
+            capture_foreign(dev, adv, "d2h")
+        pipe = make_pipe(device=dev)
+        src = pipe.to_device(pipe.register(np.full(N, 1, np.uint8)))
+        host, other = np.zeros(N, np.uint8), np.zeros(N, np.uint8)
+        rh, ro = pipe.register(host), pipe.register(other)
+        pipe.to_host(src, rh).wait()              # legit
+        assert (host == 1).all()
+        adv.other = ro.id
+        host[:] = 7
+        adv.armed = True
+        transfer = pipe.to_host(src, rh)
+        # a replayed copy waits in the bounce buffer: the next transfer is refused
+        follow = pipe.to_host(src, ro)
+        with pytest.raises(IntegrityError, match="d2h message"):
+            transfer.wait()
+            follow.wait()
+        expected = 1 if attack.startswith("replay") else 7
+        assert (host == expected).all() and (other == 0).all()
+        with pytest.raises(ChannelClosedError):
+            pipe.to_host(src, rh)
+        pipe.close()
+
+
+def test_h2d_drop_last_message_is_a_clear_timeout_then_next_is_refused():
+    class DropArmed(Armed):
+        pass
+
+    adv = DropArmed("h2d", lambda msg, adv: [])
+    with pipellm.open_device("emulated", adversary=adv) as dev:
+        pipe = make_pipe(device=dev, timeout=0.3)
+        region = pipe.register(np.full(N, 4, np.uint8))
+        adv.armed = True
+        dbuf = pipe.to_device(region)
+        with pytest.raises(TransferTimeoutError, match="did not complete within 0.3 s"):
+            pipe.synchronize()
+        pipe.to_device(region)                    # the next message is refused (wrong counter)
+        with pytest.raises(IntegrityError):
+            pipe.synchronize()
+        assert not dev.read(dbuf).any()
+        pipe.close()
+
+
+def test_d2h_drop_is_refused():
+    adv = Armed("d2h", lambda msg, adv: [])
+    with pipellm.open_device("emulated", adversary=adv) as dev:
+        pipe = make_pipe(device=dev)
+        src = pipe.to_device(pipe.register(np.full(N, 1, np.uint8)))
+        host = np.full(N, 6, np.uint8)
+        adv.armed = True
+        with pytest.raises(IntegrityError, match="never arrived"):
+            pipe.to_host(src, pipe.register(host)).wait()
+        assert (host == 6).all()
+        pipe.close()
+
+
+def test_unreported_failure_is_raised_by_close():
+    adv = Armed("h2d", flip(0))
+    with pipellm.open_device("emulated", adversary=adv) as dev:
+        pipe = make_pipe(device=dev)
+        adv.armed = True
+        pipe.to_device(pipe.register(np.ones(N, np.uint8)))
+        with pytest.raises(IntegrityError):
+            pipe.close()        # never silently dropped
+        assert pipe.closed
+        pipe.close()

@@ -1,0 +1,131 @@
+"""Bounce buffers (pipellm._ext): page-aligned bounded slots, fences, zero-copy views."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from pipellm import ArgumentError, ChannelClosedError, TransferTimeoutError
+from pipellm._ext import PAGE_BYTES, BouncePool, copy_into
+
+
+class Fence:
+    def __init__(self):
+        self.event = threading.Event()
+
+    def done(self):
+        return self.event.is_set()
+
+    def wait_done(self, timeout):
+        return self.event.wait(timeout)
+
+
+def test_slots_are_page_sized_and_the_pool_never_exceeds_its_cap():
+    pool = BouncePool(PAGE_BYTES + 1, 3)
+    assert pool.slot_bytes == 2 * PAGE_BYTES
+    assert pool.cap_bytes == 3 * pool.slot_bytes
+    slots = [pool.acquire() for _ in range(3)]
+    assert pool.high_water == pool.cap_bytes
+    with pytest.raises(TransferTimeoutError, match="no bounce slot came free"):
+        pool.acquire(timeout=0.05)
+    for s in slots:
+        pool.release(s)
+    assert pool.in_use == 0
+    pool.close()
+
+
+def test_views_are_zero_copy_and_page_aligned():
+    import numpy as np
+    pool = BouncePool(8192, 2)
+    slot = pool.acquire()
+    view = slot.view(100)
+    view[:5] = b"hello"
+    assert bytes(slot.view(5)) == b"hello"  # another view sees the same memory
+    addr = np.frombuffer(slot.view(8), dtype=np.uint8).ctypes.data
+    assert addr % PAGE_BYTES == 0
+    del view
+    pool.release(slot)
+    pool.close()
+
+
+def test_a_retired_slot_is_reused_only_after_its_fence():
+    pool = BouncePool(4096, 1)
+    slot = pool.acquire()
+    fence = Fence()
+    pool.retire(slot, fence)
+    with pytest.raises(TransferTimeoutError):
+        pool.acquire(timeout=0.05)
+    threading.Timer(0.05, fence.event.set).start()
+    again = pool.acquire(timeout=5)
+    assert fence.done() and again.index == slot.index
+    pool.release(again)
+
+
+def test_slot_misuse_is_refused():
+    pool = BouncePool(4096, 2)
+    slot = pool.acquire()
+    with pytest.raises(ArgumentError, match="holds 0..4096"):
+        slot.view(4097)
+    pool.release(slot)
+    with pytest.raises(ArgumentError, match="already given back"):
+        pool.release(slot)
+    with pytest.raises(ArgumentError, match="given back"):
+        slot.view(1)
+    other = BouncePool(4096, 1)
+    with pytest.raises(ArgumentError, match="another pool"):
+        pool.release(other.acquire())
+    with pytest.raises(TypeError):
+        type(slot)()
+    pool.close()
+    with pytest.raises(ChannelClosedError):
+        pool.acquire()
+
+
+def test_bad_pool_sizes():
+    with pytest.raises(ArgumentError):
+        BouncePool(0, 1)
+    with pytest.raises(ArgumentError):
+        BouncePool(4096, 0)
+
+
+def test_views_keep_memory_alive_after_close():
+    pool = BouncePool(4096, 1)
+    view = pool.acquire().view(4)
+    pool.close()
+    view[:] = b"safe"  # still mapped: unmapping waits for the last view
+    assert bytes(view) == b"safe"
+
+
+def test_copy_into():
+    dst = bytearray(8)
+    assert copy_into(dst, b"abc") == 3
+    assert dst[:3] == b"abc"
+    with pytest.raises(ValueError, match="holds 2 bytes"):
+        copy_into(bytearray(2), b"abc")
+    with pytest.raises(BufferError):
+        copy_into(b"readonly", b"x")
+
+
+def test_refused_mlock_warns_once_and_goes_on_unpinned():
+    """RLIMIT_MEMLOCK too small (and no CAP_IPC_LOCK): one PinningWarning, pools work."""
+    code = textwrap.dedent("""
+        import os, resource, warnings
+        from pipellm._ext import BouncePool
+        from pipellm import PinningWarning
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (65536, 65536))
+        if os.geteuid() == 0:
+            os.setgid(65534); os.setuid(65534)   # drop root: mlock then obeys the limit
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pools = [BouncePool(1 << 20, 2) for _ in range(3)]
+        s = pools[0].acquire(); s.view(4)[:] = b"ok!!"
+        print(sum(issubclass(w.category, PinningWarning) for w in caught), [p.pinned for p in pools],
+              "RLIMIT_MEMLOCK" in str(caught[0].message), bytes(s.view(4)))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd="/", env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "[False,", "False,", "False]", "True", "b'ok!!'"]

@@ -1,0 +1,72 @@
+"""Device selection, the cuda device's availability report, the emulated link model."""
+
+import numpy as np
+import pytest
+
+import pipellm
+from pipellm.devices import cuda_unavailable_reason
+from pipellm.devices.emulated import EmulatedDevice
+
+
+def test_auto_falls_back_to_emulated_and_says_why_cuda_is_unavailable():
+    reason = cuda_unavailable_reason()
+    assert reason and isinstance(reason, str)
+    with pipellm.open_device("auto") as dev:
+        assert isinstance(dev, EmulatedDevice)
+    with pytest.raises(pipellm.DeviceUnavailableError, match="cannot open the cuda device: .+"):
+        pipellm.open_device("cuda")
+
+
+def test_a_device_instance_passes_through(device):
+    assert pipellm.open_device(device) is device
+    with pytest.raises(pipellm.ArgumentError, match="already open"):
+        pipellm.open_device(device, link=pipellm.LinkModel())
+
+
+def test_link_model_times_a_copy():
+    link = pipellm.LinkModel(h2d_bytes_per_s=1e9, d2h_bytes_per_s=2e9, latency_s=1e-3)
+    with pipellm.open_device("emulated", link=link) as dev:
+        buf = dev.alloc(1_000_000)
+        src = memoryview(np.ones(1_000_000, np.uint8))
+        op_in = dev.submit_copy_in(dev.default_stream, src, buf, 0)
+        op_in.wait(5)
+        assert op_in.end - op_in.submit_t == pytest.approx(1e-3 + 1e-3, rel=0.05)
+        out = np.zeros(1_000_000, np.uint8)
+        op_out = dev.submit_copy_out(dev.default_stream, buf, 0, memoryview(out))
+        op_out.wait(5)
+        assert op_out.end - max(op_out.submit_t, op_in.end) == pytest.approx(0.5e-3 + 1e-3, rel=0.05)
+        assert (out == 1).all()
+
+
+def test_compute_follows_stream_order(device):
+    a = device.compute(1000)
+    b = device.compute(2000)
+    b.wait(5)
+    assert b.end - a.end == pytest.approx(2e-3, rel=1e-6)
+
+
+def test_device_memory_cap():
+    with pipellm.open_device("emulated", memory_bytes=1000) as dev:
+        dev.alloc(600)
+        with pytest.raises(pipellm.DeviceError, match="out of device memory"):
+            dev.alloc(600)
+
+
+def test_closed_device_refuses(device):
+    device.close()
+    device.close()
+    with pytest.raises(pipellm.ChannelClosedError, match="closed"):
+        device.alloc(10)
+    with pytest.raises(pipellm.ChannelClosedError):
+        pipellm.Pipeline(device=device, mode="cc")
+
+
+def test_emulation_stall_is_accounted():
+    """A slow link model: the copy engine's CPU work finishes first, so no stall."""
+    link = pipellm.LinkModel(h2d_bytes_per_s=1e8, latency_s=0)
+    with pipellm.open_device("emulated", link=link) as dev, pipellm.Pipeline(device=dev, mode="cc") as pipe:
+        pipe.to_device(pipe.register(np.ones(1 << 20, np.uint8)))
+        pipe.synchronize()
+        stats = pipe.stats()
+        assert stats["device_busy_s"] > 0
+        assert stats["emulation_stall_s"] < 0.0105 * 0.5  # the modelled 10.5 ms dominated
