@@ -154,30 +154,46 @@ class Sealer(_Endpoint):
     def seal_into(self, ticket: Ticket, kind: int, buffer: int, offset: int, plaintext,
                   out: memoryview, *, shared: bool = True) -> Message:
         """Encrypt ``plaintext`` for destination (buffer, offset) into ``out``, which must
-        be exactly ``len(plaintext) + 16`` bytes. Returns the message. ``shared`` says
-        ``out`` is attacker-visible memory (observers are told)."""
+        be exactly ``len(plaintext) + 16`` bytes, under a reserved ticket. Returns the
+        message. ``shared`` says ``out`` is attacker-visible memory (observers are told)."""
         if ticket.used:
             raise ArgumentError(f"{ticket!r} was already sealed: an IV is never used twice")
-        length = len(plaintext)
-        if length > MAX_MESSAGE_BYTES:
-            raise ArgumentError(f"one message carries at most {MAX_MESSAGE_BYTES} bytes, got {length}")
-        if len(out) != length + TAG_BYTES:
-            raise ArgumentError(f"output must be exactly {length + TAG_BYTES} bytes, got {len(out)}")
+        _check_sizes(plaintext, out)
         self._check_open()
         ticket.used = True
-        aad = pack_header(self.direction, kind, self.session, ticket.epoch, ticket.counter,
-                          buffer, offset, length)
-        iv = iv_for(ticket.key.mask, ticket.counter)
+        return self._seal(ticket.epoch, ticket.counter, ticket.key, kind, buffer, offset, plaintext, out, shared)
+
+    def seal_next(self, kind: int, buffer: int, offset: int, plaintext, out: memoryview, *,
+                  shared: bool = True) -> Message:
+        """Reserve the next IV and seal under it at once (the on-demand path)."""
+        _check_sizes(plaintext, out)
+        with self._lock:
+            self._check_open()
+            epoch, counter, key = self._epoch, self._counter, self._key
+            self._advance()
+        return self._seal(epoch, counter, key, kind, buffer, offset, plaintext, out, shared)
+
+    def _seal(self, epoch, counter, key, kind, buffer, offset, plaintext, out, shared) -> Message:
+        aad = pack_header(self.direction, kind, self.session, epoch, counter, buffer, offset, len(plaintext))
+        iv = iv_for(key.mask, counter)
         start = perf_counter()
-        seal_into(ticket.key.aead, iv, plaintext, aad, out)
+        seal_into(key.aead, iv, plaintext, aad, out)
         elapsed = perf_counter() - start
         with self._lock:
             self.aes_s += elapsed
             self.messages += 1
         msg = Message(self.label, iv, bytearray(aad), out)
         if shared and shared_write_observers:
-            publish(msg, ticket.key.key_id, ticket.epoch, ticket.counter)
+            publish(msg, key.key_id, epoch, counter)
         return msg
+
+
+def _check_sizes(plaintext, out) -> None:
+    length = len(plaintext)
+    if length > MAX_MESSAGE_BYTES:
+        raise ArgumentError(f"one message carries at most {MAX_MESSAGE_BYTES} bytes, got {length}")
+    if len(out) != length + TAG_BYTES:
+        raise ArgumentError(f"output must be exactly {length + TAG_BYTES} bytes, got {len(out)}")
 
 
 class Opener(_Endpoint):

@@ -65,7 +65,7 @@ class Op:
     """
 
     __slots__ = ("device", "kind", "stream", "session", "seq", "nbytes", "prev", "submit_t",
-                 "end", "done_t", "error", "finished", "args", "on_delivered")
+                 "end", "error", "finished", "args", "on_delivered")
 
     def __init__(self, device: Device, kind: str, stream: Stream, nbytes: int = 0, session=None,
                  args: tuple = (), on_delivered=None):
@@ -73,14 +73,13 @@ class Op:
         self.session, self.args, self.on_delivered = session, args, on_delivered
         self.seq = 0
         self.prev: Op | None = None
-        self.submit_t = perf_counter()
-        self.end = 0.0            # modelled completion time (perf_counter clock)
-        self.done_t = 0.0         # when the device really finished it
+        self.submit_t = device.now()
+        self.end = 0.0            # modelled completion time (on the device's clock)
         self.error: BaseException | None = None
         self.finished = False     # the device really finished (or failed) it
 
     def done(self) -> bool:
-        return self.finished and perf_counter() >= self.end
+        return self.finished and self.device.now() >= self.end
 
     def wait_done(self, timeout: float | None = None) -> bool:
         """Block until done; False on timeout. Never raises the op's own error."""
@@ -127,6 +126,10 @@ class Device(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def now(self) -> float:
+        """The device's clock (seconds), on which ``Op.end`` times are given."""
+        return perf_counter()
 
     def _check_open(self) -> None:
         if self._closed:

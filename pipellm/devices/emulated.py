@@ -7,12 +7,15 @@ explicit untrusted link where tests attach a :class:`pipellm.testing.Adversary`.
 
 How time works. Every op gets a *modelled* end time computed from the link model
 (bandwidth, per-copy latency, one link per direction), the compute engine and stream
-order, using the host's submit times. The copy engine's real work (AES-GCM, memcpy) runs
-on one device thread; an op is done once that work is finished *and* its modelled end
-has passed. On an H100 the copy engine decrypts at line rate in hardware, so whenever a
-host thread has to wait for the emulator's CPU work beyond the modelled time, the excess
-is counted as ``emulation_stall_s`` (see :meth:`EmulatedDevice.stats`); benchmarks report
-wall time and wall time minus that stall ("modelled time"), and say so.
+order. The copy engine's real work (AES-GCM, memcpy) runs on one device thread; an op is
+done once that work is finished *and* its modelled end has passed. On an H100 the copy
+engine works at line rate in hardware, so when a host thread has to wait for the
+emulator's CPU work beyond the modelled end, the excess is *emulation stall*: the device
+clock (:meth:`EmulatedDevice.now`, on which all modelled times are given) is
+``perf_counter() - emulation_stall_s``, so the model runs as if the emulator were
+infinitely fast. Wall time minus stall is the *modelled time* benchmarks report next to
+wall time. (With several host threads waiting at once this is an approximation: one
+shared clock absorbs the stall.)
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import itertools
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from time import perf_counter
 
@@ -70,12 +74,11 @@ class _Session:
         self.failure: BaseException | None = None
 
 
-def sleep_until(t: float) -> None:
-    """Sleep until perf_counter() >= t: coarse sleep, then yield-spin the last 0.3 ms."""
-    remaining = t - perf_counter()
-    if remaining > 5e-4:
+def sleep_until(clock, t: float) -> None:
+    """Sleep until clock() >= t: coarse sleeps, then yield-spin the last 0.3 ms."""
+    while (remaining := t - clock()) > 5e-4:
         time.sleep(remaining - 3e-4)
-    while perf_counter() < t:
+    while clock() < t:
         time.sleep(0)
 
 
@@ -107,6 +110,8 @@ class EmulatedDevice(Device):
         self._staging = memoryview(bytearray(staging_bytes))
         self.max_message_bytes = staging_bytes
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._running = threading.Event()
+        self._running.set()
         self._submit_lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
         self._seq = 0
@@ -185,9 +190,9 @@ class EmulatedDevice(Device):
             if op.session is not None:
                 op.session.pending.add(op)
             self._queue.put(op)
-        if stream._lock.acquire(blocking=False):  # drop finished ops so history doesn't pile up
+        if len(stream._pending) > 64 and stream._lock.acquire(blocking=False):  # drop finished ops
             try:
-                pending, now = stream._pending, perf_counter()
+                pending, now = stream._pending, self.now()
                 while len(pending) > 1 and pending[0].finished and pending[0].end <= now and pending[0].error is None:
                     pending.popleft()
             finally:
@@ -233,6 +238,7 @@ class EmulatedDevice(Device):
             op = self._queue.get()
             if op is None:
                 return
+            self._running.wait()
             start = perf_counter()
             ready = op.prev.end if op.prev is not None else 0.0
             op.prev = None  # history is not kept alive through the chain
@@ -256,7 +262,6 @@ class EmulatedDevice(Device):
 
     def _finish(self, op: Op, error: BaseException | None = None) -> None:
         op.error = error
-        op.done_t = perf_counter()
         op.finished = True
         if op.session is not None:
             op.session.pending.discard(op)
@@ -311,7 +316,7 @@ class EmulatedDevice(Device):
             self._finish(op, DeviceError(f"d2h read from buffer {src_id}, which is not allocated"))
             return
         sealer = session.sealer
-        msg = sealer.seal_into(sealer.reserve(), Kind.DATA, region_id, offset,
+        msg = sealer.seal_next(Kind.DATA, region_id, offset,
                                memoryview(mem)[src_offset:src_offset + op.nbytes], out)
         msg._owner = op
         for delivered in self._through_link(msg):
@@ -356,21 +361,37 @@ class EmulatedDevice(Device):
             self._cond.notify_all()
 
     # -- waiting ---------------------------------------------------------------------------------
+    def now(self) -> float:
+        return perf_counter() - self._stall_s
+
+    @contextmanager
+    def paused(self):
+        """Hold the copy engine: submitted work queues up (nothing completes) until the
+        block ends. For tests, and for timing the host's own path without the
+        emulator's thread competing for the CPU and the GIL."""
+        self._running.clear()
+        try:
+            yield self
+        finally:
+            self._running.set()
+
     def _wait_op(self, op: Op, timeout: float | None) -> bool:
+        start = self.now()
         if not op.finished:
-            started = perf_counter()
             with self._cond:
                 if not self._cond.wait_for(lambda: op.finished or self._closed, timeout):
                     return False
             if not op.finished:  # the device was closed under us
                 return True
-            # time spent waiting only because the emulator's CPU work lagged the model
-            stall = op.done_t - max(started, op.end)
-            if stall > 0:
-                with self._stall_lock:
-                    self._stall_s += stall
-        if op.end > perf_counter():
-            sleep_until(op.end)
+            # We blocked on the emulator's CPU work: whatever of that wait lies past the
+            # modelled end is stall, and the device clock is moved back by it.
+            target = max(start, op.end)
+            with self._stall_lock:
+                overshoot = self.now() - target
+                if overshoot > 0:
+                    self._stall_s += overshoot
+        if op.end > self.now():
+            sleep_until(self.now, op.end)
         return True
 
     def stats(self) -> dict:
@@ -390,6 +411,7 @@ class EmulatedDevice(Device):
         with self._submit_lock:
             self._closed = True
             self._queue.put(None)
+        self._running.set()
         self._thread.join(timeout=30)
         closed = ChannelClosedError("the emulated device was closed")
         for session in list(self._sessions.values()):

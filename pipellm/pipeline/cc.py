@@ -72,13 +72,12 @@ class CCEngine:
     def to_device(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
         pool, sealer, chunk, source = self.pool, self.sealer, self.chunk_size, region.view
         with self._h2d_lock:
-            self._check()
             for pos in range(0, nbytes, chunk):
                 n = min(chunk, nbytes - pos)
                 slot = pool.acquire(self.timeout)
                 try:
-                    # reserve only once the slot is ours: a reserved counter is never skipped
-                    msg = sealer.seal_into(sealer.reserve(), Kind.DATA, dst.id, dst_offset + pos,
+                    # the IV is taken only once the slot is ours: a counter is never skipped
+                    msg = sealer.seal_next(Kind.DATA, dst.id, dst_offset + pos,
                                            source[offset + pos:offset + pos + n], slot.view(n + TAG_BYTES))
                     op = self.device.submit_message(stream, self.session, msg)
                 except BaseException:
@@ -93,7 +92,6 @@ class CCEngine:
         pool, chunk = self.pool, self.chunk_size
         chunks: list[_Incoming] = []
         with self._d2h_lock:
-            self._check()
             for pos in range(0, nbytes, chunk):
                 n = min(chunk, nbytes - pos)
                 slot = pool.acquire(self.timeout)
@@ -175,11 +173,6 @@ class CCEngine:
             if isinstance(device_failure, IntegrityError):
                 self._fail(device_failure)
         return self._failure
-
-    def _check(self) -> None:
-        failure = self.failure()
-        if failure is not None:
-            raise ChannelClosedError(f"the channel is closed: {failure}") from failure
 
     def drain(self, timeout) -> None:
         """Receive every expected device-to-host chunk."""

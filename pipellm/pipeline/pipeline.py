@@ -195,6 +195,8 @@ class Pipeline:
         self._check()
 
     def _device_copy(self, region: Region) -> DeviceBuffer:
+        if region.device_buffer is not None:
+            return region.device_buffer
         with self._lock:
             if region.device_buffer is None:
                 region.device_buffer = self.device.alloc(region.nbytes, dtype=region.dtype, shape=region.shape)

@@ -54,6 +54,8 @@ def as_host_array(obj) -> np.ndarray:
 
 
 def check_int(name: str, value, *, minimum: int = 0) -> int:
+    if type(value) is int and value >= minimum:  # the common case, cheaply
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:

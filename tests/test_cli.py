@@ -1,0 +1,50 @@
+"""The pipellm command: info and quick benchmark runs produce well-formed results."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipellm.cli import main
+
+
+def run(*args):
+    out = subprocess.run([sys.executable, "-m", "pipellm.cli", *args], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_info_json():
+    info = json.loads(run("info", "--json"))
+    assert info["cores"] >= 1
+    assert "aes" in info["cpu_crypto_flags"]
+    assert info["openssl_behind_cryptography"].startswith("OpenSSL")
+    assert info["devices"]["emulated"].startswith("available")
+    assert info["devices"]["cuda"].startswith("unavailable: ")
+
+
+def test_bench_crypto_quick(tmp_path):
+    out = tmp_path / "crypto.json"
+    result = json.loads(run("bench", "crypto", "--quick", "--repeats", "1", "--workers", "2", "--json",
+                            "--no-progress", "--out", str(out)))
+    assert [r["size"] for r in result["rows"]] == [4096, 65536, 1 << 20]
+    for row in result["rows"]:
+        assert row["cryptography_GBps"] > 0 and set(row["library_GBps"]) == {"1", "2"}
+    assert set(result["summary"]) == {"library_1_worker_vs_cryptography_min_at_1MiB_plus",
+                                      "speedup_2_vs_1_workers_min_at_1MiB_plus"}
+    assert json.loads(out.read_text()) == result
+
+
+def test_bench_transfer_quick_table():
+    text = run("bench", "transfer", "--quick", "--repeats", "1", "--no-progress")
+    assert "plain GB/s" in text and "h2d_4KiB_cc_library_share_us_per_copy" in text
+    assert "emulation stall" in text and "memory: RSS grew" in text
+
+
+@pytest.mark.parametrize("argv,message", [(["bench", "--repeats", "0"], "--repeats must be at least 1"),
+                                          (["bench", "nope"], "invalid choice")])
+def test_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
