@@ -67,7 +67,7 @@ def library_rate(data: memoryview, size: int, workers: int, budget_bytes: int) -
     slots = [pool.acquire() for _ in range(workers)]
     calls = max(3, _calls(size, budget_bytes) // workers)
     plain = data[:size]
-    barrier = threading.Barrier(workers + 1)
+    barrier = threading.Barrier(workers + 1, timeout=600)
 
     def work(slot):
         out = slot.view(size + TAG_BYTES)

@@ -4,7 +4,8 @@ import pytest
 
 from pipellm import ArgumentError, ChannelClosedError, IntegrityError
 from pipellm.channel import Direction, KeyAgreement, Kind, Opener, Sealer
-from pipellm.channel.protocol import HEADER_BYTES, iv_for, next_position, unpack_header
+from pipellm.channel.protocol import GO_BODY, HEADER_BYTES, SKIP_BODY, iv_for, position, unpack_header
+from pipellm.channel import H2D_KINDS, Receiver
 
 
 def session_pair(session=1):
@@ -53,8 +54,8 @@ def test_round_trip_and_header_binds_destination():
     assert (header.direction, header.counter, header.buffer, header.offset, header.length) == (0, 0, 9, 4096, 11)
     assert tuple(msg.dst) == (9, 4096, 11)
     staging = memoryview(bytearray(64))
-    header, plain = opener.open_into(msg, staging)
-    assert bytes(plain) == b"hello world"
+    header, index, plain = opener.open_into(msg, staging)
+    assert bytes(plain) == b"hello world" and index == 0
 
 
 def test_iv_is_mask_xor_counter_and_counter_steps_by_one():
@@ -108,8 +109,8 @@ def test_wrong_direction_and_wrong_session_are_refused():
 
 
 def test_rotation_moves_to_a_new_key_and_counter_zero():
-    assert next_position(0, 2, 3) == (1, 0)
-    assert next_position(0, 1, 3) == (0, 2)
+    assert position(2, 3) == (0, 2)
+    assert position(3, 3) == (1, 0)
     sealer, opener = channel(rotate_after=3)
     staging = memoryview(bytearray(8))
     seen = set()
@@ -120,8 +121,8 @@ def test_rotation_moves_to_a_new_key_and_counter_zero():
         key_id = sealer._keys.epoch_key(Direction.H2D, header.epoch).key_id
         assert (key_id, msg.iv) not in seen
         seen.add((key_id, msg.iv))
-        assert bytes(opener.open_into(msg, staging)[1]) == bytes([i])
-    assert sealer.rotations == opener.rotations == 3
+        assert bytes(opener.open_into(msg, staging)[2]) == bytes([i])
+    assert sealer.rotations == opener.rotations == 3  # epochs 0..3 were used
 
 
 def test_a_ticket_is_sealed_once():
@@ -144,3 +145,90 @@ def test_closed_sealer_refuses():
     sealer.close(IntegrityError("boom"))
     with pytest.raises(ChannelClosedError, match="boom"):
         sealer.reserve()
+
+
+def window_channel(window=8):
+    a, b = session_pair()
+    return Sealer(a, Direction.H2D, 1 << 32), Opener(b, Direction.H2D, 1 << 32, window=window)
+
+
+def test_window_accepts_unused_indices_out_of_order_and_refuses_replays():
+    sealer, opener = window_channel(window=4)
+    msgs = [seal(sealer, bytes([i])) for i in range(8)]
+    staging = memoryview(bytearray(8))
+    for i in (2, 0, 1, 5, 3):          # out of order, within the window
+        assert opener.open_into(msgs[i], staging)[1] == i
+    with pytest.raises(IntegrityError, match="h2d message 3"):
+        opener.open_into(msgs[3], staging)   # replay refused
+
+
+def test_window_refuses_indices_that_fell_behind():
+    sealer, opener = window_channel(window=4)
+    msgs = [seal(sealer, bytes([i])) for i in range(10)]
+    staging = memoryview(bytearray(8))
+    opener.open_into(msgs[9], staging)
+    with pytest.raises(IntegrityError):
+        opener.open_into(msgs[5], staging)   # 9 - 5 >= 4: outside the window
+
+
+def h2d_pair(window=0):
+    a, b = session_pair()
+    sealer = Sealer(a, Direction.H2D, 1 << 32)
+    return sealer, Receiver(Opener(b, Direction.H2D, 1 << 32, window=window, kinds=H2D_KINDS))
+
+
+def seal_kind(sealer, ticket, kind, body, buffer=0, offset=0):
+    out = memoryview(bytearray(len(body) + 16))
+    return sealer.seal_into(ticket, kind, buffer, offset, body, out)
+
+
+def test_spec_lands_only_where_a_go_sends_it():
+    sealer, receiver = h2d_pair()
+    go, spec1, spec2 = sealer.reserve_run(3)
+    m1 = seal_kind(sealer, spec1, Kind.SPEC, b"aaaa", offset=0)
+    m2 = seal_kind(sealer, spec2, Kind.SPEC, b"bbbb", offset=4)
+    staging = memoryview(bytearray(64))
+    assert receiver.receive(seal_kind(sealer, go, Kind.GO, GO_BODY.pack(7, 100, 2, 8)), staging) is None
+    c1 = receiver.receive(m1, staging)
+    assert (c1.buffer, c1.offset, bytes(c1.plaintext)) == (7, 100, b"aaaa")
+    c2 = receiver.receive(m2, staging)
+    assert (c2.buffer, c2.offset, bytes(c2.plaintext)) == (7, 104, b"bbbb")
+
+
+def test_spec_without_go_is_refused():
+    sealer, receiver = h2d_pair()
+    (spec,) = sealer.reserve_run(1)
+    with pytest.raises(IntegrityError, match="without a GO"):
+        receiver.receive(seal_kind(sealer, spec, Kind.SPEC, b"stolen"), memoryview(bytearray(64)))
+    with pytest.raises(ChannelClosedError):
+        receiver.receive(seal(sealer, b"x"), memoryview(bytearray(64)))
+
+
+def test_skip_moves_past_exposed_speculation():
+    sealer, receiver = h2d_pair()
+    skip, spec_a, spec_b, go, spec_c = sealer.reserve_run(5)
+    exposed = seal_kind(sealer, spec_a, Kind.SPEC, b"old")
+    staging = memoryview(bytearray(64))
+    receiver.receive(seal_kind(sealer, skip, Kind.SKIP, SKIP_BODY.pack(go.index)), staging)
+    receiver.receive(seal_kind(sealer, go, Kind.GO, GO_BODY.pack(1, 0, 1, 3)), staging)
+    commit = receiver.receive(seal_kind(sealer, spec_c, Kind.SPEC, b"new"), staging)
+    assert bytes(commit.plaintext) == b"new"
+    with pytest.raises(IntegrityError):
+        receiver.receive(exposed, staging)   # skipped for good
+
+
+def test_skip_backwards_is_refused():
+    sealer, receiver = h2d_pair()
+    seal_first = seal(sealer, b"x")
+    staging = memoryview(bytearray(64))
+    receiver.receive(seal_first, staging)
+    with pytest.raises(IntegrityError, match="SKIP"):
+        receiver.receive(seal_kind(sealer, sealer.reserve(), Kind.SKIP, SKIP_BODY.pack(0)), staging)
+
+
+def test_d2h_opener_refuses_command_kinds():
+    a, b = session_pair()
+    sealer, opener = Sealer(a, Direction.D2H, 100), Opener(b, Direction.D2H, 100)
+    with pytest.raises(IntegrityError):
+        opener.open_into(seal_kind(sealer, sealer.reserve(), Kind.GO, GO_BODY.pack(1, 0, 1, 1)),
+                         memoryview(bytearray(64)))

@@ -18,9 +18,10 @@ from .protocol import (
     MAX_MESSAGE_BYTES,
     TAG_BYTES,
     Direction,
+    Kind,
     iv_for,
-    next_position,
     pack_header,
+    position,
     rewrite_destination,
     unpack_header,
 )
@@ -89,38 +90,39 @@ def publish(msg: Message, key_id: bytes, epoch: int, counter: int) -> None:
 
 
 class Ticket:
-    """A reserved (epoch, counter): the IV one message will carry. Sealed at most once."""
+    """A reserved message index: the IV one message will carry. Sealed at most once."""
 
-    __slots__ = ("epoch", "counter", "key", "used")
+    __slots__ = ("index", "epoch", "counter", "key", "used")
 
-    def __init__(self, epoch: int, counter: int, key: EpochKey):
-        self.epoch, self.counter, self.key, self.used = epoch, counter, key, False
+    def __init__(self, index: int, epoch: int, counter: int, key: EpochKey):
+        self.index, self.epoch, self.counter, self.key = index, epoch, counter, key
+        self.used = False
 
     def __repr__(self) -> str:
-        return f"<Ticket epoch={self.epoch} counter={self.counter}{' used' if self.used else ''}>"
+        return f"<Ticket {self.index} (epoch {self.epoch}, counter {self.counter}){' used' if self.used else ''}>"
 
 
 class _Endpoint:
+    """Shared state of a sealer or opener: one direction of one session.
+
+    Messages are numbered 0, 1, 2, ... per direction; ``protocol.position`` maps an index
+    to its (epoch, counter), so rotation is implicit."""
+
     def __init__(self, keys: SessionKeys, direction: Direction, rotate_after: int):
         self._keys = keys
         self.direction = Direction(direction)
         self.label = self.direction.label
         self.session = keys.session
         self.rotate_after = rotate_after
-        self._epoch, self._counter = 0, 0
-        self._key = keys.epoch_key(self.direction, 0)
-        self.rotations = 0
+        self._next = 0  # sealer: next index to hand out; opener (strict): next index expected
         self.messages = 0
         self.aes_s = 0.0  # time spent inside the AES-GCM calls
         self.failure: BaseException | None = None
         self._lock = threading.Lock()
 
-    def _advance(self) -> None:
-        epoch, self._counter = next_position(self._epoch, self._counter, self.rotate_after)
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._key = self._keys.epoch_key(self.direction, epoch)
-            self.rotations += 1
+    def _key_at(self, index: int) -> tuple[int, int, EpochKey]:
+        epoch, counter = position(index, self.rotate_after)
+        return epoch, counter, self._keys.epoch_key(self.direction, epoch)
 
     def close(self, reason: BaseException) -> None:
         if self.failure is None:
@@ -131,25 +133,35 @@ class _Endpoint:
             raise ChannelClosedError(f"{self.label} channel is closed: {self.failure}") from self.failure
 
     @property
-    def position(self) -> tuple[int, int]:
-        """(epoch, counter) of the next message."""
-        return self._epoch, self._counter
+    def next_index(self) -> int:
+        return self._next
+
+    @property
+    def rotations(self) -> int:
+        """Key epochs moved through so far."""
+        return max(self._next - 1, 0) // self.rotate_after
 
 
 class Sealer(_Endpoint):
     """Encrypts one direction's messages, handing out each IV exactly once.
 
-    ``reserve()`` assigns the next (epoch, counter) in order; ``seal_into`` encrypts one
-    plaintext under a reserved ticket straight into ``out`` (a bounce slot). Tickets may
-    be sealed in any order and on any thread, but each only once.
+    ``reserve()`` assigns the next index in order; ``seal_into`` encrypts one plaintext
+    under a reserved ticket straight into ``out`` (a bounce slot). Tickets may be sealed
+    in any order and on any thread, but each only once. ``seal_next`` reserves and
+    seals at once (the on-demand path).
     """
 
     def reserve(self) -> Ticket:
+        """The next ticket."""
+        return self.reserve_run(1)[0]
+
+    def reserve_run(self, count: int) -> list[Ticket]:
+        """``count`` consecutive tickets."""
         with self._lock:
             self._check_open()
-            ticket = Ticket(self._epoch, self._counter, self._key)
-            self._advance()
-            return ticket
+            first = self._next
+            self._next += count
+        return [Ticket(i, *self._key_at(i)) for i in range(first, first + count)]
 
     def seal_into(self, ticket: Ticket, kind: int, buffer: int, offset: int, plaintext,
                   out: memoryview, *, shared: bool = True) -> Message:
@@ -165,12 +177,13 @@ class Sealer(_Endpoint):
 
     def seal_next(self, kind: int, buffer: int, offset: int, plaintext, out: memoryview, *,
                   shared: bool = True) -> Message:
-        """Reserve the next IV and seal under it at once (the on-demand path)."""
+        """Reserve the next index and seal under it at once."""
         _check_sizes(plaintext, out)
         with self._lock:
             self._check_open()
-            epoch, counter, key = self._epoch, self._counter, self._key
-            self._advance()
+            index = self._next
+            self._next += 1
+        epoch, counter, key = self._key_at(index)
         return self._seal(epoch, counter, key, kind, buffer, offset, plaintext, out, shared)
 
     def _seal(self, epoch, counter, key, kind, buffer, offset, plaintext, out, shared) -> Message:
@@ -197,39 +210,86 @@ def _check_sizes(plaintext, out) -> None:
 
 
 class Opener(_Endpoint):
-    """Authenticates and decrypts one direction's messages in strict order.
+    """Authenticates and decrypts one direction's messages.
 
-    It accepts only the message at its own expected (epoch, counter), for its session and
-    direction, under its own IV; anything else, or a bad tag, closes the channel and
-    raises :class:`IntegrityError`. Plaintext goes to ``staging`` (decryption writes it
-    before the tag is checked), never to the destination: the caller commits it after
+    ``window=0`` (strict, the H100's rule): it accepts only the message at its own
+    expected index. ``window=W``: any index not used before, up to W behind the highest
+    one accepted (an anti-replay bitmap, as in IPsec/DTLS). In both, the IV and key come
+    from the receiver's own computation, the session and direction must be its own, and
+    the kind must be one of ``kinds``. Anything else, or a bad tag, closes the channel
+    and raises :class:`IntegrityError`. Plaintext goes to ``staging`` (decryption writes
+    it before the tag is checked), never to the destination: the caller commits it after
     ``open_into`` returns.
     """
 
+    def __init__(self, keys: SessionKeys, direction: Direction, rotate_after: int, *,
+                 window: int = 0, kinds: frozenset = frozenset({Kind.DATA})):
+        super().__init__(keys, direction, rotate_after)
+        self.window = window
+        self.kinds = kinds
+        self._high = -1    # window: highest index accepted
+        self._seen = 0     # window: bit i set = index (high - i) was accepted
+
     def open_into(self, msg: Message, staging: memoryview):
-        """Return (header, plaintext view into ``staging``) of the next message."""
+        """Return (header, index, plaintext view into ``staging``) of the next message."""
         with self._lock:
             self._check_open()
-            epoch, counter = self._epoch, self._counter
-            iv = iv_for(self._key.mask, counter)
             header = unpack_header(msg.aad)
-            ok = (header is not None and header.direction == self.direction
+            if self.window:
+                index = (-1 if header is None else header.epoch * self.rotate_after + header.counter)
+                fresh = self._fresh(index)
+            else:
+                index, fresh = self._next, True
+            epoch, counter = position(max(index, 0), self.rotate_after)
+            ok = (fresh and header is not None and header.direction == self.direction
                   and header.session == self.session and header.epoch == epoch
-                  and header.counter == counter and header.kind == 0
+                  and header.counter == counter and header.kind in self.kinds
                   and len(msg.payload) == header.length + TAG_BYTES
-                  and header.length <= len(staging)
-                  and msg.iv == iv)
+                  and header.length <= len(staging))
+            if ok:
+                key = self._keys.epoch_key(self.direction, epoch)
+                iv = iv_for(key.mask, counter)
+                ok = msg.iv == iv
             if ok:
                 plain = staging[:header.length]
                 start = perf_counter()
-                ok = open_into(self._key.aead, iv, msg.payload, msg.aad, plain)
+                ok = open_into(key.aead, iv, msg.payload, msg.aad, plain)
                 self.aes_s += perf_counter() - start
             if not ok:
-                error = IntegrityError(
-                    f"{self.label} message {counter} (key epoch {epoch}, session {self.session}) "
-                    f"failed authentication; the channel is closed")
+                where = f"message {index}" if index >= 0 else "a malformed message"
+                error = IntegrityError(f"{self.label} {where} (session {self.session}) failed "
+                                       f"authentication; the channel is closed")
                 self.close(error)
                 raise error
             self.messages += 1
-            self._advance()
-            return header, plain
+            self._accept(index)
+            return header, index, plain
+
+    def _fresh(self, index: int) -> bool:
+        if index < 0:
+            return False
+        if index > self._high:
+            return True
+        behind = self._high - index
+        return behind < self.window and not (self._seen >> behind) & 1
+
+    def _accept(self, index: int) -> None:
+        if not self.window:
+            self._next = index + 1
+        elif index > self._high:
+            shift = index - self._high
+            self._seen = ((self._seen << shift) | 1) & ((1 << self.window) - 1)
+            self._high = index
+            self._next = index + 1
+        else:
+            self._seen |= 1 << (self._high - index)
+
+    def skip_to(self, index: int) -> None:
+        """Strict order only: the next message expected is ``index`` (a SKIP command)."""
+        with self._lock:
+            if self.window or index < self._next:
+                error = IntegrityError(f"{self.label} SKIP to {index} refused (expected >= {self._next}); "
+                                       f"the channel is closed")
+                self.close(error)
+                raise error
+            self._next = index

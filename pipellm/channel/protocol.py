@@ -24,7 +24,13 @@ Header layout, big-endian (``HEADER``)::
 
 IV (96 bits) = ``mask XOR counter`` with the counter in the low 64 bits, where ``mask``
 is the 12-byte IV mask of the (direction, epoch). The receiver never trusts the IV or the
-counter it is sent: it uses its own expected position and refuses anything else.
+counter it is sent: it uses its own expected position and refuses anything else (with
+``iv_order="window"``: any not-yet-used position in a sliding window).
+
+Speculative messages (``Kind.SPEC``) are sealed before they are requested and sit in
+shared memory; they name no destination and land only where an authenticated GO
+command, sealed at request time, sends them. SKIP moves the receiver's expected index
+past speculative messages that will never be sent (the strict-order "NOP").
 """
 
 from __future__ import annotations
@@ -61,7 +67,18 @@ class Direction(IntEnum):
 
 
 class Kind(IntEnum):
-    DATA = 0
+    """What a message is. Only DATA travels device to host."""
+
+    DATA = 0  # plaintext for the destination the header names
+    SPEC = 1  # speculative data, sealed before its request: lands only where a GO sends it
+    GO = 2    # command: the next `count` messages are SPEC data for (buffer, offset)
+    SKIP = 3  # command: the receiver's next expected message index becomes `target`
+
+
+#: GO plaintext: destination buffer id, destination offset, SPEC messages that follow, their total bytes
+GO_BODY = struct.Struct(">QQIQ")
+#: SKIP plaintext: the message index the receiver expects next
+SKIP_BODY = struct.Struct(">Q")
 
 
 class Header(NamedTuple):
@@ -105,16 +122,15 @@ def iv_for(mask: int, counter: int) -> bytes:
     return (mask ^ counter).to_bytes(IV_BYTES, "big")
 
 
-def next_position(epoch: int, counter: int, rotate_after: int) -> tuple[int, int]:
-    """The position after (epoch, counter): the rotation rule both endpoints follow.
+def position(index: int, rotate_after: int) -> tuple[int, int]:
+    """(epoch, counter) of a direction's ``index``-th message: the rotation rule.
 
-    A direction's counter runs 0 .. rotate_after - 1 under one key; the next message
-    moves to a fresh key (epoch + 1) and counter 0, so no IV repeats under a key.
+    A direction's messages are numbered 0, 1, 2, ... Message ``index`` is sealed under
+    the key of epoch ``index // rotate_after`` with counter ``index % rotate_after``, so a
+    key moves to the next epoch (a fresh key) every ``rotate_after`` messages and no IV
+    repeats under a key. Both endpoints follow this rule; no rotation message is needed.
     """
-    counter += 1
-    if counter >= rotate_after:
-        return epoch + 1, 0
-    return epoch, counter
+    return divmod(index, rotate_after)
 
 
 def check_rotate_after(rotate_after: int) -> int:

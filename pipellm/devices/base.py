@@ -212,8 +212,9 @@ class Device(abc.ABC):
     def _wait_op(self, op: Op, timeout: float | None) -> bool: ...
 
     @abc.abstractmethod
-    def open_session(self, host_public: bytes, *, rotate_after: int) -> tuple[int, bytes]:
-        """Key agreement: returns (session id, the device's X25519 public key)."""
+    def open_session(self, host_public: bytes, *, rotate_after: int, window: int = 0) -> tuple[int, bytes]:
+        """Key agreement: returns (session id, the device's X25519 public key). ``window``
+        is the host-to-device receiver's IV window (0: strict order)."""
 
     @abc.abstractmethod
     def close_session(self, session: int) -> None: ...

@@ -31,7 +31,7 @@ from time import perf_counter
 import numpy as np
 
 from .._ext import copy_into
-from ..channel import Direction, KeyAgreement, Kind, Opener, Sealer
+from ..channel import H2D_KINDS, Direction, KeyAgreement, Kind, Opener, Receiver, Sealer
 from ..channel.protocol import TAG_BYTES, check_rotate_after
 from ..errors import (
     ArgumentError,
@@ -66,9 +66,10 @@ class LinkModel:
 class _Session:
     """The device's end of one host's channel."""
 
-    def __init__(self, id: int, keys, rotate_after: int):
+    def __init__(self, id: int, keys, rotate_after: int, window: int):
         self.id = id
-        self.opener = Opener(keys, Direction.H2D, rotate_after)
+        self.opener = Opener(keys, Direction.H2D, rotate_after, window=window, kinds=H2D_KINDS)
+        self.receiver = Receiver(self.opener)
         self.sealer = Sealer(keys, Direction.D2H, rotate_after)
         self.pending: set[Op] = set()
         self.failure: BaseException | None = None
@@ -159,14 +160,14 @@ class EmulatedDevice(Device):
         return data
 
     # -- channel ---------------------------------------------------------------------------------
-    def open_session(self, host_public: bytes, *, rotate_after: int) -> tuple[int, bytes]:
+    def open_session(self, host_public: bytes, *, rotate_after: int, window: int = 0) -> tuple[int, bytes]:
         self._check_open()
         check_rotate_after(rotate_after)
         mine = KeyAgreement()
         session = next(self._session_ids)
         keys = mine.derive(host_public, session=session, host_public=bytes(host_public),
                            device_public=mine.public_bytes)
-        self._sessions[session] = _Session(session, keys, rotate_after)
+        self._sessions[session] = _Session(session, keys, rotate_after, window)
         return session, mine.public_bytes
 
     def close_session(self, session: int) -> None:
@@ -289,18 +290,20 @@ class EmulatedDevice(Device):
         if session.failure is not None:
             return
         try:
-            header, plain = session.opener.open_into(msg, self._staging)
+            commit = session.receiver.receive(msg, self._staging)
         except IntegrityError as exc:
             self._fail_session(session, exc)
             return
+        error = None
+        if commit is not None:
+            mem = self._mem.get(commit.buffer)
+            length = len(commit.plaintext)
+            if mem is None or commit.offset + length > mem.size:
+                error = DeviceError(f"h2d message {commit.index} names buffer {commit.buffer} "
+                                    f"[{commit.offset}:+{length}], which is not allocated")
+            else:
+                copy_into(memoryview(mem)[commit.offset:commit.offset + length], commit.plaintext)
         owner = msg._owner
-        mem = self._mem.get(header.buffer)
-        if mem is None or header.offset + header.length > mem.size:
-            error = DeviceError(f"h2d message {header.counter} names buffer {header.buffer} "
-                                f"[{header.offset}:+{header.length}], which is not allocated")
-        else:
-            copy_into(memoryview(mem)[header.offset:header.offset + header.length], plain)
-            error = None
         if owner is not None and not owner.finished:
             self._finish(owner, error)
 

@@ -145,16 +145,16 @@ class CCEngine:
             return
         if not self._inbox:
             self._fail(IntegrityError(
-                f"d2h message {self.opener.position[1]} (key epoch {self.opener.position[0]}) never "
-                f"arrived in its bounce slot; the channel is closed"))
+                f"d2h message {self.opener.next_index} never arrived in its bounce slot; "
+                f"the channel is closed"))
             return
         try:
-            header, plain = self.opener.open_into(self._inbox.popleft(), self._staging)
+            header, _, plain = self.opener.open_into(self._inbox.popleft(), self._staging)
         except IntegrityError as exc:
             self._fail(exc)
             return
         if (header.buffer, header.offset, header.length) != (head.region.id, head.offset, head.nbytes):
-            self._fail(IntegrityError(f"d2h message {header.counter} is not the transfer the host "
+            self._fail(IntegrityError(f"d2h message {self.opener.next_index - 1} is not the transfer the host "
                                       f"asked for; the channel is closed"))
             return
         copy_into(head.region.view[head.offset:head.offset + head.nbytes], plain)
