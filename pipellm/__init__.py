@@ -23,6 +23,7 @@ from .errors import (
     TransferTimeoutError,
     UnknownRegionError,
 )
+from .hostmem import array, empty, zeros
 from .pipeline import Pipeline, Region, Transfer
 
 __version__ = "0.1.0"
@@ -31,5 +32,5 @@ __all__ = [
     "ArgumentError", "ArgumentTypeError", "ChannelClosedError", "Device", "DeviceBuffer",
     "DeviceError", "DeviceUnavailableError", "IntegrityError", "KeyExhaustedError", "LinkModel",
     "Pipeline", "PinningWarning", "PipellmError", "Region", "Stream", "Transfer",
-    "TransferTimeoutError", "UnknownRegionError", "open_device", "__version__",
+    "TransferTimeoutError", "UnknownRegionError", "array", "empty", "open_device", "zeros", "__version__",
 ]

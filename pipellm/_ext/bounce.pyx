@@ -143,6 +143,21 @@ cdef class BouncePool:
                     f"no bounce slot came free within {timeout} s: all {self.slots} slots "
                     f"({self._mapped} bytes) are held by transfers that have not completed")
 
+    def try_acquire(self):
+        """A free slot now, or None (never waits)."""
+        with self._cond:
+            if self._closed:
+                raise ChannelClosedError("the bounce pool is closed")
+            self._reap()
+            return self._take(self._free.pop()) if self._free else None
+
+    @property
+    def free_slots(self):
+        """Slots that can be acquired now without waiting."""
+        with self._cond:
+            self._reap()
+            return len(self._free)
+
     cdef _reap(self):
         while self._inflight and self._inflight[0][1].done():
             self._free.append(self._inflight.popleft()[0])

@@ -5,7 +5,7 @@ handed to the device at once, so earlier chunks are on the link while later ones
 being encrypted; the call returns when the last chunk is encrypted. Device to host: the
 device seals each chunk into a bounce slot; the host authenticates and decrypts the
 chunks in channel order when a caller needs them (``Transfer.wait``, ``synchronize``,
-or a bounce slot it must reuse).
+reading the region, or a bounce slot it must reuse).
 """
 
 from __future__ import annotations
@@ -18,6 +18,19 @@ from ..channel import Direction, KeyAgreement, Kind, Opener, Sealer
 from ..channel.protocol import TAG_BYTES
 from ..errors import ArgumentError, ChannelClosedError, IntegrityError, TransferTimeoutError
 from .transfer import Transfer
+
+
+def slot_bytes_for(chunk_size: int) -> int:
+    """A slot holds one message (chunk + tag), rounded up to whole pages."""
+    return -(-(chunk_size + TAG_BYTES) // PAGE_BYTES) * PAGE_BYTES
+
+
+def make_pool(what: str, nbytes: int, slot_bytes: int, minimum: int = 2) -> BouncePool:
+    slots = nbytes // slot_bytes
+    if slots < minimum:
+        raise ArgumentError(f"{what}={nbytes} holds fewer than {minimum} slots of {slot_bytes} bytes "
+                            f"(chunk_size + 16, in whole pages)")
+    return BouncePool(slot_bytes, slots)
 
 
 class _Incoming:
@@ -37,26 +50,25 @@ class _Incoming:
     def wait_done(self, timeout) -> bool:
         return self.engine.receive_until(self, timeout)
 
+    def wait(self, timeout=None) -> None:
+        """Block until received; raise what it failed with."""
+        self.engine.wait_received(self, timeout)
+
 
 class CCEngine:
     mode = "cc"
 
     def __init__(self, device, *, timeout: float | None, chunk_size: int, bounce_bytes: int,
-                 rotate_after: int):
+                 rotate_after: int, window: int = 0):
         self.device, self.timeout, self.chunk_size = device, timeout, chunk_size
         mine = KeyAgreement()
-        self.session, device_public = device.open_session(mine.public_bytes, rotate_after=rotate_after)
+        self.session, device_public = device.open_session(mine.public_bytes, rotate_after=rotate_after,
+                                                          window=window)
         keys = mine.derive(device_public, session=self.session, host_public=mine.public_bytes,
                            device_public=device_public)
         self.sealer = Sealer(keys, Direction.H2D, rotate_after)
         self.opener = Opener(keys, Direction.D2H, rotate_after)
-        # a slot holds one message (chunk + tag), rounded up to whole pages
-        slot_bytes = -(-(chunk_size + TAG_BYTES) // PAGE_BYTES) * PAGE_BYTES
-        pool_slots = bounce_bytes // slot_bytes
-        if pool_slots < 2:
-            raise ArgumentError(f"bounce_bytes={bounce_bytes} holds fewer than 2 slots of "
-                                f"{slot_bytes} bytes (chunk_size + 16, in whole pages)")
-        self.pool = BouncePool(slot_bytes, pool_slots)
+        self.pool = make_pool("bounce_bytes", bounce_bytes, slot_bytes_for(chunk_size))
         self._staging = memoryview(bytearray(chunk_size))
         self._h2d_lock = threading.Lock()
         self._d2h_lock = threading.Lock()
@@ -70,22 +82,26 @@ class CCEngine:
 
     # -- host to device --------------------------------------------------------------------
     def to_device(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
-        pool, sealer, chunk, source = self.pool, self.sealer, self.chunk_size, region.view
         with self._h2d_lock:
-            for pos in range(0, nbytes, chunk):
-                n = min(chunk, nbytes - pos)
-                slot = pool.acquire(self.timeout)
-                try:
-                    # the IV is taken only once the slot is ours: a counter is never skipped
-                    msg = sealer.seal_next(Kind.DATA, dst.id, dst_offset + pos,
-                                           source[offset + pos:offset + pos + n], slot.view(n + TAG_BYTES))
-                    op = self.device.submit_message(stream, self.session, msg)
-                except BaseException:
-                    pool.release(slot)
-                    raise
-                pool.retire(slot, op)
+            self.send_data(region, offset, nbytes, dst, dst_offset, stream)
             self.transfers[0] += 1
             self.bytes[0] += nbytes
+
+    def send_data(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
+        """Encrypt on demand, chunk by chunk, each straight onto the link (h2d lock held)."""
+        pool, sealer, chunk, source = self.pool, self.sealer, self.chunk_size, region.view
+        for pos in range(0, nbytes, chunk):
+            n = min(chunk, nbytes - pos)
+            slot = pool.acquire(self.timeout)
+            try:
+                # the index is taken only once the slot is ours: an index is never skipped
+                msg = sealer.seal_next(Kind.DATA, dst.id, dst_offset + pos,
+                                       source[offset + pos:offset + pos + n], slot.view(n + TAG_BYTES))
+                op = self.device.submit_message(stream, self.session, msg)
+            except BaseException:
+                pool.release(slot)
+                raise
+            pool.retire(slot, op)
 
     # -- device to host ---------------------------------------------------------------------
     def to_host(self, src, src_offset, region, offset, nbytes, stream) -> Transfer:
@@ -99,45 +115,63 @@ class CCEngine:
                 try:
                     incoming.op = self.device.submit_sealed_read(
                         stream, self.session, src, src_offset + pos, region.id, offset + pos, n,
-                        slot.view(n + TAG_BYTES), self._inbox.append)
+                        slot.view(n + TAG_BYTES), self.delivered)
                 except BaseException:
                     pool.release(slot)
                     raise
                 self._expected.append(incoming)
                 pool.retire(slot, incoming)
                 chunks.append(incoming)
+            region.incoming = chunks[-1]
             self.transfers[1] += 1
             self.bytes[1] += nbytes
         last = chunks[-1]
 
         def wait(timeout=None):
-            timeout = self.timeout if timeout is None else timeout
-            if not self.receive_until(last, timeout):
-                raise TransferTimeoutError(f"device-to-host transfer of {nbytes} bytes into "
-                                           f"{region.name!r} did not complete within {timeout} s")
+            self.wait_received(last, timeout, what=f"device-to-host transfer of {nbytes} bytes into {region.name!r}")
             for c in chunks:
                 if c.error is not None:
-                    if c.error is self._failure:
-                        self.failure_reported = True
-                    raise c.error
+                    self._report(c.error)
 
         return Transfer(nbytes, wait, lambda: last.received)
+
+    def delivered(self, msg) -> None:
+        """The link delivered a device-to-host message into its bounce slot (device thread)."""
+        self._inbox.append(msg)
+
+    def wait_received(self, incoming: _Incoming, timeout, what: str = "device-to-host chunk") -> None:
+        timeout = self.timeout if timeout is None else timeout
+        if not self.receive_until(incoming, timeout):
+            raise TransferTimeoutError(f"{what} did not complete within {timeout} s")
+        if incoming.error is not None:
+            self._report(incoming.error)
+
+    def _report(self, error: BaseException):
+        if error is self._failure:
+            self.failure_reported = True
+        raise error
 
     def receive_until(self, target: _Incoming, timeout) -> bool:
         """Authenticate, decrypt and commit device-to-host chunks in channel order until
         ``target`` is received (or failed). False if that took longer than ``timeout``."""
         with self._recv_lock:
             while not target.received:
-                head = self._expected[0]
-                if not head.op.wait_done(timeout):
+                if not self._receive_head(timeout):
                     return False
-                self._expected.popleft()
-                if self._failure is None:
-                    self._receive(head)
-                if self._failure is not None:
-                    head.error = self._failure
-                head.received = True
             return True
+
+    def _receive_head(self, timeout) -> bool:
+        """Receive the oldest expected chunk (recv lock held); False on timeout."""
+        head = self._expected[0]
+        if not head.op.wait_done(timeout):
+            return False
+        self._expected.popleft()
+        if self._failure is None:
+            self._receive(head)
+        if self._failure is not None:
+            head.error = self._failure
+        head.received = True
+        return True
 
     def _receive(self, head: _Incoming) -> None:
         if head.op.error is not None:
@@ -145,19 +179,21 @@ class CCEngine:
             return
         if not self._inbox:
             self._fail(IntegrityError(
-                f"d2h message {self.opener.next_index} never arrived in its bounce slot; "
-                f"the channel is closed"))
+                f"d2h message {self.opener.next_index} never arrived in its bounce slot; the channel is closed"))
             return
         try:
-            header, _, plain = self.opener.open_into(self._inbox.popleft(), self._staging)
+            header, index, plain = self.opener.open_into(self._inbox.popleft(), self._staging)
         except IntegrityError as exc:
             self._fail(exc)
             return
         if (header.buffer, header.offset, header.length) != (head.region.id, head.offset, head.nbytes):
-            self._fail(IntegrityError(f"d2h message {self.opener.next_index - 1} is not the transfer the host "
-                                      f"asked for; the channel is closed"))
+            self._fail(IntegrityError(f"d2h message {index} is not the transfer the host asked for; "
+                                      f"the channel is closed"))
             return
-        copy_into(head.region.view[head.offset:head.offset + head.nbytes], plain)
+        region = head.region
+        region.mark_dirty()  # a write the fault handler would not report in time
+        copy_into(region.view[head.offset:head.offset + head.nbytes], plain)
+        region.mark_dirty()
 
     # -- lifetime ------------------------------------------------------------------------------
     def _fail(self, error: BaseException) -> None:
@@ -183,6 +219,9 @@ class CCEngine:
                 break
             if not self.receive_until(last, timeout):
                 raise TransferTimeoutError(f"device-to-host transfers did not complete within {timeout} s")
+
+    def forget(self, region) -> None:
+        """The region is being unregistered."""
 
     def close(self) -> None:
         self.device.close_session(self.session)

@@ -13,7 +13,7 @@ from ..devices import Device, DeviceBuffer, Stream, open_device
 from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, IntegrityError
 from .cc import CCEngine
 from .plain import PlainEngine
-from .region import Region, as_host_array, check_int, check_region, check_span
+from .region import Region, as_host_array, check_int, check_region, check_span, tracking_for
 from .transfer import Transfer
 
 MODES = ("plain", "cc", "pipellm")
@@ -93,19 +93,22 @@ class Pipeline:
         self._started = perf_counter()
 
     # -- regions ---------------------------------------------------------------------------------
-    def register(self, array, name: str | None = None) -> Region:
+    def register(self, array, name: str | None = None, *, tracking: str = "auto") -> Region:
         """Wrap host memory (a C-contiguous numpy array or buffer) for transfers, without
-        copying it. ``name`` must be unique in this pipeline."""
+        copying it. ``name`` must be unique in this pipeline. ``tracking`` says how writes
+        are caught (see :class:`Region`): ``"auto"`` protects library-owned memory
+        (:func:`pipellm.empty`) and leaves other memory untracked (never speculated on)."""
         self._check()
         host = as_host_array(array)
         if name is not None and not isinstance(name, str):
             raise ArgumentTypeError(f"name must be a str, got {type(name).__name__}")
+        tracking = tracking_for(host, tracking)
         with self._lock:
             region_id = next(self._region_ids)
             name = f"region{region_id}" if name is None else name
             if name in self._names:
                 raise ArgumentError(f"a region named {name!r} is already registered")
-            region = Region(self, region_id, name, host)
+            region = Region(self, region_id, name, host, tracking)
             self._regions[region_id] = region
             self._names[name] = region
         return region
@@ -118,6 +121,8 @@ class Pipeline:
             region.registered = False
             self._regions.pop(region.id, None)
             self._names.pop(region.name, None)
+        self._engine.forget(region)
+        region.release()
         if region.device_buffer is not None and not region.device_buffer.freed:
             self.device.free(region.device_buffer)
 
@@ -246,6 +251,7 @@ class Pipeline:
                 if region.device_buffer is not None and not region.device_buffer.freed and not self.device.closed:
                     self.device.free(region.device_buffer)
                 region.registered = False
+                region.release()
             self._regions.clear()
             self._names.clear()
             if self._owns_device:

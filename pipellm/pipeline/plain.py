@@ -33,6 +33,9 @@ class PlainEngine:
     def failure(self):
         return None
 
+    def forget(self, region) -> None:
+        """The region is being unregistered."""
+
     def close(self) -> None:
         pass
 

@@ -2,21 +2,41 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
+from .._ext import writeguard
 from ..errors import ArgumentError, ArgumentTypeError, UnknownRegionError
+from ..hostmem import owning_buffer
+
+
+TRACKING = ("auto", "protect", "explicit", "none")
 
 
 class Region:
     """A block of host memory the application transfers. Comes from
-    :meth:`pipellm.Pipeline.register`; it wraps the array without copying it."""
+    :meth:`pipellm.Pipeline.register`; it wraps the array without copying it.
 
-    __slots__ = ("name", "id", "array", "view", "nbytes", "dtype", "shape", "readonly",
-                 "owner", "device_buffer", "registered")
+    How writes to it are tracked (what lets the ``pipellm`` mode send ciphertext it
+    encrypted earlier without ever sending stale data):
 
-    def __init__(self, owner, id: int, name: str, array: np.ndarray):
+    - ``"protect"``: memory from :func:`pipellm.empty` (library-owned pages). While
+      speculatively encrypted it is write-protected; any write faults once, is recorded,
+      and proceeds. Kernel writes (``readinto``, ``os.readv``) into protected pages fail
+      with EFAULT instead: wrap them in ``with region.writing():``.
+    - ``"explicit"``: other memory, when the caller promises to report every write with
+      ``region.mark_dirty()`` after writing or ``with region.writing():`` around it.
+    - ``"none"``: other memory without that promise: never speculated on (``pipellm``
+      mode encrypts it on demand, like ``cc``).
+    """
+
+    __slots__ = ("name", "id", "_array", "view", "nbytes", "dtype", "shape", "readonly",
+                 "owner", "device_buffer", "registered", "tracking", "guard", "incoming")
+
+    def __init__(self, owner, id: int, name: str, array: np.ndarray, tracking: str):
         self.owner, self.id, self.name = owner, id, name
-        self.array = array
+        self._array = array
         flat = array.reshape(-1).view(np.uint8)
         self.view = memoryview(flat)  # flat bytes, zero-copy
         self.nbytes = array.nbytes
@@ -24,9 +44,80 @@ class Region:
         self.readonly = not array.flags.writeable
         self.device_buffer = None
         self.registered = True
+        self.tracking = tracking
+        self.guard = None if tracking == "none" else writeguard.acquire_entry(
+            self.view_address(), self.nbytes, tracking == "protect")
+        self.incoming = None  # the last pending device-to-host chunk into this region
+
+    def view_address(self) -> int:
+        return self._array.__array_interface__["data"][0]
+
+    @property
+    def array(self) -> np.ndarray:
+        """The host array, once every device-to-host transfer into it has landed."""
+        self.wait()
+        return self._array
+
+    def __array__(self, dtype=None, copy=None):
+        self.wait()
+        return self._array if dtype is None else self._array.astype(dtype)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until device-to-host transfers into this region have landed."""
+        incoming = self.incoming
+        if incoming is not None and not incoming.done():
+            incoming.wait(timeout)
+
+    # -- write tracking ------------------------------------------------------------------
+    def token(self):
+        """A validation token, or None where the region is not tracked. For protected
+        regions this write-protects the pages first."""
+        if self.guard is None:
+            return None
+        if self.tracking == "protect":
+            return writeguard.protect(self.guard)
+        return writeguard.state(self.guard)
+
+    def unchanged_since(self, token) -> bool:
+        """True if nothing was written to the region since ``token`` was taken."""
+        return token is not None and self.guard is not None and writeguard.state(self.guard) == token
+
+    def mark_dirty(self) -> None:
+        """Report a write (call it after writing): speculation on the old bytes is dropped."""
+        if self.guard is not None:
+            writeguard.mark_written(self.guard)
+
+    @contextmanager
+    def writing(self):
+        """``with region.writing(): ...`` around writes the library cannot see (kernel I/O,
+        DMA, untracked memory): the pages are writable inside and the write is recorded."""
+        self.mark_dirty()
+        try:
+            yield self._array
+        finally:
+            self.mark_dirty()
+
+    def release(self) -> None:
+        """Stop tracking: pages writable again, the guard entry given back."""
+        if self.guard is not None:
+            guard, self.guard = self.guard, None
+            writeguard.release_entry(guard)
 
     def __repr__(self) -> str:
         return f"<Region {self.name!r} {self.nbytes}B {self.dtype}{list(self.shape)}>"
+
+
+def tracking_for(array: np.ndarray, tracking: str) -> str:
+    """Resolve the tracking mode of an array to register."""
+    if not isinstance(tracking, str) or tracking not in TRACKING:
+        raise ArgumentError(f"tracking must be one of {', '.join(TRACKING)}, got {tracking!r}")
+    owned = owning_buffer(array) is not None
+    if tracking == "auto":
+        return "protect" if owned else "none"
+    if tracking == "protect" and not owned:
+        raise ArgumentError("tracking='protect' needs library-owned memory (pipellm.empty / pipellm.array); "
+                            "use tracking='explicit' and report writes with region.writing()")
+    return tracking
 
 
 def as_host_array(obj) -> np.ndarray:
