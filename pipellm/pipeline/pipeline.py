@@ -13,6 +13,7 @@ from ..devices import Device, DeviceBuffer, Stream, open_device
 from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, IntegrityError
 from .cc import CCEngine
 from .plain import PlainEngine
+from .speculative import SpeculativeEngine, default_workers
 from .region import Region, as_host_array, check_int, check_region, check_span, tracking_for
 from .transfer import Transfer
 
@@ -22,6 +23,13 @@ MODES = ("plain", "cc", "pipellm")
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_BOUNCE_BYTES = 32 << 20
 DEFAULT_TIMEOUT = 60.0
+#: speculation depth: bounce memory for ciphertext encrypted ahead, and messages queued
+DEFAULT_DEPTH_BYTES = 64 << 20
+DEFAULT_DEPTH_MESSAGES = 256
+#: predicted transfers asked for after each request
+DEFAULT_LOOKAHEAD = 16
+#: iv_order="window": how far behind the newest index an unused one is still accepted
+DEFAULT_IV_WINDOW = 4096
 
 
 class Pipeline:
@@ -46,23 +54,34 @@ class Pipeline:
     per direction.
     """
 
-    def __init__(self, device: str | Device = "auto", mode: str | None = None, predictor=None, *,
+    def __init__(self, device: str | Device = "auto", mode: str = "pipellm", predictor=None, *,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, bounce_bytes: int = DEFAULT_BOUNCE_BYTES,
-                 timeout: float | None = DEFAULT_TIMEOUT, rotate_after: int = DEFAULT_ROTATE_AFTER):
-        if mode is None:
-            mode = "pipellm" if predictor is not None else "cc"
+                 timeout: float | None = DEFAULT_TIMEOUT, rotate_after: int = DEFAULT_ROTATE_AFTER,
+                 workers: int | None = None, depth_bytes: int = DEFAULT_DEPTH_BYTES,
+                 depth_messages: int = DEFAULT_DEPTH_MESSAGES, lookahead: int = DEFAULT_LOOKAHEAD,
+                 iv_order: str = "strict", iv_window: int = DEFAULT_IV_WINDOW):
         if not isinstance(mode, str):
             raise ArgumentTypeError(f"mode must be a str, got {type(mode).__name__}")
         if mode not in MODES:
             raise ArgumentError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-        if mode == "pipellm":
-            raise ArgumentError("mode 'pipellm' (speculative pipelined encryption) is not available "
-                                "in this version; use 'cc' or 'plain'")
-        if predictor is not None:
+        if mode != "pipellm" and predictor is not None:
             raise ArgumentError(f"a predictor applies only to mode 'pipellm', not {mode!r}")
+        if iv_order not in ("strict", "window"):
+            raise ArgumentError(f"iv_order must be 'strict' or 'window', got {iv_order!r}")
         chunk_size = check_int("chunk_size", chunk_size, minimum=1)
         bounce_bytes = check_int("bounce_bytes", bounce_bytes, minimum=1)
+        workers = default_workers() if workers is None else check_int("workers", workers, minimum=1)
+        depth_bytes = check_int("depth_bytes", depth_bytes, minimum=1)
+        depth_messages = check_int("depth_messages", depth_messages, minimum=2)
+        lookahead = check_int("lookahead", lookahead, minimum=1)
+        iv_window = check_int("iv_window", iv_window, minimum=2)
+        if iv_order == "window" and iv_window <= depth_messages:
+            raise ArgumentError(f"iv_window ({iv_window}) must exceed depth_messages ({depth_messages}): "
+                                f"queued speculation would fall out of the window")
         check_rotate_after(rotate_after)
+        if mode == "pipellm":
+            from ..predictors import get as get_predictor
+            predictor = get_predictor("sequence" if predictor is None else predictor)
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ArgumentError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         self._owns_device = not isinstance(device, Device)
@@ -73,6 +92,7 @@ class Pipeline:
                 self.device.close()
             raise ArgumentError(f"chunk_size {chunk_size} is larger than the device takes in one message ({limit})")
         self.mode = mode
+        self.predictor = predictor
         self.timeout = timeout
         self.chunk_size = chunk_size
         self._closed = False
@@ -83,9 +103,15 @@ class Pipeline:
         try:
             if mode == "plain":
                 self._engine = PlainEngine(self.device, timeout=timeout)
-            else:
+            elif mode == "cc":
                 self._engine = CCEngine(self.device, timeout=timeout, chunk_size=chunk_size,
                                         bounce_bytes=bounce_bytes, rotate_after=rotate_after)
+            else:
+                self._engine = SpeculativeEngine(
+                    self.device, timeout=timeout, chunk_size=chunk_size, bounce_bytes=bounce_bytes,
+                    rotate_after=rotate_after, predictor=predictor, regions=self._names, workers=workers,
+                    depth_bytes=depth_bytes, depth_messages=depth_messages, iv_order=iv_order,
+                    iv_window=iv_window, lookahead=lookahead)
         except BaseException:
             if self._owns_device:
                 self.device.close()

@@ -1,0 +1,381 @@
+"""``mode="pipellm"``: speculative pipelined encryption.
+
+After each request the predictor names the next transfers. Each predicted transfer (an
+*item*) gets its message indices now: one for the GO command that will send it, one per
+chunk. Worker threads encrypt the chunks ahead of time, straight into bounce slots, as
+``Kind.SPEC`` messages that name no destination. When the application asks for exactly
+that (region, offset, length) and the region is unchanged since (its write token), the
+host seals a small GO command (where the data lands) and only the DMA remains.
+
+Mispredictions (strict IV order): speculative ciphertext already sits in shared memory,
+so its indices can never be used for other plaintext (a fresh NOP under them would be
+GCM nonce reuse). Instead the host seals one SKIP command under the unexposed GO index of
+the oldest item: the device's expected index jumps to the requested item (whose
+ciphertext is then used), or past everything reserved (then the request is encrypted on
+demand and speculation restarts). GO indices are only sealed at request time, so the
+head of the queue always has an unexposed index for that command. With
+``iv_order="window"`` the device accepts any unused index in a sliding window: a
+misprediction costs only the wasted encryption, and items ahead stay usable.
+
+Device to host: chunks are authenticated and decrypted by the workers in the background
+as they arrive; waiting on the transfer, reading the region or synchronizing waits for
+(or does) the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict, deque
+from time import perf_counter
+
+from ..channel import Kind
+from ..channel.protocol import GO_BODY, SKIP_BODY, TAG_BYTES
+from ..errors import TransferTimeoutError
+from ..predictors import Predictor, TransferEvent
+from .cc import CCEngine, make_pool, slot_bytes_for
+
+PENDING, ENCRYPTING, READY, FAILED = range(4)
+_RECEIVE = object()  # worker task: receive the oldest device-to-host chunk
+
+
+class _Chunk:
+    __slots__ = ("ticket", "slot", "offset", "nbytes", "state", "msg")
+
+    def __init__(self, ticket, slot, offset, nbytes):
+        self.ticket, self.slot, self.offset, self.nbytes = ticket, slot, offset, nbytes
+        self.state = PENDING
+        self.msg = None
+
+
+class _Item:
+    """One predicted transfer in the pipeline."""
+
+    __slots__ = ("key", "region", "offset", "nbytes", "token", "go", "chunks", "dead")
+
+    def __init__(self, key, region, offset, nbytes, token, go, chunks):
+        self.key, self.region, self.offset, self.nbytes = key, region, offset, nbytes
+        self.token, self.go, self.chunks = token, go, chunks
+        self.dead = False  # dropped: its chunks are released once no worker is on them
+
+
+def default_workers() -> int:
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+class SpeculativeEngine(CCEngine):
+    mode = "pipellm"
+
+    def __init__(self, device, *, timeout, chunk_size, bounce_bytes, rotate_after, predictor: Predictor,
+                 regions: dict, workers: int, depth_bytes: int, depth_messages: int, iv_order: str,
+                 iv_window: int, lookahead: int):
+        window = iv_window if iv_order == "window" else 0
+        super().__init__(device, timeout=timeout, chunk_size=chunk_size, bounce_bytes=bounce_bytes,
+                         rotate_after=rotate_after, window=window)
+        self.window = window
+        self.predictor = predictor
+        self._regions = regions  # name -> Region, the pipeline's live table
+        self.depth_messages = depth_messages
+        self.lookahead = lookahead
+        self.spec_pool = make_pool("depth_bytes", depth_bytes, slot_bytes_for(chunk_size), minimum=1)
+        self.cmd_pool = make_pool("command slots", 16 * slot_bytes_for(GO_BODY.size), slot_bytes_for(GO_BODY.size))
+        self._cond = threading.Condition(threading.Lock())
+        self._items: deque[_Item] = deque()          # in index order
+        self._by_key: dict[tuple, _Item] = {}
+        self._tasks: deque = deque()                   # (item, chunk) to encrypt, or _RECEIVE
+        self._queued_messages = 0
+        self._high = -1                                # highest h2d index sent
+        self._expect = 0                               # strict: the index the device expects next
+        self._go_tickets: dict[int, object] = {}       # GO indices reserved, never sealed
+        self._dropped: OrderedDict[tuple, int] = OrderedDict()  # keys whose speculation was lost
+        self._stopping = False
+        self.counts = dict.fromkeys(
+            ("hits", "misses", "stale", "nops", "skipped_messages", "relinquishes", "reencrypted_bytes",
+             "wasted_bytes", "speculative_bytes", "stolen_chunks", "worker_errors", "async_decrypted_bytes",
+             "expired"), 0)
+        self.worker_busy_s = 0.0
+        self._workers = [threading.Thread(target=self._work, name=f"pipellm-worker-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._workers:
+            t.start()
+
+    # -- host to device ----------------------------------------------------------------------
+    def to_device(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
+        key = (region.id, offset, nbytes)
+        with self._h2d_lock:
+            item = self._claim(key)
+            if item is not None:
+                self._skip_to(item.go.index)
+                self._send_item(item, dst, dst_offset, stream)
+            else:
+                self.counts["misses"] += 1
+                if key in self._dropped:
+                    self.counts["reencrypted_bytes"] += self._dropped.pop(key)
+                self._send_on_demand(region, offset, nbytes, dst, dst_offset, stream)
+            self.transfers[0] += 1
+            self.bytes[0] += nbytes
+            self.predictor.observe(TransferEvent(region.name, offset, nbytes, "h2d", stream.id, perf_counter()))
+            self._replenish()
+
+    def _claim(self, key) -> _Item | None:
+        """The queued item for ``key`` if it can be sent; drops what the request makes useless."""
+        with self._cond:
+            self._expire()
+            item = self._by_key.get(key)
+            if item is None:
+                return None
+            if not item.region.unchanged_since(item.token) or any(c.state == FAILED for c in item.chunks):
+                self.counts["stale"] += 1
+                self._drop(item)
+                return None
+            if not self.window:  # strict order: everything queued before it is lost
+                while self._items[0] is not item:
+                    self._drop(self._items[0])
+            self._remove(item)
+            return item
+
+    def _skip_to(self, target: int) -> None:
+        """Strict order: make the device expect ``target`` next with one SKIP command, sealed
+        under the index it expects now (always an unexposed GO index: GO commands are
+        sealed only when their transfer is requested)."""
+        if self.window or self._expect >= target:
+            return
+        ticket = self._go_tickets.pop(self._expect)
+        self._command(ticket, Kind.SKIP, SKIP_BODY.pack(target), None)
+        self.counts["nops"] += 1
+        self.counts["skipped_messages"] += target - self._expect - 1
+        self._expect = target
+        for index in [i for i in self._go_tickets if i < target]:
+            del self._go_tickets[index]
+
+    def _send_on_demand(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
+        if not self.window:
+            with self._cond:
+                if self._items:
+                    self.counts["relinquishes"] += 1
+                while self._items:
+                    self._drop(self._items[0])
+            self._skip_to(self.sealer.next_index)
+        self.send_data(region, offset, nbytes, dst, dst_offset, stream)
+        self._expect = self.sealer.next_index
+        self._high = self._expect - 1
+
+    def _send_item(self, item: _Item, dst, dst_offset, stream) -> None:
+        for chunk in item.chunks:
+            self._ensure_ready(item, chunk)
+        if any(c.state != READY for c in item.chunks):  # a worker failed on it: fall back
+            with self._cond:
+                self.counts["stale"] += 1
+                item.dead = True
+                for chunk in item.chunks:
+                    self._release(chunk)
+            self.counts["misses"] += 1
+            self._send_on_demand(item.region, item.offset, item.nbytes, dst, dst_offset, stream)
+            return
+        self.counts["hits"] += 1
+        self._command(self._go_tickets.pop(item.go.index), Kind.GO,
+                      GO_BODY.pack(dst.id, dst_offset, len(item.chunks), item.nbytes), stream)
+        for chunk in item.chunks:
+            op = self.device.submit_message(stream, self.session, chunk.msg)
+            self.spec_pool.retire(chunk.slot, op)
+            chunk.slot = None
+        last = item.chunks[-1].ticket.index
+        self._high = max(self._high, last)
+        if not self.window:
+            self._expect = last + 1
+
+    def _ensure_ready(self, item: _Item, chunk: _Chunk) -> None:
+        """The chunk encrypted: by a worker (wait for it) or, if none took it yet, here."""
+        with self._cond:
+            if chunk.state == PENDING:
+                chunk.state = ENCRYPTING
+                mine = True
+                self.counts["stolen_chunks"] += 1
+            else:
+                mine = False
+                if not self._cond.wait_for(lambda: chunk.state in (READY, FAILED), self.timeout):
+                    raise TransferTimeoutError(f"a worker did not finish encrypting a chunk within {self.timeout} s")
+        if mine:
+            self._encrypt(item, chunk)
+
+    def _command(self, ticket, kind, body: bytes, stream) -> None:
+        slot = self.cmd_pool.acquire(self.timeout)
+        try:
+            msg = self.sealer.seal_into(ticket, kind, 0, 0, body, slot.view(len(body) + TAG_BYTES))
+            op = self.device.submit_message(stream or self.device.default_stream, self.session, msg)
+        except BaseException:
+            self.cmd_pool.release(slot)
+            raise
+        self.cmd_pool.retire(slot, op)
+        self._high = max(self._high, ticket.index)
+
+    # -- the queue ---------------------------------------------------------------------------
+    def _replenish(self) -> None:
+        """Admit predicted transfers: reserve their indices and slots, queue their chunks."""
+        predictions = self.predictor.predict(self.lookahead)
+        chunk_size = self.chunk_size
+        for p in predictions:
+            region = self._regions.get(p.region)
+            if region is None or region.guard is None or p.nbytes <= 0 or p.offset < 0 \
+                    or p.offset + p.nbytes > region.nbytes:
+                continue
+            key = (region.id, p.offset, p.nbytes)
+            if key in self._by_key:
+                continue
+            n = -(-p.nbytes // chunk_size)
+            if self._queued_messages + n + 1 > self.depth_messages:
+                break
+            slots = []
+            while len(slots) < n and (slot := self.spec_pool.try_acquire()) is not None:
+                slots.append(slot)
+            if len(slots) < n:
+                for slot in slots:
+                    self.spec_pool.release(slot)
+                break
+            token = region.token()
+            tickets = self.sealer.reserve_run(n + 1)
+            self._go_tickets[tickets[0].index] = tickets[0]
+            chunks = [_Chunk(tickets[i + 1], slots[i], i * chunk_size, min(chunk_size, p.nbytes - i * chunk_size))
+                      for i in range(n)]
+            item = _Item(key, region, p.offset, p.nbytes, token, tickets[0], chunks)
+            if key in self._dropped:
+                self.counts["reencrypted_bytes"] += self._dropped.pop(key)
+            with self._cond:
+                self._items.append(item)
+                self._by_key[key] = item
+                self._queued_messages += n + 1
+                self._tasks.extend((item, c) for c in item.chunks)
+                self._cond.notify_all()
+
+    def _remove(self, item: _Item) -> None:
+        """Take an item out of the queue (engine lock held)."""
+        self._items.remove(item)
+        if self._by_key.get(item.key) is item:
+            del self._by_key[item.key]
+        self._queued_messages -= len(item.chunks) + 1
+
+    def _drop(self, item: _Item) -> None:
+        """Give up on an item (engine lock held): its indices will be skipped or expire."""
+        if item.dead:
+            return
+        self._remove(item)
+        item.dead = True
+        if self.window:  # nothing will ever skip past it: forget its GO index now
+            self._go_tickets.pop(item.go.index, None)
+        self._dropped[item.key] = item.nbytes
+        while len(self._dropped) > 4096:
+            self._dropped.popitem(last=False)
+        for chunk in item.chunks:
+            if chunk.state != ENCRYPTING:  # a worker on it releases the slot when done
+                self._release(chunk)
+
+    def _release(self, chunk: _Chunk) -> None:
+        if chunk.state == READY:
+            self.counts["wasted_bytes"] += chunk.nbytes
+        if chunk.slot is not None:
+            self.spec_pool.release(chunk.slot)
+            chunk.slot = None
+
+    def _expire(self) -> None:
+        """Window order: drop items whose indices fell out of the receiver's window."""
+        if not self.window:
+            return
+        floor = self._high - self.window + 1
+        while self._items and self._items[0].go.index < floor:
+            self.counts["expired"] += 1
+            self._drop(self._items[0])
+
+    # -- workers ------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._tasks and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                task = self._tasks.popleft()
+                if task is not _RECEIVE:
+                    item, chunk = task
+                    if chunk.state != PENDING:
+                        continue
+                    if item.dead:
+                        self._release(chunk)
+                        continue
+                    chunk.state = ENCRYPTING
+            start = perf_counter()
+            if task is _RECEIVE:
+                self._receive_async()
+            else:
+                self._encrypt(item, chunk)
+            busy = perf_counter() - start
+            with self._cond:
+                self.worker_busy_s += busy
+
+    def _encrypt(self, item: _Item, chunk: _Chunk) -> None:
+        """Seal one speculative chunk into its slot, unless the region changed since its token."""
+        state, msg = FAILED, None
+        try:
+            if item.region.unchanged_since(item.token):
+                start = item.offset + chunk.offset
+                msg = self.sealer.seal_into(chunk.ticket, Kind.SPEC, 0, chunk.offset,
+                                            item.region.view[start:start + chunk.nbytes],
+                                            chunk.slot.view(chunk.nbytes + TAG_BYTES))
+                state = READY
+        except Exception:  # noqa: BLE001 - counted; the request falls back to on-demand
+            with self._cond:
+                self.counts["worker_errors"] += 1
+        with self._cond:
+            chunk.msg, chunk.state = msg, state
+            if state == READY:
+                self.counts["speculative_bytes"] += chunk.nbytes
+            if item.dead:
+                self._release(chunk)
+            self._cond.notify_all()
+
+    # -- device to host: decrypted in the background --------------------------------------------
+    def delivered(self, msg) -> None:
+        super().delivered(msg)
+        with self._cond:
+            self._tasks.appendleft(_RECEIVE)
+            self._cond.notify()
+
+    def _receive_async(self) -> None:
+        with self._recv_lock:
+            if not self._expected:
+                return
+            head = self._expected[0]
+            if self._receive_head(self.timeout) and head.error is None:
+                self.counts["async_decrypted_bytes"] += head.nbytes
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def forget(self, region) -> None:
+        with self._cond:
+            for item in [i for i in self._items if i.region is region]:
+                self._drop(item)
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        for t in self._workers:
+            t.join(timeout=30)
+        with self._cond:
+            for item in list(self._items):
+                self._drop(item)
+        super().close()
+        self.spec_pool.close()
+        self.cmd_pool.close()
+
+    def stats(self) -> dict:
+        out = super().stats()
+        counts = dict(self.counts)
+        requests = counts["hits"] + counts["misses"]
+        counts["hit_rate"] = counts["hits"] / requests if requests else 0.0
+        counts["worker_busy_s"] = self.worker_busy_s
+        counts["workers"] = len(self._workers)
+        counts["iv_order"] = "window" if self.window else "strict"
+        counts["queued_items"] = len(self._items)
+        out.update(counts)
+        out["speculation_pool"] = {"cap_bytes": self.spec_pool.cap_bytes, "slots": self.spec_pool.slots,
+                                   "high_water_bytes": self.spec_pool.high_water}
+        return out
