@@ -138,7 +138,7 @@ def memory_check(transfers: int = 10_000, size: int = 64 * KiB) -> dict:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     cap = 8 * MiB
-    with pipellm.Pipeline(device="emulated", mode="cc", bounce_bytes=cap) as pipe:
+    with pipellm.Pipeline(device="emulated", mode="cc", bounce_bytes=cap, chunk_size=size) as pipe:
         region = pipe.register(np.ones(size, np.uint8))
         for _ in range(1000):
             pipe.to_device(region)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class TransferEvent:
+class TransferEvent(NamedTuple):
     """One transfer as it happens. ``region`` is the region's name."""
 
     region: str
@@ -21,8 +20,7 @@ class TransferEvent:
         return (self.region, self.offset, self.nbytes)
 
 
-@dataclass(frozen=True, slots=True)
-class Prediction:
+class Prediction(NamedTuple):
     """An expected host-to-device transfer: ``nbytes`` of ``region`` at ``offset``."""
 
     region: str

@@ -34,7 +34,7 @@ class SequencePredictor(Predictor):
     def observe(self, event: TransferEvent) -> None:
         if event.direction != "h2d":
             return
-        key = event.key
+        key = event[:3]
         if self._last is not None:
             self._next[self._last] = key
         self._last = key
@@ -46,7 +46,7 @@ class SequencePredictor(Predictor):
             if key is None or key in seen:
                 break
             seen.add(key)
-            out.append(Prediction(*key))
+            out.append(Prediction._make(key))
         return out
 
     def reset(self) -> None:

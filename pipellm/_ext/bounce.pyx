@@ -52,7 +52,9 @@ cdef class BouncePool:
     cdef bint _closed
     cdef object _free
     cdef object _inflight
+    cdef object _lock
     cdef object _cond
+    cdef int _waiters
 
     def __cinit__(self, size_t slot_bytes, size_t slots):
         self._base = NULL
@@ -73,7 +75,9 @@ cdef class BouncePool:
             memset(p, 0, self._mapped)  # fault the pages in now, not on the hot path
         self._free = list(range(slots - 1, -1, -1))
         self._inflight = deque()
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiters = 0
         self._in_use = 0
         self.high_water = 0
         self._exports = 0
@@ -116,6 +120,9 @@ cdef class BouncePool:
     def acquire(self, timeout=None):
         """A free slot, waiting (up to ``timeout`` seconds) for an in-flight one to
         complete if none is free. Raises :class:`TransferTimeoutError` on timeout."""
+        slot = self.try_acquire()
+        if slot is not None:
+            return slot
         deadline = None if timeout is None else monotonic() + timeout
         with self._cond:
             while True:
@@ -137,7 +144,11 @@ cdef class BouncePool:
                         return self._take(index)
                     self._inflight.appendleft((index, fence))
                 elif remaining is None or remaining > 0:
-                    self._cond.wait(remaining)
+                    self._waiters += 1
+                    try:
+                        self._cond.wait(remaining)
+                    finally:
+                        self._waiters -= 1
                     continue
                 raise TransferTimeoutError(
                     f"no bounce slot came free within {timeout} s: all {self.slots} slots "
@@ -145,18 +156,52 @@ cdef class BouncePool:
 
     def try_acquire(self):
         """A free slot now, or None (never waits)."""
-        with self._cond:
+        self._lock.acquire()
+        try:
             if self._closed:
                 raise ChannelClosedError("the bounce pool is closed")
             self._reap()
             return self._take(self._free.pop()) if self._free else None
+        finally:
+            self._lock.release()
+
+    def try_acquire_many(self, Py_ssize_t count):
+        """``count`` free slots now, or None if fewer are free (never waits)."""
+        self._lock.acquire()
+        try:
+            if self._closed:
+                raise ChannelClosedError("the bounce pool is closed")
+            self._reap()
+            if len(self._free) < count:
+                return None
+            return [self._take(self._free.pop()) for _ in range(count)]
+        finally:
+            self._lock.release()
+
+    def retire_many(self, slots, fence):
+        """``retire`` for several slots read by one DMA."""
+        cdef Slot slot
+        for slot in slots:
+            self._check_slot(slot)
+        self._lock.acquire()
+        try:
+            for slot in slots:
+                slot.live = False
+                self._inflight.append((slot.index, fence))
+            if self._waiters:
+                self._cond.notify_all()
+        finally:
+            self._lock.release()
 
     @property
     def free_slots(self):
         """Slots that can be acquired now without waiting."""
-        with self._cond:
+        self._lock.acquire()
+        try:
             self._reap()
             return len(self._free)
+        finally:
+            self._lock.release()
 
     cdef _reap(self):
         while self._inflight and self._inflight[0][1].done():
@@ -177,19 +222,27 @@ cdef class BouncePool:
     def release(self, Slot slot not None):
         """Give back a slot no DMA will read (never sent, or already read)."""
         self._check_slot(slot)
-        with self._cond:
+        self._lock.acquire()
+        try:
             slot.live = False
             self._free.append(slot.index)
             self._in_use -= 1
-            self._cond.notify()
+            if self._waiters:
+                self._cond.notify()
+        finally:
+            self._lock.release()
 
     def retire(self, Slot slot not None, fence):
         """Give back a sent slot: it is reused once ``fence.done()``."""
         self._check_slot(slot)
-        with self._cond:
+        self._lock.acquire()
+        try:
             slot.live = False
             self._inflight.append((slot.index, fence))
-            self._cond.notify()
+            if self._waiters:
+                self._cond.notify()
+        finally:
+            self._lock.release()
 
     cdef _check_slot(self, Slot slot):
         if slot.pool is not self:

@@ -223,11 +223,15 @@ def protect(size_t index) -> int:
     """Write-protect the entry's pages; returns the token (state with protected bit)."""
     cdef int err = 0
     cdef uint64_t token
+    token = pl_state(index)
+    if token & 1:  # already protected: the common case, no system call
+        return token
     if not pl_installed():  # someone (faulthandler.enable, a debugger) replaced our handler
         with _lock:
             pl_install()
-    with nogil:
-        token = pl_protect(index, &err)
+    # the GIL stays held: a short system call, and handing the GIL to another thread
+    # here would cost the caller far more than the call itself
+    token = pl_protect(index, &err)
     if err:
         raise _os_error(err, "mprotect failed")
     return token

@@ -161,7 +161,14 @@ class Sealer(_Endpoint):
             self._check_open()
             first = self._next
             self._next += count
-        return [Ticket(i, *self._key_at(i)) for i in range(first, first + count)]
+        tickets = []
+        epoch, counter, key = self._key_at(first)
+        for index in range(first, first + count):
+            if counter == self.rotate_after:
+                epoch, counter, key = self._key_at(index)
+            tickets.append(Ticket(index, epoch, counter, key))
+            counter += 1
+        return tickets
 
     def seal_into(self, ticket: Ticket, kind: int, buffer: int, offset: int, plaintext,
                   out: memoryview, *, shared: bool = True) -> Message:
@@ -172,8 +179,25 @@ class Sealer(_Endpoint):
             raise ArgumentError(f"{ticket!r} was already sealed: an IV is never used twice")
         _check_sizes(plaintext, out)
         self._check_open()
-        ticket.used = True
+        if shared:
+            ticket.used = True
+        # a private seal (shared=False) leaves the ticket usable: ciphertext that never
+        # reached shared memory may be replaced under the same IV (see expose)
         return self._seal(ticket.epoch, ticket.counter, ticket.key, kind, buffer, offset, plaintext, out, shared)
+
+    def expose(self, ticket: Ticket, private: Message, out: memoryview) -> Message:
+        """Copy a message sealed privately under ``ticket`` into shared memory ``out``
+        (exactly its size). From now on the ticket is used."""
+        if ticket.used:
+            raise ArgumentError(f"{ticket!r} was already sealed: an IV is never used twice")
+        if len(out) != len(private.payload):
+            raise ArgumentError(f"output must be exactly {len(private.payload)} bytes, got {len(out)}")
+        ticket.used = True
+        out[:] = private.payload  # small: a copy under the GIL beats handing the GIL away
+        msg = Message(self.label, private.iv, bytearray(private.aad), out)
+        if shared_write_observers:
+            publish(msg, ticket.key.key_id, ticket.epoch, ticket.counter)
+        return msg
 
     def seal_next(self, kind: int, buffer: int, offset: int, plaintext, out: memoryview, *,
                   shared: bool = True) -> Message:

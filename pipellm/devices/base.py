@@ -65,7 +65,7 @@ class Op:
     """
 
     __slots__ = ("device", "kind", "stream", "session", "seq", "nbytes", "prev", "submit_t",
-                 "end", "error", "finished", "args", "on_delivered")
+                 "end", "error", "finished", "args", "on_delivered", "remaining")
 
     def __init__(self, device: Device, kind: str, stream: Stream, nbytes: int = 0, session=None,
                  args: tuple = (), on_delivered=None):
@@ -77,6 +77,7 @@ class Op:
         self.end = 0.0            # modelled completion time (on the device's clock)
         self.error: BaseException | None = None
         self.finished = False     # the device really finished (or failed) it
+        self.remaining = 1        # messages of it not yet committed
 
     def done(self) -> bool:
         return self.finished and self.device.now() >= self.end
@@ -110,6 +111,10 @@ class Device(abc.ABC):
         self._next_buffer = 1
         self._streams: list[Stream] = []
         self._alloc_lock = threading.Lock()
+        #: set while host work may proceed in step with the device clock (see the
+        #: emulated device: shut while the emulator lags its model)
+        self.gate = threading.Event()
+        self.gate.set()
         self.default_stream = self.create_stream()
 
     # -- lifetime -------------------------------------------------------------------------
@@ -220,8 +225,9 @@ class Device(abc.ABC):
     def close_session(self, session: int) -> None: ...
 
     @abc.abstractmethod
-    def submit_message(self, stream: Stream, session: int, msg) -> Op:
-        """Send one sealed host-to-device message (its payload sits in a bounce slot)."""
+    def submit_messages(self, stream: Stream, session: int, msgs) -> Op:
+        """Send sealed host-to-device messages, in order (payloads sit in bounce slots);
+        the op is done when all of them landed."""
 
     @abc.abstractmethod
     def submit_sealed_read(self, stream: Stream, session: int, src: DeviceBuffer, src_offset: int,

@@ -8,14 +8,17 @@ explicit untrusted link where tests attach a :class:`pipellm.testing.Adversary`.
 How time works. Every op gets a *modelled* end time computed from the link model
 (bandwidth, per-copy latency, one link per direction), the compute engine and stream
 order. The copy engine's real work (AES-GCM, memcpy) runs on one device thread; an op is
-done once that work is finished *and* its modelled end has passed. On an H100 the copy
-engine works at line rate in hardware, so when a host thread has to wait for the
-emulator's CPU work beyond the modelled end, the excess is *emulation stall*: the device
-clock (:meth:`EmulatedDevice.now`, on which all modelled times are given) is
-``perf_counter() - emulation_stall_s``, so the model runs as if the emulator were
-infinitely fast. Wall time minus stall is the *modelled time* benchmarks report next to
-wall time. (With several host threads waiting at once this is an approximation: one
-shared clock absorbs the stall.)
+done once that work is finished *and* its modelled end has passed.
+
+On an H100 the copy engine works at line rate in hardware, so when a host thread has to
+wait for the emulator's CPU work beyond the model (the op's modelled end has passed, or
+the copy engine has not even reached the op), that is *emulation stall*: the device
+clock (:meth:`EmulatedDevice.now`, on which all modelled times are given) stands still
+for it, and the device's ``gate`` event is shut, so host worker threads that check the
+gate (the pipellm mode's do, between chunks) do not get work done in time that does not
+exist in the model. Wall time minus stall is then the *modelled time* of the host's
+work, which benchmarks report next to wall time. Residual error: a chunk a worker is in
+the middle of when a stall begins finishes during the stall.
 """
 
 from __future__ import annotations
@@ -120,7 +123,9 @@ class EmulatedDevice(Device):
         self._link_free = [0.0, 0.0]  # per Direction
         self._compute_free = 0.0
         self._busy_s = 0.0
-        self._stall_s = 0.0
+        self._stall_s = 0.0          # total time the device clock stood still
+        self._stalling = 0           # host threads stalled right now
+        self._stall_since = 0.0
         self._stall_lock = threading.Lock()
         super().__init__()
         self._thread = threading.Thread(target=self._run, name="pipellm-emulated-copy-engine", daemon=True)
@@ -206,10 +211,12 @@ class EmulatedDevice(Device):
             raise ChannelClosedError(f"no open session {session} on this device")
         return s
 
-    def submit_message(self, stream: Stream, session: int, msg) -> Op:
+    def submit_messages(self, stream: Stream, session: int, msgs) -> Op:
         s = self._session(session)
-        op = Op(self, "h2d message", stream, len(msg.payload) - TAG_BYTES, s, (msg,))
-        msg._owner = op
+        op = Op(self, "h2d message", stream, sum(len(m.payload) - TAG_BYTES for m in msgs), s, (msgs,))
+        op.remaining = len(msgs)
+        for msg in msgs:
+            msg._owner = op
         return self._submit(op)
 
     def submit_sealed_read(self, stream, session, src, src_offset, region_id, offset, nbytes, out,
@@ -276,14 +283,15 @@ class EmulatedDevice(Device):
         return list(out)
 
     def _do_message(self, op: Op, ready: float) -> None:
-        (msg,) = op.args
-        op.end = self._link(Direction.H2D, ready, len(msg.payload))
+        (msgs,) = op.args
         session = op.session
-        if session.failure is not None:
-            self._finish(op, session.failure)
-            return
-        for delivered in self._through_link(msg):
-            self._receive(session, delivered)
+        for msg in msgs:
+            op.end = self._link(Direction.H2D, ready, len(msg.payload))
+            if session.failure is not None:
+                self._finish(op, session.failure)
+                return
+            for delivered in self._through_link(msg):
+                self._receive(session, delivered)
 
     def _receive(self, session: _Session, msg) -> None:
         """Authenticate, decrypt into staging, and only then commit to device memory."""
@@ -305,7 +313,9 @@ class EmulatedDevice(Device):
                 copy_into(memoryview(mem)[commit.offset:commit.offset + length], commit.plaintext)
         owner = msg._owner
         if owner is not None and not owner.finished:
-            self._finish(owner, error)
+            owner.remaining -= 1
+            if error is not None or owner.remaining <= 0:
+                self._finish(owner, error)
 
     def _do_sealed_read(self, op: Op, ready: float) -> None:
         src_id, src_offset, region_id, offset, out = op.args
@@ -365,7 +375,10 @@ class EmulatedDevice(Device):
 
     # -- waiting ---------------------------------------------------------------------------------
     def now(self) -> float:
-        return perf_counter() - self._stall_s
+        with self._stall_lock:
+            if self._stalling:
+                return self._stall_since - self._stall_s  # frozen while stalled
+            return perf_counter() - self._stall_s
 
     @contextmanager
     def paused(self):
@@ -378,21 +391,45 @@ class EmulatedDevice(Device):
         finally:
             self._running.set()
 
+    def _stall(self, begin: bool) -> None:
+        """A host thread starts / stops waiting only because the emulator lags the model.
+        While any does, the device clock stands still and the gate is shut, so host
+        workers (which check it) make no progress the model would not allow."""
+        with self._stall_lock:
+            if begin:
+                if self._stalling == 0:
+                    self._stall_since = perf_counter()
+                    self.gate.clear()
+                self._stalling += 1
+            else:
+                self._stalling -= 1
+                if self._stalling == 0:
+                    self._stall_s += perf_counter() - self._stall_since
+                    self.gate.set()
+
     def _wait_op(self, op: Op, timeout: float | None) -> bool:
-        start = self.now()
-        if not op.finished:
-            with self._cond:
-                if not self._cond.wait_for(lambda: op.finished or self._closed, timeout):
-                    return False
-            if not op.finished:  # the device was closed under us
-                return True
-            # We blocked on the emulator's CPU work: whatever of that wait lies past the
-            # modelled end is stall, and the device clock is moved back by it.
-            target = max(start, op.end)
-            with self._stall_lock:
-                overshoot = self.now() - target
-                if overshoot > 0:
-                    self._stall_s += overshoot
+        deadline = None if timeout is None else perf_counter() + timeout
+        stalled = False
+        try:
+            while not op.finished and not self._closed:
+                now = self.now()
+                # op.end is 0 until the copy engine has handled the op: the emulator is behind
+                running = op.end > 0 and now < op.end
+                if running == stalled:  # in the model the op is still on the link: no stall
+                    self._stall(begin=not running)
+                    stalled = not running
+                wait = op.end - now if running else 0.002
+                if deadline is not None:
+                    remaining = deadline - perf_counter()
+                    if remaining <= 0:
+                        return False
+                    wait = min(wait, remaining)
+                with self._cond:
+                    if not op.finished:
+                        self._cond.wait(wait)
+        finally:
+            if stalled:
+                self._stall(begin=False)
         if op.end > self.now():
             sleep_until(self.now, op.end)
         return True

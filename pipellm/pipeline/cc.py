@@ -97,7 +97,7 @@ class CCEngine:
                 # the index is taken only once the slot is ours: an index is never skipped
                 msg = sealer.seal_next(Kind.DATA, dst.id, dst_offset + pos,
                                        source[offset + pos:offset + pos + n], slot.view(n + TAG_BYTES))
-                op = self.device.submit_message(stream, self.session, msg)
+                op = self.device.submit_messages(stream, self.session, (msg,))
             except BaseException:
                 pool.release(slot)
                 raise
@@ -219,6 +219,9 @@ class CCEngine:
                 break
             if not self.receive_until(last, timeout):
                 raise TransferTimeoutError(f"device-to-host transfers did not complete within {timeout} s")
+
+    def adopt(self, region) -> None:
+        """A region was registered."""
 
     def forget(self, region) -> None:
         """The region is being unregistered."""

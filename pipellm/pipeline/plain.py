@@ -33,6 +33,9 @@ class PlainEngine:
     def failure(self):
         return None
 
+    def adopt(self, region) -> None:
+        """A region was registered."""
+
     def forget(self, region) -> None:
         """The region is being unregistered."""
 

@@ -36,6 +36,11 @@ from ..predictors import Predictor, TransferEvent
 from .cc import CCEngine, make_pool, slot_bytes_for
 
 PENDING, ENCRYPTING, READY, FAILED = range(4)
+#: adaptive speculation: a moving average of hits (weight of the newest request), the
+#: level below which speculation is throttled, and how often a throttled pipeline probes
+ACCURACY_ALPHA = 0.125
+ACCURACY_FLOOR = 0.25
+PROBE_EVERY = 16
 _RECEIVE = object()  # worker task: receive the oldest device-to-host chunk
 
 
@@ -51,12 +56,17 @@ class _Chunk:
 class _Item:
     """One predicted transfer in the pipeline."""
 
-    __slots__ = ("key", "region", "offset", "nbytes", "token", "go", "chunks", "dead")
+    __slots__ = ("key", "region", "offset", "nbytes", "token", "go", "chunks", "dead", "claimed",
+                 "go_dst", "go_private", "go_busy")
 
-    def __init__(self, key, region, offset, nbytes, token, go, chunks):
+    def __init__(self, key, region, offset, nbytes, token, go, chunks, go_dst):
         self.key, self.region, self.offset, self.nbytes = key, region, offset, nbytes
         self.token, self.go, self.chunks = token, go, chunks
-        self.dead = False  # dropped: its chunks are released once no worker is on them
+        self.dead = False     # dropped: its chunks are released once no worker is on them
+        self.claimed = False  # requested: being sent
+        # The GO command for the likely destination (the region's own device copy),
+        # sealed ahead by a worker into private memory, where it may still be replaced.
+        self.go_dst, self.go_private, self.go_busy = go_dst, None, False
 
 
 def default_workers() -> int:
@@ -92,8 +102,11 @@ class SpeculativeEngine(CCEngine):
         self.counts = dict.fromkeys(
             ("hits", "misses", "stale", "nops", "skipped_messages", "relinquishes", "reencrypted_bytes",
              "wasted_bytes", "speculative_bytes", "stolen_chunks", "worker_errors", "async_decrypted_bytes",
-             "expired"), 0)
+             "expired", "probes"), 0)
+        self._accuracy = 1.0   # recent hit ratio of requests that met queued speculation
+        self._requests = 0
         self.worker_busy_s = 0.0
+        self.hit_wait_s = 0.0  # requests waiting for a worker to finish their chunks
         self._workers = [threading.Thread(target=self._work, name=f"pipellm-worker-{i}", daemon=True)
                          for i in range(workers)]
         for t in self._workers:
@@ -103,19 +116,26 @@ class SpeculativeEngine(CCEngine):
     def to_device(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
         key = (region.id, offset, nbytes)
         with self._h2d_lock:
+            speculating = bool(self._items)
             item = self._claim(key)
+            if speculating:
+                self._accuracy += ACCURACY_ALPHA * ((item is not None) - self._accuracy)
+            self._requests += 1
+            self.predictor.observe(TransferEvent(region.name, offset, nbytes, "h2d", stream.id, perf_counter()))
             if item is not None:
                 self._skip_to(item.go.index)
+                # Queue the next speculation first: the workers start on it at once, and
+                # the device starts on this transfer only once the host thread is done.
+                self._replenish()
                 self._send_item(item, dst, dst_offset, stream)
             else:
                 self.counts["misses"] += 1
                 if key in self._dropped:
                     self.counts["reencrypted_bytes"] += self._dropped.pop(key)
                 self._send_on_demand(region, offset, nbytes, dst, dst_offset, stream)
+                self._replenish()  # after: on-demand data must precede newly reserved indices
             self.transfers[0] += 1
             self.bytes[0] += nbytes
-            self.predictor.observe(TransferEvent(region.name, offset, nbytes, "h2d", stream.id, perf_counter()))
-            self._replenish()
 
     def _claim(self, key) -> _Item | None:
         """The queued item for ``key`` if it can be sent; drops what the request makes useless."""
@@ -132,6 +152,7 @@ class SpeculativeEngine(CCEngine):
                 while self._items[0] is not item:
                     self._drop(self._items[0])
             self._remove(item)
+            item.claimed = True
             return item
 
     def _skip_to(self, target: int) -> None:
@@ -161,7 +182,9 @@ class SpeculativeEngine(CCEngine):
         self._high = self._expect - 1
 
     def _send_item(self, item: _Item, dst, dst_offset, stream) -> None:
-        for chunk in item.chunks:
+        with self._cond:
+            waiting = [c for c in item.chunks if c.state != READY]
+        for chunk in waiting:
             self._ensure_ready(item, chunk)
         if any(c.state != READY for c in item.chunks):  # a worker failed on it: fall back
             with self._cond:
@@ -173,11 +196,20 @@ class SpeculativeEngine(CCEngine):
             self._send_on_demand(item.region, item.offset, item.nbytes, dst, dst_offset, stream)
             return
         self.counts["hits"] += 1
-        self._command(self._go_tickets.pop(item.go.index), Kind.GO,
-                      GO_BODY.pack(dst.id, dst_offset, len(item.chunks), item.nbytes), stream)
+        go = self._go_tickets.pop(item.go.index)
+        with self._cond:
+            self._cond.wait_for(lambda: not item.go_busy)
+            private = item.go_private if item.go_dst == (dst.id, dst_offset) else None
+        slot = self.cmd_pool.acquire(self.timeout)
+        if private is not None:
+            go_msg = self.sealer.expose(go, private, slot.view(len(private.payload)))
+        else:
+            body = GO_BODY.pack(dst.id, dst_offset, len(item.chunks), item.nbytes)
+            go_msg = self.sealer.seal_into(go, Kind.GO, 0, 0, body, slot.view(len(body) + TAG_BYTES))
+        op = self.device.submit_messages(stream, self.session, [go_msg] + [c.msg for c in item.chunks])
+        self.cmd_pool.retire(slot, op)
+        self.spec_pool.retire_many([c.slot for c in item.chunks], op)
         for chunk in item.chunks:
-            op = self.device.submit_message(stream, self.session, chunk.msg)
-            self.spec_pool.retire(chunk.slot, op)
             chunk.slot = None
         last = item.chunks[-1].ticket.index
         self._high = max(self._high, last)
@@ -193,8 +225,10 @@ class SpeculativeEngine(CCEngine):
                 self.counts["stolen_chunks"] += 1
             else:
                 mine = False
+                start = perf_counter()
                 if not self._cond.wait_for(lambda: chunk.state in (READY, FAILED), self.timeout):
                     raise TransferTimeoutError(f"a worker did not finish encrypting a chunk within {self.timeout} s")
+                self.hit_wait_s += perf_counter() - start
         if mine:
             self._encrypt(item, chunk)
 
@@ -202,7 +236,7 @@ class SpeculativeEngine(CCEngine):
         slot = self.cmd_pool.acquire(self.timeout)
         try:
             msg = self.sealer.seal_into(ticket, kind, 0, 0, body, slot.view(len(body) + TAG_BYTES))
-            op = self.device.submit_message(stream or self.device.default_stream, self.session, msg)
+            op = self.device.submit_messages(stream or self.device.default_stream, self.session, (msg,))
         except BaseException:
             self.cmd_pool.release(slot)
             raise
@@ -212,7 +246,15 @@ class SpeculativeEngine(CCEngine):
     # -- the queue ---------------------------------------------------------------------------
     def _replenish(self) -> None:
         """Admit predicted transfers: reserve their indices and slots, queue their chunks."""
-        predictions = self.predictor.predict(self.lookahead)
+        limit = self.lookahead
+        if self._accuracy < ACCURACY_FLOOR:
+            # the predictor has been wrong lately: keep the workers (and the CPU) free for
+            # on-demand work, and probe with one item now and then to notice a recovery
+            if self._requests % PROBE_EVERY:
+                return
+            limit = 1
+            self.counts["probes"] += 1
+        predictions = self.predictor.predict(limit)[:limit]
         chunk_size = self.chunk_size
         for p in predictions:
             region = self._regions.get(p.region)
@@ -225,19 +267,17 @@ class SpeculativeEngine(CCEngine):
             n = -(-p.nbytes // chunk_size)
             if self._queued_messages + n + 1 > self.depth_messages:
                 break
-            slots = []
-            while len(slots) < n and (slot := self.spec_pool.try_acquire()) is not None:
-                slots.append(slot)
-            if len(slots) < n:
-                for slot in slots:
-                    self.spec_pool.release(slot)
+            slots = self.spec_pool.try_acquire_many(n)
+            if slots is None:
                 break
             token = region.token()
             tickets = self.sealer.reserve_run(n + 1)
             self._go_tickets[tickets[0].index] = tickets[0]
             chunks = [_Chunk(tickets[i + 1], slots[i], i * chunk_size, min(chunk_size, p.nbytes - i * chunk_size))
                       for i in range(n)]
-            item = _Item(key, region, p.offset, p.nbytes, token, tickets[0], chunks)
+            dbuf = region.device_buffer
+            item = _Item(key, region, p.offset, p.nbytes, token, tickets[0], chunks,
+                         None if dbuf is None or dbuf.freed else (dbuf.id, p.offset))
             if key in self._dropped:
                 self.counts["reencrypted_bytes"] += self._dropped.pop(key)
             with self._cond:
@@ -245,6 +285,8 @@ class SpeculativeEngine(CCEngine):
                 self._by_key[key] = item
                 self._queued_messages += n + 1
                 self._tasks.extend((item, c) for c in item.chunks)
+                if item.go_dst is not None:
+                    self._tasks.append((item, None))
                 self._cond.notify_all()
 
     def _remove(self, item: _Item) -> None:
@@ -287,7 +329,9 @@ class SpeculativeEngine(CCEngine):
 
     # -- workers ------------------------------------------------------------------------------
     def _work(self) -> None:
+        gate = self.device.gate
         while True:
+            gate.wait()  # no progress while the emulated device's clock stands still
             with self._cond:
                 while not self._tasks and not self._stopping:
                     self._cond.wait()
@@ -296,15 +340,22 @@ class SpeculativeEngine(CCEngine):
                 task = self._tasks.popleft()
                 if task is not _RECEIVE:
                     item, chunk = task
-                    if chunk.state != PENDING:
+                    if chunk is None:  # the GO command, ahead, into private memory
+                        if item.dead or item.claimed:
+                            continue
+                        item.go_busy = True
+                    elif chunk.state != PENDING:
                         continue
-                    if item.dead:
+                    elif item.dead:
                         self._release(chunk)
                         continue
-                    chunk.state = ENCRYPTING
+                    else:
+                        chunk.state = ENCRYPTING
             start = perf_counter()
             if task is _RECEIVE:
                 self._receive_async()
+            elif chunk is None:
+                self._seal_go_ahead(item)
             else:
                 self._encrypt(item, chunk)
             busy = perf_counter() - start
@@ -332,6 +383,19 @@ class SpeculativeEngine(CCEngine):
                 self._release(chunk)
             self._cond.notify_all()
 
+    def _seal_go_ahead(self, item: _Item) -> None:
+        msg = None
+        try:
+            body = GO_BODY.pack(*item.go_dst, len(item.chunks), item.nbytes)
+            msg = self.sealer.seal_into(item.go, Kind.GO, 0, 0, body, memoryview(bytearray(len(body) + TAG_BYTES)),
+                                        shared=False)
+        except Exception:  # noqa: BLE001 - counted; the GO is then sealed at request time
+            with self._cond:
+                self.counts["worker_errors"] += 1
+        with self._cond:
+            item.go_private, item.go_busy = msg, False
+            self._cond.notify_all()
+
     # -- device to host: decrypted in the background --------------------------------------------
     def delivered(self, msg) -> None:
         super().delivered(msg)
@@ -348,6 +412,12 @@ class SpeculativeEngine(CCEngine):
                 self.counts["async_decrypted_bytes"] += head.nbytes
 
     # -- lifetime -------------------------------------------------------------------------------
+    def adopt(self, region) -> None:
+        """Write-protect library-owned regions now (mprotect costs ~20 us per MiB here),
+        not on the first speculation, which would put that cost on a request."""
+        if region.tracking == "protect":
+            region.token()
+
     def forget(self, region) -> None:
         with self._cond:
             for item in [i for i in self._items if i.region is region]:
@@ -372,9 +442,11 @@ class SpeculativeEngine(CCEngine):
         requests = counts["hits"] + counts["misses"]
         counts["hit_rate"] = counts["hits"] / requests if requests else 0.0
         counts["worker_busy_s"] = self.worker_busy_s
+        counts["hit_wait_s"] = self.hit_wait_s
         counts["workers"] = len(self._workers)
         counts["iv_order"] = "window" if self.window else "strict"
         counts["queued_items"] = len(self._items)
+        counts["prediction_accuracy"] = self._accuracy
         out.update(counts)
         out["speculation_pool"] = {"cap_bytes": self.spec_pool.cap_bytes, "slots": self.spec_pool.slots,
                                    "high_water_bytes": self.spec_pool.high_water}

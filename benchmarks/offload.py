@@ -1,0 +1,214 @@
+"""Layer-sequential weight offloading, plain / cc / pipellm side by side in one run.
+
+The application loads each layer's weights right before running the layer and waits
+for it (accelerate-style synchronous offload): ``to_device(layer)``, ``compute``,
+``synchronize``, layer after layer, pass after pass. Layers live in library-owned host
+memory (``pipellm.empty``), so the pipellm mode can speculate on them safely.
+
+Scenarios (compute time per layer is set relative to E, the time one worker takes to
+encrypt one layer, measured at the start of the run):
+
+- ``compute-bound``: compute = 1.5 E. pipellm should be within 5% of plain; cc pays E
+  per layer on the critical path.
+- ``transfer-bound``: compute = 0.2 E. pipellm is bounded by the workers' encryption
+  throughput; reported against that bound.
+- ``always-wrong``: compute-bound, but the predictor always names layers that are never
+  requested (decoys): pipellm should be within 5% of cc.
+- ``mispredict``: compute-bound; a fraction of requests are irregular small transfers
+  the predictor cannot foresee: strict vs window IV order.
+
+Times are the emulated device's *modelled* time (wall time minus emulation stall; see
+``pipellm.devices.emulated``) over the passes after the first two (an online predictor
+learns the order in the first pass and the wrap-around to layer 0 at the start of the
+second); wall time is reported too.
+"""
+
+from __future__ import annotations
+
+import random
+from time import perf_counter
+
+import numpy as np
+
+import pipellm
+from pipellm.benchmarks.crypto import library_rate
+from pipellm.pipeline.speculative import default_workers
+from pipellm.predictors import Prediction, Predictor
+
+MiB = 1 << 20
+
+
+class AlwaysWrong(Predictor):
+    """Names decoy regions, never what comes next."""
+
+    name = "always-wrong"
+
+    def __init__(self, decoys: list[str], nbytes: int):
+        self.decoys, self.nbytes, self._i = decoys, nbytes, 0
+
+    def observe(self, event) -> None:
+        self._i += 1
+
+    def predict(self, k: int) -> list[Prediction]:
+        n = len(self.decoys)
+        return [Prediction(self.decoys[(self._i + j) % n], 0, self.nbytes) for j in range(min(k, n))]
+
+
+def _run(mode: str, layers: int, layer_bytes: int, passes: int, compute_us: float, *, predictor=None,
+         irregular: float = 0.0, iv_order: str = "strict", workers: int | None = None, seed: int = 0,
+         chunk_size: int = pipellm.pipeline.DEFAULT_CHUNK_SIZE, warmup: int = 2) -> dict:
+    rng = random.Random(seed)
+    data = np.random.default_rng(seed).integers(0, 256, layer_bytes, dtype=np.uint8)
+    with pipellm.Pipeline(device="emulated", mode=mode, predictor=None if mode != "pipellm" else predictor,
+                          workers=workers, depth_bytes=3 * layer_bytes + 8 * chunk_size, iv_order=iv_order,
+                          bounce_bytes=8 * chunk_size, chunk_size=chunk_size) as pipe:
+        regions = []
+        for i in range(layers):
+            host = pipellm.empty(layer_bytes, np.uint8)
+            host[:] = data
+            host[:8] = i
+            regions.append(pipe.register(host, name=f"layer{i}"))
+        if mode == "pipellm" and isinstance(pipe.predictor, AlwaysWrong):
+            decoys = [pipe.register(pipellm.array(data), name=f"decoy{i}") for i in range(layers)]
+            pipe.predictor.decoys = [d.name for d in decoys]
+        small = pipe.register(pipellm.empty(4096, np.uint8), name="small")
+        stream = pipe.stream()
+        pass_times, pass_modelled = [], []
+        irregular_count = 0
+        warm = {}
+        for p in range(passes):
+            if p == warmup:
+                warm = pipe.stats()
+            stall0 = pipe.stats()["emulation_stall_s"]
+            start = perf_counter()
+            for region in regions:
+                if irregular and rng.random() < irregular:
+                    pipe.to_device(small, stream=stream)  # a copy no rule foresees
+                    irregular_count += 1
+                pipe.to_device(region, stream=stream)
+                pipe.compute(compute_us, stream=stream)
+                pipe.synchronize(stream)
+            wall = perf_counter() - start
+            pass_times.append(wall)
+            pass_modelled.append(wall - (pipe.stats()["emulation_stall_s"] - stall0))
+        for region in regions:
+            assert np.array_equal(pipe.device.read(region.device_buffer), region.array)
+        stats = pipe.stats()
+    steady = slice(warmup, None) if passes > warmup else slice(None)
+    out = {"mode": mode, "time_s": sum(pass_modelled[steady]), "wall_s": sum(pass_times[steady]),
+           "first_pass_s": pass_modelled[0], "irregular_transfers": irregular_count}
+    if mode == "pipellm":
+        # counters over the measured passes only
+        out.update({k: stats[k] - warm.get(k, 0) for k in (
+            "hits", "misses", "nops", "skipped_messages", "relinquishes", "stale", "wasted_bytes",
+            "reencrypted_bytes", "stolen_chunks", "worker_busy_s", "hit_wait_s", "probes")})
+        out["hit_rate"] = out["hits"] / max(1, out["hits"] + out["misses"])
+        out["workers"], out["iv_order"] = stats["workers"], stats["iv_order"]
+    return out
+
+
+def _best(repeats: int, **kw) -> dict:
+    return min((_run(**kw) for _ in range(repeats)), key=lambda r: r["time_s"])
+
+
+def run(layers: int = 8, layer_bytes: int = 64 * MiB, passes: int = 6, repeats: int = 3,
+        workers: int | None = None, chunk_size: int = pipellm.pipeline.DEFAULT_CHUNK_SIZE,
+        progress=None, quick: bool = False) -> dict:
+    if quick:
+        layers, layer_bytes, passes, repeats = 4, 4 * MiB, 4, 1
+    workers = workers or default_workers()
+    data = memoryview(np.random.default_rng(1).integers(0, 256, layer_bytes, dtype=np.uint8))
+    # E: one worker encrypting one layer in the library's chunks (1 MiB)
+    rate = max(library_rate(data, chunk_size, 1, layer_bytes) for _ in range(3))
+    encrypt_us = layer_bytes / rate * 1e6
+    common = dict(layers=layers, layer_bytes=layer_bytes, passes=passes, workers=workers, chunk_size=chunk_size)
+    scenarios = {}
+
+    def tick():
+        if progress:
+            progress()
+
+    for name, factor in (("compute-bound", 1.5), ("transfer-bound", 0.2)):
+        rows = {}
+        for mode in ("plain", "cc", "pipellm"):
+            rows[mode] = _best(repeats, mode=mode, compute_us=factor * encrypt_us, predictor="sequence", **common)
+            tick()
+        scenarios[name] = {"compute_us": factor * encrypt_us, "modes": rows}
+    rows = {"cc": _best(repeats, mode="cc", compute_us=1.5 * encrypt_us, **common)}
+    tick()
+    rows["pipellm"] = _best(repeats, mode="pipellm", compute_us=1.5 * encrypt_us,
+                            predictor=AlwaysWrong([], layer_bytes), **common)
+    tick()
+    scenarios["always-wrong"] = {"compute_us": 1.5 * encrypt_us, "modes": rows}
+    rows = {"plain": _best(repeats, mode="plain", compute_us=1.5 * encrypt_us, irregular=0.2, **common),
+            "cc": _best(repeats, mode="cc", compute_us=1.5 * encrypt_us, irregular=0.2, **common)}
+    tick()
+    for order in ("strict", "window"):
+        rows[f"pipellm-{order}"] = _best(repeats, mode="pipellm", compute_us=1.5 * encrypt_us,
+                                         irregular=0.2, iv_order=order, predictor="sequence", **common)
+        tick()
+    scenarios["mispredict"] = {"compute_us": 1.5 * encrypt_us, "irregular_fraction": 0.2, "modes": rows}
+
+    cb, tb, aw, mp = (scenarios[k]["modes"] for k in ("compute-bound", "transfer-bound", "always-wrong", "mispredict"))
+    steady_layers = layers * (passes - 2 if passes > 2 else passes)
+    bound = steady_layers * layer_bytes / (rate * workers)
+    summary = {
+        "compute_bound_pipellm_over_plain": cb["pipellm"]["time_s"] / cb["plain"]["time_s"],
+        "compute_bound_cc_over_plain": cb["cc"]["time_s"] / cb["plain"]["time_s"],
+        "transfer_bound_pipellm_over_worker_bound": tb["pipellm"]["time_s"] / max(bound, steady_layers * (
+            scenarios["transfer-bound"]["compute_us"] * 1e-6)),
+        "transfer_bound_cc_over_plain": tb["cc"]["time_s"] / tb["plain"]["time_s"],
+        "always_wrong_pipellm_over_cc": aw["pipellm"]["time_s"] / aw["cc"]["time_s"],
+        "mispredict_strict_over_plain": mp["pipellm-strict"]["time_s"] / mp["plain"]["time_s"],
+        "mispredict_window_over_plain": mp["pipellm-window"]["time_s"] / mp["plain"]["time_s"],
+        "mispredict_hit_rate_strict": mp["pipellm-strict"]["hit_rate"],
+        "mispredict_hit_rate_window": mp["pipellm-window"]["hit_rate"],
+    }
+    return {"benchmark": "offload", "layers": layers, "layer_bytes": layer_bytes, "passes": passes,
+            "warmup_passes": 2, "chunk_size": chunk_size,
+            "repeats": repeats, "workers": workers, "encrypt_us_per_layer_1_worker": encrypt_us,
+            "worker_bound_s": bound, "scenarios": scenarios, "summary": summary}
+
+
+def points(quick: bool = False) -> int:
+    return 10
+
+
+def table(result: dict) -> str:
+    lines = [f"layer-sequential offload on the emulated device: {result['layers']} layers x "
+             f"{result['layer_bytes'] // MiB} MiB, {result['passes']} passes (first 2 excluded: learning), "
+             f"{result['chunk_size'] // 1024} KiB chunks, "
+             f"{result['workers']} worker(s); E = {result['encrypt_us_per_layer_1_worker']:.0f} us per layer "
+             f"on one worker; modelled time (wall minus emulation stall)"]
+    for name, sc in result["scenarios"].items():
+        lines.append(f"{name} (compute {sc['compute_us']:.0f} us/layer):")
+        base = sc["modes"].get("plain") or sc["modes"]["cc"]
+        for mode, r in sc["modes"].items():
+            extra = ""
+            if "hit_rate" in r:
+                extra = (f"  hit rate {r['hit_rate']:.2f}, NOPs {r['nops']}, relinquishes {r['relinquishes']}, "
+                         f"wasted {r['wasted_bytes'] / MiB:.0f} MiB")
+            lines.append(f"  {mode:>15}: {r['time_s'] * 1e3:8.1f} ms ({r['time_s'] / base['time_s']:.2f}x)"
+                         f"  wall {r['wall_s'] * 1e3:8.1f} ms{extra}")
+    for key, value in result["summary"].items():
+        lines.append(f"{key}: {value:.3f}")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["scenarios"])
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4))
+    for ax, name in zip(axes, names):
+        modes = result["scenarios"][name]["modes"]
+        ax.bar(list(modes), [r["time_s"] * 1e3 for r in modes.values()],
+               color=["tab:blue", "tab:red", "tab:green", "tab:olive"][:len(modes)])
+        ax.set_title(name)
+        ax.set_ylabel("modelled time, ms")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
