@@ -1,0 +1,304 @@
+"""The pipellm mode: hits, validation, relinquishing, window order, async d2h, faults."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import pipellm
+from pipellm import IntegrityError
+from pipellm.channel import shared_write_observers
+from pipellm.channel.protocol import Kind, unpack_header
+from pipellm.predictors import Prediction, Predictor
+from pipellm.testing import Adversary, IVLedger
+from conftest import TIMEOUT, make_pipe
+
+CHUNK = 4096
+
+
+def spec_pipe(**kw):
+    kw.setdefault("chunk_size", CHUNK)
+    kw.setdefault("depth_bytes", 64 * (CHUNK + 4096))
+    kw.setdefault("depth_messages", 48)
+    kw.setdefault("iv_window", 64)
+    return make_pipe("pipellm", **kw)
+
+
+def layers(pipe, n=4, nbytes=3 * CHUNK + 100, seed=0):
+    rng = np.random.default_rng(seed)
+    return [pipe.register(pipellm.array(rng.integers(0, 256, nbytes, dtype=np.uint8)), name=f"layer{i}")
+            for i in range(n)]
+
+
+def check_device(pipe, regions):
+    pipe.synchronize()
+    for r in regions:
+        assert np.array_equal(pipe.device.read(r.device_buffer), r.array), r.name
+
+
+@pytest.mark.parametrize("iv_order", ["strict", "window"])
+def test_repeating_order_hits_after_the_first_pass(iv_order):
+    with spec_pipe(iv_order=iv_order) as pipe:
+        regions = layers(pipe)
+        for _ in range(4):
+            for r in regions:
+                pipe.to_device(r)
+                pipe.synchronize()
+        check_device(pipe, regions)
+        s = pipe.stats()
+        # pass 1 learns, the first request of pass 2 is the wrap-around; the rest hit
+        assert s["hits"] == 4 * 4 - 5 and s["misses"] == 5
+        assert s["nops"] == 0 and s["relinquishes"] == 0 and s["stale"] == 0
+
+
+def test_a_write_after_speculation_is_never_sent_stale():
+    with spec_pipe() as pipe:
+        regions = layers(pipe)
+        for _ in range(2):
+            for r in regions:
+                pipe.to_device(r)
+        pipe.synchronize()
+        # layer0 is queued (encrypted ahead) now; change it with a plain numpy write
+        regions[0]._array[:50] = 0xAB
+        pipe.to_device(regions[0])
+        check_device(pipe, regions)
+        assert pipe.stats()["stale"] >= 1
+
+
+def test_explicit_regions_are_validated_by_their_writes():
+    with spec_pipe() as pipe:
+        arrays = [np.full(2 * CHUNK, i, np.uint8) for i in range(3)]
+        regions = [pipe.register(a, name=f"e{i}", tracking="explicit") for i, a in enumerate(arrays)]
+        for _ in range(2):
+            for r in regions:
+                pipe.to_device(r)
+        with regions[0].writing() as a:
+            a[:] = 77
+        pipe.to_device(regions[0])
+        check_device(pipe, regions)
+        assert pipe.stats()["stale"] >= 1
+
+
+def test_untracked_regions_are_never_speculated():
+    with spec_pipe() as pipe:
+        regions = [pipe.register(np.full(CHUNK, i, np.uint8)) for i in range(3)]
+        for _ in range(3):
+            for r in regions:
+                pipe.to_device(r)
+        check_device(pipe, regions)
+        s = pipe.stats()
+        assert s["hits"] == 0 and s["speculative_bytes"] == 0
+
+
+def test_strict_misprediction_skips_with_one_command_window_needs_none():
+    for iv_order, expect_nops in (("strict", True), ("window", False)):
+        with spec_pipe(iv_order=iv_order) as pipe:
+            regions = layers(pipe, n=6)
+            for _ in range(2):
+                for r in regions:
+                    pipe.to_device(r)
+            pipe.synchronize()
+            pipe.to_device(regions[3])          # the queue holds 0, 1, 2...: 3 is behind them
+            pipe.to_device(regions[0])
+            check_device(pipe, regions)
+            s = pipe.stats()
+            assert (s["nops"] > 0) == expect_nops, s
+            assert s["skipped_messages"] > 0 if expect_nops else s["skipped_messages"] == 0
+
+
+def test_ledger_sees_no_iv_reuse_with_rotation_under_speculation():
+    ledger = IVLedger()
+    with ledger.watch(), spec_pipe(rotate_after=7) as pipe:
+        regions = layers(pipe, n=5)
+        rng = np.random.default_rng(3)
+        for step in range(60):
+            r = regions[step % 5] if rng.random() < 0.7 else regions[rng.integers(5)]
+            pipe.to_device(r)
+            if rng.random() < 0.2:
+                r._array[rng.integers(r.nbytes)] ^= 1
+        check_device(pipe, regions)
+        assert pipe.stats()["key_rotations"] > 3
+    ledger.check()
+    assert ledger.writes > 60
+
+
+class Order(Predictor):
+    """Predicts a fixed list, for scripted scenarios."""
+
+    def __init__(self, names, nbytes):
+        self.names, self.nbytes = names, nbytes
+
+    def predict(self, k):
+        return [Prediction(n, 0, self.nbytes) for n in self.names[:k]]
+
+
+def test_a_worker_failure_falls_back_to_on_demand():
+    with spec_pipe() as pipe:
+        regions = layers(pipe, n=3)
+        sealer = pipe._engine.sealer
+        real = sealer.seal_into
+        failed = []
+
+        def flaky(ticket, kind, *args, **kw):
+            if kind == Kind.SPEC and not failed:
+                failed.append(ticket)
+                raise RuntimeError("injected worker failure")
+            return real(ticket, kind, *args, **kw)
+
+        sealer.seal_into = flaky
+        for _ in range(3):
+            for r in regions:
+                pipe.to_device(r)
+        check_device(pipe, regions)
+        assert failed and pipe.stats()["worker_errors"] == 1
+
+
+def test_async_device_to_host_lands_and_waits():
+    with spec_pipe() as pipe:
+        src = layers(pipe, n=1, nbytes=10 * CHUNK)[0]
+        dbuf = pipe.to_device(src)
+        sink = pipe.register(np.zeros(10 * CHUNK, np.uint8), name="sink")
+        transfer = pipe.to_host(dbuf, sink)
+        assert np.array_equal(sink.array, src.array)    # .array waits for it
+        transfer.wait(TIMEOUT)
+        pipe.synchronize()
+        s = pipe.stats()
+        assert s["bytes_d2h"] == 10 * CHUNK
+        assert 0 <= s["async_decrypted_bytes"] <= 10 * CHUNK
+
+
+def test_device_to_host_into_a_speculated_region_invalidates_it():
+    with spec_pipe() as pipe:
+        regions = layers(pipe, n=3)
+        for _ in range(2):
+            for r in regions:
+                pipe.to_device(r)
+        other = pipe.device.alloc(regions[0].nbytes)
+        pipe.to_device(regions[1], dst=other)            # other holds layer1's bytes
+        pipe.to_host(other, regions[0]).wait()           # layer0 on the host := layer1's bytes
+        pipe.to_device(regions[0])                       # must send the new bytes
+        pipe.synchronize()
+        assert np.array_equal(pipe.device.read(regions[0].device_buffer), regions[1].array)
+
+
+def test_authentication_failure_in_async_decryption_surfaces():
+    class FlipD2H(Adversary):
+        armed = False
+
+        def on_message(self, msg):
+            if self.armed and msg.direction == "d2h":
+                msg.payload[0] ^= 1
+            return [msg]
+
+    adv = FlipD2H()
+    with pipellm.open_device("emulated", adversary=adv) as dev:
+        pipe = spec_pipe(device=dev)
+        src = layers(pipe, n=1)[0]
+        dbuf = pipe.to_device(src)
+        sink = pipe.register(np.zeros(src.nbytes, np.uint8), name="sink")
+        adv.armed = True
+        transfer = pipe.to_host(dbuf, sink)
+        with pytest.raises(IntegrityError):
+            transfer.wait(TIMEOUT)
+        assert not sink._array.any()
+        with pytest.raises(pipellm.ChannelClosedError):
+            pipe.to_device(src)
+        pipe.close()
+
+
+def test_stolen_speculative_ciphertext_is_refused():
+    """An attacker reads an unrequested speculative message from shared memory and
+    delivers it: without a GO for it the device refuses it and writes nothing."""
+    stolen = []
+
+    def watch(msg, key_id, epoch, counter):
+        if unpack_header(msg.aad).kind == Kind.SPEC and not stolen:
+            stolen.append(msg.copy())
+
+    class Inject(Adversary):
+        armed = False
+
+        def on_message(self, msg):
+            if self.armed and msg.direction == "h2d" and stolen:
+                self.armed = False
+                return [stolen[0]]
+            return [msg]
+
+    for iv_order in ("strict", "window"):
+        stolen.clear()
+        adv = Inject()
+        shared_write_observers.append(watch)
+        try:
+            with pipellm.open_device("emulated", adversary=adv) as dev:
+                pipe = spec_pipe(device=dev, iv_order=iv_order)
+                regions = layers(pipe, n=3)
+                for r in regions:
+                    pipe.to_device(r)
+                pipe.to_device(regions[0])       # speculation starts after this
+                pipe.synchronize()
+                before = [pipe.device.read(r.device_buffer) for r in regions]
+                assert stolen
+                adv.armed = True
+                pipe.to_device(pipe.register(pipellm.empty(100, np.uint8), name="x"))  # on demand
+                with pytest.raises(IntegrityError):
+                    pipe.synchronize()
+                for r, b in zip(regions, before):
+                    assert np.array_equal(pipe.device.read(r.device_buffer), b)
+                pipe.close()
+        finally:
+            shared_write_observers.remove(watch)
+
+
+def test_threads_share_a_speculating_pipeline():
+    with spec_pipe(bounce_bytes=1 << 20) as pipe:
+        regions = layers(pipe, n=4)
+        sinks = [pipe.register(np.zeros(r.nbytes, np.uint8), name=f"sink{i}") for i, r in enumerate(regions)]
+        errors = []
+
+        def work(k):
+            try:
+                for i in range(30):
+                    r = regions[(i + k) % 4]
+                    stream = pipe.stream()
+                    dbuf = pipe.to_device(r, stream=stream)
+                    if i % 5 == 0:
+                        pipe.to_host(dbuf, sinks[k], stream=stream).wait(TIMEOUT)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads) and not errors, errors
+        check_device(pipe, regions)
+        for k, sink in enumerate(sinks):
+            assert any(np.array_equal(sink.array, r.array) for r in regions)
+
+
+def test_close_stops_workers():
+    pipe = spec_pipe(workers=3)
+    regions = layers(pipe)
+    for r in regions * 2:
+        pipe.to_device(r)
+    workers = pipe._engine._workers
+    assert all(t.is_alive() for t in workers)
+    pipe.close()
+    assert not any(t.is_alive() for t in workers)
+
+
+def test_predictor_by_name_and_instance():
+    with spec_pipe(predictor="none") as pipe:
+        regions = layers(pipe, n=2)
+        for r in regions * 3:
+            pipe.to_device(r)
+        assert pipe.stats()["hits"] == 0
+    with spec_pipe(predictor=Order(["layer1", "layer0"], 3 * CHUNK + 100)) as pipe:
+        regions = layers(pipe, n=2)
+        pipe.to_device(regions[1])
+        pipe.to_device(regions[0])
+        check_device(pipe, regions)
+        assert pipe.stats()["hits"] >= 1
+    with pytest.raises(pipellm.ArgumentError, match="unknown predictor 'psychic'"):
+        spec_pipe(predictor="psychic")

@@ -1,0 +1,127 @@
+"""Write tracking: page protection and the SIGSEGV handler, the explicit API, host memory."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import pipellm
+from pipellm._ext import writeguard as wg
+from conftest import make_pipe
+
+
+def guarded(nbytes=3 * 4096 + 100):
+    array = pipellm.empty(nbytes, np.uint8)
+    start = array.__array_interface__["data"][0]
+    return array, wg.acquire_entry(start, array.nbytes, True)
+
+
+def test_empty_is_page_aligned_zeroed_and_library_owned():
+    a = pipellm.empty((3, 5), dtype=np.float32)
+    assert a.shape == (3, 5) and a.dtype == np.float32 and not a.any()
+    assert a.__array_interface__["data"][0] % wg.PAGE_SIZE == 0
+    b = pipellm.array([[1, 2], [3, 4]], dtype=np.int16)
+    assert b.tolist() == [[1, 2], [3, 4]] and b.dtype == np.int16
+    with pytest.raises(pipellm.ArgumentError, match="at least one byte"):
+        pipellm.empty(0)
+
+
+def test_a_write_to_a_protected_region_is_caught_and_proceeds():
+    array, entry = guarded()
+    token = wg.protect(entry)
+    assert token & 1 and wg.state(entry) == token
+    faults = wg.fault_count()
+    array[5] = 7                                   # faults once, is recorded, lands
+    assert array[5] == 7 and wg.state(entry) != token
+    assert wg.fault_count() == faults + 1
+    array[6] = 8                                   # unprotected now: no more faults
+    assert wg.fault_count() == faults + 1
+    wg.release_entry(entry)
+
+
+def test_writes_from_other_threads_are_caught():
+    array, entry = guarded()
+    token = wg.protect(entry)
+    t = threading.Thread(target=lambda: array.__setitem__(slice(8192, 8200), 3))
+    t.start()
+    t.join()
+    assert (array[8192:8200] == 3).all() and wg.state(entry) != token
+    wg.release_entry(entry)
+
+
+def test_kernel_writes_get_efault_unless_marked():
+    array, entry = guarded()
+    wg.protect(entry)
+    r, w = os.pipe()
+    os.write(w, b"abc")
+    with pytest.raises(OSError) as info:
+        os.readv(r, [memoryview(array)[:3]])
+    assert info.value.errno == 14  # EFAULT: the kernel does not fault, it refuses
+    before = wg.state(entry)
+    wg.mark_written(entry)
+    assert os.readv(r, [memoryview(array)[:3]]) == 3 and bytes(array[:3]) == b"abc"
+    assert wg.state(entry) != before
+    wg.release_entry(entry)
+
+
+def test_region_writing_and_mark_dirty_change_the_token():
+    with make_pipe("pipellm") as pipe:
+        protected = pipe.register(pipellm.empty(10_000, np.uint8))
+        explicit = pipe.register(np.zeros(10_000, np.uint8), tracking="explicit")
+        untracked = pipe.register(np.zeros(10_000, np.uint8))
+        assert (protected.tracking, explicit.tracking, untracked.tracking) == ("protect", "explicit", "none")
+        assert untracked.token() is None and not untracked.unchanged_since(None)
+        for region in (protected, explicit):
+            token = region.token()
+            assert region.unchanged_since(token)
+            with region.writing() as arr:
+                arr[:4] = 1
+            assert not region.unchanged_since(token)
+            token = region.token()
+            region.mark_dirty()
+            assert not region.unchanged_since(token)
+        token = protected.token()
+        protected.array[0] = 9    # a plain numpy write, caught by the fault handler
+        assert not protected.unchanged_since(token)
+
+
+def test_protect_needs_library_memory():
+    with make_pipe("pipellm") as pipe:
+        with pytest.raises(pipellm.ArgumentError, match="library-owned memory"):
+            pipe.register(np.zeros(100, np.uint8), tracking="protect")
+        with pytest.raises(pipellm.ArgumentError, match="tracking must be one of"):
+            pipe.register(np.zeros(100, np.uint8), tracking="sometimes")
+
+
+def test_unregister_makes_pages_writable_again():
+    with make_pipe("pipellm") as pipe:
+        region = pipe.register(pipellm.empty(10_000, np.uint8))
+        r, w = os.pipe()
+        os.write(w, b"xyz")
+        pipe.unregister(region)
+        assert os.readv(r, [memoryview(region._array)[:3]]) == 3  # no EFAULT: unprotected
+
+
+def test_real_segfaults_still_crash_with_faulthandler():
+    """Our handler passes faults that are not ours to the previous handler."""
+    code = textwrap.dedent("""
+        import faulthandler, ctypes, numpy as np
+        faulthandler.enable()
+        from pipellm._ext import writeguard as wg
+        import pipellm
+        a = pipellm.empty(4096, np.uint8)
+        e = wg.acquire_entry(a.__array_interface__["data"][0], a.nbytes, True)
+        wg.protect(e); a[0] = 1                      # ours: handled
+        print("handled", flush=True)
+        faulthandler.enable()                         # replaces our handler...
+        wg.protect(e); a[0] = 2                      # ...which protect() puts back
+        print("handled again", flush=True)
+        ctypes.string_at(16)                          # not ours: a real crash
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split("\n")[:2] == ["handled", "handled again"]
+    assert out.returncode != 0 and "Segmentation fault" in out.stderr
