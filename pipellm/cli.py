@@ -35,23 +35,28 @@ def _info(args) -> int:
     return 0
 
 
-BENCHES = ("crypto", "transfer")
+BENCHES = ("crypto", "transfer", "offload")
 
 
 def _bench_module(name: str):
-    from .benchmarks import crypto, transfer
-    return {"crypto": crypto, "transfer": transfer}[name]
+    from .benchmarks import crypto, offload, transfer
+    return {"crypto": crypto, "transfer": transfer, "offload": offload}[name]
 
 
 def _run_bench(name: str, args) -> dict:
     module = _bench_module(name)
     kwargs = {"repeats": args.repeats}
-    if args.quick:
-        kwargs["sizes"] = module.QUICK_SIZES
-    if name == "crypto":
+    if name == "offload":
+        kwargs.update(quick=args.quick, workers=args.workers)
+        total = module.points(args.quick)
+    elif name == "crypto":
+        if args.quick:
+            kwargs["sizes"] = module.QUICK_SIZES
         kwargs["max_workers"] = args.workers
         total = module.points(kwargs.get("sizes"), args.workers)
     else:
+        if args.quick:
+            kwargs["sizes"] = module.QUICK_SIZES
         total = module.points(kwargs.get("sizes"), args.repeats)
     with tqdm(total=total, desc=f"bench {name}", unit="point", disable=args.no_progress,
               file=sys.stderr, leave=False) as bar:
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(run=_info)
 
-    bench = sub.add_parser("bench", help="run benchmarks (crypto, transfer, or all)")
+    bench = sub.add_parser("bench", help="run benchmarks (crypto, transfer, offload, or all)")
     bench.add_argument("which", nargs="?", choices=(*BENCHES, "all"), default="all")
     bench.add_argument("--json", action="store_true", help="print results as JSON instead of a table")
     bench.add_argument("--out", metavar="FILE", help="write the results as JSON to FILE")
@@ -112,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="with 'all': write DIR/<bench>.json and DIR/<bench>.png")
     bench.add_argument("--quick", action="store_true", help="a few sizes only (a smoke run)")
     bench.add_argument("--repeats", type=int, default=3, help="runs per point; the best counts (default 3)")
-    bench.add_argument("--workers", type=int, default=None, help="crypto: most worker threads (default: cores)")
+    bench.add_argument("--workers", type=int, default=None,
+                       help="crypto: most worker threads (default: cores); offload: pipellm workers (default: cores - 1)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(run=_bench)
 

@@ -48,3 +48,11 @@ def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_bench_offload_quick():
+    result = json.loads(run("bench", "offload", "--quick", "--json", "--no-progress"))
+    assert set(result["scenarios"]) == {"compute-bound", "transfer-bound", "always-wrong", "mispredict"}
+    cb = result["scenarios"]["compute-bound"]["modes"]
+    assert set(cb) == {"plain", "cc", "pipellm"} and cb["pipellm"]["hit_rate"] > 0.9
+    assert result["summary"]["hit_path_us_per_message_1_chunk"] > 0

@@ -178,7 +178,7 @@ class Pipeline:
         """
         self._check()
         region = check_region(self, region)
-        offset, nbytes = check_span(f"region {region.name!r}", region.nbytes, offset, nbytes)
+        offset, nbytes = check_span(region, region.nbytes, offset, nbytes)
         stream = self.device.check_stream(stream)
         if dst is None:
             if dst_offset is not None:
@@ -201,7 +201,7 @@ class Pipeline:
         region = check_region(self, region)
         if region.readonly:
             raise ArgumentError(f"{region!r} is read-only; device-to-host transfers need a writable array")
-        offset, nbytes = check_span(f"region {region.name!r}", region.nbytes, offset, nbytes)
+        offset, nbytes = check_span(region, region.nbytes, offset, nbytes)
         src_offset = check_int("src_offset", src_offset)
         if src_offset + nbytes > src.nbytes:
             raise ArgumentError(f"{nbytes} bytes at src_offset {src_offset} are out of range of {src!r}")

@@ -114,7 +114,7 @@ class SpeculativeEngine(CCEngine):
 
     # -- host to device ----------------------------------------------------------------------
     def to_device(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
-        key = (region.id, offset, nbytes)
+        key = (region.name, offset, nbytes)  # the same tuple as the predictor's Prediction
         with self._h2d_lock:
             speculating = bool(self._items)
             item = self._claim(key)
@@ -254,16 +254,19 @@ class SpeculativeEngine(CCEngine):
                 return
             limit = 1
             self.counts["probes"] += 1
+        else:
+            # each request consumes about one queued item: look a little past the queue
+            limit = min(limit, len(self._items) + 4)
         predictions = self.predictor.predict(limit)[:limit]
-        chunk_size = self.chunk_size
+        chunk_size, by_key = self.chunk_size, self._by_key
         for p in predictions:
+            if p in by_key:
+                continue
             region = self._regions.get(p.region)
             if region is None or region.guard is None or p.nbytes <= 0 or p.offset < 0 \
                     or p.offset + p.nbytes > region.nbytes:
                 continue
-            key = (region.id, p.offset, p.nbytes)
-            if key in self._by_key:
-                continue
+            key = (p.region, p.offset, p.nbytes)
             n = -(-p.nbytes // chunk_size)
             if self._queued_messages + n + 1 > self.depth_messages:
                 break
