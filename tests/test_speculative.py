@@ -43,7 +43,7 @@ def test_repeating_order_hits_after_the_first_pass(iv_order):
         for _ in range(4):
             for r in regions:
                 pipe.to_device(r)
-                pipe.synchronize()
+                pipe.wait_speculation()  # planning is asynchronous: let it happen
         check_device(pipe, regions)
         s = pipe.stats()
         # pass 1 learns, the first request of pass 2 is the wrap-around; the rest hit
@@ -58,6 +58,7 @@ def test_a_write_after_speculation_is_never_sent_stale():
             for r in regions:
                 pipe.to_device(r)
         pipe.synchronize()
+        pipe.wait_speculation()
         # layer0 is queued (encrypted ahead) now; change it with a plain numpy write
         regions[0]._array[:50] = 0xAB
         pipe.to_device(regions[0])
@@ -72,6 +73,7 @@ def test_explicit_regions_are_validated_by_their_writes():
         for _ in range(2):
             for r in regions:
                 pipe.to_device(r)
+        pipe.wait_speculation()
         with regions[0].writing() as a:
             a[:] = 77
         pipe.to_device(regions[0])
@@ -98,6 +100,7 @@ def test_strict_misprediction_skips_with_one_command_window_needs_none():
                 for r in regions:
                     pipe.to_device(r)
             pipe.synchronize()
+            pipe.wait_speculation()
             pipe.to_device(regions[3])          # the queue holds 0, 1, 2...: 3 is behind them
             pipe.to_device(regions[0])
             check_device(pipe, regions)
@@ -149,6 +152,7 @@ def test_a_worker_failure_falls_back_to_on_demand():
         for _ in range(3):
             for r in regions:
                 pipe.to_device(r)
+                pipe.wait_speculation()
         check_device(pipe, regions)
         assert failed and pipe.stats()["worker_errors"] == 1
 
@@ -236,6 +240,7 @@ def test_stolen_speculative_ciphertext_is_refused():
                     pipe.to_device(r)
                 pipe.to_device(regions[0])       # speculation starts after this
                 pipe.synchronize()
+                pipe.wait_speculation()
                 before = [pipe.device.read(r.device_buffer) for r in regions]
                 assert stolen
                 adv.armed = True
@@ -297,6 +302,7 @@ def test_predictor_by_name_and_instance():
     with spec_pipe(predictor=Order(["layer1", "layer0"], 3 * CHUNK + 100)) as pipe:
         regions = layers(pipe, n=2)
         pipe.to_device(regions[1])
+        pipe.wait_speculation()
         pipe.to_device(regions[0])
         check_device(pipe, regions)
         assert pipe.stats()["hits"] >= 1

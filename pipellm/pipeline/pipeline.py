@@ -10,7 +10,7 @@ import numpy as np
 
 from ..channel.protocol import DEFAULT_ROTATE_AFTER, check_rotate_after
 from ..devices import Device, DeviceBuffer, Stream, open_device
-from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, IntegrityError
+from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, IntegrityError, TransferTimeoutError
 from .cc import CCEngine
 from .plain import PlainEngine
 from .speculative import SpeculativeEngine, default_workers
@@ -212,6 +212,14 @@ class Pipeline:
         """Device work of ``us`` microseconds on ``stream`` (modelled on the emulated device)."""
         self._check()
         self.device.compute(us, stream=self.device.check_stream(stream))
+
+    def wait_speculation(self, timeout: float | None = None) -> None:
+        """``pipellm`` mode: block until the workers have planned and encrypted everything
+        the predictor named so far (for tests and benchmarks; requests never need it)."""
+        self._check()
+        wait = getattr(self._engine, "wait_speculation", None)
+        if wait is not None and not wait(self.timeout if timeout is None else timeout):
+            raise TransferTimeoutError(f"speculation did not settle within {timeout} s")
 
     def stream(self) -> Stream:
         """A new device stream."""

@@ -38,10 +38,16 @@ from .cc import CCEngine, make_pool, slot_bytes_for
 PENDING, ENCRYPTING, READY, FAILED = range(4)
 #: adaptive speculation: a moving average of hits (weight of the newest request), the
 #: level below which speculation is throttled, and how often a throttled pipeline probes
+#: (the interval doubles after each failed probe, up to PROBE_MAX requests)
 ACCURACY_ALPHA = 0.125
 ACCURACY_FLOOR = 0.25
 PROBE_EVERY = 16
-_RECEIVE = object()  # worker task: receive the oldest device-to-host chunk
+PROBE_MAX = 1024
+#: plan the next speculation on the requesting thread when fewer items than this are
+#: queued (back-to-back requests would outrun a worker); otherwise a worker plans
+INLINE_PLANNING_BELOW = 2
+_RECEIVE = object()    # worker task: receive the oldest device-to-host chunk
+_REPLENISH = object()  # worker task: ask the predictor and queue new speculation
 
 
 class _Chunk:
@@ -99,12 +105,15 @@ class SpeculativeEngine(CCEngine):
         self._go_tickets: dict[int, object] = {}       # GO indices reserved, never sealed
         self._dropped: OrderedDict[tuple, int] = OrderedDict()  # keys whose speculation was lost
         self._stopping = False
+        self._replenish_pending = False
         self.counts = dict.fromkeys(
             ("hits", "misses", "stale", "nops", "skipped_messages", "relinquishes", "reencrypted_bytes",
              "wasted_bytes", "speculative_bytes", "stolen_chunks", "worker_errors", "async_decrypted_bytes",
              "expired", "probes"), 0)
         self._accuracy = 1.0   # recent hit ratio of requests that met queued speculation
         self._requests = 0
+        self._probe_every = PROBE_EVERY
+        self._next_probe = 0
         self.worker_busy_s = 0.0
         self.hit_wait_s = 0.0  # requests waiting for a worker to finish their chunks
         self._workers = [threading.Thread(target=self._work, name=f"pipellm-worker-{i}", daemon=True)
@@ -120,22 +129,30 @@ class SpeculativeEngine(CCEngine):
             item = self._claim(key)
             if speculating:
                 self._accuracy += ACCURACY_ALPHA * ((item is not None) - self._accuracy)
+                if item is not None:
+                    self._probe_every = PROBE_EVERY
             self._requests += 1
             self.predictor.observe(TransferEvent(region.name, offset, nbytes, "h2d", stream.id, perf_counter()))
             if item is not None:
                 self._skip_to(item.go.index)
-                # Queue the next speculation first: the workers start on it at once, and
-                # the device starts on this transfer only once the host thread is done.
-                self._replenish()
                 self._send_item(item, dst, dst_offset, stream)
             else:
                 self.counts["misses"] += 1
                 if key in self._dropped:
                     self.counts["reencrypted_bytes"] += self._dropped.pop(key)
                 self._send_on_demand(region, offset, nbytes, dst, dst_offset, stream)
-                self._replenish()  # after: on-demand data must precede newly reserved indices
             self.transfers[0] += 1
             self.bytes[0] += nbytes
+            if len(self._items) < INLINE_PLANNING_BELOW:
+                self._replenish()  # the queue runs dry (bursts): plan now
+                return
+        # Planning the next speculation is a worker's job, off the requesting thread; it
+        # takes the h2d lock, so it comes after this request (and its on-demand data).
+        with self._cond:
+            if not self._replenish_pending:
+                self._replenish_pending = True
+                self._tasks.appendleft(_REPLENISH)
+                self._cond.notify()
 
     def _claim(self, key) -> _Item | None:
         """The queued item for ``key`` if it can be sent; drops what the request makes useless."""
@@ -249,9 +266,12 @@ class SpeculativeEngine(CCEngine):
         limit = self.lookahead
         if self._accuracy < ACCURACY_FLOOR:
             # the predictor has been wrong lately: keep the workers (and the CPU) free for
-            # on-demand work, and probe with one item now and then to notice a recovery
-            if self._requests % PROBE_EVERY:
+            # on-demand work, and probe with one item now and then to notice a recovery;
+            # each probe that fails doubles the wait for the next one
+            if self._requests < self._next_probe:
                 return
+            self._probe_every = min(self._probe_every * 2, PROBE_MAX)
+            self._next_probe = self._requests + self._probe_every
             limit = 1
             self.counts["probes"] += 1
         else:
@@ -341,7 +361,9 @@ class SpeculativeEngine(CCEngine):
                 if self._stopping:
                     return
                 task = self._tasks.popleft()
-                if task is not _RECEIVE:
+                if task is _REPLENISH:
+                    self._replenish_pending = False
+                elif task is not _RECEIVE:
                     item, chunk = task
                     if chunk is None:  # the GO command, ahead, into private memory
                         if item.dead or item.claimed:
@@ -355,7 +377,12 @@ class SpeculativeEngine(CCEngine):
                     else:
                         chunk.state = ENCRYPTING
             start = perf_counter()
-            if task is _RECEIVE:
+            if task is _REPLENISH:
+                with self._h2d_lock:
+                    self._replenish()
+                with self._cond:
+                    self._cond.notify_all()
+            elif task is _RECEIVE:
                 self._receive_async()
             elif chunk is None:
                 self._seal_go_ahead(item)
@@ -398,6 +425,13 @@ class SpeculativeEngine(CCEngine):
         with self._cond:
             item.go_private, item.go_busy = msg, False
             self._cond.notify_all()
+
+    def wait_speculation(self, timeout=None) -> bool:
+        """Block until the workers have nothing left to do (planning and encryption)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._tasks and not self._replenish_pending and
+                                       not any(c.state == ENCRYPTING for i in self._items for c in i.chunks),
+                                       timeout)
 
     # -- device to host: decrypted in the background --------------------------------------------
     def delivered(self, msg) -> None:
