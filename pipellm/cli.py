@@ -48,7 +48,7 @@ def _run_bench(name: str, args) -> dict:
     kwargs = {"repeats": args.repeats}
     if name == "offload":
         kwargs.update(quick=args.quick, workers=args.workers)
-        total = module.points(args.quick)
+        total = module.points(args.quick, args.repeats)
     elif name == "crypto":
         if args.quick:
             kwargs["sizes"] = module.QUICK_SIZES

@@ -41,7 +41,11 @@ class Pipeline:
 
     ``mode="plain"``: no encryption (the non-CC baseline). ``mode="cc"``: every transfer
     is encrypted on demand on the calling thread, as the vanilla CC driver does.
-    (``"pipellm"``, speculative pipelined encryption, comes in a later version.)
+    ``mode="pipellm"`` (the default): speculative pipelined encryption; ``predictor``
+    (a name or a :class:`pipellm.predictors.Predictor`, default ``"sequence"``) names the
+    next transfers and ``workers`` threads encrypt them ahead, up to ``depth_bytes`` /
+    ``depth_messages``; ``iv_order="window"`` lets the device accept unused IVs within
+    ``iv_window`` so mispredictions cost only wasted encryption.
 
     >>> import numpy as np, pipellm
     >>> with pipellm.Pipeline(device="emulated", mode="cc") as pipe:

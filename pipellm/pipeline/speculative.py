@@ -143,6 +143,8 @@ class SpeculativeEngine(CCEngine):
                 self._send_on_demand(region, offset, nbytes, dst, dst_offset, stream)
             self.transfers[0] += 1
             self.bytes[0] += nbytes
+            if self._accuracy < ACCURACY_FLOOR and self._requests < self._next_probe:
+                return  # throttled: nothing to plan until the next probe
             if len(self._items) < INLINE_PLANNING_BELOW:
                 self._replenish()  # the queue runs dry (bursts): plan now
                 return
