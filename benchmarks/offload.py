@@ -245,8 +245,9 @@ def plot(result: dict, path: str) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4))
     for ax, name in zip(axes, names):
         modes = result["scenarios"][name]["modes"]
-        ax.bar(list(modes), [r["time_s"] * 1e3 for r in modes.values()],
-               color=["tab:blue", "tab:red", "tab:green", "tab:olive"][:len(modes)])
+        colors = {"plain": "tab:blue", "cc": "tab:red", "pipellm": "tab:green", "pipellm-strict": "tab:green",
+                  "pipellm-window": "tab:olive"}
+        ax.bar(list(modes), [r["time_s"] * 1e3 for r in modes.values()], color=[colors[m] for m in modes])
         ax.set_title(name)
         ax.set_ylabel("modelled time, ms")
         ax.tick_params(axis="x", rotation=30)
