@@ -63,13 +63,14 @@ class _Item:
     """One predicted transfer in the pipeline."""
 
     __slots__ = ("key", "region", "offset", "nbytes", "token", "go", "chunks", "dead", "claimed",
-                 "go_dst", "go_private", "go_busy")
+                 "failed", "go_dst", "go_private", "go_busy")
 
     def __init__(self, key, region, offset, nbytes, token, go, chunks, go_dst):
         self.key, self.region, self.offset, self.nbytes = key, region, offset, nbytes
         self.token, self.go, self.chunks = token, go, chunks
         self.dead = False     # dropped: its chunks are released once no worker is on them
         self.claimed = False  # requested: being sent
+        self.failed = False   # a chunk could not be sealed (stale region, worker error)
         # The GO command for the likely destination (the region's own device copy),
         # sealed ahead by a worker into private memory, where it may still be replaced.
         self.go_dst, self.go_private, self.go_busy = go_dst, None, False
@@ -163,7 +164,7 @@ class SpeculativeEngine(CCEngine):
             item = self._by_key.get(key)
             if item is None:
                 return None
-            if not item.region.unchanged_since(item.token) or any(c.state == FAILED for c in item.chunks):
+            if not item.region.unchanged_since(item.token) or item.failed:
                 self.counts["stale"] += 1
                 self._drop(item)
                 return None
@@ -203,35 +204,41 @@ class SpeculativeEngine(CCEngine):
     def _send_item(self, item: _Item, dst, dst_offset, stream) -> None:
         with self._cond:
             waiting = [c for c in item.chunks if c.state != READY]
+            while item.go_busy:  # a worker is sealing the GO ahead: it takes microseconds
+                self._cond.wait()
+            private = item.go_private if item.go_dst == (dst.id, dst_offset) else None
         for chunk in waiting:
             self._ensure_ready(item, chunk)
-        if any(c.state != READY for c in item.chunks):  # a worker failed on it: fall back
+        chunks = item.chunks
+        if waiting and any(c.state != READY for c in waiting):  # a worker failed on it: fall back
             with self._cond:
                 self.counts["stale"] += 1
                 item.dead = True
-                for chunk in item.chunks:
+                for chunk in chunks:
                     self._release(chunk)
             self.counts["misses"] += 1
             self._send_on_demand(item.region, item.offset, item.nbytes, dst, dst_offset, stream)
             return
         self.counts["hits"] += 1
         go = self._go_tickets.pop(item.go.index)
-        with self._cond:
-            self._cond.wait_for(lambda: not item.go_busy)
-            private = item.go_private if item.go_dst == (dst.id, dst_offset) else None
         slot = self.cmd_pool.acquire(self.timeout)
         if private is not None:
             go_msg = self.sealer.expose(go, private, slot.view(len(private.payload)))
         else:
-            body = GO_BODY.pack(dst.id, dst_offset, len(item.chunks), item.nbytes)
+            body = GO_BODY.pack(dst.id, dst_offset, len(chunks), item.nbytes)
             go_msg = self.sealer.seal_into(go, Kind.GO, 0, 0, body, slot.view(len(body) + TAG_BYTES))
-        op = self.device.submit_messages(stream, self.session, [go_msg] + [c.msg for c in item.chunks])
-        self.cmd_pool.retire(slot, op)
-        self.spec_pool.retire_many([c.slot for c in item.chunks], op)
-        for chunk in item.chunks:
+        msgs = [go_msg]
+        slots = []
+        for chunk in chunks:
+            msgs.append(chunk.msg)
+            slots.append(chunk.slot)
             chunk.slot = None
-        last = item.chunks[-1].ticket.index
-        self._high = max(self._high, last)
+        op = self.device.submit_messages(stream, self.session, msgs)
+        self.cmd_pool.retire(slot, op)
+        self.spec_pool.retire_many(slots, op)
+        last = chunks[-1].ticket.index
+        if last > self._high:
+            self._high = last
         if not self.window:
             self._expect = last + 1
 
@@ -409,6 +416,8 @@ class SpeculativeEngine(CCEngine):
                 self.counts["worker_errors"] += 1
         with self._cond:
             chunk.msg, chunk.state = msg, state
+            if state == FAILED:
+                item.failed = True
             if state == READY:
                 self.counts["speculative_bytes"] += chunk.nbytes
             if item.dead:
