@@ -13,10 +13,11 @@ from importlib.metadata import entry_points
 from pipellm.errors import ArgumentError, ArgumentTypeError
 
 from .base import Prediction, Predictor, TransferEvent
+from .oracle import OraclePredictor
 from .simple import NonePredictor, SequencePredictor
 
 GROUP = "pipellm.predictors"
-BUILTIN = {"none": NonePredictor, "sequence": SequencePredictor}
+BUILTIN = {"none": NonePredictor, "sequence": SequencePredictor, "oracle": OraclePredictor}
 
 
 def available() -> dict[str, str]:
@@ -58,5 +59,5 @@ def get(predictor, **options) -> Predictor:
     return cls(**options)
 
 
-__all__ = ["GROUP", "NonePredictor", "Prediction", "Predictor", "SequencePredictor", "TransferEvent",
+__all__ = ["GROUP", "NonePredictor", "OraclePredictor", "Prediction", "Predictor", "SequencePredictor", "TransferEvent",
            "available", "get"]

@@ -391,6 +391,17 @@ class EmulatedDevice(Device):
         finally:
             self._running.set()
 
+    @contextmanager
+    def clock_held(self):
+        """The device clock stands still (and host workers are held at the gate) inside:
+        for tools whose own work must not count as modelled time (the trace replayer's
+        bookkeeping). Counted with the emulation stall."""
+        self._stall(begin=True)
+        try:
+            yield
+        finally:
+            self._stall(begin=False)
+
     def _stall(self, begin: bool) -> None:
         """A host thread starts / stops waiting only because the emulator lags the model.
         While any does, the device clock stands still and the gate is shut, so host

@@ -184,6 +184,8 @@ class Pipeline:
         region = check_region(self, region)
         offset, nbytes = check_span(region, region.nbytes, offset, nbytes)
         stream = self.device.check_stream(stream)
+        if region.incoming is not None:
+            region.wait()  # an earlier device-to-host transfer into it lands first
         if dst is None:
             if dst_offset is not None:
                 raise ArgumentError("dst_offset needs dst; without dst the region's own device copy is used")

@@ -16,12 +16,13 @@ class PlainEngine:
         self.bytes = [0, 0]
 
     def to_device(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
-        self.device.submit_copy_in(stream, region.view[offset:offset + nbytes], dst, dst_offset)
+        region.outgoing = self.device.submit_copy_in(stream, region.view[offset:offset + nbytes], dst, dst_offset)
         self.transfers[0] += 1
         self.bytes[0] += nbytes
 
     def to_host(self, src, src_offset, region, offset, nbytes, stream) -> Transfer:
         op = self.device.submit_copy_out(stream, src, src_offset, region.view[offset:offset + nbytes])
+        region.incoming = op
         self.transfers[1] += 1
         self.bytes[1] += nbytes
         timeout = self.timeout

@@ -32,7 +32,7 @@ class Region:
     """
 
     __slots__ = ("name", "id", "_array", "view", "nbytes", "dtype", "shape", "readonly",
-                 "owner", "device_buffer", "registered", "tracking", "guard", "incoming")
+                 "owner", "device_buffer", "registered", "tracking", "guard", "incoming", "outgoing")
 
     def __init__(self, owner, id: int, name: str, array: np.ndarray, tracking: str):
         self.owner, self.id, self.name = owner, id, name
@@ -48,6 +48,7 @@ class Region:
         self.guard = None if tracking == "none" else writeguard.acquire_entry(
             self.view_address(), self.nbytes, tracking == "protect")
         self.incoming = None  # the last pending device-to-host chunk into this region
+        self.outgoing = None  # plain mode: the last copy still reading this region
 
     def view_address(self) -> int:
         return self._array.__array_interface__["data"][0]
@@ -65,8 +66,11 @@ class Region:
     def wait(self, timeout: float | None = None) -> None:
         """Block until device-to-host transfers into this region have landed."""
         incoming = self.incoming
-        if incoming is not None and not incoming.done():
-            incoming.wait(timeout)
+        if incoming is not None:
+            if not incoming.done():
+                incoming.wait(timeout)
+            if self.incoming is incoming:
+                self.incoming = None
 
     # -- write tracking ------------------------------------------------------------------
     def token(self):
@@ -87,10 +91,21 @@ class Region:
         if self.guard is not None:
             writeguard.mark_written(self.guard)
 
+    def wait_outgoing(self, timeout: float | None = None) -> None:
+        """Block until no plain-mode copy is still reading this region (``cc`` and
+        ``pipellm`` copy at request time, so they never need it)."""
+        outgoing = self.outgoing
+        if outgoing is not None:
+            outgoing.wait(timeout)
+            self.outgoing = None
+
     @contextmanager
     def writing(self):
         """``with region.writing(): ...`` around writes the library cannot see (kernel I/O,
-        DMA, untracked memory): the pages are writable inside and the write is recorded."""
+        DMA, untracked memory): transfers still reading or filling the region finish
+        first, the pages are writable inside, and the write is recorded."""
+        self.wait()
+        self.wait_outgoing()
         self.mark_dirty()
         try:
             yield self._array

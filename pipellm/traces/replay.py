@@ -1,0 +1,154 @@
+"""Replay a trace through the public ``Pipeline`` on the emulated device.
+
+Records run in file order on one host thread. Regions live in library-owned memory
+(``pipellm.empty``) filled with a per-region pattern, so the pipellm mode may speculate
+on them and every transfer can be verified: the replayer keeps a model of what each
+device copy must hold (the host bytes at the time of each transfer) and compares at the
+end (and when a region is freed). ``write`` records change the host bytes with plain
+numpy writes (the pipellm mode's fault handler sees them).
+
+Time is the emulated device's modelled time: wall time minus emulation stall; the
+replayer's own bookkeeping (allocating regions, copying transferred bytes into its model)
+runs with the device clock held, so it is not counted either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from time import perf_counter
+
+import numpy as np
+
+from .. import hostmem
+from ..devices import open_device
+from ..pipeline import Pipeline
+from .format import Trace
+
+#: pipellm stats copied into each result
+SPEC_STATS = ("hits", "misses", "nops", "skipped_messages", "relinquishes", "stale", "reencrypted_bytes",
+              "wasted_bytes", "stolen_chunks", "probes")
+
+
+_PATTERN = (np.arange(1 << 16, dtype=np.uint32) * 2654435761 >> 13).astype(np.uint8)
+
+
+def _fill(nbytes: int, salt: int) -> np.ndarray:
+    """Library-owned host memory holding a position- and region-dependent pattern."""
+    host = hostmem.empty(nbytes, np.uint8)
+    step = len(_PATTERN)
+    for start in range(0, nbytes, step):
+        span = host[start:start + step]
+        np.add(_PATTERN[:len(span)], salt, out=span)
+    return host
+
+
+def _predictor(name, trace: Trace):
+    if name == "oracle":
+        from ..predictors import OraclePredictor
+        return OraclePredictor(future=[(r.region, r.offset, r.nbytes) for r in trace.transfers("h2d")])
+    return name
+
+
+def replay(trace: Trace, mode: str, predictor=None, **options) -> dict:
+    """Replay ``trace`` in ``mode``; options go to :class:`pipellm.Pipeline` (and
+    ``link`` to the emulated device). Returns the result row."""
+    link = options.pop("link", None)
+    device = open_device("emulated", **({"link": link} if link is not None else {}))
+    label = predictor if isinstance(predictor, str) or predictor is None else getattr(predictor, "name", "custom")
+    if mode == "pipellm":
+        predictor = _predictor(predictor or "sequence", trace)
+        label = label or "sequence"
+    else:
+        predictor, label = None, "-"
+    try:
+        with Pipeline(device=device, mode=mode, predictor=predictor, **options) as pipe:
+            result = _run(pipe, trace)
+    finally:
+        device.close()
+    result.update(trace=trace.source, workload=trace.workload, mode=mode, predictor=label)
+    return result
+
+
+def _run(pipe: Pipeline, trace: Trace) -> dict:
+    regions, model, streams = {}, {}, {}
+    verified = True
+
+    def stream(s):
+        if s not in streams:
+            streams[s] = pipe.device.default_stream if s == 0 else pipe.stream()
+        return streams[s]
+
+    def check(rid) -> bool:
+        r = regions[rid]
+        return r.device_buffer is None or np.array_equal(pipe.device.read(r.device_buffer), model[rid])
+
+    # the replayer's own bookkeeping is not modelled time: the device clock stands still
+    held = getattr(pipe.device, "clock_held", contextlib.nullcontext)
+    stall0 = pipe.stats()["emulation_stall_s"]
+    start = perf_counter()
+    for rec in trace.records:
+        op = rec.op
+        if op == "h2d":
+            r = regions[rec.region]
+            pipe.to_device(r, rec.offset, rec.nbytes, stream=stream(rec.stream))
+            with held():
+                model[rec.region][rec.offset:rec.offset + rec.nbytes] = r._array[rec.offset:rec.offset + rec.nbytes]
+        elif op == "compute":
+            pipe.compute(rec.us, stream=stream(rec.stream))
+        elif op == "d2h":
+            r = regions[rec.region]
+            if r.device_buffer is None:  # nothing on the device yet: it holds zeros
+                pipe._device_copy(r)
+            pipe.to_host(r.device_buffer, r, src_offset=rec.offset, offset=rec.offset, nbytes=rec.nbytes,
+                         stream=stream(rec.stream))
+        elif op == "write":
+            r = regions[rec.region]
+            r.wait()
+            r.wait_outgoing()
+            span = r._array[rec.offset:rec.offset + rec.nbytes]
+            span += 1  # a plain numpy write: the fault handler sees it in pipellm mode
+        elif op == "sync":
+            pipe.synchronize(None if rec.stream is None else stream(rec.stream))
+        elif op == "region":  # the application allocating memory: not the library's time
+            with held():
+                regions[rec.region] = pipe.register(_fill(rec.nbytes, (len(regions) * 7 + 1) % 256), name=rec.region)
+                model[rec.region] = np.zeros(rec.nbytes, np.uint8)
+        elif op == "free":
+            pipe.synchronize()
+            verified &= check(rec.region)
+            pipe.unregister(regions.pop(rec.region))
+            del model[rec.region]
+    pipe.synchronize()
+    wall = perf_counter() - start
+    stats = pipe.stats()
+    for rid in regions:
+        verified &= check(rid)
+    out = {"time_s": wall - (stats["emulation_stall_s"] - stall0), "wall_s": wall,
+           "verified": bool(verified),
+           "transfers_h2d": stats["transfers_h2d"], "transfers_d2h": stats["transfers_d2h"],
+           "bytes_h2d": stats["bytes_h2d"], "bytes_d2h": stats["bytes_d2h"]}
+    requests = stats.get("hits", 0) + stats.get("misses", 0)
+    out["hit_rate"] = stats["hits"] / requests if requests else 0.0
+    for key in SPEC_STATS:
+        out[key] = stats.get(key, 0)
+    return out
+
+
+def replay_many(traces: list[Trace], modes, predictors, progress=None, **options) -> list[dict]:
+    """Every (trace, mode, predictor) in one run; ``overhead_vs_plain`` against the same
+    trace's plain time (when plain is among the modes)."""
+    rows = []
+    for trace in traces:
+        plain = None
+        for mode in modes:
+            for name in (predictors if mode == "pipellm" else [None]):
+                row = replay(trace, mode, name, **dict(options))
+                if mode == "plain":
+                    plain = row["time_s"]
+                rows.append(row)
+                if progress:
+                    progress()
+        for row in rows:
+            if row["trace"] == trace.source:
+                row["overhead_vs_plain"] = row["time_s"] / plain - 1 if plain else None
+    return rows
