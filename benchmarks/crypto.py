@@ -63,8 +63,8 @@ def _sealer() -> Sealer:
 def library_rate(data: memoryview, size: int, workers: int, budget_bytes: int) -> float:
     """Bytes/s of ``workers`` threads sealing ``size``-byte messages into bounce slots."""
     sealer = _sealer()
-    pool = BouncePool(size + TAG_BYTES, workers)
-    slots = [pool.acquire() for _ in range(workers)]
+    pool = BouncePool(workers * (size + TAG_BYTES + 8192))
+    slots = [pool.acquire(size + TAG_BYTES) for _ in range(workers)]
     calls = max(3, _calls(size, budget_bytes) // workers)
     plain = data[:size]
     barrier = threading.Barrier(workers + 1, timeout=600)

@@ -14,10 +14,12 @@ from pipellm.errors import ArgumentError, ArgumentTypeError
 
 from .base import Prediction, Predictor, TransferEvent
 from .oracle import OraclePredictor
+from .rules import KVSwapPredictor, LayerwisePredictor, LRUPredictor
 from .simple import NonePredictor, SequencePredictor
 
 GROUP = "pipellm.predictors"
-BUILTIN = {"none": NonePredictor, "sequence": SequencePredictor, "oracle": OraclePredictor}
+BUILTIN = {"none": NonePredictor, "sequence": SequencePredictor, "layerwise": LayerwisePredictor,
+           "kvswap": KVSwapPredictor, "lru": LRUPredictor, "oracle": OraclePredictor}
 
 
 def available() -> dict[str, str]:
@@ -59,5 +61,6 @@ def get(predictor, **options) -> Predictor:
     return cls(**options)
 
 
-__all__ = ["GROUP", "NonePredictor", "OraclePredictor", "Prediction", "Predictor", "SequencePredictor", "TransferEvent",
+__all__ = ["GROUP", "KVSwapPredictor", "LRUPredictor", "LayerwisePredictor", "NonePredictor", "OraclePredictor",
+           "Prediction", "Predictor", "SequencePredictor", "TransferEvent",
            "available", "get"]

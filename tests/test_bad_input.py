@@ -57,7 +57,7 @@ CASES = [
     ("device not a name", lambda e: pipellm.open_device(3), ArgumentTypeError, "device must be a name"),
     ("cuda without a driver", lambda e: pipellm.open_device("cuda"), DeviceUnavailableError, "cannot open the cuda device"),
     ("negative chunk size", lambda e: make_pipe(chunk_size=-1), ArgumentError, "chunk_size must be >= 1"),
-    ("bounce smaller than 2 slots", lambda e: make_pipe(chunk_size=4096, bounce_bytes=5000), ArgumentError, "fewer than 2 slots"),
+    ("bounce smaller than 2 messages", lambda e: make_pipe(chunk_size=4096, bounce_bytes=5000), ArgumentError, "fewer than 2 messages"),
     ("zero timeout", lambda e: make_pipe(timeout=0), ArgumentError, "timeout must be a positive"),
     ("rotate_after zero", lambda e: make_pipe(rotate_after=0), ArgumentError, "rotate_after must be in"),
     ("chunk larger than the device takes", lambda e: make_pipe(chunk_size=1 << 30, bounce_bytes=1 << 31), ArgumentError, "larger than the device"),

@@ -23,24 +23,42 @@ class Fence:
         return self.event.wait(timeout)
 
 
-def test_slots_are_page_sized_and_the_pool_never_exceeds_its_cap():
-    pool = BouncePool(PAGE_BYTES + 1, 3)
-    assert pool.slot_bytes == 2 * PAGE_BYTES
-    assert pool.cap_bytes == 3 * pool.slot_bytes
-    slots = [pool.acquire() for _ in range(3)]
-    assert pool.high_water == pool.cap_bytes
-    with pytest.raises(TransferTimeoutError, match="no bounce slot came free"):
-        pool.acquire(timeout=0.05)
-    for s in slots:
+def test_slots_are_whole_pages_and_the_pool_never_exceeds_its_cap():
+    pool = BouncePool(3 * PAGE_BYTES + 1)
+    assert pool.cap_bytes == 4 * PAGE_BYTES
+    a = pool.acquire(PAGE_BYTES + 1)
+    assert a.capacity == 2 * PAGE_BYTES
+    b, c = pool.acquire(1), pool.acquire(PAGE_BYTES)
+    assert pool.high_water == pool.cap_bytes == pool.in_use
+    with pytest.raises(TransferTimeoutError, match="no 1-byte bounce slot came free"):
+        pool.acquire(1, timeout=0.05)
+    for s in (a, b, c):
         pool.release(s)
-    assert pool.in_use == 0
+    assert pool.in_use == 0 and pool.free_bytes == pool.cap_bytes
+    with pytest.raises(ArgumentError, match="does not fit"):
+        pool.acquire(5 * PAGE_BYTES)
     pool.close()
+
+
+def test_freed_neighbours_merge_back_into_one_extent():
+    pool = BouncePool(8 * PAGE_BYTES)
+    slots = [pool.acquire(PAGE_BYTES) for _ in range(8)]
+    assert pool.try_acquire(1) is None
+    for s in slots[2:6]:   # free the middle, in an order that needs merging both ways
+        pool.release(s)
+    big = pool.try_acquire(4 * PAGE_BYTES)
+    assert big is not None and big.first == 2
+    assert pool.try_acquire_many([PAGE_BYTES]) is None          # nothing else is free
+    pool.release(big)
+    assert pool.try_acquire_many([PAGE_BYTES, 3 * PAGE_BYTES]) is not None
+    assert pool.try_acquire_many([PAGE_BYTES]) is None          # all or nothing: none taken above limit
 
 
 def test_views_are_zero_copy_and_page_aligned():
     import numpy as np
-    pool = BouncePool(8192, 2)
-    slot = pool.acquire()
+    pool = BouncePool(4 * PAGE_BYTES)
+    pool.acquire(10)
+    slot = pool.acquire(100)
     view = slot.view(100)
     view[:5] = b"hello"
     assert bytes(slot.view(5)) == b"hello"  # another view sees the same memory
@@ -52,48 +70,48 @@ def test_views_are_zero_copy_and_page_aligned():
 
 
 def test_a_retired_slot_is_reused_only_after_its_fence():
-    pool = BouncePool(4096, 1)
-    slot = pool.acquire()
+    pool = BouncePool(PAGE_BYTES)
+    slot = pool.acquire(100)
     fence = Fence()
     pool.retire(slot, fence)
     with pytest.raises(TransferTimeoutError):
-        pool.acquire(timeout=0.05)
+        pool.acquire(100, timeout=0.05)
     threading.Timer(0.05, fence.event.set).start()
-    again = pool.acquire(timeout=5)
-    assert fence.done() and again.index == slot.index
+    again = pool.acquire(100, timeout=5)
+    assert fence.done() and again.first == slot.first
     pool.release(again)
 
 
 def test_slot_misuse_is_refused():
-    pool = BouncePool(4096, 2)
-    slot = pool.acquire()
+    pool = BouncePool(2 * PAGE_BYTES)
+    slot = pool.acquire(PAGE_BYTES)
     with pytest.raises(ArgumentError, match="holds 0..4096"):
-        slot.view(4097)
+        slot.view(PAGE_BYTES + 1)
     pool.release(slot)
     with pytest.raises(ArgumentError, match="already given back"):
         pool.release(slot)
     with pytest.raises(ArgumentError, match="given back"):
         slot.view(1)
-    other = BouncePool(4096, 1)
+    other = BouncePool(PAGE_BYTES)
     with pytest.raises(ArgumentError, match="another pool"):
-        pool.release(other.acquire())
+        pool.release(other.acquire(1))
     with pytest.raises(TypeError):
         type(slot)()
+    with pytest.raises(ArgumentError, match="at least one byte"):
+        pool.acquire(0)
     pool.close()
     with pytest.raises(ChannelClosedError):
-        pool.acquire()
+        pool.acquire(1)
 
 
 def test_bad_pool_sizes():
     with pytest.raises(ArgumentError):
-        BouncePool(0, 1)
-    with pytest.raises(ArgumentError):
-        BouncePool(4096, 0)
+        BouncePool(0)
 
 
 def test_views_keep_memory_alive_after_close():
-    pool = BouncePool(4096, 1)
-    view = pool.acquire().view(4)
+    pool = BouncePool(PAGE_BYTES)
+    view = pool.acquire(4).view(4)
     pool.close()
     view[:] = b"safe"  # still mapped: unmapping waits for the last view
     assert bytes(view) == b"safe"
@@ -120,8 +138,8 @@ def test_refused_mlock_warns_once_and_goes_on_unpinned():
             os.setgid(65534); os.setuid(65534)   # drop root: mlock then obeys the limit
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            pools = [BouncePool(1 << 20, 2) for _ in range(3)]
-        s = pools[0].acquire(); s.view(4)[:] = b"ok!!"
+            pools = [BouncePool(2 << 20) for _ in range(3)]
+        s = pools[0].acquire(4); s.view(4)[:] = b"ok!!"
         print(sum(issubclass(w.category, PinningWarning) for w in caught), [p.pinned for p in pools],
               "RLIMIT_MEMLOCK" in str(caught[0].message), bytes(s.view(4)))
     """)

@@ -1,18 +1,22 @@
 # cython: language_level=3
-"""Bounce buffers: a bounded pool of page-aligned, pinned slots in shared memory.
+"""Bounce buffers: a bounded pool of page-aligned, pinned memory in shared memory.
 
 Ciphertext is written straight into a slot (a zero-copy memoryview) and read from it by
-the device's DMA. A slot goes back to the pool only after that DMA has completed: the
-pool holds each sent slot with a *fence* (anything with ``done() -> bool`` and
-``wait_done(timeout) -> bool``) and reuses the slot once the fence is done.
+the device's DMA. Slots are carved from one mapping in whole pages, as large as each
+message needs (first fit, neighbours merged on return), so a 4 KiB message takes a page
+and a 4 MiB one a thousand. A slot goes back to the pool only after the DMA that reads
+it has completed: the pool holds each sent slot with a *fence* (anything with
+``done() -> bool`` and ``wait_done(timeout) -> bool``) and reuses it once the fence is
+done.
 """
 
+import bisect
 import threading
 import warnings
 from collections import deque
 from time import monotonic
 
-from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_FillInfo
+from cpython.buffer cimport PyBuffer_FillInfo
 from libc.errno cimport errno
 from libc.string cimport memset, strerror
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mlock, mmap, munlock, munmap
@@ -20,7 +24,8 @@ from posix.unistd cimport sysconf, _SC_PAGESIZE
 
 from pipellm.errors import ArgumentError, ChannelClosedError, PinningWarning, TransferTimeoutError
 
-PAGE_BYTES = sysconf(_SC_PAGESIZE)
+cdef size_t PAGE = <size_t>sysconf(_SC_PAGESIZE)
+PAGE_BYTES = PAGE
 _warned_unpinned = False
 
 
@@ -31,40 +36,37 @@ def _memlock_limit():
 
 
 cdef class BouncePool:
-    """``slots`` slots of ``slot_bytes`` each (rounded up to whole pages), mapped once.
+    """``cap_bytes`` of bounce memory (rounded up to whole pages), mapped once.
 
-    >>> pool = BouncePool(4096, 2)
-    >>> slot = pool.acquire()
+    >>> pool = BouncePool(3 * 4096)
+    >>> slot = pool.acquire(10)
     >>> view = slot.view(10); view[:2] = b"hi"
-    >>> bytes(slot.view(2))
-    b'hi'
+    >>> bytes(slot.view(2)), slot.capacity
+    (b'hi', 4096)
     >>> pool.release(slot); pool.close()
     """
 
     cdef char* _base
     cdef size_t _mapped
-    cdef readonly size_t slot_bytes
-    cdef readonly size_t slots
+    cdef readonly size_t pages
     cdef readonly bint pinned
     cdef readonly size_t high_water
-    cdef size_t _in_use
+    cdef size_t _in_use           # pages taken (being filled, or in flight)
     cdef Py_ssize_t _exports
     cdef bint _closed
-    cdef object _free
-    cdef object _inflight
+    cdef list _free_starts         # sorted first pages of free extents
+    cdef dict _free_len            # first page -> pages
+    cdef object _inflight          # (first page, pages, fence), in the order sent
     cdef object _lock
     cdef object _cond
     cdef int _waiters
 
-    def __cinit__(self, size_t slot_bytes, size_t slots):
+    def __cinit__(self, size_t cap_bytes):
         self._base = NULL
-        if slot_bytes == 0 or slots == 0:
-            raise ArgumentError(f"a bounce pool needs at least one slot of at least one byte, "
-                                f"got {slots} slots of {slot_bytes} bytes")
-        page = PAGE_BYTES
-        self.slot_bytes = (slot_bytes + page - 1) // page * page
-        self.slots = slots
-        self._mapped = self.slot_bytes * slots
+        if cap_bytes == 0:
+            raise ArgumentError("a bounce pool needs at least one byte")
+        self.pages = (cap_bytes + PAGE - 1) // PAGE
+        self._mapped = self.pages * PAGE
         cdef void* p = mmap(NULL, self._mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
         if p == MAP_FAILED:
             raise MemoryError(f"cannot map {self._mapped} bytes of bounce buffers: {strerror(errno).decode()}")
@@ -73,7 +75,8 @@ cdef class BouncePool:
         if not self.pinned:
             self._warn_unpinned(errno)
             memset(p, 0, self._mapped)  # fault the pages in now, not on the hot path
-        self._free = list(range(slots - 1, -1, -1))
+        self._free_starts = [0]
+        self._free_len = {0: self.pages}
         self._inflight = deque()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -110,39 +113,134 @@ cdef class BouncePool:
 
     @property
     def in_use(self):
-        """Slots acquired and not yet back in the pool (being filled or in flight)."""
-        return self._in_use
+        """Bytes taken (being filled, or in flight and not yet reaped)."""
+        return self._in_use * PAGE
 
     @property
     def closed(self):
         return self._closed
 
-    def acquire(self, timeout=None):
-        """A free slot, waiting (up to ``timeout`` seconds) for an in-flight one to
-        complete if none is free. Raises :class:`TransferTimeoutError` on timeout."""
-        slot = self.try_acquire()
+    # -- extents ------------------------------------------------------------------------
+    cdef object _alloc(self, size_t pages):
+        """First fit; the first page, or None (lock held)."""
+        cdef Py_ssize_t i
+        cdef size_t start, length
+        for i in range(len(self._free_starts)):
+            start = self._free_starts[i]
+            length = self._free_len[start]
+            if length >= pages:
+                del self._free_len[start]
+                if length == pages:
+                    del self._free_starts[i]
+                else:
+                    self._free_starts[i] = start + pages
+                    self._free_len[start + pages] = length - pages
+                self._in_use += pages
+                if self._in_use * PAGE > self.high_water:
+                    self.high_water = self._in_use * PAGE
+                return start
+        return None
+
+    cdef _free(self, size_t start, size_t pages):
+        """Give an extent back, merged with its free neighbours (lock held)."""
+        self._in_use -= pages
+        cdef Py_ssize_t i = bisect.bisect_left(self._free_starts, start)
+        cdef size_t prev
+        if i < len(self._free_starts) and self._free_starts[i] == start + pages:
+            pages += self._free_len.pop(start + pages)
+            del self._free_starts[i]
+        if i > 0:
+            prev = self._free_starts[i - 1]
+            if prev + self._free_len[prev] == start:
+                self._free_len[prev] += pages
+                return
+        self._free_starts.insert(i, start)
+        self._free_len[start] = pages
+
+    cdef _reap(self):
+        while self._inflight and self._inflight[0][2].done():
+            start, pages, _ = self._inflight.popleft()
+            self._free(start, pages)
+
+    cdef size_t _pages_for(self, Py_ssize_t nbytes) except 0:
+        if nbytes <= 0:
+            raise ArgumentError(f"a slot holds at least one byte, asked for {nbytes}")
+        cdef size_t pages = (nbytes + PAGE - 1) // PAGE
+        if pages > self.pages:
+            raise ArgumentError(f"a message of {nbytes} bytes does not fit a bounce pool of {self._mapped} bytes")
+        return pages
+
+    cdef Slot _slot(self, size_t start, size_t pages):
+        cdef Slot slot = Slot.__new__(Slot)
+        slot.pool = self
+        slot.first = start
+        slot.pages = pages
+        slot.capacity = pages * PAGE
+        slot.live = True
+        return slot
+
+    # -- taking and giving back ----------------------------------------------------------
+    def try_acquire(self, Py_ssize_t nbytes):
+        """A slot of at least ``nbytes`` now, or None (never waits)."""
+        cdef size_t pages = self._pages_for(nbytes)
+        self._lock.acquire()
+        try:
+            if self._closed:
+                raise ChannelClosedError("the bounce pool is closed")
+            self._reap()
+            start = self._alloc(pages)
+            return None if start is None else self._slot(start, pages)
+        finally:
+            self._lock.release()
+
+    def try_acquire_many(self, sizes):
+        """Slots for all of ``sizes`` now, or None and nothing taken (never waits)."""
+        need = [self._pages_for(n) for n in sizes]
+        self._lock.acquire()
+        try:
+            if self._closed:
+                raise ChannelClosedError("the bounce pool is closed")
+            self._reap()
+            taken = []
+            for pages in need:
+                start = self._alloc(pages)
+                if start is None:
+                    for s, p in taken:
+                        self._free(s, p)
+                    return None
+                taken.append((start, pages))
+            return [self._slot(s, p) for s, p in taken]
+        finally:
+            self._lock.release()
+
+    def acquire(self, Py_ssize_t nbytes, timeout=None):
+        """A slot of at least ``nbytes``, waiting (up to ``timeout`` seconds) for in-flight
+        slots to complete if the pool is full. Raises :class:`TransferTimeoutError`."""
+        slot = self.try_acquire(nbytes)
         if slot is not None:
             return slot
+        cdef size_t pages = self._pages_for(nbytes)
         deadline = None if timeout is None else monotonic() + timeout
         with self._cond:
             while True:
                 if self._closed:
                     raise ChannelClosedError("the bounce pool is closed")
                 self._reap()
-                if self._free:
-                    return self._take(self._free.pop())
+                start = self._alloc(pages)
+                if start is not None:
+                    return self._slot(start, pages)
                 remaining = None if deadline is None else max(0.0, deadline - monotonic())
                 if self._inflight:
-                    index, fence = self._inflight.popleft()
+                    first, count, fence = self._inflight.popleft()
                     self._cond.release()
                     try:
                         ok = fence.wait_done(remaining)
                     finally:
                         self._cond.acquire()
                     if ok:
-                        self._in_use -= 1
-                        return self._take(index)
-                    self._inflight.appendleft((index, fence))
+                        self._free(first, count)
+                        continue
+                    self._inflight.appendleft((first, count, fence))
                 elif remaining is None or remaining > 0:
                     self._waiters += 1
                     try:
@@ -151,32 +249,25 @@ cdef class BouncePool:
                         self._waiters -= 1
                     continue
                 raise TransferTimeoutError(
-                    f"no bounce slot came free within {timeout} s: all {self.slots} slots "
-                    f"({self._mapped} bytes) are held by transfers that have not completed")
+                    f"no {nbytes}-byte bounce slot came free within {timeout} s: "
+                    f"{self._in_use * PAGE} of {self._mapped} bytes are held by transfers "
+                    f"that have not completed")
 
-    def try_acquire(self):
-        """A free slot now, or None (never waits)."""
+    def release(self, Slot slot not None):
+        """Give back a slot no DMA will read (never sent, or already read)."""
+        self._check_slot(slot)
         self._lock.acquire()
         try:
-            if self._closed:
-                raise ChannelClosedError("the bounce pool is closed")
-            self._reap()
-            return self._take(self._free.pop()) if self._free else None
+            slot.live = False
+            self._free(slot.first, slot.pages)
+            if self._waiters:
+                self._cond.notify_all()
         finally:
             self._lock.release()
 
-    def try_acquire_many(self, Py_ssize_t count):
-        """``count`` free slots now, or None if fewer are free (never waits)."""
-        self._lock.acquire()
-        try:
-            if self._closed:
-                raise ChannelClosedError("the bounce pool is closed")
-            self._reap()
-            if len(self._free) < count:
-                return None
-            return [self._take(self._free.pop()) for _ in range(count)]
-        finally:
-            self._lock.release()
+    def retire(self, Slot slot not None, fence):
+        """Give back a sent slot: it is reused once ``fence.done()``."""
+        self.retire_many((slot,), fence)
 
     def retire_many(self, slots, fence):
         """``retire`` for several slots read by one DMA."""
@@ -187,60 +278,19 @@ cdef class BouncePool:
         try:
             for slot in slots:
                 slot.live = False
-                self._inflight.append((slot.index, fence))
+                self._inflight.append((slot.first, slot.pages, fence))
             if self._waiters:
                 self._cond.notify_all()
         finally:
             self._lock.release()
 
     @property
-    def free_slots(self):
-        """Slots that can be acquired now without waiting."""
+    def free_bytes(self):
+        """Bytes that can be taken now without waiting (not one extent: see try_acquire)."""
         self._lock.acquire()
         try:
             self._reap()
-            return len(self._free)
-        finally:
-            self._lock.release()
-
-    cdef _reap(self):
-        while self._inflight and self._inflight[0][1].done():
-            self._free.append(self._inflight.popleft()[0])
-            self._in_use -= 1
-
-    cdef Slot _take(self, Py_ssize_t index):
-        self._in_use += 1
-        if self._in_use * self.slot_bytes > self.high_water:
-            self.high_water = self._in_use * self.slot_bytes
-        cdef Slot slot = Slot.__new__(Slot)
-        slot.pool = self
-        slot.index = index
-        slot.capacity = self.slot_bytes
-        slot.live = True
-        return slot
-
-    def release(self, Slot slot not None):
-        """Give back a slot no DMA will read (never sent, or already read)."""
-        self._check_slot(slot)
-        self._lock.acquire()
-        try:
-            slot.live = False
-            self._free.append(slot.index)
-            self._in_use -= 1
-            if self._waiters:
-                self._cond.notify()
-        finally:
-            self._lock.release()
-
-    def retire(self, Slot slot not None, fence):
-        """Give back a sent slot: it is reused once ``fence.done()``."""
-        self._check_slot(slot)
-        self._lock.acquire()
-        try:
-            slot.live = False
-            self._inflight.append((slot.index, fence))
-            if self._waiters:
-                self._cond.notify()
+            return (self.pages - self._in_use) * PAGE
         finally:
             self._lock.release()
 
@@ -248,7 +298,7 @@ cdef class BouncePool:
         if slot.pool is not self:
             raise ArgumentError("slot belongs to another pool")
         if not slot.live:
-            raise ArgumentError(f"slot {slot.index} was already given back")
+            raise ArgumentError(f"slot at page {slot.first} was already given back")
 
     def close(self):
         """Stop handing out slots and unmap the memory once no view of it is alive."""
@@ -264,17 +314,19 @@ cdef class BouncePool:
     cdef int _export(self, Slot slot, Py_buffer* buffer, int flags) except -1:
         if self._base == NULL:
             raise BufferError("bounce pool memory is unmapped")
-        PyBuffer_FillInfo(buffer, slot, self._base + slot.index * self.slot_bytes,
-                          <Py_ssize_t>self.slot_bytes, 0, flags)
+        PyBuffer_FillInfo(buffer, slot, self._base + slot.first * PAGE,
+                          <Py_ssize_t>slot.capacity, 0, flags)
         self._exports += 1
         return 0
 
 
 cdef class Slot:
-    """One bounce slot. ``view(n)`` is a writable memoryview of its first ``n`` bytes."""
+    """Whole pages of a bounce pool. ``view(n)`` is a writable memoryview of the first
+    ``n`` bytes."""
 
     cdef readonly BouncePool pool
-    cdef readonly Py_ssize_t index
+    cdef readonly size_t first
+    cdef readonly size_t pages
     cdef readonly size_t capacity
     cdef readonly bint live
 
@@ -283,7 +335,7 @@ cdef class Slot:
 
     def view(self, Py_ssize_t nbytes):
         if not self.live:
-            raise ArgumentError(f"slot {self.index} was given back to its pool")
+            raise ArgumentError(f"the slot at page {self.first} was given back to its pool")
         if nbytes < 0 or <size_t>nbytes > self.capacity:
             raise ArgumentError(f"a slot holds 0..{self.capacity} bytes, asked for {nbytes}")
         return memoryview(self)[:nbytes]
@@ -295,4 +347,4 @@ cdef class Slot:
         self.pool._exports -= 1
 
     def __repr__(self):
-        return f"<Slot {self.index} of {self.capacity} bytes{'' if self.live else ' (returned)'}>"
+        return f"<Slot pages {self.first}+{self.pages}{'' if self.live else ' (returned)'}>"

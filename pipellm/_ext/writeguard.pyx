@@ -261,35 +261,80 @@ def handler_installed() -> bool:
     return bool(pl_installed())
 
 
+cdef extern from "<sys/mman.h>" nogil:
+    int memfd_create(const char* name, unsigned int flags)
+    int madvise(void* addr, size_t length, int advice)
+    int MAP_SHARED
+    int MFD_CLOEXEC
+    int MADV_DONTFORK
+
+cdef extern from "<unistd.h>" nogil:
+    int ftruncate(int fd, long length)
+    int close(int fd)
+
+
 cdef class HostBuffer:
     """Page-aligned host memory the library owns (whole pages, never shared with other
-    objects), so its pages can be write-protected. Use :func:`pipellm.empty`."""
+    objects), so its pages can be write-protected. Use :func:`pipellm.empty`.
+
+    The memory is mapped twice (a memfd): the *primary* mapping is what the application
+    sees and what write protection applies to; the *alias* is a second, always writable
+    mapping of the same pages, through which the library commits device-to-host data
+    without unprotecting the primary (so the application's own writes stay caught and
+    only the bytes the library wrote need invalidating). The alias is not inherited by
+    forked children; the primary is shared with them (a memfd mapping).
+    """
 
     cdef char* _base
+    cdef char* _alias
     cdef readonly size_t nbytes
     cdef size_t _mapped
     cdef Py_ssize_t _exports
 
     def __cinit__(self, size_t nbytes):
         self._base = NULL
+        self._alias = NULL
         if nbytes == 0:
             raise ValueError("a host buffer needs at least one byte")
         self.nbytes = nbytes
         self._mapped = (nbytes + PAGE - 1) // PAGE * PAGE
-        cdef void* p = mmap(NULL, self._mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-        if p == MAP_FAILED:
-            raise MemoryError(f"cannot map {self._mapped} bytes: {strerror(errno).decode()}")
+        cdef int fd = memfd_create(b"pipellm-host", MFD_CLOEXEC)
+        if fd < 0:
+            raise MemoryError(f"cannot create host memory: {strerror(errno).decode()}")
+        cdef void* p = MAP_FAILED
+        cdef void* a = MAP_FAILED
+        try:
+            if ftruncate(fd, <long>self._mapped) != 0:
+                raise MemoryError(f"cannot size {self._mapped} bytes of host memory: {strerror(errno).decode()}")
+            p = mmap(NULL, self._mapped, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+            if p == MAP_FAILED:
+                raise MemoryError(f"cannot map {self._mapped} bytes: {strerror(errno).decode()}")
+            a = mmap(NULL, self._mapped, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+            if a == MAP_FAILED:
+                munmap(p, self._mapped)
+                raise MemoryError(f"cannot map {self._mapped} bytes: {strerror(errno).decode()}")
+        finally:
+            close(fd)
+        madvise(a, self._mapped, MADV_DONTFORK)
         self._base = <char*>p
+        self._alias = <char*>a
         self._exports = 0
 
     def __dealloc__(self):
         if self._base != NULL:
             munmap(self._base, self._mapped)
             self._base = NULL
+        if self._alias != NULL:
+            munmap(self._alias, self._mapped)
+            self._alias = NULL
 
     @property
     def address(self):
         return <uintptr_t>self._base
+
+    def alias(self):
+        """A writable memoryview of the same bytes through the alias mapping."""
+        return memoryview(_Alias.wrap(self))
 
     def __getbuffer__(self, Py_buffer* buffer, int flags):
         PyBuffer_FillInfo(buffer, self, self._base, <Py_ssize_t>self.nbytes, 0, flags)
@@ -297,6 +342,21 @@ cdef class HostBuffer:
 
     def __releasebuffer__(self, Py_buffer* buffer):
         self._exports -= 1
+
+
+cdef class _Alias:
+    """Buffer exporter for a HostBuffer's alias mapping (keeps the HostBuffer alive)."""
+
+    cdef HostBuffer owner
+
+    @staticmethod
+    cdef _Alias wrap(HostBuffer owner):
+        cdef _Alias a = _Alias.__new__(_Alias)
+        a.owner = owner
+        return a
+
+    def __getbuffer__(self, Py_buffer* buffer, int flags):
+        PyBuffer_FillInfo(buffer, self, self.owner._alias, <Py_ssize_t>self.owner.nbytes, 0, flags)
 
 
 PAGE_SIZE = PAGE

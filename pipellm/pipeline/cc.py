@@ -25,12 +25,13 @@ def slot_bytes_for(chunk_size: int) -> int:
     return -(-(chunk_size + TAG_BYTES) // PAGE_BYTES) * PAGE_BYTES
 
 
-def make_pool(what: str, nbytes: int, slot_bytes: int, minimum: int = 2) -> BouncePool:
-    slots = nbytes // slot_bytes
-    if slots < minimum:
-        raise ArgumentError(f"{what}={nbytes} holds fewer than {minimum} slots of {slot_bytes} bytes "
-                            f"(chunk_size + 16, in whole pages)")
-    return BouncePool(slot_bytes, slots)
+def make_pool(what: str, nbytes: int, max_message: int, minimum: int = 2) -> BouncePool:
+    """A bounce pool of ``nbytes`` that holds at least ``minimum`` of the largest messages."""
+    need = minimum * slot_bytes_for(max_message - TAG_BYTES)
+    if nbytes < need:
+        raise ArgumentError(f"{what}={nbytes} holds fewer than {minimum} messages of {max_message} bytes "
+                            f"(chunk_size + 16, in whole pages): give it at least {need}")
+    return BouncePool(nbytes)
 
 
 class _Incoming:
@@ -68,7 +69,7 @@ class CCEngine:
                            device_public=device_public)
         self.sealer = Sealer(keys, Direction.H2D, rotate_after)
         self.opener = Opener(keys, Direction.D2H, rotate_after)
-        self.pool = make_pool("bounce_bytes", bounce_bytes, slot_bytes_for(chunk_size))
+        self.pool = make_pool("bounce_bytes", bounce_bytes, chunk_size + TAG_BYTES)
         self._staging = memoryview(bytearray(chunk_size))
         self._h2d_lock = threading.Lock()
         self._d2h_lock = threading.Lock()
@@ -92,7 +93,7 @@ class CCEngine:
         pool, sealer, chunk, source = self.pool, self.sealer, self.chunk_size, region.view
         for pos in range(0, nbytes, chunk):
             n = min(chunk, nbytes - pos)
-            slot = pool.acquire(self.timeout)
+            slot = pool.acquire(n + TAG_BYTES, self.timeout)
             try:
                 # the index is taken only once the slot is ours: an index is never skipped
                 msg = sealer.seal_next(Kind.DATA, dst.id, dst_offset + pos,
@@ -110,7 +111,7 @@ class CCEngine:
         with self._d2h_lock:
             for pos in range(0, nbytes, chunk):
                 n = min(chunk, nbytes - pos)
-                slot = pool.acquire(self.timeout)
+                slot = pool.acquire(n + TAG_BYTES, self.timeout)
                 incoming = _Incoming(self, region, offset + pos, n)
                 try:
                     incoming.op = self.device.submit_sealed_read(
@@ -190,10 +191,8 @@ class CCEngine:
             self._fail(IntegrityError(f"d2h message {index} is not the transfer the host asked for; "
                                       f"the channel is closed"))
             return
-        region = head.region
-        region.mark_dirty()  # a write the fault handler would not report in time
-        copy_into(region.view[head.offset:head.offset + head.nbytes], plain)
-        region.mark_dirty()
+        with head.region.library_write(head.offset, head.nbytes) as view:
+            copy_into(view, plain)
 
     # -- lifetime ------------------------------------------------------------------------------
     def _fail(self, error: BaseException) -> None:
@@ -244,6 +243,5 @@ class CCEngine:
                 "messages_h2d": self.sealer.messages, "messages_d2h": self.opener.messages,
                 "encrypt_s": self.sealer.aes_s, "decrypt_s": self.opener.aes_s,
                 "key_rotations": self.sealer.rotations + self.opener.rotations,
-                "bounce": {"cap_bytes": pool.cap_bytes, "slot_bytes": pool.slot_bytes,
-                           "slots": pool.slots, "in_use": pool.in_use,
+                "bounce": {"cap_bytes": pool.cap_bytes, "in_use_bytes": pool.in_use,
                            "high_water_bytes": pool.high_water, "pinned": pool.pinned}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from contextlib import contextmanager
 
 import numpy as np
@@ -12,6 +13,8 @@ from ..hostmem import owning_buffer
 
 
 TRACKING = ("auto", "protect", "explicit", "none")
+#: library writes remembered per region (older speculation is dropped conservatively)
+LIBRARY_LOG = 1024
 
 
 class Region:
@@ -32,7 +35,8 @@ class Region:
     """
 
     __slots__ = ("name", "id", "_array", "view", "nbytes", "dtype", "shape", "readonly",
-                 "owner", "device_buffer", "registered", "tracking", "guard", "incoming", "outgoing")
+                 "owner", "device_buffer", "registered", "tracking", "guard", "incoming", "outgoing",
+                 "_alias", "lib_seq", "_lib_log")
 
     def __init__(self, owner, id: int, name: str, array: np.ndarray, tracking: str):
         self.owner, self.id, self.name = owner, id, name
@@ -49,6 +53,15 @@ class Region:
             self.view_address(), self.nbytes, tracking == "protect")
         self.incoming = None  # the last pending device-to-host chunk into this region
         self.outgoing = None  # plain mode: the last copy still reading this region
+        # library writes (device-to-host commits) are tracked by span, not by page
+        # protection: they go through the buffer's writable alias where there is one
+        buffer = owning_buffer(array)
+        self._alias = None
+        if buffer is not None:
+            start = self.view_address() - buffer.address
+            self._alias = buffer.alias()[start:start + self.nbytes]
+        self.lib_seq = 0
+        self._lib_log: deque = deque(maxlen=LIBRARY_LOG)
 
     def view_address(self) -> int:
         return self._array.__array_interface__["data"][0]
@@ -111,6 +124,33 @@ class Region:
             yield self._array
         finally:
             self.mark_dirty()
+
+    @contextmanager
+    def library_write(self, offset: int, nbytes: int):
+        """The library writes ``nbytes`` at ``offset`` (a device-to-host commit): yields a
+        writable view that never faults, and records the span before and after the write
+        so speculation on those bytes (and only those) is dropped."""
+        self._log_write(offset, nbytes)
+        try:
+            base = self._alias if self._alias is not None else self.view
+            yield base[offset:offset + nbytes]
+        finally:
+            self._log_write(offset, nbytes)
+
+    def _log_write(self, offset: int, nbytes: int) -> None:
+        self.lib_seq += 1
+        self._lib_log.append((self.lib_seq, offset, offset + nbytes))
+
+    def library_changed(self, since: int, offset: int, nbytes: int) -> bool:
+        """True if the library wrote any of ``[offset, offset + nbytes)`` after write
+        number ``since`` (conservatively True once the log no longer reaches back)."""
+        if since == self.lib_seq:
+            return False
+        log = tuple(self._lib_log)
+        if not log or log[0][0] > since + 1:
+            return True
+        end = offset + nbytes
+        return any(seq > since and start < end and offset < stop for seq, start, stop in log)
 
     def release(self) -> None:
         """Stop tracking: pages writable again, the guard entry given back."""

@@ -51,12 +51,13 @@ _REPLENISH = object()  # worker task: ask the predictor and queue new speculatio
 
 
 class _Chunk:
-    __slots__ = ("ticket", "slot", "offset", "nbytes", "state", "msg")
+    __slots__ = ("ticket", "slot", "offset", "nbytes", "state", "msg", "lib_seq")
 
     def __init__(self, ticket, slot, offset, nbytes):
         self.ticket, self.slot, self.offset, self.nbytes = ticket, slot, offset, nbytes
         self.state = PENDING
         self.msg = None
+        self.lib_seq = -1  # the region's library-write count when it was encrypted
 
 
 class _Item:
@@ -94,8 +95,8 @@ class SpeculativeEngine(CCEngine):
         self._regions = regions  # name -> Region, the pipeline's live table
         self.depth_messages = depth_messages
         self.lookahead = lookahead
-        self.spec_pool = make_pool("depth_bytes", depth_bytes, slot_bytes_for(chunk_size), minimum=1)
-        self.cmd_pool = make_pool("command slots", 16 * slot_bytes_for(GO_BODY.size), slot_bytes_for(GO_BODY.size))
+        self.spec_pool = make_pool("depth_bytes", depth_bytes, chunk_size + TAG_BYTES, minimum=1)
+        self.cmd_pool = make_pool("command slots", 16 * slot_bytes_for(GO_BODY.size), GO_BODY.size + TAG_BYTES)
         self._cond = threading.Condition(threading.Lock())
         self._items: deque[_Item] = deque()          # in index order
         self._by_key: dict[tuple, _Item] = {}
@@ -144,18 +145,12 @@ class SpeculativeEngine(CCEngine):
                 self._send_on_demand(region, offset, nbytes, dst, dst_offset, stream)
             self.transfers[0] += 1
             self.bytes[0] += nbytes
-            if self._accuracy < ACCURACY_FLOOR and self._requests < self._next_probe:
-                return  # throttled: nothing to plan until the next probe
-            if len(self._items) < INLINE_PLANNING_BELOW:
+            throttled = self._accuracy < ACCURACY_FLOOR and self._requests < self._next_probe
+            if not throttled and len(self._items) < INLINE_PLANNING_BELOW:
                 self._replenish()  # the queue runs dry (bursts): plan now
                 return
-        # Planning the next speculation is a worker's job, off the requesting thread; it
-        # takes the h2d lock, so it comes after this request (and its on-demand data).
-        with self._cond:
-            if not self._replenish_pending:
-                self._replenish_pending = True
-                self._tasks.appendleft(_REPLENISH)
-                self._cond.notify()
+        # otherwise planning is a worker's job, off the requesting thread
+        self._plan_later()
 
     def _claim(self, key) -> _Item | None:
         """The queued item for ``key`` if it can be sent; drops what the request makes useless."""
@@ -164,7 +159,7 @@ class SpeculativeEngine(CCEngine):
             item = self._by_key.get(key)
             if item is None:
                 return None
-            if not item.region.unchanged_since(item.token) or item.failed:
+            if item.failed or not self._current(item):
                 self.counts["stale"] += 1
                 self._drop(item)
                 return None
@@ -174,6 +169,18 @@ class SpeculativeEngine(CCEngine):
             self._remove(item)
             item.claimed = True
             return item
+
+    @staticmethod
+    def _current(item: _Item) -> bool:
+        """Nothing was written to the item's bytes since they were encrypted: no
+        application write (page protection / explicit reports) since its token, no
+        library write (device-to-host commit) into any encrypted chunk's span since."""
+        region = item.region
+        if not region.unchanged_since(item.token):
+            return False
+        base = item.offset
+        return not any(c.state == READY and region.library_changed(c.lib_seq, base + c.offset, c.nbytes)
+                       for c in item.chunks)
 
     def _skip_to(self, target: int) -> None:
         """Strict order: make the device expect ``target`` next with one SKIP command, sealed
@@ -210,7 +217,8 @@ class SpeculativeEngine(CCEngine):
         for chunk in waiting:
             self._ensure_ready(item, chunk)
         chunks = item.chunks
-        if waiting and any(c.state != READY for c in waiting):  # a worker failed on it: fall back
+        if waiting and (any(c.state != READY for c in waiting) or not self._current(item)):
+            # a worker failed on it, or its bytes changed while it was finished: fall back
             with self._cond:
                 self.counts["stale"] += 1
                 item.dead = True
@@ -221,7 +229,7 @@ class SpeculativeEngine(CCEngine):
             return
         self.counts["hits"] += 1
         go = self._go_tickets.pop(item.go.index)
-        slot = self.cmd_pool.acquire(self.timeout)
+        slot = self.cmd_pool.acquire(GO_BODY.size + TAG_BYTES, self.timeout)
         if private is not None:
             go_msg = self.sealer.expose(go, private, slot.view(len(private.payload)))
         else:
@@ -259,7 +267,7 @@ class SpeculativeEngine(CCEngine):
             self._encrypt(item, chunk)
 
     def _command(self, ticket, kind, body: bytes, stream) -> None:
-        slot = self.cmd_pool.acquire(self.timeout)
+        slot = self.cmd_pool.acquire(len(body) + TAG_BYTES, self.timeout)
         try:
             msg = self.sealer.seal_into(ticket, kind, 0, 0, body, slot.view(len(body) + TAG_BYTES))
             op = self.device.submit_messages(stream or self.device.default_stream, self.session, (msg,))
@@ -268,6 +276,24 @@ class SpeculativeEngine(CCEngine):
             raise
         self.cmd_pool.retire(slot, op)
         self._high = max(self._high, ticket.index)
+
+    def to_host(self, src, src_offset, region, offset, nbytes, stream):
+        transfer = super().to_host(src, src_offset, region, offset, nbytes, stream)
+        with self._h2d_lock:  # the predictor is told every transfer, in order
+            self.predictor.observe(TransferEvent(region.name, offset, nbytes, "d2h", stream.id, perf_counter()))
+        self._plan_later()
+        return transfer
+
+    def _plan_later(self) -> None:
+        """Have a worker plan the next speculation (it takes the h2d lock, so it runs after
+        the current request, and its on-demand data)."""
+        if self._accuracy < ACCURACY_FLOOR and self._requests < self._next_probe:
+            return  # throttled: nothing to plan until the next probe
+        with self._cond:
+            if not self._replenish_pending:
+                self._replenish_pending = True
+                self._tasks.appendleft(_REPLENISH)
+                self._cond.notify()
 
     # -- the queue ---------------------------------------------------------------------------
     def _replenish(self) -> None:
@@ -299,7 +325,8 @@ class SpeculativeEngine(CCEngine):
             n = -(-p.nbytes // chunk_size)
             if self._queued_messages + n + 1 > self.depth_messages:
                 break
-            slots = self.spec_pool.try_acquire_many(n)
+            slots = self.spec_pool.try_acquire_many(
+                [min(chunk_size, p.nbytes - i * chunk_size) + TAG_BYTES for i in range(n)])
             if slots is None:
                 break
             token = region.token()
@@ -404,11 +431,15 @@ class SpeculativeEngine(CCEngine):
     def _encrypt(self, item: _Item, chunk: _Chunk) -> None:
         """Seal one speculative chunk into its slot, unless the region changed since its token."""
         state, msg = FAILED, None
+        region = item.region
         try:
-            if item.region.unchanged_since(item.token):
+            if region.incoming is not None:
+                region.wait(self.timeout)  # device-to-host data still coming into it lands first
+            chunk.lib_seq = region.lib_seq
+            if region.unchanged_since(item.token):
                 start = item.offset + chunk.offset
                 msg = self.sealer.seal_into(chunk.ticket, Kind.SPEC, 0, chunk.offset,
-                                            item.region.view[start:start + chunk.nbytes],
+                                            region.view[start:start + chunk.nbytes],
                                             chunk.slot.view(chunk.nbytes + TAG_BYTES))
                 state = READY
         except Exception:  # noqa: BLE001 - counted; the request falls back to on-demand
@@ -496,6 +527,6 @@ class SpeculativeEngine(CCEngine):
         counts["queued_items"] = len(self._items)
         counts["prediction_accuracy"] = self._accuracy
         out.update(counts)
-        out["speculation_pool"] = {"cap_bytes": self.spec_pool.cap_bytes, "slots": self.spec_pool.slots,
+        out["speculation_pool"] = {"cap_bytes": self.spec_pool.cap_bytes, "in_use_bytes": self.spec_pool.in_use,
                                    "high_water_bytes": self.spec_pool.high_water}
         return out

@@ -1,0 +1,215 @@
+"""Rule-based predictors for the traffic of offloading stacks: ``layerwise`` (weight
+loads), ``kvswap`` (vLLM-style KV-cache swapping) and ``lru`` (offload pools)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from .base import Prediction, Predictor, TransferEvent
+
+
+class LayerwisePredictor(Predictor):
+    """Learns the repeating order of host-to-device loads (FlexGen, accelerate, DeepSpeed).
+
+    The next *region* comes from the longest recent context seen before (up to ``order``
+    previous loads), so repeated orders with shared stretches are told apart: training's
+    forward-then-backward (``... a1 b1 a2 b2`` then ``b2 a2 b1 a1 ...``), several
+    micro-batches per layer, small irregular tensors between layers. The *span* of a
+    predicted load follows each region's own history: same offset and size as last time,
+    plus the change seen between its last two loads (a KV cache that grows by one token
+    per step). Nothing is predicted before a context has been seen once.
+
+    >>> p = LayerwisePredictor()
+    >>> for step in range(2):
+    ...     for layer in ["l0", "l1", "l2"]:
+    ...         p.observe(TransferEvent(layer, 0, 100 + 10 * step))
+    >>> [(x.region, x.nbytes) for x in p.predict(3)]
+    [('l0', 120), ('l1', 120), ('l2', 120)]
+    """
+
+    name = "layerwise"
+
+    def __init__(self, order: int = 4):
+        self.order = order
+        self.reset()
+
+    def reset(self) -> None:
+        self._history: deque = deque(maxlen=self.order)
+        self._next: dict[tuple, str] = {}
+        self._span: dict[str, tuple[int, int, int, int]] = {}   # offset, nbytes, d_offset, d_nbytes
+        self._seen: dict[str, int] = {}
+        # the change last seen for a region whose previous load had this (offset, nbytes):
+        # lets a region seen once already follow the step its look-alikes took (FlexGen's
+        # KV caches all grow by one token per step)
+        self._step_like: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def observe(self, event: TransferEvent) -> None:
+        if event.direction != "h2d":
+            return
+        region = event.region
+        history = tuple(self._history)
+        for n in range(1, len(history) + 1):
+            self._next[history[-n:]] = region
+        last = self._span.get(region)
+        if last is None:
+            self._span[region] = (event.offset, event.nbytes, 0, 0)
+        else:
+            step = (event.offset - last[0], event.nbytes - last[1])
+            self._span[region] = (event.offset, event.nbytes, *step)
+            self._step_like[(last[0], last[1])] = step
+        self._seen[region] = self._seen.get(region, 0) + 1
+        self._history.append(region)
+
+    def predict(self, k: int) -> list[Prediction]:
+        history = list(self._history)
+        seen: dict[str, int] = {}
+        out = []
+        nexts, order = self._next, self.order
+        while len(out) < k:
+            region = None
+            for n in range(min(order, len(history)), 0, -1):
+                region = nexts.get(tuple(history[-n:]))
+                if region is not None:
+                    break
+            if region is None:
+                break
+            times = seen[region] = seen.get(region, 0) + 1
+            offset, nbytes, d_offset, d_nbytes = self._span[region]
+            if self._seen[region] == 1:
+                d_offset, d_nbytes = self._step_like.get((offset, nbytes), (0, 0))
+            offset, nbytes = offset + times * d_offset, nbytes + times * d_nbytes
+            if nbytes <= 0 or offset < 0:
+                break
+            out.append(Prediction(region, offset, nbytes))
+            history.append(region)
+            if len(seen) > 4 * k:  # a cycle shorter than k: stop rather than repeat it forever
+                break
+        return out
+
+
+class KVSwapPredictor(Predictor):
+    """vLLM-style swapping: blocks swapped out (device to host) come back in later, FIFO
+    across layers within a preempted request and LIFO across preempted requests.
+
+    A *group* is one request's swap-out: a run of device-to-host copies that goes through
+    the layers in order; a new group starts when the copies return to the group's first
+    layer. Predicted next: the most recently swapped-out group's blocks, in the order
+    they left.
+
+    >>> p = KVSwapPredictor()
+    >>> for group in (["a", "b"], ["c", "d"]):          # two requests preempted
+    ...     for layer in ("L0", "L1"):
+    ...         for block in group:
+    ...             p.observe(TransferEvent(layer, ord(block) * 10, 10, "d2h"))
+    >>> [(x.region, x.offset) for x in p.predict(4)]      # the newest group first
+    [('L0', 990), ('L0', 1000), ('L1', 990), ('L1', 1000)]
+    """
+
+    name = "kvswap"
+
+    def __init__(self, max_groups: int = 4096):
+        self.max_groups = max_groups
+        self.reset()
+
+    def reset(self) -> None:
+        self._groups: list[deque] = []       # a stack; the newest group last
+        self._open: deque | None = None      # the swap-out being observed
+        self._first: str | None = None
+        self._last: str | None = None
+
+    def observe(self, event: TransferEvent) -> None:
+        key = (event.region, event.offset, event.nbytes)
+        if event.direction == "d2h":
+            if self._open is not None and event.region == self._first and self._last != event.region:
+                self._close()
+            if self._open is None:
+                self._open, self._first = deque(), event.region
+            self._open.append(key)
+            self._last = event.region
+            return
+        self._close()
+        groups = self._groups
+        for g in range(len(groups) - 1, -1, -1):  # newest first
+            group = groups[g]
+            if group and group[0] == key:
+                group.popleft()
+            elif key in group:
+                group.remove(key)
+            else:
+                continue
+            if not group:
+                del groups[g]
+            return
+
+    def _close(self) -> None:
+        if self._open:
+            self._groups.append(self._open)
+            if len(self._groups) > self.max_groups:
+                del self._groups[0]
+        self._open, self._first, self._last = None, None, None
+
+    def predict(self, k: int) -> list[Prediction]:
+        out = []
+        groups = list(self._groups) + ([self._open] if self._open else [])
+        for group in reversed(groups):
+            for key in group:
+                out.append(Prediction._make(key))
+                if len(out) >= k:
+                    return out
+        return out
+
+
+class LRUPredictor(Predictor):
+    """Offload pools with LRU eviction (vLLM's offloading connector, LMCache): blocks
+    stored to the host come back when a request reuses their prefix, and a prefix comes
+    back in the order it was stored. After a load of a stored block, the blocks stored
+    right after it are predicted next; with nothing loaded yet, the most recently stored
+    blocks (the pool's MRU end) are.
+
+    >>> p = LRUPredictor()
+    >>> for off in (0, 10, 20, 30):
+    ...     p.observe(TransferEvent("pool", off, 10, "d2h"))
+    >>> p.observe(TransferEvent("pool", 10, 10))
+    >>> [x.offset for x in p.predict(2)]
+    [20, 30]
+    """
+
+    name = "lru"
+
+    def __init__(self, capacity: int = 65536):
+        self.capacity = capacity
+        self.reset()
+
+    def reset(self) -> None:
+        self._order: OrderedDict[tuple, None] = OrderedDict()   # stored blocks, oldest first
+        self._after: dict[tuple, tuple] = {}                     # block -> block stored right after it
+        self._last_store: tuple | None = None
+        self._cursor: tuple | None = None
+
+    def observe(self, event: TransferEvent) -> None:
+        key = (event.region, event.offset, event.nbytes)
+        if event.direction == "d2h":
+            if self._last_store is not None:
+                self._after[self._last_store] = key
+            self._last_store = key
+            self._order[key] = None
+            self._order.move_to_end(key)
+            while len(self._order) > self.capacity:
+                old, _ = self._order.popitem(last=False)
+                self._after.pop(old, None)
+            return
+        if key in self._order:
+            self._order.move_to_end(key)  # a hit refreshes it
+        self._cursor = key
+
+    def predict(self, k: int) -> list[Prediction]:
+        out, key, seen = [], self._cursor, set()
+        while key is not None and len(out) < k:
+            key = self._after.get(key)
+            if key is None or key in seen or key not in self._order:
+                break
+            seen.add(key)
+            out.append(Prediction._make(key))
+        if not out:
+            out = [Prediction._make(key) for key in reversed(self._order)][:k]
+        return out
