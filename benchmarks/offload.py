@@ -117,7 +117,7 @@ def hit_path(chunks: int, layers: int = 8, chunk_size: int = 64 * 1024, repeats:
     predictor (planning the next speculation is a worker's job). Best of ``repeats``."""
     nbytes = chunks * chunk_size
     best = None
-    with pipellm.Pipeline(device="emulated", mode="pipellm", chunk_size=chunk_size,
+    with pipellm.Pipeline(device="emulated", mode="pipellm", chunk_size=chunk_size, min_speculative_bytes=0,
                           depth_bytes=(layers * chunks * 2 + 4) * (chunk_size + 4096),
                           depth_messages=4 * layers * (chunks + 1), bounce_bytes=4 * (chunk_size + 4096)) as pipe:
         regions = [pipe.register(pipellm.empty(nbytes, np.uint8), name=f"layer{i}") for i in range(layers)]

@@ -99,6 +99,59 @@ def _bench(args) -> int:
     return 0
 
 
+def _replay(args) -> int:
+    from .traces import read, replay_many
+
+    traces = [read(path) for path in args.traces]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    predictors = [p.strip() for p in args.predictor.split(",") if p.strip()]
+    options = {"iv_order": args.iv_order}
+    if args.workers:
+        options["workers"] = args.workers
+    total = len(traces) * sum(len(predictors) if m == "pipellm" else 1 for m in modes)
+    with tqdm(total=total, desc="replay", unit="run", disable=args.no_progress, file=sys.stderr, leave=False) as bar:
+        rows = replay_many(traces, modes, predictors, progress=bar.update, **options)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0 if all(r["verified"] for r in rows) else 1
+    print(f"{'workload':<28} {'mode':<8} {'predictor':<10} {'time ms':>9} {'vs plain':>9} {'hit rate':>9} "
+          f"{'warm':>7} {'NOPs':>6} {'relinq':>7} {'re-enc MiB':>10} verified")
+    for r in rows:
+        over = "" if r.get("overhead_vs_plain") is None else f"{r['overhead_vs_plain']:+.1%}"
+        print(f"{r['workload']:<28} {r['mode']:<8} {r['predictor']:<10} {r['time_s'] * 1e3:>9.1f} {over:>9} "
+              f"{r['hit_rate']:>9.3f} {r['hit_rate_after_first_pass']:>7.3f} {r['nops']:>6} {r['relinquishes']:>7} "
+              f"{r['reencrypted_bytes'] / 2**20:>10.1f} {r['verified']}")
+    print("time: the emulated device's modelled time (wall minus emulation stall); warm: hit rate after "
+          "the first pass")
+    return 0 if all(r["verified"] for r in rows) else 1
+
+
+def _predictors(args) -> int:
+    from .predictors import available
+
+    for name, origin in sorted(available().items()):
+        print(f"{name:<12} {origin}")
+    return 0
+
+
+def _generate(args) -> int:
+    from .traces import generate, write
+
+    names = list(generate.WORKLOADS) + [f"mixed-{w}" for w in ("accelerate", "vllm-swap")] \
+        if args.workload == "all" else [args.workload]
+    if args.workload == "all":
+        os.makedirs(args.out, exist_ok=True)
+    for name in names:
+        trace = generate.generate(name, args.model) if args.model else generate.generate(name)
+        path = os.path.join(args.out, f"{trace.workload}.jsonl.gz") if args.workload == "all" else args.out
+        write(path, trace.workload, trace.records, trace.meta)
+        print(f"wrote {path}: {len(trace.records)} records", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pipellm", description="Fast confidential host<->GPU transfers.")
     parser.add_argument("--version", action="version", version=f"pipellm {__version__}")
@@ -121,6 +174,29 @@ def main(argv: list[str] | None = None) -> int:
                        help="crypto: most worker threads (default: cores); offload: pipellm workers (default: cores - 1)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(run=_bench)
+
+    replay = sub.add_parser("replay", help="replay traces on the emulated device, modes side by side")
+    replay.add_argument("traces", nargs="+", metavar="TRACE")
+    replay.add_argument("--modes", default="plain,cc,pipellm", help="comma-separated (default plain,cc,pipellm)")
+    replay.add_argument("--predictor", default="layerwise", help="pipellm predictor(s), comma-separated")
+    replay.add_argument("--iv-order", choices=("strict", "window"), default="strict")
+    replay.add_argument("--workers", type=int, default=None)
+    replay.add_argument("--json", action="store_true", help="print a JSON list, one object per run")
+    replay.add_argument("--out", metavar="FILE", help="write the rows as JSON to FILE")
+    replay.add_argument("--no-progress", action="store_true")
+    replay.set_defaults(run=_replay)
+
+    preds = sub.add_parser("predictors", help="list the predictors (built-in and plugins) and where they come from")
+    preds.set_defaults(run=_predictors)
+
+    traces = sub.add_parser("traces", help="trace tools")
+    traces_sub = traces.add_subparsers(dest="traces_command", required=True)
+    gen = traces_sub.add_parser("generate", help="generate a workload trace (or 'all' into a folder)")
+    gen.add_argument("workload", help="accelerate, flexgen, lora, moe, vllm-swap, mixed-<name>, or all")
+    gen.add_argument("-o", "--out", required=True, help="output file (.jsonl or .jsonl.gz), or folder for 'all'")
+    gen.add_argument("--model", default=None, help="model shape (opt-13b, opt-30b, opt-66b, opt-175b, llama-7b, "
+                                                   "mixtral-8x7b)")
+    gen.set_defaults(run=_generate)
 
     args = parser.parse_args(argv)
     if getattr(args, "repeats", 1) < 1:

@@ -11,13 +11,23 @@ from .base import Prediction, Predictor, TransferEvent
 class LayerwisePredictor(Predictor):
     """Learns the repeating order of host-to-device loads (FlexGen, accelerate, DeepSpeed).
 
-    The next *region* comes from the longest recent context seen before (up to ``order``
-    previous loads), so repeated orders with shared stretches are told apart: training's
-    forward-then-backward (``... a1 b1 a2 b2`` then ``b2 a2 b1 a1 ...``), several
-    micro-batches per layer, small irregular tensors between layers. The *span* of a
-    predicted load follows each region's own history: same offset and size as last time,
-    plus the change seen between its last two loads (a KV cache that grows by one token
-    per step). Nothing is predicted before a context has been seen once.
+    Two models predict the next *region*, and the one that has been right more often
+    lately wins (a tournament, as in branch predictors):
+
+    - an exact context model: the region that followed the longest recent context seen
+      before (up to ``order`` loads), which tells repeated orders with shared stretches
+      apart (several micro-batches per layer, small irregular tensors between layers);
+    - a walk model over positions in the first-seen order: the step (position delta)
+      that followed the last two steps most often. Training's backward pass walks the
+      layers in reverse but each layer's tensors forwards (steps +1, -3, +1, -3, ...): the
+      walk model predicts it from its first layers on, before the exact contexts of a
+      backward pass have ever been seen.
+
+    An exact context of full length always wins. The *span* of a predicted load follows
+    the region's own history (same offset and size as last time, plus the change seen
+    between its last two loads: a KV cache that grows by one token per step), or, for a
+    region seen once, the change its look-alikes (same previous span) made. Nothing is
+    predicted before something has been seen.
 
     >>> p = LayerwisePredictor()
     >>> for step in range(2):
@@ -25,6 +35,12 @@ class LayerwisePredictor(Predictor):
     ...         p.observe(TransferEvent(layer, 0, 100 + 10 * step))
     >>> [(x.region, x.nbytes) for x in p.predict(3)]
     [('l0', 120), ('l1', 120), ('l2', 120)]
+    >>> p = LayerwisePredictor()
+    >>> forward = [f"l{i}.{t}" for i in range(6) for t in "af"]
+    >>> for region in forward + ["l5.a", "l5.f", "l4.a", "l4.f", "l3.a", "l3.f"]:   # then backward
+    ...     p.observe(TransferEvent(region, 0, 10))
+    >>> [x.region for x in p.predict(4)]
+    ['l2.a', 'l2.f', 'l1.a', 'l1.f']
     """
 
     name = "layerwise"
@@ -38,41 +54,76 @@ class LayerwisePredictor(Predictor):
         self._next: dict[tuple, str] = {}
         self._span: dict[str, tuple[int, int, int, int]] = {}   # offset, nbytes, d_offset, d_nbytes
         self._seen: dict[str, int] = {}
-        # the change last seen for a region whose previous load had this (offset, nbytes):
-        # lets a region seen once already follow the step its look-alikes took (FlexGen's
-        # KV caches all grow by one token per step)
         self._step_like: dict[tuple[int, int], tuple[int, int]] = {}
+        self._position: dict[str, int] = {}
+        self._by_position: list[str] = []
+        self._steps: deque = deque(maxlen=2)
+        self._step_counts: dict[tuple, dict[int, int]] = {}
+        self._score = {"context": 0.5, "walk": 0.5}
+
+    def _guess(self, history: list, steps: list) -> tuple[str | None, str | None, int]:
+        """(context model's region, walk model's region, context length used)."""
+        context, n = None, 0
+        for n in range(min(self.order, len(history)), 0, -1):
+            context = self._next.get(tuple(history[-n:]))
+            if context is not None:
+                break
+        walk = None
+        if len(steps) >= 2:
+            counts = self._step_counts.get(tuple(steps[-2:]))
+            if counts:
+                target = self._position[history[-1]] + max(counts, key=counts.get)
+                if 0 <= target < len(self._by_position):
+                    walk = self._by_position[target]
+        return context, walk, n
+
+    def _choose(self, context, walk, n):
+        if context is not None and (n >= self.order or walk is None):
+            return context
+        if walk is not None and (context is None or self._score["walk"] > self._score["context"]):
+            return walk
+        return context
 
     def observe(self, event: TransferEvent) -> None:
         if event.direction != "h2d":
             return
         region = event.region
-        history = tuple(self._history)
+        history = list(self._history)
+        if history:
+            context, walk, _ = self._guess(history, list(self._steps))
+            for model, guess in (("context", context), ("walk", walk)):
+                if guess is not None:
+                    self._score[model] += 0.25 * ((guess == region) - self._score[model])
+        if region not in self._position:
+            self._position[region] = len(self._by_position)
+            self._by_position.append(region)
+        if history:
+            step = self._position[region] - self._position[history[-1]]
+            if len(self._steps) == 2:
+                counts = self._step_counts.setdefault(tuple(self._steps), {})
+                counts[step] = counts.get(step, 0) + 1
+            self._steps.append(step)
         for n in range(1, len(history) + 1):
-            self._next[history[-n:]] = region
+            self._next[tuple(history[-n:])] = region
         last = self._span.get(region)
         if last is None:
             self._span[region] = (event.offset, event.nbytes, 0, 0)
         else:
-            step = (event.offset - last[0], event.nbytes - last[1])
-            self._span[region] = (event.offset, event.nbytes, *step)
-            self._step_like[(last[0], last[1])] = step
+            change = (event.offset - last[0], event.nbytes - last[1])
+            self._span[region] = (event.offset, event.nbytes, *change)
+            self._step_like[(last[0], last[1])] = change
         self._seen[region] = self._seen.get(region, 0) + 1
         self._history.append(region)
 
     def predict(self, k: int) -> list[Prediction]:
-        history = list(self._history)
+        history, steps = list(self._history), list(self._steps)
         seen: dict[str, int] = {}
         out = []
-        nexts, order = self._next, self.order
-        while len(out) < k:
-            region = None
-            for n in range(min(order, len(history)), 0, -1):
-                region = nexts.get(tuple(history[-n:]))
-                if region is not None:
-                    break
+        while len(out) < k and history:
+            region = self._choose(*self._guess(history, steps))
             if region is None:
                 break
+            steps.append(self._position[region] - self._position[history[-1]])
             times = seen[region] = seen.get(region, 0) + 1
             offset, nbytes, d_offset, d_nbytes = self._span[region]
             if self._seen[region] == 1:

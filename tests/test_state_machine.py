@@ -25,7 +25,8 @@ class Speculation(RuleBasedStateMachine):
         self.watching.__enter__()
         self.pipe = pipellm.Pipeline(device="emulated", mode="pipellm", chunk_size=CHUNK, workers=workers,
                                      bounce_bytes=32 * 8192, depth_bytes=24 * 8192, depth_messages=20,
-                                     iv_order=iv_order, iv_window=64, rotate_after=11, timeout=TIMEOUT)
+                                     iv_order=iv_order, iv_window=64, rotate_after=11, timeout=TIMEOUT,
+                                     min_speculative_bytes=2 * CHUNK)  # both paths: ahead and held
         rng = np.random.default_rng(0)
         self.regions = []
         for i, n in enumerate(SIZES):

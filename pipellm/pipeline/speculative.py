@@ -86,7 +86,7 @@ class SpeculativeEngine(CCEngine):
 
     def __init__(self, device, *, timeout, chunk_size, bounce_bytes, rotate_after, predictor: Predictor,
                  regions: dict, workers: int, depth_bytes: int, depth_messages: int, iv_order: str,
-                 iv_window: int, lookahead: int):
+                 iv_window: int, lookahead: int, min_speculative_bytes: int):
         window = iv_window if iv_order == "window" else 0
         super().__init__(device, timeout=timeout, chunk_size=chunk_size, bounce_bytes=bounce_bytes,
                          rotate_after=rotate_after, window=window)
@@ -95,6 +95,7 @@ class SpeculativeEngine(CCEngine):
         self._regions = regions  # name -> Region, the pipeline's live table
         self.depth_messages = depth_messages
         self.lookahead = lookahead
+        self.min_speculative_bytes = min_speculative_bytes
         self.spec_pool = make_pool("depth_bytes", depth_bytes, chunk_size + TAG_BYTES, minimum=1)
         self.cmd_pool = make_pool("command slots", 16 * slot_bytes_for(GO_BODY.size), GO_BODY.size + TAG_BYTES)
         self._cond = threading.Condition(threading.Lock())
@@ -108,10 +109,11 @@ class SpeculativeEngine(CCEngine):
         self._dropped: OrderedDict[tuple, int] = OrderedDict()  # keys whose speculation was lost
         self._stopping = False
         self._replenish_pending = False
+        self._receive_pending = False
         self.counts = dict.fromkeys(
             ("hits", "misses", "stale", "nops", "skipped_messages", "relinquishes", "reencrypted_bytes",
              "wasted_bytes", "speculative_bytes", "stolen_chunks", "worker_errors", "async_decrypted_bytes",
-             "expired", "probes"), 0)
+             "expired", "probes", "held_places"), 0)
         self._accuracy = 1.0   # recent hit ratio of requests that met queued speculation
         self._requests = 0
         self._probe_every = PROBE_EVERY
@@ -175,6 +177,8 @@ class SpeculativeEngine(CCEngine):
         """Nothing was written to the item's bytes since they were encrypted: no
         application write (page protection / explicit reports) since its token, no
         library write (device-to-host commit) into any encrypted chunk's span since."""
+        if not item.chunks:  # a place held, sealed on demand: always current
+            return True
         region = item.region
         if not region.unchanged_since(item.token):
             return False
@@ -209,6 +213,24 @@ class SpeculativeEngine(CCEngine):
         self._high = self._expect - 1
 
     def _send_item(self, item: _Item, dst, dst_offset, stream) -> None:
+        if not item.chunks:  # a held place: seal the data now, under the index kept for it
+            self.counts["hits"] += 1
+            self.counts["held_places"] += 1
+            ticket = self._go_tickets.pop(item.go.index)
+            slot = self.pool.acquire(item.nbytes + TAG_BYTES, self.timeout)
+            try:
+                msg = self.sealer.seal_into(ticket, Kind.DATA, dst.id, dst_offset,
+                                            item.region.view[item.offset:item.offset + item.nbytes],
+                                            slot.view(item.nbytes + TAG_BYTES))
+                op = self.device.submit_messages(stream, self.session, (msg,))
+            except BaseException:
+                self.pool.release(slot)
+                raise
+            self.pool.retire(slot, op)
+            self._high = max(self._high, ticket.index)
+            if not self.window:
+                self._expect = ticket.index + 1
+            return
         with self._cond:
             waiting = [c for c in item.chunks if c.state != READY]
             while item.go_busy:  # a worker is sealing the GO ahead: it takes microseconds
@@ -318,10 +340,14 @@ class SpeculativeEngine(CCEngine):
             if p in by_key:
                 continue
             region = self._regions.get(p.region)
-            if region is None or region.guard is None or p.nbytes <= 0 or p.offset < 0 \
-                    or p.offset + p.nbytes > region.nbytes:
+            if region is None or p.nbytes <= 0 or p.offset < 0 or p.offset + p.nbytes > region.nbytes:
                 continue
             key = (p.region, p.offset, p.nbytes)
+            if p.nbytes < self.min_speculative_bytes and p.nbytes <= chunk_size:
+                self._hold_place(key, region, p)
+                continue
+            if region.guard is None:  # untracked memory: never encrypted ahead
+                continue
             n = -(-p.nbytes // chunk_size)
             if self._queued_messages + n + 1 > self.depth_messages:
                 break
@@ -347,6 +373,21 @@ class SpeculativeEngine(CCEngine):
                 if item.go_dst is not None:
                     self._tasks.append((item, None))
                 self._cond.notify_all()
+
+    def _hold_place(self, key, region, p) -> None:
+        """A small predicted transfer is not encrypted ahead (its AES costs less than the
+        speculation would): it only keeps its place in the channel's order, an index it
+        will be sealed under, on demand, when requested. Strict order then needs no SKIP
+        for it, and nothing of it is exposed before the request."""
+        if self._queued_messages + 1 > self.depth_messages:
+            return
+        (ticket,) = self.sealer.reserve_run(1)
+        self._go_tickets[ticket.index] = ticket
+        item = _Item(key, region, p.offset, p.nbytes, None, ticket, [], None)
+        with self._cond:
+            self._items.append(item)
+            self._by_key[key] = item
+            self._queued_messages += 1
 
     def _remove(self, item: _Item) -> None:
         """Take an item out of the queue (engine lock held)."""
@@ -479,16 +520,21 @@ class SpeculativeEngine(CCEngine):
     def delivered(self, msg) -> None:
         super().delivered(msg)
         with self._cond:
-            self._tasks.appendleft(_RECEIVE)
-            self._cond.notify()
+            if not self._receive_pending:  # one task drains everything delivered by then
+                self._receive_pending = True
+                self._tasks.appendleft(_RECEIVE)
+                self._cond.notify()
 
     def _receive_async(self) -> None:
+        with self._cond:
+            self._receive_pending = False
         with self._recv_lock:
-            if not self._expected:
-                return
-            head = self._expected[0]
-            if self._receive_head(self.timeout) and head.error is None:
-                self.counts["async_decrypted_bytes"] += head.nbytes
+            while self._expected and self._inbox:
+                head = self._expected[0]
+                if not self._receive_head(self.timeout):
+                    return
+                if head.error is None:
+                    self.counts["async_decrypted_bytes"] += head.nbytes
 
     # -- lifetime -------------------------------------------------------------------------------
     def adopt(self, region) -> None:
