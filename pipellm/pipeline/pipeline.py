@@ -110,6 +110,7 @@ class Pipeline:
         self.timeout = timeout
         self.chunk_size = chunk_size
         self._closed = False
+        self._recorder = None
         self._regions: dict[int, Region] = {}
         self._names: dict[str, Region] = {}
         self._region_ids = itertools.count(1)
@@ -133,11 +134,12 @@ class Pipeline:
         self._started = perf_counter()
 
     # -- regions ---------------------------------------------------------------------------------
-    def register(self, array, name: str | None = None, *, tracking: str = "auto") -> Region:
+    def register(self, array, name: str | None = None, *, tracking: str = "auto", kind: str = "other") -> Region:
         """Wrap host memory (a C-contiguous numpy array or buffer) for transfers, without
         copying it. ``name`` must be unique in this pipeline. ``tracking`` says how writes
         are caught (see :class:`Region`): ``"auto"`` protects library-owned memory
-        (:func:`pipellm.empty`) and leaves other memory untracked (never speculated on)."""
+        (:func:`pipellm.empty`) and leaves other memory untracked (never speculated on).
+        ``kind`` (weight, kv, activation, other) labels the region in recorded traces."""
         self._check()
         host = as_host_array(array)
         if name is not None and not isinstance(name, str):
@@ -151,13 +153,18 @@ class Pipeline:
             region = Region(self, region_id, name, host, tracking)
             self._regions[region_id] = region
             self._names[name] = region
+        region.kind = kind
         self._engine.adopt(region)
+        if self._recorder is not None:
+            self._recorder.region(region)
         return region
 
     def unregister(self, region: Region) -> None:
         """Forget a region; its device copy (if the pipeline made one) is freed."""
         check_region(self, region)
         self.synchronize()
+        if self._recorder is not None:
+            self._recorder.free(region)
         with self._lock:
             region.registered = False
             self._regions.pop(region.id, None)
@@ -201,6 +208,8 @@ class Pipeline:
             dst_offset = 0 if dst_offset is None else check_int("dst_offset", dst_offset)
             if dst_offset + nbytes > dst.nbytes:
                 raise ArgumentError(f"{nbytes} bytes at dst_offset {dst_offset} do not fit in {dst!r}")
+        if self._recorder is not None:
+            self._recorder.h2d(region, offset, nbytes, stream)
         self._engine.to_device(region, offset, nbytes, dst, dst_offset, stream)
         return dst
 
@@ -218,12 +227,17 @@ class Pipeline:
         if src_offset + nbytes > src.nbytes:
             raise ArgumentError(f"{nbytes} bytes at src_offset {src_offset} are out of range of {src!r}")
         stream = self.device.check_stream(stream)
+        if self._recorder is not None:
+            self._recorder.d2h(region, offset, nbytes, stream)
         return self._engine.to_host(src, src_offset, region, offset, nbytes, stream)
 
     def compute(self, us: float, *, stream: Stream | None = None) -> None:
         """Device work of ``us`` microseconds on ``stream`` (modelled on the emulated device)."""
         self._check()
-        self.device.compute(us, stream=self.device.check_stream(stream))
+        stream = self.device.check_stream(stream)
+        if self._recorder is not None:
+            self._recorder.compute(us, stream)
+        self.device.compute(us, stream=stream)
 
     def wait_speculation(self, timeout: float | None = None) -> None:
         """``pipellm`` mode: block until the workers have planned and encrypted everything
@@ -232,6 +246,17 @@ class Pipeline:
         wait = getattr(self._engine, "wait_speculation", None)
         if wait is not None and not wait(self.timeout if timeout is None else timeout):
             raise TransferTimeoutError(f"speculation did not settle within {timeout} s")
+
+    def record(self, path, *, workload: str = "", meta: dict | None = None):
+        """Record this pipeline's traffic from now on as a trace file (version 1; ``.gz``
+        for gzip): ``with pipe.record("run.jsonl.gz"): ...``. Returns the recorder."""
+        self._check()
+        from ..traces.record import TraceRecorder
+
+        if self._recorder is not None:
+            raise ArgumentError("this pipeline is already recording; close that recorder first")
+        self._recorder = TraceRecorder(self, path, workload, meta)
+        return self._recorder
 
     def stream(self) -> Stream:
         """A new device stream."""
@@ -242,6 +267,8 @@ class Pipeline:
         """Wait until every transfer submitted so far (on ``stream``, or all) has landed;
         raise :class:`~pipellm.IntegrityError` if any failed authentication."""
         self._check()
+        if self._recorder is not None:
+            self._recorder.sync(stream)
         try:
             self.device.synchronize(stream, timeout=self.timeout)
             self._engine.drain(self.timeout)
@@ -296,6 +323,8 @@ class Pipeline:
             pass  # reported below if it was an integrity failure; close goes on regardless
         finally:
             self._closed = True
+            if self._recorder is not None:
+                self._recorder.close()
             failure = self._engine.failure()
             self._engine.close()
             for region in self._regions.values():

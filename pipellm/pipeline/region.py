@@ -36,7 +36,7 @@ class Region:
 
     __slots__ = ("name", "id", "_array", "view", "nbytes", "dtype", "shape", "readonly",
                  "owner", "device_buffer", "registered", "tracking", "guard", "incoming", "outgoing",
-                 "_alias", "lib_seq", "_lib_log")
+                 "_alias", "lib_seq", "_lib_log", "kind")
 
     def __init__(self, owner, id: int, name: str, array: np.ndarray, tracking: str):
         self.owner, self.id, self.name = owner, id, name
@@ -62,6 +62,7 @@ class Region:
             self._alias = buffer.alias()[start:start + self.nbytes]
         self.lib_seq = 0
         self._lib_log: deque = deque(maxlen=LIBRARY_LOG)
+        self.kind = "other"
 
     def view_address(self) -> int:
         return self._array.__array_interface__["data"][0]

@@ -117,7 +117,8 @@ def _run(pipe: Pipeline, trace: Trace) -> dict:
             pipe.synchronize(None if rec.stream is None else stream(rec.stream))
         elif op == "region":  # the application allocating memory: not the library's time
             with held():
-                regions[rec.region] = pipe.register(_fill(rec.nbytes, (len(regions) * 7 + 1) % 256), name=rec.region)
+                regions[rec.region] = pipe.register(_fill(rec.nbytes, (len(regions) * 7 + 1) % 256), name=rec.region,
+                                                    kind=rec.kind)
                 model[rec.region] = np.zeros(rec.nbytes, np.uint8)
         elif op == "free":
             pipe.synchronize()
