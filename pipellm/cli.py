@@ -35,18 +35,21 @@ def _info(args) -> int:
     return 0
 
 
-BENCHES = ("crypto", "transfer", "offload")
+BENCHES = ("crypto", "transfer", "offload", "predictors")
 
 
 def _bench_module(name: str):
-    from .benchmarks import crypto, offload, transfer
-    return {"crypto": crypto, "transfer": transfer, "offload": offload}[name]
+    from .benchmarks import crypto, offload, predictors, transfer
+    return {"crypto": crypto, "transfer": transfer, "offload": offload, "predictors": predictors}[name]
 
 
 def _run_bench(name: str, args) -> dict:
     module = _bench_module(name)
     kwargs = {"repeats": args.repeats}
-    if name == "offload":
+    if name == "predictors":
+        kwargs.update(quick=args.quick)
+        total = module.points(args.quick)
+    elif name == "offload":
         kwargs.update(quick=args.quick, workers=args.workers)
         total = module.points(args.quick, args.repeats)
     elif name == "crypto":
@@ -137,6 +140,18 @@ def _predictors(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from .predictors import LearnedPredictor
+    from .traces import read
+
+    model = LearnedPredictor().fit([read(path) for path in args.traces])
+    model.save(args.out)
+    from .predictors.learned import FEATURES
+    weights = ", ".join(f"{n}={w:+.2f}" for n, w in zip(FEATURES, model.coef_))
+    print(f"wrote {args.out}: {weights}, intercept={model.intercept_:+.2f}", file=sys.stderr)
+    return 0
+
+
 def _generate(args) -> int:
     from .traces import generate, write
 
@@ -188,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
 
     preds = sub.add_parser("predictors", help="list the predictors (built-in and plugins) and where they come from")
     preds.set_defaults(run=_predictors)
+    preds_sub = preds.add_subparsers(dest="predictors_command")
+    train = preds_sub.add_parser("train", help="train the learned predictor on traces")
+    train.add_argument("traces", nargs="+", metavar="TRACE")
+    train.add_argument("-o", "--out", required=True, help="the model file to write (JSON)")
+    train.set_defaults(run=_train)
 
     traces = sub.add_parser("traces", help="trace tools")
     traces_sub = traces.add_subparsers(dest="traces_command", required=True)

@@ -13,13 +13,14 @@ from importlib.metadata import entry_points
 from pipellm.errors import ArgumentError, ArgumentTypeError
 
 from .base import Prediction, Predictor, TransferEvent
+from .learned import LearnedPredictor
 from .oracle import OraclePredictor
 from .rules import KVSwapPredictor, LayerwisePredictor, LRUPredictor
 from .simple import NonePredictor, SequencePredictor
 
 GROUP = "pipellm.predictors"
 BUILTIN = {"none": NonePredictor, "sequence": SequencePredictor, "layerwise": LayerwisePredictor,
-           "kvswap": KVSwapPredictor, "lru": LRUPredictor, "oracle": OraclePredictor}
+           "kvswap": KVSwapPredictor, "lru": LRUPredictor, "oracle": OraclePredictor, "learned": LearnedPredictor}
 
 
 def available() -> dict[str, str]:
@@ -48,19 +49,25 @@ def _load(name: str):
 
 
 def get(predictor, **options) -> Predictor:
-    """A predictor from a name (with options) or an instance (returned as is)."""
+    """A predictor from a name (with options; ``"learned:PATH"`` loads a model file) or
+    an instance (returned as is)."""
     if isinstance(predictor, Predictor):
         if options:
             raise ArgumentError("options can't be applied to a predictor instance")
         return predictor
     if not isinstance(predictor, str):
         raise ArgumentTypeError(f"predictor must be a name or a Predictor, got {type(predictor).__name__}")
+    name, _, model = predictor.partition(":")  # "learned:model.json": a model file by path
+    if model:
+        options.setdefault("model", model)
+        predictor = name
     cls = _load(predictor)
     if cls is None:
         raise ArgumentError(f"unknown predictor {predictor!r}; available: {', '.join(sorted(available()))}")
     return cls(**options)
 
 
-__all__ = ["GROUP", "KVSwapPredictor", "LRUPredictor", "LayerwisePredictor", "NonePredictor", "OraclePredictor",
+__all__ = ["GROUP", "KVSwapPredictor", "LRUPredictor", "LayerwisePredictor", "LearnedPredictor", "NonePredictor",
+           "OraclePredictor",
            "Prediction", "Predictor", "SequencePredictor", "TransferEvent",
            "available", "get"]

@@ -59,20 +59,28 @@ class LayerwisePredictor(Predictor):
         self._by_position: list[str] = []
         self._steps: deque = deque(maxlen=2)
         self._step_counts: dict[tuple, dict[int, int]] = {}
+        self._step_best: dict[tuple, int] = {}
         self._score = {"context": 0.5, "walk": 0.5}
+        # the predicted chain of regions and the state at its end, kept while what is
+        # observed follows it and nothing learned would change it (observe + predict then
+        # cost one step, not k)
+        self._chain: list[str] | None = None
+        self._tail: tuple[list, list] = ([], [])
+        self._chain_ended = False
 
-    def _guess(self, history: list, steps: list) -> tuple[str | None, str | None, int]:
+    def _guess(self, history, steps) -> tuple[str | None, str | None, int]:
         """(context model's region, walk model's region, context length used)."""
         context, n = None, 0
+        nexts = self._next
         for n in range(min(self.order, len(history)), 0, -1):
-            context = self._next.get(tuple(history[-n:]))
+            context = nexts.get(tuple(history[-n:]))
             if context is not None:
                 break
         walk = None
         if len(steps) >= 2:
-            counts = self._step_counts.get(tuple(steps[-2:]))
-            if counts:
-                target = self._position[history[-1]] + max(counts, key=counts.get)
+            step = self._step_best.get((steps[-2], steps[-1]))
+            if step is not None:
+                target = self._position[history[-1]] + step
                 if 0 <= target < len(self._by_position):
                     walk = self._by_position[target]
         return context, walk, n
@@ -88,23 +96,37 @@ class LayerwisePredictor(Predictor):
         if event.direction != "h2d":
             return
         region = event.region
-        history = list(self._history)
+        history = self._history
+        changed = False
         if history:
-            context, walk, _ = self._guess(history, list(self._steps))
+            context, walk, _ = self._guess(tuple(history), tuple(self._steps))
+            before = self._score["walk"] > self._score["context"]
             for model, guess in (("context", context), ("walk", walk)):
                 if guess is not None:
                     self._score[model] += 0.25 * ((guess == region) - self._score[model])
+            changed = before != (self._score["walk"] > self._score["context"])
         if region not in self._position:
             self._position[region] = len(self._by_position)
             self._by_position.append(region)
+            changed = True
         if history:
             step = self._position[region] - self._position[history[-1]]
             if len(self._steps) == 2:
-                counts = self._step_counts.setdefault(tuple(self._steps), {})
+                key = (self._steps[0], self._steps[1])
+                counts = self._step_counts.setdefault(key, {})
                 counts[step] = counts.get(step, 0) + 1
+                best = max(counts, key=counts.get)
+                if self._step_best.get(key) != best:
+                    self._step_best[key] = best
+                    changed = True
             self._steps.append(step)
-        for n in range(1, len(history) + 1):
-            self._next[tuple(history[-n:])] = region
+        context = tuple(history)
+        nexts = self._next
+        for n in range(1, len(context) + 1):
+            key = context[-n:]
+            if nexts.get(key) != region:
+                nexts[key] = region
+                changed = True
         last = self._span.get(region)
         if last is None:
             self._span[region] = (event.offset, event.nbytes, 0, 0)
@@ -113,17 +135,29 @@ class LayerwisePredictor(Predictor):
             self._span[region] = (event.offset, event.nbytes, *change)
             self._step_like[(last[0], last[1])] = change
         self._seen[region] = self._seen.get(region, 0) + 1
-        self._history.append(region)
+        history.append(region)
+        chain = self._chain
+        if not changed and chain and chain[0] == region:
+            chain.pop(0)
+        else:
+            self._chain = None
 
     def predict(self, k: int) -> list[Prediction]:
-        history, steps = list(self._history), list(self._steps)
-        seen: dict[str, int] = {}
-        out = []
-        while len(out) < k and history:
+        if self._chain is None:
+            self._chain, self._tail, self._chain_ended = [], (list(self._history), list(self._steps)), False
+        chain, (history, steps) = self._chain, self._tail
+        while len(chain) < k and history and not self._chain_ended:
             region = self._choose(*self._guess(history, steps))
             if region is None:
+                self._chain_ended = True
                 break
             steps.append(self._position[region] - self._position[history[-1]])
+            history.append(region)
+            if len(history) > self.order:
+                del history[0], steps[0]
+            chain.append(region)
+        out, seen = [], {}
+        for region in chain[:k]:
             times = seen[region] = seen.get(region, 0) + 1
             offset, nbytes, d_offset, d_nbytes = self._span[region]
             if self._seen[region] == 1:
@@ -132,9 +166,6 @@ class LayerwisePredictor(Predictor):
             if nbytes <= 0 or offset < 0:
                 break
             out.append(Prediction(region, offset, nbytes))
-            history.append(region)
-            if len(seen) > 4 * k:  # a cycle shorter than k: stop rather than repeat it forever
-                break
         return out
 
 
@@ -180,17 +211,18 @@ class KVSwapPredictor(Predictor):
             return
         self._close()
         groups = self._groups
-        for g in range(len(groups) - 1, -1, -1):  # newest first
-            group = groups[g]
-            if group and group[0] == key:
-                group.popleft()
-            elif key in group:
-                group.remove(key)
-            else:
-                continue
-            if not group:
-                del groups[g]
+        if groups and groups[-1] and groups[-1][0] == key:   # the common case: in order
+            groups[-1].popleft()
+            if not groups[-1]:
+                groups.pop()
             return
+        for g in range(len(groups) - 1, max(-1, len(groups) - 1 - 64), -1):  # newest first, bounded
+            group = groups[g]
+            if key in group:
+                group.remove(key)
+                if not group:
+                    del groups[g]
+                return
 
     def _close(self) -> None:
         if self._open:

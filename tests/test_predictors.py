@@ -1,5 +1,6 @@
 """Predictors on synthetic traffic with known answers; the registry and plugins."""
 
+import json
 import os
 import subprocess
 import sys
@@ -220,3 +221,45 @@ def test_a_throw_away_plugin_distribution_is_used_by_name(tmp_path):
     cli = subprocess.run([sys.executable, "-m", "pipellm.cli", "predictors"], capture_output=True, text=True,
                          env=env, timeout=120)
     assert "markov" in cli.stdout and "demo-pred" in cli.stdout
+
+
+def test_learned_predictor_fits_saves_and_loads(tmp_path):
+    pytest.importorskip("sklearn", reason="the learned predictor trains with scikit-learn (pip install 'pipellm[learned]')")
+    from pipellm.predictors import LearnedPredictor
+    from pipellm.predictors.learned import NotFittedError
+
+    train = [generate.moe(seed=s, tokens=24, weight_budget=4 << 20) for s in (1, 2)]
+    model = LearnedPredictor().fit(train)
+    path = tmp_path / "model.json"
+    model.save(path)
+    data = json.loads(path.read_text())
+    assert data["format"] == "pipellm-learned-predictor" and len(data["coef"]) == len(data["features"])
+    loaded = get(f"learned:{path}")
+    assert loaded.coef_ == model.coef_
+    test = generate.moe(seed=0, tokens=24, weight_budget=4 << 20)
+    hits = total = 0
+    rule = get("layerwise")
+    rule_hits = 0
+    for r in test.records:
+        if r.op != "h2d":
+            continue
+        key = (r.region, r.offset, r.nbytes)
+        hits += key in [tuple(x) for x in loaded.predict(8)]
+        rule_hits += key in [tuple(x) for x in rule.predict(8)]
+        total += 1
+        for p in (loaded, rule):
+            p.observe(TransferEvent(*key))
+    assert hits > rule_hits  # data-dependent experts: the model beats the rule
+    with pytest.raises(NotFittedError, match="no model"):
+        LearnedPredictor().predict(3)
+
+
+@pytest.mark.parametrize("content,message", [("{not json", "cannot read"), ('{"format": "other"}', "is not a"),
+                                             ('{"format": "pipellm-learned-predictor", "version": 1, '
+                                              '"features": ["x"], "coef": [1], "intercept": 0}', "malformed")])
+def test_learned_model_files_are_checked_and_never_executed(tmp_path, content, message):
+    from pipellm.predictors import LearnedPredictor
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(pipellm.ArgumentError, match=message):
+        LearnedPredictor(model=str(path))

@@ -1,0 +1,249 @@
+"""``learned``: a scikit-learn model over the recent history, for data-dependent traffic
+(mixture-of-experts offload) that fixed rules cannot follow.
+
+Prediction is candidate ranking. Candidates for the next load are the regions that
+followed the current context before; each is described by a few features of the recent
+history, and a logistic-regression model (trained offline on traces with
+``pipellm predictors train``) scores how likely it is next:
+
+- ``p1``: how often it followed the last load, ``p2``: the last two loads;
+- ``last``: it followed the last load's previous occurrence;
+- ``segment``: it was among the loads that followed the last load's previous occurrence
+  (for a mixture of experts: the experts this layer used for the previous token);
+- ``recent``: it was loaded within the last few loads (experts are not loaded twice);
+- ``age``: how long ago it was loaded;
+- ``layerwise``, ``kvswap``: the rule predictors name it for this position (their
+  candidates are ranked too, with their spans); ``*_trust``: the same, weighted by how
+  often that rule's first guess was right lately, so the model learns when to trust the
+  rules (regular traffic) and when the history knows better (experts).
+
+The model file holds the feature names and the fitted weights as JSON: loading it runs
+no code, and inference needs only this module (not scikit-learn). Where the best
+candidate is uncertain, the next-best ones are proposed too: with ``iv_order="window"``
+an unused candidate costs only its encryption.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import deque
+
+from pipellm.errors import ArgumentError
+
+from .base import Prediction, Predictor, TransferEvent
+from .rules import KVSwapPredictor, LayerwisePredictor
+
+FORMAT = "pipellm-learned-predictor"
+VERSION = 1
+FEATURES = ("p1", "p2", "last", "segment", "recent", "age", "layerwise", "kvswap", "layerwise_trust",
+            "kvswap_trust")
+SEGMENT = 3   # loads after a context that make its "segment"
+RECENT = 3
+
+
+class NotFittedError(ArgumentError, AttributeError):
+    """The learned predictor has no model: fit() it or load() one."""
+
+
+class _History:
+    """The online statistics both training and prediction compute features from, and the
+    rule predictors whose opinions are features too."""
+
+    def __init__(self):
+        self.rules = (LayerwisePredictor(), KVSwapPredictor())
+        self.trust = [0.0, 0.0]   # moving average: was each rule's first guess right?
+        self.t = 0
+        self.loads: deque = deque(maxlen=max(SEGMENT, RECENT) + 2)
+        self.follow1: dict = {}      # last -> {next: count}
+        self.follow2: dict = {}      # (prev, last) -> {next: count}
+        self.after: dict = {}        # region -> the loads that followed its previous occurrence
+        self.occurrence: dict = {}   # region -> t of its last occurrence
+        self.span: dict = {}         # region -> (offset, nbytes)
+        self._open: list = []        # (region, list collecting what follows it)
+
+    def context(self):
+        loads = self.loads
+        return (loads[-2] if len(loads) > 1 else None, loads[-1] if loads else None)
+
+    def candidates(self, prev, last, rules=(None, None)) -> set:
+        out = set(self.follow1.get(last, ()))
+        out.update(self.follow2.get((prev, last), ()))
+        out.update(self.after.get(last, ()))
+        out.update(r.region for r in rules if r is not None)
+        return out
+
+    def rule_chains(self, k: int) -> tuple[list, list]:
+        return self.rules[0].predict(k), self.rules[1].predict(k)
+
+    def observe(self, event: TransferEvent, guesses=None) -> None:
+        """``guesses``: the rules' first predictions made just before (if the caller made
+        them anyway); otherwise they are asked here."""
+        if event.direction == "h2d":
+            if guesses is None:
+                guesses = [next(iter(rule.predict(1)), None) for rule in self.rules]
+            for i, guess in enumerate(guesses):
+                self.trust[i] += 0.1 * ((guess is not None and guess.region == event.region) - self.trust[i])
+        for rule in self.rules:
+            rule.observe(event)
+        if event.direction == "h2d":
+            self.add(event.region, event.offset, event.nbytes)
+
+    def features(self, prev, last, candidate, recent, rules=(None, None)) -> list[float]:
+        f1 = self.follow1.get(last, {})
+        n1 = sum(f1.values())
+        f2 = self.follow2.get((prev, last), {})
+        n2 = sum(f2.values())
+        after = self.after.get(last, ())
+        seen = self.occurrence.get(candidate)
+        return [f1.get(candidate, 0) / n1 if n1 else 0.0,
+                f2.get(candidate, 0) / n2 if n2 else 0.0,
+                1.0 if after and after[0] == candidate else 0.0,
+                1.0 if candidate in after else 0.0,
+                1.0 if candidate in recent else 0.0,
+                1.0 if seen is None else min(1.0, (self.t - seen) / 100.0),
+                lw := (1.0 if rules[0] is not None and rules[0].region == candidate else 0.0),
+                kv := (1.0 if rules[1] is not None and rules[1].region == candidate else 0.0),
+                lw * self.trust[0], kv * self.trust[1]]
+
+    def add(self, region: str, offset: int, nbytes: int) -> None:
+        prev, last = self.context()
+        if last is not None:
+            f = self.follow1.setdefault(last, {})
+            f[region] = f.get(region, 0) + 1
+            if prev is not None:
+                f = self.follow2.setdefault((prev, last), {})
+                f[region] = f.get(region, 0) + 1
+        still_open = []
+        for owner, followers in self._open:
+            followers.append(region)
+            if len(followers) >= SEGMENT:
+                self.after[owner] = followers
+            else:
+                still_open.append((owner, followers))
+        self._open = [o for o in still_open if o[0] != region]
+        self._open.append((region, []))
+        self.occurrence[region] = self.t
+        self.span[region] = (offset, nbytes)
+        self.loads.append(region)
+        self.t += 1
+
+
+class LearnedPredictor(Predictor):
+    """A learned next-load predictor. ``model`` is the path of a model file written by
+    ``pipellm predictors train`` (or :meth:`save`); without one, call :meth:`fit`.
+
+    ``width``: at most that many candidates per position, while the best one's
+    probability is below ``confident``; candidates under ``floor`` are never proposed.
+    """
+
+    name = "learned"
+
+    def __init__(self, model: str | None = None, horizon: int = 6, width: int = 3, confident: float = 0.8,
+                 floor: float = 0.15):
+        self.model, self.horizon, self.width = model, horizon, width
+        self.confident, self.floor = confident, floor
+        self.coef_ = self.intercept_ = None
+        if model is not None:
+            self.load(model)
+        self.reset()
+
+    def reset(self) -> None:
+        self._history = _History()
+
+    # -- model files -----------------------------------------------------------------------
+    def load(self, path) -> LearnedPredictor:
+        try:
+            with open(os.fspath(path)) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ArgumentError(f"cannot read a learned-predictor model from {os.fspath(path)}: {exc}") from exc
+        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise ArgumentError(f"{os.fspath(path)} is not a {FORMAT} version {VERSION} file")
+        coef, intercept = data.get("coef"), data.get("intercept")
+        if data.get("features") != list(FEATURES) or not isinstance(coef, list) or len(coef) != len(FEATURES) \
+                or not all(isinstance(c, (int, float)) for c in coef + [intercept]):
+            raise ArgumentError(f"{os.fspath(path)}: the model's features or weights are malformed")
+        self.coef_, self.intercept_ = [float(c) for c in coef], float(intercept)
+        return self
+
+    def save(self, path) -> None:
+        self._check_fitted()
+        with open(os.fspath(path), "w") as f:
+            json.dump({"format": FORMAT, "version": VERSION, "features": list(FEATURES), "coef": self.coef_,
+                       "intercept": self.intercept_}, f, indent=1)
+
+    def _check_fitted(self):
+        if self.coef_ is None:
+            raise NotFittedError("the learned predictor has no model: fit() it on traces or load() a model file")
+
+    # -- training ---------------------------------------------------------------------------
+    def fit(self, traces) -> LearnedPredictor:
+        """Fit on traces (``pipellm.traces.Trace`` objects). Needs scikit-learn."""
+        try:
+            from sklearn.linear_model import LogisticRegression
+        except ImportError as exc:
+            raise ImportError("training the learned predictor needs scikit-learn: "
+                              "pip install 'pipellm[learned]'") from exc
+        X, y = [], []
+        for trace in traces:
+            history = _History()
+            for r in trace.records:
+                if r.op not in ("h2d", "d2h"):
+                    continue
+                prev, last = history.context()
+                if r.op == "h2d" and last is not None:
+                    recent = set(list(history.loads)[-RECENT:])
+                    lw, kv = history.rule_chains(1)
+                    rules = (lw[0] if lw else None, kv[0] if kv else None)
+                    for c in history.candidates(prev, last, rules):
+                        X.append(history.features(prev, last, c, recent, rules))
+                        y.append(1 if c == r.region else 0)
+                    history.observe(TransferEvent(r.region, r.offset, r.nbytes, r.op), list(rules))
+                else:
+                    history.observe(TransferEvent(r.region, r.offset, r.nbytes, r.op))
+        if not X or len(set(y)) < 2:
+            raise ArgumentError("the traces give nothing to learn from (too short, or no choice ever to make)")
+        model = LogisticRegression(max_iter=1000).fit(X, y)
+        self.coef_ = [float(c) for c in model.coef_[0]]
+        self.intercept_ = float(model.intercept_[0])
+        return self
+
+    # -- predicting ----------------------------------------------------------------------------
+    def observe(self, event: TransferEvent) -> None:
+        self._history.observe(event)
+
+    def _ranked(self, prev, last, recent, rules) -> list[tuple[float, str]]:
+        h, coef, b = self._history, self.coef_, self.intercept_
+        out = []
+        for c in h.candidates(prev, last, rules):
+            z = b + sum(w * x for w, x in zip(coef, h.features(prev, last, c, recent, rules)))
+            out.append((1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z)))), c))
+        out.sort(reverse=True)
+        return out
+
+    def predict(self, k: int) -> list[Prediction]:
+        self._check_fitted()
+        h = self._history
+        prev, last = h.context()
+        if last is None:
+            return []
+        recent = list(h.loads)[-RECENT:]
+        steps = min(k, self.horizon)
+        lw, kv = h.rule_chains(steps)
+        out, proposed = [], set()
+        for j in range(steps):
+            rules = (lw[j] if j < len(lw) else None, kv[j] if j < len(kv) else None)
+            ranked = self._ranked(prev, last, set(recent), rules)
+            if not ranked:
+                break
+            best_p = ranked[0][0]
+            for p, c in ranked[:1 if best_p >= self.confident else self.width]:
+                if p >= self.floor and c not in proposed and len(out) < k:
+                    proposed.add(c)
+                    span = next((tuple(r)[1:] for r in rules if r is not None and r.region == c), None)
+                    out.append(Prediction(c, *(span or h.span.get(c, (0, 1)))))
+            prev, last = last, ranked[0][1]
+            recent = (recent + [last])[-RECENT:]
+        return out
