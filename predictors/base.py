@@ -40,6 +40,9 @@ class Predictor:
     """
 
     name = "?"
+    #: whether device-to-host transfers change what this predictor predicts (swap-outs
+    #: announce swap-ins); the pipeline skips telling (and re-planning) when False
+    uses_d2h = True
 
     def observe(self, event: TransferEvent) -> None:
         """Told every transfer, in program order."""

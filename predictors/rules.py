@@ -44,6 +44,7 @@ class LayerwisePredictor(Predictor):
     """
 
     name = "layerwise"
+    uses_d2h = False
 
     def __init__(self, order: int = 4):
         self.order = order

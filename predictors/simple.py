@@ -9,6 +9,7 @@ class NonePredictor(Predictor):
     """Predicts nothing: the ``pipellm`` mode then encrypts every transfer on demand."""
 
     name = "none"
+    uses_d2h = False
 
 
 class SequencePredictor(Predictor):
@@ -26,6 +27,7 @@ class SequencePredictor(Predictor):
     """
 
     name = "sequence"
+    uses_d2h = False
 
     def __init__(self) -> None:
         self._next: dict[tuple, tuple] = {}

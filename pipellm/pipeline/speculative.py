@@ -148,11 +148,14 @@ class SpeculativeEngine(CCEngine):
             self.transfers[0] += 1
             self.bytes[0] += nbytes
             throttled = self._accuracy < ACCURACY_FLOOR and self._requests < self._next_probe
-            if not throttled and len(self._items) < INLINE_PLANNING_BELOW:
+            queued = len(self._items)
+            if not throttled and queued < INLINE_PLANNING_BELOW:
                 self._replenish()  # the queue runs dry (bursts): plan now
                 return
-        # otherwise planning is a worker's job, off the requesting thread
-        self._plan_later()
+        # otherwise planning is a worker's job, off the requesting thread, and only once
+        # the queue has drained to half the lookahead: planning in batches costs less
+        if item is None or queued <= self.lookahead // 2:
+            self._plan_later()
 
     def _claim(self, key) -> _Item | None:
         """The queued item for ``key`` if it can be sent; drops what the request makes useless."""
@@ -301,9 +304,10 @@ class SpeculativeEngine(CCEngine):
 
     def to_host(self, src, src_offset, region, offset, nbytes, stream):
         transfer = super().to_host(src, src_offset, region, offset, nbytes, stream)
-        with self._h2d_lock:  # the predictor is told every transfer, in order
-            self.predictor.observe(TransferEvent(region.name, offset, nbytes, "d2h", stream.id, perf_counter()))
-        self._plan_later()
+        if getattr(self.predictor, "uses_d2h", True):
+            with self._h2d_lock:  # the predictor is told every transfer, in order
+                self.predictor.observe(TransferEvent(region.name, offset, nbytes, "d2h", stream.id, perf_counter()))
+            self._plan_later()
         return transfer
 
     def _plan_later(self) -> None:
