@@ -111,6 +111,16 @@ def _replay(args) -> int:
     options = {"iv_order": args.iv_order}
     if args.workers:
         options["workers"] = args.workers
+    predictor_options = {}
+    for item in args.predictor_option or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--predictor-option takes KEY=VALUE, got {item!r}")
+        try:
+            predictor_options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            predictor_options[key] = value
+    options["predictor_options"] = predictor_options
     total = len(traces) * sum(len(predictors) if m == "pipellm" else 1 for m in modes)
     with tqdm(total=total, desc="replay", unit="run", disable=args.no_progress, file=sys.stderr, leave=False) as bar:
         rows = replay_many(traces, modes, predictors, progress=bar.update, **options)
@@ -196,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("--predictor", default="layerwise", help="pipellm predictor(s), comma-separated")
     replay.add_argument("--iv-order", choices=("strict", "window"), default="strict")
     replay.add_argument("--workers", type=int, default=None)
+    replay.add_argument("--predictor-option", action="append", metavar="KEY=VALUE",
+                        help="an option for the predictors that take it (e.g. width=3 for learned)")
     replay.add_argument("--json", action="store_true", help="print a JSON list, one object per run")
     replay.add_argument("--out", metavar="FILE", help="write the rows as JSON to FILE")
     replay.add_argument("--no-progress", action="store_true")

@@ -113,7 +113,7 @@ class SpeculativeEngine(CCEngine):
         self.counts = dict.fromkeys(
             ("hits", "misses", "stale", "nops", "skipped_messages", "relinquishes", "reencrypted_bytes",
              "wasted_bytes", "speculative_bytes", "stolen_chunks", "worker_errors", "async_decrypted_bytes",
-             "expired", "probes", "held_places"), 0)
+             "expired", "probes", "held_places", "evicted"), 0)
         self._accuracy = 1.0   # recent hit ratio of requests that met queued speculation
         self._requests = 0
         self._probe_every = PROBE_EVERY
@@ -353,10 +353,15 @@ class SpeculativeEngine(CCEngine):
             if region.guard is None:  # untracked memory: never encrypted ahead
                 continue
             n = -(-p.nbytes // chunk_size)
-            if self._queued_messages + n + 1 > self.depth_messages:
-                break
-            slots = self.spec_pool.try_acquire_many(
-                [min(chunk_size, p.nbytes - i * chunk_size) + TAG_BYTES for i in range(n)])
+            sizes = [min(chunk_size, p.nbytes - i * chunk_size) + TAG_BYTES for i in range(n)]
+            slots = None
+            while True:
+                if self._queued_messages + n + 1 <= self.depth_messages:
+                    slots = self.spec_pool.try_acquire_many(sizes)
+                    if slots is not None:
+                        break
+                if not self._evict(predictions):
+                    break
             if slots is None:
                 break
             token = region.token()
@@ -377,6 +382,19 @@ class SpeculativeEngine(CCEngine):
                 if item.go_dst is not None:
                     self._tasks.append((item, None))
                 self._cond.notify_all()
+
+    def _evict(self, predictions) -> bool:
+        """Make room for what the predictor names now: drop the oldest queued item it no
+        longer names (window order keeps mispredicted items, which would otherwise fill
+        the depth). False if there is none."""
+        wanted = set(predictions)
+        with self._cond:
+            for item in self._items:
+                if item.key not in wanted:
+                    self.counts["evicted"] += 1
+                    self._drop(item)
+                    return True
+        return False
 
     def _hold_place(self, key, region, p) -> None:
         """A small predicted transfer is not encrypted ahead (its AES costs less than the

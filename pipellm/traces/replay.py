@@ -42,21 +42,31 @@ def _fill(nbytes: int, salt: int) -> np.ndarray:
     return host
 
 
-def _predictor(name, trace: Trace):
+def _predictor(name, trace: Trace, options: dict):
+    """A predictor for this trace: the oracle reads its future; ``options`` go to the
+    predictors whose constructor takes them."""
+    import inspect
+
+    from ..predictors import OraclePredictor, get
     if name == "oracle":
-        from ..predictors import OraclePredictor
         return OraclePredictor(future=[(r.region, r.offset, r.nbytes) for r in trace.transfers("h2d")])
-    return name
+    if not isinstance(name, str) or not options:
+        return name
+    base = name.partition(":")[0]
+    from ..predictors import _load
+    cls = _load(base)
+    accepted = set(inspect.signature(cls).parameters) if cls is not None else set()
+    return get(name, **{k: v for k, v in options.items() if k in accepted})
 
 
-def replay(trace: Trace, mode: str, predictor=None, **options) -> dict:
+def replay(trace: Trace, mode: str, predictor=None, *, predictor_options: dict | None = None, **options) -> dict:
     """Replay ``trace`` in ``mode``; options go to :class:`pipellm.Pipeline` (and
     ``link`` to the emulated device). Returns the result row."""
     link = options.pop("link", None)
     device = open_device("emulated", **({"link": link} if link is not None else {}))
     label = predictor if isinstance(predictor, str) or predictor is None else getattr(predictor, "name", "custom")
     if mode == "pipellm":
-        predictor = _predictor(predictor or "sequence", trace)
+        predictor = _predictor(predictor or "sequence", trace, predictor_options or {})
         label = label or "sequence"
     else:
         predictor, label = None, "-"
