@@ -329,3 +329,32 @@ def test_small_predicted_transfers_hold_their_place_without_encryption(iv_order)
         check_device(pipe, regions + [small])
         s = pipe.stats()
         assert s["held_places"] >= 8 and s["speculative_bytes"] == 0 and s["nops"] == 0
+
+
+@pytest.mark.parametrize("iv_order", ["strict", "window"])
+def test_a_timeout_part_way_leaves_the_pipeline_usable(iv_order):
+    """Bounce memory runs out while the copy engine is held: the request times out, and
+    once the device moves again the pipeline goes on in order, nothing leaked."""
+    with spec_pipe(iv_order=iv_order, timeout=0.3, bounce_bytes=2 * (CHUNK + 4096)) as pipe:
+        regions = layers(pipe, n=3)
+        for _ in range(2):
+            for r in regions:
+                pipe.to_device(r)
+                pipe.wait_speculation()
+        big = pipe.register(pipellm.array(np.arange(5 * CHUNK, dtype=np.uint8)), name="big")
+        with pipe.device.paused():
+            with pytest.raises(pipellm.TransferTimeoutError):
+                pipe.to_device(big)    # on demand: 5 chunks, 2 slots, nothing completes
+        pipe.synchronize()
+        for r in regions + [big]:
+            pipe.to_device(r)
+        check_device(pipe, regions + [big])
+        with pipe.device.paused():     # hits: 16 GO slots run out while nothing completes
+            with pytest.raises(pipellm.TransferTimeoutError):
+                for _ in range(40):
+                    for r in regions:
+                        pipe.to_device(r)
+        pipe.synchronize()
+        for r in regions:
+            pipe.to_device(r)
+        check_device(pipe, regions)

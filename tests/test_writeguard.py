@@ -125,3 +125,34 @@ def test_real_segfaults_still_crash_with_faulthandler():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split("\n")[:2] == ["handled", "handled again"]
     assert out.returncode != 0 and "Segmentation fault" in out.stderr
+
+
+def test_regions_sharing_a_page_see_each_others_writes():
+    """Two protected regions carved from one buffer share a page: unprotecting one for a
+    write must invalidate the other, whose bytes on that page are now writable too."""
+    buf = pipellm.empty(16384, np.uint8)
+    base = buf.__array_interface__["data"][0]
+    a = wg.acquire_entry(base, 6000, True)
+    b = wg.acquire_entry(base + 6000, 16384 - 6000, True)
+    ta, tb = wg.protect(a), wg.protect(b)
+    buf[10] = 1                       # faults in a's range: pages 0-1 become writable
+    assert wg.state(a) != ta and wg.state(b) != tb
+    tb = wg.protect(b)
+    wg.mark_written(a)                # an explicit report on a: b shares page 1 with it
+    assert wg.state(b) != tb
+    wg.release_entry(a)
+    wg.release_entry(b)
+
+
+def test_a_dropped_region_gives_its_guard_entry_back():
+    import gc
+    from pipellm.pipeline.region import Region
+
+    array = pipellm.empty(4096, np.uint8)
+    region = Region(None, 1, "r", array, "protect")
+    index = region.guard
+    del region
+    gc.collect()
+    again = wg.acquire_entry(array.__array_interface__["data"][0], 4096, True)
+    assert again == index             # the entry came back to the free list
+    wg.release_entry(again)

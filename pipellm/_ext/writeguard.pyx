@@ -66,6 +66,20 @@ cdef extern from *:
         return next;
     }
 
+    /* Make entry g's pages writable, then start a new generation for every protected
+       entry sharing any of those pages (regions carved from one buffer may share a page):
+       writable first, bits cleared after. 0 or errno. */
+    static int pl_unprotect(pl_guard_t *g) {
+        if (mprotect((void *)g->start, g->end - g->start, PROT_READ | PROT_WRITE) != 0) return errno;
+        size_t n = __atomic_load_n(&pl_count, __ATOMIC_ACQUIRE);
+        for (size_t i = 0; i < n; i++) {
+            pl_guard_t *o = &pl_table[i];
+            if (__atomic_load_n(&o->active, __ATOMIC_ACQUIRE) && o->start < g->end && g->start < o->end)
+                pl_bump(o);
+        }
+        return 0;
+    }
+
     static void pl_handler(int sig, siginfo_t *info, void *context) {
         uintptr_t addr = (uintptr_t)info->si_addr;
         int handled = 0;
@@ -73,13 +87,9 @@ cdef extern from *:
             size_t n = __atomic_load_n(&pl_count, __ATOMIC_ACQUIRE);
             for (size_t i = 0; i < n; i++) {
                 pl_guard_t *g = &pl_table[i];
-                if (__atomic_load_n(&g->active, __ATOMIC_ACQUIRE) && addr >= g->start && addr < g->end) {
-                    /* writable first, then the bit cleared (a new generation) */
-                    if (mprotect((void *)g->start, g->end - g->start, PROT_READ | PROT_WRITE) == 0) {
-                        pl_bump(g);
-                        handled = 1;
-                    }
-                }
+                if (__atomic_load_n(&g->active, __ATOMIC_ACQUIRE) && addr >= g->start && addr < g->end
+                        && pl_unprotect(g) == 0)
+                    handled = 1;
             }
         }
         if (handled) {
@@ -130,9 +140,11 @@ cdef extern from *:
     /* a write is coming (or came) that no fault will report: writable, then a new generation */
     static uint64_t pl_mark_written(size_t i, int *err) {
         pl_guard_t *g = &pl_table[i];
-        if (g->active && mprotect((void *)g->start, g->end - g->start, PROT_READ | PROT_WRITE) != 0)
-            *err = errno;
-        return pl_bump(g);
+        if (g->active) {
+            *err = pl_unprotect(g);
+            return __atomic_load_n(&g->state, __ATOMIC_ACQUIRE);
+        }
+        return pl_bump(g);   /* tracked by reports only: no pages to unprotect */
     }
 
     static uint64_t pl_state(size_t i) { return __atomic_load_n(&pl_table[i].state, __ATOMIC_ACQUIRE); }
@@ -150,8 +162,7 @@ cdef extern from *:
 
     static int pl_release(size_t i) {
         pl_guard_t *g = &pl_table[i];
-        int err = 0;
-        if (g->active && mprotect((void *)g->start, g->end - g->start, PROT_READ | PROT_WRITE) != 0) err = errno;
+        int err = g->active ? pl_unprotect(g) : 0;
         __atomic_store_n(&g->active, 0, __ATOMIC_RELEASE);
         return err;
     }
@@ -257,10 +268,6 @@ def fault_count() -> int:
     return pl_fault_count()
 
 
-def handler_installed() -> bool:
-    return bool(pl_installed())
-
-
 cdef extern from "<sys/mman.h>" nogil:
     int memfd_create(const char* name, unsigned int flags)
     int madvise(void* addr, size_t length, int advice)
@@ -289,7 +296,6 @@ cdef class HostBuffer:
     cdef char* _alias
     cdef readonly size_t nbytes
     cdef size_t _mapped
-    cdef Py_ssize_t _exports
 
     def __cinit__(self, size_t nbytes):
         self._base = NULL
@@ -318,7 +324,6 @@ cdef class HostBuffer:
         madvise(a, self._mapped, MADV_DONTFORK)
         self._base = <char*>p
         self._alias = <char*>a
-        self._exports = 0
 
     def __dealloc__(self):
         if self._base != NULL:
@@ -338,10 +343,6 @@ cdef class HostBuffer:
 
     def __getbuffer__(self, Py_buffer* buffer, int flags):
         PyBuffer_FillInfo(buffer, self, self._base, <Py_ssize_t>self.nbytes, 0, flags)
-        self._exports += 1
-
-    def __releasebuffer__(self, Py_buffer* buffer):
-        self._exports -= 1
 
 
 cdef class _Alias:

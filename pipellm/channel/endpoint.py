@@ -192,23 +192,25 @@ class Sealer(_Endpoint):
             raise ArgumentError(f"{ticket!r} was already sealed: an IV is never used twice")
         if len(out) != len(private.payload):
             raise ArgumentError(f"output must be exactly {len(private.payload)} bytes, got {len(out)}")
+        self._check_open()
         ticket.used = True
         out[:] = private.payload  # small: a copy under the GIL beats handing the GIL away
+        with self._lock:
+            self.messages += 1
         msg = Message(self.label, private.iv, bytearray(private.aad), out)
         if shared_write_observers:
             publish(msg, ticket.key.key_id, ticket.epoch, ticket.counter)
         return msg
 
-    def seal_next(self, kind: int, buffer: int, offset: int, plaintext, out: memoryview, *,
-                  shared: bool = True) -> Message:
-        """Reserve the next index and seal under it at once."""
+    def seal_next(self, kind: int, buffer: int, offset: int, plaintext, out: memoryview) -> Message:
+        """Reserve the next index and seal under it at once, into shared memory ``out``."""
         _check_sizes(plaintext, out)
         with self._lock:
             self._check_open()
             index = self._next
             self._next += 1
         epoch, counter, key = self._key_at(index)
-        return self._seal(epoch, counter, key, kind, buffer, offset, plaintext, out, shared)
+        return self._seal(epoch, counter, key, kind, buffer, offset, plaintext, out, True)
 
     def _seal(self, epoch, counter, key, kind, buffer, offset, plaintext, out, shared) -> Message:
         aad = pack_header(self.direction, kind, self.session, epoch, counter, buffer, offset, len(plaintext))
@@ -218,7 +220,8 @@ class Sealer(_Endpoint):
         elapsed = perf_counter() - start
         with self._lock:
             self.aes_s += elapsed
-            self.messages += 1
+            if shared:  # a private seal is not a message until it is exposed
+                self.messages += 1
         msg = Message(self.label, iv, bytearray(aad), out)
         if shared and shared_write_observers:
             publish(msg, key.key_id, epoch, counter)

@@ -39,8 +39,7 @@ import struct
 from enum import IntEnum
 from typing import NamedTuple
 
-VERSION = 1
-MAGIC = b"PLM1"
+MAGIC = b"PLM1"  # protocol version 1
 KEY_BYTES = 32
 IV_BYTES = 12
 TAG_BYTES = 16
@@ -90,10 +89,6 @@ class Header(NamedTuple):
     buffer: int
     offset: int
     length: int
-
-    def pack(self) -> bytes:
-        return HEADER.pack(MAGIC, self.direction, self.kind, 0, self.session, self.epoch,
-                           self.counter, self.buffer, self.offset, self.length)
 
 
 def pack_header(direction: int, kind: int, session: int, epoch: int, counter: int,

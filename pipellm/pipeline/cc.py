@@ -90,19 +90,25 @@ class CCEngine:
 
     def send_data(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
         """Encrypt on demand, chunk by chunk, each straight onto the link (h2d lock held)."""
-        pool, sealer, chunk, source = self.pool, self.sealer, self.chunk_size, region.view
+        sealer, chunk, source = self.sealer, self.chunk_size, region.view
         for pos in range(0, nbytes, chunk):
             n = min(chunk, nbytes - pos)
-            slot = pool.acquire(n + TAG_BYTES, self.timeout)
-            try:
-                # the index is taken only once the slot is ours: an index is never skipped
-                msg = sealer.seal_next(Kind.DATA, dst.id, dst_offset + pos,
-                                       source[offset + pos:offset + pos + n], slot.view(n + TAG_BYTES))
-                op = self.device.submit_messages(stream, self.session, (msg,))
-            except BaseException:
-                pool.release(slot)
-                raise
-            pool.retire(slot, op)
+            self.send_sealed(self.pool, n, stream, lambda out: sealer.seal_next(
+                Kind.DATA, dst.id, dst_offset + pos, source[offset + pos:offset + pos + n], out))
+
+    def send_sealed(self, pool, nbytes: int, stream, seal):
+        """Take a slot for one message of ``nbytes`` plaintext, ``seal(out)`` into it (the
+        index is taken only once the slot is ours, so none is ever skipped), submit it,
+        and give the slot back once the device has read it (at once on failure)."""
+        slot = pool.acquire(nbytes + TAG_BYTES, self.timeout)
+        try:
+            msg = seal(slot.view(nbytes + TAG_BYTES))
+            op = self.device.submit_messages(stream, self.session, (msg,))
+        except BaseException:
+            pool.release(slot)
+            raise
+        pool.retire(slot, op)
+        return op
 
     # -- device to host ---------------------------------------------------------------------
     def to_host(self, src, src_offset, region, offset, nbytes, stream) -> Transfer:

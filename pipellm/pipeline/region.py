@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from contextlib import contextmanager
 
@@ -36,7 +37,7 @@ class Region:
 
     __slots__ = ("name", "id", "_array", "view", "nbytes", "dtype", "shape", "readonly",
                  "owner", "device_buffer", "registered", "tracking", "guard", "incoming", "outgoing",
-                 "_alias", "lib_seq", "_lib_log", "kind")
+                 "_alias", "lib_seq", "_lib_log", "kind", "_finalizer", "__weakref__")
 
     def __init__(self, owner, id: int, name: str, array: np.ndarray, tracking: str):
         self.owner, self.id, self.name = owner, id, name
@@ -51,6 +52,10 @@ class Region:
         self.tracking = tracking
         self.guard = None if tracking == "none" else writeguard.acquire_entry(
             self.view_address(), self.nbytes, tracking == "protect")
+        # a region dropped without unregister() must not leave its guard entry behind (the
+        # handler would unprotect whatever is later mapped at those addresses)
+        self._finalizer = None if self.guard is None else weakref.finalize(
+            self, writeguard.release_entry, self.guard)
         self.incoming = None  # the last pending device-to-host chunk into this region
         self.outgoing = None  # plain mode: the last copy still reading this region
         # library writes (device-to-host commits) are tracked by span, not by page
@@ -156,8 +161,8 @@ class Region:
     def release(self) -> None:
         """Stop tracking: pages writable again, the guard entry given back."""
         if self.guard is not None:
-            guard, self.guard = self.guard, None
-            writeguard.release_entry(guard)
+            self.guard = None
+            self._finalizer()  # releases the entry, once
 
     def __repr__(self) -> str:
         return f"<Region {self.name!r} {self.nbytes}B {self.dtype}{list(self.shape)}>"

@@ -142,20 +142,26 @@ class SpeculativeEngine(CCEngine):
                 self._send_item(item, dst, dst_offset, stream)
             else:
                 self.counts["misses"] += 1
-                if key in self._dropped:
-                    self.counts["reencrypted_bytes"] += self._dropped.pop(key)
+                self._count_reencrypted(key)
                 self._send_on_demand(region, offset, nbytes, dst, dst_offset, stream)
             self.transfers[0] += 1
             self.bytes[0] += nbytes
-            throttled = self._accuracy < ACCURACY_FLOOR and self._requests < self._next_probe
             queued = len(self._items)
-            if not throttled and queued < INLINE_PLANNING_BELOW:
+            if not self._throttled() and queued < INLINE_PLANNING_BELOW:
                 self._replenish()  # the queue runs dry (bursts): plan now
                 return
         # otherwise planning is a worker's job, off the requesting thread, and only once
         # the queue has drained to half the lookahead: planning in batches costs less
         if item is None or queued <= self.lookahead // 2:
             self._plan_later()
+
+    def _throttled(self) -> bool:
+        """The predictor has been wrong lately and the next probe is not due yet."""
+        return self._accuracy < ACCURACY_FLOOR and self._requests < self._next_probe
+
+    def _count_reencrypted(self, key) -> None:
+        if key in self._dropped:
+            self.counts["reencrypted_bytes"] += self._dropped.pop(key)
 
     def _claim(self, key) -> _Item | None:
         """The queued item for ``key`` if it can be sent; drops what the request makes useless."""
@@ -179,15 +185,21 @@ class SpeculativeEngine(CCEngine):
     def _current(item: _Item) -> bool:
         """Nothing was written to the item's bytes since they were encrypted: no
         application write (page protection / explicit reports) since its token, no
-        library write (device-to-host commit) into any encrypted chunk's span since."""
+        library write (device-to-host commit) into its span since its first chunk was."""
         if not item.chunks:  # a place held, sealed on demand: always current
             return True
         region = item.region
         if not region.unchanged_since(item.token):
             return False
-        base = item.offset
-        return not any(c.state == READY and region.library_changed(c.lib_seq, base + c.offset, c.nbytes)
-                       for c in item.chunks)
+        sealed = [c.lib_seq for c in item.chunks if c.state == READY]
+        return not sealed or not region.library_changed(min(sealed), item.offset, item.nbytes)
+
+    def _sent(self, last: int) -> None:
+        """Messages up to index ``last`` are on their way."""
+        if last > self._high:
+            self._high = last
+        if not self.window:
+            self._expect = last + 1
 
     def _skip_to(self, target: int) -> None:
         """Strict order: make the device expect ``target`` next with one SKIP command, sealed
@@ -195,7 +207,7 @@ class SpeculativeEngine(CCEngine):
         sealed only when their transfer is requested)."""
         if self.window or self._expect >= target:
             return
-        ticket = self._go_tickets.pop(self._expect)
+        ticket = self._go_tickets[self._expect]
         self._command(ticket, Kind.SKIP, SKIP_BODY.pack(target), None)
         self.counts["nops"] += 1
         self.counts["skipped_messages"] += target - self._expect - 1
@@ -211,29 +223,30 @@ class SpeculativeEngine(CCEngine):
                 while self._items:
                     self._drop(self._items[0])
             self._skip_to(self.sealer.next_index)
-        self.send_data(region, offset, nbytes, dst, dst_offset, stream)
-        self._expect = self.sealer.next_index
-        self._high = self._expect - 1
+        try:
+            self.send_data(region, offset, nbytes, dst, dst_offset, stream)
+        finally:  # also after a failure part-way: whatever was sealed is on its way
+            self._sent(self.sealer.next_index - 1)
 
     def _send_item(self, item: _Item, dst, dst_offset, stream) -> None:
-        if not item.chunks:  # a held place: seal the data now, under the index kept for it
-            self.counts["hits"] += 1
-            self.counts["held_places"] += 1
-            ticket = self._go_tickets.pop(item.go.index)
-            slot = self.pool.acquire(item.nbytes + TAG_BYTES, self.timeout)
-            try:
-                msg = self.sealer.seal_into(ticket, Kind.DATA, dst.id, dst_offset,
-                                            item.region.view[item.offset:item.offset + item.nbytes],
-                                            slot.view(item.nbytes + TAG_BYTES))
-                op = self.device.submit_messages(stream, self.session, (msg,))
-            except BaseException:
-                self.pool.release(slot)
-                raise
-            self.pool.retire(slot, op)
-            self._high = max(self._high, ticket.index)
-            if not self.window:
-                self._expect = ticket.index + 1
-            return
+        try:
+            if not item.chunks:  # a held place: seal the data now, under the index kept for it
+                ticket = self._go_tickets[item.go.index]
+                self.send_sealed(self.pool, item.nbytes, stream, lambda out: self.sealer.seal_into(
+                    ticket, Kind.DATA, dst.id, dst_offset, item.region.view[item.offset:item.offset + item.nbytes],
+                    out))
+                del self._go_tickets[item.go.index]
+                self._sent(ticket.index)
+                self.counts["hits"] += 1
+                self.counts["held_places"] += 1
+                return
+            self._send_speculated(item, dst, dst_offset, stream)
+        except BaseException:
+            with self._cond:
+                self._discard(item)
+            raise
+
+    def _send_speculated(self, item: _Item, dst, dst_offset, stream) -> None:
         with self._cond:
             waiting = [c for c in item.chunks if c.state != READY]
             while item.go_busy:  # a worker is sealing the GO ahead: it takes microseconds
@@ -246,34 +259,30 @@ class SpeculativeEngine(CCEngine):
             # a worker failed on it, or its bytes changed while it was finished: fall back
             with self._cond:
                 self.counts["stale"] += 1
-                item.dead = True
-                for chunk in chunks:
-                    self._release(chunk)
+                self._discard(item)
             self.counts["misses"] += 1
             self._send_on_demand(item.region, item.offset, item.nbytes, dst, dst_offset, stream)
             return
-        self.counts["hits"] += 1
-        go = self._go_tickets.pop(item.go.index)
+        go = self._go_tickets[item.go.index]
         slot = self.cmd_pool.acquire(GO_BODY.size + TAG_BYTES, self.timeout)
-        if private is not None:
-            go_msg = self.sealer.expose(go, private, slot.view(len(private.payload)))
-        else:
-            body = GO_BODY.pack(dst.id, dst_offset, len(chunks), item.nbytes)
-            go_msg = self.sealer.seal_into(go, Kind.GO, 0, 0, body, slot.view(len(body) + TAG_BYTES))
-        msgs = [go_msg]
-        slots = []
-        for chunk in chunks:
-            msgs.append(chunk.msg)
-            slots.append(chunk.slot)
-            chunk.slot = None
-        op = self.device.submit_messages(stream, self.session, msgs)
+        try:
+            if private is not None:
+                go_msg = self.sealer.expose(go, private, slot.view(len(private.payload)))
+            else:
+                body = GO_BODY.pack(dst.id, dst_offset, len(chunks), item.nbytes)
+                go_msg = self.sealer.seal_into(go, Kind.GO, 0, 0, body, slot.view(len(body) + TAG_BYTES))
+            op = self.device.submit_messages(stream, self.session, [go_msg] + [c.msg for c in chunks])
+        except BaseException:
+            self.cmd_pool.release(slot)
+            raise
+        del self._go_tickets[item.go.index]
         self.cmd_pool.retire(slot, op)
+        slots = [c.slot for c in chunks]
+        for chunk in chunks:
+            chunk.slot = None
         self.spec_pool.retire_many(slots, op)
-        last = chunks[-1].ticket.index
-        if last > self._high:
-            self._high = last
-        if not self.window:
-            self._expect = last + 1
+        self._sent(chunks[-1].ticket.index)
+        self.counts["hits"] += 1
 
     def _ensure_ready(self, item: _Item, chunk: _Chunk) -> None:
         """The chunk encrypted: by a worker (wait for it) or, if none took it yet, here."""
@@ -292,14 +301,8 @@ class SpeculativeEngine(CCEngine):
             self._encrypt(item, chunk)
 
     def _command(self, ticket, kind, body: bytes, stream) -> None:
-        slot = self.cmd_pool.acquire(len(body) + TAG_BYTES, self.timeout)
-        try:
-            msg = self.sealer.seal_into(ticket, kind, 0, 0, body, slot.view(len(body) + TAG_BYTES))
-            op = self.device.submit_messages(stream or self.device.default_stream, self.session, (msg,))
-        except BaseException:
-            self.cmd_pool.release(slot)
-            raise
-        self.cmd_pool.retire(slot, op)
+        self.send_sealed(self.cmd_pool, len(body), stream or self.device.default_stream,
+                         lambda out: self.sealer.seal_into(ticket, kind, 0, 0, body, out))
         self._high = max(self._high, ticket.index)
 
     def to_host(self, src, src_offset, region, offset, nbytes, stream):
@@ -313,8 +316,8 @@ class SpeculativeEngine(CCEngine):
     def _plan_later(self) -> None:
         """Have a worker plan the next speculation (it takes the h2d lock, so it runs after
         the current request, and its on-demand data)."""
-        if self._accuracy < ACCURACY_FLOOR and self._requests < self._next_probe:
-            return  # throttled: nothing to plan until the next probe
+        if self._throttled():
+            return  # nothing to plan until the next probe
         with self._cond:
             if not self._replenish_pending:
                 self._replenish_pending = True
@@ -339,7 +342,7 @@ class SpeculativeEngine(CCEngine):
             # each request consumes about one queued item: look a little past the queue
             limit = min(limit, len(self._items) + 4)
         predictions = self.predictor.predict(limit)[:limit]
-        chunk_size, by_key = self.chunk_size, self._by_key
+        chunk_size, by_key, wanted = self.chunk_size, self._by_key, set(predictions)
         for p in predictions:
             if p in by_key:
                 continue
@@ -360,7 +363,7 @@ class SpeculativeEngine(CCEngine):
                     slots = self.spec_pool.try_acquire_many(sizes)
                     if slots is not None:
                         break
-                if not self._evict(predictions):
+                if not self._evict(wanted):
                     break
             if slots is None:
                 break
@@ -372,8 +375,7 @@ class SpeculativeEngine(CCEngine):
             dbuf = region.device_buffer
             item = _Item(key, region, p.offset, p.nbytes, token, tickets[0], chunks,
                          None if dbuf is None or dbuf.freed else (dbuf.id, p.offset))
-            if key in self._dropped:
-                self.counts["reencrypted_bytes"] += self._dropped.pop(key)
+            self._count_reencrypted(key)
             with self._cond:
                 self._items.append(item)
                 self._by_key[key] = item
@@ -383,11 +385,10 @@ class SpeculativeEngine(CCEngine):
                     self._tasks.append((item, None))
                 self._cond.notify_all()
 
-    def _evict(self, predictions) -> bool:
+    def _evict(self, wanted: set) -> bool:
         """Make room for what the predictor names now: drop the oldest queued item it no
         longer names (window order keeps mispredicted items, which would otherwise fill
         the depth). False if there is none."""
-        wanted = set(predictions)
         with self._cond:
             for item in self._items:
                 if item.key not in wanted:
@@ -419,10 +420,17 @@ class SpeculativeEngine(CCEngine):
         self._queued_messages -= len(item.chunks) + 1
 
     def _drop(self, item: _Item) -> None:
-        """Give up on an item (engine lock held): its indices will be skipped or expire."""
+        """Give up on a queued item (engine lock held): its indices will be skipped or expire."""
         if item.dead:
             return
         self._remove(item)
+        self._discard(item)
+
+    def _discard(self, item: _Item) -> None:
+        """An item out of the queue is given up (engine lock held): slots back, no longer
+        usable; its GO index stays available for a SKIP in strict order."""
+        if item.dead:
+            return
         item.dead = True
         if self.window:  # nothing will ever skip past it: forget its GO index now
             self._go_tickets.pop(item.go.index, None)
@@ -452,9 +460,11 @@ class SpeculativeEngine(CCEngine):
     # -- workers ------------------------------------------------------------------------------
     def _work(self) -> None:
         gate = self.device.gate
+        busy = 0.0
         while True:
             gate.wait()  # no progress while the emulated device's clock stands still
             with self._cond:
+                self.worker_busy_s += busy
                 while not self._tasks and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
@@ -488,8 +498,6 @@ class SpeculativeEngine(CCEngine):
             else:
                 self._encrypt(item, chunk)
             busy = perf_counter() - start
-            with self._cond:
-                self.worker_busy_s += busy
 
     def _encrypt(self, item: _Item, chunk: _Chunk) -> None:
         """Seal one speculative chunk into its slot, unless the region changed since its token."""
