@@ -63,12 +63,15 @@ def train(path: str) -> None:
 
 def run(k: int = 8, progress=None, repeats: int = 1, quick: bool = False) -> dict:
     model = os.path.join(tempfile.mkdtemp(), "learned.json")
-    train(model)
+    try:
+        train(model)
+    except ImportError:  # scikit-learn is an optional extra: the rules are measured anyway
+        model = None
     rows = []
     workloads = dict(list(WORKLOADS.items())[:2]) if quick else WORKLOADS
     for workload, (rule, options) in workloads.items():
         trace = generate.generate(workload, **options)
-        for name in dict.fromkeys([rule, "layerwise", "kvswap", "learned"]):
+        for name in dict.fromkeys([rule, "layerwise", "kvswap"] + (["learned"] if model else [])):
             predictor = get("learned", model=model) if name == "learned" else get(name)
             rows.append({"workload": workload, "predictor": name, "k": k, **evaluate(trace, predictor, k)})
         if progress:
@@ -79,9 +82,12 @@ def run(k: int = 8, progress=None, repeats: int = 1, quick: bool = False) -> dic
             best_rule[r["workload"]] = max(best_rule.get(r["workload"], 0), r["hit_rate_after_first_pass"])
     summary = {f"{r['workload']}_{r['predictor']}_hit_rate_after_first_pass": r["hit_rate_after_first_pass"]
                for r in rows}
-    summary.update({f"{w}_learned_minus_best_rule_points": 100 * (next(
-        r["hit_rate_after_first_pass"] for r in rows if r["workload"] == w and r["predictor"] == "learned") - b)
-        for w, b in best_rule.items()})
+    if model:
+        summary.update({f"{w}_learned_minus_best_rule_points": 100 * (next(
+            r["hit_rate_after_first_pass"] for r in rows if r["workload"] == w and r["predictor"] == "learned") - b)
+            for w, b in best_rule.items()})
+    else:
+        summary["learned"] = "skipped: scikit-learn is not installed (pip install 'pipellm[learned]')"
     summary["max_us_per_transfer_rules"] = max(r["us_per_transfer"] for r in rows if r["predictor"] != "learned")
     return {"benchmark": "predictors", "k": k, "rows": rows, "summary": summary}
 
@@ -99,6 +105,8 @@ def table(result: dict) -> str:
     for key, value in result["summary"].items():
         if "minus" in key or "us_per" in key:
             lines.append(f"{key}: {value:.2f}")
+        elif key == "learned":
+            lines.append(f"learned predictor {value}")
     return "\n".join(lines)
 
 
