@@ -191,3 +191,34 @@ def test_pipeline_leaves_a_shared_device_open(device):
         dbuf = pipe.to_device(pipe.register(np.full(10, 3, np.uint8)))
         pipe.synchronize()
         assert (device.read(dbuf) == 3).all()
+
+
+def test_fork_with_a_live_pipeline():
+    """Serving stacks fork workers: in the child the parent's pipeline refuses clearly (its
+    threads are not there) and a new one works; the parent goes on unharmed."""
+    import os
+    with make_pipe("pipellm") as pipe:
+        region = pipe.register(pipellm.array(random_bytes(10_000)), name="w")
+        pipe.to_device(region)
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit code, never return into pytest
+            code = 1
+            try:
+                try:
+                    pipe.to_device(region)
+                except pipellm.ChannelClosedError as exc:
+                    if "before os.fork()" in str(exc):
+                        code = 2
+                pipe.close()  # must not hang
+                with make_pipe("cc") as fresh:
+                    dbuf = fresh.to_device(fresh.register(np.full(100, 7, np.uint8)))
+                    fresh.synchronize()
+                    if code == 2 and (fresh.device.read(dbuf) == 7).all():
+                        code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        pipe.to_device(region)
+        pipe.synchronize()
+        assert np.array_equal(pipe.device.read(region.device_buffer), region.array)

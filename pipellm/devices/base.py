@@ -15,6 +15,7 @@ from time import perf_counter
 
 import numpy as np
 
+from .. import _fork
 from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, TransferTimeoutError
 
 
@@ -106,6 +107,7 @@ class Device(abc.ABC):
     kind: str = "?"
 
     def __init__(self) -> None:
+        self._fork_generation = _fork.generation
         self._closed = False
         self._buffers: dict[int, DeviceBuffer] = {}
         self._next_buffer = 1
@@ -137,8 +139,15 @@ class Device(abc.ABC):
         return perf_counter()
 
     def _check_open(self) -> None:
+        if self._fork_generation != _fork.generation:
+            _fork.check(self._fork_generation, f"{self.kind} device")
         if self._closed:
             raise ChannelClosedError(f"the {self.kind} device is closed")
+
+    @property
+    def forked_away(self) -> bool:
+        """True in a child process forked after this device was opened."""
+        return self._fork_generation != _fork.generation
 
     # -- memory and streams ------------------------------------------------------------------
     def create_stream(self) -> Stream:

@@ -459,6 +459,9 @@ class EmulatedDevice(Device):
     def close(self) -> None:
         if self._closed:
             return
+        if self.forked_away:  # the copy engine thread lives in the parent only
+            self._closed = True
+            return
         with self._submit_lock:
             self._closed = True
             self._queue.put(None)

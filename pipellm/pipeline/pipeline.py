@@ -8,6 +8,7 @@ from time import perf_counter
 
 import numpy as np
 
+from .. import _fork
 from ..channel.protocol import DEFAULT_ROTATE_AFTER, check_rotate_after
 from ..devices import Device, DeviceBuffer, Stream, open_device
 from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, IntegrityError, TransferTimeoutError
@@ -110,6 +111,7 @@ class Pipeline:
         self.timeout = timeout
         self.chunk_size = chunk_size
         self._closed = False
+        self._fork_generation = _fork.generation
         self._recorder = None
         self._regions: dict[int, Region] = {}
         self._names: dict[str, Region] = {}
@@ -287,6 +289,8 @@ class Pipeline:
 
     # -- state ----------------------------------------------------------------------------------------
     def _check(self) -> None:
+        if self._fork_generation != _fork.generation:
+            _fork.check(self._fork_generation, "pipeline")
         if self._closed:
             raise ChannelClosedError("the pipeline is closed")
         failure = self._engine.failure()
@@ -315,6 +319,9 @@ class Pipeline:
         Idempotent. Raises the channel's integrity failure if nobody has seen it yet: an
         authentication failure is never dropped silently."""
         if self._closed:
+            return
+        if self._fork_generation != _fork.generation:  # a forked child: the threads are the parent's
+            self._closed = True
             return
         try:
             self.device.synchronize(timeout=self.timeout)
