@@ -1,0 +1,129 @@
+"""Load, interruption and shutdown under traffic: no hang, correct data, clear errors."""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import pipellm
+from conftest import TIMEOUT, make_pipe
+
+THREADS, TRANSFERS = 8, 1000
+
+
+@pytest.mark.parametrize("mode", ["plain", "cc", "pipellm"])
+def test_eight_threads_times_a_thousand_transfers(mode):
+    """8 application threads x 1,000 transfers of mixed sizes, both directions; every wait
+    has a timeout; every byte checked; the counters add up."""
+    sizes = [1, 100, 4096, 5000, 65536, 300_000]
+    with make_pipe(mode, chunk_size=64 << 10, bounce_bytes=4 << 20, depth_bytes=4 << 20,
+                   timeout=30) as pipe:
+        errors, counts = [], [0, 0, 0, 0]
+        lock = threading.Lock()
+
+        def work(k):
+            try:
+                rng = np.random.default_rng(k)
+                stream = pipe.stream()
+                regions = [pipe.register(pipellm.array(rng.integers(0, 256, n, dtype=np.uint8)), name=f"t{k}.{n}")
+                           for n in sizes]
+                back = {n: pipe.register(np.zeros(n, np.uint8), name=f"t{k}.back{n}") for n in sizes}
+                h2d = d2h = nh = nd = 0
+                for i in range(TRANSFERS):
+                    r = regions[i % len(sizes)] if rng.random() < 0.8 else regions[rng.integers(len(sizes))]
+                    if i % 10 == 9:
+                        r.array[0] ^= 1                              # a write now and then
+                    dbuf = pipe.to_device(r, stream=stream)
+                    h2d, nh = h2d + 1, nh + r.nbytes
+                    if i % 4 == 0:
+                        pipe.to_host(dbuf, back[r.nbytes], stream=stream).wait(TIMEOUT)
+                        d2h, nd = d2h + 1, nd + r.nbytes
+                        assert np.array_equal(back[r.nbytes].array, r.array)
+                with lock:
+                    for j, v in enumerate((h2d, d2h, nh, nd)):
+                        counts[j] += v
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert not any(t.is_alive() for t in threads), "deadlock: a thread never finished"
+        assert not errors, errors[:3]
+        pipe.synchronize()
+        s = pipe.stats()
+        assert (s["transfers_h2d"], s["transfers_d2h"]) == (THREADS * TRANSFERS, counts[1]) == (counts[0], counts[1])
+        assert (s["bytes_h2d"], s["bytes_d2h"]) == (counts[2], counts[3])
+        if mode == "pipellm":
+            assert s["hits"] + s["misses"] == s["transfers_h2d"]
+
+
+def test_keyboard_interrupt_during_a_blocking_wait_leaves_the_pipeline_usable():
+    with make_pipe("cc", timeout=10) as pipe:
+        region = pipe.register(np.full(4096, 3, np.uint8))
+        main = threading.get_ident()
+        with pipe.device.paused():
+            dbuf = pipe.to_device(region)
+            threading.Timer(0.2, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+            start = time.monotonic()
+            with pytest.raises(KeyboardInterrupt):
+                pipe.synchronize()       # waits on the held copy engine until interrupted
+            assert time.monotonic() - start < 5
+        pipe.synchronize()
+        assert (pipe.device.read(dbuf) == 3).all()
+        pipe.to_device(region)
+        pipe.synchronize()
+
+
+@pytest.mark.parametrize("mode", ["cc", "pipellm"])
+def test_close_during_traffic(mode):
+    """close() while other threads are transferring: they stop with a clear error, nothing
+    hangs, and the resources go back."""
+    pipe = make_pipe(mode, timeout=10)
+    regions = [pipe.register(pipellm.array(np.full(20_000, i, np.uint8)), name=f"r{i}") for i in range(4)]
+    stop, outcomes = threading.Event(), []
+
+    def traffic():
+        try:
+            while not stop.is_set():
+                for r in regions:
+                    pipe.to_device(r)
+        except pipellm.ChannelClosedError as exc:
+            outcomes.append(exc)
+        except BaseException as exc:  # noqa: BLE001
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=traffic) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    pipe.close()
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert all(isinstance(e, pipellm.PipellmError) for e in outcomes), outcomes
+    assert pipe.closed and pipe.device.closed
+    if mode == "pipellm":
+        assert not any(t.is_alive() for t in pipe._engine._workers)
+
+
+def test_open_file_descriptors_stay_flat():
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    for _ in range(3):  # warm up lazily opened things
+        with make_pipe("pipellm") as pipe:
+            pipe.to_device(pipe.register(pipellm.empty(4096, np.uint8)))
+    before = fds()
+    for _ in range(20):
+        with make_pipe("pipellm") as pipe:
+            r = pipe.register(pipellm.empty(4096, np.uint8))
+            for _ in range(10):
+                pipe.to_device(r)
+    assert fds() <= before
