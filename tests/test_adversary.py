@@ -221,3 +221,93 @@ def test_unreported_failure_is_raised_by_close():
             pipe.close()        # never silently dropped
         assert pipe.closed
         pipe.close()
+
+
+def _kind(msg):
+    from pipellm.channel.protocol import unpack_header
+    header = unpack_header(msg.aad)
+    return None if header is None else header.kind
+
+
+class OnCommands(Adversary):
+    """Attacks the first GO or SKIP command (speculative mode) once armed."""
+
+    def __init__(self, kind, attack):
+        self.kind, self.attack = kind, attack
+        self.armed, self.seen = False, []
+
+    def on_message(self, msg):
+        if msg.direction != "h2d" or _kind(msg) != self.kind:
+            return [msg]
+        self.seen.append(msg.copy())
+        if not self.armed:
+            return [msg]
+        self.armed = False
+        return self.attack(msg, self)
+
+
+def go_replayed(msg, adv):
+    return [msg, adv.seen[0]] if len(adv.seen) > 1 else [msg, msg]
+
+
+def go_redirected(msg, adv):
+    msg.payload[3] ^= 0x01   # the destination buffer id inside the encrypted GO body
+    return [msg]
+
+
+def go_dropped(msg, adv):
+    return []
+
+
+def skip_forged(msg, adv):
+    msg.payload[-1] ^= 0x01  # its tag
+    return [msg]
+
+
+def skip_replayed(msg, adv):
+    return [msg, msg]
+
+
+@pytest.mark.parametrize("kind,attack", [("GO", go_replayed), ("GO", go_redirected), ("GO", go_dropped),
+                                         ("SKIP", skip_forged), ("SKIP", skip_replayed)],
+                         ids=["go-replayed", "go-redirected", "go-dropped", "skip-forged", "skip-replayed"])
+def test_command_attacks_are_refused(kind, attack):
+    """The speculative mode's commands (GO: where speculative data lands; SKIP: the NOP)
+    forged, replayed, redirected or dropped: refused, nothing lands, the channel closes."""
+    from pipellm.channel import Kind
+    adv = OnCommands(Kind[kind], attack)
+    with pipellm.open_device("emulated", adversary=adv) as dev:
+        pipe = make_pipe("pipellm", device=dev, min_speculative_bytes=0, depth_messages=48, timeout=1)
+        regions = [pipe.register(pipellm.array(np.full(N, i, np.uint8)), name=f"l{i}") for i in range(4)]
+        for _ in range(2):
+            for r in regions:
+                pipe.to_device(r)
+                pipe.wait_speculation()
+        pipe.synchronize()
+        before = [dev.read(r.device_buffer).copy() for r in regions]
+        for r in regions:
+            r.array[:] = 100 + int(r.array[0])    # new bytes: any stale or misdirected landing shows
+        adv.armed = True
+        with pytest.raises((IntegrityError, TransferTimeoutError)):
+            if kind == "SKIP":
+                pipe.to_device(regions[2])          # the queue holds 0 and 1 ahead of 2: a SKIP
+                pipe.to_device(regions[3])
+            else:
+                pipe.to_device(regions[0])          # a hit: GO + speculative data
+                pipe.to_device(regions[1])
+            pipe.synchronize()
+            pipe.to_device(regions[2])
+            pipe.synchronize()
+        after = [dev.read(r.device_buffer) for r in regions]
+        for i, (b, a) in enumerate(zip(before, after)):
+            # every region holds either its old bytes or, for a message that authenticated
+            # before the attack, its genuine new bytes: never anything else
+            assert np.array_equal(a, b) or np.array_equal(a, regions[i]._array), i
+        assert adv.seen
+        with pytest.raises(pipellm.PipellmError):
+            pipe.to_device(regions[0])
+            pipe.synchronize()
+        try:
+            pipe.close()
+        except pipellm.PipellmError:
+            pass
