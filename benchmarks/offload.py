@@ -102,7 +102,7 @@ def _run(mode: str, layers: int, layer_bytes: int, passes: int, compute_us: floa
         # counters over the measured passes only
         out.update({k: stats[k] - warm.get(k, 0) for k in (
             "hits", "misses", "nops", "skipped_messages", "relinquishes", "stale", "wasted_bytes",
-            "reencrypted_bytes", "stolen_chunks", "worker_busy_s", "hit_wait_s", "probes")})
+            "reencrypted_bytes", "stolen_chunks", "worker_busy_s", "hit_wait_s", "shadow_hits")})
         out["hit_rate"] = out["hits"] / max(1, out["hits"] + out["misses"])
         out["workers"], out["iv_order"] = stats["workers"], stats["iv_order"]
     return out

@@ -41,8 +41,10 @@ FEATURES = ("p1", "p2", "last", "segment", "recent", "age", "layerwise", "kvswap
             "kvswap_trust")
 SEGMENT = 3   # loads after a context that make its "segment"
 RECENT = 3
-#: a rule whose first guess was right this often lately is followed as is
-TRUST_RULE = 0.97
+#: a rule whose first guess was right this often lately is followed as is (moving
+#: average with this weight for the newest guess)
+TRUST_RULE = 0.9
+TRUST_ALPHA = 0.2
 
 
 class NotFittedError(ArgumentError, AttributeError):
@@ -86,7 +88,8 @@ class _History:
             if guesses is None:
                 guesses = [next(iter(rule.predict(1)), None) for rule in self.rules]
             for i, guess in enumerate(guesses):
-                self.trust[i] += 0.1 * ((guess is not None and guess.region == event.region) - self.trust[i])
+                if guess is not None:  # no guess is no evidence either way
+                    self.trust[i] += TRUST_ALPHA * ((guess.region == event.region) - self.trust[i])
         for rule in self.rules:
             rule.observe(event)
         if event.direction == "h2d":
@@ -233,10 +236,11 @@ class LearnedPredictor(Predictor):
         prev, last = h.context()
         if last is None:
             return []
-        # while the layer-order rule has been right nearly always, its own (cheap, longer)
-        # chain is the answer: regular weight loads need no model
-        if h.trust[0] >= TRUST_RULE:
-            chain = h.rules[0].predict(k)
+        # while a rule has been right nearly always, its own (cheap, longer) chain is the
+        # answer: regular traffic needs no model (the most trusted rule, if any)
+        best = max(range(len(h.rules)), key=lambda i: h.trust[i])
+        if h.trust[best] >= TRUST_RULE:
+            chain = h.rules[best].predict(k)
             if chain:
                 return chain
         recent = list(h.loads)[-RECENT:]

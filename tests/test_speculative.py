@@ -358,3 +358,47 @@ def test_a_timeout_part_way_leaves_the_pipeline_usable(iv_order):
         for r in regions:
             pipe.to_device(r)
         check_device(pipe, regions)
+
+
+class Switchable(Predictor):
+    """Always wrong (predicts a region never requested) until ``right`` is set, then
+    predicts the next region of a round robin."""
+
+    def __init__(self, names, nbytes):
+        self.names, self.nbytes, self.right, self.last = names, nbytes, False, None
+
+    def observe(self, event):
+        self.last = event.region
+
+    def predict(self, k):
+        if not self.right:
+            return [Prediction("decoy", 0, self.nbytes)]
+        i = self.names.index(self.last) if self.last in self.names else -1
+        return [Prediction(self.names[(i + 1 + j) % len(self.names)], 0, self.nbytes) for j in range(k)]
+
+
+def test_a_wrong_predictor_stops_speculation_and_a_recovered_one_restarts_it():
+    with spec_pipe() as pipe:
+        regions = layers(pipe, n=4, nbytes=CHUNK)
+        names = [r.name for r in regions]
+        predictor = Switchable(names, CHUNK)
+        pipe._engine.predictor = predictor
+        pipe.register(pipellm.array(np.zeros(CHUNK, np.uint8)), name="decoy")
+
+        def run(passes):
+            for _ in range(passes):
+                for r in regions:
+                    pipe.to_device(r)
+                    pipe.wait_speculation()
+
+        run(8)  # the decoy is encrypted ahead, never requested: accuracy falls
+        spent = pipe.stats()["speculative_bytes"]
+        run(8)
+        s = pipe.stats()
+        assert s["hits"] == 0 and s["speculative_bytes"] == spent  # stopped: nothing more wasted
+        assert s["prediction_accuracy"] < 0.25
+        predictor.right = True
+        run(4)
+        s = pipe.stats()
+        assert s["shadow_hits"] >= 2 and s["hits"] >= 4 * 4 - 4  # resumed within a pass
+        check_device(pipe, regions)

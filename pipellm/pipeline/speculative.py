@@ -36,13 +36,12 @@ from ..predictors import Predictor, TransferEvent
 from .cc import CCEngine, make_pool, slot_bytes_for
 
 PENDING, ENCRYPTING, READY, FAILED = range(4)
-#: adaptive speculation: a moving average of hits (weight of the newest request), the
-#: level below which speculation is throttled, and how often a throttled pipeline probes
-#: (the interval doubles after each failed probe, up to PROBE_MAX requests)
+#: adaptive speculation: a moving average of hits (weight of the newest request) and the
+#: level below which speculation stops; a stopped pipeline keeps scoring the predictor's
+#: first guess for each request ("shadow" predictions, nothing encrypted) and resumes
+#: once those guesses hit again
 ACCURACY_ALPHA = 0.125
 ACCURACY_FLOOR = 0.25
-PROBE_EVERY = 16
-PROBE_MAX = 1024
 #: plan the next speculation on the requesting thread when fewer items than this are
 #: queued (back-to-back requests would outrun a worker); otherwise a worker plans
 INLINE_PLANNING_BELOW = 2
@@ -113,11 +112,9 @@ class SpeculativeEngine(CCEngine):
         self.counts = dict.fromkeys(
             ("hits", "misses", "stale", "nops", "skipped_messages", "relinquishes", "reencrypted_bytes",
              "wasted_bytes", "speculative_bytes", "stolen_chunks", "worker_errors", "async_decrypted_bytes",
-             "expired", "probes", "held_places", "evicted"), 0)
+             "expired", "shadow_hits", "held_places", "evicted"), 0)
         self._accuracy = 1.0   # recent hit ratio of requests that met queued speculation
-        self._requests = 0
-        self._probe_every = PROBE_EVERY
-        self._next_probe = 0
+        self._shadow = None    # throttled: the predictor's first guess for the next request
         self.worker_busy_s = 0.0
         self.hit_wait_s = 0.0  # requests waiting for a worker to finish their chunks
         self._workers = [threading.Thread(target=self._work, name=f"pipellm-worker-{i}", daemon=True)
@@ -132,11 +129,13 @@ class SpeculativeEngine(CCEngine):
             speculating = bool(self._items)
             item = self._claim(key)
             if speculating:
-                self._accuracy += ACCURACY_ALPHA * ((item is not None) - self._accuracy)
-                if item is not None:
-                    self._probe_every = PROBE_EVERY
-            self._requests += 1
+                self._score(item is not None)
+            elif self._shadow is not None:
+                hit = self._shadow == key
+                self.counts["shadow_hits"] += hit
+                self._score(hit)
             self.predictor.observe(TransferEvent(region.name, offset, nbytes, "h2d", stream.id, perf_counter()))
+            self._shadow = self._shadow_guess() if self._throttled() else None
             if item is not None:
                 self._skip_to(item.go.index)
                 self._send_item(item, dst, dst_offset, stream)
@@ -155,9 +154,21 @@ class SpeculativeEngine(CCEngine):
         if item is None or queued <= self.lookahead // 2:
             self._plan_later()
 
+    def _score(self, hit: bool) -> None:
+        self._accuracy += ACCURACY_ALPHA * (hit - self._accuracy)
+
     def _throttled(self) -> bool:
-        """The predictor has been wrong lately and the next probe is not due yet."""
-        return self._accuracy < ACCURACY_FLOOR and self._requests < self._next_probe
+        """The predictor has been wrong lately: speculate nothing until its guesses hit again."""
+        return self._accuracy < ACCURACY_FLOOR
+
+    def _shadow_guess(self):
+        """The key the predictor expects next, scored against the next request (costs one
+        predict(1) per request, no encryption, no slots)."""
+        guesses = self.predictor.predict(1)
+        if not guesses:
+            return None
+        p = guesses[0]
+        return (p.region, p.offset, p.nbytes)
 
     def _count_reencrypted(self, key) -> None:
         if key in self._dropped:
@@ -317,7 +328,7 @@ class SpeculativeEngine(CCEngine):
         """Have a worker plan the next speculation (it takes the h2d lock, so it runs after
         the current request, and its on-demand data)."""
         if self._throttled():
-            return  # nothing to plan until the next probe
+            return  # nothing to plan until the shadow guesses hit again
         with self._cond:
             if not self._replenish_pending:
                 self._replenish_pending = True
@@ -327,20 +338,12 @@ class SpeculativeEngine(CCEngine):
     # -- the queue ---------------------------------------------------------------------------
     def _replenish(self) -> None:
         """Admit predicted transfers: reserve their indices and slots, queue their chunks."""
-        limit = self.lookahead
-        if self._accuracy < ACCURACY_FLOOR:
+        if self._throttled():
             # the predictor has been wrong lately: keep the workers (and the CPU) free for
-            # on-demand work, and probe with one item now and then to notice a recovery;
-            # each probe that fails doubles the wait for the next one
-            if self._requests < self._next_probe:
-                return
-            self._probe_every = min(self._probe_every * 2, PROBE_MAX)
-            self._next_probe = self._requests + self._probe_every
-            limit = 1
-            self.counts["probes"] += 1
-        else:
-            # each request consumes about one queued item: look a little past the queue
-            limit = min(limit, len(self._items) + 4)
+            # on-demand work; shadow guesses tell when it is right again
+            return
+        # each request consumes about one queued item: look a little past the queue
+        limit = min(self.lookahead, len(self._items) + 4)
         predictions = self.predictor.predict(limit)[:limit]
         chunk_size, by_key, wanted = self.chunk_size, self._by_key, set(predictions)
         for p in predictions:

@@ -26,7 +26,7 @@ from .format import Trace
 
 #: pipellm stats copied into each result
 SPEC_STATS = ("hits", "misses", "nops", "skipped_messages", "relinquishes", "stale", "reencrypted_bytes",
-              "wasted_bytes", "stolen_chunks", "probes")
+              "wasted_bytes", "stolen_chunks", "shadow_hits")
 
 
 _PATTERN = (np.arange(1 << 16, dtype=np.uint32) * 2654435761 >> 13).astype(np.uint8)
