@@ -127,3 +127,54 @@ def test_open_file_descriptors_stay_flat():
             for _ in range(10):
                 pipe.to_device(r)
     assert fds() <= before
+
+
+@pytest.mark.parametrize("direction", ["h2d", "d2h"])
+@pytest.mark.parametrize("mode", ["plain", "cc", "pipellm"])
+def test_a_device_error_mid_transfer(mode, direction):
+    """The device fails for good in the middle of a multi-chunk transfer (an Xid): the
+    caller gets a DeviceError naming it, every later call a clear error, nothing hangs,
+    host memory is untouched, close() releases everything, a new device works."""
+    chunks = 8
+    dev = pipellm.open_device("emulated")
+    pipe = make_pipe(mode, device=dev, chunk_size=4096)
+    data = [np.random.default_rng(i).integers(0, 256, chunks * 4096, dtype=np.uint8) for i in range(3)]
+    regions = [pipe.register(pipellm.array(d.copy()), name=f"w{i}") for i, d in enumerate(data)]
+    sink = pipe.register(np.zeros(chunks * 4096, np.uint8), name="sink")
+    for _ in range(2):  # the pipellm predictor learns the order and speculates
+        for r in regions:
+            pipe.to_device(r)
+            pipe.wait_speculation()
+    pipe.synchronize()
+
+    # 3 units of work, then the fault, in the middle of the next 8-chunk transfer (or,
+    # for d2h, of the second read: every read is one unit)
+    dev.inject_fault(after=3 if direction == "h2d" else 1, reason="Xid 79: fallen off the bus")
+    with pytest.raises(pipellm.DeviceError, match="Xid 79"):
+        for _ in range(4):
+            for r in regions:
+                if direction == "h2d":
+                    pipe.to_device(r)
+                else:
+                    pipe.to_host(r.device_buffer, sink).wait(TIMEOUT)
+            pipe.synchronize()
+    assert dev.failure is not None
+    for call in (lambda: pipe.to_device(regions[0]), pipe.synchronize,
+                 lambda: pipe.to_host(regions[0].device_buffer, sink)):
+        with pytest.raises(pipellm.PipellmError, match="Xid 79"):
+            call()
+    with pytest.raises(pipellm.DeviceError, match="refuses all work"):
+        dev.alloc(16)
+    for r, d in zip(regions, data):
+        assert np.array_equal(r.array, d)  # the host side lost nothing
+    pipe.close()  # the failure was reported: close does not raise it again
+    assert pipe.closed
+    if mode == "pipellm":
+        assert not any(t.is_alive() for t in pipe._engine._workers)
+    dev.close()
+
+    with make_pipe(mode) as fresh:  # a new device and session recover
+        r = fresh.register(pipellm.array(data[0].copy()))
+        fresh.to_device(r)
+        fresh.synchronize()
+        assert np.array_equal(fresh.device.read(r.device_buffer), data[0])

@@ -16,7 +16,7 @@ from time import perf_counter
 import numpy as np
 
 from .. import _fork
-from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, TransferTimeoutError
+from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, DeviceError, TransferTimeoutError
 
 
 class DeviceBuffer:
@@ -109,6 +109,9 @@ class Device(abc.ABC):
     def __init__(self) -> None:
         self._fork_generation = _fork.generation
         self._closed = False
+        #: the error the device failed with for good, if any: like a CUDA context after an
+        #: uncorrectable error, a failed device refuses all later work (close() excepted)
+        self.failure: DeviceError | None = None
         self._buffers: dict[int, DeviceBuffer] = {}
         self._next_buffer = 1
         self._streams: list[Stream] = []
@@ -143,6 +146,9 @@ class Device(abc.ABC):
             _fork.check(self._fork_generation, f"{self.kind} device")
         if self._closed:
             raise ChannelClosedError(f"the {self.kind} device is closed")
+        if self.failure is not None:
+            raise DeviceError(f"the {self.kind} device failed earlier and refuses all work: "
+                              f"{self.failure}") from self.failure
 
     @property
     def forked_away(self) -> bool:

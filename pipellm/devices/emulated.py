@@ -45,6 +45,10 @@ from ..errors import (
 from .base import Device, DeviceBuffer, Op, Stream
 
 
+class _Failed(Exception):
+    """Raised inside the copy engine once the device has failed (see inject_fault)."""
+
+
 @dataclass(frozen=True)
 class LinkModel:
     """The modelled host<->device link: one link per direction (PCIe is full duplex).
@@ -127,6 +131,7 @@ class EmulatedDevice(Device):
         self._stalling = 0           # host threads stalled right now
         self._stall_since = 0.0
         self._stall_lock = threading.Lock()
+        self._fault: tuple[int, str] | None = None  # (units of work left, reason): inject_fault
         super().__init__()
         self._thread = threading.Thread(target=self._run, name="pipellm-emulated-copy-engine", daemon=True)
         self._thread.start()
@@ -251,7 +256,11 @@ class EmulatedDevice(Device):
             ready = op.prev.end if op.prev is not None else 0.0
             op.prev = None  # history is not kept alive through the chain
             try:
+                if self.failure is not None:
+                    raise _Failed
                 handlers[op.kind](op, max(op.submit_t, ready))
+            except _Failed:
+                self._fail_device(op)
             except Exception as exc:  # a bug or a misbehaving adversary: fail the op, keep going
                 if not op.finished:
                     self._finish(op, DeviceError(f"emulated device failed {op.kind}: {exc!r}"))
@@ -286,6 +295,7 @@ class EmulatedDevice(Device):
         (msgs,) = op.args
         session = op.session
         for msg in msgs:
+            self._tick()
             op.end = self._link(Direction.H2D, ready, len(msg.payload))
             if session.failure is not None:
                 self._finish(op, session.failure)
@@ -319,6 +329,7 @@ class EmulatedDevice(Device):
 
     def _do_sealed_read(self, op: Op, ready: float) -> None:
         src_id, src_offset, region_id, offset, out = op.args
+        self._tick()
         op.end = self._link(Direction.D2H, ready, len(out))
         session = op.session
         if session.failure is not None:
@@ -338,6 +349,7 @@ class EmulatedDevice(Device):
 
     def _do_copy_in(self, op: Op, ready: float) -> None:
         src, dst_id, dst_offset = op.args
+        self._tick()
         op.end = self._link(Direction.H2D, ready, len(src))
         mem = self._mem.get(dst_id)
         if mem is None:
@@ -348,6 +360,7 @@ class EmulatedDevice(Device):
 
     def _do_copy_out(self, op: Op, ready: float) -> None:
         src_id, src_offset, dst = op.args
+        self._tick()
         op.end = self._link(Direction.D2H, ready, len(dst))
         mem = self._mem.get(src_id)
         if mem is None:
@@ -358,9 +371,48 @@ class EmulatedDevice(Device):
 
     def _do_compute(self, op: Op, ready: float) -> None:
         (seconds,) = op.args
+        self._tick()
         start = max(ready, self._compute_free)
         op.end = self._compute_free = start + seconds
         self._finish(op)
+
+    # -- faults ----------------------------------------------------------------------------------
+    def inject_fault(self, after: int = 0, reason: str = "injected fault") -> None:
+        """Testing hook: fail for good once the copy engine has handled ``after`` more
+        units of work (one message, copy or compute each), the way an uncorrectable error
+        (an Xid) ends a CUDA context. The operation in progress fails part-way (a
+        multi-message transfer keeps the messages that landed), and it, everything queued
+        and every later call but :meth:`close` raise :class:`~pipellm.DeviceError`.
+
+        >>> import pipellm
+        >>> with pipellm.open_device("emulated") as dev:
+        ...     dev.inject_fault(after=0, reason="Xid 79")
+        ...     op = dev.compute(1.0)
+        ...     op.wait_done(5.0), type(op.error).__name__
+        (True, 'DeviceError')
+        """
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise ArgumentError(f"after must be an int >= 0 (units of work before the fault), got {after!r}")
+        self._check_open()
+        self._fault = (after, str(reason))
+
+    def _tick(self) -> None:
+        """Count one unit of work against an injected fault (copy-engine thread)."""
+        if self._fault is None:
+            return
+        left, reason = self._fault
+        if left > 0:
+            self._fault = (left - 1, reason)
+            return
+        self._fault = None
+        self.failure = DeviceError(f"the emulated device failed: {reason}")
+        raise _Failed
+
+    def _fail_device(self, op: Op) -> None:
+        """The device has failed: fail ``op`` and every session (their pending ops with them)."""
+        self._finish(op, self.failure)
+        for session in list(self._sessions.values()):
+            self._fail_session(session, self.failure)
 
     def _fail_session(self, session: _Session, error: BaseException) -> None:
         """Fail closed: the session refuses everything from now on; pending ops fail."""

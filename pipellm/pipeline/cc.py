@@ -16,7 +16,7 @@ from collections import deque
 from .._ext import PAGE_BYTES, BouncePool, copy_into
 from ..channel import Direction, KeyAgreement, Kind, Opener, Sealer
 from ..channel.protocol import TAG_BYTES
-from ..errors import ArgumentError, ChannelClosedError, IntegrityError, TransferTimeoutError
+from ..errors import ArgumentError, ChannelClosedError, DeviceError, IntegrityError, TransferTimeoutError
 from .transfer import Transfer
 
 
@@ -210,8 +210,8 @@ class CCEngine:
     def failure(self) -> BaseException | None:
         """The error that closed the channel, on either side, if any."""
         if self._failure is None:
-            device_failure = self.device.session_failure(self.session)
-            if isinstance(device_failure, IntegrityError):
+            device_failure = self.device.failure or self.device.session_failure(self.session)
+            if isinstance(device_failure, (IntegrityError, DeviceError)):
                 self._fail(device_failure)
         return self._failure
 

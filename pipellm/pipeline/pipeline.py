@@ -11,7 +11,7 @@ import numpy as np
 from .. import _fork
 from ..channel.protocol import DEFAULT_ROTATE_AFTER, check_rotate_after
 from ..devices import Device, DeviceBuffer, Stream, open_device
-from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, IntegrityError, TransferTimeoutError
+from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, DeviceError, IntegrityError, TransferTimeoutError
 from .cc import CCEngine
 from .plain import PlainEngine
 from .speculative import SpeculativeEngine, default_workers
@@ -267,14 +267,15 @@ class Pipeline:
 
     def synchronize(self, stream: Stream | None = None) -> None:
         """Wait until every transfer submitted so far (on ``stream``, or all) has landed;
-        raise :class:`~pipellm.IntegrityError` if any failed authentication."""
+        raise :class:`~pipellm.IntegrityError` if any failed authentication, or
+        :class:`~pipellm.DeviceError` if the device failed."""
         self._check()
         if self._recorder is not None:
             self._recorder.sync(stream)
         try:
             self.device.synchronize(stream, timeout=self.timeout)
             self._engine.drain(self.timeout)
-        except IntegrityError:
+        except (IntegrityError, DeviceError):
             self._engine.failure_reported = True
             raise
         self._check()

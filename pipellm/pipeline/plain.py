@@ -32,7 +32,7 @@ class PlainEngine:
         pass
 
     def failure(self):
-        return None
+        return self.device.failure
 
     def adopt(self, region) -> None:
         """A region was registered."""
