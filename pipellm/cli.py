@@ -177,6 +177,32 @@ def _generate(args) -> int:
     return 0
 
 
+def _soak(args) -> int:
+    from .soak import soak
+
+    reports = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        for iv_order in (["strict", "window"] if args.iv_order == "both" else [args.iv_order]):
+            with tqdm(total=args.transfers, desc=f"soak seed {seed} {iv_order}", unit="transfer",
+                      disable=args.no_progress, file=sys.stderr, leave=False) as bar:
+                report = soak(args.transfers, seed=seed, iv_order=iv_order, workers=args.workers,
+                              progress=bar.update)
+            reports.append(report)
+            if not args.json:
+                r = report
+                print(f"seed {r.seed} {r.iv_order:<6}: {r.transfers_h2d} h2d + {r.transfers_d2h} d2h transfers, "
+                      f"{r.host_writes} host writes, {r.key_rotations} key rotations, {r.ciphertexts} ciphertexts; "
+                      f"stale bytes {r.stale_bytes}, wrong d2h bytes {r.wrong_d2h_bytes}, IV reuse {r.iv_reuse}; "
+                      f"hits {r.hits}, misses {r.misses}; RSS {r.rss_growth_bytes / 2**20:+.1f} MiB, "
+                      f"fds {r.fd_growth:+d}; {r.seconds:.1f} s {'ok' if r.ok else 'FAILED'}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump([r.as_dict() for r in reports], f, indent=2)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in reports], indent=2))
+    return 0 if all(r.ok for r in reports) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pipellm", description="Fast confidential host<->GPU transfers.")
     parser.add_argument("--version", action="version", version=f"pipellm {__version__}")
@@ -213,6 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("--no-progress", action="store_true")
     replay.set_defaults(run=_replay)
 
+    soak = sub.add_parser("soak", help="a seeded soak of the pipellm mode: stale bytes and IV reuse must stay 0")
+    soak.add_argument("--transfers", type=int, default=100_000, help="host-to-device transfers per run (100000)")
+    soak.add_argument("--seed", type=int, default=0, help="the first seed (0)")
+    soak.add_argument("--seeds", type=int, default=1, help="how many seeds, from --seed on (1)")
+    soak.add_argument("--iv-order", choices=("strict", "window", "both"), default="both")
+    soak.add_argument("--workers", type=int, default=None)
+    soak.add_argument("--json", action="store_true", help="print a JSON list, one object per run")
+    soak.add_argument("--out", metavar="FILE", help="write the reports as JSON to FILE")
+    soak.add_argument("--no-progress", action="store_true")
+    soak.set_defaults(run=_soak)
+
     preds = sub.add_parser("predictors", help="list the predictors (built-in and plugins) and where they come from")
     preds.set_defaults(run=_predictors)
     preds_sub = preds.add_subparsers(dest="predictors_command")
@@ -235,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be at least 1")
     if getattr(args, "workers", None) is not None and args.workers < 1:
         parser.error("--workers must be at least 1")
+    for name in ("transfers", "seeds"):
+        if getattr(args, name, 1) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if getattr(args, "seed", 0) < 0:
+        parser.error("--seed must be >= 0")
     return args.run(args)
 
 

@@ -43,7 +43,8 @@ PENDING, ENCRYPTING, READY, FAILED = range(4)
 ACCURACY_ALPHA = 0.125
 ACCURACY_FLOOR = 0.25
 #: plan the next speculation on the requesting thread when fewer items than this are
-#: queued (back-to-back requests would outrun a worker); otherwise a worker plans
+#: queued, or when no worker has started the plan asked for at the previous request
+#: (back-to-back requests would outrun a worker); otherwise a worker plans
 INLINE_PLANNING_BELOW = 2
 _RECEIVE = object()    # worker task: receive the oldest device-to-host chunk
 _REPLENISH = object()  # worker task: ask the predictor and queue new speculation
@@ -112,7 +113,7 @@ class SpeculativeEngine(CCEngine):
         self.counts = dict.fromkeys(
             ("hits", "misses", "stale", "nops", "skipped_messages", "relinquishes", "reencrypted_bytes",
              "wasted_bytes", "speculative_bytes", "stolen_chunks", "worker_errors", "async_decrypted_bytes",
-             "expired", "shadow_hits", "held_places", "evicted"), 0)
+             "expired", "shadow_hits", "held_places", "evicted", "stolen_plans"), 0)
         self._accuracy = 1.0   # recent hit ratio of requests that met queued speculation
         self._shadow = None    # throttled: the predictor's first guess for the next request
         self.worker_busy_s = 0.0
@@ -128,12 +129,14 @@ class SpeculativeEngine(CCEngine):
         with self._h2d_lock:
             speculating = bool(self._items)
             item = self._claim(key)
-            if speculating:
-                self._score(item is not None)
-            elif self._shadow is not None:
+            if item is None and self._shadow is not None:
+                # throttled: score the shadow guess (items left in the queue from before
+                # the throttle say nothing about the predictor now)
                 hit = self._shadow == key
                 self.counts["shadow_hits"] += hit
                 self._score(hit)
+            elif speculating:
+                self._score(item is not None)
             self.predictor.observe(TransferEvent(region.name, offset, nbytes, "h2d", stream.id, perf_counter()))
             self._shadow = self._shadow_guess() if self._throttled() else None
             if item is not None:
@@ -146,8 +149,8 @@ class SpeculativeEngine(CCEngine):
             self.transfers[0] += 1
             self.bytes[0] += nbytes
             queued = len(self._items)
-            if not self._throttled() and queued < INLINE_PLANNING_BELOW:
-                self._replenish()  # the queue runs dry (bursts): plan now
+            if not self._throttled() and (queued < INLINE_PLANNING_BELOW or self._take_pending_plan()):
+                self._replenish()  # the queue runs dry, or the workers lag (bursts): plan now
                 return
         # otherwise planning is a worker's job, off the requesting thread, and only once
         # the queue has drained to half the lookahead: planning in batches costs less
@@ -324,6 +327,17 @@ class SpeculativeEngine(CCEngine):
             self._plan_later()
         return transfer
 
+    def _take_pending_plan(self) -> bool:
+        """Take back a planning task no worker has started (requests come faster than the
+        workers plan): True if there was one, and the caller plans now instead."""
+        with self._cond:
+            if not self._replenish_pending:
+                return False
+            self._replenish_pending = False
+            self._tasks.remove(_REPLENISH)
+            self.counts["stolen_plans"] += 1
+            return True
+
     def _plan_later(self) -> None:
         """Have a worker plan the next speculation (it takes the h2d lock, so it runs after
         the current request, and its on-demand data)."""
@@ -333,7 +347,7 @@ class SpeculativeEngine(CCEngine):
             if not self._replenish_pending:
                 self._replenish_pending = True
                 self._tasks.appendleft(_REPLENISH)
-                self._cond.notify()
+                self._cond.notify_all()  # waiters besides the workers share it (wait_speculation)
 
     # -- the queue ---------------------------------------------------------------------------
     def _replenish(self) -> None:
@@ -463,16 +477,21 @@ class SpeculativeEngine(CCEngine):
     # -- workers ------------------------------------------------------------------------------
     def _work(self) -> None:
         gate = self.device.gate
-        busy = 0.0
+        busy, took = 0.0, False
         while True:
             gate.wait()  # no progress while the emulated device's clock stands still
             with self._cond:
                 self.worker_busy_s += busy
+                busy = 0.0
+                if took and not self._tasks:
+                    self._cond.notify_all()  # this worker took the last task: wake wait_speculation()
+                took = False
                 while not self._tasks and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     return
                 task = self._tasks.popleft()
+                took = True
                 if task is _REPLENISH:
                     self._replenish_pending = False
                 elif task is not _RECEIVE:
@@ -556,7 +575,7 @@ class SpeculativeEngine(CCEngine):
             if not self._receive_pending:  # one task drains everything delivered by then
                 self._receive_pending = True
                 self._tasks.appendleft(_RECEIVE)
-                self._cond.notify()
+                self._cond.notify_all()  # waiters besides the workers share it (wait_speculation)
 
     def _receive_async(self) -> None:
         with self._cond:
