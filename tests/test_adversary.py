@@ -1,7 +1,10 @@
-"""An adversary on the emulated device's untrusted link, in both directions.
+"""An adversary on the emulated device's untrusted link, in both directions and every
+mode that encrypts (cc; pipellm in strict and in window IV order).
 
 Every attack is refused with IntegrityError (or, for a message dropped at the end, a
 clear timeout), the destination keeps what it held, and the channel stays closed.
+In pipellm mode the attacked host-to-device message is speculative data (a SPEC message
+sent on a hit), the path that differs from cc.
 """
 
 import numpy as np
@@ -87,21 +90,42 @@ ATTACKS = {
 }
 
 
-class Armed(Adversary):
-    """Passes messages on until armed; then applies ``attack`` once to one direction."""
+MODES = ["cc", "pipellm", "pipellm-window"]
 
-    def __init__(self, direction, attack):
-        self.direction, self.attack = direction, attack
+
+def open_pipe(mode, dev, **kw):
+    """A pipeline in one of ``MODES`` that speculates on anything (no size floor)."""
+    if mode == "cc":
+        return make_pipe(device=dev, **kw)
+    window = {"iv_order": "window"} if mode == "pipellm-window" else {}
+    return make_pipe("pipellm", device=dev, min_speculative_bytes=0, **window, **kw)
+
+
+def _kind(msg):
+    from pipellm.channel.protocol import unpack_header
+    header = unpack_header(msg.aad)
+    return None if header is None else header.kind
+
+
+class Armed(Adversary):
+    """Passes messages on until armed; then applies ``attack`` once to one direction
+    (to the first message of kind ``kind`` where one is given)."""
+
+    def __init__(self, direction, attack, kind=None):
+        self.direction, self.attack, self.kind = direction, attack, kind
         self.armed = False
         self.old = self.held = self.foreign = self.other = None
-        self.log = []
+        self.attacked = 0
 
     def on_message(self, msg):
         if msg.direction == self.direction and self.old is None:
             self.old = msg.copy()
         if not self.armed or msg.direction != self.direction:
             return [msg]
+        if self.held is None and self.kind is not None and _kind(msg) != self.kind:
+            return [msg]
         self.armed = False
+        self.attacked += 1
         return self.attack(msg, self)
 
 
@@ -118,46 +142,96 @@ def capture_foreign(dev, adv, direction):
         adv.old = None
 
 
+def warm_up(pipe, mode, regions):
+    """Transfer ``regions`` in a cycle until the pipeline has the first one encrypted ahead."""
+    for _ in range(1 if mode == "cc" else 3):
+        for r in regions:
+            pipe.to_device(r)
+        pipe.synchronize()
+        if mode != "cc":
+            pipe.wait_speculation()
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("attack", list(ATTACKS))
-def test_h2d_attack_is_refused(attack):
-    adv = Armed("h2d", ATTACKS[attack])
+def test_h2d_attack_is_refused(attack, mode):
+    from pipellm.channel import Kind
+    adv = Armed("h2d", ATTACKS[attack], Kind.DATA if mode == "cc" else Kind.SPEC)
     with pipellm.open_device("emulated", adversary=adv) as dev:
         if attack == "other-session":
             capture_foreign(dev, adv, "h2d")
-        pipe = make_pipe(device=dev)
-        a, b = np.full(N, 1, np.uint8), np.full(N, 2, np.uint8)
+        pipe = open_pipe(mode, dev)
+        # library-owned memory (write-protected), which the pipeline encrypts ahead
+        a, b = pipellm.array(np.full(N, 1, np.uint8)), pipellm.array(np.full(N, 2, np.uint8))
         ra, rb = pipe.register(a), pipe.register(b)
-        target = pipe.to_device(ra)               # legit: target holds 1s
-        adv.other = pipe.to_device(rb).id          # legit: another buffer holds 2s
-        pipe.synchronize()
-        a[:] = 3
+        warm_up(pipe, mode, [ra, rb])               # legit: their device copies hold 1s and 2s
+        target = dev.alloc(N)                       # holds 0s
+        adv.other = rb.device_buffer.id
         adv.armed = True
-        pipe.to_device(ra)                        # attacked: must not land
+        pipe.to_device(ra, dst=target)            # attacked (in pipellm mode a hit): must not land
         if attack == "reorder":
             pipe.to_device(rb)
         with pytest.raises(IntegrityError, match="h2d message"):
             pipe.synchronize()
+        assert adv.attacked, "the attack never ran: nothing of the expected kind was sent"
         # a replay comes after the genuine message, which lands; the stale copy must not
-        expected = 3 if attack.startswith("replay") else 1
+        expected = 1 if attack.startswith("replay") else 0
         assert (dev.read(target) == expected).all()
-        assert (dev.read(pipe.region(rb.name).device_buffer) == 2).all()
+        assert (dev.read(ra.device_buffer) == 1).all() and (dev.read(rb.device_buffer) == 2).all()
         with pytest.raises(ChannelClosedError):
             pipe.to_device(ra)
         pipe.close()
         # a new session on the same device works
-        with make_pipe(device=dev) as fresh:
+        with open_pipe(mode, dev) as fresh:
             dbuf = fresh.to_device(fresh.register(np.full(N, 5, np.uint8)))
             fresh.synchronize()
             assert (dev.read(dbuf) == 5).all()
 
 
+def test_window_order_refuses_a_transfer_held_back_past_a_later_one_to_the_same_place():
+    """Every message is fresh and inside the IV window, so only the request number in the
+    header stops the older bytes from landing over the newer ones (protocol version 2)."""
+    class HoldFirst(Adversary):
+        armed, held = False, None
+
+        def on_message(self, msg):
+            if not self.armed or msg.direction != "h2d":
+                return [msg]
+            if self.held is None:
+                self.held = msg.copy()
+                return []
+            self.armed = False
+            return [msg, self.held]
+
+    adv = HoldFirst()
+    with pipellm.open_device("emulated", adversary=adv) as dev:
+        pipe = open_pipe("pipellm-window", dev)
+        a = np.full(N, 1, np.uint8)
+        region = pipe.register(a)
+        dbuf = pipe.to_device(region)
+        pipe.synchronize()
+        a[:] = 2
+        adv.armed = True
+        pipe.to_device(region)       # held back by the adversary
+        a[:] = 3
+        pipe.to_device(region)       # delivered, then the held one
+        with pytest.raises(IntegrityError, match="arrived after request"):
+            pipe.synchronize()
+        assert adv.held is not None and not adv.armed
+        assert (dev.read(dbuf) == 3).all()
+        with pytest.raises(ChannelClosedError):
+            pipe.to_device(region)
+        pipe.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("attack", list(ATTACKS))
-def test_d2h_attack_is_refused(attack):
+def test_d2h_attack_is_refused(attack, mode):
     adv = Armed("d2h", ATTACKS[attack])
     with pipellm.open_device("emulated", adversary=adv) as dev:
         if attack == "other-session":
             capture_foreign(dev, adv, "d2h")
-        pipe = make_pipe(device=dev)
+        pipe = open_pipe(mode, dev)
         src = pipe.to_device(pipe.register(np.full(N, 1, np.uint8)))
         host, other = np.zeros(N, np.uint8), np.zeros(N, np.uint8)
         rh, ro = pipe.register(host), pipe.register(other)
@@ -221,12 +295,6 @@ def test_unreported_failure_is_raised_by_close():
             pipe.close()        # never silently dropped
         assert pipe.closed
         pipe.close()
-
-
-def _kind(msg):
-    from pipellm.channel.protocol import unpack_header
-    header = unpack_header(msg.aad)
-    return None if header is None else header.kind
 
 
 class OnCommands(Adversary):

@@ -171,10 +171,11 @@ class Sealer(_Endpoint):
         return tickets
 
     def seal_into(self, ticket: Ticket, kind: int, buffer: int, offset: int, plaintext,
-                  out: memoryview, *, shared: bool = True) -> Message:
+                  out: memoryview, *, shared: bool = True, order: int = 0) -> Message:
         """Encrypt ``plaintext`` for destination (buffer, offset) into ``out``, which must
         be exactly ``len(plaintext) + 16`` bytes, under a reserved ticket. Returns the
-        message. ``shared`` says ``out`` is attacker-visible memory (observers are told)."""
+        message. ``shared`` says ``out`` is attacker-visible memory (observers are told);
+        ``order`` is the number of the request it serves (see the protocol)."""
         if ticket.used:
             raise ArgumentError(f"{ticket!r} was already sealed: an IV is never used twice")
         _check_sizes(plaintext, out)
@@ -183,7 +184,8 @@ class Sealer(_Endpoint):
             ticket.used = True
         # a private seal (shared=False) leaves the ticket usable: ciphertext that never
         # reached shared memory may be replaced under the same IV (see expose)
-        return self._seal(ticket.epoch, ticket.counter, ticket.key, kind, buffer, offset, plaintext, out, shared)
+        return self._seal(ticket.epoch, ticket.counter, ticket.key, kind, buffer, offset, plaintext, out, shared,
+                          order)
 
     def expose(self, ticket: Ticket, private: Message, out: memoryview) -> Message:
         """Copy a message sealed privately under ``ticket`` into shared memory ``out``
@@ -202,7 +204,7 @@ class Sealer(_Endpoint):
             publish(msg, ticket.key.key_id, ticket.epoch, ticket.counter)
         return msg
 
-    def seal_next(self, kind: int, buffer: int, offset: int, plaintext, out: memoryview) -> Message:
+    def seal_next(self, kind: int, buffer: int, offset: int, plaintext, out: memoryview, order: int = 0) -> Message:
         """Reserve the next index and seal under it at once, into shared memory ``out``."""
         _check_sizes(plaintext, out)
         with self._lock:
@@ -210,10 +212,11 @@ class Sealer(_Endpoint):
             index = self._next
             self._next += 1
         epoch, counter, key = self._key_at(index)
-        return self._seal(epoch, counter, key, kind, buffer, offset, plaintext, out, True)
+        return self._seal(epoch, counter, key, kind, buffer, offset, plaintext, out, True, order)
 
-    def _seal(self, epoch, counter, key, kind, buffer, offset, plaintext, out, shared) -> Message:
-        aad = pack_header(self.direction, kind, self.session, epoch, counter, buffer, offset, len(plaintext))
+    def _seal(self, epoch, counter, key, kind, buffer, offset, plaintext, out, shared, order) -> Message:
+        aad = pack_header(self.direction, kind, self.session, epoch, counter, buffer, offset, len(plaintext),
+                          order)
         iv = iv_for(key.mask, counter)
         start = perf_counter()
         seal_into(key.aead, iv, plaintext, aad, out)

@@ -1,4 +1,4 @@
-"""The one definition of pipellm's confidential-channel protocol (version 1).
+"""The one definition of pipellm's confidential-channel protocol (version 2).
 
 Every engine that speaks the channel imports it from here: the host endpoint, the
 emulated device's copy engine and (later) the GPU kernels. Two copies of this layout
@@ -6,12 +6,12 @@ would be two protocols.
 
 Message on the untrusted link::
 
-    header (48 bytes, sent in clear, authenticated as AES-GCM associated data)
+    header (56 bytes, sent in clear, authenticated as AES-GCM associated data)
     ciphertext (length bytes) || tag (16 bytes)
 
 Header layout, big-endian (``HEADER``)::
 
-    magic    4s  b"PLM1"
+    magic    4s  b"PLM2"
     dir      B   0 = host to device, 1 = device to host
     kind     B   0 = DATA (other kinds are reserved for the speculative pipeline)
     flags    H   0
@@ -21,11 +21,16 @@ Header layout, big-endian (``HEADER``)::
     buffer   Q   destination: device buffer id (h2d) or host region id (d2h)
     offset   Q   destination byte offset
     length   Q   plaintext length
+    order    Q   host-to-device: the number of the transfer request this message serves
+                 (DATA and GO; 0 in SPEC and SKIP, and in GO commands sealed ahead)
 
 IV (96 bits) = ``mask XOR counter`` with the counter in the low 64 bits, where ``mask``
 is the 12-byte IV mask of the (direction, epoch). The receiver never trusts the IV or the
 counter it is sent: it uses its own expected position and refuses anything else (with
-``iv_order="window"``: any not-yet-used position in a sliding window).
+``iv_order="window"``: any not-yet-used position in a sliding window). In window order
+positions no longer tell request order, so the receiver also refuses a message whose
+``order`` is below one it already took (SPEC messages take their GO's): a delayed
+transfer can never land over a later one.
 
 Speculative messages (``Kind.SPEC``) are sealed before they are requested and sit in
 shared memory; they name no destination and land only where an authenticated GO
@@ -39,12 +44,12 @@ import struct
 from enum import IntEnum
 from typing import NamedTuple
 
-MAGIC = b"PLM1"  # protocol version 1
+MAGIC = b"PLM2"  # protocol version 2 (version 1 had no order field)
 KEY_BYTES = 32
 IV_BYTES = 12
 TAG_BYTES = 16
-HEADER = struct.Struct(">4sBBHIIQQQQ")
-HEADER_BYTES = HEADER.size  # 48
+HEADER = struct.Struct(">4sBBHIIQQQQQ")
+HEADER_BYTES = HEADER.size  # 56
 COUNTER_LIMIT = 1 << 64
 EPOCH_LIMIT = 1 << 32
 #: Messages per key before rotation: a 32-bit counter, as in NVIDIA's CC channels.
@@ -89,22 +94,23 @@ class Header(NamedTuple):
     buffer: int
     offset: int
     length: int
+    order: int = 0
 
 
 def pack_header(direction: int, kind: int, session: int, epoch: int, counter: int,
-                buffer: int, offset: int, length: int) -> bytes:
+                buffer: int, offset: int, length: int, order: int = 0) -> bytes:
     """Header bytes (the AAD) of one message; the hot path calls this, not ``Header``."""
-    return HEADER.pack(MAGIC, direction, kind, 0, session, epoch, counter, buffer, offset, length)
+    return HEADER.pack(MAGIC, direction, kind, 0, session, epoch, counter, buffer, offset, length, order)
 
 
 def unpack_header(aad) -> Header | None:
-    """Parse header bytes; None where they are not a version-1 header (wrong size/magic/flags)."""
+    """Parse header bytes; None where they are not a version-2 header (wrong size/magic/flags)."""
     if len(aad) != HEADER_BYTES:
         return None
-    magic, direction, kind, flags, session, epoch, counter, buffer, offset, length = HEADER.unpack(aad)
+    magic, direction, kind, flags, session, epoch, counter, buffer, offset, length, order = HEADER.unpack(aad)
     if magic != MAGIC or flags != 0:
         return None
-    return Header(direction, kind, session, epoch, counter, buffer, offset, length)
+    return Header(direction, kind, session, epoch, counter, buffer, offset, length, order)
 
 
 def rewrite_destination(aad: bytearray, buffer: int, offset: int, length: int) -> None:

@@ -80,21 +80,23 @@ class CCEngine:
         self.failure_reported = False  # has a caller seen the failure raised?
         self.transfers = [0, 0]
         self.bytes = [0, 0]
+        self.order = 0  # the number of the current host-to-device request (see the protocol)
 
     # -- host to device --------------------------------------------------------------------
     def to_device(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
         with self._h2d_lock:
+            self.order += 1
             self.send_data(region, offset, nbytes, dst, dst_offset, stream)
             self.transfers[0] += 1
             self.bytes[0] += nbytes
 
     def send_data(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
         """Encrypt on demand, chunk by chunk, each straight onto the link (h2d lock held)."""
-        sealer, chunk, source = self.sealer, self.chunk_size, region.view
+        sealer, chunk, source, order = self.sealer, self.chunk_size, region.view, self.order
         for pos in range(0, nbytes, chunk):
             n = min(chunk, nbytes - pos)
             self.send_sealed(self.pool, n, stream, lambda out: sealer.seal_next(
-                Kind.DATA, dst.id, dst_offset + pos, source[offset + pos:offset + pos + n], out))
+                Kind.DATA, dst.id, dst_offset + pos, source[offset + pos:offset + pos + n], out, order))
 
     def send_sealed(self, pool, nbytes: int, stream, seal):
         """Take a slot for one message of ``nbytes`` plaintext, ``seal(out)`` into it (the

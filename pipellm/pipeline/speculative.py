@@ -73,7 +73,8 @@ class _Item:
         self.claimed = False  # requested: being sent
         self.failed = False   # a chunk could not be sealed (stale region, worker error)
         # The GO command for the likely destination (the region's own device copy),
-        # sealed ahead by a worker into private memory, where it may still be replaced.
+        # sealed ahead by a worker into private memory, where it may still be replaced
+        # (strict order only: in window order a GO carries its request's number)
         self.go_dst, self.go_private, self.go_busy = go_dst, None, False
 
 
@@ -127,6 +128,7 @@ class SpeculativeEngine(CCEngine):
     def to_device(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
         key = (region.name, offset, nbytes)  # the same tuple as the predictor's Prediction
         with self._h2d_lock:
+            self.order += 1
             speculating = bool(self._items)
             item = self._claim(key)
             if item is None and self._shadow is not None:
@@ -248,7 +250,7 @@ class SpeculativeEngine(CCEngine):
                 ticket = self._go_tickets[item.go.index]
                 self.send_sealed(self.pool, item.nbytes, stream, lambda out: self.sealer.seal_into(
                     ticket, Kind.DATA, dst.id, dst_offset, item.region.view[item.offset:item.offset + item.nbytes],
-                    out))
+                    out, order=self.order))
                 del self._go_tickets[item.go.index]
                 self._sent(ticket.index)
                 self.counts["hits"] += 1
@@ -284,7 +286,8 @@ class SpeculativeEngine(CCEngine):
                 go_msg = self.sealer.expose(go, private, slot.view(len(private.payload)))
             else:
                 body = GO_BODY.pack(dst.id, dst_offset, len(chunks), item.nbytes)
-                go_msg = self.sealer.seal_into(go, Kind.GO, 0, 0, body, slot.view(len(body) + TAG_BYTES))
+                go_msg = self.sealer.seal_into(go, Kind.GO, 0, 0, body, slot.view(len(body) + TAG_BYTES),
+                                               order=self.order)
             op = self.device.submit_messages(stream, self.session, [go_msg] + [c.msg for c in chunks])
         except BaseException:
             self.cmd_pool.release(slot)
@@ -391,7 +394,7 @@ class SpeculativeEngine(CCEngine):
                       for i in range(n)]
             dbuf = region.device_buffer
             item = _Item(key, region, p.offset, p.nbytes, token, tickets[0], chunks,
-                         None if dbuf is None or dbuf.freed else (dbuf.id, p.offset))
+                         None if dbuf is None or dbuf.freed or self.window else (dbuf.id, p.offset))
             self._count_reencrypted(key)
             with self._cond:
                 self._items.append(item)
