@@ -178,3 +178,62 @@ def test_a_device_error_mid_transfer(mode, direction):
         fresh.to_device(r)
         fresh.synchronize()
         assert np.array_equal(fresh.device.read(r.device_buffer), data[0])
+
+
+class InjectedCipherFailure(Exception):
+    pass
+
+
+@pytest.mark.parametrize("nth", [1, 2, 5, 8, 13])
+@pytest.mark.parametrize("where", ["encrypt", "decrypt"])
+@pytest.mark.parametrize("mode", ["cc", "pipellm"])
+def test_an_encryption_or_decryption_that_fails(mode, where, nth, monkeypatch):
+    """The n-th AES-GCM call (host or device side, either direction) raises instead of
+    finishing. A worker's speculative encryption falls back to on demand; any other
+    failure spends an IV the channel can't pass, so that call fails with the error and
+    every later one with ChannelClosedError naming it. Never IntegrityError (that would
+    blame an attacker), never wrong data, no hang; a new session works."""
+    import pipellm.channel.endpoint as endpoint
+    name = "seal_into" if where == "encrypt" else "open_into"
+    real, calls = getattr(endpoint, name), [0]
+
+    def flaky(*args):
+        calls[0] += 1
+        if calls[0] == nth:
+            raise InjectedCipherFailure(f"{where} call {nth}")
+        return real(*args)
+
+    monkeypatch.setattr(endpoint, name, flaky)
+    with pipellm.open_device("emulated") as dev:
+        extra = {} if mode == "cc" else {"min_speculative_bytes": 0}
+        pipe = make_pipe(mode, device=dev, timeout=TIMEOUT, **extra)
+        regions = [pipe.register(pipellm.array(np.full(3000, i, np.uint8))) for i in range(3)]
+        sink = pipe.register(np.zeros(3000, np.uint8))
+        outcomes = []
+        for step in range(12):
+            r, value = regions[step % 3], step % 3
+            try:
+                pipe.to_device(r)
+                if step % 4 == 3:
+                    pipe.to_host(r.device_buffer, sink).wait(TIMEOUT)
+                    assert (sink.array == value).all()
+                pipe.synchronize()
+                assert (dev.read(r.device_buffer) == value).all()
+                outcomes.append("ok")
+            except (InjectedCipherFailure, pipellm.DeviceError, pipellm.ChannelClosedError) as error:
+                outcomes.append(type(error).__name__)
+        assert calls[0] >= nth, "the failure was never injected"
+        if "ok" in outcomes and outcomes == ["ok"] * len(outcomes):
+            assert mode == "pipellm" and pipe.stats()["worker_errors"] == 1, "a failure went unnoticed"
+        else:
+            first = next(i for i, o in enumerate(outcomes) if o != "ok")
+            assert outcomes[first] in ("InjectedCipherFailure", "DeviceError"), outcomes
+            assert set(outcomes[first + 1:]) <= {"ChannelClosedError"}, outcomes
+            with pytest.raises(pipellm.ChannelClosedError, match=f"{where} call {nth}"):
+                pipe.to_device(regions[0])
+        pipe.close()
+        monkeypatch.setattr(endpoint, name, real)
+        with make_pipe(mode, device=dev) as fresh:
+            dbuf = fresh.to_device(fresh.register(np.full(3000, 7, np.uint8)))
+            fresh.synchronize()
+            assert (dev.read(dbuf) == 7).all()

@@ -171,11 +171,16 @@ class Sealer(_Endpoint):
         return tickets
 
     def seal_into(self, ticket: Ticket, kind: int, buffer: int, offset: int, plaintext,
-                  out: memoryview, *, shared: bool = True, order: int = 0) -> Message:
+                  out: memoryview, *, shared: bool = True, order: int = 0,
+                  recoverable: bool = False) -> Message:
         """Encrypt ``plaintext`` for destination (buffer, offset) into ``out``, which must
         be exactly ``len(plaintext) + 16`` bytes, under a reserved ticket. Returns the
         message. ``shared`` says ``out`` is attacker-visible memory (observers are told);
-        ``order`` is the number of the request it serves (see the protocol)."""
+        ``order`` is the number of the request it serves (see the protocol).
+
+        If the encryption fails, the ticket is spent and the sealer closes, unless the
+        caller says it can pass the lost index itself (``recoverable``: speculative work
+        that a SKIP or the IV window will step over)."""
         if ticket.used:
             raise ArgumentError(f"{ticket!r} was already sealed: an IV is never used twice")
         _check_sizes(plaintext, out)
@@ -184,8 +189,13 @@ class Sealer(_Endpoint):
             ticket.used = True
         # a private seal (shared=False) leaves the ticket usable: ciphertext that never
         # reached shared memory may be replaced under the same IV (see expose)
-        return self._seal(ticket.epoch, ticket.counter, ticket.key, kind, buffer, offset, plaintext, out, shared,
-                          order)
+        try:
+            return self._seal(ticket.epoch, ticket.counter, ticket.key, kind, buffer, offset, plaintext, out,
+                              shared, order)
+        except BaseException as error:
+            if shared and not recoverable:
+                self._spent(ticket.index, error)
+            raise
 
     def expose(self, ticket: Ticket, private: Message, out: memoryview) -> Message:
         """Copy a message sealed privately under ``ticket`` into shared memory ``out``
@@ -212,7 +222,18 @@ class Sealer(_Endpoint):
             index = self._next
             self._next += 1
         epoch, counter, key = self._key_at(index)
-        return self._seal(epoch, counter, key, kind, buffer, offset, plaintext, out, True, order)
+        try:
+            return self._seal(epoch, counter, key, kind, buffer, offset, plaintext, out, True, order)
+        except BaseException as error:
+            self._spent(index, error)
+            raise
+
+    def _spent(self, index: int, error: BaseException) -> None:
+        """An encryption failed: its IV may be half-written into shared memory, so it is
+        never used again, and the receiver's strict order can't pass it: end here."""
+        self.close(ChannelClosedError(
+            f"encrypting {self.label} message {index} failed ({type(error).__name__}: {error}); "
+            f"its IV is spent, so the channel can't go on: open a new session"))
 
     def _seal(self, epoch, counter, key, kind, buffer, offset, plaintext, out, shared, order) -> Message:
         aad = pack_header(self.direction, kind, self.session, epoch, counter, buffer, offset, len(plaintext),
@@ -283,7 +304,13 @@ class Opener(_Endpoint):
             if ok:
                 plain = staging[:header.length]
                 start = perf_counter()
-                ok = open_into(key.aead, iv, msg.payload, msg.aad, plain)
+                try:
+                    ok = open_into(key.aead, iv, msg.payload, msg.aad, plain)
+                except Exception as error:  # not a refusal: the decryption itself broke
+                    self.close(ChannelClosedError(
+                        f"decrypting {self.label} message {index} failed ({type(error).__name__}: {error}); "
+                        f"the channel can't go on: open a new session"))
+                    raise
                 self.aes_s += perf_counter() - start
             if not ok:
                 where = f"message {index}" if index >= 0 else "a malformed message"

@@ -262,8 +262,13 @@ class EmulatedDevice(Device):
             except _Failed:
                 self._fail_device(op)
             except Exception as exc:  # a bug or a misbehaving adversary: fail the op, keep going
+                error = DeviceError(f"emulated device failed {op.kind}: {exc!r}")
+                if op.session is not None:
+                    # the session's channel state is unknown now (a message may be half
+                    # processed): fail it, rather than refuse its next message as forged
+                    self._fail_session(op.session, error)
                 if not op.finished:
-                    self._finish(op, DeviceError(f"emulated device failed {op.kind}: {exc!r}"))
+                    self._finish(op, error)
             op.args = ()
             self._busy_s += perf_counter() - start
             with self._cond:

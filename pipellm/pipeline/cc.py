@@ -211,6 +211,11 @@ class CCEngine:
 
     def failure(self) -> BaseException | None:
         """The error that closed the channel, on either side, if any."""
+        if self._failure is None and self.sealer.failure is not None:
+            self._fail(self.sealer.failure)  # an on-demand encryption failed: its caller saw it raised
+            self.failure_reported = True
+        if self._failure is None and self.opener.failure is not None:
+            self._fail(self.opener.failure)  # a decryption broke (maybe on a worker): report it
         if self._failure is None:
             device_failure = self.device.failure or self.device.session_failure(self.session)
             if isinstance(device_failure, (IntegrityError, DeviceError)):

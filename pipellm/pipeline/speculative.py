@@ -536,7 +536,7 @@ class SpeculativeEngine(CCEngine):
                 start = item.offset + chunk.offset
                 msg = self.sealer.seal_into(chunk.ticket, Kind.SPEC, 0, chunk.offset,
                                             region.view[start:start + chunk.nbytes],
-                                            chunk.slot.view(chunk.nbytes + TAG_BYTES))
+                                            chunk.slot.view(chunk.nbytes + TAG_BYTES), recoverable=True)
                 state = READY
         except Exception:  # noqa: BLE001 - counted; the request falls back to on-demand
             with self._cond:
