@@ -237,3 +237,31 @@ def test_an_encryption_or_decryption_that_fails(mode, where, nth, monkeypatch):
             dbuf = fresh.to_device(fresh.register(np.full(3000, 7, np.uint8)))
             fresh.synchronize()
             assert (dev.read(dbuf) == 7).all()
+
+
+@pytest.mark.parametrize("direction", ["h2d", "d2h"])
+def test_bounce_memory_exhausted_in_cc_mode(direction):
+    """Every bounce slot is in flight and the device is stalled: the request fails with a
+    clear timeout naming the bounce buffer, takes no IV it can't use (the next transfers
+    authenticate), and once the device moves everything lands in order."""
+    chunk = 4096
+    with make_pipe(chunk_size=chunk, bounce_bytes=2 * (chunk + 4096), timeout=0.3) as pipe:
+        data = np.arange(5 * chunk, dtype=np.uint8)
+        region = pipe.register(data.copy())
+        dbuf = pipe.to_device(region)
+        pipe.synchronize()
+        sink = pipe.register(np.zeros(5 * chunk, np.uint8))
+        with pipe.device.paused():
+            with pytest.raises(pipellm.TransferTimeoutError, match="bounce slot came free"):
+                if direction == "h2d":
+                    pipe.to_device(region)            # 5 chunks, 2 slots, nothing completes
+                else:
+                    pipe.to_host(dbuf, sink)
+        pipe.synchronize()
+        region.array[:] = data[::-1]
+        pipe.to_device(region)
+        pipe.synchronize()
+        assert np.array_equal(pipe.device.read(dbuf), data[::-1])
+        pipe.to_host(dbuf, sink).wait(TIMEOUT)
+        assert np.array_equal(sink.array, data[::-1])
+        assert pipe.stats()["bounce"]["high_water_bytes"] <= pipe.stats()["bounce"]["cap_bytes"]
