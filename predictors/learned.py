@@ -162,9 +162,9 @@ class LearnedPredictor(Predictor):
     # -- model files -----------------------------------------------------------------------
     def load(self, path) -> LearnedPredictor:
         try:
-            with open(os.fspath(path)) as f:
+            with open(os.fspath(path), encoding="utf-8") as f:
                 data = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, or not text at all
             raise ArgumentError(f"cannot read a learned-predictor model from {os.fspath(path)}: {exc}") from exc
         if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
             raise ArgumentError(f"{os.fspath(path)} is not a {FORMAT} version {VERSION} file")

@@ -57,6 +57,10 @@ def replay_old(msg, adv):
     return [msg, adv.old]           # the current message lands; the stale one must not
 
 
+def replay_other_direction(msg, adv):
+    return [msg, adv.cross]         # a genuine message of the other direction, delivered here
+
+
 def replay_twice(msg, adv):
     return [msg, msg]
 
@@ -85,6 +89,7 @@ ATTACKS = {
     "redirect": redirect,
     "replay-old": replay_old,
     "replay-twice": replay_twice,
+    "replay-other-direction": replay_other_direction,
     "reorder": reorder,
     "other-session": other_session,
 }
@@ -114,12 +119,14 @@ class Armed(Adversary):
     def __init__(self, direction, attack, kind=None):
         self.direction, self.attack, self.kind = direction, attack, kind
         self.armed = False
-        self.old = self.held = self.foreign = self.other = None
+        self.old = self.held = self.foreign = self.other = self.cross = None
         self.attacked = 0
 
     def on_message(self, msg):
         if msg.direction == self.direction and self.old is None:
             self.old = msg.copy()
+        if msg.direction != self.direction and self.cross is None:
+            self.cross = msg.copy()
         if not self.armed or msg.direction != self.direction:
             return [msg]
         if self.held is None and self.kind is not None and _kind(msg) != self.kind:
@@ -165,6 +172,10 @@ def test_h2d_attack_is_refused(attack, mode):
         a, b = pipellm.array(np.full(N, 1, np.uint8)), pipellm.array(np.full(N, 2, np.uint8))
         ra, rb = pipe.register(a), pipe.register(b)
         warm_up(pipe, mode, [ra, rb])               # legit: their device copies hold 1s and 2s
+        if attack == "replay-other-direction":     # a device-to-host message to replay
+            pipe.to_host(rb.device_buffer, pipe.register(np.zeros(N, np.uint8))).wait()
+            if mode != "cc":
+                pipe.wait_speculation()
         target = dev.alloc(N)                       # holds 0s
         adv.other = rb.device_buffer.id
         adv.armed = True
@@ -251,6 +262,11 @@ def test_d2h_attack_is_refused(attack, mode):
         with pytest.raises(ChannelClosedError):
             pipe.to_host(src, rh)
         pipe.close()
+        # a new session on the same device works
+        with open_pipe(mode, dev) as fresh:
+            back = fresh.register(np.zeros(N, np.uint8))
+            fresh.to_host(fresh.to_device(fresh.register(np.full(N, 5, np.uint8))), back).wait()
+            assert (back.array == 5).all()
 
 
 def test_h2d_drop_last_message_is_a_clear_timeout_then_next_is_refused():

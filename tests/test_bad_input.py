@@ -6,10 +6,11 @@ import pytest
 import pipellm
 from pipellm import ArgumentError, ArgumentTypeError, ChannelClosedError, DeviceUnavailableError, UnknownRegionError
 from conftest import make_pipe
+from pipellm.traces import TraceError, read as read_trace
 
 
 @pytest.fixture
-def env():
+def env(tmp_path):
     pipe = make_pipe()
     other = make_pipe()
     region = pipe.register(np.arange(1000, dtype=np.uint8), name="r")
@@ -18,7 +19,10 @@ def env():
     ns = dict(pipe=pipe, other=other, region=region, dbuf=dbuf,
               foreign_region=other.register(np.zeros(10, np.uint8)),
               foreign_buf=other.device.alloc(10), foreign_stream=other.stream(),
-              readonly=pipe.register(np.frombuffer(b"read only bytes", dtype=np.uint8)))
+              readonly=pipe.register(np.frombuffer(b"read only bytes", dtype=np.uint8)),
+              tmp=tmp_path)
+    (tmp_path / "bad.jsonl").write_text('{"format": "pipellm-trace", "version": 9}\n')
+    (tmp_path / "model.pkl").write_bytes(b"\x80\x04\x95cos\nsystem\n")  # a pickle, never run
     yield ns
     pipe.close()
     other.close()
@@ -53,6 +57,10 @@ CASES = [
     ("unknown mode", lambda e: pipellm.Pipeline(device="emulated", mode="fast"), ArgumentError, "unknown mode 'fast'"),
     ("mode not a str", lambda e: pipellm.Pipeline(device="emulated", mode=1), ArgumentTypeError, "mode must be a str"),
     ("predictor without pipellm mode", lambda e: pipellm.Pipeline(device="emulated", mode="cc", predictor="x"), ArgumentError, "only to mode 'pipellm'"),
+    ("unknown predictor", lambda e: make_pipe("pipellm", predictor="psychic"), ArgumentError, "unknown predictor 'psychic'"),
+    ("predictor not a name", lambda e: make_pipe("pipellm", predictor=3.5), ArgumentTypeError, "predictor must be a name or a Predictor"),
+    ("malformed trace file", lambda e: read_trace(e["tmp"] / "bad.jsonl"), TraceError, "bad.jsonl:1: .*version"),
+    ("predictor file that is a pickle", lambda e: make_pipe("pipellm", predictor=f"learned:{e['tmp'] / 'model.pkl'}"), ArgumentError, "cannot read"),
     ("unknown device", lambda e: pipellm.open_device("tpu"), ArgumentError, "unknown device 'tpu'"),
     ("device not a name", lambda e: pipellm.open_device(3), ArgumentTypeError, "device must be a name"),
     ("cuda without a driver", lambda e: pipellm.open_device("cuda"), DeviceUnavailableError, "cannot open the cuda device"),
