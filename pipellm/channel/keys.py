@@ -32,6 +32,10 @@ class EpochKey(NamedTuple):
     aead: AESGCM
     mask: int       # the 12-byte IV mask as an int
     key_id: bytes   # 8-byte public fingerprint of the key (for ledgers and logs)
+    secret: bytes   # the raw AES-256 key, for engines with their own AES (the GPU kernels)
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"<EpochKey {self.key_id.hex()}>"
 
 
 class KeyAgreement:
@@ -81,7 +85,8 @@ class SessionKeys:
         info = Direction(direction).label.encode() + b" epoch " + epoch.to_bytes(4, "big")
         material = _hkdf(self._root, KEY_BYTES + IV_BYTES, info)
         key_id = _hkdf(self._root, 8, info + b" key id")
-        key = EpochKey(AESGCM(material[:KEY_BYTES]), int.from_bytes(material[KEY_BYTES:], "big"), key_id)
+        key = EpochKey(AESGCM(material[:KEY_BYTES]), int.from_bytes(material[KEY_BYTES:], "big"), key_id,
+                       material[:KEY_BYTES])
         with self._lock:
             # keep the last few epochs per direction: in-flight messages may still use them
             for old in [k for k in self._cache if k[0] == direction and k[1] < epoch - 2]:

@@ -1,0 +1,244 @@
+"""AES-256-GCM on the GPU with Numba CUDA: the cuda device's copy-engine work.
+
+Byte for byte the channel's AES-256-GCM (NIST SP 800-38D, 96-bit IVs): the same IVs,
+AAD (the message header) and tags as the CPU side, so the GPU opens what the host
+sealed and seals what the host opens.
+
+Three kernels, each over a batch of messages under one key (``blockIdx.y`` = message):
+
+- ``ghash_kernel``: GHASH in parallel. Thread k of a message hashes CHUNK_BLOCKS blocks
+  (counted from the end) by Horner's rule with a 4-bit table of H in shared memory,
+  multiplies its partial sum by H^(k*CHUNK_BLOCKS) (precomputed per key) and XORs it
+  into the message's accumulator atomically (addition in GF(2^128) is XOR).
+- ``tag_kernel``: one thread per message: tag = GHASH ^ AES_K(J0). Decrypting, it
+  compares with the received tag (without an early exit) and sets ``ok``; encrypting,
+  it writes the tag.
+- ``ctr_kernel``: AES-CTR, one 16-byte block per thread, T-table AES with the table and
+  round keys in shared memory. It writes nothing for a message whose ``ok`` is 0, so a
+  refused message leaves its destination unchanged (fail closed: decryption runs only
+  after the tag verified).
+
+Decrypt = ghash, tag (check), ctr; encrypt = ctr, ghash (over the output), tag (write).
+
+Side channels: T-table AES indexes shared memory with key-dependent values, so its
+timing (bank conflicts) depends on the key and data; so do the GHASH table lookups. An
+attacker who can time kernels on the same GPU (another tenant, or the host measuring
+kernel durations) may learn key bits, as with table-based AES on CPUs. The H100's own
+copy engine does not have this exposure. See docs/threat-model.md.
+
+Layout contract (checked by the launch helpers in ``pipellm.kernels``): ciphertext and
+plaintext buffers are uint8 device arrays with a uint32 view of the same memory; each
+message starts at a multiple of 16 bytes; reads may touch up to 15 bytes past a
+message's end (padding), writes never do.
+"""
+
+from __future__ import annotations
+
+from numba import cuda, uint32
+
+from .tables import CHUNK_BLOCKS
+
+THREADS = 128  # threads per block; the simulator tests pass fewer
+
+
+@cuda.jit(device=True, inline=True)
+def _bswap(x):
+    return uint32(((x & 0xFF) << 24) | ((x & 0xFF00) << 8) | ((x >> 8) & 0xFF00) | ((x >> 24) & 0xFF))
+
+
+@cuda.jit(device=True, inline=True)
+def _rotr(x, n):
+    return uint32(((x >> n) | (x << (32 - n))) & 0xFFFFFFFF)
+
+
+@cuda.jit(device=True, inline=True)
+def _sub(te, x):
+    """S-box through the T-table: S[x] is the second byte of Te0[x]."""
+    return (te[x] >> 8) & 0xFF
+
+
+@cuda.jit(device=True)
+def _aes(te, rk, s0, s1, s2, s3):
+    """Encrypt one block (4 big-endian words) with AES-256 round keys ``rk``."""
+    s0 = uint32(s0 ^ rk[0])
+    s1 = uint32(s1 ^ rk[1])
+    s2 = uint32(s2 ^ rk[2])
+    s3 = uint32(s3 ^ rk[3])
+    for r in range(1, 14):
+        k = 4 * r
+        t0 = te[s0 >> 24] ^ _rotr(te[(s1 >> 16) & 0xFF], 8) ^ _rotr(te[(s2 >> 8) & 0xFF], 16) ^ _rotr(te[s3 & 0xFF], 24)
+        t1 = te[s1 >> 24] ^ _rotr(te[(s2 >> 16) & 0xFF], 8) ^ _rotr(te[(s3 >> 8) & 0xFF], 16) ^ _rotr(te[s0 & 0xFF], 24)
+        t2 = te[s2 >> 24] ^ _rotr(te[(s3 >> 16) & 0xFF], 8) ^ _rotr(te[(s0 >> 8) & 0xFF], 16) ^ _rotr(te[s1 & 0xFF], 24)
+        t3 = te[s3 >> 24] ^ _rotr(te[(s0 >> 16) & 0xFF], 8) ^ _rotr(te[(s1 >> 8) & 0xFF], 16) ^ _rotr(te[s2 & 0xFF], 24)
+        s0 = uint32(t0 ^ rk[k])
+        s1 = uint32(t1 ^ rk[k + 1])
+        s2 = uint32(t2 ^ rk[k + 2])
+        s3 = uint32(t3 ^ rk[k + 3])
+    o0 = (_sub(te, s0 >> 24) << 24) | (_sub(te, (s1 >> 16) & 0xFF) << 16) | (_sub(te, (s2 >> 8) & 0xFF) << 8) | _sub(te, s3 & 0xFF)
+    o1 = (_sub(te, s1 >> 24) << 24) | (_sub(te, (s2 >> 16) & 0xFF) << 16) | (_sub(te, (s3 >> 8) & 0xFF) << 8) | _sub(te, s0 & 0xFF)
+    o2 = (_sub(te, s2 >> 24) << 24) | (_sub(te, (s3 >> 16) & 0xFF) << 16) | (_sub(te, (s0 >> 8) & 0xFF) << 8) | _sub(te, s1 & 0xFF)
+    o3 = (_sub(te, s3 >> 24) << 24) | (_sub(te, (s0 >> 16) & 0xFF) << 16) | (_sub(te, (s1 >> 8) & 0xFF) << 8) | _sub(te, s2 & 0xFF)
+    return uint32(o0 ^ rk[56]), uint32(o1 ^ rk[57]), uint32(o2 ^ rk[58]), uint32(o3 ^ rk[59])
+
+
+@cuda.jit(device=True)
+def _mul_table(ht, x0, x1, x2, x3):
+    """x * H through H's 4-bit table (32 nibbles x 16 values x 4 words, flattened)."""
+    z0 = uint32(0)
+    z1 = uint32(0)
+    z2 = uint32(0)
+    z3 = uint32(0)
+    for j in range(32):
+        w = j >> 3
+        x = x0 if w == 0 else (x1 if w == 1 else (x2 if w == 2 else x3))
+        base = (j * 16 + ((x >> (28 - 4 * (j & 7))) & 0xF)) * 4
+        z0 = uint32(z0 ^ ht[base])
+        z1 = uint32(z1 ^ ht[base + 1])
+        z2 = uint32(z2 ^ ht[base + 2])
+        z3 = uint32(z3 ^ ht[base + 3])
+    return z0, z1, z2, z3
+
+
+@cuda.jit(device=True)
+def _mul(x0, x1, x2, x3, y0, y1, y2, y3):
+    """x * y in GF(2^128), bit by bit (once per thread, to place a partial sum)."""
+    z0 = uint32(0)
+    z1 = uint32(0)
+    z2 = uint32(0)
+    z3 = uint32(0)
+    for i in range(128):
+        w = i >> 5
+        x = x0 if w == 0 else (x1 if w == 1 else (x2 if w == 2 else x3))
+        if (x >> (31 - (i & 31))) & 1:
+            z0 = uint32(z0 ^ y0)
+            z1 = uint32(z1 ^ y1)
+            z2 = uint32(z2 ^ y2)
+            z3 = uint32(z3 ^ y3)
+        lsb = y3 & 1
+        y3 = uint32(((y3 >> 1) | (y2 << 31)) & 0xFFFFFFFF)
+        y2 = uint32(((y2 >> 1) | (y1 << 31)) & 0xFFFFFFFF)
+        y1 = uint32(((y1 >> 1) | (y0 << 31)) & 0xFFFFFFFF)
+        y0 = uint32(y0 >> 1)
+        if lsb:
+            y0 = uint32(y0 ^ 0xE1000000)
+    return z0, z1, z2, z3
+
+
+@cuda.jit(device=True, inline=True)
+def _tail_mask(remaining, w):
+    """Mask (big-endian) of the bytes of word ``w`` of a block that lie before the end,
+    ``remaining`` bytes from the block's start."""
+    valid = remaining - 4 * w
+    if valid >= 4:
+        return uint32(0xFFFFFFFF)
+    if valid <= 0:
+        return uint32(0)
+    return uint32((0xFFFFFFFF << (32 - 8 * valid)) & 0xFFFFFFFF)
+
+
+@cuda.jit
+def ghash_kernel(h_table, powers, data32, offs, lens, aad32, aad_len, acc):
+    ht = cuda.shared.array(2048, uint32)
+    tid = cuda.threadIdx.x
+    for i in range(tid, 2048, cuda.blockDim.x):
+        ht[i] = h_table[i]
+    cuda.syncthreads()
+    msg = cuda.blockIdx.y
+    k = cuda.blockIdx.x * cuda.blockDim.x + tid  # chunk number, counted from the end
+    length = lens[msg]
+    aad_blocks = (aad_len + 15) // 16
+    cblocks = (length + 15) // 16
+    m = aad_blocks + cblocks + 1                  # AAD, ciphertext, the length block
+    hi = m - k * CHUNK_BLOCKS
+    if hi <= 0:
+        return
+    lo = max(0, hi - CHUNK_BLOCKS)
+    base = offs[msg] // 4
+    a0 = uint32(0)
+    a1 = uint32(0)
+    a2 = uint32(0)
+    a3 = uint32(0)
+    for b in range(lo, hi):
+        if b < aad_blocks:
+            x0 = aad32[msg, 4 * b]
+            x1 = aad32[msg, 4 * b + 1]
+            x2 = aad32[msg, 4 * b + 2]
+            x3 = aad32[msg, 4 * b + 3]
+        elif b < m - 1:
+            c = b - aad_blocks
+            p = base + 4 * c
+            rem = length - 16 * c
+            x0 = _bswap(data32[p]) & _tail_mask(rem, 0)
+            x1 = _bswap(data32[p + 1]) & _tail_mask(rem, 1)
+            x2 = _bswap(data32[p + 2]) & _tail_mask(rem, 2)
+            x3 = _bswap(data32[p + 3]) & _tail_mask(rem, 3)
+        else:  # len(A) || len(C) in bits, 64 bits each
+            x0 = uint32((aad_len * 8) >> 32)
+            x1 = uint32((aad_len * 8) & 0xFFFFFFFF)
+            x2 = uint32((length * 8) >> 32)
+            x3 = uint32((length * 8) & 0xFFFFFFFF)
+        a0, a1, a2, a3 = _mul_table(ht, uint32(a0 ^ x0), uint32(a1 ^ x1), uint32(a2 ^ x2), uint32(a3 ^ x3))
+    if k > 0:
+        a0, a1, a2, a3 = _mul(a0, a1, a2, a3, powers[k, 0], powers[k, 1], powers[k, 2], powers[k, 3])
+    cuda.atomic.xor(acc, (msg, 0), a0)
+    cuda.atomic.xor(acc, (msg, 1), a1)
+    cuda.atomic.xor(acc, (msg, 2), a2)
+    cuda.atomic.xor(acc, (msg, 3), a3)
+
+
+@cuda.jit
+def tag_kernel(te_g, rk_g, ivs, acc, tags, ok, check):
+    """tag = GHASH ^ AES_K(J0); ``check``: compare with ``tags`` into ``ok``, else write it."""
+    msg = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if msg >= ivs.shape[0]:
+        return
+    e0, e1, e2, e3 = _aes(te_g, rk_g, ivs[msg, 0], ivs[msg, 1], ivs[msg, 2], uint32(1))
+    t0 = uint32(acc[msg, 0] ^ e0)
+    t1 = uint32(acc[msg, 1] ^ e1)
+    t2 = uint32(acc[msg, 2] ^ e2)
+    t3 = uint32(acc[msg, 3] ^ e3)
+    if check:
+        diff = (t0 ^ tags[msg, 0]) | (t1 ^ tags[msg, 1]) | (t2 ^ tags[msg, 2]) | (t3 ^ tags[msg, 3])
+        ok[msg] = uint32(1) if diff == 0 else uint32(0)
+    else:
+        tags[msg, 0] = t0
+        tags[msg, 1] = t1
+        tags[msg, 2] = t2
+        tags[msg, 3] = t3
+        ok[msg] = uint32(1)
+
+
+@cuda.jit
+def ctr_kernel(te_g, rk_g, ivs, src32, src_offs, dst8, dst32, dst_offs, lens, ok):
+    """dst = src XOR keystream, one block per thread; nothing for a message not ``ok``.
+    Full words are stored as words, the last partial word byte by byte, nothing past the
+    message's end."""
+    te = cuda.shared.array(256, uint32)
+    rk = cuda.shared.array(60, uint32)
+    tid = cuda.threadIdx.x
+    for i in range(tid, 256, cuda.blockDim.x):
+        te[i] = te_g[i]
+    for i in range(tid, 60, cuda.blockDim.x):
+        rk[i] = rk_g[i]
+    cuda.syncthreads()
+    msg = cuda.blockIdx.y
+    b = cuda.blockIdx.x * cuda.blockDim.x + tid
+    length = lens[msg]
+    if ok[msg] == 0 or 16 * b >= length:
+        return
+    k0, k1, k2, k3 = _aes(te, rk, ivs[msg, 0], ivs[msg, 1], ivs[msg, 2], uint32((b + 2) & 0xFFFFFFFF))
+    p = src_offs[msg] // 4 + 4 * b
+    q = dst_offs[msg] // 4 + 4 * b
+    rem = length - 16 * b
+    for w in range(4):
+        key = k0 if w == 0 else (k1 if w == 1 else (k2 if w == 2 else k3))
+        valid = rem - 4 * w
+        if valid <= 0:
+            break
+        word = uint32(_bswap(src32[p + w]) ^ key)
+        if valid >= 4:
+            dst32[q + w] = _bswap(word)
+        else:
+            at = dst_offs[msg] + 16 * b + 4 * w
+            for j in range(valid):
+                dst8[at + j] = (word >> (24 - 8 * j)) & 0xFF
