@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..errors import ArgumentError, ArgumentTypeError, DeviceUnavailableError
 from .base import Device, DeviceBuffer, Op, Stream
 from .emulated import EmulatedDevice, LinkModel
-from .cuda import unavailable_reason as cuda_unavailable_reason
+from .cuda import CudaDevice, unavailable_reason as cuda_unavailable_reason
 
 KINDS = ("auto", "emulated", "cuda")
 
@@ -15,8 +15,10 @@ def open_device(kind: str | Device = "auto", **options) -> Device:
     """Open a device by kind.
 
     ``"emulated"``: the embedded confidential-GPU model (options: ``adversary``,
-    ``link``, ``memory_bytes``). ``"cuda"``: a real NVIDIA GPU. ``"auto"``: cuda where
-    usable, else emulated. A :class:`Device` instance is returned as is.
+    ``link``, ``memory_bytes``). ``"cuda"``: an NVIDIA GPU, or Numba's CUDA simulator
+    (options: ``device_id``, ``adversary``, ``staging_bytes``). ``"auto"``: the emulated
+    device for now (the cuda device is chosen by name until it has been measured on a
+    GPU). A :class:`Device` instance is returned as is.
 
     >>> dev = open_device("emulated"); dev.kind
     'emulated'
@@ -31,11 +33,14 @@ def open_device(kind: str | Device = "auto", **options) -> Device:
     if kind == "emulated":
         return EmulatedDevice(**options)
     if kind == "cuda":
-        raise DeviceUnavailableError(f"cannot open the cuda device: {cuda_unavailable_reason()}")
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            raise DeviceUnavailableError(f"cannot open the cuda device: {reason}")
+        return CudaDevice(**options)
     if kind == "auto":
-        return EmulatedDevice(**options)  # the cuda device does not exist in this version
+        return EmulatedDevice(**options)
     raise ArgumentError(f"unknown device {kind!r}; expected one of {', '.join(KINDS)}")
 
 
-__all__ = ["KINDS", "Device", "DeviceBuffer", "EmulatedDevice", "LinkModel", "Op", "Stream",
+__all__ = ["KINDS", "CudaDevice", "Device", "DeviceBuffer", "EmulatedDevice", "LinkModel", "Op", "Stream",
            "cuda_unavailable_reason", "open_device"]

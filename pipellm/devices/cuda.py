@@ -1,26 +1,214 @@
-"""The ``cuda`` device: a real NVIDIA GPU through cuda-python.
+"""The ``cuda`` device: a real NVIDIA GPU (any CUDA GPU, no CC hardware needed).
 
-Not built yet (see the CUDA device issue); :func:`unavailable_reason` says why it cannot
-be opened here, so ``open_device("auto")`` falls back to the emulated device and
-``open_device("cuda")`` fails with a clear message.
+The host side is unchanged: CPU workers seal messages into bounce slots. The device side
+is the software equivalent of the H100 copy engine's work: the copy-engine thread
+(``devices/engine.py``, the same one the emulated device runs: ordering, GO/SPEC/SKIP,
+fail closed) copies each message's ciphertext to device staging memory once, and the
+AES-256-GCM kernels (``pipellm.kernels``) verify its tag and only then decrypt it; the
+plaintext is committed to the destination buffer by a device-to-device copy. Device to
+host, the kernels seal device memory into staging and the sealed message is copied into
+the host's bounce slot. GO and SKIP commands (a few bytes the receiver must read) are
+opened on the CPU by the same trusted thread.
+
+Memory and copies go through numba-cuda (device arrays on the primary context, shared
+with PyTorch). Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the whole
+device runs without a GPU, slowly: that is how CI tests it.
+
+Not yet done (see the CUDA device issue): pinned bounce slots (cuMemHostAlloc, or
+registering the pool), several copy streams with events, the Cython ``cydriver`` layer,
+batching many messages per kernel launch, compute as a GPU kernel (``compute`` sleeps
+on the copy-engine thread here), PyTorch stream interop.
 """
 
 from __future__ import annotations
 
+import time
+from functools import partial
+
+import numpy as np
+
+from ..channel import Kind, Opener, Sealer
+from ..channel.cipher import open_into as cpu_open_into
+from ..errors import ArgumentError, DeviceError
+from .base import DeviceBuffer, Op
+from .engine import CopyEngineDevice
+
+_GPU_KINDS = (Kind.DATA, Kind.SPEC)  # payloads the kernels handle; commands open on the CPU
+_KEYS_KEPT = 8                        # KernelKeys cached (epochs in flight, both directions)
+
 
 def unavailable_reason() -> str | None:
-    """Why the cuda device cannot be opened here (None would mean it can)."""
-    try:
-        from cuda.bindings import driver
-    except ImportError:
-        return "cuda-bindings is not installed (pip install cuda-bindings)"
-    try:
-        (err,) = driver.cuInit(0)
-    except Exception as exc:  # no libcuda.so: DynamicLibNotFoundError and friends
-        return f"the NVIDIA driver library could not be loaded ({type(exc).__name__}: {exc})"
-    if int(err) != 0:
-        return f"cuInit failed with {getattr(err, 'name', err)} (no usable NVIDIA driver or GPU)"
-    err, count = driver.cuDeviceGetCount()
-    if int(err) != 0 or count == 0:
-        return "the NVIDIA driver reports no GPU"
-    return "pipellm's cuda device is not implemented in this version (only 'emulated' is)"
+    """Why the cuda device cannot be opened here (None: it can)."""
+    from ..kernels import unavailable_reason as kernels_reason
+    return kernels_reason()
+
+
+class _Kernels:
+    """The device's handle on the AES-GCM kernels: per-key tables, staging arrays."""
+
+    def __init__(self, staging_bytes: int, threads: int):
+        from numba import cuda
+        self.cuda = cuda
+        self.threads = threads
+        padded = (staging_bytes + 15) // 16 * 16
+        self.cipher = cuda.to_device(np.zeros(padded, np.uint8))   # ciphertext, private copy
+        self.plain = cuda.to_device(np.zeros(padded, np.uint8))    # plaintext before its commit
+        self.sealed = cuda.to_device(np.zeros(padded, np.uint8))   # device to host ciphertext
+        self.zero = cuda.to_device(np.zeros(1, np.int64))
+        self._keys: dict[bytes, object] = {}
+
+    def key(self, epoch_key):
+        from ..kernels import KernelKey
+        k = self._keys.get(epoch_key.key_id)
+        if k is None:
+            if len(self._keys) >= _KEYS_KEPT:
+                self._keys.pop(next(iter(self._keys)))
+            k = self._keys[epoch_key.key_id] = KernelKey(epoch_key.secret)
+        return k
+
+    def _one(self, iv: bytes, aad: bytes):
+        from ..kernels import MAX_AAD_BYTES, _words
+        to = self.cuda.to_device
+        return to(_words(iv, 3).reshape(1, 3)), to(_words(aad, MAX_AAD_BYTES // 4).reshape(1, -1))
+
+    def open(self, epoch_key, iv: bytes, payload, aad: bytes, nbytes: int) -> bool:
+        """Verify and decrypt one message into ``self.plain[:nbytes]``."""
+        from ..kernels import _words, open_into
+        payload = np.frombuffer(payload, np.uint8)
+        self.cipher[:nbytes].copy_to_device(payload[:nbytes])   # read shared memory once
+        tag = self.cuda.to_device(_words(payload[nbytes:].tobytes(), 4).reshape(1, 4))
+        ivs, aads = self._one(iv, aad)
+        ok = open_into(self.key(epoch_key), ivs, aads, len(aad), self.cipher, self.zero,
+                       np.array([nbytes], np.int64), tag, self.plain, self.zero, threads=self.threads)
+        return bool(ok.copy_to_host()[0])
+
+    def seal(self, epoch_key, iv: bytes, span, aad: bytes, out: memoryview) -> None:
+        """Seal device bytes ``span`` into host memory ``out`` (ciphertext || tag)."""
+        from ..kernels import seal_into
+        nbytes = len(span)
+        self.plain[:nbytes].copy_to_device(span)                 # aligned for the kernels
+        tags = self.cuda.to_device(np.zeros((1, 4), np.uint32))
+        ivs, aads = self._one(iv, aad)
+        seal_into(self.key(epoch_key), ivs, aads, len(aad), self.plain, self.zero, np.array([nbytes], np.int64),
+                  self.sealed, self.zero, tags, threads=self.threads)
+        host = np.frombuffer(out, np.uint8)
+        self.sealed[:nbytes].copy_to_host(host[:nbytes])
+        host[nbytes:] = np.frombuffer(tags.copy_to_host()[0].astype(">u4").tobytes(), np.uint8)
+
+
+class GpuOpener(Opener):
+    """An opener whose DATA and SPEC payloads are verified and decrypted by the GPU."""
+
+    def __init__(self, *args, kernels: _Kernels, **kw):
+        super().__init__(*args, **kw)
+        self._kernels = kernels
+
+    def _decrypt(self, key, iv, kind, msg, plain):
+        if kind in _GPU_KINDS:
+            return plain if self._kernels.open(key, iv, msg.payload, bytes(msg.aad), len(plain)) else None
+        host = memoryview(bytearray(len(plain)))  # a command: its body is read on the host
+        return host if cpu_open_into(key.aead, iv, msg.payload, msg.aad, host) else None
+
+
+class GpuSealer(Sealer):
+    """A sealer whose plaintext is device memory, sealed by the GPU."""
+
+    def __init__(self, *args, kernels: _Kernels, **kw):
+        super().__init__(*args, **kw)
+        self._kernels = kernels
+
+    def _encrypt(self, key, iv, kind, plaintext, aad, out):
+        self._kernels.seal(key, iv, plaintext, aad, out)
+
+
+class CudaDevice(CopyEngineDevice):
+    """An NVIDIA GPU as pipellm's device. Use ``pipellm.open_device("cuda", device_id=0)``."""
+
+    kind = "cuda"
+
+    def __init__(self, *, device_id: int = 0, adversary=None, staging_bytes: int = 64 << 20, threads: int = 0):
+        reason = unavailable_reason()
+        if reason is not None:
+            from ..errors import DeviceUnavailableError
+            raise DeviceUnavailableError(f"cannot open the cuda device: {reason}")
+        from numba import config, cuda
+        if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
+            raise ArgumentError(f"device_id must be an int >= 0, got {device_id!r}")
+        cuda.select_device(device_id)  # the primary context, shared with PyTorch
+        self.device_id = device_id
+        self._name = "CUDA simulator" if config.ENABLE_CUDASIM else str(cuda.get_current_device().name)
+        self._mem: dict[int, object] = {}
+        self._allocated = 0
+        self._kernels = _Kernels(staging_bytes, threads or (16 if config.ENABLE_CUDASIM else 128))
+        self.opener_class = partial(GpuOpener, kernels=self._kernels)
+        self.sealer_class = partial(GpuSealer, kernels=self._kernels)
+        super().__init__(adversary=adversary, staging_bytes=staging_bytes)
+
+    # -- memory ---------------------------------------------------------------------------------
+    def _allocate(self, buf: DeviceBuffer) -> None:
+        from numba import cuda
+        try:
+            self._mem[buf.id] = cuda.to_device(np.zeros(buf.nbytes, np.uint8))
+        except Exception as exc:  # noqa: BLE001 - out of memory and friends, named
+            raise DeviceError(f"cuda device {self.device_id}: allocating {buf.nbytes} bytes failed: {exc}") from exc
+        self._allocated += buf.nbytes
+
+    def _release(self, buf: DeviceBuffer) -> None:
+        if self._mem.pop(buf.id, None) is not None:
+            self._allocated -= buf.nbytes
+
+    def _release_all(self) -> None:
+        self._mem.clear()
+
+    def read(self, buf: DeviceBuffer, offset: int = 0, nbytes: int | None = None) -> np.ndarray:
+        """A copy of device memory once all work submitted before this call was handled."""
+        self._check_open()
+        self.check_buffer(buf)
+        whole = nbytes is None and offset == 0
+        nbytes = buf.nbytes - offset if nbytes is None else nbytes
+        if offset < 0 or nbytes < 0 or offset + nbytes > buf.nbytes:
+            raise ArgumentError(f"read of {nbytes} bytes at offset {offset} is outside {buf!r}")
+        self._handled_all_submitted()
+        data = self._mem[buf.id][offset:offset + nbytes].copy_to_host()
+        if whole and buf.nbytes % buf.dtype.itemsize == 0:
+            return data.view(buf.dtype).reshape(buf.shape)
+        return data
+
+    # -- the copy engine's hooks -------------------------------------------------------------------
+    def _staging(self):
+        return self._kernels.plain
+
+    def _write(self, buffer_id: int, offset: int, plaintext) -> str | None:
+        mem = self._mem.get(buffer_id)
+        if mem is None or offset + len(plaintext) > mem.size:
+            return "which is not allocated"
+        mem[offset:offset + len(plaintext)].copy_to_device(plaintext)  # device to device
+        return None
+
+    def _span(self, buffer_id: int, offset: int, nbytes: int):
+        mem = self._mem.get(buffer_id)
+        return None if mem is None else mem[offset:offset + nbytes]
+
+    def _copy_in(self, src, buffer_id: int, offset: int) -> bool:
+        mem = self._mem.get(buffer_id)
+        if mem is None:
+            return False
+        mem[offset:offset + len(src)].copy_to_device(np.frombuffer(src, np.uint8))
+        return True
+
+    def _copy_out(self, buffer_id: int, offset: int, dst) -> bool:
+        mem = self._mem.get(buffer_id)
+        if mem is None:
+            return False
+        mem[offset:offset + len(dst)].copy_to_host(np.frombuffer(dst, np.uint8))
+        return True
+
+    def _compute(self, op: Op, seconds: float, ready: float) -> None:
+        time.sleep(seconds)  # placeholder: serializes with copies (a GPU spin kernel is to come)
+
+    def stats(self) -> dict:
+        return {"device_busy_s": self._busy_s, "device_bytes_allocated": self._allocated}
+
+    def info(self) -> dict:
+        return {"kind": self.kind, "device_id": self.device_id, "name": self._name,
+                "adversary": type(self.adversary).__name__ if self.adversary else None}

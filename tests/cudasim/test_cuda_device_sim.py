@@ -1,0 +1,118 @@
+"""The cuda device end to end under Numba's CUDA simulator: the pipeline in every mode,
+the kernels verifying and decrypting, the adversary refused. Small transfers: the
+simulator runs every GPU thread as a Python thread."""
+
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba", reason="numba-cuda is not installed (pip install 'pipellm[cuda]')")
+if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+    pytest.skip("runs in its own process under the CUDA simulator (tests/test_kernels.py starts it)",
+                allow_module_level=True)
+
+import pipellm  # noqa: E402
+from pipellm import ChannelClosedError, IntegrityError  # noqa: E402
+from pipellm.testing import Adversary  # noqa: E402
+
+CHUNK = 256 + 13  # odd: chunks start at offsets the kernels can't use directly
+N = 600
+
+
+def make(dev, mode, **kw):
+    extra = {}
+    if mode.startswith("pipellm"):
+        extra = {"min_speculative_bytes": 0, "iv_order": "window" if mode.endswith("window") else "strict"}
+        mode = "pipellm"
+    return pipellm.Pipeline(device=dev, mode=mode, chunk_size=CHUNK, bounce_bytes=64 << 10, timeout=60,
+                            **extra, **kw)
+
+
+@pytest.fixture(scope="module")
+def dev():
+    with pipellm.open_device("cuda") as device:
+        yield device
+
+
+def test_the_device_opens_on_the_simulator(dev):
+    assert dev.kind == "cuda" and dev.info()["name"] == "CUDA simulator"
+    buf = dev.alloc(40)
+    assert not dev.read(buf).any()
+    with pytest.raises(pipellm.ArgumentError, match="outside"):
+        dev.read(buf, 30, 20)
+
+
+@pytest.mark.parametrize("mode", ["plain", "cc", "pipellm", "pipellm-window"])
+def test_transfers_land_and_come_back(dev, mode):
+    rng = np.random.default_rng(3)
+    with make(dev, mode) as pipe:
+        regions = [pipe.register(pipellm.array(rng.integers(0, 256, N, dtype=np.uint8)), name=f"w{i}")
+                   for i in range(3)]
+        for _ in range(2):                       # pipellm learns the order and speculates
+            for r in regions:
+                pipe.to_device(r)
+                if mode.startswith("pipellm"):
+                    pipe.wait_speculation()
+        pipe.to_device(regions[0], 17, 300)      # a span at an odd offset
+        pipe.synchronize()
+        for r in regions:
+            assert np.array_equal(dev.read(r.device_buffer), r.array)
+        back = pipe.register(np.zeros(N, np.uint8))
+        pipe.to_host(regions[2].device_buffer, back, src_offset=5, offset=9, nbytes=500).wait(60)
+        assert np.array_equal(back.array[9:509], regions[2].array[5:505]) and not back.array[:9].any()
+        if mode.startswith("pipellm"):
+            assert pipe.stats()["hits"] >= 1
+
+
+class FlipFirst(Adversary):
+    def __init__(self, direction):
+        self.direction, self.armed = direction, False
+
+    def on_message(self, msg):
+        if self.armed and msg.direction == self.direction:
+            self.armed = False
+            msg.payload[0] ^= 1
+        return [msg]
+
+
+@pytest.mark.parametrize("mode", ["cc", "pipellm"])
+@pytest.mark.parametrize("direction", ["h2d", "d2h"])
+def test_a_flipped_bit_is_refused_and_nothing_lands(mode, direction):
+    adv = FlipFirst(direction)
+    with pipellm.open_device("cuda", adversary=adv) as dev:
+        pipe = make(dev, mode)
+        data = pipellm.array(np.full(N, 1, np.uint8))
+        region = pipe.register(data)
+        dbuf = pipe.to_device(region)
+        pipe.synchronize()
+        host = pipe.register(np.full(N, 7, np.uint8))
+        adv.armed = True
+        with pytest.raises(IntegrityError, match=f"{direction} message"):
+            if direction == "h2d":
+                pipe.to_device(region, dst=dev.alloc(N))
+                pipe.synchronize()
+            else:
+                pipe.to_host(dbuf, host).wait(60)
+        if direction == "d2h":
+            assert (host.array == 7).all()
+        with pytest.raises(ChannelClosedError):
+            pipe.to_device(region)
+        pipe.close()
+        with make(dev, mode) as fresh:            # a new session works
+            dbuf = fresh.to_device(fresh.register(np.full(N, 5, np.uint8)))
+            fresh.synchronize()
+            assert (dev.read(dbuf) == 5).all()
+
+
+def test_a_tampered_h2d_message_leaves_its_destination_unchanged():
+    adv = FlipFirst("h2d")
+    with pipellm.open_device("cuda", adversary=adv) as dev:
+        with make(dev, "cc") as pipe:
+            target = dev.alloc(N)
+            before = dev.read(target).copy()
+            adv.armed = True
+            pipe.to_device(pipe.register(np.full(N, 9, np.uint8)), dst=target)
+            with pytest.raises(IntegrityError):
+                pipe.synchronize()
+            assert np.array_equal(dev.read(target), before)
