@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 
 pytest.importorskip("numba", reason="numba-cuda is not installed (pip install 'pipellm[cuda]')")
-if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-    pytest.skip("runs in its own process under the CUDA simulator (tests/test_kernels.py starts it)",
+from numba import cuda as _cuda  # noqa: E402
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1" and not _cuda.is_available():
+    pytest.skip("needs a CUDA GPU, or the CUDA simulator in its own process (tests/test_kernels.py starts one)",
                 allow_module_level=True)
+pytestmark = pytest.mark.gpu
 
 import pipellm  # noqa: E402
 from pipellm import ChannelClosedError, IntegrityError  # noqa: E402
@@ -116,3 +119,16 @@ def test_a_tampered_h2d_message_leaves_its_destination_unchanged():
             with pytest.raises(IntegrityError):
                 pipe.synchronize()
             assert np.array_equal(dev.read(target), before)
+
+
+def test_the_gpu_benchmark_runs(tmp_path):
+    """benchmarks/gpu.py end to end at tiny sizes (the figures need a GPU; the code path doesn't)."""
+    import json
+
+    from pipellm.benchmarks import gpu
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--quick", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {r["bytes"] for r in result["kernels"]} == set(gpu.QUICK["kernel"])
+    modes = {(r["mode"], r["workers"]) for r in result["encrypted_h2d"]}
+    assert modes == {("cc", 1), ("pipellm", 1), ("pipellm", 2)}
