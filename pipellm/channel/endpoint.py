@@ -289,7 +289,8 @@ class Opener(_Endpoint):
         """Return (header, index, plaintext view into ``staging``) of the next message."""
         with self._lock:
             self._check_open()
-            header = unpack_header(msg.aad)
+            aad = bytes(msg.aad)  # read shared memory once: what is checked is what is authenticated
+            header = unpack_header(aad)
             if self.window:
                 index = (-1 if header is None else header.epoch * self.rotate_after + header.counter)
                 fresh = self._fresh(index)
@@ -308,7 +309,7 @@ class Opener(_Endpoint):
             if ok:
                 start = perf_counter()
                 try:
-                    plain = self._decrypt(key, iv, header.kind, msg, staging[:header.length])
+                    plain = self._decrypt(key, iv, header.kind, msg.payload, aad, staging[:header.length])
                     ok = plain is not None
                 except Exception as error:  # not a refusal: the decryption itself broke
                     self.close(ChannelClosedError(
@@ -326,10 +327,11 @@ class Opener(_Endpoint):
             self._accept(index)
             return header, index, plain
 
-    def _decrypt(self, key: EpochKey, iv: bytes, kind: int, msg: Message, plain):
-        """The AES-GCM step: authenticate ``msg`` and decrypt it into ``plain``; the
-        plaintext, or None where the tag is wrong (an engine with its own AES overrides it)."""
-        return plain if open_into(key.aead, iv, msg.payload, msg.aad, plain) else None
+    def _decrypt(self, key: EpochKey, iv: bytes, kind: int, payload, aad: bytes, plain):
+        """The AES-GCM step: authenticate ``payload`` (ciphertext || tag) with ``aad`` and
+        decrypt it into ``plain``; the plaintext, or None where the tag is wrong (an engine
+        with its own AES overrides it)."""
+        return plain if open_into(key.aead, iv, payload, aad, plain) else None
 
     def _fresh(self, index: int) -> bool:
         if index < 0:

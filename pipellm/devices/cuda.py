@@ -103,11 +103,11 @@ class GpuOpener(Opener):
         super().__init__(*args, **kw)
         self._kernels = kernels
 
-    def _decrypt(self, key, iv, kind, msg, plain):
+    def _decrypt(self, key, iv, kind, payload, aad, plain):
         if kind in _GPU_KINDS:
-            return plain if self._kernels.open(key, iv, msg.payload, bytes(msg.aad), len(plain)) else None
+            return plain if self._kernels.open(key, iv, payload, aad, len(plain)) else None
         host = memoryview(bytearray(len(plain)))  # a command: its body is read on the host
-        return host if cpu_open_into(key.aead, iv, msg.payload, msg.aad, host) else None
+        return host if cpu_open_into(key.aead, iv, payload, aad, host) else None
 
 
 class GpuSealer(Sealer):
