@@ -199,10 +199,14 @@ class KVSwapPredictor(Predictor):
         self._open: deque | None = None      # the swap-out being observed
         self._first: str | None = None
         self._last: str | None = None
+        self._swap_regions: set[str] = set()  # regions blocks were swapped out of
 
     def observe(self, event: TransferEvent) -> None:
         key = (event.region, event.offset, event.nbytes)
+        if event.direction == "h2d" and event.region not in self._swap_regions:
+            return  # not swap traffic (input ids, sampling parameters): it ends no swap-out
         if event.direction == "d2h":
+            self._swap_regions.add(event.region)
             if self._open is not None and event.region == self._first and self._last != event.region:
                 self._close()
             if self._open is None:

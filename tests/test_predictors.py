@@ -84,6 +84,16 @@ def test_kvswap_lifo_across_requests_fifo_across_layers():
     assert [(x.region, x.offset) for x in p.predict(2)] == [("L0", 0), ("L0", 16)]
 
 
+def test_kvswap_is_not_thrown_off_by_small_copies_between_swaps():
+    """Input ids and sampling parameters copied in between swap-out copies neither split
+    the swap-out nor count as swap-ins (the mixed traces: kvswap's hit rate was 0)."""
+    p = KVSwapPredictor()
+    for layer in range(3):
+        feed(p, [TransferEvent(f"L{layer}", 0, 16, "d2h"), ("ids", 0, 8), TransferEvent(f"L{layer}", 16, 16, "d2h")])
+    feed(p, [("ids", 0, 8), ("L0", 0, 16), ("params", 0, 4)])
+    assert [(x.region, x.offset) for x in p.predict(3)] == [("L0", 16), ("L1", 0), ("L1", 16)]
+
+
 def test_lru_predicts_the_stored_run_after_a_hit():
     p = LRUPredictor()
     feed(p, [TransferEvent("pool", off, 8, "d2h") for off in (0, 8, 16, 24, 32)])

@@ -160,19 +160,8 @@ class CudaDevice(CopyEngineDevice):
     def _release_all(self) -> None:
         self._mem.clear()
 
-    def read(self, buf: DeviceBuffer, offset: int = 0, nbytes: int | None = None) -> np.ndarray:
-        """A copy of device memory once all work submitted before this call was handled."""
-        self._check_open()
-        self.check_buffer(buf)
-        whole = nbytes is None and offset == 0
-        nbytes = buf.nbytes - offset if nbytes is None else nbytes
-        if offset < 0 or nbytes < 0 or offset + nbytes > buf.nbytes:
-            raise ArgumentError(f"read of {nbytes} bytes at offset {offset} is outside {buf!r}")
-        self._handled_all_submitted()
-        data = self._mem[buf.id][offset:offset + nbytes].copy_to_host()
-        if whole and buf.nbytes % buf.dtype.itemsize == 0:
-            return data.view(buf.dtype).reshape(buf.shape)
-        return data
+    def _fetch(self, buffer_id: int, offset: int, nbytes: int) -> np.ndarray:
+        return self._mem[buffer_id][offset:offset + nbytes].copy_to_host()
 
     # -- the copy engine's hooks -------------------------------------------------------------------
     def _staging(self):

@@ -107,24 +107,8 @@ class EmulatedDevice(CopyEngineDevice):
         if self._mem.pop(buf.id, None) is not None:
             self._allocated -= buf.nbytes
 
-    def read(self, buf: DeviceBuffer, offset: int = 0, nbytes: int | None = None) -> np.ndarray:
-        """A copy of device memory once all work submitted before this call was handled.
-
-        Reads the whole buffer as its recorded dtype/shape, or ``nbytes`` raw bytes."""
-        self._check_open()
-        self.check_buffer(buf)
-        if nbytes is None and offset == 0:
-            nbytes, whole = buf.nbytes, True
-        else:
-            nbytes = buf.nbytes - offset if nbytes is None else nbytes
-            whole = False
-        if offset < 0 or nbytes < 0 or offset + nbytes > buf.nbytes:
-            raise ArgumentError(f"read of {nbytes} bytes at offset {offset} is outside {buf!r}")
-        self._handled_all_submitted()
-        data = self._mem[buf.id][offset:offset + nbytes].copy()
-        if whole and buf.nbytes % buf.dtype.itemsize == 0:
-            return data.view(buf.dtype).reshape(buf.shape)
-        return data
+    def _fetch(self, buffer_id: int, offset: int, nbytes: int) -> np.ndarray:
+        return self._mem[buffer_id][offset:offset + nbytes].copy()
 
     # -- the copy engine's hooks -------------------------------------------------------------------
     def _staging(self):

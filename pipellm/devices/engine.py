@@ -20,6 +20,8 @@ import threading
 from contextlib import contextmanager
 from time import perf_counter
 
+import numpy as np
+
 from ..channel import H2D_KINDS, Direction, KeyAgreement, Kind, Opener, Receiver, Sealer
 from ..channel.protocol import TAG_BYTES, check_rotate_after
 from ..errors import ArgumentError, ChannelClosedError, DeviceError, IntegrityError
@@ -69,6 +71,10 @@ class CopyEngineDevice(Device):
         self._thread.start()
 
     # -- what a device adds ----------------------------------------------------------------------
+    def _fetch(self, buffer_id: int, offset: int, nbytes: int) -> np.ndarray:
+        """A host copy of device bytes (for :meth:`read`)."""
+        raise NotImplementedError
+
     def _staging(self):
         """Where the opener decrypts a message before its commit (device-private)."""
         raise NotImplementedError
@@ -165,6 +171,22 @@ class CopyEngineDevice(Device):
         if not us >= 0:
             raise ArgumentError(f"compute time must be >= 0 microseconds, got {us}")
         return self._submit(Op(self, "compute", stream, 0, None, (us * 1e-6,)))
+
+    def read(self, buf: DeviceBuffer, offset: int = 0, nbytes: int | None = None) -> np.ndarray:
+        """A copy of device memory once all work submitted before this call was handled.
+
+        Reads the whole buffer as its recorded dtype/shape, or ``nbytes`` raw bytes."""
+        self._check_open()
+        self.check_buffer(buf)
+        whole = nbytes is None and offset == 0
+        nbytes = buf.nbytes - offset if nbytes is None else nbytes
+        if offset < 0 or nbytes < 0 or offset + nbytes > buf.nbytes:
+            raise ArgumentError(f"read of {nbytes} bytes at offset {offset} is outside {buf!r}")
+        self._handled_all_submitted()
+        data = self._fetch(buf.id, offset, nbytes)
+        if whole and buf.nbytes % buf.dtype.itemsize == 0:
+            return data.view(buf.dtype).reshape(buf.shape)
+        return data
 
     def _handled_all_submitted(self) -> None:
         """Block until the copy engine has handled everything submitted before the call."""
