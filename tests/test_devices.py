@@ -70,3 +70,29 @@ def test_emulation_stall_is_accounted():
         stats = pipe.stats()
         assert stats["device_busy_s"] > 0
         assert stats["emulation_stall_s"] < 0.0105 * 0.5  # the modelled 10.5 ms dominated
+
+
+@pytest.mark.parametrize("mode", ["cc", "pipellm"])
+def test_a_pipeline_gives_its_bounce_pools_to_the_device_to_pin_and_takes_them_back(mode):
+    """The cuda device registers bounce memory for DMA (pin_host); every pool a pipeline
+    maps is offered once and withdrawn at close, while still mapped."""
+    class Recording(EmulatedDevice):
+        def __init__(self):
+            super().__init__()
+            self.pinned, self.log = {}, []
+
+        def pin_host(self, address, nbytes):
+            assert address and nbytes > 0 and address not in self.pinned
+            self.pinned[address] = nbytes
+            self.log.append("pin")
+
+        def unpin_host(self, address):
+            del self.pinned[address]
+            self.log.append("unpin")
+
+    with Recording() as dev:
+        pipe = pipellm.Pipeline(device=dev, mode=mode)
+        pools = [pipe._engine.pool] + ([pipe._engine.spec_pool, pipe._engine.cmd_pool] if mode == "pipellm" else [])
+        assert dev.pinned == {p.address: p.cap_bytes for p in pools}
+        pipe.close()
+        assert dev.pinned == {} and dev.log.count("unpin") == len(pools)

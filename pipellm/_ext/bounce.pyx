@@ -112,6 +112,12 @@ cdef class BouncePool:
         return self._mapped
 
     @property
+    def address(self):
+        """Where the pool's memory starts (0 once unmapped): for devices that register host
+        memory for DMA (the cuda device pins it)."""
+        return <size_t>self._base
+
+    @property
     def in_use(self):
         """Bytes taken (being filled, or in flight and not yet reaped)."""
         return self._in_use * PAGE

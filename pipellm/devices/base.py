@@ -268,5 +268,13 @@ class Device(abc.ABC):
     def read(self, buf: DeviceBuffer, offset: int = 0, nbytes: int | None = None) -> np.ndarray:
         """A numpy copy of device memory, for tests and tools (outside the channel)."""
 
+    def pin_host(self, address: int, nbytes: int) -> None:
+        """Host memory at ``address`` will carry this device's transfers (a bounce pool):
+        a device that DMAs from host memory registers it (the cuda device); others need
+        nothing. Undo with :meth:`unpin_host` before the memory goes away."""
+
+    def unpin_host(self, address: int) -> None:
+        """Forget host memory given to :meth:`pin_host`."""
+
     def info(self) -> dict:
         return {"kind": self.kind}

@@ -14,8 +14,9 @@ Memory and copies go through numba-cuda (device arrays on the primary context, s
 with PyTorch). Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the whole
 device runs without a GPU, slowly: that is how CI tests it.
 
-Not yet done (see the CUDA device issue): pinned bounce slots (cuMemHostAlloc, or
-registering the pool), several copy streams with events, the Cython ``cydriver`` layer,
+Bounce pools are registered with the driver (``pin_host``: cuMemHostRegister through
+numba) so copies from them are DMA. Not yet done (see the CUDA device issue): several
+copy streams with events, the Cython ``cydriver`` layer,
 batching many messages per kernel launch, compute as a GPU kernel (``compute`` sleeps
 on the copy-engine thread here), PyTorch stream interop.
 """
@@ -138,6 +139,7 @@ class CudaDevice(CopyEngineDevice):
         self.device_id = device_id
         self._name = "CUDA simulator" if config.ENABLE_CUDASIM else str(cuda.get_current_device().name)
         self._mem: dict[int, object] = {}
+        self._pins: dict[int, object] = {}  # bounce pools registered with the driver
         self._allocated = 0
         self._kernels = _Kernels(staging_bytes, threads or (16 if config.ENABLE_CUDASIM else 128))
         self.opener_class = partial(GpuOpener, kernels=self._kernels)
@@ -159,6 +161,7 @@ class CudaDevice(CopyEngineDevice):
 
     def _release_all(self) -> None:
         self._mem.clear()
+        self._pins.clear()
 
     def _fetch(self, buffer_id: int, offset: int, nbytes: int) -> np.ndarray:
         return self._mem[buffer_id][offset:offset + nbytes].copy_to_host()
@@ -194,6 +197,26 @@ class CudaDevice(CopyEngineDevice):
 
     def _compute(self, op: Op, seconds: float, ready: float) -> None:
         time.sleep(seconds)  # placeholder: serializes with copies (a GPU spin kernel is to come)
+
+    def pin_host(self, address: int, nbytes: int) -> None:
+        """Register a bounce pool with the driver (cuMemHostRegister through numba), so
+        copies from it are DMA at the link's rate, not staged through the driver's own
+        pinned buffers. Where that fails, copies still work, slower (one warning)."""
+        from numba import config, cuda
+        if config.ENABLE_CUDASIM or not address:
+            return
+        try:
+            self._pins[address] = cuda.current_context().mempin(self, address, nbytes, mapped=False)
+        except Exception as exc:  # noqa: BLE001 - pinning is an optimisation
+            import warnings
+
+            from ..errors import PinningWarning
+            warnings.warn(f"cuda device: could not register {nbytes} bytes of bounce buffers for DMA ({exc}); "
+                          f"copies go through the driver's staging instead", PinningWarning, stacklevel=3)
+
+    def unpin_host(self, address: int) -> None:
+        # numba unregisters (cuMemHostUnregister) at once when its last reference goes
+        self._pins.pop(address, None)
 
     def stats(self) -> dict:
         return {"device_busy_s": self._busy_s, "device_bytes_allocated": self._allocated}

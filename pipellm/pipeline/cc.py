@@ -69,7 +69,8 @@ class CCEngine:
                            device_public=device_public)
         self.sealer = Sealer(keys, Direction.H2D, rotate_after)
         self.opener = Opener(keys, Direction.D2H, rotate_after)
-        self.pool = make_pool("bounce_bytes", bounce_bytes, chunk_size + TAG_BYTES)
+        self._pinned: list = []
+        self.pool = self.pinned_pool("bounce_bytes", bounce_bytes, chunk_size + TAG_BYTES)
         self._staging = memoryview(bytearray(chunk_size))
         self._h2d_lock = threading.Lock()
         self._d2h_lock = threading.Lock()
@@ -238,7 +239,17 @@ class CCEngine:
     def forget(self, region) -> None:
         """The region is being unregistered."""
 
+    def pinned_pool(self, what: str, nbytes: int, max_message: int, minimum: int = 2):
+        """A bounce pool (see make_pool) the device may DMA from directly (pinned for it)."""
+        pool = make_pool(what, nbytes, max_message, minimum)
+        self.device.pin_host(pool.address, pool.cap_bytes)
+        self._pinned.append(pool.address)
+        return pool
+
     def close(self) -> None:
+        for address in self._pinned:  # before the pools' memory is unmapped
+            self.device.unpin_host(address)
+        self._pinned.clear()
         self.device.close_session(self.session)
         error = ChannelClosedError("the pipeline was closed")
         self.sealer.close(error)

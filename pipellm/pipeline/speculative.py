@@ -97,8 +97,8 @@ class SpeculativeEngine(CCEngine):
         self.depth_messages = depth_messages
         self.lookahead = lookahead
         self.min_speculative_bytes = min_speculative_bytes
-        self.spec_pool = make_pool("depth_bytes", depth_bytes, chunk_size + TAG_BYTES, minimum=1)
-        self.cmd_pool = make_pool("command slots", 16 * slot_bytes_for(GO_BODY.size), GO_BODY.size + TAG_BYTES)
+        self.spec_pool = self.pinned_pool("depth_bytes", depth_bytes, chunk_size + TAG_BYTES, minimum=1)
+        self.cmd_pool = self.pinned_pool("command slots", 16 * slot_bytes_for(GO_BODY.size), GO_BODY.size + TAG_BYTES)
         self._cond = threading.Condition(threading.Lock())
         self._items: deque[_Item] = deque()          # in index order
         self._by_key: dict[tuple, _Item] = {}
