@@ -4,8 +4,10 @@ The host side is unchanged: CPU workers seal messages into bounce slots. The dev
 is the software equivalent of the H100 copy engine's work: the copy-engine thread
 (``devices/engine.py``, the same one the emulated device runs: ordering, GO/SPEC/SKIP,
 fail closed) copies each message's ciphertext to device staging memory once, and the
-AES-256-GCM kernels (``pipellm.kernels``) verify its tag and only then decrypt it; the
-plaintext is committed to the destination buffer by a device-to-device copy. Device to
+AES-256-GCM kernels (``pipellm.kernels``) verify the tags of a whole transfer's messages
+in one launch (one per key) and only then decrypt them; the messages before the first
+refused one are committed, in order, by device-to-device copies, and the transfer is done
+only after that. Device to
 host, the kernels seal device memory into staging and the sealed message is copied into
 the host's bounce slot. GO and SKIP commands (a few bytes the receiver must read) are
 opened on the CPU by the same trusted thread.
@@ -29,8 +31,9 @@ from functools import partial
 import numpy as np
 
 from ..channel import Kind, Opener, Sealer
+from ..channel.protocol import unpack_header
 from ..channel.cipher import open_into as cpu_open_into
-from ..errors import ArgumentError, DeviceError
+from ..errors import ArgumentError, DeviceError, IntegrityError
 from .base import DeviceBuffer, Op
 from .engine import CopyEngineDevice
 
@@ -57,6 +60,7 @@ class _Kernels:
         self.sealed = cuda.to_device(np.zeros(padded, np.uint8))   # device to host ciphertext
         self.zero = cuda.to_device(np.zeros(1, np.int64))
         self._keys: dict[bytes, object] = {}
+        self.reset()
 
     def key(self, epoch_key):
         from ..kernels import KernelKey
@@ -72,16 +76,62 @@ class _Kernels:
         to = self.cuda.to_device
         return to(_words(iv, 3).reshape(1, 3)), to(_words(aad, MAX_AAD_BYTES // 4).reshape(1, -1))
 
-    def open(self, epoch_key, iv: bytes, payload, aad: bytes, nbytes: int) -> bool:
-        """Verify and decrypt one message into ``self.plain[:nbytes]``."""
-        from ..kernels import _words, open_into
+    # -- host to device: messages are verified and decrypted in batches -----------------------
+    def reset(self) -> None:
+        self._staged: list[tuple] = []   # (KernelKey, iv, aad, tag, offset, nbytes, index), in order
+        self._commits: list[tuple] = []  # (staged position, destination slice, plaintext slice)
+        self._used = 0
+
+    def room(self, nbytes: int) -> bool:
+        return self._used + max(16, -(-nbytes // 16) * 16) <= len(self.cipher)
+
+    def stage(self, epoch_key, iv: bytes, payload, aad: bytes, nbytes: int, index: int):
+        """Copy a message's ciphertext out of shared memory (once) into the batch; the
+        device slice its plaintext will be in once :meth:`settle` verified it."""
+        off = self._used
         payload = np.frombuffer(payload, np.uint8)
-        self.cipher[:nbytes].copy_to_device(payload[:nbytes])   # read shared memory once
-        tag = self.cuda.to_device(_words(payload[nbytes:].tobytes(), 4).reshape(1, 4))
-        ivs, aads = self._one(iv, aad)
-        ok = open_into(self.key(epoch_key), ivs, aads, len(aad), self.cipher, self.zero,
-                       np.array([nbytes], np.int64), tag, self.plain, self.zero, threads=self.threads)
-        return bool(ok.copy_to_host()[0])
+        if nbytes:
+            self.cipher[off:off + nbytes].copy_to_device(payload[:nbytes])
+        self._staged.append((self.key(epoch_key), iv, aad, payload[nbytes:].tobytes(), off, nbytes, index))
+        self._used += max(16, -(-nbytes // 16) * 16)
+        return self.plain[off:off + nbytes]
+
+    def commit_later(self, destination, plaintext) -> None:
+        """Copy ``plaintext`` (of the message staged last) into ``destination`` once verified."""
+        self._commits.append((len(self._staged) - 1, destination, plaintext))
+
+    def settle(self) -> int | None:
+        """Verify and decrypt the batch (one launch per key), commit the messages before
+        the first refused one in order; the index of that one, or None."""
+        from ..kernels import MAX_AAD_BYTES, _words, open_into
+        staged, first_bad = self._staged, None
+        try:
+            start = 0
+            while start < len(staged) and first_bad is None:
+                end = start
+                while end < len(staged) and staged[end][0] is staged[start][0]:
+                    end += 1
+                group = staged[start:end]
+                to = self.cuda.to_device
+                ivs = to(np.stack([_words(g[1], 3) for g in group]))
+                aads = to(np.stack([_words(g[2], MAX_AAD_BYTES // 4) for g in group]))
+                tags = to(np.stack([_words(g[3], 4) for g in group]))
+                offs = to(np.array([g[4] for g in group], np.int64))
+                lens = np.array([g[5] for g in group], np.int64)
+                aad_len = len(group[0][2])
+                ok = open_into(group[0][0], ivs, aads, aad_len, self.cipher, offs, lens, tags,
+                               self.plain, offs, threads=self.threads).copy_to_host()
+                bad = np.flatnonzero(ok == 0)
+                if len(bad):
+                    first_bad = start + int(bad[0])
+                start = end
+            for position, destination, plaintext in self._commits:
+                if first_bad is not None and position >= first_bad:
+                    break
+                destination.copy_to_device(plaintext)  # device to device
+            return None if first_bad is None else staged[first_bad][6]
+        finally:
+            self.reset()
 
     def seal(self, epoch_key, iv: bytes, span, aad: bytes, out: memoryview) -> None:
         """Seal device bytes ``span`` into host memory ``out`` (ciphertext || tag)."""
@@ -105,8 +155,10 @@ class GpuOpener(Opener):
         self._kernels = kernels
 
     def _decrypt(self, key, iv, kind, payload, aad, plain):
-        if kind in _GPU_KINDS:
-            return plain if self._kernels.open(key, iv, payload, aad, len(plain)) else None
+        if kind in _GPU_KINDS:  # verified when the batch settles: nothing is committed before
+            header = unpack_header(aad)
+            index = header.epoch * self.rotate_after + header.counter
+            return self._kernels.stage(key, iv, payload, aad, len(plain), index)
         host = memoryview(bytearray(len(plain)))  # a command: its body is read on the host
         return host if cpu_open_into(key.aead, iv, payload, aad, host) else None
 
@@ -174,8 +226,18 @@ class CudaDevice(CopyEngineDevice):
         mem = self._mem.get(buffer_id)
         if mem is None or offset + len(plaintext) > mem.size:
             return "which is not allocated"
-        mem[offset:offset + len(plaintext)].copy_to_device(plaintext)  # device to device
+        self._kernels.commit_later(mem[offset:offset + len(plaintext)], plaintext)
         return None
+
+    def _make_room(self, session, nbytes: int) -> None:
+        if not self._kernels.room(nbytes):
+            self._settle(session)
+
+    def _settle(self, session) -> None:
+        failed = self._kernels.settle()
+        if failed is not None:
+            self._fail_session(session, IntegrityError(
+                f"h2d message {failed} (session {session.id}) failed authentication; the channel is closed"))
 
     def _span(self, buffer_id: int, offset: int, nbytes: int):
         mem = self._mem.get(buffer_id)

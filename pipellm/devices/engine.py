@@ -99,6 +99,14 @@ class CopyEngineDevice(Device):
     def _book(self, op: Op, direction: int, ready: float, nbytes: int) -> None:
         """Time model hook: the emulated device books its modelled link here."""
 
+    def _make_room(self, session: Session, nbytes: int) -> None:
+        """A message of ``nbytes`` is about to be received: a device that verifies in
+        batches settles first if its batch has no room (the cuda device)."""
+
+    def _settle(self, session: Session) -> None:
+        """Verify and commit what a batching device has pending; a refusal fails the
+        session. Devices that commit each message as it is received have nothing here."""
+
     # -- channel ---------------------------------------------------------------------------------
     def open_session(self, host_public: bytes, *, rotate_after: int, window: int = 0) -> tuple[int, bytes]:
         self._check_open()
@@ -250,8 +258,10 @@ class CopyEngineDevice(Device):
             if session.failure is not None:
                 self._finish(op, session.failure)
                 return
+            self._make_room(session, len(msg.payload))
             for delivered in self._through_link(msg):
                 self._receive(session, delivered)
+        self._settle(session)  # what is left (the op's last message may have been lost)
 
     def _receive(self, session: Session, msg) -> None:
         """Authenticate, decrypt into staging, and only then commit to device memory."""
@@ -272,7 +282,9 @@ class CopyEngineDevice(Device):
         if owner is not None and not owner.finished:
             owner.remaining -= 1
             if error is not None or owner.remaining <= 0:
-                self._finish(owner, error)
+                self._settle(session)  # done only once everything of it is verified and committed
+                if not owner.finished:  # (a refusal in the settling failed it already)
+                    self._finish(owner, error)
 
     def _do_sealed_read(self, op: Op, ready: float) -> None:
         src_id, src_offset, region_id, offset, out = op.args

@@ -132,3 +132,43 @@ def test_the_gpu_benchmark_runs(tmp_path):
     assert {r["bytes"] for r in result["kernels"]} == set(gpu.QUICK["kernel"])
     modes = {(r["mode"], r["workers"]) for r in result["encrypted_h2d"]}
     assert modes == {("cc", 1), ("pipellm", 1), ("pipellm", 2)}
+
+
+def test_a_batch_commits_up_to_the_refused_message_and_no_further():
+    """One transfer of 5 messages is verified in one batch: the 3rd is tampered with, so
+    the first two land and nothing from the 3rd on does."""
+    class FlipThird(Adversary):
+        armed, seen = False, 0
+
+        def on_message(self, msg):
+            if self.armed and msg.direction == "h2d":
+                self.seen += 1
+                if self.seen == 3:
+                    msg.payload[7] ^= 0x10
+            return [msg]
+
+    adv = FlipThird()
+    with pipellm.open_device("cuda", adversary=adv) as dev:
+        pipe = make(dev, "cc")
+        data = np.arange(5 * CHUNK, dtype=np.uint8)
+        target = dev.alloc(5 * CHUNK)
+        adv.armed = True
+        pipe.to_device(pipe.register(data), dst=target)
+        with pytest.raises(IntegrityError, match="h2d message 2 "):
+            pipe.synchronize()
+        got = dev.read(target)
+        assert np.array_equal(got[:2 * CHUNK], data[:2 * CHUNK]) and not got[2 * CHUNK:].any()
+        pipe.close()
+
+
+def test_keys_rotating_inside_one_batch():
+    """A key per 3 messages: one transfer's batch spans several keys (one launch each)."""
+    with pipellm.open_device("cuda") as dev:
+        with make(dev, "cc", rotate_after=3) as pipe:
+            data = np.random.default_rng(9).integers(0, 256, 11 * CHUNK + 5, dtype=np.uint8)
+            region = pipe.register(data)
+            for _ in range(2):
+                pipe.to_device(region)
+            pipe.synchronize()
+            assert np.array_equal(dev.read(region.device_buffer), data)
+            assert pipe.stats()["key_rotations"] >= 7
