@@ -87,3 +87,16 @@ def test_kernels_compile_for_the_h100():
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_the_adversary_suite_against_the_cuda_device_under_the_simulator():
+    """tests/test_adversary.py again, with the cuda device (its GPU kernels doing the
+    authenticating) under the CUDA simulator: every attack refused there too."""
+    pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip install 'pipellm[cuda]')")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PIPELLM_TEST_DEVICE="cuda")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             os.path.join(HERE, "test_adversary.py")],
+                            env=env, capture_output=True, text=True, timeout=2400)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout.splitlines()[-1]
