@@ -7,9 +7,8 @@ fail closed) copies each message's ciphertext to device staging memory once, and
 AES-256-GCM kernels (``pipellm.kernels``) verify the tags of a whole transfer's messages
 in one launch (one per key) and only then decrypt them; the messages before the first
 refused one are committed, in order, by device-to-device copies, and the transfer is done
-only after that. Device to
-host, the kernels seal device memory into staging and the sealed message is copied into
-the host's bounce slot. GO and SKIP commands (a few bytes the receiver must read) are
+only after that. Device to host, the kernels seal device memory into staging and the
+sealed message is copied into the host's bounce slot. GO and SKIP commands (a few bytes the receiver must read) are
 opened on the CPU by the same trusted thread.
 
 Memory and copies go through numba-cuda (device arrays on the primary context, shared
@@ -18,8 +17,7 @@ device runs without a GPU, slowly: that is how CI tests it.
 
 Bounce pools are registered with the driver (``pin_host``: cuMemHostRegister through
 numba) so copies from them are DMA. Not yet done (see the CUDA device issue): several
-copy streams with events, the Cython ``cydriver`` layer,
-batching many messages per kernel launch, compute as a GPU kernel (``compute`` sleeps
+copy streams with events, the Cython ``cydriver`` layer, compute as a GPU kernel (``compute`` sleeps
 on the copy-engine thread here), PyTorch stream interop.
 """
 
@@ -39,6 +37,11 @@ from .engine import CopyEngineDevice
 
 _GPU_KINDS = (Kind.DATA, Kind.SPEC)  # payloads the kernels handle; commands open on the CPU
 _KEYS_KEPT = 8                        # KernelKeys cached (epochs in flight, both directions)
+
+
+def _slot(nbytes: int) -> int:
+    """Staging bytes a message takes: the kernels want 16-byte aligned starts."""
+    return max(16, -(-nbytes // 16) * 16)
 
 
 def unavailable_reason() -> str | None:
@@ -71,11 +74,6 @@ class _Kernels:
             k = self._keys[epoch_key.key_id] = KernelKey(epoch_key.secret)
         return k
 
-    def _one(self, iv: bytes, aad: bytes):
-        from ..kernels import MAX_AAD_BYTES, _words
-        to = self.cuda.to_device
-        return to(_words(iv, 3).reshape(1, 3)), to(_words(aad, MAX_AAD_BYTES // 4).reshape(1, -1))
-
     # -- host to device: messages are verified and decrypted in batches -----------------------
     def reset(self) -> None:
         self._staged: list[tuple] = []   # (KernelKey, iv, aad, tag, offset, nbytes, index), in order
@@ -83,7 +81,7 @@ class _Kernels:
         self._used = 0
 
     def room(self, nbytes: int) -> bool:
-        return self._used + max(16, -(-nbytes // 16) * 16) <= len(self.cipher)
+        return self._used + _slot(nbytes) <= len(self.cipher)
 
     def stage(self, epoch_key, iv: bytes, payload, aad: bytes, nbytes: int, index: int):
         """Copy a message's ciphertext out of shared memory (once) into the batch; the
@@ -93,7 +91,7 @@ class _Kernels:
         if nbytes:
             self.cipher[off:off + nbytes].copy_to_device(payload[:nbytes])
         self._staged.append((self.key(epoch_key), iv, aad, payload[nbytes:].tobytes(), off, nbytes, index))
-        self._used += max(16, -(-nbytes // 16) * 16)
+        self._used += _slot(nbytes)
         return self.plain[off:off + nbytes]
 
     def commit_later(self, destination, plaintext) -> None:
@@ -103,7 +101,7 @@ class _Kernels:
     def settle(self) -> int | None:
         """Verify and decrypt the batch (one launch per key), commit the messages before
         the first refused one in order; the index of that one, or None."""
-        from ..kernels import MAX_AAD_BYTES, _words, open_into
+        from ..kernels import _batch_arrays, _words, open_into
         staged, first_bad = self._staged, None
         try:
             start = 0
@@ -113,8 +111,7 @@ class _Kernels:
                     end += 1
                 group = staged[start:end]
                 to = self.cuda.to_device
-                ivs = to(np.stack([_words(g[1], 3) for g in group]))
-                aads = to(np.stack([_words(g[2], MAX_AAD_BYTES // 4) for g in group]))
+                ivs, aads = _batch_arrays([g[1] for g in group], [g[2] for g in group])
                 tags = to(np.stack([_words(g[3], 4) for g in group]))
                 offs = to(np.array([g[4] for g in group], np.int64))
                 lens = np.array([g[5] for g in group], np.int64)
@@ -135,11 +132,11 @@ class _Kernels:
 
     def seal(self, epoch_key, iv: bytes, span, aad: bytes, out: memoryview) -> None:
         """Seal device bytes ``span`` into host memory ``out`` (ciphertext || tag)."""
-        from ..kernels import seal_into
+        from ..kernels import _batch_arrays, seal_into
         nbytes = len(span)
         self.plain[:nbytes].copy_to_device(span)                 # aligned for the kernels
         tags = self.cuda.to_device(np.zeros((1, 4), np.uint32))
-        ivs, aads = self._one(iv, aad)
+        ivs, aads = _batch_arrays([iv], [aad])
         seal_into(self.key(epoch_key), ivs, aads, len(aad), self.plain, self.zero, np.array([nbytes], np.int64),
                   self.sealed, self.zero, tags, threads=self.threads)
         host = np.frombuffer(out, np.uint8)
@@ -190,9 +187,7 @@ class CudaDevice(CopyEngineDevice):
         cuda.select_device(device_id)  # the primary context, shared with PyTorch
         self.device_id = device_id
         self._name = "CUDA simulator" if config.ENABLE_CUDASIM else str(cuda.get_current_device().name)
-        self._mem: dict[int, object] = {}
         self._pins: dict[int, object] = {}  # bounce pools registered with the driver
-        self._allocated = 0
         self._kernels = _Kernels(staging_bytes, threads or (16 if config.ENABLE_CUDASIM else 128))
         self.opener_class = partial(GpuOpener, kernels=self._kernels)
         self.sealer_class = partial(GpuSealer, kernels=self._kernels)
@@ -207,12 +202,8 @@ class CudaDevice(CopyEngineDevice):
             raise DeviceError(f"cuda device {self.device_id}: allocating {buf.nbytes} bytes failed: {exc}") from exc
         self._allocated += buf.nbytes
 
-    def _release(self, buf: DeviceBuffer) -> None:
-        if self._mem.pop(buf.id, None) is not None:
-            self._allocated -= buf.nbytes
-
     def _release_all(self) -> None:
-        self._mem.clear()
+        super()._release_all()
         self._pins.clear()
 
     def _fetch(self, buffer_id: int, offset: int, nbytes: int) -> np.ndarray:

@@ -84,8 +84,6 @@ class EmulatedDevice(CopyEngineDevice):
             raise ArgumentError(f"link must be a LinkModel, got {type(link).__name__}")
         self.link = link or LinkModel()
         self.memory_bytes = int(memory_bytes)
-        self._allocated = 0
-        self._mem: dict[int, np.ndarray] = {}
         self._staging_mem = memoryview(bytearray(staging_bytes))
         self._link_free = [0.0, 0.0]  # per Direction
         self._compute_free = 0.0
@@ -102,10 +100,6 @@ class EmulatedDevice(CopyEngineDevice):
                               f"{self.memory_bytes - self._allocated} of {self.memory_bytes} free")
         self._mem[buf.id] = np.zeros(buf.nbytes, np.uint8)
         self._allocated += buf.nbytes
-
-    def _release(self, buf: DeviceBuffer) -> None:
-        if self._mem.pop(buf.id, None) is not None:
-            self._allocated -= buf.nbytes
 
     def _fetch(self, buffer_id: int, offset: int, nbytes: int) -> np.ndarray:
         return self._mem[buffer_id][offset:offset + nbytes].copy()
@@ -222,5 +216,3 @@ class EmulatedDevice(CopyEngineDevice):
                 "link_latency_us": self.link.latency_s * 1e6, "memory_bytes": self.memory_bytes,
                 "adversary": type(self.adversary).__name__ if self.adversary else None}
 
-    def _release_all(self) -> None:
-        self._mem.clear()

@@ -54,6 +54,8 @@ class CopyEngineDevice(Device):
         if adversary is not None and not callable(getattr(adversary, "on_message", None)):
             raise ArgumentError("adversary must have an on_message(msg) method (see pipellm.testing.Adversary)")
         self.adversary = adversary
+        self._mem: dict[int, object] = {}  # buffer id -> its memory (an array of the device's kind)
+        self._allocated = 0
         self._sessions: dict[int, Session] = {}
         self._session_ids = itertools.count(1)
         self.max_message_bytes = staging_bytes
@@ -418,8 +420,13 @@ class CopyEngineDevice(Device):
             self._cond.notify_all()
         self._release_all()
 
+    def _release(self, buf: DeviceBuffer) -> None:
+        if self._mem.pop(buf.id, None) is not None:
+            self._allocated -= buf.nbytes
+
     def _release_all(self) -> None:
         """Free every allocation (the device is closed)."""
+        self._mem.clear()
 
 
 __all__ = ["CopyEngineDevice", "DeviceBuffer", "Session"]
