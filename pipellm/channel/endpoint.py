@@ -128,6 +128,12 @@ class _Endpoint:
         if self.failure is None:
             self.failure = reason
 
+    def _broke(self, doing: str, index: int, error: BaseException, why: str) -> None:
+        """The AES step itself raised (not a refusal): close, naming it."""
+        self.close(ChannelClosedError(
+            f"{doing} {self.label} message {index} failed ({type(error).__name__}: {error}); "
+            f"{why}: open a new session"))
+
     def _check_open(self) -> None:
         if self.failure is not None:
             raise ChannelClosedError(f"{self.label} channel is closed: {self.failure}") from self.failure
@@ -231,9 +237,7 @@ class Sealer(_Endpoint):
     def _spent(self, index: int, error: BaseException) -> None:
         """An encryption failed: its IV may be half-written into shared memory, so it is
         never used again, and the receiver's strict order can't pass it: end here."""
-        self.close(ChannelClosedError(
-            f"encrypting {self.label} message {index} failed ({type(error).__name__}: {error}); "
-            f"its IV is spent, so the channel can't go on: open a new session"))
+        self._broke("encrypting", index, error, "its IV is spent, so the channel can't go on")
 
     def _seal(self, epoch, counter, key, kind, buffer, offset, plaintext, out, shared, order) -> Message:
         aad = pack_header(self.direction, kind, self.session, epoch, counter, buffer, offset, len(plaintext),
@@ -309,12 +313,10 @@ class Opener(_Endpoint):
             if ok:
                 start = perf_counter()
                 try:
-                    plain = self._decrypt(key, iv, header.kind, msg.payload, aad, staging[:header.length])
+                    plain = self._decrypt(key, iv, index, header.kind, msg.payload, aad, staging[:header.length])
                     ok = plain is not None
                 except Exception as error:  # not a refusal: the decryption itself broke
-                    self.close(ChannelClosedError(
-                        f"decrypting {self.label} message {index} failed ({type(error).__name__}: {error}); "
-                        f"the channel can't go on: open a new session"))
+                    self._broke("decrypting", index, error, "the channel can't go on")
                     raise
                 self.aes_s += perf_counter() - start
             if not ok:
@@ -327,10 +329,10 @@ class Opener(_Endpoint):
             self._accept(index)
             return header, index, plain
 
-    def _decrypt(self, key: EpochKey, iv: bytes, kind: int, payload, aad: bytes, plain):
-        """The AES-GCM step: authenticate ``payload`` (ciphertext || tag) with ``aad`` and
-        decrypt it into ``plain``; the plaintext, or None where the tag is wrong (an engine
-        with its own AES overrides it)."""
+    def _decrypt(self, key: EpochKey, iv: bytes, index: int, kind: int, payload, aad: bytes, plain):
+        """The AES-GCM step for message ``index``: authenticate ``payload`` (ciphertext ||
+        tag) with ``aad`` and decrypt it into ``plain``; the plaintext, or None where the
+        tag is wrong (an engine with its own AES overrides it)."""
         return plain if open_into(key.aead, iv, payload, aad, plain) else None
 
     def _fresh(self, index: int) -> bool:

@@ -29,7 +29,6 @@ from functools import partial
 import numpy as np
 
 from ..channel import Kind, Opener, Sealer
-from ..channel.protocol import unpack_header
 from ..channel.cipher import open_into as cpu_open_into
 from ..errors import ArgumentError, DeviceError, IntegrityError
 from .base import DeviceBuffer, Op
@@ -151,10 +150,8 @@ class GpuOpener(Opener):
         super().__init__(*args, **kw)
         self._kernels = kernels
 
-    def _decrypt(self, key, iv, kind, payload, aad, plain):
+    def _decrypt(self, key, iv, index, kind, payload, aad, plain):
         if kind in _GPU_KINDS:  # verified when the batch settles: nothing is committed before
-            header = unpack_header(aad)
-            index = header.epoch * self.rotate_after + header.counter
             return self._kernels.stage(key, iv, payload, aad, len(plain), index)
         host = memoryview(bytearray(len(plain)))  # a command: its body is read on the host
         return host if cpu_open_into(key.aead, iv, payload, aad, host) else None
