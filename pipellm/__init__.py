@@ -19,6 +19,7 @@ from .errors import (
     IntegrityError,
     KeyExhaustedError,
     PinningWarning,
+    PredictorWarning,
     PipellmError,
     TransferTimeoutError,
     UnknownRegionError,
@@ -31,6 +32,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ArgumentError", "ArgumentTypeError", "ChannelClosedError", "Device", "DeviceBuffer",
     "DeviceError", "DeviceUnavailableError", "IntegrityError", "KeyExhaustedError", "LinkModel",
-    "Pipeline", "PinningWarning", "PipellmError", "Region", "Stream", "Transfer",
+    "Pipeline", "PinningWarning", "PredictorWarning", "PipellmError", "Region", "Stream", "Transfer",
     "TransferTimeoutError", "UnknownRegionError", "array", "empty", "open_device", "zeros", "__version__",
 ]

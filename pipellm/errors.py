@@ -55,3 +55,8 @@ class DeviceError(PipellmError):
 
 class PinningWarning(UserWarning):
     """Bounce buffers could not be pinned (mlock refused); transfers go on unpinned."""
+
+
+class PredictorWarning(UserWarning):
+    """A predictor raised while observing or predicting; the transfer it planned for goes
+    on without speculation (encrypted on demand), and ``stats()["predictor_errors"]`` counts it."""

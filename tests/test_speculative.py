@@ -158,6 +158,39 @@ def test_a_worker_failure_falls_back_to_on_demand():
         assert failed and pipe.stats()["worker_errors"] == 1
 
 
+class Broken(Predictor):
+    """Raises in observe or predict, after the first few calls of each."""
+
+    def __init__(self, names, nbytes, where):
+        self.names, self.nbytes, self.where, self.calls = names, nbytes, where, 0
+
+    def observe(self, event):
+        self.calls += 1
+        if self.where == "observe" and self.calls > 3:
+            raise RuntimeError("observe is broken")
+
+    def predict(self, k):
+        if self.where == "predict" and self.calls > 3:
+            raise RuntimeError("predict is broken")
+        return [Prediction(n, 0, self.nbytes) for n in self.names[:k]]
+
+
+@pytest.mark.parametrize("where", ["observe", "predict"])
+def test_a_predictor_that_raises_costs_only_speculation(where):
+    with spec_pipe() as pipe:
+        regions = layers(pipe, n=3)
+        pipe._engine.predictor = Broken([r.name for r in regions], regions[0].nbytes, where)
+        with pytest.warns(pipellm.PredictorWarning, match=f"{where} is broken"):
+            for _ in range(4):
+                for r in regions:
+                    pipe.to_device(r)
+                    pipe.wait_speculation()
+        check_device(pipe, regions)  # every transfer landed, encrypted ahead or on demand
+        s = pipe.stats()
+        assert s["predictor_errors"] >= 1 and s["worker_errors"] == 0
+        assert s["hits"] + s["misses"] == 12
+
+
 def test_async_device_to_host_lands_and_waits():
     with spec_pipe() as pipe:
         src = layers(pipe, n=1, nbytes=10 * CHUNK)[0]

@@ -158,7 +158,10 @@ class CopyEngineDevice(Device):
 
     def submit_messages(self, stream: Stream, session: int, msgs) -> Op:
         s = self._session(session)
-        op = Op(self, "h2d message", stream, sum(len(m.payload) - TAG_BYTES for m in msgs), s, (msgs,))
+        nbytes = 0
+        for msg in msgs:
+            nbytes += len(msg.payload) - TAG_BYTES
+        op = Op(self, "h2d message", stream, nbytes, s, (msgs,))
         op.remaining = len(msgs)
         for msg in msgs:
             msg._owner = op

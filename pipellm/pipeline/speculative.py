@@ -26,16 +26,18 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections import OrderedDict, deque
 from time import perf_counter
 
 from ..channel import Kind
 from ..channel.protocol import GO_BODY, SKIP_BODY, TAG_BYTES
-from ..errors import TransferTimeoutError
+from ..errors import PredictorWarning, TransferTimeoutError
 from ..predictors import Predictor, TransferEvent
 from .cc import CCEngine, make_pool, slot_bytes_for
 
 PENDING, ENCRYPTING, READY, FAILED = range(4)
+GO_MESSAGE_BYTES = GO_BODY.size + TAG_BYTES
 #: adaptive speculation: a moving average of hits (weight of the newest request) and the
 #: level below which speculation stops; a stopped pipeline keeps scoring the predictor's
 #: first guess for each request ("shadow" predictions, nothing encrypted) and resumes
@@ -46,6 +48,9 @@ ACCURACY_FLOOR = 0.25
 #: queued, or when no worker has started the plan asked for at the previous request
 #: (back-to-back requests would outrun a worker); otherwise a worker plans
 INLINE_PLANNING_BELOW = 2
+#: transfers are told to the predictor when it is next asked (by the planner, mostly on
+#: a worker); past this many unheard ones the requesting thread tells it itself
+MAX_UNHEARD_EVENTS = 256
 _RECEIVE = object()    # worker task: receive the oldest device-to-host chunk
 _REPLENISH = object()  # worker task: ask the predictor and queue new speculation
 
@@ -107,6 +112,7 @@ class SpeculativeEngine(CCEngine):
         self._high = -1                                # highest h2d index sent
         self._expect = 0                               # strict: the index the device expects next
         self._go_tickets: dict[int, object] = {}       # GO indices reserved, never sealed
+        self._events: deque[TransferEvent] = deque()  # transfers the predictor has not heard of yet
         self._dropped: OrderedDict[tuple, int] = OrderedDict()  # keys whose speculation was lost
         self._stopping = False
         self._replenish_pending = False
@@ -114,7 +120,7 @@ class SpeculativeEngine(CCEngine):
         self.counts = dict.fromkeys(
             ("hits", "misses", "stale", "nops", "skipped_messages", "relinquishes", "reencrypted_bytes",
              "wasted_bytes", "speculative_bytes", "stolen_chunks", "worker_errors", "async_decrypted_bytes",
-             "expired", "shadow_hits", "held_places", "evicted", "stolen_plans"), 0)
+             "expired", "shadow_hits", "held_places", "evicted", "stolen_plans", "predictor_errors"), 0)
         self._accuracy = 1.0   # recent hit ratio of requests that met queued speculation
         self._shadow = None    # throttled: the predictor's first guess for the next request
         self.worker_busy_s = 0.0
@@ -129,6 +135,8 @@ class SpeculativeEngine(CCEngine):
         key = (region.name, offset, nbytes)  # the same tuple as the predictor's Prediction
         with self._h2d_lock:
             self.order += 1
+            # the predictor hears of it when it is next asked (off this thread, mostly)
+            self._events.append(TransferEvent(key[0], offset, nbytes, "h2d", stream.id, perf_counter()))
             speculating = bool(self._items)
             item = self._claim(key)
             if item is None and self._shadow is not None:
@@ -139,10 +147,11 @@ class SpeculativeEngine(CCEngine):
                 self._score(hit)
             elif speculating:
                 self._score(item is not None)
-            self.predictor.observe(TransferEvent(region.name, offset, nbytes, "h2d", stream.id, perf_counter()))
-            self._shadow = self._shadow_guess() if self._throttled() else None
+            throttled = self._accuracy < ACCURACY_FLOOR
+            self._shadow = self._shadow_guess() if throttled else None
             if item is not None:
-                self._skip_to(item.go.index)
+                if not self.window and self._expect < item.go.index:
+                    self._skip_to(item.go.index)
                 self._send_item(item, dst, dst_offset, stream)
             else:
                 self.counts["misses"] += 1
@@ -151,12 +160,15 @@ class SpeculativeEngine(CCEngine):
             self.transfers[0] += 1
             self.bytes[0] += nbytes
             queued = len(self._items)
-            if not self._throttled() and (queued < INLINE_PLANNING_BELOW or self._take_pending_plan()):
+            if not throttled and (queued < INLINE_PLANNING_BELOW or (
+                    self._replenish_pending and self._take_pending_plan())):
                 self._replenish()  # the queue runs dry, or the workers lag (bursts): plan now
                 return
+            if len(self._events) > MAX_UNHEARD_EVENTS:
+                self._feed()
         # otherwise planning is a worker's job, off the requesting thread, and only once
         # the queue has drained to half the lookahead: planning in batches costs less
-        if item is None or queued <= self.lookahead // 2:
+        if (item is None or queued <= self.lookahead // 2) and not throttled:
             self._plan_later()
 
     def _score(self, hit: bool) -> None:
@@ -166,10 +178,25 @@ class SpeculativeEngine(CCEngine):
         """The predictor has been wrong lately: speculate nothing until its guesses hit again."""
         return self._accuracy < ACCURACY_FLOOR
 
+    def _feed(self) -> None:
+        """Tell the predictor every transfer since it was last asked, in order (h2d lock held)."""
+        events, observe = self._events, self.predictor.observe
+        while events:
+            event = events.popleft()
+            try:
+                observe(event)
+            except Exception as exc:  # noqa: BLE001 - as in _replenish
+                self._predictor_failed(exc)
+
     def _shadow_guess(self):
         """The key the predictor expects next, scored against the next request (costs one
         predict(1) per request, no encryption, no slots)."""
-        guesses = self.predictor.predict(1)
+        self._feed()
+        try:
+            guesses = self.predictor.predict(1)
+        except Exception as exc:  # noqa: BLE001 - as in _replenish
+            self._predictor_failed(exc)
+            return None
         if not guesses:
             return None
         p = guesses[0]
@@ -182,7 +209,8 @@ class SpeculativeEngine(CCEngine):
     def _claim(self, key) -> _Item | None:
         """The queued item for ``key`` if it can be sent; drops what the request makes useless."""
         with self._cond:
-            self._expire()
+            if self.window:
+                self._expire()
             item = self._by_key.get(key)
             if item is None:
                 return None
@@ -190,10 +218,16 @@ class SpeculativeEngine(CCEngine):
                 self.counts["stale"] += 1
                 self._drop(item)
                 return None
+            items = self._items
             if not self.window:  # strict order: everything queued before it is lost
-                while self._items[0] is not item:
-                    self._drop(self._items[0])
-            self._remove(item)
+                while items[0] is not item:
+                    self._drop(items[0])
+            if items[0] is item:  # the common case: no search through the queue
+                items.popleft()
+                del self._by_key[key]
+                self._queued_messages -= len(item.chunks) + 1
+            else:
+                self._remove(item)
             item.claimed = True
             return item
 
@@ -207,6 +241,8 @@ class SpeculativeEngine(CCEngine):
         region = item.region
         if not region.unchanged_since(item.token):
             return False
+        if region.lib_seq == item.chunks[0].lib_seq and len(item.chunks) == 1:
+            return True  # the common case: no library write since it was sealed
         sealed = [c.lib_seq for c in item.chunks if c.state == READY]
         return not sealed or not region.library_changed(min(sealed), item.offset, item.nbytes)
 
@@ -263,36 +299,39 @@ class SpeculativeEngine(CCEngine):
             raise
 
     def _send_speculated(self, item: _Item, dst, dst_offset, stream) -> None:
+        chunks = item.chunks
         with self._cond:
-            waiting = [c for c in item.chunks if c.state != READY]
+            waiting = [c for c in chunks if c.state != READY]
             while item.go_busy:  # a worker is sealing the GO ahead: it takes microseconds
                 self._cond.wait()
             private = item.go_private if item.go_dst == (dst.id, dst_offset) else None
-        for chunk in waiting:
-            self._ensure_ready(item, chunk)
-        chunks = item.chunks
-        if waiting and (any(c.state != READY for c in waiting) or not self._current(item)):
-            # a worker failed on it, or its bytes changed while it was finished: fall back
-            with self._cond:
-                self.counts["stale"] += 1
-                self._discard(item)
-            self.counts["misses"] += 1
-            self._send_on_demand(item.region, item.offset, item.nbytes, dst, dst_offset, stream)
-            return
-        go = self._go_tickets[item.go.index]
-        slot = self.cmd_pool.acquire(GO_BODY.size + TAG_BYTES, self.timeout)
+        if waiting:
+            for chunk in waiting:
+                self._ensure_ready(item, chunk)
+            if any(c.state != READY for c in waiting) or not self._current(item):
+                # a worker failed on it, or its bytes changed while it was finished: fall back
+                with self._cond:
+                    self.counts["stale"] += 1
+                    self._discard(item)
+                self.counts["misses"] += 1
+                self._send_on_demand(item.region, item.offset, item.nbytes, dst, dst_offset, stream)
+                return
+        slot = self.cmd_pool.acquire(GO_MESSAGE_BYTES, self.timeout)
+        go = self._go_tickets.pop(item.go.index)
         try:
             if private is not None:
-                go_msg = self.sealer.expose(go, private, slot.view(len(private.payload)))
+                go_msg = self.sealer.expose(go, private, slot.view(GO_MESSAGE_BYTES))
             else:
                 body = GO_BODY.pack(dst.id, dst_offset, len(chunks), item.nbytes)
-                go_msg = self.sealer.seal_into(go, Kind.GO, 0, 0, body, slot.view(len(body) + TAG_BYTES),
+                go_msg = self.sealer.seal_into(go, Kind.GO, 0, 0, body, slot.view(GO_MESSAGE_BYTES),
                                                order=self.order)
-            op = self.device.submit_messages(stream, self.session, [go_msg] + [c.msg for c in chunks])
+            msgs = [go_msg]
+            msgs += [c.msg for c in chunks]
+            op = self.device.submit_messages(stream, self.session, msgs)
         except BaseException:
             self.cmd_pool.release(slot)
+            self._go_tickets[go.index] = go
             raise
-        del self._go_tickets[item.go.index]
         self.cmd_pool.retire(slot, op)
         slots = [c.slot for c in chunks]
         for chunk in chunks:
@@ -326,7 +365,9 @@ class SpeculativeEngine(CCEngine):
         transfer = super().to_host(src, src_offset, region, offset, nbytes, stream)
         if getattr(self.predictor, "uses_d2h", True):
             with self._h2d_lock:  # the predictor is told every transfer, in order
-                self.predictor.observe(TransferEvent(region.name, offset, nbytes, "d2h", stream.id, perf_counter()))
+                self._events.append(TransferEvent(region.name, offset, nbytes, "d2h", stream.id, perf_counter()))
+                if len(self._events) > MAX_UNHEARD_EVENTS:
+                    self._feed()
             self._plan_later()
         return transfer
 
@@ -354,7 +395,22 @@ class SpeculativeEngine(CCEngine):
 
     # -- the queue ---------------------------------------------------------------------------
     def _replenish(self) -> None:
+        """Plan the next speculation; a predictor that raises costs only speculation."""
+        try:
+            self._admit()
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug must not break transfers
+            self._predictor_failed(exc)
+
+    def _predictor_failed(self, exc: Exception) -> None:
+        self.counts["predictor_errors"] += 1
+        if self.counts["predictor_errors"] == 1:
+            warnings.warn(f"predictor {self.predictor!r} raised {exc!r}; the transfers it planned for are "
+                          f"encrypted on demand (counted in stats()['predictor_errors'])", PredictorWarning,
+                          stacklevel=2)
+
+    def _admit(self) -> None:
         """Admit predicted transfers: reserve their indices and slots, queue their chunks."""
+        self._feed()
         if self._throttled():
             # the predictor has been wrong lately: keep the workers (and the CPU) free for
             # on-demand work; shadow guesses tell when it is right again
