@@ -45,6 +45,10 @@ RECENT = 3
 #: average with this weight for the newest guess)
 TRUST_RULE = 0.9
 TRUST_ALPHA = 0.2
+#: a host-to-device copy smaller than this that no rule named is noise to the model (the
+#: small non-swap copies between the real traffic: input ids, positions, sampling
+#: parameters); it neither moves the rules' trust nor becomes context
+SMALL = 8192
 
 
 class NotFittedError(ArgumentError, AttributeError):
@@ -59,9 +63,13 @@ class _History:
         self.rules = (LayerwisePredictor(), KVSwapPredictor())
         self.trust = [0.0, 0.0]   # moving average: was each rule's first guess right?
         self.t = 0
+        self.events = 0              # every event observed (the rules see d2h ones too)
+        self._guessed = None         # (events, the rules' first guesses then)
         self.loads: deque = deque(maxlen=max(SEGMENT, RECENT) + 2)
         self.follow1: dict = {}      # last -> {next: count}
         self.follow2: dict = {}      # (prev, last) -> {next: count}
+        self.total1: dict = {}       # last -> sum of its follow1 counts
+        self.total2: dict = {}       # (prev, last) -> sum of its follow2 counts
         self.after: dict = {}        # region -> the loads that followed its previous occurrence
         self.occurrence: dict = {}   # region -> t of its last occurrence
         self.span: dict = {}         # region -> (offset, nbytes)
@@ -81,45 +89,74 @@ class _History:
     def rule_chains(self, k: int) -> tuple[list, list]:
         return self.rules[0].predict(k), self.rules[1].predict(k)
 
+    def guesses(self) -> list:
+        """Each rule's first prediction now (None where it has none)."""
+        if self._guessed is not None and self._guessed[0] == self.events:
+            return self._guessed[1]
+        return [next(iter(rule.predict(1)), None) for rule in self.rules]
+
+    def remember_guesses(self, guesses: list) -> None:
+        """The rules' first predictions, made anyway: the next observe() needs them."""
+        self._guessed = (self.events, guesses)
+
+    @staticmethod
+    def noise(event: TransferEvent, guesses) -> bool:
+        return event.nbytes < SMALL and not any(g is not None and g.region == event.region for g in guesses)
+
     def observe(self, event: TransferEvent, guesses=None) -> None:
         """``guesses``: the rules' first predictions made just before (if the caller made
         them anyway); otherwise they are asked here."""
-        if event.direction == "h2d":
+        signal = event.direction == "h2d"
+        if signal:
             if guesses is None:
-                guesses = [next(iter(rule.predict(1)), None) for rule in self.rules]
+                guesses = self.guesses()
+            signal = not self.noise(event, guesses)
+        if signal:
             for i, guess in enumerate(guesses):
                 if guess is not None:  # no guess is no evidence either way
                     self.trust[i] += TRUST_ALPHA * ((guess.region == event.region) - self.trust[i])
         for rule in self.rules:
             rule.observe(event)
-        if event.direction == "h2d":
+        self.events += 1
+        if signal:
             self.add(event.region, event.offset, event.nbytes)
 
-    def features(self, prev, last, candidate, recent, rules=(None, None)) -> list[float]:
+    def features(self, prev, last, candidates, recent, rules=(None, None)) -> list[list[float]]:
+        """One row of FEATURES per candidate (what the context says is computed once)."""
         f1 = self.follow1.get(last, {})
-        n1 = sum(f1.values())
+        n1 = self.total1.get(last, 0)
         f2 = self.follow2.get((prev, last), {})
-        n2 = sum(f2.values())
+        n2 = self.total2.get((prev, last), 0)
         after = self.after.get(last, ())
-        seen = self.occurrence.get(candidate)
-        return [f1.get(candidate, 0) / n1 if n1 else 0.0,
-                f2.get(candidate, 0) / n2 if n2 else 0.0,
-                1.0 if after and after[0] == candidate else 0.0,
-                1.0 if candidate in after else 0.0,
-                1.0 if candidate in recent else 0.0,
-                1.0 if seen is None else min(1.0, (self.t - seen) / 100.0),
-                lw := (1.0 if rules[0] is not None and rules[0].region == candidate else 0.0),
-                kv := (1.0 if rules[1] is not None and rules[1].region == candidate else 0.0),
-                lw * self.trust[0], kv * self.trust[1]]
+        first = after[0] if after else None
+        lw_region = rules[0].region if rules[0] is not None else None
+        kv_region = rules[1].region if rules[1] is not None else None
+        lw_trust, kv_trust = self.trust
+        t, occurrence = self.t, self.occurrence
+        rows = []
+        for c in candidates:
+            seen = occurrence.get(c)
+            lw = 1.0 if c == lw_region else 0.0
+            kv = 1.0 if c == kv_region else 0.0
+            rows.append([f1.get(c, 0) / n1 if n1 else 0.0,
+                         f2.get(c, 0) / n2 if n2 else 0.0,
+                         1.0 if c == first else 0.0,
+                         1.0 if c in after else 0.0,
+                         1.0 if c in recent else 0.0,
+                         1.0 if seen is None else min(1.0, (t - seen) / 100.0),
+                         lw, kv, lw * lw_trust, kv * kv_trust])
+        return rows
 
     def add(self, region: str, offset: int, nbytes: int) -> None:
         prev, last = self.context()
         if last is not None:
             f = self.follow1.setdefault(last, {})
             f[region] = f.get(region, 0) + 1
+            self.total1[last] = self.total1.get(last, 0) + 1
             if prev is not None:
                 f = self.follow2.setdefault((prev, last), {})
                 f[region] = f.get(region, 0) + 1
+                self.total2[(prev, last)] = self.total2.get((prev, last), 0) + 1
         still_open = []
         for owner, followers in self._open:
             followers.append(region)
@@ -147,7 +184,7 @@ class LearnedPredictor(Predictor):
 
     name = "learned"
 
-    def __init__(self, model: str | None = None, horizon: int = 6, width: int = 1, confident: float = 0.8,
+    def __init__(self, model: str | None = None, horizon: int = 2, width: int = 1, confident: float = 0.8,
                  floor: float = 0.15):
         self.model, self.horizon, self.width = model, horizon, width
         self.confident, self.floor = confident, floor
@@ -200,16 +237,17 @@ class LearnedPredictor(Predictor):
                 if r.op not in ("h2d", "d2h"):
                     continue
                 prev, last = history.context()
-                if r.op == "h2d" and last is not None:
-                    recent = set(list(history.loads)[-RECENT:])
-                    lw, kv = history.rule_chains(1)
-                    rules = (lw[0] if lw else None, kv[0] if kv else None)
-                    for c in history.candidates(prev, last, rules):
-                        X.append(history.features(prev, last, c, recent, rules))
-                        y.append(1 if c == r.region else 0)
-                    history.observe(TransferEvent(r.region, r.offset, r.nbytes, r.op), list(rules))
+                event = TransferEvent(r.region, r.offset, r.nbytes, r.op)
+                if r.op == "h2d":
+                    rules = history.guesses()
+                    if last is not None and not history.noise(event, rules):
+                        recent = set(list(history.loads)[-RECENT:])
+                        candidates = list(history.candidates(prev, last, rules))
+                        X += history.features(prev, last, candidates, recent, rules)
+                        y += [1 if c == r.region else 0 for c in candidates]
+                    history.observe(event, rules)
                 else:
-                    history.observe(TransferEvent(r.region, r.offset, r.nbytes, r.op))
+                    history.observe(event)
         if not X or len(set(y)) < 2:
             raise ArgumentError("the traces give nothing to learn from (too short, or no choice ever to make)")
         model = LogisticRegression(max_iter=1000).fit(X, y)
@@ -223,9 +261,12 @@ class LearnedPredictor(Predictor):
 
     def _ranked(self, prev, last, recent, rules) -> list[tuple[float, str]]:
         h, coef, b = self._history, self.coef_, self.intercept_
+        candidates = list(h.candidates(prev, last, rules))
         out = []
-        for c in h.candidates(prev, last, rules):
-            z = b + sum(w * x for w, x in zip(coef, h.features(prev, last, c, recent, rules)))
+        for c, row in zip(candidates, h.features(prev, last, candidates, recent, rules)):
+            z = b
+            for w, x in zip(coef, row):
+                z += w * x
             out.append((1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z)))), c))
         out.sort(reverse=True)
         return out
@@ -245,7 +286,8 @@ class LearnedPredictor(Predictor):
                 return chain
         recent = list(h.loads)[-RECENT:]
         steps = min(k, self.horizon)
-        lw, kv = h.rule_chains(steps)
+        lw, kv = h.rule_chains(k)
+        h.remember_guesses([lw[0] if lw else None, kv[0] if kv else None])
         out, proposed = [], set()
         for j in range(steps):
             rules = (lw[j] if j < len(lw) else None, kv[j] if j < len(kv) else None)
@@ -260,4 +302,12 @@ class LearnedPredictor(Predictor):
                     out.append(Prediction(c, *(span or h.span.get(c, (0, 1)))))
             prev, last = last, ranked[0][1]
             recent = (recent + [last])[-RECENT:]
+        # past the model's horizon, the most trusted rule's chain: with iv_order="window"
+        # every queued candidate can still hit, and in strict order they cost only AES
+        for p in (lw, kv)[best]:
+            if len(out) >= k:
+                break
+            if p.region not in proposed:
+                proposed.add(p.region)
+                out.append(p)
         return out
