@@ -264,6 +264,34 @@ def test_learned_predictor_fits_saves_and_loads(tmp_path):
         LearnedPredictor().predict(3)
 
 
+def test_learned_predictor_is_not_thrown_off_by_small_copies():
+    """Random small copies between weight loads are out of every predictor's reach; the
+    learned one must still follow the loads as well as the best rule does."""
+    pytest.importorskip("sklearn", reason="the learned predictor trains with scikit-learn (pip install 'pipellm[learned]')")
+    from pipellm.predictors import LearnedPredictor
+
+    def trace(seed):
+        return generate.mixed(generate.accelerate(tokens=4, weight_budget=4 << 20), seed=seed)
+
+    model = LearnedPredictor().fit([trace(1), generate.moe(seed=1, tokens=24, weight_budget=4 << 20)])
+    test = trace(0)
+    predictors = {"learned": model, "layerwise": get("layerwise")}
+    hits = dict.fromkeys(predictors, 0)
+    loads = 0
+    for r in test.records:
+        if r.op != "h2d":
+            continue
+        key = (r.region, r.offset, r.nbytes)
+        if r.nbytes >= 8192:  # the weight loads, not the random small copies
+            loads += 1
+            for name, p in predictors.items():
+                hits[name] += key in [tuple(x) for x in p.predict(4)]
+        for p in predictors.values():
+            p.observe(TransferEvent(*key))
+    assert hits["layerwise"] > 0.5 * loads  # it learns the order (the first of 4 passes can't hit)
+    assert hits["learned"] >= hits["layerwise"] - 0.02 * loads
+
+
 @pytest.mark.parametrize("content,message", [("{not json", "cannot read"), ('{"format": "other"}', "is not a"),
                                              ('{"format": "pipellm-learned-predictor", "version": 1, '
                                               '"features": ["x"], "coef": [1], "intercept": 0}', "malformed")])
