@@ -48,6 +48,8 @@ ACCURACY_FLOOR = 0.25
 #: queued, or when no worker has started the plan asked for at the previous request
 #: (back-to-back requests would outrun a worker); otherwise a worker plans
 INLINE_PLANNING_BELOW = 2
+#: strict order: the fewest predicted transfers to queue, however inaccurate the predictor
+STRICT_MIN_DEPTH = 2
 #: transfers are told to the predictor when it is next asked (by the planner, mostly on
 #: a worker); past this many unheard ones the requesting thread tells it itself
 MAX_UNHEARD_EVENTS = 256
@@ -417,6 +419,11 @@ class SpeculativeEngine(CCEngine):
             return
         # each request consumes about one queued item: look a little past the queue
         limit = min(self.lookahead, len(self._items) + 4)
+        if not self.window:
+            # strict order loses everything queued before a request that skips it, so
+            # speculate about as far as the predictor's run of hits is expected to last
+            # (1 / miss rate): a 70% predictor gets ~3 items, not the whole lookahead
+            limit = min(limit, max(STRICT_MIN_DEPTH, int(1.0 / max(1e-3, 1.0 - self._accuracy))))
         predictions = self.predictor.predict(limit)[:limit]
         chunk_size, by_key, wanted = self.chunk_size, self._by_key, set(predictions)
         for p in predictions:

@@ -1,0 +1,1 @@
+"""Adapters between pipellm and the stacks that move LLM data (PyTorch: ``pipellm.integrations.torch``)."""

@@ -1,0 +1,192 @@
+"""PyTorch: run a model whose weights stay on the host, loading each module's weights
+through a :class:`~pipellm.Pipeline` right before the module runs, as accelerate's
+offloading hooks and DeepSpeed's parameter offload do (forward, and backward for
+training with offloaded weights, e.g. LoRA fine-tuning).
+
+Every parameter and buffer is moved once into library-owned host memory (a copy), so
+the ``pipellm`` mode can speculate on it safely: a later write to a weight (an optimizer
+step, ``load_state_dict``) faults once on the write-protected pages and is never sent
+stale. Each becomes a region named after the tensor (``"0.weight"``, ``"layers.3.mlp.fc1.bias"``)
+of kind ``"weight"``, so ``offloaded.record(path)`` writes traces of real models.
+
+On the ``emulated`` device the module still computes on the host tensors (that device
+models a GPU; it runs no PyTorch kernels): what the integration exercises is the
+traffic, its order, and the channel.
+
+>>> import torch, pipellm
+>>> from pipellm.integrations.torch import offload
+>>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+>>> with pipellm.Pipeline(device="emulated", mode="cc") as pipe:
+...     with offload(model, pipe) as offloaded:
+...         y = model(torch.ones(1, 8))
+...         offloaded.stats()["loads"]
+4
+"""
+
+from __future__ import annotations
+
+from time import perf_counter
+
+import numpy as np
+
+from ..errors import ArgumentError, ArgumentTypeError
+from ..hostmem import empty
+from ..pipeline import Pipeline
+
+try:
+    import torch
+except ImportError:  # an optional extra: pip install 'pipellm[torch]'
+    torch = None
+
+__all__ = ["OffloadedModule", "offload"]
+
+
+def _require_torch():
+    if torch is None:
+        raise ImportError("pipellm.integrations.torch needs PyTorch: pip install 'pipellm[torch]'")
+
+
+class OffloadedModule:
+    """The hooks and regions of one offloaded module (from :func:`offload`).
+
+    ``regions`` maps each tensor's qualified name to its region. ``close()`` (or leaving
+    the ``with`` block) removes the hooks and unregisters the regions; the tensors keep
+    their (library-owned) memory and values.
+    """
+
+    def __init__(self, module, pipeline: Pipeline, regions: dict, owners: dict, *, backward: bool,
+                 sync: bool, compute: str | None):
+        self.module, self.pipeline, self.regions = module, pipeline, regions
+        self.sync, self.compute = sync, compute
+        self.loads = 0
+        self.load_bytes = 0
+        self._started: dict[int, float] = {}
+        self._handles = []
+        for submodule, names in owners.items():
+            mine = [regions[n] for n in names]
+            self._handles.append(submodule.register_forward_pre_hook(self._loader(mine, submodule)))
+            if compute == "measured":
+                self._handles.append(submodule.register_forward_hook(self._timer(submodule)))
+            if backward:
+                self._handles.append(submodule.register_full_backward_pre_hook(self._loader(mine, None)))
+        self.closed = False
+
+    def _loader(self, regions: list, timed):
+        def hook(*_):
+            if self.closed:
+                return None
+            for region in regions:
+                self.pipeline.to_device(region)
+                self.loads += 1
+                self.load_bytes += region.nbytes
+            if self.sync:  # the module's compute needs its weights: wait for them (accelerate does)
+                self.pipeline.synchronize()
+            if timed is not None and self.compute == "measured":
+                self._started[id(timed)] = perf_counter()
+            return None
+        return hook
+
+    def _timer(self, submodule):
+        def hook(*_):
+            start = self._started.pop(id(submodule), None)
+            if start is not None and not self.closed:
+                self.pipeline.compute((perf_counter() - start) * 1e6)
+            return None
+        return hook
+
+    def record(self, path, *, workload: str = "", meta: dict | None = None):
+        """Record the pipeline's traffic while the module runs (a version-1 trace): the
+        pipeline's recorder, with this module's tensors as ``weight`` regions.
+        ``with offloaded.record("run.jsonl.gz"): model(x)``."""
+        meta = {"source": "pipellm.integrations.torch", "module": type(self.module).__name__,
+                "tensors": len(self.regions), **(meta or {})}
+        return self.pipeline.record(path, workload=workload or type(self.module).__name__, meta=meta)
+
+    def stats(self) -> dict:
+        """Loads issued by the hooks, and the bytes they moved."""
+        return {"loads": self.loads, "load_bytes": self.load_bytes, "tensors": len(self.regions)}
+
+    def close(self) -> None:
+        """Remove the hooks and unregister the regions (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if not self.pipeline.closed:
+            for region in self.regions.values():
+                if region.registered:
+                    self.pipeline.unregister(region)
+
+    def __enter__(self) -> OffloadedModule:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<OffloadedModule {type(self.module).__name__}: {len(self.regions)} tensors{' closed' if self.closed else ''}>"
+
+
+def _host_copy(tensor):
+    """``tensor``'s values in library-owned host memory, as a tensor of the same dtype and shape."""
+    host = empty(tensor.numel() * tensor.element_size(), np.uint8)
+    view = torch.from_numpy(host).view(tensor.dtype).view(tensor.shape)
+    view.copy_(tensor.detach())
+    return host, view
+
+
+def offload(module, pipeline: Pipeline, *, prefix: str = "", backward: bool = True, sync: bool = True,
+            compute: str | None = None) -> OffloadedModule:
+    """Offload ``module``'s parameters and buffers: each module loads its own tensors
+    through ``pipeline`` before it runs (``backward=True``: before its backward pass too).
+
+    ``sync``: wait for the loads before the module computes (synchronous offload, as
+    accelerate does); ``compute="measured"``: tell the pipeline each module's measured
+    run time as device compute (so recorded traces carry it); ``prefix`` goes before
+    every region name (to offload several models into one pipeline).
+
+    Tensors must be on the CPU. A tensor shared by several modules (tied embeddings) is
+    one region, loaded by each module that uses it.
+    """
+    _require_torch()
+    if not isinstance(module, torch.nn.Module):
+        raise ArgumentTypeError(f"offload() takes a torch.nn.Module, got {type(module).__name__}")
+    if not isinstance(pipeline, Pipeline):
+        raise ArgumentTypeError(f"offload() needs a pipellm.Pipeline, got {type(pipeline).__name__}")
+    if pipeline.device.kind != "emulated":
+        raise ArgumentError(f"offload() runs modules on the host tensors, which only the emulated device "
+                            f"pairs with; the {pipeline.device.kind!r} device is not supported by it yet")
+    if compute not in (None, "measured"):
+        raise ArgumentError(f"compute must be None or 'measured', got {compute!r}")
+    tensors = {}   # id -> (qualified name, owning module, attribute name, tensor)
+    owners: dict = {}
+    for mod_name, submodule in module.named_modules():
+        local = [(n, t, False) for n, t in submodule.named_parameters(recurse=False)]
+        local += [(n, t, True) for n, t in submodule.named_buffers(recurse=False) if t is not None]
+        for attr, tensor, is_buffer in local:
+            if tensor.device.type != "cpu":
+                raise ArgumentError(f"tensor {mod_name + '.' + attr if mod_name else attr!r} is on "
+                                    f"{tensor.device}; offload() takes modules whose tensors are on the CPU")
+            if tensor.numel() == 0:
+                continue
+            name = prefix + (f"{mod_name}.{attr}" if mod_name else attr)
+            first = tensors.setdefault(id(tensor), (name, submodule, attr, tensor, is_buffer))
+            owners.setdefault(submodule, []).append(first[0])
+    # everything checked: now move the tensors (nothing is changed if a check failed)
+    regions = {}
+    try:
+        for name, submodule, attr, tensor, is_buffer in tensors.values():
+            host, view = _host_copy(tensor)
+            if is_buffer:
+                tensor.data = view
+            else:
+                with torch.no_grad():
+                    tensor.data = view
+            regions[name] = pipeline.register(host, name=name, kind="weight")
+    except BaseException:
+        for region in regions.values():
+            pipeline.unregister(region)
+        raise
+    return OffloadedModule(module, pipeline, regions, owners, backward=backward, sync=sync, compute=compute)
