@@ -111,6 +111,8 @@ def _replay(args) -> int:
     options = {"iv_order": args.iv_order}
     if args.workers:
         options["workers"] = args.workers
+    if args.min_speculative_bytes is not None:
+        options["min_speculative_bytes"] = args.min_speculative_bytes
     predictor_options = {}
     for item in args.predictor_option or ():
         key, sep, value = item.partition("=")
@@ -232,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("--predictor", default="layerwise", help="pipellm predictor(s), comma-separated")
     replay.add_argument("--iv-order", choices=("strict", "window"), default="strict")
     replay.add_argument("--workers", type=int, default=None)
+    replay.add_argument("--min-speculative-bytes", type=int, default=None, metavar="N",
+                        help="encrypt ahead predicted transfers of at least N bytes (default 256 KiB; "
+                             "0 speculates on every transfer, e.g. to measure a predictor on small blocks)")
     replay.add_argument("--predictor-option", action="append", metavar="KEY=VALUE",
                         help="an option for the predictors that take it (e.g. width=3 for learned)")
     replay.add_argument("--json", action="store_true", help="print a JSON list, one object per run")

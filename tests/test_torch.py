@@ -50,7 +50,8 @@ def tensor_bytes(t):
 def test_an_offloaded_model_computes_the_same_and_the_device_holds_its_weights(mode, dtype):
     model, ref_model = tiny(dtype=dtype), tiny(dtype=dtype)
     ids = torch.arange(16).reshape(2, 8)
-    kw = {"predictor": "layerwise"} if mode == "pipellm" else {}
+    # min_speculative_bytes=0: these tiny weights are encrypted ahead too
+    kw = {"predictor": "layerwise", "min_speculative_bytes": 0} if mode == "pipellm" else {}
     with make_pipe(mode, chunk_size=4096, **kw) as pipe, offload(model, pipe) as off:
         for _ in range(3):
             out = model(ids)
@@ -72,7 +73,8 @@ def test_an_optimizer_step_is_never_sent_stale():
     model = tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ids = torch.arange(16).reshape(2, 8)
-    with make_pipe("pipellm", chunk_size=4096, predictor="layerwise") as pipe, offload(model, pipe) as off:
+    with make_pipe("pipellm", chunk_size=4096, predictor="layerwise", min_speculative_bytes=0) as pipe, \
+            offload(model, pipe) as off:
         for _ in range(4):
             opt.zero_grad()
             model(ids).float().square().mean().backward()

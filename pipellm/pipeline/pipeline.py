@@ -36,8 +36,10 @@ DEFAULT_LOOKAHEAD = 16
 #: iv_order="window": how far behind the newest index an unused one is still accepted
 DEFAULT_IV_WINDOW = 4096
 #: predicted transfers smaller than this are not encrypted ahead, only given their place
-#: in the channel's order: their AES (~1 us per 4 KiB, ~25 us per 256 KiB here) costs less
-#: than speculating on them (a worker task, a GO command, bookkeeping: ~20-30 us)
+#: in the channel's order when speculation follows them: their AES (~1 us per 4 KiB, ~25 us
+#: per 256 KiB here) costs less than speculating on them (a worker task, a GO command,
+#: bookkeeping: ~20-30 us). For the same reason device-to-host messages smaller than this
+#: are decrypted when needed, not handed to a worker
 DEFAULT_MIN_SPECULATIVE_BYTES = 256 << 10
 
 

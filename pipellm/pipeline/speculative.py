@@ -48,6 +48,9 @@ ACCURACY_FLOOR = 0.25
 #: queued, or when no worker has started the plan asked for at the previous request
 #: (back-to-back requests would outrun a worker); otherwise a worker plans
 INLINE_PLANNING_BELOW = 2
+#: while the predictor names nothing worth encrypting ahead (small transfers only), plan
+#: once every this many requests rather than after each
+IDLE_PLAN_EVERY = 8
 #: strict order: the fewest predicted transfers to queue, however inaccurate the predictor
 STRICT_MIN_DEPTH = 2
 #: transfers are told to the predictor when it is next asked (by the planner, mostly on
@@ -119,6 +122,7 @@ class SpeculativeEngine(CCEngine):
         self._stopping = False
         self._replenish_pending = False
         self._receive_pending = False
+        self._planned_nothing = False  # the last plan named transfers, none worth encrypting ahead
         self.counts = dict.fromkeys(
             ("hits", "misses", "stale", "nops", "skipped_messages", "relinquishes", "reencrypted_bytes",
              "wasted_bytes", "speculative_bytes", "stolen_chunks", "worker_errors", "async_decrypted_bytes",
@@ -162,7 +166,7 @@ class SpeculativeEngine(CCEngine):
             self.transfers[0] += 1
             self.bytes[0] += nbytes
             queued = len(self._items)
-            if not throttled and (queued < INLINE_PLANNING_BELOW or (
+            if not throttled and ((queued < INLINE_PLANNING_BELOW and not self._planned_nothing) or (
                     self._replenish_pending and self._take_pending_plan())):
                 self._replenish()  # the queue runs dry, or the workers lag (bursts): plan now
                 return
@@ -170,7 +174,8 @@ class SpeculativeEngine(CCEngine):
                 self._feed()
         # otherwise planning is a worker's job, off the requesting thread, and only once
         # the queue has drained to half the lookahead: planning in batches costs less
-        if (item is None or queued <= self.lookahead // 2) and not throttled:
+        if (item is None or queued <= self.lookahead // 2) and not throttled and (
+                not self._planned_nothing or self.order % IDLE_PLAN_EVERY == 0):
             self._plan_later()
 
     def _score(self, hit: bool) -> None:
@@ -370,7 +375,8 @@ class SpeculativeEngine(CCEngine):
                 self._events.append(TransferEvent(region.name, offset, nbytes, "d2h", stream.id, perf_counter()))
                 if len(self._events) > MAX_UNHEARD_EVENTS:
                     self._feed()
-            self._plan_later()
+            if not self._planned_nothing:
+                self._plan_later()
         return transfer
 
     def _take_pending_plan(self) -> bool:
@@ -426,17 +432,25 @@ class SpeculativeEngine(CCEngine):
             limit = min(limit, max(STRICT_MIN_DEPTH, int(1.0 / max(1e-3, 1.0 - self._accuracy))))
         predictions = self.predictor.predict(limit)[:limit]
         chunk_size, by_key, wanted = self.chunk_size, self._by_key, set(predictions)
+        plan = []  # (prediction, region, encrypt ahead?) for the valid ones
         for p in predictions:
-            if p in by_key:
-                continue
             region = self._regions.get(p.region)
             if region is None or p.nbytes <= 0 or p.offset < 0 or p.offset + p.nbytes > region.nbytes:
                 continue
-            key = (p.region, p.offset, p.nbytes)
-            if p.nbytes < self.min_speculative_bytes and p.nbytes <= chunk_size:
-                self._hold_place(key, region, p)
+            small = p.nbytes < self.min_speculative_bytes and p.nbytes <= chunk_size
+            if small or region.guard is not None:  # untracked memory is never encrypted ahead
+                plan.append((p, region, not small))
+        # a small transfer only holds its place when speculation follows it: alone, a hit
+        # saves nothing and a misprediction costs a SKIP (all-small traffic runs as cc)
+        last = max((i for i, (_, _, ahead) in enumerate(plan) if ahead), default=-1)
+        self._planned_nothing = bool(plan) and last < 0
+        for i, (p, region, ahead) in enumerate(plan):
+            if p in by_key:
                 continue
-            if region.guard is None:  # untracked memory: never encrypted ahead
+            key = (p.region, p.offset, p.nbytes)
+            if not ahead:
+                if i < last:
+                    self._hold_place(key, region, p)
                 continue
             n = -(-p.nbytes // chunk_size)
             sizes = [min(chunk_size, p.nbytes - i * chunk_size) + TAG_BYTES for i in range(n)]
@@ -637,6 +651,11 @@ class SpeculativeEngine(CCEngine):
     # -- device to host: decrypted in the background --------------------------------------------
     def delivered(self, msg) -> None:
         super().delivered(msg)
+        if len(msg.payload) - TAG_BYTES < self.min_speculative_bytes:
+            # small: its AES costs less than handing it to a worker; it is received when
+            # needed (a wait, a read of the region, a bounce slot to reuse) or by the
+            # next large message's task, in order
+            return
         with self._cond:
             if not self._receive_pending:  # one task drains everything delivered by then
                 self._receive_pending = True
