@@ -1,10 +1,47 @@
-"""Builds the Cython extension in pipellm/_ext (needs only a C compiler and Python headers)."""
+"""Builds the Cython extensions in pipellm/_ext: the CPU ones need only a C compiler and
+Python headers; the CUDA driver layer (cudadriver) is built only where cuda-bindings'
+.pxd files and the CUDA headers are present (a C++ compiler too), e.g.
+``pip install -e '.[cuda]' && pip install -e . --no-build-isolation``."""
+import importlib.util
+import os
+
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+
+def cuda_headers() -> str | None:
+    """A folder holding cuda.h: $CUDA_HOME, the nvidia-cuda-runtime wheel, /usr/local/cuda."""
+    candidates = [os.path.join(os.environ[v], "include") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    spec = importlib.util.find_spec("nvidia.cuda_runtime") if importlib.util.find_spec("nvidia") else None
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [os.path.join(p, "include") for p in spec.submodule_search_locations]
+    candidates.append("/usr/local/cuda/include")
+    return next((c for c in candidates if os.path.exists(os.path.join(c, "cuda.h"))), None)
+
+
+def cuda_extension() -> list:
+    """The cydriver layer, or nothing (with a line saying why) when its parts are missing."""
+    bindings = importlib.util.find_spec("cuda.bindings") if importlib.util.find_spec("cuda") else None
+    pxd = bindings is not None and any(os.path.exists(os.path.join(p, "cydriver.pxd"))
+                                       for p in bindings.submodule_search_locations or ())
+    headers = cuda_headers()
+    if not pxd or headers is None:
+        print(f"pipellm: not building the CUDA driver layer (cuda-bindings .pxd: {'found' if pxd else 'missing'}, "
+              f"cuda.h: {headers or 'missing'})")
+        return []
+    extension = Extension("pipellm._ext.cudadriver", ["pipellm/_ext/cudadriver.pyx"], include_dirs=[headers],
+                          language="c++", extra_compile_args=["-O2"], optional=True)  # a C++ failure skips it
+    try:
+        return cythonize([extension], **CYTHON)
+    except Exception as exc:  # an incompatible cuda-bindings: the CPU build goes on without it
+        print(f"pipellm: not building the CUDA driver layer: {exc!r}")
+        return []
+
+
+CYTHON = dict(language_level=3, compiler_directives={"boundscheck": False, "wraparound": False})
 extensions = [
     Extension(f"pipellm._ext.{name}", [f"pipellm/_ext/{name}.pyx"], extra_compile_args=["-O3"])
     for name in ("bounce", "memcopy", "writeguard")
 ]
 
-setup(ext_modules=cythonize(extensions, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}))
+setup(ext_modules=cythonize(extensions, **CYTHON) + cuda_extension())

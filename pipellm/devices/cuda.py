@@ -273,4 +273,15 @@ class CudaDevice(CopyEngineDevice):
 
     def info(self) -> dict:
         return {"kind": self.kind, "device_id": self.device_id, "name": self._name,
-                "adversary": type(self.adversary).__name__ if self.adversary else None}
+                "adversary": type(self.adversary).__name__ if self.adversary else None,
+                "driver_layer": driver_layer()}
+
+
+def driver_layer() -> str:
+    """Whether the Cython cydriver layer (pipellm._ext.cudadriver) was built here. The
+    device's copies still go through numba until that layer is measured on a GPU."""
+    try:
+        from .._ext import cudadriver  # noqa: F401
+    except ImportError:
+        return "not built (needs cuda-bindings and the CUDA headers at build time)"
+    return "built"

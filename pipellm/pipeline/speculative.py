@@ -48,9 +48,6 @@ ACCURACY_FLOOR = 0.25
 #: queued, or when no worker has started the plan asked for at the previous request
 #: (back-to-back requests would outrun a worker); otherwise a worker plans
 INLINE_PLANNING_BELOW = 2
-#: while the predictor names nothing worth encrypting ahead (small transfers only), plan
-#: once every this many requests rather than after each
-IDLE_PLAN_EVERY = 8
 #: strict order: the fewest predicted transfers to queue, however inaccurate the predictor
 STRICT_MIN_DEPTH = 2
 #: transfers are told to the predictor when it is next asked (by the planner, mostly on
@@ -122,7 +119,6 @@ class SpeculativeEngine(CCEngine):
         self._stopping = False
         self._replenish_pending = False
         self._receive_pending = False
-        self._planned_nothing = False  # the last plan named transfers, none worth encrypting ahead
         self.counts = dict.fromkeys(
             ("hits", "misses", "stale", "nops", "skipped_messages", "relinquishes", "reencrypted_bytes",
              "wasted_bytes", "speculative_bytes", "stolen_chunks", "worker_errors", "async_decrypted_bytes",
@@ -166,7 +162,7 @@ class SpeculativeEngine(CCEngine):
             self.transfers[0] += 1
             self.bytes[0] += nbytes
             queued = len(self._items)
-            if not throttled and ((queued < INLINE_PLANNING_BELOW and not self._planned_nothing) or (
+            if not throttled and (queued < INLINE_PLANNING_BELOW or (
                     self._replenish_pending and self._take_pending_plan())):
                 self._replenish()  # the queue runs dry, or the workers lag (bursts): plan now
                 return
@@ -174,8 +170,7 @@ class SpeculativeEngine(CCEngine):
                 self._feed()
         # otherwise planning is a worker's job, off the requesting thread, and only once
         # the queue has drained to half the lookahead: planning in batches costs less
-        if (item is None or queued <= self.lookahead // 2) and not throttled and (
-                not self._planned_nothing or self.order % IDLE_PLAN_EVERY == 0):
+        if (item is None or queued <= self.lookahead // 2) and not throttled:
             self._plan_later()
 
     def _score(self, hit: bool) -> None:
@@ -375,8 +370,7 @@ class SpeculativeEngine(CCEngine):
                 self._events.append(TransferEvent(region.name, offset, nbytes, "d2h", stream.id, perf_counter()))
                 if len(self._events) > MAX_UNHEARD_EVENTS:
                     self._feed()
-            if not self._planned_nothing:
-                self._plan_later()
+            self._plan_later()
         return transfer
 
     def _take_pending_plan(self) -> bool:
@@ -440,16 +434,16 @@ class SpeculativeEngine(CCEngine):
             small = p.nbytes < self.min_speculative_bytes and p.nbytes <= chunk_size
             if small or region.guard is not None:  # untracked memory is never encrypted ahead
                 plan.append((p, region, not small))
-        # a small transfer only holds its place when speculation follows it: alone, a hit
-        # saves nothing and a misprediction costs a SKIP (all-small traffic runs as cc)
-        last = max((i for i, (_, _, ahead) in enumerate(plan) if ahead), default=-1)
-        self._planned_nothing = bool(plan) and last < 0
-        for i, (p, region, ahead) in enumerate(plan):
+        # a small transfer holds its place only beside speculation (strict order: sent on
+        # demand it would drop everything queued); alone, a held place saves nothing on a
+        # hit and costs a SKIP on a miss, so all-small traffic runs as cc does
+        beside = any(ahead for _, _, ahead in plan) or any(item.chunks for item in self._items)
+        for p, region, ahead in plan:
             if p in by_key:
                 continue
             key = (p.region, p.offset, p.nbytes)
             if not ahead:
-                if i < last:
+                if beside:
                     self._hold_place(key, region, p)
                 continue
             n = -(-p.nbytes // chunk_size)
