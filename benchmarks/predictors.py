@@ -23,10 +23,13 @@ WORKLOADS = {
     "lora": ("layerwise", dict(model="llama-7b", steps=4)),
     "vllm-swap": ("kvswap", dict(model="opt-30b")),
     "moe": ("layerwise", dict(model="mixtral-8x7b", tokens=48)),
+    "mixed-accelerate": ("layerwise", dict(model="opt-13b", tokens=8)),
+    "mixed-vllm-swap": ("kvswap", dict(model="opt-30b")),
 }
 TRAINING = [("accelerate", dict(model="opt-30b", tokens=6)), ("flexgen", dict(model="opt-30b", new_tokens=6)),
             ("lora", dict(model="opt-13b", steps=3)), ("moe", dict(seed=1, tokens=96)),
-            ("vllm-swap", dict(seed=3))]
+            ("vllm-swap", dict(seed=3)), ("mixed-accelerate", dict(model="opt-30b", tokens=6)),
+            ("mixed-vllm-swap", dict(seed=3))]
 
 
 def evaluate(trace, predictor, k: int = 16) -> dict:
