@@ -16,9 +16,13 @@ with PyTorch). Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the who
 device runs without a GPU, slowly: that is how CI tests it.
 
 Bounce pools are registered with the driver (``pin_host``: cuMemHostRegister through
-numba) so copies from them are DMA. Not yet done (see the CUDA device issue): several
-copy streams with events, the Cython ``cydriver`` layer, compute as a GPU kernel (``compute`` sleeps
-on the copy-engine thread here), PyTorch stream interop.
+numba) so copies from them are DMA. A batch's staging copies, kernels and commits are
+queued on one stream and waited for once. The Cython ``cydriver`` layer
+(``pipellm._ext.cudadriver``: async copies, streams, events) is built where its headers
+are, but the device does not use it yet: it waits to be measured against numba's copies
+on a GPU. Not yet done (see the CUDA device issue): several copy streams with per-slot
+events, compute as a GPU kernel (``compute`` sleeps on the copy-engine thread here),
+PyTorch stream interop.
 """
 
 from __future__ import annotations
@@ -61,6 +65,10 @@ class _Kernels:
         self.plain = cuda.to_device(np.zeros(padded, np.uint8))    # plaintext before its commit
         self.sealed = cuda.to_device(np.zeros(padded, np.uint8))   # device to host ciphertext
         self.zero = cuda.to_device(np.zeros(1, np.int64))
+        # one stream for a batch's copies and kernels: staging copies are queued without a
+        # host wait each, and settle() waits once (before the transfer completes, so no
+        # bounce slot is reused while a copy may still read it)
+        self.stream = cuda.stream()
         self._keys: dict[bytes, object] = {}
         self.reset()
 
@@ -88,7 +96,7 @@ class _Kernels:
         off = self._used
         payload = np.frombuffer(payload, np.uint8)
         if nbytes:
-            self.cipher[off:off + nbytes].copy_to_device(payload[:nbytes])
+            self.cipher[off:off + nbytes].copy_to_device(payload[:nbytes], stream=self.stream)
         self._staged.append((self.key(epoch_key), iv, aad, payload[nbytes:].tobytes(), off, nbytes, index))
         self._used += _slot(nbytes)
         return self.plain[off:off + nbytes]
@@ -101,46 +109,53 @@ class _Kernels:
         """Verify and decrypt the batch (one launch per key), commit the messages before
         the first refused one in order; the index of that one, or None."""
         from ..kernels import _batch_arrays, _words, open_into
-        staged, first_bad = self._staged, None
+        staged, first_bad, stream = self._staged, None, self.stream
         try:
-            start = 0
-            while start < len(staged) and first_bad is None:
+            groups, start = [], 0
+            while start < len(staged):  # one launch per key: queue them all, then wait once
                 end = start
                 while end < len(staged) and staged[end][0] is staged[start][0]:
                     end += 1
                 group = staged[start:end]
                 to = self.cuda.to_device
-                ivs, aads = _batch_arrays([g[1] for g in group], [g[2] for g in group])
-                tags = to(np.stack([_words(g[3], 4) for g in group]))
-                offs = to(np.array([g[4] for g in group], np.int64))
+                ivs, aads = _batch_arrays([g[1] for g in group], [g[2] for g in group], stream)
+                tags = to(np.stack([_words(g[3], 4) for g in group]), stream=stream)
+                offs = to(np.array([g[4] for g in group], np.int64), stream=stream)
                 lens = np.array([g[5] for g in group], np.int64)
-                aad_len = len(group[0][2])
-                ok = open_into(group[0][0], ivs, aads, aad_len, self.cipher, offs, lens, tags,
-                               self.plain, offs, threads=self.threads).copy_to_host()
+                ok = open_into(group[0][0], ivs, aads, len(group[0][2]), self.cipher, offs, lens, tags,
+                               self.plain, offs, threads=self.threads, stream=stream)
+                groups.append((start, ok.copy_to_host(stream=stream)))
+                start = end
+            stream.synchronize()
+            for start, ok in groups:
                 bad = np.flatnonzero(ok == 0)
                 if len(bad):
                     first_bad = start + int(bad[0])
-                start = end
+                    break
             for position, destination, plaintext in self._commits:
                 if first_bad is not None and position >= first_bad:
                     break
-                destination.copy_to_device(plaintext)  # device to device
+                destination.copy_to_device(plaintext, stream=stream)  # device to device
+            stream.synchronize()
             return None if first_bad is None else staged[first_bad][6]
         finally:
+            stream.synchronize()  # also after an error: nothing may still read a bounce slot
             self.reset()
 
     def seal(self, epoch_key, iv: bytes, span, aad: bytes, out: memoryview) -> None:
         """Seal device bytes ``span`` into host memory ``out`` (ciphertext || tag)."""
         from ..kernels import _batch_arrays, seal_into
-        nbytes = len(span)
-        self.plain[:nbytes].copy_to_device(span)                 # aligned for the kernels
-        tags = self.cuda.to_device(np.zeros((1, 4), np.uint32))
-        ivs, aads = _batch_arrays([iv], [aad])
+        nbytes, stream = len(span), self.stream
+        self.plain[:nbytes].copy_to_device(span, stream=stream)  # aligned for the kernels
+        tags = self.cuda.to_device(np.zeros((1, 4), np.uint32), stream=stream)
+        ivs, aads = _batch_arrays([iv], [aad], stream)
         seal_into(self.key(epoch_key), ivs, aads, len(aad), self.plain, self.zero, np.array([nbytes], np.int64),
-                  self.sealed, self.zero, tags, threads=self.threads)
+                  self.sealed, self.zero, tags, threads=self.threads, stream=stream)
         host = np.frombuffer(out, np.uint8)
-        self.sealed[:nbytes].copy_to_host(host[:nbytes])
-        host[nbytes:] = np.frombuffer(tags.copy_to_host()[0].astype(">u4").tobytes(), np.uint8)
+        self.sealed[:nbytes].copy_to_host(host[:nbytes], stream=stream)
+        words = tags.copy_to_host(stream=stream)
+        stream.synchronize()
+        host[nbytes:] = np.frombuffer(words[0].astype(">u4").tobytes(), np.uint8)
 
 
 class GpuOpener(Opener):

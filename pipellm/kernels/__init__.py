@@ -97,62 +97,63 @@ def _grid(count: int, threads: int) -> int:
     return max(1, (count + threads - 1) // threads)
 
 
-def _ghash(key: KernelKey, data, offs, lens: np.ndarray, lens_d, aad, aad_len: int, threads: int):
+def _ghash(key: KernelKey, data, offs, lens: np.ndarray, lens_d, aad, aad_len: int, threads: int, stream):
     from numba import cuda
     from .aesgcm import ghash_kernel
     n = len(lens)
     chunks = _grid((aad_len + 15) // 16 + (int(lens.max()) + 15) // 16 + 1, CHUNK_BLOCKS)
-    acc = cuda.to_device(np.zeros((n, 4), dtype=np.uint32))
-    ghash_kernel[(_grid(chunks, threads), n), threads](
+    acc = cuda.to_device(np.zeros((n, 4), dtype=np.uint32), stream=stream)
+    ghash_kernel[(_grid(chunks, threads), n), threads, stream](
         key.h_table, key.powers(chunks), data.view(np.uint32), offs, lens_d, aad, aad_len, acc)
     return acc
 
 
-def _ctr(key: KernelKey, ivs, src, src_offs, dst, dst_offs, lens: np.ndarray, lens_d, ok, threads: int):
+def _ctr(key: KernelKey, ivs, src, src_offs, dst, dst_offs, lens: np.ndarray, lens_d, ok, threads: int, stream):
     from .aesgcm import ctr_kernel
-    ctr_kernel[(_grid(_grid(int(lens.max()), 16), threads), len(lens)), threads](
+    ctr_kernel[(_grid(_grid(int(lens.max()), 16), threads), len(lens)), threads, stream](
         key.te, key.round_keys, ivs, src.view(np.uint32), src_offs, dst, dst.view(np.uint32), dst_offs, lens_d, ok)
 
 
 def open_into(key: KernelKey, ivs, aad, aad_len: int, data, offs, lens: np.ndarray, tags, out, out_offs,
-              *, threads: int = 0):
+              *, threads: int = 0, stream=0):
     """Authenticate and decrypt a batch already on the device; returns ``ok`` (device
     uint32 per message). Message i's ciphertext is ``data[offs[i]:+lens[i]]``, its tag
     ``tags[i]`` (4 big-endian words), its AAD row ``aad[i]`` (``aad_len`` bytes as
     big-endian words, zero-padded), its IV ``ivs[i]`` (3 words). Its plaintext goes to
     ``out[out_offs[i]:+lens[i]]`` only if the tag verified: a refused message's
-    destination is not touched. Offsets are multiples of 16; ``lens`` is on the host."""
+    destination is not touched. Offsets are multiples of 16; ``lens`` is on the host.
+    Everything is queued on ``stream`` (a numba stream; 0: the default stream)."""
     from numba import cuda
     from .aesgcm import THREADS, tag_kernel
     threads = threads or THREADS
     n = len(lens)
-    lens_d = cuda.to_device(np.ascontiguousarray(lens, dtype=np.int64))
-    acc = _ghash(key, data, offs, lens, lens_d, aad, aad_len, threads)
-    ok = cuda.to_device(np.zeros(n, dtype=np.uint32))
-    tag_kernel[_grid(n, threads), threads](key.te, key.round_keys, ivs, acc, tags, ok, 1)
-    _ctr(key, ivs, data, offs, out, out_offs, lens, lens_d, ok, threads)
+    lens_d = cuda.to_device(np.ascontiguousarray(lens, dtype=np.int64), stream=stream)
+    acc = _ghash(key, data, offs, lens, lens_d, aad, aad_len, threads, stream)
+    ok = cuda.to_device(np.zeros(n, dtype=np.uint32), stream=stream)
+    tag_kernel[_grid(n, threads), threads, stream](key.te, key.round_keys, ivs, acc, tags, ok, 1)
+    _ctr(key, ivs, data, offs, out, out_offs, lens, lens_d, ok, threads, stream)
     return ok
 
 
 def seal_into(key: KernelKey, ivs, aad, aad_len: int, src, src_offs, lens: np.ndarray, out, out_offs, tags,
-              *, threads: int = 0) -> None:
+              *, threads: int = 0, stream=0) -> None:
     """Encrypt a batch already on the device: ciphertext of message i into
     ``out[out_offs[i]:+lens[i]]``, its tag into ``tags[i]``. Layout as :func:`open_into`."""
     from numba import cuda
     from .aesgcm import THREADS, tag_kernel
     threads = threads or THREADS
     n = len(lens)
-    lens_d = cuda.to_device(np.ascontiguousarray(lens, dtype=np.int64))
-    ok = cuda.to_device(np.ones(n, dtype=np.uint32))
-    _ctr(key, ivs, src, src_offs, out, out_offs, lens, lens_d, ok, threads)
-    acc = _ghash(key, out, out_offs, lens, lens_d, aad, aad_len, threads)
-    tag_kernel[_grid(n, threads), threads](key.te, key.round_keys, ivs, acc, tags, ok, 0)
+    lens_d = cuda.to_device(np.ascontiguousarray(lens, dtype=np.int64), stream=stream)
+    ok = cuda.to_device(np.ones(n, dtype=np.uint32), stream=stream)
+    _ctr(key, ivs, src, src_offs, out, out_offs, lens, lens_d, ok, threads, stream)
+    acc = _ghash(key, out, out_offs, lens, lens_d, aad, aad_len, threads, stream)
+    tag_kernel[_grid(n, threads), threads, stream](key.te, key.round_keys, ivs, acc, tags, ok, 0)
 
 
-def _batch_arrays(ivs, aads):
+def _batch_arrays(ivs, aads, stream=0):
     from numba import cuda
-    return (cuda.to_device(np.stack([_words(iv, 3) for iv in ivs])),
-            cuda.to_device(np.stack([_words(a, MAX_AAD_BYTES // 4) for a in aads])))
+    return (cuda.to_device(np.stack([_words(iv, 3) for iv in ivs]), stream=stream),
+            cuda.to_device(np.stack([_words(a, MAX_AAD_BYTES // 4) for a in aads]), stream=stream))
 
 
 def open_batch(key: KernelKey, ivs, aads, payloads, *, threads: int = 0) -> list:
