@@ -24,7 +24,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . 2>&1 | tail -3 | tee "$out/install.log"
 python3 -c "import pipellm._ext.cudadriver" 2>&1 | tee -a "$out/install.log"   # the cydriver layer: built?
 export PYTHONUNBUFFERED=1
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/cudasim tests/test_kernels.py tests/test_cudadriver.py 2>&1 | tee "$out/tests.log"
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/cudasim tests/test_kernels.py tests/test_cudadriver.py tests/test_torch.py 2>&1 | tee "$out/tests.log"
 tests=${PIPESTATUS[0]}
 timeout 300 python3 -m pipellm.benchmarks.gpu --out "$out/gpu.json" 2>&1 | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}

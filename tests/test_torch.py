@@ -151,3 +151,21 @@ def test_bad_input_is_refused_and_changes_nothing():
             offload(model, pipe)
         assert model[0].weight.data_ptr() == pointer  # the CPU tensors were not moved either
         assert pipe.stats()["transfers_h2d"] == 0 and not pipe._names
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA build of torch on a GPU (benchmarks/gpu_check.sh)")
+def test_a_buffer_the_cuda_device_delivered_is_a_torch_cuda_tensor():
+    dev = pipellm.open_device("cuda")
+    try:
+        with pipellm.Pipeline(device=dev, mode="cc", chunk_size=4096) as pipe:
+            weights = np.arange(3 * 1000, dtype=np.float16).reshape(3, 1000)
+            buf = pipe.to_device(pipe.register(pipellm.array(weights), name="w"))
+            pipe.synchronize()
+            tensor = dev.as_tensor(buf)
+            assert tensor.device.type == "cuda" and tensor.dtype == torch.float16 and tuple(tensor.shape) == (3, 1000)
+            assert torch.equal(tensor.cpu(), torch.from_numpy(weights))
+            with torch.cuda.stream(dev.torch_stream()):
+                assert float((tensor.double() * 2).sum()) == float(weights.astype(np.float64).sum() * 2)
+    finally:
+        dev.close()

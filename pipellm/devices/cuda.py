@@ -205,6 +205,33 @@ class CudaDevice(CopyEngineDevice):
         self.sealer_class = partial(GpuSealer, kernels=self._kernels)
         super().__init__(adversary=adversary, staging_bytes=staging_bytes)
 
+    # -- PyTorch interop ----------------------------------------------------------------------------
+    def as_tensor(self, buf: DeviceBuffer):
+        """A ``torch`` CUDA tensor over ``buf``'s device memory (no copy; its recorded dtype
+        and shape): what the pipeline delivered is usable by PyTorch kernels once
+        ``synchronize()`` returned. Needs a CUDA build of torch, on a real GPU."""
+        from numba import config
+
+        self.check_buffer(buf)
+        if config.ENABLE_CUDASIM:
+            raise DeviceError("the CUDA simulator's memory is host memory: no torch CUDA tensor can view it")
+        import torch
+
+        raw = torch.as_tensor(self._mem[buf.id], device=f"cuda:{self.device_id}")  # __cuda_array_interface__
+        dtype = torch.from_numpy(np.empty(0, buf.dtype)).dtype
+        whole = buf.nbytes // buf.dtype.itemsize * buf.dtype.itemsize
+        view = raw[:whole].view(dtype)
+        return view.reshape(buf.shape) if view.numel() == int(np.prod(buf.shape)) else view
+
+    def torch_stream(self):
+        """The device's copy-and-kernel stream as a ``torch.cuda.ExternalStream``, to order
+        PyTorch work after the pipeline's (``stream.wait_stream``) without a host wait."""
+        import torch
+
+        handle = self._kernels.stream.handle
+        return torch.cuda.ExternalStream(getattr(handle, "value", None) or int(handle),
+                                         device=f"cuda:{self.device_id}")
+
     # -- memory ---------------------------------------------------------------------------------
     def _allocate(self, buf: DeviceBuffer) -> None:
         from numba import cuda

@@ -172,3 +172,14 @@ def test_keys_rotating_inside_one_batch():
             pipe.synchronize()
             assert np.array_equal(dev.read(region.device_buffer), data)
             assert pipe.stats()["key_rotations"] >= 7
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1", reason="the simulator's refusal")
+def test_no_torch_tensor_views_simulator_memory():
+    dev = pipellm.open_device("cuda")
+    try:
+        buf = dev.alloc(64)
+        with pytest.raises(pipellm.DeviceError, match="simulator's memory is host memory"):
+            dev.as_tensor(buf)
+    finally:
+        dev.close()
