@@ -303,7 +303,9 @@ class LearnedPredictor(Predictor):
             prev, last = last, ranked[0][1]
             recent = (recent + [last])[-RECENT:]
         # past the model's horizon, the most trusted rule's chain: with iv_order="window"
-        # every queued candidate can still hit, and in strict order they cost only AES
+        # every queued candidate can still hit, and in strict order they cost only AES.
+        # (Even a rule trusted less than half the time pays here: requiring trust >= 0.5
+        # cost 0.7 points offline on MoE and 1.4 on mixed accelerate.)
         for p in (lw, kv)[best]:
             if len(out) >= k:
                 break

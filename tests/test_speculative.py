@@ -191,6 +191,41 @@ def test_a_predictor_that_raises_costs_only_speculation(where):
         assert s["hits"] + s["misses"] == 12
 
 
+@pytest.mark.parametrize("iv_order", ["strict", "window"])
+def test_a_hit_whose_submission_fails_never_reuses_its_go_index(iv_order):
+    """The GO command was sealed (exposed) but the device refused the submission: strict
+    order can never pass that index, so the channel closes, saying why; window order
+    goes on (the index is just never delivered). No index is ever sealed twice."""
+    with spec_pipe(iv_order=iv_order) as pipe:
+        regions = layers(pipe, n=3)
+        ledger = IVLedger()
+        with ledger.watch():
+            for _ in range(2):
+                for r in regions:
+                    pipe.to_device(r)
+                    pipe.wait_speculation()
+            real = pipe.device.submit_messages
+
+            def refuse(stream, session, msgs):
+                if len(msgs) > 1:  # a hit: GO + its chunks
+                    pipe.device.submit_messages = real
+                    raise pipellm.DeviceError("injected: the device refused the submission")
+                return real(stream, session, msgs)
+
+            pipe.device.submit_messages = refuse
+            with pytest.raises(pipellm.DeviceError, match="injected"):
+                pipe.to_device(regions[0])
+            if iv_order == "strict":
+                with pytest.raises(pipellm.ChannelClosedError, match="sealed but could not be sent"):
+                    pipe.to_device(regions[1])
+            else:
+                for r in regions:
+                    pipe.to_device(r)
+                    pipe.wait_speculation()
+                check_device(pipe, regions)
+        ledger.check()
+
+
 def test_async_device_to_host_lands_and_waits():
     with spec_pipe() as pipe:
         src = layers(pipe, n=1, nbytes=10 * CHUNK)[0]

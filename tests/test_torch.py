@@ -109,6 +109,21 @@ def test_backward_loads_each_module_again_in_reverse_order(tmp_path):
     assert {r.kind for r in trace.records if r.op == "region"} == {"weight"}
 
 
+def test_in_place_activations_after_offloaded_modules_train():
+    """Backward loads must not break modules followed by in-place ops (ReLU(inplace=True))."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(inplace=True), torch.nn.Linear(8, 2))
+    reference = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(inplace=True), torch.nn.Linear(8, 2))
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(4, 8)
+    with make_pipe("cc", chunk_size=4096) as pipe, offload(model, pipe) as off:
+        model(x).square().sum().backward()
+        assert off.stats()["loads"] == 2 * 4  # forward and backward, two linears, two tensors each
+    reference(x).square().sum().backward()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(a.grad, b.grad)
+
+
 def test_a_recorded_model_trace_replays_verified(tmp_path):
     model = tiny()
     ids = torch.arange(16).reshape(2, 8)

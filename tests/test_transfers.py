@@ -58,6 +58,25 @@ def test_sizes_round_trip_default_chunks(mode, size):
         assert stats["bytes_h2d"] == stats["bytes_d2h"] == size
 
 
+@pytest.mark.parametrize("mode", MODES + ["pipellm"])
+@pytest.mark.parametrize("nbytes", [100, 3 << 20])  # below / above min_speculative_bytes
+def test_polling_done_completes_a_device_to_host_transfer(mode, nbytes):
+    """``Transfer.done()`` alone (no wait) sees a device-to-host transfer complete: small
+    messages are not decrypted in the background, so polling receives them."""
+    import time
+
+    with make_pipe(mode, chunk_size=1 << 20, bounce_bytes=8 << 20) as pipe:
+        src = pipe.register(random_bytes(nbytes))
+        dbuf = pipe.to_device(src)
+        sink = pipe.register(np.zeros(nbytes, np.uint8))
+        transfer = pipe.to_host(dbuf, sink)
+        deadline = time.monotonic() + TIMEOUT
+        while not transfer.done():
+            assert time.monotonic() < deadline, "done() never became true"
+            time.sleep(0.001)
+        assert np.array_equal(sink.array, src.array)
+
+
 def test_dtype_and_shape_survive(device):
     with make_pipe(device=device) as pipe:
         w = np.arange(12, dtype=np.float16).reshape(3, 4)

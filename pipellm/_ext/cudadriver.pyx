@@ -73,14 +73,21 @@ def device_count() -> int:
     return count
 
 
+_primary = {}  # device id -> its primary context, retained once for the process
+
+
 def use_primary_context(int device_id) -> int:
     """Make device ``device_id``'s primary context current on the calling thread (each
-    thread that issues copies needs it); returns the context handle."""
+    thread that issues copies needs it); returns the context handle. The context is
+    retained once per process (the driver releases it at exit)."""
     cdef cydriver.CUdevice device
     cdef cydriver.CUcontext context
     _ensure()
-    _check(cydriver.cuDeviceGet(&device, device_id), f"cuDeviceGet({device_id})")
-    _check(cydriver.cuDevicePrimaryCtxRetain(&context, device), "cuDevicePrimaryCtxRetain")
+    if device_id not in _primary:
+        _check(cydriver.cuDeviceGet(&device, device_id), f"cuDeviceGet({device_id})")
+        _check(cydriver.cuDevicePrimaryCtxRetain(&context, device), "cuDevicePrimaryCtxRetain")
+        _primary[device_id] = <uintptr_t>context
+    context = <cydriver.CUcontext><uintptr_t>_primary[device_id]
     _check(cydriver.cuCtxSetCurrent(context), "cuCtxSetCurrent")
     return <uintptr_t>context
 
@@ -136,12 +143,19 @@ cdef class Event:
         _check(cydriver.cuEventCreate(&self._handle, cydriver.CU_EVENT_DISABLE_TIMING), "cuEventCreate")
         self._live = True
 
+    cdef int _check_live(self) except -1:
+        if not self._live:
+            raise ArgumentError("the event was closed")
+        return 0
+
     def record(self, Stream stream not None) -> None:
+        self._check_live()
         stream._check_live()
         _check(cydriver.cuEventRecord(self._handle, stream._handle), "cuEventRecord")
 
     def query(self) -> bool:
         """True once everything recorded before the event has completed."""
+        self._check_live()
         cdef cydriver.CUresult result = cydriver.cuEventQuery(self._handle)
         if result == cydriver.CUDA_ERROR_NOT_READY:
             return False
@@ -150,6 +164,7 @@ cdef class Event:
 
     def synchronize(self) -> None:
         cdef cydriver.CUresult result
+        self._check_live()
         with nogil:
             result = cydriver.cuEventSynchronize(self._handle)
         _check(result, "cuEventSynchronize")
@@ -179,7 +194,8 @@ def copy_to_device(uintptr_t dst, const unsigned char[::1] src not None, Stream 
 
 
 def copy_to_host(unsigned char[::1] dst not None, uintptr_t src, Stream stream not None) -> None:
-    """Queue a copy of ``len(dst)`` bytes at device address ``src`` into host ``dst``."""
+    """Queue a copy of ``len(dst)`` bytes at device address ``src`` into host ``dst``
+    (keep ``dst`` alive, and read it only, once an event recorded after it completed)."""
     cdef size_t n = dst.shape[0]
     cdef cydriver.CUresult result
     stream._check_live()

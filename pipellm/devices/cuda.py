@@ -139,7 +139,13 @@ class _Kernels:
             stream.synchronize()
             return None if first_bad is None else staged[first_bad][6]
         finally:
-            stream.synchronize()  # also after an error: nothing may still read a bounce slot
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Forget the batch, once no queued copy still reads a bounce slot."""
+        try:
+            self.stream.synchronize()
+        finally:
             self.reset()
 
     def seal(self, epoch_key, iv: bytes, span, aad: bytes, out: memoryview) -> None:
@@ -262,6 +268,9 @@ class CudaDevice(CopyEngineDevice):
     def _make_room(self, session, nbytes: int) -> None:
         if not self._kernels.room(nbytes):
             self._settle(session)
+
+    def _abandon(self) -> None:
+        self._kernels.abandon()
 
     def _settle(self, session) -> None:
         failed = self._kernels.settle()

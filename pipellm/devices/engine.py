@@ -105,6 +105,10 @@ class CopyEngineDevice(Device):
         """A message of ``nbytes`` is about to be received: a device that verifies in
         batches settles first if its batch has no room (the cuda device)."""
 
+    def _abandon(self) -> None:
+        """The op being handled failed part-way (copy-engine thread): a device that
+        verifies in batches drops what it staged of it, once nothing reads it any more."""
+
     def _settle(self, session: Session) -> None:
         """Verify and commit what a batching device has pending; a refusal fails the
         session. Devices that commit each message as it is received have nothing here."""
@@ -232,6 +236,7 @@ class CopyEngineDevice(Device):
                     # the session's channel state is unknown now (a message may be half
                     # processed): fail it, rather than refuse its next message as forged
                     self._fail_session(op.session, error)
+                    self._abandon()
                 if not op.finished:
                     self._finish(op, error)
             op.args = ()
@@ -261,6 +266,9 @@ class CopyEngineDevice(Device):
             self._tick()
             self._book(op, Direction.H2D, ready, len(msg.payload))
             if session.failure is not None:
+                # what a batching device staged of it before the refused message: verified
+                # and committed in order, as a device committing each message has done
+                self._settle(session)
                 self._finish(op, session.failure)
                 return
             self._make_room(session, len(msg.payload))

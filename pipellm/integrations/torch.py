@@ -68,21 +68,45 @@ class OffloadedModule:
             if compute == "measured":
                 self._handles.append(submodule.register_forward_hook(self._timer(submodule)))
             if backward:
-                self._handles.append(submodule.register_full_backward_pre_hook(self._loader(mine, None)))
+                self._handles.append(submodule.register_forward_hook(self._backward_loader(mine)))
         self.closed = False
+
+    def _load(self, regions: list) -> None:
+        for region in regions:
+            self.pipeline.to_device(region)
+            self.loads += 1
+            self.load_bytes += region.nbytes
+        if self.sync:  # the module's compute needs its weights: wait for them (accelerate does)
+            self.pipeline.synchronize()
 
     def _loader(self, regions: list, timed):
         def hook(*_):
             if self.closed:
                 return None
-            for region in regions:
-                self.pipeline.to_device(region)
-                self.loads += 1
-                self.load_bytes += region.nbytes
-            if self.sync:  # the module's compute needs its weights: wait for them (accelerate does)
-                self.pipeline.synchronize()
-            if timed is not None and self.compute == "measured":
+            self._load(regions)
+            if self.compute == "measured":
                 self._started[id(timed)] = perf_counter()
+            return None
+        return hook
+
+    def _backward_loader(self, regions: list):
+        """A forward hook that hooks the module's outputs: the first gradient computed for
+        one of them (the module's backward is next) loads its weights again. (Module
+        full-backward hooks would break modules followed by in-place ops.)"""
+        def hook(module, args, output):
+            outputs = [t for t in _tensors(output) if t.requires_grad]
+            if self.closed or not outputs or not torch.is_grad_enabled():
+                return None
+            pending = [True]
+
+            def on_grad(grad):
+                if pending[0] and not self.closed:
+                    pending[0] = False
+                    self._load(regions)
+                return None
+
+            for t in outputs:
+                t.register_hook(on_grad)
             return None
         return hook
 
@@ -127,6 +151,18 @@ class OffloadedModule:
 
     def __repr__(self) -> str:
         return f"<OffloadedModule {type(self.module).__name__}: {len(self.regions)} tensors{' closed' if self.closed else ''}>"
+
+
+def _tensors(value):
+    """The tensors in a module's output (a tensor, or tuples, lists and dicts of them)."""
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
 
 
 def _host_copy(tensor):

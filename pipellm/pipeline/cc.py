@@ -143,7 +143,10 @@ class CCEngine:
                 if c.error is not None:
                     self._report(c.error)
 
-        return Transfer(nbytes, wait, lambda: last.received)
+        def done() -> bool:  # polling receives what has arrived, without waiting
+            return last.received or (last.op.done() and self.receive_until(last, 0))
+
+        return Transfer(nbytes, wait, done)
 
     def delivered(self, msg) -> None:
         """The link delivered a device-to-host message into its bounce slot (device thread)."""

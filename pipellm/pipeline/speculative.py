@@ -32,7 +32,7 @@ from time import perf_counter
 
 from ..channel import Kind
 from ..channel.protocol import GO_BODY, SKIP_BODY, TAG_BYTES
-from ..errors import PredictorWarning, TransferTimeoutError
+from ..errors import ChannelClosedError, PredictorWarning, TransferTimeoutError
 from ..predictors import Predictor, TransferEvent
 from .cc import CCEngine, make_pool, slot_bytes_for
 
@@ -152,8 +152,6 @@ class SpeculativeEngine(CCEngine):
             throttled = self._accuracy < ACCURACY_FLOOR
             self._shadow = self._shadow_guess() if throttled else None
             if item is not None:
-                if not self.window and self._expect < item.go.index:
-                    self._skip_to(item.go.index)
                 self._send_item(item, dst, dst_offset, stream)
             else:
                 self.counts["misses"] += 1
@@ -261,8 +259,12 @@ class SpeculativeEngine(CCEngine):
         sealed only when their transfer is requested)."""
         if self.window or self._expect >= target:
             return
-        ticket = self._go_tickets[self._expect]
-        self._command(ticket, Kind.SKIP, SKIP_BODY.pack(target), None)
+        ticket = self._go_tickets.pop(self._expect)
+        try:
+            self._command(ticket, Kind.SKIP, SKIP_BODY.pack(target), None)
+        except BaseException:
+            self._keep_or_fail(ticket)
+            raise
         self.counts["nops"] += 1
         self.counts["skipped_messages"] += target - self._expect - 1
         self._expect = target
@@ -282,14 +284,31 @@ class SpeculativeEngine(CCEngine):
         finally:  # also after a failure part-way: whatever was sealed is on its way
             self._sent(self.sealer.next_index - 1)
 
+    def _keep_or_fail(self, ticket) -> None:
+        """A send under ``ticket`` failed. Unused, the ticket stays available (strict order
+        skips with it). Used, its message was exposed but never reached the device: in
+        strict order nothing can ever stand in for that index, so the channel closes
+        (fail closed, and no index is ever sealed twice); in window order it is just an
+        index never delivered."""
+        if not ticket.used:
+            self._go_tickets[ticket.index] = ticket
+        elif not self.window and self.sealer.failure is None:  # (else it is closed, with its cause)
+            self._fail(ChannelClosedError(f"h2d message {ticket.index} was sealed but could not be sent: "
+                                          f"strict order cannot pass it, the channel is closed"))
+
     def _send_item(self, item: _Item, dst, dst_offset, stream) -> None:
         try:
+            if not self.window and self._expect < item.go.index:
+                self._skip_to(item.go.index)
             if not item.chunks:  # a held place: seal the data now, under the index kept for it
-                ticket = self._go_tickets[item.go.index]
-                self.send_sealed(self.pool, item.nbytes, stream, lambda out: self.sealer.seal_into(
-                    ticket, Kind.DATA, dst.id, dst_offset, item.region.view[item.offset:item.offset + item.nbytes],
-                    out, order=self.order))
-                del self._go_tickets[item.go.index]
+                ticket = self._go_tickets.pop(item.go.index)
+                try:
+                    self.send_sealed(self.pool, item.nbytes, stream, lambda out: self.sealer.seal_into(
+                        ticket, Kind.DATA, dst.id, dst_offset, item.region.view[item.offset:item.offset + item.nbytes],
+                        out, order=self.order))
+                except BaseException:
+                    self._keep_or_fail(ticket)
+                    raise
                 self._sent(ticket.index)
                 self.counts["hits"] += 1
                 self.counts["held_places"] += 1
@@ -332,7 +351,7 @@ class SpeculativeEngine(CCEngine):
             op = self.device.submit_messages(stream, self.session, msgs)
         except BaseException:
             self.cmd_pool.release(slot)
-            self._go_tickets[go.index] = go
+            self._keep_or_fail(go)
             raise
         self.cmd_pool.retire(slot, op)
         slots = [c.slot for c in chunks]
@@ -397,11 +416,8 @@ class SpeculativeEngine(CCEngine):
 
     # -- the queue ---------------------------------------------------------------------------
     def _replenish(self) -> None:
-        """Plan the next speculation; a predictor that raises costs only speculation."""
-        try:
-            self._admit()
-        except Exception as exc:  # noqa: BLE001 - a plugin's bug must not break transfers
-            self._predictor_failed(exc)
+        """Plan the next speculation (h2d lock held)."""
+        self._admit()
 
     def _predictor_failed(self, exc: Exception) -> None:
         self.counts["predictor_errors"] += 1
@@ -424,7 +440,11 @@ class SpeculativeEngine(CCEngine):
             # speculate about as far as the predictor's run of hits is expected to last
             # (1 / miss rate): a 70% predictor gets ~3 items, not the whole lookahead
             limit = min(limit, max(STRICT_MIN_DEPTH, int(1.0 / max(1e-3, 1.0 - self._accuracy))))
-        predictions = self.predictor.predict(limit)[:limit]
+        try:
+            predictions = self.predictor.predict(limit)[:limit]
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug costs only speculation
+            self._predictor_failed(exc)
+            return
         chunk_size, by_key, wanted = self.chunk_size, self._by_key, set(predictions)
         plan = []  # (prediction, region, encrypt ahead?) for the valid ones
         for p in predictions:

@@ -161,6 +161,48 @@ def test_a_batch_commits_up_to_the_refused_message_and_no_further():
         pipe.close()
 
 
+def test_a_transfer_refused_part_way_leaves_nothing_staged_for_the_next_session():
+    """A speculative hit (GO + 3 chunks): the 1st chunk's ciphertext is tampered with (its
+    tag check is due when the batch settles) and the 2nd chunk's header names another
+    session (refused on arrival). The transfer's batch must be settled or dropped with
+    it: left staged, it would be verified with the next session's batch, failing that
+    innocent session."""
+    class Tamper(Adversary):
+        armed, seen = False, 0
+
+        def on_message(self, msg):
+            if self.armed and msg.direction == "h2d":
+                self.seen += 1
+                if self.seen == 2:
+                    msg.payload[0] ^= 1   # the 1st chunk: bad tag
+                if self.seen == 3:
+                    msg.aad[8] ^= 1       # the 2nd chunk: another session's header
+            return [msg]
+
+    adv = Tamper()
+    with pipellm.open_device("cuda", adversary=adv) as dev:
+        pipe = make(dev, "pipellm-strict")
+        regions = [pipe.register(pipellm.array(np.full(3 * CHUNK, i + 1, np.uint8)), name=f"r{i}") for i in range(2)]
+        for _ in range(2):
+            for r in regions:
+                pipe.to_device(r)
+                pipe.wait_speculation()
+        pipe.synchronize()
+        before = pipe.stats()["hits"]
+        adv.armed = True
+        pipe.to_device(regions[0])
+        with pytest.raises(IntegrityError):
+            pipe.synchronize()
+        assert pipe.stats()["hits"] == before + 1 and adv.seen >= 3  # it was a hit: GO + chunks
+        adv.armed = False
+        with make(dev, "cc") as other:  # a new session after the failed one: unaffected
+            dbuf = other.to_device(other.register(np.full(N, 5, np.uint8)))
+            other.synchronize()
+            assert (dev.read(dbuf) == 5).all()
+        assert dev._kernels._staged == [] and dev._kernels._commits == []
+        pipe.close()
+
+
 def test_keys_rotating_inside_one_batch():
     """A key per 3 messages: one transfer's batch spans several keys (one launch each)."""
     with pipellm.open_device("cuda") as dev:
