@@ -58,3 +58,25 @@ def test_async_copies_round_trip_through_device_memory_behind_an_event():
     finally:
         for host in (src, back):
             cudadriver.unregister_host(host.ctypes.data)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(REASON is not None, reason=f"needs a CUDA driver and GPU: {REASON}")
+@pytest.mark.parametrize("mode", ["cc", "pipellm"])
+def test_the_cuda_device_with_driver_copies_delivers_the_plaintext(mode):
+    dev = pipellm.open_device("cuda", copies="driver")
+    try:
+        kw = {"min_speculative_bytes": 0} if mode == "pipellm" else {}
+        with pipellm.Pipeline(device=dev, mode=mode, chunk_size=1 << 20, **kw) as pipe:
+            regions = [pipe.register(pipellm.array(np.random.default_rng(i).integers(0, 256, (3 << 20) + 5,
+                                                                                   dtype=np.uint8)))
+                       for i in range(3)]
+            for _ in range(3):
+                for r in regions:
+                    pipe.to_device(r)
+            pipe.synchronize()
+            for r in regions:
+                assert np.array_equal(dev.read(r.device_buffer), r.array)
+        assert dev.info()["copies"] == "driver"
+    finally:
+        dev.close()

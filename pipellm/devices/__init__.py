@@ -16,7 +16,8 @@ def open_device(kind: str | Device = "auto", **options) -> Device:
 
     ``"emulated"``: the embedded confidential-GPU model (options: ``adversary``,
     ``link``, ``memory_bytes``). ``"cuda"``: an NVIDIA GPU, or Numba's CUDA simulator
-    (options: ``device_id``, ``adversary``, ``staging_bytes``). ``"auto"``: the emulated
+    (options: ``device_id``, ``adversary``, ``staging_bytes``, ``copies="numba"|"driver"``:
+    staging copies through numba or the Cython cydriver layer). ``"auto"``: the emulated
     device for now (the cuda device is chosen by name until it has been measured on a
     GPU). A :class:`Device` instance is returned as is.
 

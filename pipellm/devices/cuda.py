@@ -27,6 +27,7 @@ PyTorch stream interop.
 
 from __future__ import annotations
 
+import threading
 import time
 from functools import partial
 
@@ -56,10 +57,12 @@ def unavailable_reason() -> str | None:
 class _Kernels:
     """The device's handle on the AES-GCM kernels: per-key tables, staging arrays."""
 
-    def __init__(self, staging_bytes: int, threads: int):
+    def __init__(self, staging_bytes: int, threads: int, device_id: int = 0, driver=None):
         from numba import cuda
         self.cuda = cuda
         self.threads = threads
+        self.device_id, self.driver = device_id, driver
+        self._context_set = threading.local()
         padded = (staging_bytes + 15) // 16 * 16
         self.cipher = cuda.to_device(np.zeros(padded, np.uint8))   # ciphertext, private copy
         self.plain = cuda.to_device(np.zeros(padded, np.uint8))    # plaintext before its commit
@@ -67,8 +70,15 @@ class _Kernels:
         self.zero = cuda.to_device(np.zeros(1, np.int64))
         # one stream for a batch's copies and kernels: staging copies are queued without a
         # host wait each, and settle() waits once (before the transfer completes, so no
-        # bounce slot is reused while a copy may still read it)
-        self.stream = cuda.stream()
+        # bounce slot is reused while a copy may still read it). copies="driver": the
+        # staging copies go through the Cython cydriver layer on a driver stream, which
+        # numba's kernels share (an external stream)
+        if driver is not None:
+            self.copy_stream = driver.Stream()
+            self.stream = cuda.external_stream(self.copy_stream.handle)
+            self._cipher_at = self.cipher.__cuda_array_interface__["data"][0]
+        else:
+            self.stream = cuda.stream()
         self._keys: dict[bytes, object] = {}
         self.reset()
 
@@ -95,7 +105,12 @@ class _Kernels:
         device slice its plaintext will be in once :meth:`settle` verified it."""
         off = self._used
         payload = np.frombuffer(payload, np.uint8)
-        if nbytes:
+        if nbytes and self.driver is not None:
+            if not getattr(self._context_set, "done", False):  # the driver's context is per thread
+                self.driver.use_primary_context(self.device_id)
+                self._context_set.done = True
+            self.driver.copy_to_device(self._cipher_at + off, payload[:nbytes], self.copy_stream)
+        elif nbytes:
             self.cipher[off:off + nbytes].copy_to_device(payload[:nbytes], stream=self.stream)
         self._staged.append((self.key(epoch_key), iv, aad, payload[nbytes:].tobytes(), off, nbytes, index))
         self._used += _slot(nbytes)
@@ -194,7 +209,8 @@ class CudaDevice(CopyEngineDevice):
 
     kind = "cuda"
 
-    def __init__(self, *, device_id: int = 0, adversary=None, staging_bytes: int = 64 << 20, threads: int = 0):
+    def __init__(self, *, device_id: int = 0, adversary=None, staging_bytes: int = 64 << 20, threads: int = 0,
+                 copies: str = "numba"):
         reason = unavailable_reason()
         if reason is not None:
             from ..errors import DeviceUnavailableError
@@ -202,11 +218,22 @@ class CudaDevice(CopyEngineDevice):
         from numba import config, cuda
         if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
             raise ArgumentError(f"device_id must be an int >= 0, got {device_id!r}")
+        if copies not in ("numba", "driver"):
+            raise ArgumentError(f"copies must be 'numba' or 'driver', got {copies!r}")
+        driver = None
+        if copies == "driver":
+            if config.ENABLE_CUDASIM:
+                raise ArgumentError("copies='driver' needs a real GPU: the CUDA simulator has no driver")
+            if driver_layer() != "built":
+                from ..errors import DeviceUnavailableError
+                raise DeviceUnavailableError(f"copies='driver': the cydriver layer is {driver_layer()}")
+            from .._ext import cudadriver as driver
         cuda.select_device(device_id)  # the primary context, shared with PyTorch
         self.device_id = device_id
         self._name = "CUDA simulator" if config.ENABLE_CUDASIM else str(cuda.get_current_device().name)
         self._pins: dict[int, object] = {}  # bounce pools registered with the driver
-        self._kernels = _Kernels(staging_bytes, threads or (16 if config.ENABLE_CUDASIM else 128))
+        self.copies = copies
+        self._kernels = _Kernels(staging_bytes, threads or (16 if config.ENABLE_CUDASIM else 128), device_id, driver)
         self.opener_class = partial(GpuOpener, kernels=self._kernels)
         self.sealer_class = partial(GpuSealer, kernels=self._kernels)
         super().__init__(adversary=adversary, staging_bytes=staging_bytes)
@@ -325,12 +352,13 @@ class CudaDevice(CopyEngineDevice):
     def info(self) -> dict:
         return {"kind": self.kind, "device_id": self.device_id, "name": self._name,
                 "adversary": type(self.adversary).__name__ if self.adversary else None,
-                "driver_layer": driver_layer()}
+                "driver_layer": driver_layer(), "copies": self.copies}
 
 
 def driver_layer() -> str:
     """Whether the Cython cydriver layer (pipellm._ext.cudadriver) was built here. The
-    device's copies still go through numba until that layer is measured on a GPU."""
+    device's staging copies go through it with ``copies="driver"``; numba's copies stay
+    the default until the two are measured on a GPU."""
     try:
         from .._ext import cudadriver  # noqa: F401
     except ImportError:

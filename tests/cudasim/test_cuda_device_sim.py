@@ -225,3 +225,12 @@ def test_no_torch_tensor_views_simulator_memory():
             dev.as_tensor(buf)
     finally:
         dev.close()
+
+
+def test_driver_copies_are_refused_clearly_on_the_simulator():
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        pytest.skip("on a GPU the driver copies are measured by benchmarks/gpu.py")
+    with pytest.raises(pipellm.ArgumentError, match="needs a real GPU"):
+        pipellm.open_device("cuda", copies="driver")
+    with pytest.raises(pipellm.ArgumentError, match="copies must be 'numba' or 'driver'"):
+        pipellm.open_device("cuda", copies="dma")
