@@ -12,7 +12,7 @@ import pytest
 
 import pipellm
 from pipellm.predictors import (KVSwapPredictor, LayerwisePredictor, LRUPredictor, NonePredictor, OraclePredictor,
-                                Prediction, Predictor, SequencePredictor, TransferEvent, available, get)
+                                SequencePredictor, TransferEvent, available, get)
 from pipellm.traces import generate
 
 

@@ -3,7 +3,6 @@ decryption in the pipellm mode: the device always holds the plaintext that was c
 at each transfer, and no IV is ever written into shared memory with two plaintexts."""
 
 import numpy as np
-import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule

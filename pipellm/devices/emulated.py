@@ -34,7 +34,7 @@ import numpy as np
 from .._ext import copy_into
 from ..errors import ArgumentError, DeviceError
 from .base import DeviceBuffer, Op
-from .engine import CopyEngineDevice, Session
+from .engine import CopyEngineDevice
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ import itertools
 import threading
 from time import perf_counter
 
-import numpy as np
 
 from .. import _fork
 from ..channel.protocol import DEFAULT_ROTATE_AFTER, check_rotate_after

@@ -34,7 +34,7 @@ from ..channel import Kind
 from ..channel.protocol import GO_BODY, SKIP_BODY, TAG_BYTES
 from ..errors import ChannelClosedError, PredictorWarning, TransferTimeoutError
 from ..predictors import Predictor, TransferEvent
-from .cc import CCEngine, make_pool, slot_bytes_for
+from .cc import CCEngine, slot_bytes_for
 
 PENDING, ENCRYPTING, READY, FAILED = range(4)
 GO_MESSAGE_BYTES = GO_BODY.size + TAG_BYTES
