@@ -124,6 +124,31 @@ def test_in_place_activations_after_offloaded_modules_train():
         assert torch.allclose(a.grad, b.grad)
 
 
+def test_blocks_load_whole_subtrees_for_fused_fast_paths():
+    """TransformerEncoderLayer's inference fast path reads its children's weights without
+    calling them: per-module hooks leave those unloaded (and say so); blocks= loads each
+    layer's subtree at once."""
+    def encoder():
+        torch.manual_seed(0)
+        layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True)
+        return torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+
+    x = torch.randn(2, 5, 32)
+    for blocks in ((), (torch.nn.TransformerEncoderLayer,)):
+        model = encoder()
+        with make_pipe("cc", chunk_size=4096) as pipe, offload(model, pipe, blocks=blocks) as off, torch.no_grad():
+            out = model(x)
+            assert torch.allclose(out, encoder()(x), atol=1e-5)
+            if blocks:
+                assert off.stats()["never_loaded"] == 0 and off.stats()["loads"] == len(off.regions)
+                for name, t in model.state_dict().items():
+                    assert np.array_equal(device_bytes(pipe, off.regions[name]), tensor_bytes(t)), name
+            else:
+                assert off.stats()["never_loaded"] > 0  # the fast path skipped the children's hooks
+    with make_pipe("cc", chunk_size=4096) as pipe, pytest.raises(pipellm.ArgumentTypeError, match="blocks must be"):
+        offload(encoder(), pipe, blocks=("TransformerEncoderLayer",))
+
+
 def test_a_recorded_model_trace_replays_verified(tmp_path):
     model = tiny()
     ids = torch.arange(16).reshape(2, 8)

@@ -127,8 +127,10 @@ class OffloadedModule:
         return self.pipeline.record(path, workload=workload or type(self.module).__name__, meta=meta)
 
     def stats(self) -> dict:
-        """Loads issued by the hooks, and the bytes they moved."""
-        return {"loads": self.loads, "load_bytes": self.load_bytes, "tensors": len(self.regions)}
+        """Loads issued by the hooks, the bytes they moved, and how many tensors no hook
+        has loaded yet (after a pass: their module never ran; see ``blocks``)."""
+        return {"loads": self.loads, "load_bytes": self.load_bytes, "tensors": len(self.regions),
+                "never_loaded": sum(r.device_buffer is None for r in self.regions.values())}
 
     def close(self) -> None:
         """Remove the hooks and unregister the regions (idempotent)."""
@@ -173,10 +175,15 @@ def _host_copy(tensor):
     return host, view
 
 
-def offload(module, pipeline: Pipeline, *, prefix: str = "", backward: bool = True, sync: bool = True,
-            compute: str | None = None) -> OffloadedModule:
+def offload(module, pipeline: Pipeline, *, prefix: str = "", blocks: tuple = (), backward: bool = True,
+            sync: bool = True, compute: str | None = None) -> OffloadedModule:
     """Offload ``module``'s parameters and buffers: each module loads its own tensors
     through ``pipeline`` before it runs (``backward=True``: before its backward pass too).
+
+    ``blocks``: module classes that load their whole subtree at once, as accelerate's
+    ``no_split_module_classes`` do. Needed where a module's fused fast path reads its
+    children's weights without calling them (``torch.nn.TransformerEncoderLayer`` in
+    inference): ``stats()["never_loaded"]`` shows tensors no hook has loaded.
 
     ``sync``: wait for the loads before the module computes (synchronous offload, as
     accelerate does); ``compute="measured"``: tell the pipeline each module's measured
@@ -196,9 +203,17 @@ def offload(module, pipeline: Pipeline, *, prefix: str = "", backward: bool = Tr
                             f"pairs with; the {pipeline.device.kind!r} device is not supported by it yet")
     if compute not in (None, "measured"):
         raise ArgumentError(f"compute must be None or 'measured', got {compute!r}")
+    blocks = tuple(blocks) if isinstance(blocks, (tuple, list)) else (blocks,)
+    if not all(isinstance(b, type) and issubclass(b, torch.nn.Module) for b in blocks):
+        raise ArgumentTypeError(f"blocks must be torch.nn.Module classes, got {blocks!r}")
     tensors = {}   # id -> (qualified name, owning module, attribute name, tensor)
-    owners: dict = {}
+    owners: dict = {}  # module whose hooks load them -> tensor names
+    block_roots: dict = {}  # name -> module, for modules of the blocks' classes (outermost)
     for mod_name, submodule in module.named_modules():
+        owner = next((m for n, m in block_roots.items() if mod_name.startswith(n + ".")), None)
+        if owner is None and blocks and isinstance(submodule, blocks):
+            owner = block_roots[mod_name] = submodule
+        owner = owner if owner is not None else submodule
         local = [(n, t, False) for n, t in submodule.named_parameters(recurse=False)]
         local += [(n, t, True) for n, t in submodule.named_buffers(recurse=False) if t is not None]
         for attr, tensor, is_buffer in local:
@@ -209,7 +224,7 @@ def offload(module, pipeline: Pipeline, *, prefix: str = "", backward: bool = Tr
                 continue
             name = prefix + (f"{mod_name}.{attr}" if mod_name else attr)
             first = tensors.setdefault(id(tensor), (name, submodule, attr, tensor, is_buffer))
-            owners.setdefault(submodule, []).append(first[0])
+            owners.setdefault(owner, []).append(first[0])
     # everything checked: now move the tensors (nothing is changed if a check failed)
     regions = {}
     try:
