@@ -90,26 +90,24 @@ class _History:
         return self.rules[0].predict(k), self.rules[1].predict(k)
 
     def guesses(self) -> list:
-        """Each rule's first prediction now (None where it has none)."""
-        if self._guessed is not None and self._guessed[0] == self.events:
-            return self._guessed[1]
-        return [next(iter(rule.predict(1)), None) for rule in self.rules]
+        """Each rule's first prediction now (None where it has none), asked once per
+        event: training, observe() and predict() share it."""
+        if self._guessed is None or self._guessed[0] != self.events:
+            self.remember_guesses([next(iter(rule.predict(1)), None) for rule in self.rules])
+        return self._guessed[1]
 
     def remember_guesses(self, guesses: list) -> None:
-        """The rules' first predictions, made anyway: the next observe() needs them."""
+        """The rules' first predictions, made anyway (predict's chains): observe() needs them."""
         self._guessed = (self.events, guesses)
 
     @staticmethod
     def noise(event: TransferEvent, guesses) -> bool:
         return event.nbytes < SMALL and not any(g is not None and g.region == event.region for g in guesses)
 
-    def observe(self, event: TransferEvent, guesses=None) -> None:
-        """``guesses``: the rules' first predictions made just before (if the caller made
-        them anyway); otherwise they are asked here."""
+    def observe(self, event: TransferEvent) -> None:
         signal = event.direction == "h2d"
         if signal:
-            if guesses is None:
-                guesses = self.guesses()
+            guesses = self.guesses()
             signal = not self.noise(event, guesses)
         if signal:
             for i, guess in enumerate(guesses):
@@ -245,9 +243,7 @@ class LearnedPredictor(Predictor):
                         candidates = list(history.candidates(prev, last, rules))
                         X += history.features(prev, last, candidates, recent, rules)
                         y += [1 if c == r.region else 0 for c in candidates]
-                    history.observe(event, rules)
-                else:
-                    history.observe(event)
+                history.observe(event)
         if not X or len(set(y)) < 2:
             raise ArgumentError("the traces give nothing to learn from (too short, or no choice ever to make)")
         model = LogisticRegression(max_iter=1000).fit(X, y)

@@ -19,10 +19,11 @@ Bounce pools are registered with the driver (``pin_host``: cuMemHostRegister thr
 numba) so copies from them are DMA. A batch's staging copies, kernels and commits are
 queued on one stream and waited for once. The Cython ``cydriver`` layer
 (``pipellm._ext.cudadriver``: async copies, streams, events) is built where its headers
-are, but the device does not use it yet: it waits to be measured against numba's copies
-on a GPU. Not yet done (see the CUDA device issue): several copy streams with per-slot
-events, compute as a GPU kernel (``compute`` sleeps on the copy-engine thread here),
-PyTorch stream interop.
+are; ``copies="driver"`` sends the staging copies through it (opt-in until it is
+measured against numba's copies on a GPU). ``as_tensor``/``torch_stream`` hand delivered
+memory and the device's stream to PyTorch. Not yet done (see the CUDA device issue):
+per-slot events, compute as a GPU kernel (``compute`` sleeps on the copy-engine thread
+here).
 """
 
 from __future__ import annotations

@@ -137,8 +137,7 @@ class SpeculativeEngine(CCEngine):
         key = (region.name, offset, nbytes)  # the same tuple as the predictor's Prediction
         with self._h2d_lock:
             self.order += 1
-            # the predictor hears of it when it is next asked (off this thread, mostly)
-            self._events.append(TransferEvent(key[0], offset, nbytes, "h2d", stream.id, perf_counter()))
+            self._tell(TransferEvent(key[0], offset, nbytes, "h2d", stream.id, perf_counter()))
             speculating = bool(self._items)
             item = self._claim(key)
             if item is None and self._shadow is not None:
@@ -149,7 +148,7 @@ class SpeculativeEngine(CCEngine):
                 self._score(hit)
             elif speculating:
                 self._score(item is not None)
-            throttled = self._accuracy < ACCURACY_FLOOR
+            throttled = self._throttled()
             self._shadow = self._shadow_guess() if throttled else None
             if item is not None:
                 self._send_item(item, dst, dst_offset, stream)
@@ -164,11 +163,9 @@ class SpeculativeEngine(CCEngine):
                     self._replenish_pending and self._take_pending_plan())):
                 self._replenish()  # the queue runs dry, or the workers lag (bursts): plan now
                 return
-            if len(self._events) > MAX_UNHEARD_EVENTS:
-                self._feed()
         # otherwise planning is a worker's job, off the requesting thread, and only once
         # the queue has drained to half the lookahead: planning in batches costs less
-        if (item is None or queued <= self.lookahead // 2) and not throttled:
+        if item is None or queued <= self.lookahead // 2:
             self._plan_later()
 
     def _score(self, hit: bool) -> None:
@@ -177,6 +174,13 @@ class SpeculativeEngine(CCEngine):
     def _throttled(self) -> bool:
         """The predictor has been wrong lately: speculate nothing until its guesses hit again."""
         return self._accuracy < ACCURACY_FLOOR
+
+    def _tell(self, event: TransferEvent) -> None:
+        """Queue a transfer for the predictor, which hears of it when it is next asked
+        (mostly by a worker planning); past MAX_UNHEARD_EVENTS it is told now (h2d lock held)."""
+        self._events.append(event)
+        if len(self._events) > MAX_UNHEARD_EVENTS:
+            self._feed()
 
     def _feed(self) -> None:
         """Tell the predictor every transfer since it was last asked, in order (h2d lock held)."""
@@ -218,16 +222,10 @@ class SpeculativeEngine(CCEngine):
                 self.counts["stale"] += 1
                 self._drop(item)
                 return None
-            items = self._items
             if not self.window:  # strict order: everything queued before it is lost
-                while items[0] is not item:
-                    self._drop(items[0])
-            if items[0] is item:  # the common case: no search through the queue
-                items.popleft()
-                del self._by_key[key]
-                self._queued_messages -= len(item.chunks) + 1
-            else:
-                self._remove(item)
+                while self._items[0] is not item:
+                    self._drop(self._items[0])
+            self._remove(item)
             item.claimed = True
             return item
 
@@ -346,9 +344,7 @@ class SpeculativeEngine(CCEngine):
                 body = GO_BODY.pack(dst.id, dst_offset, len(chunks), item.nbytes)
                 go_msg = self.sealer.seal_into(go, Kind.GO, 0, 0, body, slot.view(GO_MESSAGE_BYTES),
                                                order=self.order)
-            msgs = [go_msg]
-            msgs += [c.msg for c in chunks]
-            op = self.device.submit_messages(stream, self.session, msgs)
+            op = self.device.submit_messages(stream, self.session, [go_msg] + [c.msg for c in chunks])
         except BaseException:
             self.cmd_pool.release(slot)
             self._keep_or_fail(go)
@@ -386,9 +382,7 @@ class SpeculativeEngine(CCEngine):
         transfer = super().to_host(src, src_offset, region, offset, nbytes, stream)
         if getattr(self.predictor, "uses_d2h", True):
             with self._h2d_lock:  # the predictor is told every transfer, in order
-                self._events.append(TransferEvent(region.name, offset, nbytes, "d2h", stream.id, perf_counter()))
-                if len(self._events) > MAX_UNHEARD_EVENTS:
-                    self._feed()
+                self._tell(TransferEvent(region.name, offset, nbytes, "d2h", stream.id, perf_counter()))
             self._plan_later()
         return transfer
 
@@ -415,10 +409,6 @@ class SpeculativeEngine(CCEngine):
                 self._cond.notify_all()  # waiters besides the workers share it (wait_speculation)
 
     # -- the queue ---------------------------------------------------------------------------
-    def _replenish(self) -> None:
-        """Plan the next speculation (h2d lock held)."""
-        self._admit()
-
     def _predictor_failed(self, exc: Exception) -> None:
         self.counts["predictor_errors"] += 1
         if self.counts["predictor_errors"] == 1:
@@ -426,8 +416,8 @@ class SpeculativeEngine(CCEngine):
                           f"encrypted on demand (counted in stats()['predictor_errors'])", PredictorWarning,
                           stacklevel=2)
 
-    def _admit(self) -> None:
-        """Admit predicted transfers: reserve their indices and slots, queue their chunks."""
+    def _replenish(self) -> None:
+        """Admit predicted transfers: reserve their indices and slots, queue their chunks (h2d lock held)."""
         self._feed()
         if self._throttled():
             # the predictor has been wrong lately: keep the workers (and the CPU) free for
@@ -525,7 +515,10 @@ class SpeculativeEngine(CCEngine):
 
     def _remove(self, item: _Item) -> None:
         """Take an item out of the queue (engine lock held)."""
-        self._items.remove(item)
+        if self._items[0] is item:  # the common case (a claim in order): no search
+            self._items.popleft()
+        else:
+            self._items.remove(item)
         if self._by_key.get(item.key) is item:
             del self._by_key[item.key]
         self._queued_messages -= len(item.chunks) + 1

@@ -134,20 +134,28 @@ def test_the_gpu_benchmark_runs(tmp_path):
     assert modes == {("cc", 1), ("pipellm", 1), ("pipellm", 2)}
 
 
+class TamperNth(Adversary):
+    """Once armed, applies ``changes[n]`` to the n-th host-to-device message it sees."""
+
+    def __init__(self, changes):
+        self.changes, self.armed, self.seen = changes, False, 0
+
+    def on_message(self, msg):
+        if self.armed and msg.direction == "h2d":
+            self.seen += 1
+            change = self.changes.get(self.seen)
+            if change is not None:
+                change(msg)
+        return [msg]
+
+
 def test_a_batch_commits_up_to_the_refused_message_and_no_further():
     """One transfer of 5 messages is verified in one batch: the 3rd is tampered with, so
     the first two land and nothing from the 3rd on does."""
-    class FlipThird(Adversary):
-        armed, seen = False, 0
+    def flip(msg):
+        msg.payload[7] ^= 0x10
 
-        def on_message(self, msg):
-            if self.armed and msg.direction == "h2d":
-                self.seen += 1
-                if self.seen == 3:
-                    msg.payload[7] ^= 0x10
-            return [msg]
-
-    adv = FlipThird()
+    adv = TamperNth({3: flip})
     with pipellm.open_device("cuda", adversary=adv) as dev:
         pipe = make(dev, "cc")
         data = np.arange(5 * CHUNK, dtype=np.uint8)
@@ -167,19 +175,13 @@ def test_a_transfer_refused_part_way_leaves_nothing_staged_for_the_next_session(
     session (refused on arrival). The transfer's batch must be settled or dropped with
     it: left staged, it would be verified with the next session's batch, failing that
     innocent session."""
-    class Tamper(Adversary):
-        armed, seen = False, 0
+    def bad_tag(msg):  # the 1st chunk
+        msg.payload[0] ^= 1
 
-        def on_message(self, msg):
-            if self.armed and msg.direction == "h2d":
-                self.seen += 1
-                if self.seen == 2:
-                    msg.payload[0] ^= 1   # the 1st chunk: bad tag
-                if self.seen == 3:
-                    msg.aad[8] ^= 1       # the 2nd chunk: another session's header
-            return [msg]
+    def other_session(msg):  # the 2nd chunk's header
+        msg.aad[8] ^= 1
 
-    adv = Tamper()
+    adv = TamperNth({2: bad_tag, 3: other_session})
     with pipellm.open_device("cuda", adversary=adv) as dev:
         pipe = make(dev, "pipellm-strict")
         regions = [pipe.register(pipellm.array(np.full(3 * CHUNK, i + 1, np.uint8)), name=f"r{i}") for i in range(2)]
