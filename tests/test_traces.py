@@ -116,6 +116,8 @@ def test_replay_verifies_every_mode(mode):
     row = replay(tiny_trace(), mode, "layerwise" if mode == "pipellm" else None, min_speculative_bytes=0)
     assert row["verified"] and row["mode"] == mode and row["transfers_h2d"] == 16
     assert row["time_s"] > 0
+    # at least one message per transfer (pipellm adds GO/SKIP commands); AES only if encrypted
+    assert row["messages_h2d"] >= 16 and (row["encrypt_s"] > 0) == (mode != "plain")
 
 
 def test_replay_many_reports_against_plain():

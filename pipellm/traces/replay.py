@@ -143,7 +143,11 @@ def _run(pipe: Pipeline, trace: Trace) -> dict:
     out = {"time_s": wall - (stats["emulation_stall_s"] - stall0), "wall_s": wall,
            "verified": bool(verified),
            "transfers_h2d": stats["transfers_h2d"], "transfers_d2h": stats["transfers_d2h"],
-           "bytes_h2d": stats["bytes_h2d"], "bytes_d2h": stats["bytes_d2h"]}
+           "bytes_h2d": stats["bytes_h2d"], "bytes_d2h": stats["bytes_d2h"],
+           # where the time goes: channel messages (GO/SKIP commands included), host AES
+           # seconds, the device's own busy time (the emulated copy engine's AES)
+           "messages_h2d": stats.get("messages_h2d", 0), "encrypt_s": stats.get("encrypt_s", 0.0),
+           "device_busy_s": stats.get("device_busy_s", 0.0)}
     hits, misses = stats.get("hits", 0), stats.get("misses", 0)
     out["hit_rate"] = hits / (hits + misses) if hits + misses else 0.0
     if warm is not None:
