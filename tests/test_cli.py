@@ -57,3 +57,4 @@ def test_bench_offload_quick():
     assert set(cb) == {"plain", "cc", "pipellm"} and cb["pipellm"]["hit_rate"] > 0.9
     assert result["summary"]["hit_path_us_per_message_1_chunk_gapped"] > 0 < result["summary"]["hit_path_us_per_message_1_chunk_tight"]
     assert result["summary"]["idle_gap_probe_back_to_back_us"] > 0 < result["summary"]["idle_gap_probe_after_1ms_idle_us"]
+    assert 0 < result["summary"]["hit_path_fastest_us_per_message_1_chunk_tight"] <= result["summary"]["hit_path_us_per_message_1_chunk_tight"]
