@@ -1,4 +1,5 @@
-"""Builds the Cython extensions in pipellm/_ext: the CPU ones need only a C compiler and
+"""Builds the Cython extensions in pipellm/_ext and compiles the predictors' hot modules
+(see PREDICTORS below). The CPU ones need only a C compiler and
 Python headers; the CUDA driver layer (cudadriver) is built only where cuda-bindings'
 .pxd files and the CUDA headers are present (a C++ compiler too), e.g.
 ``pip install -e '.[cuda]' && pip install -e . --no-build-isolation``."""
@@ -44,4 +45,11 @@ extensions = [
     for name in ("bounce", "memcopy", "writeguard")
 ]
 
-setup(ext_modules=cythonize(extensions, **CYTHON) + cuda_extension())
+# The predictors run on every transfer: their plain Python modules are also compiled as
+# they are (one source; the .py is what runs where no compiler is), which cuts observe +
+# predict by about a third. Optional: a failure leaves the .py modules in use.
+PREDICTORS = [Extension(f"pipellm.predictors.{name}", [f"predictors/{name}.py"], extra_compile_args=["-O2"],
+                        optional=True) for name in ("rules", "learned")]
+
+setup(ext_modules=cythonize(extensions, **CYTHON) + cythonize(
+    PREDICTORS, language_level=3, compiler_directives={"annotation_typing": False}) + cuda_extension())

@@ -51,6 +51,11 @@ TRUST_ALPHA = 0.2
 SMALL = 8192
 
 
+def _logit(p: float) -> float:
+    """The score a probability threshold means (scores are compared before the sigmoid)."""
+    return -math.inf if p <= 0.0 else math.inf if p >= 1.0 else math.log(p / (1.0 - p))
+
+
 class NotFittedError(ArgumentError, AttributeError):
     """The learned predictor has no model: fit() it or load() one."""
 
@@ -256,15 +261,31 @@ class LearnedPredictor(Predictor):
         self._history.observe(event)
 
     def _ranked(self, prev, last, recent, rules) -> list[tuple[float, str]]:
-        h, coef, b = self._history, self.coef_, self.intercept_
-        candidates = list(h.candidates(prev, last, rules))
-        out = []
-        for c, row in zip(candidates, h.features(prev, last, candidates, recent, rules)):
-            z = b
-            for w, x in zip(coef, row):
-                z += w * x
-            out.append((1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z)))), c))
-        out.sort(reverse=True)
+        """The candidates by score, best first: the model's logit, the same as
+        ``intercept + coef . features(...)`` but with no rows built (they cost more than
+        the scoring). A test holds the two equal."""
+        h, w = self._history, self.coef_
+        candidates = h.candidates(prev, last, rules)
+        n1, n2 = h.total1.get(last, 0), h.total2.get((prev, last), 0)
+        f1 = h.follow1.get(last, {}) if n1 else {}
+        f2 = h.follow2.get((prev, last), {}) if n2 else {}
+        a1, a2 = (w[0] / n1 if n1 else 0.0), (w[1] / n2 if n2 else 0.0)
+        after = h.after.get(last, ())
+        w_segment, w_recent, w_age = w[3], w[4], w[5]
+        t, occurrence, b = h.t, h.occurrence, self.intercept_
+        z = {}
+        for c in candidates:
+            seen = occurrence.get(c)
+            z[c] = (b + a1 * f1.get(c, 0) + a2 * f2.get(c, 0)
+                    + (w_segment if c in after else 0.0) + (w_recent if c in recent else 0.0)
+                    + w_age * (1.0 if seen is None else min(1.0, (t - seen) / 100.0)))
+        # the features that name one candidate each
+        if after:
+            z[after[0]] += w[2]
+        for i, rule in enumerate(rules):
+            if rule is not None:
+                z[rule.region] += w[6 + i] + w[8 + i] * h.trust[i]
+        out = sorted(((v, c) for c, v in z.items()), reverse=True)
         return out
 
     def predict(self, k: int) -> list[Prediction]:
@@ -275,8 +296,9 @@ class LearnedPredictor(Predictor):
             return []
         # while a rule has been right nearly always, its own (cheap, longer) chain is the
         # answer: regular traffic needs no model (the most trusted rule, if any)
-        best = max(range(len(h.rules)), key=lambda i: h.trust[i])
-        if h.trust[best] >= TRUST_RULE:
+        trust = h.trust
+        best = 0 if trust[0] >= trust[1] else 1
+        if trust[best] >= TRUST_RULE:
             chain = h.rules[best].predict(k)
             if chain:
                 return chain
@@ -285,17 +307,18 @@ class LearnedPredictor(Predictor):
         lw, kv = h.rule_chains(k)
         h.remember_guesses([lw[0] if lw else None, kv[0] if kv else None])
         out, proposed = [], set()
+        confident, floor = _logit(self.confident), _logit(self.floor)   # scores are logits
         for j in range(steps):
             rules = (lw[j] if j < len(lw) else None, kv[j] if j < len(kv) else None)
             ranked = self._ranked(prev, last, set(recent), rules)
             if not ranked:
                 break
-            best_p = ranked[0][0]
-            for p, c in ranked[:1 if best_p >= self.confident else self.width]:
-                if p >= self.floor and c not in proposed and len(out) < k:
+            for z, c in ranked[:1 if ranked[0][0] >= confident else self.width]:
+                if z >= floor and c not in proposed and len(out) < k:
                     proposed.add(c)
-                    span = next((tuple(r)[1:] for r in rules if r is not None and r.region == c), None)
-                    out.append(Prediction(c, *(span or h.span.get(c, (0, 1)))))
+                    # a rule's candidate comes with its span; others repeat their last one
+                    named = [r for r in rules if r is not None and r.region == c]
+                    out.append(named[0] if named else Prediction(c, *h.span.get(c, (0, 1))))
             prev, last = last, ranked[0][1]
             recent = (recent + [last])[-RECENT:]
         # past the model's horizon, the most trusted rule's chain: with iv_order="window"

@@ -66,8 +66,12 @@ class LayerwisePredictor(Predictor):
         # observed follows it and nothing learned would change it (observe + predict then
         # cost one step, not k)
         self._chain: list[str] | None = None
+        self._guesses: list[tuple] = []    # each chain step's _guess()
+        self._chain_steps: set = set()     # the walk model's keys the chain looked up
         self._tail: tuple[list, list] = ([], [])
         self._chain_ended = False
+        # the chain's predictions (spans included), kept with it: None = to be made
+        self._predicted: list[Prediction] | None = None
 
     def _guess(self, history, steps) -> tuple[str | None, str | None, int]:
         """(context model's region, walk model's region, context length used)."""
@@ -98,14 +102,20 @@ class LayerwisePredictor(Predictor):
             return
         region = event.region
         history = self._history
-        changed = False
+        chain = self._chain
+        changed = False     # something every prediction may depend on changed
         if history:
-            context, walk, _ = self._guess(tuple(history), tuple(self._steps))
-            before = self._score["walk"] > self._score["context"]
-            for model, guess in (("context", context), ("walk", walk)):
-                if guess is not None:
-                    self._score[model] += 0.25 * ((guess == region) - self._score[model])
-            changed = before != (self._score["walk"] > self._score["context"])
+            # while the chain holds, its head's guesses are the ones made now
+            context, walk, _ = self._guesses[0] if chain else self._guess(tuple(history), tuple(self._steps))
+            score = self._score
+            before = score["walk"] > score["context"]
+            if context is not None:
+                score["context"] += 0.25 * ((context == region) - score["context"])
+            if walk is not None:
+                score["walk"] += 0.25 * ((walk == region) - score["walk"])
+            if before != (score["walk"] > score["context"]) and chain:
+                # the other model leads now: the chain stands if no step of it changes hands
+                changed = any(self._choose(*g) != c for g, c in zip(self._guesses[1:], chain[1:]))
         if region not in self._position:
             self._position[region] = len(self._by_position)
             self._by_position.append(region)
@@ -119,36 +129,55 @@ class LayerwisePredictor(Predictor):
                 best = max(counts, key=counts.get)
                 if self._step_best.get(key) != best:
                     self._step_best[key] = best
-                    changed = True
+                    changed = changed or key in self._chain_steps   # the chain walked by it
             self._steps.append(step)
         context = tuple(history)
         nexts = self._next
+        relearned = False   # what follows contexts ending in history[-1] changed
         for n in range(1, len(context) + 1):
             key = context[-n:]
             if nexts.get(key) != region:
                 nexts[key] = region
-                changed = True
+                relearned = True
         last = self._span.get(region)
         if last is None:
             self._span[region] = (event.offset, event.nbytes, 0, 0)
         else:
             change = (event.offset - last[0], event.nbytes - last[1])
             self._span[region] = (event.offset, event.nbytes, *change)
-            self._step_like[(last[0], last[1])] = change
+            if self._step_like.get((last[0], last[1])) != change:
+                self._step_like[(last[0], last[1])] = change
+                self._predicted = None   # spans of regions seen once may follow it
         self._seen[region] = self._seen.get(region, 0) + 1
-        history.append(region)
-        chain = self._chain
-        if not changed and chain and chain[0] == region:
+        # The chain stands if it foresaw this load and nothing it was computed from
+        # changed: its later steps looked up contexts ending in this region or in its
+        # own regions, so a relearned context ending in the previous load matters only
+        # where that load comes again in it (or where the chain had ended for want of one).
+        if (not changed and chain and chain[0] == region
+                and not (relearned and (self._chain_ended or context[-1] == region or context[-1] in chain[1:-1]))):
             chain.pop(0)
+            self._guesses.pop(0)
+            predicted = self._predicted
+            # the other predictions stand unless this region comes again in the chain
+            # (its next span follows the one just seen)
+            if predicted and region not in chain:
+                predicted.pop(0)
+            else:
+                self._predicted = None
         else:
-            self._chain = None
+            self._chain = self._predicted = None
+        history.append(region)
 
     def predict(self, k: int) -> list[Prediction]:
         if self._chain is None:
-            self._chain, self._tail, self._chain_ended = [], (list(self._history), list(self._steps)), False
+            self._chain, self._guesses, self._chain_steps = [], [], set()
+            self._tail, self._chain_ended = (list(self._history), list(self._steps)), False
         chain, (history, steps) = self._chain, self._tail
         while len(chain) < k and history and not self._chain_ended:
-            region = self._choose(*self._guess(history, steps))
+            if len(steps) >= 2:
+                self._chain_steps.add((steps[-2], steps[-1]))
+            guess = self._guess(history, steps)
+            region = self._choose(*guess)
             if region is None:
                 self._chain_ended = True
                 break
@@ -157,9 +186,20 @@ class LayerwisePredictor(Predictor):
             if len(history) > self.order:
                 del history[0], steps[0]
             chain.append(region)
-        out, seen = [], {}
-        for region in chain[:k]:
-            times = seen[region] = seen.get(region, 0) + 1
+            self._guesses.append(guess)
+        out = self._predicted
+        if out is None:
+            out = self._predicted = []
+        if len(out) < k:
+            self._spans(chain, out)
+        return out[:k]
+
+    def _spans(self, chain: list[str], out: list[Prediction]) -> None:
+        """Extend the chain's predictions ``out``: each region's next span (up to the
+        first that makes no sense, a negative offset or size)."""
+        for i in range(len(out), len(chain)):
+            region = chain[i]
+            times = chain[:i + 1].count(region)   # its next load, or the one after...
             offset, nbytes, d_offset, d_nbytes = self._span[region]
             if self._seen[region] == 1:
                 d_offset, d_nbytes = self._step_like.get((offset, nbytes), (0, 0))
@@ -167,7 +207,6 @@ class LayerwisePredictor(Predictor):
             if nbytes <= 0 or offset < 0:
                 break
             out.append(Prediction(region, offset, nbytes))
-        return out
 
 
 class KVSwapPredictor(Predictor):

@@ -1,9 +1,21 @@
 import os
 
 import numpy as np
+import pipellm.predictors.learned
+import pipellm.predictors.rules
 import pytest
 
 import pipellm
+
+
+def pytest_sessionstart(session):
+    """The predictors' modules are also compiled (setup.py); an edit to the .py runs only
+    after a rebuild, so tests of a stale build would test the old code."""
+    for module in (pipellm.predictors.rules, pipellm.predictors.learned):
+        source = os.path.join(os.path.dirname(module.__file__), module.__name__.rsplit(".", 1)[1] + ".py")
+        if not module.__file__.endswith(".py") and os.path.getmtime(source) > os.path.getmtime(module.__file__):
+            raise pytest.UsageError(f"{source} is newer than its compiled module {module.__file__}: rebuild it "
+                                    "(pip install -e . --no-build-isolation) or delete the .so")
 
 #: tests never wait long: a lost message must show up as a clear error, not a hang
 #: (the CUDA simulator runs GPU threads as Python threads: far slower, so it gets longer)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -139,6 +140,54 @@ def test_rule_predictors_on_their_workloads(name, workload):
                 hits += (r.region, r.offset, r.nbytes) in [tuple(x) for x in p.predict(16)]
         p.observe(TransferEvent(r.region, r.offset, r.nbytes, r.op))
     assert total and hits / total >= 0.99
+
+
+def _fresh_layerwise_prediction(p, k):
+    """What the layerwise predictor predicts when it recomputes everything now."""
+    saved = p._chain, p._guesses, p._chain_steps, p._tail, p._chain_ended, p._predicted
+    p._chain = p._predicted = None
+    try:
+        return p.predict(k)
+    finally:
+        p._chain, p._guesses, p._chain_steps, p._tail, p._chain_ended, p._predicted = saved
+
+
+@pytest.mark.parametrize("workload,options", [("moe", dict(tokens=12, weight_budget=4 << 20)),
+                                              ("mixed-accelerate", dict(tokens=3, weight_budget=4 << 20)),
+                                              ("lora", dict(steps=2, weight_budget=4 << 20))])
+def test_layerwise_kept_chain_is_what_a_recomputation_gives(workload, options):
+    """The layerwise predictor keeps its chain across observations while nothing it was
+    computed from changed: after every event it must equal a fresh computation."""
+    trace = generate.generate(workload, **options)
+    p = get("layerwise")
+    checked = 0
+    for r in trace.records:
+        if r.op not in ("h2d", "d2h"):
+            continue
+        for k in (8, 3):
+            assert p.predict(k) == _fresh_layerwise_prediction(p, k)
+        p.observe(TransferEvent(r.region, r.offset, r.nbytes, r.op))
+        checked += 1
+    assert checked > 100
+
+
+def test_layerwise_kept_chain_matches_recomputation_on_random_walks():
+    """Seeded walks over a few regions: mostly forward, with reversals, skips and jumps
+    (what moves the walk model, the contexts and the tournament between them), asked
+    for a different k each time as the pipeline does."""
+    for seed in range(1500):
+        rnd = random.Random(seed)
+        regions = [f"r{i}" for i in range(rnd.randint(3, 12))]
+        p = get("layerwise")
+        position = 0
+        for _ in range(rnd.randint(10, 120)):
+            k = rnd.randint(1, 10)
+            assert p.predict(k) == _fresh_layerwise_prediction(p, k), f"seed {seed}"
+            p.observe(TransferEvent(regions[position], 0, 64))
+            if rnd.random() < 0.8:
+                position = (position + rnd.choice([1, 1, 1, -1, -3, 2])) % len(regions)
+            else:
+                position = rnd.randrange(len(regions))
 
 
 def test_predictor_overhead_is_small():
@@ -290,6 +339,37 @@ def test_learned_predictor_is_not_thrown_off_by_small_copies():
             p.observe(TransferEvent(*key))
     assert hits["layerwise"] > 0.5 * loads  # it learns the order (the first of 4 passes can't hit)
     assert hits["learned"] >= hits["layerwise"] - 0.02 * loads
+
+
+def test_learned_scores_are_the_model_over_its_features():
+    """Inference scores candidates without building feature rows: each score must be
+    intercept + coef . features(...), the rows training fits on."""
+    from pipellm.predictors import LearnedPredictor
+    from pipellm.predictors.learned import FEATURES
+
+    rnd = random.Random(5)
+    p = LearnedPredictor()
+    p.coef_, p.intercept_ = [rnd.uniform(-3, 3) for _ in FEATURES], rnd.uniform(-2, 2)
+    p.reset()
+    h = p._history
+    compared = 0
+    for r in generate.moe(seed=3, tokens=10, weight_budget=4 << 20).records:
+        if r.op != "h2d":
+            continue
+        prev, last = h.context()
+        if last is not None:
+            lw, kv = h.rule_chains(2)
+            for rules in ((lw[0] if lw else None, kv[0] if kv else None), (None, None)):
+                recent = set(list(h.loads)[-3:])
+                ranked = p._ranked(prev, last, recent, rules)
+                candidates = [c for _, c in ranked]
+                rows = h.features(prev, last, candidates, recent, rules)
+                for (z, c), row in zip(ranked, rows):
+                    assert z == pytest.approx(p.intercept_ + sum(w * x for w, x in zip(p.coef_, row)), abs=1e-9), c
+                    compared += 1
+                assert [z for z, _ in ranked] == sorted((z for z, _ in ranked), reverse=True)
+        p.observe(TransferEvent(r.region, r.offset, r.nbytes))
+    assert compared > 500
 
 
 @pytest.mark.parametrize("content,message", [("{not json", "cannot read"), ('{"format": "other"}', "is not a"),
