@@ -1,6 +1,7 @@
 """The pipellm mode: hits, validation, relinquishing, window order, async d2h, faults."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -189,6 +190,38 @@ def test_a_predictor_that_raises_costs_only_speculation(where):
         s = pipe.stats()
         assert s["predictor_errors"] >= 1 and s["worker_errors"] == 0
         assert s["hits"] + s["misses"] == 12
+
+
+class Slow(Predictor):
+    """Predicts the loop of names, taking a known time in each call."""
+
+    def __init__(self, names, nbytes):
+        self.names, self.nbytes, self.observed, self.predicted, self.last = names, nbytes, 0, 0, -1
+
+    def observe(self, event):
+        self.observed += 1
+        self.last = self.names.index(event.region)
+        time.sleep(0.002)
+
+    def predict(self, k):
+        self.predicted += 1
+        time.sleep(0.003)
+        return [Prediction(self.names[(self.last + 1 + i) % len(self.names)], 0, self.nbytes) for i in range(k)]
+
+
+def test_stats_count_the_time_spent_in_the_predictor():
+    with spec_pipe() as pipe:
+        regions = layers(pipe, n=3)
+        predictor = Slow([r.name for r in regions], regions[0].nbytes)
+        pipe._engine.predictor = predictor
+        assert pipe.stats()["predictor_s"] == 0
+        for _ in range(3):
+            for r in regions:
+                pipe.to_device(r)
+        pipe.wait_speculation()
+        s = pipe.stats()
+        assert predictor.observed == 9 and predictor.predicted >= 1
+        assert s["predictor_s"] >= 0.002 * predictor.observed + 0.003 * predictor.predicted
 
 
 @pytest.mark.parametrize("iv_order", ["strict", "window"])

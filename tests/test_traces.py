@@ -129,6 +129,8 @@ def test_replay_many_reports_against_plain():
                 "reencrypted_bytes", "verified"):
         assert all(key in r for r in rows)
     assert all(r["verified"] for r in rows)
+    cost = {r["mode"]: r["predictor_us_per_transfer"] for r in rows}
+    assert cost["plain"] == cost["cc"] == 0 and cost["pipellm"] > 0   # only pipellm asks a predictor
 
 
 def test_record_then_replay(tmp_path):

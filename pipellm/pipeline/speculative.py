@@ -28,7 +28,7 @@ import os
 import threading
 import warnings
 from collections import OrderedDict, deque
-from time import perf_counter
+from time import perf_counter, thread_time
 
 from ..channel import Kind
 from ..channel.protocol import GO_BODY, SKIP_BODY, TAG_BYTES
@@ -127,6 +127,9 @@ class SpeculativeEngine(CCEngine):
         self._shadow = None    # throttled: the predictor's first guess for the next request
         self.worker_busy_s = 0.0
         self.hit_wait_s = 0.0  # requests waiting for a worker to finish their chunks
+        # CPU seconds in the predictor's observe and predict (thread time: waiting for the
+        # GIL or for a core on a busy machine is not the predictor's cost)
+        self.predictor_s = 0.0
         self._workers = [threading.Thread(target=self._work, name=f"pipellm-worker-{i}", daemon=True)
                          for i in range(workers)]
         for t in self._workers:
@@ -185,22 +188,31 @@ class SpeculativeEngine(CCEngine):
     def _feed(self) -> None:
         """Tell the predictor every transfer since it was last asked, in order (h2d lock held)."""
         events, observe = self._events, self.predictor.observe
+        start = thread_time()
         while events:
             event = events.popleft()
             try:
                 observe(event)
-            except Exception as exc:  # noqa: BLE001 - as in _replenish
+            except Exception as exc:  # noqa: BLE001 - as in _ask
                 self._predictor_failed(exc)
+        self.predictor_s += thread_time() - start
+
+    def _ask(self, k: int) -> list:
+        """The predictor's next ``k`` transfers; its bugs cost only speculation (h2d lock held)."""
+        start = thread_time()
+        try:
+            return self.predictor.predict(k)[:k]
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug must not fail a transfer
+            self._predictor_failed(exc)
+            return []
+        finally:
+            self.predictor_s += thread_time() - start
 
     def _shadow_guess(self):
         """The key the predictor expects next, scored against the next request (costs one
         predict(1) per request, no encryption, no slots)."""
         self._feed()
-        try:
-            guesses = self.predictor.predict(1)
-        except Exception as exc:  # noqa: BLE001 - as in _replenish
-            self._predictor_failed(exc)
-            return None
+        guesses = self._ask(1)
         if not guesses:
             return None
         p = guesses[0]
@@ -430,11 +442,7 @@ class SpeculativeEngine(CCEngine):
             # speculate about as far as the predictor's run of hits is expected to last
             # (1 / miss rate): a 70% predictor gets ~3 items, not the whole lookahead
             limit = min(limit, max(STRICT_MIN_DEPTH, int(1.0 / max(1e-3, 1.0 - self._accuracy))))
-        try:
-            predictions = self.predictor.predict(limit)[:limit]
-        except Exception as exc:  # noqa: BLE001 - a plugin's bug costs only speculation
-            self._predictor_failed(exc)
-            return
+        predictions = self._ask(limit)
         chunk_size, by_key, wanted = self.chunk_size, self._by_key, set(predictions)
         plan = []  # (prediction, region, encrypt ahead?) for the valid ones
         for p in predictions:
@@ -712,6 +720,7 @@ class SpeculativeEngine(CCEngine):
         counts["hit_rate"] = counts["hits"] / requests if requests else 0.0
         counts["worker_busy_s"] = self.worker_busy_s
         counts["hit_wait_s"] = self.hit_wait_s
+        counts["predictor_s"] = self.predictor_s
         counts["workers"] = len(self._workers)
         counts["iv_order"] = "window" if self.window else "strict"
         counts["queued_items"] = len(self._items)

@@ -155,6 +155,9 @@ def _run(pipe: Pipeline, trace: Trace) -> dict:
     out["hit_rate_after_first_pass"] = hits / (hits + misses) if hits + misses else 0.0
     for key in SPEC_STATS:
         out[key] = stats.get(key, 0)
+    # what the predictor cost as the pipeline used it (observe every transfer, predict when planning)
+    transfers = stats["transfers_h2d"] + stats["transfers_d2h"]
+    out["predictor_us_per_transfer"] = stats.get("predictor_s", 0.0) / transfers * 1e6 if transfers else 0.0
     return out
 
 
