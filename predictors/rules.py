@@ -3,6 +3,7 @@ loads), ``kvswap`` (vLLM-style KV-cache swapping) and ``lru`` (offload pools).""
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict, deque
 
 from .base import Prediction, Predictor, TransferEvent
@@ -277,8 +278,8 @@ class KVSwapPredictor(Predictor):
 
     def predict(self, k: int) -> list[Prediction]:
         out = []
-        groups = list(self._groups) + ([self._open] if self._open else [])
-        for group in reversed(groups):
+        # newest first, without copying the stack (it may hold thousands of groups)
+        for group in itertools.chain([self._open] if self._open else (), reversed(self._groups)):
             for key in group:
                 out.append(Prediction._make(key))
                 if len(out) >= k:

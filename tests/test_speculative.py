@@ -231,6 +231,48 @@ def test_stats_count_the_time_spent_in_the_predictor():
         assert s["predictor_s"] >= 0.002 * predictor.observed + 0.003 * predictor.predicted
 
 
+class Naming(Predictor):
+    """Names ``small`` while told to, else the loop of ``names``; counts predict calls."""
+
+    def __init__(self, small, names, nbytes):
+        self.small, self.names, self.nbytes, self.asked, self.last, self.naming_small = small, names, nbytes, 0, -1, True
+
+    def observe(self, event):
+        if event.region in self.names:
+            self.last = self.names.index(event.region)
+
+    def predict(self, k):
+        self.asked += 1
+        if self.naming_small:
+            return [Prediction(self.small, 0, 64)] * min(k, 1)
+        return [Prediction(self.names[(self.last + 1 + i) % len(self.names)], 0, self.nbytes) for i in range(k)]
+
+
+def test_planning_backs_off_while_predictions_queue_nothing_and_resumes():
+    """Predictions of transfers too small to encrypt ahead queue nothing: asking for them
+    at every request (and waking a worker at every swap-out) costs CPU for nothing, so
+    planning backs off; it resumes once a plan queues something."""
+    with spec_pipe(min_speculative_bytes=1024) as pipe:
+        small = pipe.register(pipellm.array(np.arange(64, dtype=np.uint8)), name="small")
+        regions = layers(pipe, n=3)
+        predictor = Naming("small", [r.name for r in regions], regions[0].nbytes)
+        pipe._engine.predictor = predictor
+        for _ in range(60):
+            pipe.to_device(small)
+            dbuf = small.device_buffer
+            pipe.to_host(dbuf, small).wait()
+        pipe.wait_speculation()
+        s = pipe.stats()
+        assert s["skipped_plans"] > 30 and predictor.asked < 40   # 120 transfers
+        predictor.naming_small = False
+        for _ in range(12):
+            for r in regions:
+                pipe.to_device(r)
+        pipe.wait_speculation()
+        assert pipe.stats()["hits"] >= 18   # the loop is speculated again
+        check_device(pipe, regions)
+
+
 @pytest.mark.parametrize("iv_order", ["strict", "window"])
 def test_a_hit_whose_submission_fails_never_reuses_its_go_index(iv_order):
     """The GO command was sealed (exposed) but the device refused the submission: strict

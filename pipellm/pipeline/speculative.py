@@ -53,6 +53,10 @@ STRICT_MIN_DEPTH = 2
 #: transfers are told to the predictor when it is next asked (by the planner, mostly on
 #: a worker); past this many unheard ones the requesting thread tells it itself
 MAX_UNHEARD_EVENTS = 256
+#: plans in a row that may name transfers yet queue nothing (small or untracked ones)
+#: before planning backs off, skipping up to MAX_PLAN_SKIP chances to plan
+FRUITLESS_PLANS = 2
+MAX_PLAN_SKIP = 16
 _RECEIVE = object()    # worker task: receive the oldest device-to-host chunk
 _REPLENISH = object()  # worker task: ask the predictor and queue new speculation
 
@@ -122,7 +126,10 @@ class SpeculativeEngine(CCEngine):
         self.counts = dict.fromkeys(
             ("hits", "misses", "stale", "nops", "skipped_messages", "relinquishes", "reencrypted_bytes",
              "wasted_bytes", "speculative_bytes", "stolen_chunks", "worker_errors", "async_decrypted_bytes",
-             "expired", "shadow_hits", "held_places", "evicted", "stolen_plans", "predictor_errors"), 0)
+             "expired", "shadow_hits", "held_places", "evicted", "stolen_plans", "skipped_plans",
+             "predictor_errors"), 0)
+        self._fruitless = 0    # plans in a row that named transfers but queued nothing
+        self._plan_skip = 0    # chances to plan still to skip (backing off from those)
         self._accuracy = 1.0   # recent hit ratio of requests that met queued speculation
         self._shadow = None    # throttled: the predictor's first guess for the next request
         self.worker_busy_s = 0.0
@@ -164,7 +171,8 @@ class SpeculativeEngine(CCEngine):
             queued = len(self._items)
             if not throttled and (queued < INLINE_PLANNING_BELOW or (
                     self._replenish_pending and self._take_pending_plan())):
-                self._replenish()  # the queue runs dry, or the workers lag (bursts): plan now
+                if self._plan_due():
+                    self._replenish()  # the queue runs dry, or the workers lag (bursts): plan now
                 return
         # otherwise planning is a worker's job, off the requesting thread, and only once
         # the queue has drained to half the lookahead: planning in batches costs less
@@ -412,8 +420,8 @@ class SpeculativeEngine(CCEngine):
     def _plan_later(self) -> None:
         """Have a worker plan the next speculation (it takes the h2d lock, so it runs after
         the current request, and its on-demand data)."""
-        if self._throttled():
-            return  # nothing to plan until the shadow guesses hit again
+        if self._throttled() or not self._plan_due():
+            return  # nothing to plan until the shadow guesses hit again, or backing off
         with self._cond:
             if not self._replenish_pending:
                 self._replenish_pending = True
@@ -493,6 +501,29 @@ class SpeculativeEngine(CCEngine):
                 if item.go_dst is not None:
                     self._tasks.append((item, None))
                 self._cond.notify_all()
+        self._note_plan(bool(predictions))
+
+    def _note_plan(self, predicted: bool) -> None:
+        """Back off from plans that name transfers but queue nothing (all of them small
+        or untracked): each asked the predictor and, after a swap-out, woke a worker for
+        nothing. The next 1, 2, 4... (at most MAX_PLAN_SKIP) chances to plan are skipped;
+        a plan that queues something ends it (h2d lock held)."""
+        with self._cond:
+            if self._items:
+                self._fruitless = self._plan_skip = 0
+            elif predicted:
+                self._fruitless += 1
+                if self._fruitless > FRUITLESS_PLANS:
+                    self._plan_skip = min(MAX_PLAN_SKIP, 2 ** (self._fruitless - FRUITLESS_PLANS - 1))
+
+    def _plan_due(self) -> bool:
+        """False while backing off from fruitless plans (see _note_plan)."""
+        with self._cond:
+            if self._plan_skip:
+                self._plan_skip -= 1
+                self.counts["skipped_plans"] += 1
+                return False
+            return True
 
     def _evict(self, wanted: set) -> bool:
         """Make room for what the predictor names now: drop the oldest queued item it no
