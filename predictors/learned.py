@@ -260,12 +260,12 @@ class LearnedPredictor(Predictor):
     def observe(self, event: TransferEvent) -> None:
         self._history.observe(event)
 
-    def _ranked(self, prev, last, recent, rules) -> list[tuple[float, str]]:
-        """The candidates by score, best first: the model's logit, the same as
-        ``intercept + coef . features(...)`` but with no rows built (they cost more than
-        the scoring). A test holds the two equal."""
+    def _ranked(self, prev, last, recent, rules, n: int) -> list[tuple[float, str]]:
+        """The ``n`` best candidates (score, region), best first. A score is the model's
+        logit, the same as ``intercept + coef . features(...)`` over the candidates of
+        ``_History.candidates`` but with no rows built (they cost more than the scoring);
+        a test holds the two equal."""
         h, w = self._history, self.coef_
-        candidates = h.candidates(prev, last, rules)
         n1, n2 = h.total1.get(last, 0), h.total2.get((prev, last), 0)
         f1 = h.follow1.get(last, {}) if n1 else {}
         f2 = h.follow2.get((prev, last), {}) if n2 else {}
@@ -274,19 +274,23 @@ class LearnedPredictor(Predictor):
         w_segment, w_recent, w_age = w[3], w[4], w[5]
         t, occurrence, b = h.t, h.occurrence, self.intercept_
         z = {}
-        for c in candidates:
-            seen = occurrence.get(c)
-            z[c] = (b + a1 * f1.get(c, 0) + a2 * f2.get(c, 0)
-                    + (w_segment if c in after else 0.0) + (w_recent if c in recent else 0.0)
-                    + w_age * (1.0 if seen is None else min(1.0, (t - seen) / 100.0)))
+        for source in (f1, f2, after, [r.region for r in rules if r is not None]):
+            for c in source:
+                if c in z:
+                    continue
+                seen = occurrence.get(c)
+                z[c] = (b + a1 * f1.get(c, 0) + a2 * f2.get(c, 0)
+                        + (w_segment if c in after else 0.0) + (w_recent if c in recent else 0.0)
+                        + w_age * (1.0 if seen is None else min(1.0, (t - seen) / 100.0)))
         # the features that name one candidate each
         if after:
             z[after[0]] += w[2]
         for i, rule in enumerate(rules):
             if rule is not None:
                 z[rule.region] += w[6 + i] + w[8 + i] * h.trust[i]
-        out = sorted(((v, c) for c, v in z.items()), reverse=True)
-        return out
+        if n == 1:
+            return [max((v, c) for c, v in z.items())] if z else []
+        return sorted(((v, c) for c, v in z.items()), reverse=True)[:n]
 
     def predict(self, k: int) -> list[Prediction]:
         self._check_fitted()
@@ -310,7 +314,7 @@ class LearnedPredictor(Predictor):
         confident, floor = _logit(self.confident), _logit(self.floor)   # scores are logits
         for j in range(steps):
             rules = (lw[j] if j < len(lw) else None, kv[j] if j < len(kv) else None)
-            ranked = self._ranked(prev, last, set(recent), rules)
+            ranked = self._ranked(prev, last, set(recent), rules, self.width)
             if not ranked:
                 break
             for z, c in ranked[:1 if ranked[0][0] >= confident else self.width]:

@@ -60,7 +60,7 @@ class LayerwisePredictor(Predictor):
         self._position: dict[str, int] = {}
         self._by_position: list[str] = []
         self._steps: deque = deque(maxlen=2)
-        self._step_counts: dict[tuple, dict[int, int]] = {}
+        self._step_counts: dict[tuple, dict[int, list[int]]] = {}
         self._step_best: dict[tuple, int] = {}
         self._score = {"context": 0.5, "walk": 0.5}
         # the predicted chain of regions and the state at its end, kept while what is
@@ -125,11 +125,17 @@ class LayerwisePredictor(Predictor):
             step = self._position[region] - self._position[history[-1]]
             if len(self._steps) == 2:
                 key = (self._steps[0], self._steps[1])
+                # the most frequent step after these two (the first seen among equals),
+                # kept up to date by the one count that grew
                 counts = self._step_counts.setdefault(key, {})
-                counts[step] = counts.get(step, 0) + 1
-                best = max(counts, key=counts.get)
-                if self._step_best.get(key) != best:
-                    self._step_best[key] = best
+                entry = counts.get(step)
+                if entry is None:
+                    entry = counts[step] = [0, len(counts)]   # count, order first seen
+                entry[0] += 1
+                best = self._step_best.get(key)
+                top = counts[best] if best is not None else None
+                if best != step and (top is None or entry[0] > top[0] or (entry[0] == top[0] and entry[1] < top[1])):
+                    self._step_best[key] = step
                     changed = changed or key in self._chain_steps   # the chain walked by it
             self._steps.append(step)
         context = tuple(history)

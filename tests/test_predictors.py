@@ -361,8 +361,10 @@ def test_learned_scores_are_the_model_over_its_features():
             lw, kv = h.rule_chains(2)
             for rules in ((lw[0] if lw else None, kv[0] if kv else None), (None, None)):
                 recent = set(list(h.loads)[-3:])
-                ranked = p._ranked(prev, last, recent, rules)
+                ranked = p._ranked(prev, last, recent, rules, 1000)
                 candidates = [c for _, c in ranked]
+                assert set(candidates) == h.candidates(prev, last, rules)
+                assert p._ranked(prev, last, recent, rules, 1) == ranked[:1]
                 rows = h.features(prev, last, candidates, recent, rules)
                 for (z, c), row in zip(ranked, rows):
                     assert z == pytest.approx(p.intercept_ + sum(w * x for w, x in zip(p.coef_, row)), abs=1e-9), c
