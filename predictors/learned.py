@@ -78,7 +78,6 @@ class _History:
         self.after: dict = {}        # region -> the loads that followed its previous occurrence
         self.occurrence: dict = {}   # region -> t of its last occurrence
         self.span: dict = {}         # region -> (offset, nbytes)
-        self._open: list = []        # (region, list collecting what follows it)
 
     def context(self):
         loads = self.loads
@@ -160,15 +159,15 @@ class _History:
                 f = self.follow2.setdefault((prev, last), {})
                 f[region] = f.get(region, 0) + 1
                 self.total2[(prev, last)] = self.total2.get((prev, last), 0) + 1
-        still_open = []
-        for owner, followers in self._open:
-            followers.append(region)
-            if len(followers) >= SEGMENT:
+        # the load SEGMENT back now has its segment, unless it came again within it
+        # (then that later occurrence collects one of its own)
+        loads = self.loads
+        if len(loads) >= SEGMENT:
+            followers = [loads[i] for i in range(1 - SEGMENT, 0)]
+            owner = loads[-SEGMENT]
+            if owner not in followers:
+                followers.append(region)
                 self.after[owner] = followers
-            else:
-                still_open.append((owner, followers))
-        self._open = [o for o in still_open if o[0] != region]
-        self._open.append((region, []))
         self.occurrence[region] = self.t
         self.span[region] = (offset, nbytes)
         self.loads.append(region)
