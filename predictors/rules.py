@@ -77,9 +77,9 @@ class LayerwisePredictor(Predictor):
     def _guess(self, history, steps) -> tuple[str | None, str | None, int]:
         """(context model's region, walk model's region, context length used)."""
         context, n = None, 0
-        nexts = self._next
-        for n in range(min(self.order, len(history)), 0, -1):
-            context = nexts.get(tuple(history[-n:]))
+        nexts, size = self._next, len(history)
+        for n in range(min(self.order, size), 0, -1):
+            context = nexts.get(tuple(history) if n == size else tuple(history[-n:]))
             if context is not None:
                 break
         walk = None
@@ -87,8 +87,9 @@ class LayerwisePredictor(Predictor):
             step = self._step_best.get((steps[-2], steps[-1]))
             if step is not None:
                 target = self._position[history[-1]] + step
-                if 0 <= target < len(self._by_position):
-                    walk = self._by_position[target]
+                by_position = self._by_position
+                if 0 <= target < len(by_position):
+                    walk = by_position[target]
         return context, walk, n
 
     def _choose(self, context, walk, n):
@@ -180,20 +181,24 @@ class LayerwisePredictor(Predictor):
             self._chain, self._guesses, self._chain_steps = [], [], set()
             self._tail, self._chain_ended = (list(self._history), list(self._steps)), False
         chain, (history, steps) = self._chain, self._tail
-        while len(chain) < k and history and not self._chain_ended:
-            if len(steps) >= 2:
-                self._chain_steps.add((steps[-2], steps[-1]))
-            guess = self._guess(history, steps)
-            region = self._choose(*guess)
-            if region is None:
-                self._chain_ended = True
-                break
-            steps.append(self._position[region] - self._position[history[-1]])
-            history.append(region)
-            if len(history) > self.order:
-                del history[0], steps[0]
-            chain.append(region)
-            self._guesses.append(guess)
+        if len(chain) < k and not self._chain_ended:
+            # (locals: this loop is most of a rebuild's cost)
+            guess_of, choose, position, order = self._guess, self._choose, self._position, self.order
+            walked, guesses = self._chain_steps, self._guesses
+            while len(chain) < k and history:
+                if len(steps) >= 2:
+                    walked.add((steps[-2], steps[-1]))
+                guess = guess_of(history, steps)
+                region = choose(*guess)
+                if region is None:
+                    self._chain_ended = True
+                    break
+                steps.append(position[region] - position[history[-1]])
+                history.append(region)
+                if len(history) > order:
+                    del history[0], steps[0]
+                chain.append(region)
+                guesses.append(guess)
         out = self._predicted
         if out is None:
             out = self._predicted = []
@@ -204,12 +209,13 @@ class LayerwisePredictor(Predictor):
     def _spans(self, chain: list[str], out: list[Prediction]) -> None:
         """Extend the chain's predictions ``out``: each region's next span (up to the
         first that makes no sense, a negative offset or size)."""
+        span, seen, step_like = self._span, self._seen, self._step_like
         for i in range(len(out), len(chain)):
             region = chain[i]
             times = chain[:i + 1].count(region)   # its next load, or the one after...
-            offset, nbytes, d_offset, d_nbytes = self._span[region]
-            if self._seen[region] == 1:
-                d_offset, d_nbytes = self._step_like.get((offset, nbytes), (0, 0))
+            offset, nbytes, d_offset, d_nbytes = span[region]
+            if seen[region] == 1:
+                d_offset, d_nbytes = step_like.get((offset, nbytes), (0, 0))
             offset, nbytes = offset + times * d_offset, nbytes + times * d_nbytes
             if nbytes <= 0 or offset < 0:
                 break
