@@ -114,9 +114,10 @@ class _History:
             guesses = self.guesses()
             signal = not self.noise(event, guesses)
         if signal:
+            trust = self.trust
             for i, guess in enumerate(guesses):
                 if guess is not None:  # no guess is no evidence either way
-                    self.trust[i] += TRUST_ALPHA * ((guess.region == event.region) - self.trust[i])
+                    trust[i] += TRUST_ALPHA * ((guess.region == event.region) - trust[i])
         for rule in self.rules:
             rule.observe(event)
         self.events += 1
@@ -150,18 +151,21 @@ class _History:
         return rows
 
     def add(self, region: str, offset: int, nbytes: int) -> None:
-        prev, last = self.context()
+        loads = self.loads
+        prev, last = (loads[-2] if len(loads) > 1 else None), (loads[-1] if loads else None)
         if last is not None:
             f = self.follow1.setdefault(last, {})
             f[region] = f.get(region, 0) + 1
-            self.total1[last] = self.total1.get(last, 0) + 1
+            total = self.total1
+            total[last] = total.get(last, 0) + 1
             if prev is not None:
-                f = self.follow2.setdefault((prev, last), {})
+                pair = (prev, last)
+                f = self.follow2.setdefault(pair, {})
                 f[region] = f.get(region, 0) + 1
-                self.total2[(prev, last)] = self.total2.get((prev, last), 0) + 1
+                total = self.total2
+                total[pair] = total.get(pair, 0) + 1
         # the load SEGMENT back now has its segment, unless it came again within it
         # (then that later occurrence collects one of its own)
-        loads = self.loads
         if len(loads) >= SEGMENT:
             followers = [loads[i] for i in range(1 - SEGMENT, 0)]
             owner = loads[-SEGMENT]
@@ -273,7 +277,8 @@ class LearnedPredictor(Predictor):
         w_segment, w_recent, w_age = w[3], w[4], w[5]
         t, occurrence, b = h.t, h.occurrence, self.intercept_
         z = {}
-        for source in (f1, f2, after, [r.region for r in rules if r is not None]):
+        # (what followed (prev, last) followed last too: follow2's regions are follow1's)
+        for source in (f1, after, [r.region for r in rules if r is not None]):
             for c in source:
                 if c in z:
                     continue
@@ -287,9 +292,10 @@ class LearnedPredictor(Predictor):
         for i, rule in enumerate(rules):
             if rule is not None:
                 z[rule.region] += w[6 + i] + w[8 + i] * h.trust[i]
-        if n == 1:
-            return [max((v, c) for c, v in z.items())] if z else []
-        return sorted(((v, c) for c, v in z.items()), reverse=True)[:n]
+        if n == 1 and z:   # the best (v, c): the highest score, then the greatest name
+            top = max(z.values())
+            return [(top, max([c for c, v in z.items() if v == top]))]
+        return sorted([(v, c) for c, v in z.items()], reverse=True)[:n]
 
     def predict(self, k: int) -> list[Prediction]:
         self._check_fitted()

@@ -103,12 +103,12 @@ class LayerwisePredictor(Predictor):
         if event.direction != "h2d":
             return
         region = event.region
-        history = self._history
+        history, steps, position = self._history, self._steps, self._position
         chain = self._chain
         changed = False     # something every prediction may depend on changed
         if history:
             # while the chain holds, its head's guesses are the ones made now
-            context, walk, _ = self._guesses[0] if chain else self._guess(tuple(history), tuple(self._steps))
+            context, walk, _ = self._guesses[0] if chain else self._guess(tuple(history), tuple(steps))
             score = self._score
             before = score["walk"] > score["context"]
             if context is not None:
@@ -118,14 +118,14 @@ class LayerwisePredictor(Predictor):
             if before != (score["walk"] > score["context"]) and chain:
                 # the other model leads now: the chain stands if no step of it changes hands
                 changed = any(self._choose(*g) != c for g, c in zip(self._guesses[1:], chain[1:]))
-        if region not in self._position:
-            self._position[region] = len(self._by_position)
+        if region not in position:
+            position[region] = len(self._by_position)
             self._by_position.append(region)
             changed = True
         if history:
-            step = self._position[region] - self._position[history[-1]]
-            if len(self._steps) == 2:
-                key = (self._steps[0], self._steps[1])
+            step = position[region] - position[history[-1]]
+            if len(steps) == 2:
+                key = (steps[0], steps[1])
                 # the most frequent step after these two (the first seen among equals),
                 # kept up to date by the one count that grew
                 counts = self._step_counts.setdefault(key, {})
@@ -133,12 +133,13 @@ class LayerwisePredictor(Predictor):
                 if entry is None:
                     entry = counts[step] = [0, len(counts)]   # count, order first seen
                 entry[0] += 1
-                best = self._step_best.get(key)
+                step_best = self._step_best
+                best = step_best.get(key)
                 top = counts[best] if best is not None else None
                 if best != step and (top is None or entry[0] > top[0] or (entry[0] == top[0] and entry[1] < top[1])):
-                    self._step_best[key] = step
+                    step_best[key] = step
                     changed = changed or key in self._chain_steps   # the chain walked by it
-            self._steps.append(step)
+            steps.append(step)
         context = tuple(history)
         nexts = self._next
         relearned = False   # what follows contexts ending in history[-1] changed
@@ -147,12 +148,13 @@ class LayerwisePredictor(Predictor):
             if nexts.get(key) != region:
                 nexts[key] = region
                 relearned = True
-        last = self._span.get(region)
+        span = self._span
+        last = span.get(region)
         if last is None:
-            self._span[region] = (event.offset, event.nbytes, 0, 0)
+            span[region] = (event.offset, event.nbytes, 0, 0)
         else:
             change = (event.offset - last[0], event.nbytes - last[1])
-            self._span[region] = (event.offset, event.nbytes, *change)
+            span[region] = (event.offset, event.nbytes, *change)
             if self._step_like.get((last[0], last[1])) != change:
                 self._step_like[(last[0], last[1])] = change
                 self._predicted = None   # spans of regions seen once may follow it
