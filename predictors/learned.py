@@ -152,7 +152,7 @@ class _History:
 
     def add(self, region: str, offset: int, nbytes: int) -> None:
         loads = self.loads
-        prev, last = (loads[-2] if len(loads) > 1 else None), (loads[-1] if loads else None)
+        prev, last = self.context()
         if last is not None:
             f = self.follow1.setdefault(last, {})
             f[region] = f.get(region, 0) + 1
