@@ -83,9 +83,8 @@ class _History:
         loads = self.loads
         return (loads[-2] if len(loads) > 1 else None, loads[-1] if loads else None)
 
-    def candidates(self, prev, last, rules=(None, None)) -> set:
-        out = set(self.follow1.get(last, ()))
-        out.update(self.follow2.get((prev, last), ()))
+    def candidates(self, last, rules=(None, None)) -> set:
+        out = set(self.follow1.get(last, ()))   # (follow2's regions are among these)
         out.update(self.after.get(last, ()))
         out.update(r.region for r in rules if r is not None)
         return out
@@ -174,7 +173,7 @@ class _History:
                 self.after[owner] = followers
         self.occurrence[region] = self.t
         self.span[region] = (offset, nbytes)
-        self.loads.append(region)
+        loads.append(region)
         self.t += 1
 
 
@@ -248,7 +247,7 @@ class LearnedPredictor(Predictor):
                     rules = history.guesses()
                     if last is not None and not history.noise(event, rules):
                         recent = set(list(history.loads)[-RECENT:])
-                        candidates = list(history.candidates(prev, last, rules))
+                        candidates = list(history.candidates(last, rules))
                         X += history.features(prev, last, candidates, recent, rules)
                         y += [1 if c == r.region else 0 for c in candidates]
                 history.observe(event)

@@ -1,11 +1,11 @@
 import os
 
 import numpy as np
-import pipellm.predictors.learned
-import pipellm.predictors.rules
 import pytest
 
 import pipellm
+import pipellm.predictors.learned
+import pipellm.predictors.rules
 
 
 def pytest_sessionstart(session):

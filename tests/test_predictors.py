@@ -363,7 +363,7 @@ def test_learned_scores_are_the_model_over_its_features():
                 recent = set(list(h.loads)[-3:])
                 ranked = p._ranked(prev, last, recent, rules, 1000)
                 candidates = [c for _, c in ranked]
-                assert set(candidates) == h.candidates(prev, last, rules)
+                assert set(candidates) == h.candidates(last, rules)
                 assert p._ranked(prev, last, recent, rules, 1) == ranked[:1]
                 rows = h.features(prev, last, candidates, recent, rules)
                 for (z, c), row in zip(ranked, rows):

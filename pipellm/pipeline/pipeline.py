@@ -6,7 +6,6 @@ import itertools
 import threading
 from time import perf_counter
 
-
 from .. import _fork
 from ..channel.protocol import DEFAULT_ROTATE_AFTER, check_rotate_after
 from ..devices import Device, DeviceBuffer, Stream, open_device
