@@ -97,8 +97,8 @@ def _run(mode: str, layers: int, layer_bytes: int, passes: int, compute_us: floa
             assert np.array_equal(pipe.device.read(region.device_buffer), region.array)
         stats = pipe.stats()
     steady = slice(warmup, None) if passes > warmup else slice(None)
-    # the steady passes' median, times their number: one pass the shared VM stalled (the
-    # emulation-stall correction misses by 10-20% now and then) does not decide a ratio
+    # the steady passes' median, times their number: one pass the shared VM slowed (by
+    # ~20% now and then) does not decide a ratio
     modelled = pass_modelled[steady]
     out = {"mode": mode, "time_s": float(np.median(modelled)) * len(modelled), "wall_s": sum(pass_times[steady]),
            "passes_s": modelled,
