@@ -138,29 +138,44 @@ def idle_gap_probe(ops: int = 50, samples: int = 300) -> dict:
 
 
 def hit_path(chunks: int, layers: int = 8, chunk_size: int = 64 * 1024, repeats: int = 5) -> dict:
-    """The host's own time per hit (a request whose ciphertext is ready), per message.
+    """The host's own time per request, per message: pipellm on a hit (a request whose
+    ciphertext is ready), and beside it, timed the same way, plain (a copy submitted)
+    and cc (encrypted on demand): what any request costs the library on this machine.
 
-    Speculation is warmed up and fully encrypted, then the copy engine is paused (so the
-    emulator's thread does not compete for the CPU and the GIL) and a pass of requests is
-    timed: claim, validation, GO command, submission (planning the next speculation is a
-    worker's job, or the requester's when requests outrun the worker). Two timings:
-    ``gapped``, requests 1 ms apart as between real layers (the worker encrypts in
-    between, so caches are cold), and ``tight``, back to back. Each: the best pass of
-    ``repeats``, the median single request, and the fastest one."""
-    nbytes = chunks * chunk_size
+    pipellm's speculation is warmed up and fully encrypted first. The copy engine is
+    paused while a pass of requests is timed (so the emulator's thread does not compete
+    for the CPU and the GIL): pipellm's claim, validation, GO command, submission
+    (planning the next speculation is a worker's job, or the requester's when requests
+    outrun the worker). Two timings: ``gapped``, requests 1 ms apart as between real
+    layers (the worker encrypts in between, so caches are cold), and ``tight``, back to
+    back. Each: the best pass of ``repeats``, the median single request, and the fastest
+    one. A pipellm message is a GO command or a chunk (``chunks + 1`` per hit); a cc
+    one a chunk; plain sends one copy."""
     out = {"chunks_per_transfer": chunks, "chunk_size": chunk_size}
-    with pipellm.Pipeline(device="emulated", mode="pipellm", chunk_size=chunk_size, min_speculative_bytes=0,
-                          depth_bytes=(layers * chunks * 2 + 4) * (chunk_size + 4096),
-                          depth_messages=4 * layers * (chunks + 1), bounce_bytes=4 * (chunk_size + 4096)) as pipe:
+    for mode in ("pipellm", "plain", "cc"):
+        out[mode] = _request_path(mode, chunks, layers, chunk_size, repeats)
+    out.update(out["pipellm"])  # (where earlier results kept pipellm's figures)
+    return out
+
+
+def _request_path(mode: str, chunks: int, layers: int, chunk_size: int, repeats: int) -> dict:
+    nbytes = chunks * chunk_size
+    messages = {"pipellm": chunks + 1, "cc": chunks, "plain": 1}[mode]
+    options = dict(depth_bytes=(layers * chunks * 2 + 4) * (chunk_size + 4096), min_speculative_bytes=0,
+                   depth_messages=4 * layers * (chunks + 1), bounce_bytes=4 * (chunk_size + 4096)) \
+        if mode == "pipellm" else dict(bounce_bytes=(layers * chunks + 4) * (chunk_size + 4096))  # no wait for slots
+    out = {"messages_per_transfer": messages}
+    with pipellm.Pipeline(device="emulated", mode=mode, chunk_size=chunk_size, **options) as pipe:
         regions = [pipe.register(pipellm.empty(nbytes, np.uint8), name=f"layer{i}") for i in range(layers)]
-        for _ in range(2):  # learning passes
+        for _ in range(2):  # learning passes (and the device copies allocated)
             for r in regions:
                 pipe.to_device(r)
             pipe.synchronize()
         for label, gap in (("gapped", 0.001), ("tight", 0.0)):
             best, each = None, []
             for _ in range(repeats):
-                pipe.wait_speculation(10)
+                if mode == "pipellm":
+                    pipe.wait_speculation(10)
                 before = pipe.stats()
                 times = []
                 with pipe.device.paused():
@@ -172,15 +187,15 @@ def hit_path(chunks: int, layers: int = 8, chunk_size: int = 64 * 1024, repeats:
                         times.append(perf_counter() - start)
                 after = pipe.stats()
                 pipe.synchronize()
-                if after["hits"] - before["hits"] == layers:
+                if mode != "pipellm" or after["hits"] - before["hits"] == layers:
                     each += times
                     best = sum(times) if best is None else min(best, sum(times))
             if best is None:
                 raise RuntimeError("no fully-hitting pass was measured")
             median, fastest = float(np.median(each)), min(each)
-            out[label] = {"us_per_transfer": best / layers * 1e6, "us_per_message": best / (layers * (chunks + 1)) * 1e6,
-                          "median_us_per_transfer": median * 1e6, "median_us_per_message": median / (chunks + 1) * 1e6,
-                          "fastest_us_per_message": fastest / (chunks + 1) * 1e6}
+            out[label] = {"us_per_transfer": best / layers * 1e6, "us_per_message": best / (layers * messages) * 1e6,
+                          "median_us_per_transfer": median * 1e6, "median_us_per_message": median / messages * 1e6,
+                          "fastest_us_per_message": fastest / messages * 1e6}
     return out
 
 
@@ -247,6 +262,10 @@ def run(layers: int = 8, layer_bytes: int = 64 * MiB, passes: int = 6, repeats: 
         "hit_path_fastest_us_per_message_1_chunk_tight": hits[0]["tight"]["fastest_us_per_message"],
         "hit_path_us_per_message_16_chunks_gapped": hits[1]["gapped"]["us_per_message"],
         "hit_path_us_per_message_16_chunks_tight": hits[1]["tight"]["us_per_message"],
+        # the same requests in plain and cc mode, timed the same way (per transfer: the
+        # floor any request pays on this machine, and what on-demand encryption adds)
+        **{f"request_us_per_transfer_1_chunk_{label}_{mode}": hits[0][mode][label]["us_per_transfer"]
+           for mode in ("pipellm", "plain", "cc") for label in ("gapped", "tight")},
         "idle_gap_probe_back_to_back_us": gap["back_to_back_us"],
         "idle_gap_probe_after_1ms_idle_us": gap["after_1ms_idle_us"],
     }

@@ -110,7 +110,10 @@ class SpeculativeEngine(CCEngine):
         self.min_speculative_bytes = min_speculative_bytes
         self.spec_pool = self.pinned_pool("depth_bytes", depth_bytes, chunk_size + TAG_BYTES, minimum=1)
         self.cmd_pool = self.pinned_pool("command slots", 16 * slot_bytes_for(GO_BODY.size), GO_BODY.size + TAG_BYTES)
-        self._cond = threading.Condition(threading.Lock())
+        # the engine's lock; sections that neither wait nor notify take it directly
+        # (a Condition's __enter__ and __exit__ are Python frames, the lock's are not)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._items: deque[_Item] = deque()          # in index order
         self._by_key: dict[tuple, _Item] = {}
         self._tasks: deque = deque()                   # (item, chunk) to encrypt, or _RECEIVE
@@ -148,24 +151,35 @@ class SpeculativeEngine(CCEngine):
         with self._h2d_lock:
             self.order += 1
             self._tell(TransferEvent(key[0], offset, nbytes, "h2d", stream.id, perf_counter()))
-            speculating = bool(self._items)
-            item = self._claim(key)
-            if item is None and self._shadow is not None:
-                # throttled: score the shadow guess (items left in the queue from before
-                # the throttle say nothing about the predictor now)
-                hit = self._shadow == key
-                self.counts["shadow_hits"] += hit
-                self._score(hit)
-            elif speculating:
-                self._score(item is not None)
-            throttled = self._throttled()
-            self._shadow = self._shadow_guess() if throttled else None
-            if item is not None:
-                self._send_item(item, dst, dst_offset, stream)
+            item = self._take_ready_head(key, dst, dst_offset) if self._shadow is None else None
+            if item is not None:  # the common hit, checked and claimed in one go
+                self._score(True)
+                throttled = False
+                try:
+                    self._send_go(item, item.go_private, dst, dst_offset, stream)
+                except BaseException:
+                    with self._lock:
+                        self._discard(item)
+                    raise
             else:
-                self.counts["misses"] += 1
-                self._count_reencrypted(key)
-                self._send_on_demand(region, offset, nbytes, dst, dst_offset, stream)
+                speculating = bool(self._items)
+                item = self._claim(key)
+                if item is None and self._shadow is not None:
+                    # throttled: score the shadow guess (items left in the queue from before
+                    # the throttle say nothing about the predictor now)
+                    hit = self._shadow == key
+                    self.counts["shadow_hits"] += hit
+                    self._score(hit)
+                elif speculating:
+                    self._score(item is not None)
+                throttled = self._throttled()
+                self._shadow = self._shadow_guess() if throttled else None
+                if item is not None:
+                    self._send_item(item, dst, dst_offset, stream)
+                else:
+                    self.counts["misses"] += 1
+                    self._count_reencrypted(key)
+                    self._send_on_demand(region, offset, nbytes, dst, dst_offset, stream)
             self.transfers[0] += 1
             self.bytes[0] += nbytes
             queued = len(self._items)
@@ -181,6 +195,28 @@ class SpeculativeEngine(CCEngine):
         # 1.2 points of hits at the forward/backward turns, below its 99% target.)
         if item is None or queued <= self.lookahead // 2:
             self._plan_later()
+
+    def _take_ready_head(self, key, dst, dst_offset) -> _Item | None:
+        """The hit path: claim the head of the queue if it is ``key``, ready to go as is
+        (strict order with no SKIP before it, every chunk sealed, its GO sealed ahead for
+        this destination, nothing written since), else change nothing and return None
+        (``_claim`` and ``_send_item`` then handle every case, this one included)."""
+        with self._lock:
+            items = self._items
+            if not items or self.window or self._accuracy < ACCURACY_FLOOR:
+                return None
+            item = items[0]
+            if (item.key != key or item.go_private is None or item.go_busy or item.failed
+                    or item.go.index != self._expect or item.go_dst != (dst.id, dst_offset)):
+                return None
+            for chunk in item.chunks:
+                if chunk.state != READY:
+                    return None
+            if not self._current(item):
+                return None
+            self._remove(item)
+            item.claimed = True
+            return item
 
     def _score(self, hit: bool) -> None:
         self._accuracy += ACCURACY_ALPHA * (hit - self._accuracy)
@@ -235,7 +271,7 @@ class SpeculativeEngine(CCEngine):
 
     def _claim(self, key) -> _Item | None:
         """The queued item for ``key`` if it can be sent; drops what the request makes useless."""
-        with self._cond:
+        with self._lock:
             if self.window:
                 self._expire()
             item = self._by_key.get(key)
@@ -358,6 +394,12 @@ class SpeculativeEngine(CCEngine):
                 self.counts["misses"] += 1
                 self._send_on_demand(item.region, item.offset, item.nbytes, dst, dst_offset, stream)
                 return
+        self._send_go(item, private, dst, dst_offset, stream)
+
+    def _send_go(self, item: _Item, private, dst, dst_offset, stream) -> None:
+        """Send a claimed item whose chunks are sealed: its GO command (exposed from
+        ``private``, sealed ahead for this destination, or sealed now), then the chunks."""
+        chunks = item.chunks
         slot = self.cmd_pool.acquire(GO_MESSAGE_BYTES, self.timeout)
         go = self._go_tickets.pop(item.go.index)
         try:
@@ -521,7 +563,7 @@ class SpeculativeEngine(CCEngine):
 
     def _plan_due(self) -> bool:
         """False while backing off from fruitless plans (see _note_plan)."""
-        with self._cond:
+        with self._lock:
             if self._plan_skip:
                 self._plan_skip -= 1
                 self.counts["skipped_plans"] += 1
