@@ -568,3 +568,51 @@ def test_a_wrong_predictor_stops_speculation_and_a_recovered_one_restarts_it():
         s = pipe.stats()
         assert s["shadow_hits"] >= 2 and s["hits"] >= 4 * 4 - 4  # resumed within a pass
         check_device(pipe, regions)
+
+
+def test_back_to_back_hits_leave_planning_to_a_worker_until_the_queue_runs_low():
+    """A worker that cannot start the plan asked for (here: the device is paused, so the
+    workers stand still) leaves it pending; the requester takes it back only once fewer
+    than STEAL_PLAN_BELOW items are queued, not at every request."""
+    from pipellm.pipeline.speculative import STEAL_PLAN_BELOW
+    with spec_pipe(lookahead=16, depth_messages=64) as pipe:
+        regions = layers(pipe, n=8, nbytes=CHUNK)
+        for _ in range(2):
+            for r in regions:
+                pipe.to_device(r)
+            pipe.synchronize()
+        pipe.wait_speculation(TIMEOUT)
+        before = pipe.stats()
+        assert before["queued_items"] == 8
+        with pipe.device.paused():
+            for r in regions[:8 - STEAL_PLAN_BELOW]:
+                pipe.to_device(r)
+            middle = pipe.stats()
+            for r in regions[8 - STEAL_PLAN_BELOW:]:
+                pipe.to_device(r)
+            after = pipe.stats()
+        assert middle["hits"] - before["hits"] == 8 - STEAL_PLAN_BELOW
+        assert middle["stolen_plans"] == before["stolen_plans"]   # a worker's job so far
+        assert after["stolen_plans"] > middle["stolen_plans"]     # the queue ran low: planned here
+        check_device(pipe, regions)
+
+
+@pytest.mark.parametrize("iv_order", ["strict", "window"])
+def test_a_hit_lands_at_any_destination(iv_order):
+    """The GO sealed ahead names the region's own device copy; a request for another
+    destination is still a hit, its GO sealed at request time."""
+    with spec_pipe(iv_order=iv_order) as pipe:
+        regions = layers(pipe, n=3)
+        for _ in range(2):
+            for r in regions:
+                pipe.to_device(r)
+            pipe.synchronize()
+        pipe.wait_speculation(TIMEOUT)
+        other = pipe.device.alloc(regions[0].nbytes + 64)
+        hits = pipe.stats()["hits"]
+        pipe.to_device(regions[0], dst=other, dst_offset=64)
+        pipe.to_device(regions[1])
+        pipe.synchronize()
+        assert pipe.stats()["hits"] - hits == 2
+        assert np.array_equal(pipe.device.read(other, 64, regions[0].nbytes), regions[0].array)
+        check_device(pipe, regions[1:2])

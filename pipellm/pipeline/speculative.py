@@ -45,9 +45,13 @@ GO_MESSAGE_BYTES = GO_BODY.size + TAG_BYTES
 ACCURACY_ALPHA = 0.125
 ACCURACY_FLOOR = 0.25
 #: plan the next speculation on the requesting thread when fewer items than this are
-#: queued, or when no worker has started the plan asked for at the previous request
-#: (back-to-back requests would outrun a worker); otherwise a worker plans
+#: queued; with fewer than STEAL_PLAN_BELOW queued, also when no worker has started the
+#: plan asked for at the previous request (back-to-back requests would outrun a worker
+#: that waits for the GIL). Otherwise a worker plans. (Taking the plan back at any depth
+#: put a whole plan on every back-to-back request: a single-chunk hit then cost more
+#: than a cc request, see docs/figures.md.)
 INLINE_PLANNING_BELOW = 2
+STEAL_PLAN_BELOW = 4
 #: strict order: the fewest predicted transfers to queue, however inaccurate the predictor
 STRICT_MIN_DEPTH = 2
 #: transfers are told to the predictor when it is next asked (by the planner, mostly on
@@ -184,7 +188,7 @@ class SpeculativeEngine(CCEngine):
             self.bytes[0] += nbytes
             queued = len(self._items)
             if not throttled and (queued < INLINE_PLANNING_BELOW or (
-                    self._replenish_pending and self._take_pending_plan())):
+                    queued < STEAL_PLAN_BELOW and self._replenish_pending and self._take_pending_plan())):
                 if self._plan_due():
                     self._replenish()  # the queue runs dry, or the workers lag (bursts): plan now
                 return
