@@ -68,6 +68,24 @@ def test_layerwise_forward_then_backward():
     assert regions(p.predict(2)) == ["l6.a", "l6.f"]                    # exact contexts now
 
 
+def test_layerwise_keeps_the_forward_order_through_trainings_first_wrap():
+    """LoRA-like steps: forward l0..l5, backward l5..l0 with a checkpoint loaded before
+    l0. After the first step the one miss is the first wrap to the next step (never seen
+    before); what follows l0's forward loads survives it (l1.a, not l0.a again)."""
+    forward = [f"l{i}.{t}" for i in range(6) for t in "af"]
+    backward = [r for i in reversed(range(6)) for r in (["ckpt0"] if i == 0 else []) + [f"l{i}.a", f"l{i}.f"]]
+    step = forward + backward
+    p = LayerwisePredictor()
+    feed(p, [(r, 0, 10) for r in step])
+    misses = []
+    for n, region in enumerate(step * 3):
+        guess = p.predict(1)
+        if not guess or guess[0].region != region:
+            misses.append((n, region))
+        p.observe(TransferEvent(region, 0, 10))
+    assert misses == [(0, "l0.a")]
+
+
 def test_layerwise_ignores_device_to_host():
     p = LayerwisePredictor()
     feed(p, [("a", 0, 1), ("b", 0, 1), ("x", 0, 1, "d2h"), ("a", 0, 1)])
