@@ -18,8 +18,8 @@ class LayerwisePredictor(Predictor):
     - an exact context model: the region that followed the longest recent context seen
       before (up to ``order`` loads), which tells repeated orders with shared stretches
       apart (several micro-batches per layer, small irregular tensors between layers).
-      A context of two or more loads keeps a successor that held until then the first
-      time it is contradicted, if a longer new context tells the exception apart;
+      The first time a context of two or more loads is contradicted where a longer,
+      new context tells the exception apart, it keeps its successor;
     - a walk model over positions in the first-seen order: the step (position delta)
       that followed the last two steps most often. Training's backward pass walks the
       layers in reverse but each layer's tensors forwards (steps +1, -3, +1, -3, ...): the
@@ -56,7 +56,7 @@ class LayerwisePredictor(Predictor):
     def reset(self) -> None:
         self._history: deque = deque(maxlen=self.order)
         self._next: dict[tuple, str] = {}
-        self._flipped: set = set()        # contexts whose successor changed once
+        self._flipped: set = set()        # contexts that kept their successor once
         self._span: dict[str, tuple[int, int, int, int]] = {}   # offset, nbytes, d_offset, d_nbytes
         self._seen: dict[str, int] = {}
         self._step_like: dict[tuple[int, int], tuple[int, int]] = {}
@@ -154,15 +154,14 @@ class LayerwisePredictor(Predictor):
                 continue
             if old is None:
                 created = True
-            elif key not in flipped:
+            elif created and n >= 2 and key not in flipped:
+                # the first time a successor is contradicted where a longer context
+                # (new) now tells the exception apart, it keeps its context: LoRA's first
+                # wrap to the next step (after layer 0's backward loads) would otherwise
+                # overwrite what follows layer 0's forward loads, and the next step
+                # misses layer 1 once more
                 flipped.add(key)
-                if created and n >= 2:
-                    # a successor that held until now keeps its context the first time
-                    # it is contradicted, when a longer context (new) now tells the
-                    # exception apart: LoRA's first wrap to the next step (after layer 0's
-                    # backward loads) would otherwise overwrite what follows layer 0's
-                    # forward loads, and the next step misses layer 1 once more
-                    continue
+                continue
             nexts[key] = region
             relearned = True
         span = self._span
