@@ -200,6 +200,7 @@ class LearnedPredictor(Predictor):
 
     def reset(self) -> None:
         self._history = _History()
+        self._thresholds = (None, None, 0.0, 0.0)   # confident, floor, and their logits
 
     # -- model files -----------------------------------------------------------------------
     def load(self, path) -> LearnedPredictor:
@@ -282,9 +283,10 @@ class LearnedPredictor(Predictor):
                 if c in z:
                     continue
                 seen = occurrence.get(c)
+                age = 1.0 if seen is None else (t - seen) / 100.0   # at most 1 (no min(): a call)
                 z[c] = (b + a1 * f1.get(c, 0) + a2 * f2.get(c, 0)
                         + (w_segment if c in after else 0.0) + (w_recent if c in recent else 0.0)
-                        + w_age * (1.0 if seen is None else min(1.0, (t - seen) / 100.0)))
+                        + w_age * (age if age < 1.0 else 1.0))
         # the features that name one candidate each
         if after:
             z[after[0]] += w[2]
@@ -315,10 +317,13 @@ class LearnedPredictor(Predictor):
         lw, kv = h.rule_chains(k)
         h.remember_guesses([lw[0] if lw else None, kv[0] if kv else None])
         out, proposed = [], set()
-        confident, floor = _logit(self.confident), _logit(self.floor)   # scores are logits
+        thresholds = self._thresholds
+        if thresholds[0] != self.confident or thresholds[1] != self.floor:   # (public: may be set anew)
+            thresholds = self._thresholds = (self.confident, self.floor, _logit(self.confident), _logit(self.floor))
+        confident, floor = thresholds[2], thresholds[3]   # scores are logits
         for j in range(steps):
             rules = (lw[j] if j < len(lw) else None, kv[j] if j < len(kv) else None)
-            ranked = self._ranked(prev, last, set(recent), rules, self.width)
+            ranked = self._ranked(prev, last, recent, rules, self.width)   # (3 loads: a list is as quick as a set)
             if not ranked:
                 break
             for z, c in ranked[:1 if ranked[0][0] >= confident else self.width]:
