@@ -32,6 +32,15 @@ def layers(pipe, n=4, nbytes=3 * CHUNK + 100, seed=0):
             for i in range(n)]
 
 
+def learn(pipe, regions, timeout=TIMEOUT):
+    """Two passes over ``regions``, then speculation settled: the predictor knows the loop."""
+    for _ in range(2):
+        for r in regions:
+            pipe.to_device(r)
+        pipe.synchronize()
+    pipe.wait_speculation(timeout)
+
+
 def check_device(pipe, regions):
     pipe.synchronize()
     for r in regions:
@@ -56,11 +65,7 @@ def test_repeating_order_hits_after_the_first_pass(iv_order):
 def test_a_write_after_speculation_is_never_sent_stale():
     with spec_pipe() as pipe:
         regions = layers(pipe)
-        for _ in range(2):
-            for r in regions:
-                pipe.to_device(r)
-        pipe.synchronize()
-        pipe.wait_speculation()
+        learn(pipe, regions)
         # layer0 is queued (encrypted ahead) now; change it with a plain numpy write
         regions[0]._array[:50] = 0xAB
         pipe.to_device(regions[0])
@@ -98,11 +103,7 @@ def test_strict_misprediction_skips_with_one_command_window_needs_none():
     for iv_order, expect_nops in (("strict", True), ("window", False)):
         with spec_pipe(iv_order=iv_order) as pipe:
             regions = layers(pipe, n=6)
-            for _ in range(2):
-                for r in regions:
-                    pipe.to_device(r)
-            pipe.synchronize()
-            pipe.wait_speculation()
+            learn(pipe, regions)
             pipe.to_device(regions[3])          # the queue holds 0, 1, 2...: 3 is behind them
             pipe.to_device(regions[0])
             check_device(pipe, regions)
@@ -577,11 +578,7 @@ def test_back_to_back_hits_leave_planning_to_a_worker_until_the_queue_runs_low()
     from pipellm.pipeline.speculative import STEAL_PLAN_BELOW
     with spec_pipe(lookahead=16, depth_messages=64) as pipe:
         regions = layers(pipe, n=8, nbytes=CHUNK)
-        for _ in range(2):
-            for r in regions:
-                pipe.to_device(r)
-            pipe.synchronize()
-        pipe.wait_speculation(TIMEOUT)
+        learn(pipe, regions)
         before = pipe.stats()
         assert before["queued_items"] == 8
         with pipe.device.paused():
@@ -603,11 +600,7 @@ def test_a_hit_lands_at_any_destination(iv_order):
     destination is still a hit, its GO sealed at request time."""
     with spec_pipe(iv_order=iv_order) as pipe:
         regions = layers(pipe, n=3)
-        for _ in range(2):
-            for r in regions:
-                pipe.to_device(r)
-            pipe.synchronize()
-        pipe.wait_speculation(TIMEOUT)
+        learn(pipe, regions)
         other = pipe.device.alloc(regions[0].nbytes + 64)
         hits = pipe.stats()["hits"]
         pipe.to_device(regions[0], dst=other, dst_offset=64)
