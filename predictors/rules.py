@@ -81,8 +81,9 @@ class LayerwisePredictor(Predictor):
         """(context model's region, walk model's region, context length used)."""
         context, n = None, 0
         nexts, size = self._next, len(history)
+        whole = tuple(history)   # (its slices are tuples: one allocation each)
         for n in range(min(self.order, size), 0, -1):
-            context = nexts.get(tuple(history) if n == size else tuple(history[-n:]))
+            context = nexts.get(whole if n == size else whole[-n:])
             if context is not None:
                 break
         walk = None
@@ -228,9 +229,12 @@ class LayerwisePredictor(Predictor):
         """Extend the chain's predictions ``out``: each region's next span (up to the
         first that makes no sense, a negative offset or size)."""
         span, seen, step_like = self._span, self._seen, self._step_like
+        times_of = {}   # region -> its loads in chain[:i + 1]: its next load, or the one after...
+        for region in chain[:len(out)]:
+            times_of[region] = times_of.get(region, 0) + 1
         for i in range(len(out), len(chain)):
             region = chain[i]
-            times = chain[:i + 1].count(region)   # its next load, or the one after...
+            times = times_of[region] = times_of.get(region, 0) + 1
             offset, nbytes, d_offset, d_nbytes = span[region]
             if seen[region] == 1:
                 d_offset, d_nbytes = step_like.get((offset, nbytes), (0, 0))
