@@ -207,7 +207,7 @@ class SpeculativeEngine(CCEngine):
         (``_claim`` and ``_send_item`` then handle every case, this one included)."""
         with self._lock:
             items = self._items
-            if not items or self.window or self._accuracy < ACCURACY_FLOOR:
+            if not items or self.window or self._throttled():
                 return None
             item = items[0]
             if (item.key != key or item.go_private is None or item.go_busy or item.failed
