@@ -30,6 +30,8 @@ import math
 import os
 from collections import deque
 
+import cython
+
 from pipellm.errors import ArgumentError
 
 from .base import Prediction, Predictor, TransferEvent
@@ -60,9 +62,25 @@ class NotFittedError(ArgumentError, AttributeError):
     """The learned predictor has no model: fit() it or load() one."""
 
 
+@cython.cclass
 class _History:
     """The online statistics both training and prediction compute features from, and the
-    rule predictors whose opinions are features too."""
+    rule predictors whose opinions are features too. Compiled, an extension type (its
+    state in C fields); the ``cython`` declarations change nothing in the plain module."""
+
+    rules = cython.declare(tuple, visibility="public")    # (LayerwisePredictor, KVSwapPredictor)
+    trust = cython.declare(list, visibility="public")
+    t = cython.declare(cython.Py_ssize_t, visibility="public")
+    events = cython.declare(cython.Py_ssize_t, visibility="public")
+    _guessed = cython.declare(tuple, visibility="public")
+    loads = cython.declare(object, visibility="public")   # deque
+    follow1 = cython.declare(dict, visibility="public")
+    follow2 = cython.declare(dict, visibility="public")
+    total1 = cython.declare(dict, visibility="public")
+    total2 = cython.declare(dict, visibility="public")
+    after = cython.declare(dict, visibility="public")
+    occurrence = cython.declare(dict, visibility="public")
+    span = cython.declare(dict, visibility="public")
 
     def __init__(self):
         self.rules = (LayerwisePredictor(), KVSwapPredictor())
@@ -107,6 +125,7 @@ class _History:
     def noise(event: TransferEvent, guesses) -> bool:
         return event.nbytes < SMALL and not any(g is not None and g.region == event.region for g in guesses)
 
+    @cython.locals(signal=cython.bint, trust=list, i=cython.Py_ssize_t)
     def observe(self, event: TransferEvent) -> None:
         signal = event.direction == "h2d"
         if signal:
@@ -149,6 +168,7 @@ class _History:
                          lw, kv, lw * lw_trust, kv * kv_trust])
         return rows
 
+    @cython.locals(f=dict, total=dict, followers=list)
     def add(self, region: str, offset: int, nbytes: int) -> None:
         loads = self.loads
         prev, last = self.context()
@@ -175,6 +195,44 @@ class _History:
         self.span[region] = (offset, nbytes)
         loads.append(region)
         self.t += 1
+
+    @cython.locals(w=list, b=cython.double, n1=cython.Py_ssize_t, n2=cython.Py_ssize_t, f1=dict, f2=dict,
+                   a1=cython.double, a2=cython.double, w_segment=cython.double, w_recent=cython.double,
+                   w_age=cython.double, t=cython.Py_ssize_t, occurrence=dict, z=dict, age=cython.double,
+                   i=cython.Py_ssize_t, top=cython.double)
+    def ranked(self, w, b, prev, last, recent, rules, n: int) -> list[tuple[float, str]]:
+        """The ``n`` best candidates (score, region), best first, under the model with
+        weights ``w`` and intercept ``b``. A score is the model's logit, the same as
+        ``b + w . features(...)`` over the candidates of ``candidates`` but with no rows
+        built (they cost more than the scoring); a test holds the two equal."""
+        n1, n2 = self.total1.get(last, 0), self.total2.get((prev, last), 0)
+        f1 = self.follow1.get(last, {}) if n1 else {}
+        f2 = self.follow2.get((prev, last), {}) if n2 else {}
+        a1, a2 = (w[0] / n1 if n1 else 0.0), (w[1] / n2 if n2 else 0.0)
+        after = self.after.get(last, ())
+        w_segment, w_recent, w_age = w[3], w[4], w[5]
+        t, occurrence = self.t, self.occurrence
+        z = {}
+        # (what followed (prev, last) followed last too: follow2's regions are follow1's)
+        for source in (f1, after, [r.region for r in rules if r is not None]):
+            for c in source:
+                if c in z:
+                    continue
+                seen = occurrence.get(c)
+                age = 1.0 if seen is None else (t - seen) / 100.0   # at most 1 (no min(): a call)
+                z[c] = (b + a1 * f1.get(c, 0) + a2 * f2.get(c, 0)
+                        + (w_segment if c in after else 0.0) + (w_recent if c in recent else 0.0)
+                        + w_age * (age if age < 1.0 else 1.0))
+        # the features that name one candidate each
+        if after:
+            z[after[0]] += w[2]
+        for i, rule in enumerate(rules):
+            if rule is not None:
+                z[rule.region] += w[6 + i] + w[8 + i] * self.trust[i]
+        if n == 1 and z:   # the best (v, c): the highest score, then the greatest name
+            top = max(z.values())
+            return [(top, max([c for c, v in z.items() if v == top]))]
+        return sorted([(v, c) for c, v in z.items()], reverse=True)[:n]
 
 
 class LearnedPredictor(Predictor):
@@ -263,41 +321,7 @@ class LearnedPredictor(Predictor):
     def observe(self, event: TransferEvent) -> None:
         self._history.observe(event)
 
-    def _ranked(self, prev, last, recent, rules, n: int) -> list[tuple[float, str]]:
-        """The ``n`` best candidates (score, region), best first. A score is the model's
-        logit, the same as ``intercept + coef . features(...)`` over the candidates of
-        ``_History.candidates`` but with no rows built (they cost more than the scoring);
-        a test holds the two equal."""
-        h, w = self._history, self.coef_
-        n1, n2 = h.total1.get(last, 0), h.total2.get((prev, last), 0)
-        f1 = h.follow1.get(last, {}) if n1 else {}
-        f2 = h.follow2.get((prev, last), {}) if n2 else {}
-        a1, a2 = (w[0] / n1 if n1 else 0.0), (w[1] / n2 if n2 else 0.0)
-        after = h.after.get(last, ())
-        w_segment, w_recent, w_age = w[3], w[4], w[5]
-        t, occurrence, b = h.t, h.occurrence, self.intercept_
-        z = {}
-        # (what followed (prev, last) followed last too: follow2's regions are follow1's)
-        for source in (f1, after, [r.region for r in rules if r is not None]):
-            for c in source:
-                if c in z:
-                    continue
-                seen = occurrence.get(c)
-                age = 1.0 if seen is None else (t - seen) / 100.0   # at most 1 (no min(): a call)
-                z[c] = (b + a1 * f1.get(c, 0) + a2 * f2.get(c, 0)
-                        + (w_segment if c in after else 0.0) + (w_recent if c in recent else 0.0)
-                        + w_age * (age if age < 1.0 else 1.0))
-        # the features that name one candidate each
-        if after:
-            z[after[0]] += w[2]
-        for i, rule in enumerate(rules):
-            if rule is not None:
-                z[rule.region] += w[6 + i] + w[8 + i] * h.trust[i]
-        if n == 1 and z:   # the best (v, c): the highest score, then the greatest name
-            top = max(z.values())
-            return [(top, max([c for c, v in z.items() if v == top]))]
-        return sorted([(v, c) for c, v in z.items()], reverse=True)[:n]
-
+    @cython.locals(h=_History, out=list, proposed=set, j=cython.Py_ssize_t)
     def predict(self, k: int) -> list[Prediction]:
         self._check_fitted()
         h = self._history
@@ -323,7 +347,7 @@ class LearnedPredictor(Predictor):
         confident, floor = thresholds[2], thresholds[3]   # scores are logits
         for j in range(steps):
             rules = (lw[j] if j < len(lw) else None, kv[j] if j < len(kv) else None)
-            ranked = self._ranked(prev, last, recent, rules, self.width)   # (3 loads: a list is as quick as a set)
+            ranked = h.ranked(self.coef_, self.intercept_, prev, last, recent, rules, self.width)   # (3 loads: a list is as quick as a set)
             if not ranked:
                 break
             for z, c in ranked[:1 if ranked[0][0] >= confident else self.width]:

@@ -379,10 +379,10 @@ def test_learned_scores_are_the_model_over_its_features():
             lw, kv = h.rule_chains(2)
             for rules in ((lw[0] if lw else None, kv[0] if kv else None), (None, None)):
                 recent = set(list(h.loads)[-3:])
-                ranked = p._ranked(prev, last, recent, rules, 1000)
+                ranked = h.ranked(p.coef_, p.intercept_, prev, last, recent, rules, 1000)
                 candidates = [c for _, c in ranked]
                 assert set(candidates) == h.candidates(last, rules)
-                assert p._ranked(prev, last, recent, rules, 1) == ranked[:1]
+                assert h.ranked(p.coef_, p.intercept_, prev, last, recent, rules, 1) == ranked[:1]
                 rows = h.features(prev, last, candidates, recent, rules)
                 for (z, c), row in zip(ranked, rows):
                     assert z == pytest.approx(p.intercept_ + sum(w * x for w, x in zip(p.coef_, row)), abs=1e-9), c
@@ -401,3 +401,51 @@ def test_learned_model_files_are_checked_and_never_executed(tmp_path, content, m
     path.write_text(content)
     with pytest.raises(pipellm.ArgumentError, match=message):
         LearnedPredictor(model=str(path))
+
+
+def plain_predictor_modules(monkeypatch):
+    """rules.py and learned.py loaded as plain Python (the fallback where no compiler
+    built them), under a throw-away package name, beside the compiled ones."""
+    import importlib.util
+    import types
+
+    import pipellm.predictors.rules as compiled
+    folder = os.path.dirname(compiled.__file__)
+    package = types.ModuleType("plain_predictors")
+    package.__path__ = []
+    monkeypatch.setitem(sys.modules, "plain_predictors", package)
+    modules = {}
+    for name in ("base", "rules", "learned"):
+        spec = importlib.util.spec_from_file_location(f"plain_predictors.{name}", os.path.join(folder, f"{name}.py"))
+        modules[name] = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, modules[name])
+        spec.loader.exec_module(modules[name])
+    return modules
+
+
+@pytest.mark.parametrize("workload,options", [("moe", dict(seed=4, tokens=12, weight_budget=4 << 20)),
+                                              ("lora", dict(model="opt-13b", steps=2))])
+def test_compiled_predictors_predict_what_the_plain_modules_do(monkeypatch, workload, options):
+    """The compiled modules carry C type declarations the plain ones ignore: both must
+    give the same predictions at every step (layerwise, and learned with a model)."""
+    from pipellm.predictors import LearnedPredictor
+    from pipellm.predictors.learned import FEATURES
+    plain = plain_predictor_modules(monkeypatch)
+    assert not plain["rules"].__file__.endswith(".so")
+    rnd = random.Random(2)
+    coef, intercept = [rnd.uniform(-3, 3) for _ in FEATURES], rnd.uniform(-2, 2)
+    pairs = [(LayerwisePredictor(), plain["rules"].LayerwisePredictor()),
+             (LearnedPredictor(width=3), plain["learned"].LearnedPredictor(width=3))]
+    for p in pairs[1]:
+        p.coef_, p.intercept_ = coef, intercept
+    steps = 0
+    for r in generate.generate(workload, **options).records:
+        if r.op not in ("h2d", "d2h"):
+            continue
+        event = TransferEvent(r.region, r.offset, r.nbytes, r.op)
+        for compiled, plain_one in pairs:
+            assert [tuple(x) for x in compiled.predict(6)] == [tuple(x) for x in plain_one.predict(6)], (steps, r)
+            compiled.observe(event)
+            plain_one.observe(event)
+        steps += 1
+    assert steps > 200
