@@ -39,10 +39,6 @@ class _LayerwiseCore:
     _chain_ended = cython.declare(cython.bint, visibility="public")
     _predicted = cython.declare(list, visibility="public")     # None: to be made
 
-    def __init__(self, order: int = 4):
-        self.order = order
-        self.reset()
-
     def reset(self) -> None:
         self._history: deque = deque(maxlen=self.order)
         self._next: dict[tuple, str] = {}
@@ -284,6 +280,10 @@ class LayerwisePredictor(_LayerwiseCore, Predictor):
 
     name = "layerwise"
     uses_d2h = False
+
+    def __init__(self, order: int = 4):   # (here, not in the core: a signature to inspect)
+        self.order = order
+        self.reset()
 
 
 class KVSwapPredictor(Predictor):

@@ -133,6 +133,19 @@ def test_replay_many_reports_against_plain():
     assert cost["plain"] == cost["cc"] == 0 and cost["pipellm"] > 0   # only pipellm asks a predictor
 
 
+@pytest.mark.parametrize("name", ["layerwise", "kvswap", "lru", "learned", "sequence", "none"])
+def test_replay_predictor_options_reach_the_predictors_that_take_them(name):
+    """``--predictor-option`` goes to a predictor's constructor where its signature takes
+    the option (so every built-in's constructor must have one to inspect) and is left
+    out elsewhere."""
+    from pipellm.traces.replay import _predictor
+    p = _predictor(name, tiny_trace(), {"order": 2, "width": 3, "capacity": 7, "no_such_option": 1})
+    expected = {"layerwise": ("order", 2), "lru": ("capacity", 7), "learned": ("width", 3)}.get(name)
+    if expected:
+        assert getattr(p, expected[0]) == expected[1]
+    assert p.name == name and not hasattr(p, "no_such_option")
+
+
 def test_record_then_replay(tmp_path):
     path = tmp_path / "run.jsonl.gz"
     with pipellm.Pipeline(device="emulated", mode="pipellm") as pipe:
