@@ -66,3 +66,27 @@ def test_bench_offload_quick():
             row = hit[mode][label]
             assert result["summary"][f"request_us_per_transfer_1_chunk_{label}_{mode}"] == row["us_per_transfer"] > 0
             assert row["us_per_message"] == pytest.approx(row["us_per_transfer"] / hit[mode]["messages_per_transfer"])
+
+
+def test_bench_predictors_quick():
+    """Hit rates and both costs (back to back, and cold: scratch memory written between
+    transfers) for every row; the cold run replays the same trace, so the same hits."""
+    pytest.importorskip("sklearn")
+    result = json.loads(run("bench", "predictors", "--quick", "--repeats", "1", "--json", "--no-progress"))
+    rows = result["rows"]
+    assert {(r["workload"], r["predictor"]) for r in rows} >= {("accelerate", "layerwise"), ("flexgen", "learned")}
+    for r in rows:
+        assert 0 <= r["hit_rate"] <= 1 and r["us_per_transfer"] > 0 and r["us_per_transfer_cold"] > 0
+    assert result["summary"]["accelerate_layerwise_hit_rate_after_first_pass"] > 0.99
+    assert result["summary"]["max_us_per_transfer_cold_learned"] == max(
+        r["us_per_transfer_cold"] for r in rows if r["predictor"] == "learned")
+
+
+def test_predictor_cost_scratch_writes_change_no_prediction():
+    """The cold cost's scratch writes sit outside the predictor: the same hits either way."""
+    from pipellm.benchmarks.predictors import evaluate
+    from pipellm.predictors import get
+    from pipellm.traces import generate
+    trace = generate.generate("lora", model="opt-13b", steps=2)
+    hot, cold = evaluate(trace, get("layerwise"), 8), evaluate(trace, get("layerwise"), 8, evict_bytes=1 << 16)
+    assert hot["hit_rate"] == cold["hit_rate"] > 0.5 and hot["transfers"] == cold["transfers"]
