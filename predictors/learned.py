@@ -30,7 +30,10 @@ import math
 import os
 from collections import deque
 
-import cython
+try:
+    import cython
+except ImportError:   # the plain module without Cython installed
+    from . import _nocython as cython
 
 from pipellm.errors import ArgumentError
 
@@ -196,43 +199,50 @@ class _History:
         loads.append(region)
         self.t += 1
 
-    @cython.locals(w=list, b=cython.double, n1=cython.Py_ssize_t, n2=cython.Py_ssize_t, f1=dict, f2=dict,
+    @cython.locals(b=cython.double, n1=cython.Py_ssize_t, n2=cython.Py_ssize_t, f1=dict, f2=dict,
                    a1=cython.double, a2=cython.double, w_segment=cython.double, w_recent=cython.double,
-                   w_age=cython.double, t=cython.Py_ssize_t, occurrence=dict, z=dict, age=cython.double,
-                   i=cython.Py_ssize_t, top=cython.double)
+                   w_age=cython.double, t=cython.Py_ssize_t, occurrence=dict, scored=list, extra=list,
+                   age=cython.double, v=cython.double)
     def ranked(self, w, b, prev, last, recent, rules, n: int) -> list[tuple[float, str]]:
-        """The ``n`` best candidates (score, region), best first, under the model with
-        weights ``w`` and intercept ``b``. A score is the model's logit, the same as
-        ``b + w . features(...)`` over the candidates of ``candidates`` but with no rows
-        built (they cost more than the scoring); a test holds the two equal."""
+        """The ``n`` best candidates (score, region), best first (equal scores: the
+        greatest name first), under the model with weights ``w`` and intercept ``b``. A
+        score is the model's logit, the same as ``b + w . features(...)`` over the
+        candidates of ``candidates`` but with no rows built (they cost more than the
+        scoring); a test holds the two equal."""
         n1, n2 = self.total1.get(last, 0), self.total2.get((prev, last), 0)
         f1 = self.follow1.get(last, {}) if n1 else {}
         f2 = self.follow2.get((prev, last), {}) if n2 else {}
         a1, a2 = (w[0] / n1 if n1 else 0.0), (w[1] / n2 if n2 else 0.0)
         after = self.after.get(last, ())
+        first = after[0] if after else None
+        lw = rules[0].region if rules[0] is not None else None
+        kv = rules[1].region if rules[1] is not None else None
         w_segment, w_recent, w_age = w[3], w[4], w[5]
         t, occurrence = self.t, self.occurrence
-        z = {}
+        scored, extra = [], []   # (score, region); candidates not in f1, once each
         # (what followed (prev, last) followed last too: follow2's regions are follow1's)
-        for source in (f1, after, [r.region for r in rules if r is not None]):
+        for source in (f1, after, (lw, kv)):
             for c in source:
-                if c in z:
-                    continue
+                if source is not f1:
+                    if c is None or c in f1 or c in extra:
+                        continue
+                    extra.append(c)
                 seen = occurrence.get(c)
                 age = 1.0 if seen is None else (t - seen) / 100.0   # at most 1 (no min(): a call)
-                z[c] = (b + a1 * f1.get(c, 0) + a2 * f2.get(c, 0)
-                        + (w_segment if c in after else 0.0) + (w_recent if c in recent else 0.0)
-                        + w_age * (age if age < 1.0 else 1.0))
-        # the features that name one candidate each
-        if after:
-            z[after[0]] += w[2]
-        for i, rule in enumerate(rules):
-            if rule is not None:
-                z[rule.region] += w[6 + i] + w[8 + i] * self.trust[i]
-        if n == 1 and z:   # the best (v, c): the highest score, then the greatest name
-            top = max(z.values())
-            return [(top, max([c for c, v in z.items() if v == top]))]
-        return sorted([(v, c) for c, v in z.items()], reverse=True)[:n]
+                v = (b + a1 * f1.get(c, 0) + a2 * f2.get(c, 0)
+                     + (w_segment if c in after else 0.0) + (w_recent if c in recent else 0.0)
+                     + w_age * (age if age < 1.0 else 1.0))
+                # the features that name one candidate each
+                if c == first:
+                    v += w[2]
+                if c == lw:
+                    v += w[6] + w[8] * self.trust[0]
+                if c == kv:
+                    v += w[7] + w[9] * self.trust[1]
+                scored.append((v, c))
+        if n == 1:   # (tuples compare by score, then by name)
+            return [max(scored)] if scored else []
+        return sorted(scored, reverse=True)[:n]
 
 
 class LearnedPredictor(Predictor):

@@ -6,7 +6,10 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict, deque
 
-import cython
+try:
+    import cython
+except ImportError:   # the plain module without Cython installed
+    from . import _nocython as cython
 
 from .base import Prediction, Predictor, TransferEvent
 
@@ -245,7 +248,8 @@ class LayerwisePredictor(_LayerwiseCore, Predictor):
     """Learns the repeating order of host-to-device loads (FlexGen, accelerate, DeepSpeed).
 
     Two models predict the next *region*, and the one that has been right more often
-    lately wins (a tournament, as in branch predictors):
+    lately wins (a tournament, as in branch predictors). (Its underscore methods are
+    internal: compiled, they are C functions that a subclass cannot override.)
 
     - an exact context model: the region that followed the longest recent context seen
       before (up to ``order`` loads), which tells repeated orders with shared stretches
@@ -318,9 +322,9 @@ class KVSwapPredictor(Predictor):
         self._swap_regions: set[str] = set()  # regions blocks were swapped out of
 
     def observe(self, event: TransferEvent) -> None:
-        key = (event.region, event.offset, event.nbytes)
         if event.direction == "h2d" and event.region not in self._swap_regions:
             return  # not swap traffic (input ids, sampling parameters): it ends no swap-out
+        key = (event.region, event.offset, event.nbytes)
         if event.direction == "d2h":
             self._swap_regions.add(event.region)
             if self._open is not None and event.region == self._first and self._last != event.region:

@@ -70,7 +70,7 @@ def test_bench_offload_quick():
 
 def test_bench_predictors_quick():
     """Hit rates and both costs (back to back, and cold: scratch memory written between
-    transfers) for every row; the cold run replays the same trace, so the same hits."""
+    transfers) for every row, in the JSON and in the table."""
     pytest.importorskip("sklearn")
     result = json.loads(run("bench", "predictors", "--quick", "--repeats", "1", "--json", "--no-progress"))
     rows = result["rows"]
@@ -78,15 +78,6 @@ def test_bench_predictors_quick():
     for r in rows:
         assert 0 <= r["hit_rate"] <= 1 and r["us_per_transfer"] > 0 and r["us_per_transfer_cold"] > 0
     assert result["summary"]["accelerate_layerwise_hit_rate_after_first_pass"] > 0.99
-    assert result["summary"]["max_us_per_transfer_cold_learned"] == max(
-        r["us_per_transfer_cold"] for r in rows if r["predictor"] == "learned")
-
-
-def test_predictor_cost_scratch_writes_change_no_prediction():
-    """The cold cost's scratch writes sit outside the predictor: the same hits either way."""
-    from pipellm.benchmarks.predictors import evaluate
-    from pipellm.predictors import get
-    from pipellm.traces import generate
-    trace = generate.generate("lora", model="opt-13b", steps=2)
-    hot, cold = evaluate(trace, get("layerwise"), 8), evaluate(trace, get("layerwise"), 8, evict_bytes=1 << 16)
-    assert hot["hit_rate"] == cold["hit_rate"] > 0.5 and hot["transfers"] == cold["transfers"]
+    assert {"max_us_per_transfer_cold_rules", "max_us_per_transfer_cold_learned"} <= set(result["summary"])
+    table = run("bench", "predictors", "--quick", "--repeats", "1", "--no-progress")
+    assert table.splitlines()[1].split()[-1] == "cold" and "MiB written between transfers" in table

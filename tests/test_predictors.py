@@ -403,19 +403,22 @@ def test_learned_model_files_are_checked_and_never_executed(tmp_path, content, m
         LearnedPredictor(model=str(path))
 
 
-def plain_predictor_modules(monkeypatch):
+def plain_predictor_modules(monkeypatch, cython_installed=True):
     """rules.py and learned.py loaded as plain Python (the fallback where no compiler
-    built them), under a throw-away package name, beside the compiled ones."""
+    built them), under a throw-away package name, beside the compiled ones; without
+    Cython installed they read their declarations through predictors/_nocython.py."""
     import importlib.util
     import types
 
     import pipellm.predictors.rules as compiled
     folder = os.path.dirname(compiled.__file__)
+    if not cython_installed:
+        monkeypatch.setitem(sys.modules, "cython", None)   # import cython raises ImportError
     package = types.ModuleType("plain_predictors")
     package.__path__ = []
     monkeypatch.setitem(sys.modules, "plain_predictors", package)
     modules = {}
-    for name in ("base", "rules", "learned"):
+    for name in ("_nocython", "base", "rules", "learned"):
         spec = importlib.util.spec_from_file_location(f"plain_predictors.{name}", os.path.join(folder, f"{name}.py"))
         modules[name] = importlib.util.module_from_spec(spec)
         monkeypatch.setitem(sys.modules, spec.name, modules[name])
@@ -423,15 +426,29 @@ def plain_predictor_modules(monkeypatch):
     return modules
 
 
+def compiled_or_skip():
+    import importlib.machinery
+
+    import pipellm.predictors.learned
+    import pipellm.predictors.rules
+    for module in (pipellm.predictors.rules, pipellm.predictors.learned):
+        if not module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
+            pytest.skip(f"{module.__name__} was not compiled here ({module.__file__}): nothing to compare")
+
+
+@pytest.mark.parametrize("cython_installed", [True, False])
 @pytest.mark.parametrize("workload,options", [("moe", dict(seed=4, tokens=12, weight_budget=4 << 20)),
                                               ("lora", dict(model="opt-13b", steps=2))])
-def test_compiled_predictors_predict_what_the_plain_modules_do(monkeypatch, workload, options):
-    """The compiled modules carry C type declarations the plain ones ignore: both must
-    give the same predictions at every step (layerwise, and learned with a model)."""
+def test_compiled_predictors_predict_what_the_plain_modules_do(monkeypatch, workload, options, cython_installed):
+    """The compiled modules carry C type declarations the plain ones ignore (with Cython
+    installed or through the no-op stand-in): both must give the same predictions at
+    every step (layerwise, and learned with a model)."""
     from pipellm.predictors import LearnedPredictor
     from pipellm.predictors.learned import FEATURES
-    plain = plain_predictor_modules(monkeypatch)
-    assert not plain["rules"].__file__.endswith(".so")
+    compiled_or_skip()
+    plain = plain_predictor_modules(monkeypatch, cython_installed)
+    assert plain["rules"].__file__.endswith(".py")
+    assert (plain["rules"].cython.__name__ == "cython") == cython_installed
     rnd = random.Random(2)
     coef, intercept = [rnd.uniform(-3, 3) for _ in FEATURES], rnd.uniform(-2, 2)
     pairs = [(LayerwisePredictor(), plain["rules"].LayerwisePredictor()),
@@ -449,3 +466,26 @@ def test_compiled_predictors_predict_what_the_plain_modules_do(monkeypatch, work
             plain_one.observe(event)
         steps += 1
     assert steps > 200
+
+
+def test_learned_takes_its_weights_as_any_sequence():
+    """``coef_`` is public (scikit-learn style): a tuple or a numpy array of weights
+    predicts as the list does (the compiled ranking must not insist on a list)."""
+    import numpy as np
+
+    from pipellm.predictors import LearnedPredictor
+    from pipellm.predictors.learned import FEATURES
+    rnd = random.Random(7)
+    weights = [rnd.uniform(-3, 3) for _ in FEATURES]
+    predictors = []
+    for kind in (list, tuple, np.array):
+        p = LearnedPredictor(width=2)
+        p.coef_, p.intercept_ = kind(weights), 0.5
+        predictors.append(p)
+    records = [r for r in generate.moe(seed=2, tokens=6, weight_budget=4 << 20).records if r.op == "h2d"]
+    for r in records:
+        first = [tuple(x) for x in predictors[0].predict(4)]
+        assert all([tuple(x) for x in p.predict(4)] == first for p in predictors[1:])
+        for p in predictors:
+            p.observe(TransferEvent(r.region, r.offset, r.nbytes))
+    assert len(records) > 50

@@ -1,0 +1,23 @@
+"""What ``rules.py`` and ``learned.py`` use of Cython's pure-Python mode, as no-ops: the
+stand-in for the ``cython`` module where Cython is not installed. Compiled, those
+modules are C (Cython reads the declarations); plain, they run as written."""
+
+Py_ssize_t = int
+double = float
+bint = bool
+
+
+def cclass(cls):
+    return cls
+
+
+def cfunc(function):
+    return function
+
+
+def locals(**types):   # noqa: A001 - Cython's name
+    return lambda function: function
+
+
+def declare(type_=None, value=None, **options):
+    return value
