@@ -8,6 +8,16 @@ import os
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class ParallelBuildExt(build_ext):
+    """Compiles the extensions on every core (``-j``) unless told otherwise."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if self.parallel is None:
+            self.parallel = os.cpu_count() or 1
 
 
 def cuda_headers() -> str | None:
@@ -54,5 +64,5 @@ extensions = [
 PREDICTORS = [Extension(f"pipellm.predictors.{name}", [f"predictors/{name}.py"], extra_compile_args=["-O2"],
                         optional=True) for name in ("rules", "learned")]
 
-setup(ext_modules=cythonize(extensions, **CYTHON) + cythonize(
+setup(cmdclass={"build_ext": ParallelBuildExt}, ext_modules=cythonize(extensions, **CYTHON) + cythonize(
     PREDICTORS, language_level=3, compiler_directives={"annotation_typing": False}) + cuda_extension())

@@ -22,6 +22,8 @@ import argparse
 import json
 import os
 import sys
+import traceback
+from functools import partial
 from time import perf_counter
 
 import numpy as np
@@ -48,10 +50,14 @@ def _events_seconds(cuda, run, repeats: int) -> float:
 
 
 def kernels(sizes, repeats: int = 5) -> list[dict]:
+    """Decrypt and encrypt GB/s by size; each size's GPU ciphertext and tag are compared
+    with the CPU's (``cryptography``'s AES-GCM, as the channel seals) byte for byte."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     from numba import cuda
 
     from pipellm.kernels import KernelKey, _batch_arrays, open_into, seal_into
-    key = KernelKey(os.urandom(32))
+    secret = os.urandom(32)
+    key = KernelKey(secret)
     iv, aad = os.urandom(12), os.urandom(56)
     ivs, aads = _batch_arrays([iv], [aad])
     zero = cuda.to_device(np.zeros(1, np.int64))
@@ -64,14 +70,50 @@ def kernels(sizes, repeats: int = 5) -> list[dict]:
         seal_into(key, ivs, aads, len(aad), plain, zero, lens, sealed, zero, tags)  # warm-up, compiles
         enc = _events_seconds(cuda, lambda: seal_into(key, ivs, aads, len(aad), plain, zero, lens, sealed, zero,
                                                       tags), repeats)
+        cpu = AESGCM(secret).encrypt(iv, host[:size].tobytes(), aad)
+        gpu = sealed.copy_to_host()[:size].tobytes() + tags.copy_to_host()[0].astype(">u4").tobytes()
         ok = open_into(key, ivs, aads, len(aad), sealed, zero, lens, tags, out, zero)
         assert ok.copy_to_host()[0] == 1 and np.array_equal(out.copy_to_host()[:size], host[:size])
         dec = _events_seconds(cuda, lambda: open_into(key, ivs, aads, len(aad), sealed, zero, lens, tags, out, zero),
                               repeats)
-        rows.append({"bytes": size, "decrypt_GBps": size / dec / 1e9, "encrypt_GBps": size / enc / 1e9})
+        rows.append({"bytes": size, "decrypt_GBps": size / dec / 1e9, "encrypt_GBps": size / enc / 1e9,
+                     "matches_cpu": gpu == cpu})
         print(f"kernels {size:>11} B: decrypt {rows[-1]['decrypt_GBps']:8.2f} GB/s, "
-              f"encrypt {rows[-1]['encrypt_GBps']:8.2f} GB/s", flush=True)
+              f"encrypt {rows[-1]['encrypt_GBps']:8.2f} GB/s, same bytes as the CPU: {gpu == cpu}", flush=True)
     return rows
+
+
+def kernel_parts(size: int = 64 * MiB, repeats: int = 5, threads=(64, 128, 256, 512)) -> dict:
+    """Where a decrypt's time goes (GHASH, tag, CTR kernels alone) and how the whole
+    decrypt's GB/s depends on threads per block, at ``size``."""
+    from numba import cuda
+
+    from pipellm.kernels import KernelKey, _batch_arrays, _ctr, _ghash, open_into
+    from pipellm.kernels.aesgcm import THREADS, tag_kernel
+    key = KernelKey(os.urandom(32))
+    ivs, aads = _batch_arrays([os.urandom(12)], [os.urandom(56)])
+    zero = cuda.to_device(np.zeros(1, np.int64))
+    lens = np.array([size], np.int64)
+    lens_d = cuda.to_device(lens)
+    data, out = cuda.device_array(size, np.uint8), cuda.device_array(size, np.uint8)
+    tags = cuda.to_device(np.zeros((1, 4), np.uint32))
+    ok = cuda.to_device(np.ones(1, np.uint32))
+    acc = _ghash(key, data, zero, lens, lens_d, aads, 56, THREADS, 0)
+    parts = {
+        "ghash": lambda: _ghash(key, data, zero, lens, lens_d, aads, 56, THREADS, 0),
+        "tag": lambda: tag_kernel[1, THREADS](key.te, key.round_keys, ivs, acc, tags, ok, 1),
+        "ctr": lambda: _ctr(key, ivs, data, zero, out, zero, lens, lens_d, ok, THREADS, 0),
+    }
+    result = {"bytes": size, "ms": {}, "decrypt_GBps_by_threads": {}}
+    for name, run in parts.items():
+        run()
+        result["ms"][name] = _events_seconds(cuda, run, repeats) * 1e3
+    for t in threads:
+        run = partial(open_into, key, ivs, aads, 56, data, zero, lens, tags, out, zero, threads=t)
+        run()
+        result["decrypt_GBps_by_threads"][t] = size / _events_seconds(cuda, run, repeats) / 1e9
+    print(f"kernel parts at {size} B: {result}", flush=True)
+    return result
 
 
 def pinned_h2d(sizes, repeats: int = 5) -> list[dict]:
@@ -87,13 +129,16 @@ def pinned_h2d(sizes, repeats: int = 5) -> list[dict]:
     return rows
 
 
-def encrypted_h2d(sizes, workers, repeats: int = 3, chunk_size: int = 4 * MiB, copies: str = "numba") -> list[dict]:
+def encrypted_h2d(sizes, workers, repeats: int = 3, chunk_size: int = 4 * MiB, copies: str = "numba",
+                  modes=("cc", "pipellm")) -> list[dict]:
+    """``Pipeline(mode=cc|pipellm, device="cuda")`` H2D GB/s: cc seals on the critical
+    path; pipellm is timed after ``wait_speculation()``, so its messages were sealed ahead."""
     import pipellm
     rows = []
     with pipellm.open_device("cuda", copies=copies) as dev:
         for size in sizes:
             chunk = min(chunk_size, size)
-            for mode in ("cc", "pipellm"):
+            for mode in modes:
                 for n in (workers if mode == "pipellm" else [1]):
                     extra = {"workers": n, "min_speculative_bytes": 0} if mode == "pipellm" else {}
                     with pipellm.Pipeline(device=dev, mode=mode, chunk_size=chunk, timeout=600,
@@ -102,20 +147,21 @@ def encrypted_h2d(sizes, workers, repeats: int = 3, chunk_size: int = 4 * MiB, c
                         region = pipe.register(pipellm.array(np.ones(size, np.uint8)))
                         pipe.to_device(region)
                         pipe.synchronize()
-                        best = float("inf")
+                        best, busy = float("inf"), 0.0
                         for _ in range(repeats):
                             if mode == "pipellm":
                                 pipe.wait_speculation()
-                            start = perf_counter()
+                            busy_before, start = dev.stats()["device_busy_s"], perf_counter()
                             pipe.to_device(region)
                             pipe.synchronize()
-                            best = min(best, perf_counter() - start)
+                            if perf_counter() - start < best:
+                                best, busy = perf_counter() - start, dev.stats()["device_busy_s"] - busy_before
                         assert np.array_equal(dev.read(region.device_buffer), region.array)
                         hits = pipe.stats().get("hits")
                     rows.append({"bytes": size, "mode": mode, "workers": n, "GBps": size / best / 1e9, "hits": hits,
-                                 "copies": copies})
-                    print(f"{mode:>8} h2d {size:>11} B, {n} worker(s), {copies} copies: {rows[-1]['GBps']:8.3f} GB/s",
-                          flush=True)
+                                 "copies": copies, "chunk_bytes": chunk, "seconds": best, "device_busy_s": busy})
+                    print(f"{mode:>8} h2d {size:>11} B, {n} worker(s), {copies} copies, {chunk} B chunks: "
+                          f"{rows[-1]['GBps']:8.3f} GB/s (hits {hits})", flush=True)
     return rows
 
 
@@ -124,17 +170,17 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    k = result["kernels"]
+    k = result.get("kernels", [])
     a.plot([r["bytes"] for r in k], [r["decrypt_GBps"] for r in k], "o-", label="decrypt kernel")
     a.plot([r["bytes"] for r in k], [r["encrypt_GBps"] for r in k], "s-", label="encrypt kernel")
     a.set(xscale="log", xlabel="message bytes", ylabel="GB/s", title="AES-256-GCM kernels")
     a.legend()
-    link = result["pinned_h2d"]
+    link = result.get("pinned_h2d", [])
     b.plot([r["bytes"] for r in link], [r["GBps"] for r in link], "k--", label="plain pinned h2d")
-    for mode, workers, copies in sorted({(r["mode"], r["workers"], r.get("copies", "numba"))
-                                         for r in result["encrypted_h2d"]}):
-        rows = [r for r in result["encrypted_h2d"]
-                if (r["mode"], r["workers"], r.get("copies", "numba")) == (mode, workers, copies)]
+    encrypted = result.get("encrypted_h2d", []) + result.get("driver_copies", [])
+    for mode, workers, copies in sorted({(r["mode"], r["workers"], r["copies"]) for r in encrypted}):
+        rows = [r for r in encrypted
+                if (r["mode"], r["workers"], r["copies"]) == (mode, workers, copies)]
         b.plot([r["bytes"] for r in rows], [r["GBps"] for r in rows], "o-" if copies == "numba" else "x--",
                label=f"{mode}, {workers} worker(s), {copies} copies")
     b.set(xscale="log", xlabel="transfer bytes", ylabel="GB/s", title="host to device")
@@ -156,26 +202,37 @@ def main(argv=None) -> int:
     name = "CUDA simulator" if config.ENABLE_CUDASIM else str(cuda.get_current_device().name)
     q = args.quick
     repeats = 1 if q else 5
-    result = {"device": name, "cpu_count": os.cpu_count(),
-              "kernels": kernels(QUICK["kernel"] if q else KERNEL_SIZES, repeats),
-              "pinned_h2d": pinned_h2d(QUICK["link"] if q else LINK_SIZES, repeats),
-              "encrypted_h2d": encrypted_h2d(QUICK["pipe"] if q else PIPE_SIZES, QUICK["workers"] if q else WORKERS,
-                                             1 if q else 3)}
+    result = {"device": name, "cpu_count": os.cpu_count(), "errors": {}}
+
+    def section(key, run):
+        """One part of the figures; a failure is recorded and the others still run. The
+        JSON is rewritten after each part, so a run cut short keeps what it measured."""
+        try:
+            result[key] = run()
+        except Exception:  # noqa: BLE001 - reported in the JSON and on stderr
+            result["errors"][key] = traceback.format_exc()
+            print(f"{key} failed:\n{result['errors'][key]}", file=sys.stderr, flush=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+    section("kernels", lambda: kernels(QUICK["kernel"] if q else KERNEL_SIZES, repeats))
+    section("pinned_h2d", lambda: pinned_h2d(QUICK["link"] if q else LINK_SIZES, repeats))
+    section("encrypted_h2d", lambda: encrypted_h2d(QUICK["pipe"] if q else PIPE_SIZES,
+                                                   QUICK["workers"] if q else WORKERS, 1 if q else 3))
     if not config.ENABLE_CUDASIM and not q:
+        section("kernel_parts", kernel_parts)
+        # pipellm at 256 MiB with other chunk sizes (8 workers)
+        section("chunk_sizes", lambda: [row for c in (1 * MiB, 16 * MiB, 64 * MiB)
+                                        for row in encrypted_h2d([256 * MiB], [8], 3, chunk_size=c,
+                                                                 modes=("pipellm",))])
         from pipellm.devices.cuda import driver_layer
         if driver_layer() == "built":  # the same through the Cython cydriver layer's copies
-            try:
-                result["encrypted_h2d"] += encrypted_h2d([16 * MiB, 256 * MiB], [8], 3, copies="driver")
-            except Exception as exc:  # noqa: BLE001 - reported, the numba figures still stand
-                result["driver_copies_error"] = repr(exc)
-                print(f"copies='driver' failed: {exc!r}", file=sys.stderr)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+            section("driver_copies", lambda: encrypted_h2d([16 * MiB, 256 * MiB], [8], 3, copies="driver"))
     try:
         plot(result, os.path.splitext(args.out)[0] + ".png")
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
-    return 0
+    return 1 if result["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check of the cuda device, for a lent GPU machine (no network there), in one go
-# (well under 8 minutes on an H100): install pipellm from this checkout without network,
-# run the GPU tests (kernels and the cuda device on the real GPU), then the GPU figures
-# (kernel GB/s by size, plain pinned H2D, cc / pipellm encrypted H2D by size and workers)
-# into $OUT (or ./gpu-results): gpu.json, gpu.png, the logs.
+# (about 6 minutes on an H100): install pipellm from this checkout without network, run
+# the GPU tests (kernels and the cuda device on the real GPU), the GPU figures (kernel
+# GB/s by size, plain pinned H2D, cc / pipellm encrypted H2D by size and workers) and the
+# adversary suite against the cuda device, into $OUT (or ./gpu-results): gpu.json,
+# gpu.png, the logs. Each step has its own time limit, so one that hangs costs only its
+# own minutes; gpu.json is rewritten after each part of the figures.
 #
-# Prepare here, once (the GPU image has numba, numba-cuda, cython, pytest, hypothesis,
-# matplotlib, but not cryptography), in the repo's root:
+# Prepare here, once (the GPU image has numba, numba-cuda, cuda-bindings, cython, pytest,
+# hypothesis, matplotlib, but not cryptography), in the repo's root:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 \
@@ -16,17 +18,32 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+step() { echo "== $(date +%T) $*"; }
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
-python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . 2>&1 | tail -3 | tee "$out/install.log"
-python3 -c "import pipellm._ext.cudadriver" 2>&1 | tee -a "$out/install.log"   # the cydriver layer: built?
-export PYTHONUNBUFFERED=1
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/cudasim tests/test_kernels.py tests/test_cudadriver.py tests/test_torch.py 2>&1 | tee "$out/tests.log"
+step machine
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.max,pcie.link.width.max --format=csv
+  nproc; python3 --version
+  python3 -m pip list 2>/dev/null | grep -iE '^(numba|numba-cuda|cuda-bindings|cuda-core|cython|torch|numpy|setuptools|cryptography) '
+} 2>&1 | tee "$out/machine.txt"
+step install
+timeout 240 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . 2>&1 | tail -3 | tee "$out/install.log"
+python3 -c "import pipellm._ext.cudadriver; print('cydriver layer: built')" 2>&1 | tail -1 | tee -a "$out/install.log"
+step tests
+timeout 200 python3 -m pytest -q -p no:cacheprovider -x tests/cudasim tests/test_cudadriver.py tests/test_torch.py 2>&1 \
+    | tee "$out/tests.log"
 tests=${PIPESTATUS[0]}
+step figures
 timeout 300 python3 -m pipellm.benchmarks.gpu --out "$out/gpu.json" 2>&1 | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
-echo "tests rc=$tests bench rc=$bench"
-exit $(( tests != 0 || bench != 0 ))
+step adversary
+# every attack of tests/test_adversary.py, against the cuda device (its kernels authenticating)
+PIPELLM_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_adversary.py 2>&1 \
+    | tail -15 | tee "$out/adversary.log"
+adversary=${PIPESTATUS[0]}
+step done
+echo "tests rc=$tests bench rc=$bench adversary rc=$adversary"
+exit $(( tests != 0 || bench != 0 || adversary != 0 ))

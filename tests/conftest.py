@@ -18,8 +18,10 @@ def pytest_sessionstart(session):
                                     "(pip install -e . --no-build-isolation) or delete the .so")
 
 #: tests never wait long: a lost message must show up as a clear error, not a hang
-#: (the CUDA simulator runs GPU threads as Python threads: far slower, so it gets longer)
-TIMEOUT = 60.0 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" else 5.0
+#: (the CUDA simulator runs GPU threads as Python threads: far slower, so it gets longer;
+#: on a GPU the kernels' first compile takes seconds)
+TIMEOUT = 60.0 if (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+                   or os.environ.get("PIPELLM_TEST_DEVICE") == "cuda") else 5.0
 
 
 @pytest.fixture

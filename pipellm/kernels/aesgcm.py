@@ -136,7 +136,7 @@ def _tail_mask(remaining, w):
     return uint32((0xFFFFFFFF << (32 - 8 * valid)) & 0xFFFFFFFF)
 
 
-@cuda.jit
+@cuda.jit(cache=True)  # compiled once per machine, not once per process
 def ghash_kernel(h_table, powers, data32, offs, lens, aad32, aad_len, acc):
     ht = cuda.shared.array(2048, uint32)
     tid = cuda.threadIdx.x
@@ -186,7 +186,7 @@ def ghash_kernel(h_table, powers, data32, offs, lens, aad32, aad_len, acc):
     cuda.atomic.xor(acc, (msg, 3), a3)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def tag_kernel(te_g, rk_g, ivs, acc, tags, ok, check):
     """tag = GHASH ^ AES_K(J0); ``check``: compare with ``tags`` into ``ok``, else write it."""
     msg = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
@@ -208,7 +208,7 @@ def tag_kernel(te_g, rk_g, ivs, acc, tags, ok, check):
         ok[msg] = uint32(1)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def ctr_kernel(te_g, rk_g, ivs, src32, src_offs, dst8, dst32, dst_offs, lens, ok):
     """dst = src XOR keystream, one block per thread; nothing for a message not ``ok``.
     Full words are stored as words, the last partial word byte by byte, nothing past the

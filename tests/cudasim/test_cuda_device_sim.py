@@ -38,8 +38,9 @@ def dev():
         yield device
 
 
-def test_the_device_opens_on_the_simulator(dev):
-    assert dev.kind == "cuda" and dev.info()["name"] == "CUDA simulator"
+def test_the_device_opens_and_names_its_gpu(dev):
+    simulated = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+    assert dev.kind == "cuda" and (dev.info()["name"] == "CUDA simulator") == simulated
     buf = dev.alloc(40)
     assert not dev.read(buf).any()
     with pytest.raises(pipellm.ArgumentError, match="outside"):
@@ -130,6 +131,7 @@ def test_the_gpu_benchmark_runs(tmp_path):
     assert gpu.main(["--quick", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert {r["bytes"] for r in result["kernels"]} == set(gpu.QUICK["kernel"])
+    assert all(r["matches_cpu"] for r in result["kernels"]) and not result["errors"]
     modes = {(r["mode"], r["workers"]) for r in result["encrypted_h2d"]}
     assert modes == {("cc", 1), ("pipellm", 1), ("pipellm", 2)}
 
