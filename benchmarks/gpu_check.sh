@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check of the cuda device, for a lent GPU machine (no network there), in one go
-# (about 6 minutes on an H100): install pipellm from this checkout without network, run
+# (at most 9.5 minutes, each step under its own limit): install pipellm from this checkout without network, run
 # the GPU tests (kernels and the cuda device on the real GPU), the GPU figures (kernel
 # GB/s by size, plain pinned H2D, cc / pipellm encrypted H2D by size and workers) and the
 # adversary suite against the cuda device, into $OUT (or ./gpu-results): gpu.json,
@@ -30,18 +30,18 @@ step machine
   python3 -m pip list 2>/dev/null | grep -iE '^(numba|numba-cuda|cuda-bindings|cuda-core|cython|torch|numpy|setuptools|cryptography) '
 } 2>&1 | tee "$out/machine.txt"
 step install
-timeout 240 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . 2>&1 | tail -3 | tee "$out/install.log"
+timeout 150 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . 2>&1 | tail -3 | tee "$out/install.log"
 python3 -c "import pipellm._ext.cudadriver; print('cydriver layer: built')" 2>&1 | tail -1 | tee -a "$out/install.log"
+step figures
+timeout 240 python3 -m pipellm.benchmarks.gpu --out "$out/gpu.json" 2>&1 | tee "$out/bench.log"
+bench=${PIPESTATUS[0]}
 step tests
-timeout 200 python3 -m pytest -q -p no:cacheprovider -x tests/cudasim tests/test_cudadriver.py tests/test_torch.py 2>&1 \
+timeout 120 python3 -m pytest -q -p no:cacheprovider -x tests/cudasim tests/test_cudadriver.py tests/test_torch.py 2>&1 \
     | tee "$out/tests.log"
 tests=${PIPESTATUS[0]}
-step figures
-timeout 300 python3 -m pipellm.benchmarks.gpu --out "$out/gpu.json" 2>&1 | tee "$out/bench.log"
-bench=${PIPESTATUS[0]}
 step adversary
 # every attack of tests/test_adversary.py, against the cuda device (its kernels authenticating)
-PIPELLM_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_adversary.py 2>&1 \
+PIPELLM_TEST_DEVICE=cuda timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_adversary.py 2>&1 \
     | tail -15 | tee "$out/adversary.log"
 adversary=${PIPESTATUS[0]}
 step done
