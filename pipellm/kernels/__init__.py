@@ -24,6 +24,11 @@ import numpy as np
 from ..errors import ArgumentError
 from .tables import CHUNK_BLOCKS, TE0, GcmKey
 
+# numba-cuda up to at least 0.2x registers an overload for np.row_stack, which NumPy 2.4
+# removed: its first compile then fails with AttributeError. The alias lets it load.
+if not hasattr(np, "row_stack"):
+    np.row_stack = np.vstack
+
 TAG_BYTES = 16
 MAX_AAD_BYTES = 64  # the channel's header is 56 bytes
 
