@@ -80,6 +80,8 @@ class _Kernels:
             self._cipher_at = self.cipher.__cuda_array_interface__["data"][0]
         else:
             self.stream = cuda.stream()
+        from ..kernels import Scratch
+        self.scratch = Scratch()  # a batch's small arrays: copied into kept ones, never allocated
         self._keys: dict[bytes, object] = {}
         self.reset()
 
@@ -133,13 +135,13 @@ class _Kernels:
                 while end < len(staged) and staged[end][0] is staged[start][0]:
                     end += 1
                 group = staged[start:end]
-                to = self.cuda.to_device
-                ivs, aads = _batch_arrays([g[1] for g in group], [g[2] for g in group], stream)
-                tags = to(np.stack([_words(g[3], 4) for g in group]), stream=stream)
-                offs = to(np.array([g[4] for g in group], np.int64), stream=stream)
+                scratch = self.scratch
+                ivs, aads = _batch_arrays([g[1] for g in group], [g[2] for g in group], stream, scratch)
+                tags = scratch.put("tags", np.stack([_words(g[3], 4) for g in group]), stream)
+                offs = scratch.put("offs", np.array([g[4] for g in group], np.int64), stream)
                 lens = np.array([g[5] for g in group], np.int64)
                 ok = open_into(group[0][0], ivs, aads, len(group[0][2]), self.cipher, offs, lens, tags,
-                               self.plain, offs, threads=self.threads, stream=stream)
+                               self.plain, offs, threads=self.threads, stream=stream, scratch=scratch)
                 groups.append((start, ok.copy_to_host(stream=stream)))
                 start = end
             stream.synchronize()
@@ -169,10 +171,10 @@ class _Kernels:
         from ..kernels import _batch_arrays, seal_into
         nbytes, stream = len(span), self.stream
         self.plain[:nbytes].copy_to_device(span, stream=stream)  # aligned for the kernels
-        tags = self.cuda.to_device(np.zeros((1, 4), np.uint32), stream=stream)
-        ivs, aads = _batch_arrays([iv], [aad], stream)
+        tags = self.scratch.zeros("sealed_tags", 1, (4,), np.uint32)  # written by the kernel
+        ivs, aads = _batch_arrays([iv], [aad], stream, self.scratch)
         seal_into(self.key(epoch_key), ivs, aads, len(aad), self.plain, self.zero, np.array([nbytes], np.int64),
-                  self.sealed, self.zero, tags, threads=self.threads, stream=stream)
+                  self.sealed, self.zero, tags, threads=self.threads, stream=stream, scratch=self.scratch)
         host = np.frombuffer(out, np.uint8)
         self.sealed[:nbytes].copy_to_host(host[:nbytes], stream=stream)
         words = tags.copy_to_host(stream=stream)
@@ -234,7 +236,9 @@ class CudaDevice(CopyEngineDevice):
         self._name = "CUDA simulator" if config.ENABLE_CUDASIM else str(cuda.get_current_device().name)
         self._pins: dict[int, object] = {}  # bounce pools registered with the driver
         self.copies = copies
-        self._kernels = _Kernels(staging_bytes, threads or (16 if config.ENABLE_CUDASIM else 128), device_id, driver)
+        from ..kernels import _threads
+        threads = _threads(threads or (16 if config.ENABLE_CUDASIM else 0))  # refused here, not at a transfer
+        self._kernels = _Kernels(staging_bytes, threads, device_id, driver)
         self.opener_class = partial(GpuOpener, kernels=self._kernels)
         self.sealer_class = partial(GpuSealer, kernels=self._kernels)
         super().__init__(adversary=adversary, staging_bytes=staging_bytes)

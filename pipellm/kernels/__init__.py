@@ -61,7 +61,8 @@ class KernelKey:
         self._host = GcmKey(key)
         self.te = cuda.to_device(TE0)
         self.round_keys = cuda.to_device(self._host.round_keys)
-        self.h_table = cuda.to_device(self._host.h_table.reshape(-1))
+        # (nibble, word, value): ghash_kernel's bank-conflict-free layout of H's table
+        self.h_table = cuda.to_device(np.ascontiguousarray(self._host.h_table.transpose(0, 2, 1)).reshape(-1))
         self._powers = None
 
     def powers(self, chunks: int):
@@ -102,12 +103,48 @@ def _grid(count: int, threads: int) -> int:
     return max(1, (count + threads - 1) // threads)
 
 
-def _ghash(key: KernelKey, data, offs, lens: np.ndarray, lens_d, aad, aad_len: int, threads: int, stream):
-    from numba import cuda
+def _threads(threads: int) -> int:
+    from .aesgcm import REDUCE, THREADS
+    threads = threads or THREADS
+    if threads & (threads - 1) or not 1 <= threads <= REDUCE:
+        raise ArgumentError(f"threads per block must be a power of two from 1 to {REDUCE}, got {threads}")
+    return threads
+
+
+class Scratch:
+    """Device arrays that launches reuse instead of allocating (an allocation costs far
+    more than a small kernel): ``put`` copies a small host array into a kept one (grown
+    when too small) on a stream and returns the view of its rows; ``zeros`` returns
+    rows of a kept array that is zero between launches (the GHASH accumulators, which
+    ``tag_kernel`` clears after reading). One launch sequence at a time per Scratch."""
+
+    def __init__(self):
+        self._arrays: dict[str, object] = {}
+
+    def _rows(self, name: str, rows: int, shape: tuple, dtype, zero: bool):
+        from numba import cuda
+        have = self._arrays.get(name)
+        if have is None or have.shape[0] < rows or have.shape[1:] != shape or have.dtype != dtype:
+            rows_kept = max(rows, 16, 2 * have.shape[0] if have is not None else 0)
+            have = self._arrays[name] = (cuda.to_device(np.zeros((rows_kept,) + shape, dtype)) if zero
+                                         else cuda.device_array((rows_kept,) + shape, dtype))
+        return have[:rows]
+
+    def put(self, name: str, host: np.ndarray, stream=0):
+        host = np.ascontiguousarray(host)
+        rows = self._rows(name, host.shape[0], host.shape[1:], host.dtype, zero=False)
+        rows.copy_to_device(host, stream=stream)
+        return rows
+
+    def zeros(self, name: str, rows: int, shape: tuple, dtype):
+        return self._rows(name, rows, shape, np.dtype(dtype), zero=True)
+
+
+def _ghash(key: KernelKey, data, offs, lens: np.ndarray, lens_d, aad, aad_len: int, threads: int, stream,
+           acc):
     from .aesgcm import ghash_kernel
     n = len(lens)
     chunks = _grid((aad_len + 15) // 16 + (int(lens.max()) + 15) // 16 + 1, CHUNK_BLOCKS)
-    acc = cuda.to_device(np.zeros((n, 4), dtype=np.uint32), stream=stream)
     ghash_kernel[(_grid(chunks, threads), n), threads, stream](
         key.h_table, key.powers(chunks), data.view(np.uint32), offs, lens_d, aad, aad_len, acc)
     return acc
@@ -120,45 +157,48 @@ def _ctr(key: KernelKey, ivs, src, src_offs, dst, dst_offs, lens: np.ndarray, le
 
 
 def open_into(key: KernelKey, ivs, aad, aad_len: int, data, offs, lens: np.ndarray, tags, out, out_offs,
-              *, threads: int = 0, stream=0):
+              *, threads: int = 0, stream=0, scratch: Scratch | None = None):
     """Authenticate and decrypt a batch already on the device; returns ``ok`` (device
     uint32 per message). Message i's ciphertext is ``data[offs[i]:+lens[i]]``, its tag
     ``tags[i]`` (4 big-endian words), its AAD row ``aad[i]`` (``aad_len`` bytes as
     big-endian words, zero-padded), its IV ``ivs[i]`` (3 words). Its plaintext goes to
     ``out[out_offs[i]:+lens[i]]`` only if the tag verified: a refused message's
     destination is not touched. Offsets are multiples of 16; ``lens`` is on the host.
-    Everything is queued on ``stream`` (a numba stream; 0: the default stream)."""
-    from numba import cuda
-    from .aesgcm import THREADS, tag_kernel
-    threads = threads or THREADS
+    Everything is queued on ``stream`` (a numba stream; 0: the default stream). With a
+    ``scratch``, nothing is allocated (``ok`` is then its rows: read them before the
+    scratch's next launch)."""
+    from .aesgcm import tag_kernel
+    threads = _threads(threads)
     n = len(lens)
-    lens_d = cuda.to_device(np.ascontiguousarray(lens, dtype=np.int64), stream=stream)
-    acc = _ghash(key, data, offs, lens, lens_d, aad, aad_len, threads, stream)
-    ok = cuda.to_device(np.zeros(n, dtype=np.uint32), stream=stream)
+    scratch = scratch or Scratch()
+    lens_d = scratch.put("lens", np.asarray(lens, dtype=np.int64), stream)
+    acc = _ghash(key, data, offs, lens, lens_d, aad, aad_len, threads, stream, scratch.zeros("acc", n, (4,), np.uint32))
+    ok = scratch.zeros("ok", n, (), np.uint32)
     tag_kernel[_grid(n, threads), threads, stream](key.te, key.round_keys, ivs, acc, tags, ok, 1)
     _ctr(key, ivs, data, offs, out, out_offs, lens, lens_d, ok, threads, stream)
     return ok
 
 
 def seal_into(key: KernelKey, ivs, aad, aad_len: int, src, src_offs, lens: np.ndarray, out, out_offs, tags,
-              *, threads: int = 0, stream=0) -> None:
+              *, threads: int = 0, stream=0, scratch: Scratch | None = None) -> None:
     """Encrypt a batch already on the device: ciphertext of message i into
     ``out[out_offs[i]:+lens[i]]``, its tag into ``tags[i]``. Layout as :func:`open_into`."""
-    from numba import cuda
-    from .aesgcm import THREADS, tag_kernel
-    threads = threads or THREADS
+    from .aesgcm import tag_kernel
+    threads = _threads(threads)
     n = len(lens)
-    lens_d = cuda.to_device(np.ascontiguousarray(lens, dtype=np.int64), stream=stream)
-    ok = cuda.to_device(np.ones(n, dtype=np.uint32), stream=stream)
+    scratch = scratch or Scratch()
+    lens_d = scratch.put("lens", np.asarray(lens, dtype=np.int64), stream)
+    ok = scratch.put("ones", np.ones(n, dtype=np.uint32), stream)
     _ctr(key, ivs, src, src_offs, out, out_offs, lens, lens_d, ok, threads, stream)
-    acc = _ghash(key, out, out_offs, lens, lens_d, aad, aad_len, threads, stream)
+    acc = _ghash(key, out, out_offs, lens, lens_d, aad, aad_len, threads, stream, scratch.zeros("acc", n, (4,), np.uint32))
     tag_kernel[_grid(n, threads), threads, stream](key.te, key.round_keys, ivs, acc, tags, ok, 0)
 
 
-def _batch_arrays(ivs, aads, stream=0):
-    from numba import cuda
-    return (cuda.to_device(np.stack([_words(iv, 3) for iv in ivs]), stream=stream),
-            cuda.to_device(np.stack([_words(a, MAX_AAD_BYTES // 4) for a in aads]), stream=stream))
+def _batch_arrays(ivs, aads, stream=0, scratch: Scratch | None = None):
+    """IVs and AADs of a batch as device word arrays (in ``scratch``'s kept arrays if given)."""
+    scratch = scratch or Scratch()
+    return (scratch.put("ivs", np.stack([_words(iv, 3) for iv in ivs]), stream),
+            scratch.put("aads", np.stack([_words(a, MAX_AAD_BYTES // 4) for a in aads]), stream))
 
 
 def open_batch(key: KernelKey, ivs, aads, payloads, *, threads: int = 0) -> list:

@@ -7,12 +7,13 @@ sealed and seals what the host opens.
 Three kernels, each over a batch of messages under one key (``blockIdx.y`` = message):
 
 - ``ghash_kernel``: GHASH in parallel. Thread k of a message hashes CHUNK_BLOCKS blocks
-  (counted from the end) by Horner's rule with a 4-bit table of H in shared memory,
-  multiplies its partial sum by H^(k*CHUNK_BLOCKS) (precomputed per key) and XORs it
-  into the message's accumulator atomically (addition in GF(2^128) is XOR).
+  (counted from the end) by Horner's rule with a 4-bit table of H in shared memory (laid
+  out so that a warp's lookups never conflict on a bank), multiplies its partial sum by
+  H^(k*CHUNK_BLOCKS) (precomputed per key); a block XORs its threads' sums together and
+  XORs that into the message's accumulator atomically (addition in GF(2^128) is XOR).
 - ``tag_kernel``: one thread per message: tag = GHASH ^ AES_K(J0). Decrypting, it
   compares with the received tag (without an early exit) and sets ``ok``; encrypting,
-  it writes the tag.
+  it writes the tag. It clears the accumulator it read (reused accumulators stay 0).
 - ``ctr_kernel``: AES-CTR, one 16-byte block per thread, T-table AES with the table and
   round keys in shared memory. It writes nothing for a message whose ``ok`` is 0, so a
   refused message leaves its destination unchanged (fail closed: decryption runs only
@@ -81,22 +82,27 @@ def _aes(te, rk, s0, s1, s2, s3):
     return uint32(o0 ^ rk[56]), uint32(o1 ^ rk[57]), uint32(o2 ^ rk[58]), uint32(o3 ^ rk[59])
 
 
+@cuda.jit(device=True, inline=True)
+def _mul_word(ht, x, j, z0, z1, z2, z3):
+    """Adds (XOR) the products of word ``x``'s 8 nibbles (nibbles j..j+7 of the block)
+    through H's table: table (j, word w) holds its 16 values in consecutive words, so
+    the 16 possible lookups of a warp fall in 16 different banks (no conflicts)."""
+    for i in range(8):
+        base = (j + i) * 64 + ((x >> (28 - 4 * i)) & 0xF)
+        z0 = uint32(z0 ^ ht[base])
+        z1 = uint32(z1 ^ ht[base + 16])
+        z2 = uint32(z2 ^ ht[base + 32])
+        z3 = uint32(z3 ^ ht[base + 48])
+    return z0, z1, z2, z3
+
+
 @cuda.jit(device=True)
 def _mul_table(ht, x0, x1, x2, x3):
-    """x * H through H's 4-bit table (32 nibbles x 16 values x 4 words, flattened)."""
-    z0 = uint32(0)
-    z1 = uint32(0)
-    z2 = uint32(0)
-    z3 = uint32(0)
-    for j in range(32):
-        w = j >> 3
-        x = x0 if w == 0 else (x1 if w == 1 else (x2 if w == 2 else x3))
-        base = (j * 16 + ((x >> (28 - 4 * (j & 7))) & 0xF)) * 4
-        z0 = uint32(z0 ^ ht[base])
-        z1 = uint32(z1 ^ ht[base + 1])
-        z2 = uint32(z2 ^ ht[base + 2])
-        z3 = uint32(z3 ^ ht[base + 3])
-    return z0, z1, z2, z3
+    """x * H through H's 4-bit table (32 nibbles x 4 words x 16 values, flattened)."""
+    z0, z1, z2, z3 = _mul_word(ht, x0, 0, uint32(0), uint32(0), uint32(0), uint32(0))
+    z0, z1, z2, z3 = _mul_word(ht, x1, 8, z0, z1, z2, z3)
+    z0, z1, z2, z3 = _mul_word(ht, x2, 16, z0, z1, z2, z3)
+    return _mul_word(ht, x3, 24, z0, z1, z2, z3)
 
 
 @cuda.jit(device=True)
@@ -136,9 +142,13 @@ def _tail_mask(remaining, w):
     return uint32((0xFFFFFFFF << (32 - 8 * valid)) & 0xFFFFFFFF)
 
 
+REDUCE = 512  # most threads per block of ghash_kernel (its XOR reduction's shared array)
+
+
 @cuda.jit(cache=True)  # compiled once per machine, not once per process
 def ghash_kernel(h_table, powers, data32, offs, lens, aad32, aad_len, acc):
     ht = cuda.shared.array(2048, uint32)
+    red = cuda.shared.array((4, REDUCE), uint32)
     tid = cuda.threadIdx.x
     for i in range(tid, 2048, cuda.blockDim.x):
         ht[i] = h_table[i]
@@ -147,12 +157,9 @@ def ghash_kernel(h_table, powers, data32, offs, lens, aad32, aad_len, acc):
     k = cuda.blockIdx.x * cuda.blockDim.x + tid  # chunk number, counted from the end
     length = lens[msg]
     aad_blocks = (aad_len + 15) // 16
-    cblocks = (length + 15) // 16
-    m = aad_blocks + cblocks + 1                  # AAD, ciphertext, the length block
+    m = aad_blocks + (length + 15) // 16 + 1     # AAD, ciphertext, the length block
     hi = m - k * CHUNK_BLOCKS
-    if hi <= 0:
-        return
-    lo = max(0, hi - CHUNK_BLOCKS)
+    lo = max(0, hi - CHUNK_BLOCKS)               # hi <= 0: nothing to hash (still reduces)
     base = offs[msg] // 4
     a0 = uint32(0)
     a1 = uint32(0)
@@ -167,36 +174,65 @@ def ghash_kernel(h_table, powers, data32, offs, lens, aad32, aad_len, acc):
         elif b < m - 1:
             c = b - aad_blocks
             p = base + 4 * c
+            x0 = _bswap(data32[p])
+            x1 = _bswap(data32[p + 1])
+            x2 = _bswap(data32[p + 2])
+            x3 = _bswap(data32[p + 3])
             rem = length - 16 * c
-            x0 = _bswap(data32[p]) & _tail_mask(rem, 0)
-            x1 = _bswap(data32[p + 1]) & _tail_mask(rem, 1)
-            x2 = _bswap(data32[p + 2]) & _tail_mask(rem, 2)
-            x3 = _bswap(data32[p + 3]) & _tail_mask(rem, 3)
+            if rem < 16:  # the last, partial block: only its bytes count
+                x0 &= _tail_mask(rem, 0)
+                x1 &= _tail_mask(rem, 1)
+                x2 &= _tail_mask(rem, 2)
+                x3 &= _tail_mask(rem, 3)
         else:  # len(A) || len(C) in bits, 64 bits each
             x0 = uint32((aad_len * 8) >> 32)
             x1 = uint32((aad_len * 8) & 0xFFFFFFFF)
             x2 = uint32((length * 8) >> 32)
             x3 = uint32((length * 8) & 0xFFFFFFFF)
         a0, a1, a2, a3 = _mul_table(ht, uint32(a0 ^ x0), uint32(a1 ^ x1), uint32(a2 ^ x2), uint32(a3 ^ x3))
-    if k > 0:
+    if k > 0 and hi > 0:
         a0, a1, a2, a3 = _mul(a0, a1, a2, a3, powers[k, 0], powers[k, 1], powers[k, 2], powers[k, 3])
-    cuda.atomic.xor(acc, (msg, 0), a0)
-    cuda.atomic.xor(acc, (msg, 1), a1)
-    cuda.atomic.xor(acc, (msg, 2), a2)
-    cuda.atomic.xor(acc, (msg, 3), a3)
+    # XOR the block's partial sums together (a tree in shared memory), then one atomic
+    # per word per block: thousands of threads XORing into one accumulator would queue
+    red[0, tid] = a0
+    red[1, tid] = a1
+    red[2, tid] = a2
+    red[3, tid] = a3
+    cuda.syncthreads()
+    step = cuda.blockDim.x // 2
+    while step > 0:
+        if tid < step:
+            for w in range(4):
+                red[w, tid] ^= red[w, tid + step]
+        cuda.syncthreads()
+        step //= 2
+    if tid == 0:
+        for w in range(4):
+            cuda.atomic.xor(acc, (msg, w), red[w, 0])
 
 
 @cuda.jit(cache=True)
 def tag_kernel(te_g, rk_g, ivs, acc, tags, ok, check):
-    """tag = GHASH ^ AES_K(J0); ``check``: compare with ``tags`` into ``ok``, else write it."""
-    msg = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    """tag = GHASH ^ AES_K(J0); ``check``: compare with ``tags`` into ``ok``, else write it.
+    Clears the message's GHASH accumulator after reading it, so a reused one starts at 0."""
+    te = cuda.shared.array(256, uint32)  # a dependent chain of 224 lookups: shared, not global
+    rk = cuda.shared.array(60, uint32)
+    tid = cuda.threadIdx.x
+    for i in range(tid, 256, cuda.blockDim.x):
+        te[i] = te_g[i]
+    for i in range(tid, 60, cuda.blockDim.x):
+        rk[i] = rk_g[i]
+    cuda.syncthreads()
+    msg = cuda.blockIdx.x * cuda.blockDim.x + tid
     if msg >= ivs.shape[0]:
         return
-    e0, e1, e2, e3 = _aes(te_g, rk_g, ivs[msg, 0], ivs[msg, 1], ivs[msg, 2], uint32(1))
+    e0, e1, e2, e3 = _aes(te, rk, ivs[msg, 0], ivs[msg, 1], ivs[msg, 2], uint32(1))
     t0 = uint32(acc[msg, 0] ^ e0)
     t1 = uint32(acc[msg, 1] ^ e1)
     t2 = uint32(acc[msg, 2] ^ e2)
     t3 = uint32(acc[msg, 3] ^ e3)
+    for w in range(4):
+        acc[msg, w] = 0
     if check:
         diff = (t0 ^ tags[msg, 0]) | (t1 ^ tags[msg, 1]) | (t2 ^ tags[msg, 2]) | (t3 ^ tags[msg, 3])
         ok[msg] = uint32(1) if diff == 0 else uint32(0)
