@@ -132,12 +132,12 @@ def pinned_h2d(sizes, repeats: int = 5) -> list[dict]:
 
 
 def encrypted_h2d(sizes, workers, repeats: int = 3, chunk_size: int = 4 * MiB, copies: str = "numba",
-                  modes=("cc", "pipellm")) -> list[dict]:
+                  modes=("cc", "pipellm"), staging_bytes: int = 64 * MiB) -> list[dict]:
     """``Pipeline(mode=cc|pipellm, device="cuda")`` H2D GB/s: cc seals on the critical
     path; pipellm is timed after ``wait_speculation()``, so its messages were sealed ahead."""
     import pipellm
     rows = []
-    with pipellm.open_device("cuda", copies=copies) as dev:
+    with pipellm.open_device("cuda", copies=copies, staging_bytes=staging_bytes) as dev:
         for size in sizes:
             chunk = min(chunk_size, size)
             for mode in modes:
@@ -163,8 +163,10 @@ def encrypted_h2d(sizes, workers, repeats: int = 3, chunk_size: int = 4 * MiB, c
                         assert np.array_equal(dev.read(region.device_buffer), region.array)
                         hits = pipe.stats().get("hits")
                     rows.append({"bytes": size, "mode": mode, "workers": n, "GBps": size / best / 1e9, "hits": hits,
-                                 "copies": copies, "chunk_bytes": chunk, "seconds": best, "device_busy_s": busy})
-                    print(f"{mode:>8} h2d {size:>11} B, {n} worker(s), {copies} copies, {chunk} B chunks: "
+                                 "copies": copies, "chunk_bytes": chunk, "staging_bytes": staging_bytes, "seconds": best,
+                                 "device_busy_s": busy})
+                    print(f"{mode:>8} h2d {size:>11} B, {n} worker(s), {copies} copies, {chunk} B chunks, "
+                          f"{staging_bytes >> 20} MiB staging: "
                           f"{rows[-1]['GBps']:8.3f} GB/s (hits {hits})", flush=True)
     return rows
 
@@ -229,6 +231,10 @@ def main(argv=None) -> int:
         section("chunk_sizes", lambda: [row for c in (1 * MiB, 16 * MiB, 64 * MiB)
                                         for row in encrypted_h2d([256 * MiB], [8], 3, chunk_size=c,
                                                                  modes=("pipellm",))])
+        # the same with a device staging area as large as the transfer (one batch, one wait)
+        section("staging_256MiB", lambda: [row for c in (4 * MiB, 16 * MiB)
+                                           for row in encrypted_h2d([256 * MiB], [8], 3, chunk_size=c,
+                                                                    modes=("pipellm",), staging_bytes=256 * MiB)])
         from pipellm.devices.cuda import driver_layer
         if driver_layer() == "built":  # the same through the Cython cydriver layer's copies
             section("driver_copies", lambda: encrypted_h2d([16 * MiB, 256 * MiB], [8], 3, copies="driver"))

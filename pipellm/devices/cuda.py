@@ -36,12 +36,15 @@ import numpy as np
 
 from ..channel import Kind, Opener, Sealer
 from ..channel.cipher import open_into as cpu_open_into
-from ..errors import ArgumentError, DeviceError, IntegrityError
+from ..errors import ArgumentError, DeviceError
+from ..kernels import MAX_AAD_BYTES
 from .base import DeviceBuffer, Op
 from .engine import CopyEngineDevice
 
 _GPU_KINDS = (Kind.DATA, Kind.SPEC)  # payloads the kernels handle; commands open on the CPU
 _KEYS_KEPT = 8                        # KernelKeys cached (epochs in flight, both directions)
+_BATCH_MESSAGES = 1024                # messages verified in one batch at most (their rows are kept)
+_LAUNCH_BYTES = 16 << 20              # staged ciphertext whose verification starts before the batch ends
 
 
 def _slot(nbytes: int) -> int:
@@ -55,11 +58,41 @@ def unavailable_reason() -> str | None:
     return kernels_reason()
 
 
+class _Rows:
+    """A batch's per-message launch arguments, kept in pinned host memory and on the
+    device: a message's row is written when it is staged, and the rows of a launch are
+    copied over at once, asynchronously, when its verification is launched."""
+
+    FIELDS = {"ivs": ((3,), np.uint32), "aads": ((MAX_AAD_BYTES // 4,), np.uint32), "tags": ((4,), np.uint32),
+              "offs": ((), np.int64), "lens": ((), np.int64)}
+
+    def __init__(self, cuda, n: int):
+        self.host = {k: cuda.pinned_array((n,) + shape, dtype) for k, (shape, dtype) in self.FIELDS.items()}
+        self.device = {k: cuda.device_array((n,) + shape, dtype) for k, (shape, dtype) in self.FIELDS.items()}
+        self.acc = cuda.to_device(np.zeros((n, 4), np.uint32))  # kept 0: tag_kernel clears what it read
+        self.ok = cuda.device_array(n, np.uint32)
+
+    def put(self, i: int, iv: bytes, aad: bytes, tag: bytes, offset: int, nbytes: int) -> None:
+        h = self.host
+        h["ivs"][i] = np.frombuffer(iv, ">u4")
+        h["aads"][i] = np.frombuffer(bytes(aad).ljust(MAX_AAD_BYTES, b"\0"), ">u4")
+        h["tags"][i] = np.frombuffer(tag, ">u4")
+        h["offs"][i], h["lens"][i] = offset, nbytes
+
+    def upload(self, a: int, b: int, stream) -> dict:
+        """Rows a..b on the device (queued on ``stream``): their device views by field."""
+        for k, host in self.host.items():
+            self.device[k][a:b].copy_to_device(host[a:b], stream=stream)
+        return {k: d[a:b] for k, d in self.device.items()}
+
+
 class _Kernels:
     """The device's handle on the AES-GCM kernels: per-key tables, staging arrays."""
 
     def __init__(self, staging_bytes: int, threads: int, device_id: int = 0, driver=None):
         from numba import cuda
+
+        from ..kernels import Scratch
         self.cuda = cuda
         self.threads = threads
         self.device_id, self.driver = device_id, driver
@@ -69,19 +102,19 @@ class _Kernels:
         self.plain = cuda.to_device(np.zeros(padded, np.uint8))    # plaintext before its commit
         self.sealed = cuda.to_device(np.zeros(padded, np.uint8))   # device to host ciphertext
         self.zero = cuda.to_device(np.zeros(1, np.int64))
-        # one stream for a batch's copies and kernels: staging copies are queued without a
-        # host wait each, and settle() waits once (before the transfer completes, so no
-        # bounce slot is reused while a copy may still read it). copies="driver": the
-        # staging copies go through the Cython cydriver layer on a driver stream, which
-        # numba's kernels share (an external stream)
+        # two streams, so that the link and the kernels work at once: staging copies on the
+        # copy stream; verification, commits and device-to-host sealing on the kernel
+        # stream, which waits (an event) for the copies it reads. copies="driver": the
+        # staging copies go through the Cython cydriver layer on a driver stream
+        self.stream = cuda.stream()
         if driver is not None:
             self.copy_stream = driver.Stream()
-            self.stream = cuda.external_stream(self.copy_stream.handle)
+            self._copies = cuda.external_stream(self.copy_stream.handle)
             self._cipher_at = self.cipher.__cuda_array_interface__["data"][0]
         else:
-            self.stream = cuda.stream()
-        from ..kernels import Scratch
-        self.scratch = Scratch()  # a batch's small arrays: copied into kept ones, never allocated
+            self.copy_stream = self._copies = cuda.stream()
+        self.rows = _Rows(cuda, _BATCH_MESSAGES)
+        self.scratch = Scratch()  # device-to-host sealing's small arrays: kept, never allocated
         self._keys: dict[bytes, object] = {}
         self.reset()
 
@@ -96,16 +129,20 @@ class _Kernels:
 
     # -- host to device: messages are verified and decrypted in batches -----------------------
     def reset(self) -> None:
-        self._staged: list[tuple] = []   # (KernelKey, iv, aad, tag, offset, nbytes, index), in order
+        self._staged: list[tuple] = []   # (KernelKey, AAD bytes, channel index), in order
         self._commits: list[tuple] = []  # (staged position, destination slice, plaintext slice)
         self._used = 0
+        self._launched = 0               # staged messages whose verification is queued
+        self._unlaunched_bytes = 0
 
     def room(self, nbytes: int) -> bool:
-        return self._used + _slot(nbytes) <= len(self.cipher)
+        return self._used + _slot(nbytes) <= len(self.cipher) and len(self._staged) < _BATCH_MESSAGES
 
     def stage(self, epoch_key, iv: bytes, payload, aad: bytes, nbytes: int, index: int):
         """Copy a message's ciphertext out of shared memory (once) into the batch; the
-        device slice its plaintext will be in once :meth:`settle` verified it."""
+        device slice its plaintext will be in once :meth:`settle` verified it. Every
+        _LAUNCH_BYTES of ciphertext, the verification of what was staged is queued
+        behind its copies, so the kernels work while later messages cross the link."""
         off = self._used
         payload = np.frombuffer(payload, np.uint8)
         if nbytes and self.driver is not None:
@@ -114,54 +151,68 @@ class _Kernels:
                 self._context_set.done = True
             self.driver.copy_to_device(self._cipher_at + off, payload[:nbytes], self.copy_stream)
         elif nbytes:
-            self.cipher[off:off + nbytes].copy_to_device(payload[:nbytes], stream=self.stream)
-        self._staged.append((self.key(epoch_key), iv, aad, payload[nbytes:].tobytes(), off, nbytes, index))
+            self.cipher[off:off + nbytes].copy_to_device(payload[:nbytes], stream=self.copy_stream)
+        self.rows.put(len(self._staged), iv, aad, payload[nbytes:nbytes + 16].tobytes(), off, nbytes)
+        self._staged.append((self.key(epoch_key), len(aad), index))
         self._used += _slot(nbytes)
+        self._unlaunched_bytes += nbytes
+        if self._unlaunched_bytes >= _LAUNCH_BYTES:
+            self.launch()
         return self.plain[off:off + nbytes]
 
     def commit_later(self, destination, plaintext) -> None:
         """Copy ``plaintext`` (of the message staged last) into ``destination`` once verified."""
         self._commits.append((len(self._staged) - 1, destination, plaintext))
 
-    def settle(self) -> int | None:
-        """Verify and decrypt the batch (one launch per key), commit the messages before
-        the first refused one in order; the index of that one, or None."""
-        from ..kernels import _batch_arrays, _words, open_into
-        staged, first_bad, stream = self._staged, None, self.stream
+    def launch(self) -> None:
+        """Queue the verification and decryption of the messages staged since the last
+        launch on the kernel stream, behind their copies (one launch per key)."""
+        from ..kernels import open_into
+        a, b, staged = self._launched, len(self._staged), self._staged
+        if a == b:
+            return
+        copied = self.cuda.event()
+        copied.record(stream=self._copies)
+        copied.wait(stream=self.stream)
+        rows = self.rows.upload(a, b, self.stream)
+        start = a
+        while start < b:
+            end = start
+            while end < b and staged[end][:2] == staged[start][:2]:
+                end += 1
+            i, j = start - a, end - a
+            open_into(staged[start][0], rows["ivs"][i:j], rows["aads"][i:j], staged[start][1], self.cipher,
+                      rows["offs"][i:j], self.rows.host["lens"][start:end], rows["tags"][i:j], self.plain,
+                      rows["offs"][i:j], threads=self.threads, stream=self.stream, lens_d=rows["lens"][i:j],
+                      acc=self.rows.acc[start:end], ok=self.rows.ok[start:end])
+            start = end
+        self._launched, self._unlaunched_bytes = b, 0
+
+    def settle(self) -> tuple[int, int] | None:
+        """Verify and decrypt the batch, commit the messages before the first refused
+        one in order; that one's position in the batch and channel index, or None."""
         try:
-            groups, start = [], 0
-            while start < len(staged):  # one launch per key: queue them all, then wait once
-                end = start
-                while end < len(staged) and staged[end][0] is staged[start][0]:
-                    end += 1
-                group = staged[start:end]
-                scratch = self.scratch
-                ivs, aads = _batch_arrays([g[1] for g in group], [g[2] for g in group], stream, scratch)
-                tags = scratch.put("tags", np.stack([_words(g[3], 4) for g in group]), stream)
-                offs = scratch.put("offs", np.array([g[4] for g in group], np.int64), stream)
-                lens = np.array([g[5] for g in group], np.int64)
-                ok = open_into(group[0][0], ivs, aads, len(group[0][2]), self.cipher, offs, lens, tags,
-                               self.plain, offs, threads=self.threads, stream=stream, scratch=scratch)
-                groups.append((start, ok.copy_to_host(stream=stream)))
-                start = end
-            stream.synchronize()
-            for start, ok in groups:
-                bad = np.flatnonzero(ok == 0)
-                if len(bad):
-                    first_bad = start + int(bad[0])
-                    break
+            n = len(self._staged)
+            if n == 0:
+                return None
+            self.launch()
+            ok = self.rows.ok[:n].copy_to_host(stream=self.stream)
+            self.stream.synchronize()
+            bad = np.flatnonzero(ok == 0)
+            first_bad = int(bad[0]) if len(bad) else None
             for position, destination, plaintext in self._commits:
                 if first_bad is not None and position >= first_bad:
                     break
-                destination.copy_to_device(plaintext, stream=stream)  # device to device
-            stream.synchronize()
-            return None if first_bad is None else staged[first_bad][6]
+                destination.copy_to_device(plaintext, stream=self.stream)  # device to device
+            self.stream.synchronize()
+            return None if first_bad is None else (first_bad, self._staged[first_bad][2])
         finally:
             self.abandon()
 
     def abandon(self) -> None:
         """Forget the batch, once no queued copy still reads a bounce slot."""
         try:
+            self.copy_stream.synchronize()
             self.stream.synchronize()
         finally:
             self.reset()
@@ -304,11 +355,11 @@ class CudaDevice(CopyEngineDevice):
     def _abandon(self) -> None:
         self._kernels.abandon()
 
-    def _settle(self, session) -> None:
-        failed = self._kernels.settle()
-        if failed is not None:
-            self._fail_session(session, IntegrityError(
-                f"h2d message {failed} (session {session.id}) failed authentication; the channel is closed"))
+    def _staged(self) -> int:
+        return len(self._kernels._staged)
+
+    def _verify_staged(self):
+        return self._kernels.settle()
 
     def _span(self, buffer_id: int, offset: int, nbytes: int):
         mem = self._mem.get(buffer_id)

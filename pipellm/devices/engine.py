@@ -28,6 +28,10 @@ from ..errors import ArgumentError, ChannelClosedError, DeviceError, IntegrityEr
 from .base import Device, DeviceBuffer, Op, Stream
 
 
+#: ops a batching device may leave waiting for one settle (their messages staged, unverified)
+_DEFERRED_MAX = 256
+
+
 class _Failed(Exception):
     """Raised inside the copy engine once the device has failed (see inject_fault)."""
 
@@ -54,6 +58,8 @@ class CopyEngineDevice(Device):
         if adversary is not None and not callable(getattr(adversary, "on_message", None)):
             raise ArgumentError("adversary must have an on_message(msg) method (see pipellm.testing.Adversary)")
         self.adversary = adversary
+        self._deferred: list[tuple[Op, int]] = []  # (op, messages staged through its last): see _settle
+        self._open_batch: Session | None = None    # whose staged messages wait for more of theirs
         self._mem: dict[int, object] = {}  # buffer id -> its memory (an array of the device's kind)
         self._allocated = 0
         self._sessions: dict[int, Session] = {}
@@ -109,9 +115,44 @@ class CopyEngineDevice(Device):
         """The op being handled failed part-way (copy-engine thread): a device that
         verifies in batches drops what it staged of it, once nothing reads it any more."""
 
+    def _staged(self) -> int:
+        """Messages a batching device has staged and not yet verified."""
+        return 0
+
+    def _verify_staged(self) -> tuple[int, int] | None:
+        """Verify and commit, in order, what a batching device staged: None, or the
+        position in the batch and the channel index of the first refused message (those
+        before it are committed). Devices that commit each message as it is received
+        have nothing here."""
+        return None
+
     def _settle(self, session: Session) -> None:
-        """Verify and commit what a batching device has pending; a refusal fails the
-        session. Devices that commit each message as it is received have nothing here."""
+        """Verify and commit what is staged, then finish the ops that were waiting on it:
+        those whose messages all came before a refused one succeed, a refusal fails the
+        session (and with it the rest)."""
+        deferred, self._deferred, self._open_batch = self._deferred, [], None
+        refused = self._verify_staged()
+        for owner, staged in deferred:
+            if not owner.finished and (refused is None or staged <= refused[0]):
+                self._finish(owner)
+        if refused is not None:
+            self._fail_session(session, IntegrityError(
+                f"h2d message {refused[1]} (session {session.id}) failed authentication; the channel is closed"))
+
+    def _settle_before(self, following: Op | None) -> None:
+        """A batch left open (see _do_message) is settled before ``following`` unless that
+        is more of the same session's messages: a read, a copy, compute, another session
+        or the end must see its commits."""
+        session = self._open_batch
+        if session is None or (following is not None and following.kind == "h2d message"
+                               and following.session is session):
+            return
+        try:
+            self._settle(session)
+        except Exception as exc:  # a bug or a failing device: fail what waited, keep going
+            self._fail_session(session, DeviceError(f"{self.kind} device failed verifying a batch: {exc!r}"))
+            self._deferred.clear()
+            self._abandon()
 
     # -- channel ---------------------------------------------------------------------------------
     def open_session(self, host_public: bytes, *, rotate_after: int, window: int = 0) -> tuple[int, bytes]:
@@ -219,8 +260,10 @@ class CopyEngineDevice(Device):
         while True:
             op = self._queue.get()
             if op is None:
+                self._settle_before(None)
                 return
             self._running.wait()
+            self._settle_before(op)
             start = perf_counter()
             ready = op.prev.end if op.prev is not None else 0.0
             op.prev = None  # history is not kept alive through the chain
@@ -236,6 +279,8 @@ class CopyEngineDevice(Device):
                     # the session's channel state is unknown now (a message may be half
                     # processed): fail it, rather than refuse its next message as forged
                     self._fail_session(op.session, error)
+                    self._deferred.clear()  # failed with the session
+                    self._open_batch = None
                     self._abandon()
                 if not op.finished:
                     self._finish(op, error)
@@ -274,7 +319,12 @@ class CopyEngineDevice(Device):
             self._make_room(session, len(msg.payload))
             for delivered in self._through_link(msg):
                 self._receive(session, delivered)
-        self._settle(session)  # what is left (the op's last message may have been lost)
+        if not (self._staged() or self._deferred):
+            return
+        if self._queue.empty() or len(self._deferred) >= _DEFERRED_MAX:
+            self._settle(session)  # nothing follows right now (or the op's last message was lost)
+        else:
+            self._open_batch = session  # more work is queued: verify with it (see _settle_before)
 
     def _receive(self, session: Session, msg) -> None:
         """Authenticate, decrypt into staging, and only then commit to device memory."""
@@ -294,7 +344,9 @@ class CopyEngineDevice(Device):
         owner = msg._owner
         if owner is not None and not owner.finished:
             owner.remaining -= 1
-            if error is not None or owner.remaining <= 0:
+            if error is None and owner.remaining <= 0 and self._staged():
+                self._deferred.append((owner, self._staged()))  # done at the next settle
+            elif error is not None or owner.remaining <= 0:
                 self._settle(session)  # done only once everything of it is verified and committed
                 if not owner.finished:  # (a refusal in the settling failed it already)
                     self._finish(owner, error)

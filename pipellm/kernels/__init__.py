@@ -157,7 +157,7 @@ def _ctr(key: KernelKey, ivs, src, src_offs, dst, dst_offs, lens: np.ndarray, le
 
 
 def open_into(key: KernelKey, ivs, aad, aad_len: int, data, offs, lens: np.ndarray, tags, out, out_offs,
-              *, threads: int = 0, stream=0, scratch: Scratch | None = None):
+              *, threads: int = 0, stream=0, scratch: Scratch | None = None, lens_d=None, acc=None, ok=None):
     """Authenticate and decrypt a batch already on the device; returns ``ok`` (device
     uint32 per message). Message i's ciphertext is ``data[offs[i]:+lens[i]]``, its tag
     ``tags[i]`` (4 big-endian words), its AAD row ``aad[i]`` (``aad_len`` bytes as
@@ -166,14 +166,17 @@ def open_into(key: KernelKey, ivs, aad, aad_len: int, data, offs, lens: np.ndarr
     destination is not touched. Offsets are multiples of 16; ``lens`` is on the host.
     Everything is queued on ``stream`` (a numba stream; 0: the default stream). With a
     ``scratch``, nothing is allocated (``ok`` is then its rows: read them before the
-    scratch's next launch)."""
+    scratch's next launch). A caller that keeps its own device arrays passes ``lens_d``
+    (``lens`` on the device), ``acc`` (n x 4 uint32, all 0: they are left 0) and ``ok``."""
     from .aesgcm import tag_kernel
     threads = _threads(threads)
     n = len(lens)
     scratch = scratch or Scratch()
-    lens_d = scratch.put("lens", np.asarray(lens, dtype=np.int64), stream)
-    acc = _ghash(key, data, offs, lens, lens_d, aad, aad_len, threads, stream, scratch.zeros("acc", n, (4,), np.uint32))
-    ok = scratch.zeros("ok", n, (), np.uint32)
+    if lens_d is None:
+        lens_d = scratch.put("lens", np.asarray(lens, dtype=np.int64), stream)
+    acc = _ghash(key, data, offs, lens, lens_d, aad, aad_len, threads, stream,
+                 scratch.zeros("acc", n, (4,), np.uint32) if acc is None else acc)
+    ok = scratch.zeros("ok", n, (), np.uint32) if ok is None else ok
     tag_kernel[_grid(n, threads), threads, stream](key.te, key.round_keys, ivs, acc, tags, ok, 1)
     _ctr(key, ivs, data, offs, out, out_offs, lens, lens_d, ok, threads, stream)
     return ok

@@ -171,6 +171,31 @@ def test_a_batch_commits_up_to_the_refused_message_and_no_further():
         pipe.close()
 
 
+def test_transfers_queued_back_to_back_are_verified_with_one_wait():
+    """Four one-message transfers queued while the copy engine is held are verified as
+    one batch (one wait for the GPU, not four). The 3rd is tampered with: the first two
+    land and succeed, nothing of the 3rd and 4th lands."""
+    def flip(msg):
+        msg.payload[3] ^= 0x40
+
+    adv = TamperNth({3: flip})
+    with pipellm.open_device("cuda", adversary=adv) as dev:
+        batches, settle = [], dev._kernels.settle
+        dev._kernels.settle = lambda: batches.append(len(dev._kernels._staged)) or settle()
+        pipe = make(dev, "cc")
+        targets = [dev.alloc(CHUNK) for _ in range(4)]
+        adv.armed = True
+        with dev.paused():
+            for i, target in enumerate(targets):
+                pipe.to_device(pipe.register(np.full(CHUNK, i + 1, np.uint8)), dst=target)
+        with pytest.raises(IntegrityError, match="h2d message 2 "):
+            pipe.synchronize()
+        assert [b for b in batches if b] == [4]
+        got = [dev.read(t) for t in targets]
+        assert (got[0] == 1).all() and (got[1] == 2).all() and not got[2].any() and not got[3].any()
+        pipe.close()
+
+
 def test_a_transfer_refused_part_way_leaves_nothing_staged_for_the_next_session():
     """A speculative hit (GO + 3 chunks): the 1st chunk's ciphertext is tampered with (its
     tag check is due when the batch settles) and the 2nd chunk's header names another

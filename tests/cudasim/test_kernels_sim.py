@@ -21,9 +21,11 @@ pytestmark = pytest.mark.gpu
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 from numba import cuda  # noqa: E402
 
+import pipellm  # noqa: E402
 from pipellm.channel import Direction, Kind, Message, Opener, Sealer  # noqa: E402
 from pipellm.channel.keys import SessionKeys  # noqa: E402
-from pipellm.kernels import KernelKey, open_batch, open_into, seal_batch, _batch_arrays, _pack, _words  # noqa: E402
+from pipellm.kernels import (KernelKey, Scratch, open_batch, open_into, seal_batch, _batch_arrays, _pack,  # noqa: E402
+                             _words)
 try:
     from vectors import load  # noqa: E402
 except ImportError:  # cryptography_vectors not installed (the GPU machine): no NIST cases
@@ -152,3 +154,36 @@ def test_the_kernels_speak_the_channel_protocol():
         _, index, got = opener.open_into(Message("d2h", ivs[i], bytearray(headers[i]), memoryview(bytearray(s))),
                                          staging)
         assert index == i and bytes(got) == p
+
+
+def test_a_scratch_serves_batches_of_any_size_without_leftovers():
+    """The kept arrays grow past their first size and are reused: each batch opens as
+    if its arrays were fresh (the GHASH accumulators left at 0 by the previous one),
+    a tampered message of a later batch is still refused."""
+    rng = np.random.default_rng(5)
+    key_bytes = os.urandom(32)
+    key, scratch = KernelKey(key_bytes), Scratch()
+    for n, bad in ((2, None), (20, 7), (3, None)):
+        ivs, aads = [os.urandom(12) for _ in range(n)], [os.urandom(56) for _ in range(n)]
+        plain = [os.urandom(int(rng.integers(0, 300))) for _ in range(n)]
+        payloads = [bytearray(AESGCM(key_bytes).encrypt(iv, p, a)) for iv, p, a in zip(ivs, plain, aads)]
+        if bad is not None:
+            payloads[bad][-1] ^= 1
+        buf, offs, lens = _pack([bytes(p[:-16]) for p in payloads])
+        tags = np.stack([_words(bytes(p[-16:]), 4) for p in payloads])
+        ivs_d, aad_d = _batch_arrays(ivs, aads, scratch=scratch)
+        out, offs_d = cuda.to_device(np.zeros_like(buf)), scratch.put("offs", offs)
+        ok = open_into(key, ivs_d, aad_d, 56, cuda.to_device(buf), offs_d, lens, scratch.put("tags", tags), out,
+                       offs_d, threads=THREADS, scratch=scratch).copy_to_host()
+        assert list(ok) == [0 if i == bad else 1 for i in range(n)]
+        result = out.copy_to_host()
+        assert all(result[o:o + m].tobytes() == p for i, (o, m, p) in enumerate(zip(offs, lens, plain)) if i != bad)
+
+
+def test_threads_per_block_must_be_a_power_of_two_the_reduction_can_hold():
+    key = KernelKey(bytes(32))
+    for threads in (3, 1024):
+        with pytest.raises(pipellm.ArgumentError, match="power of two from 1 to 512"):
+            seal_batch(key, [bytes(12)], [b"h"], [b"x"], threads=threads)
+        with pytest.raises(pipellm.ArgumentError, match="power of two"):
+            pipellm.open_device("cuda", threads=threads)
