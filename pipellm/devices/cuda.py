@@ -28,6 +28,7 @@ here).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from functools import partial
@@ -35,6 +36,7 @@ from functools import partial
 import numpy as np
 
 from ..channel import Kind, Opener, Sealer
+from ..channel.protocol import HEADER_BYTES as _HEADER_BYTES
 from ..channel.cipher import open_into as cpu_open_into
 from ..errors import ArgumentError, DeviceError
 from ..kernels import MAX_AAD_BYTES
@@ -209,6 +211,22 @@ class _Kernels:
         finally:
             self.abandon()
 
+    def warm_up(self) -> None:
+        """Compile the kernels (or load them from numba's cache) for the argument types
+        of the batch path and of sealing, at open rather than inside the first transfer
+        (where it takes seconds): a message under a throw-away key goes through both."""
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        from ..channel.keys import EpochKey
+        secret = os.urandom(32)
+        key = EpochKey(AESGCM(secret), 0, b"warm-up!", secret)
+        try:
+            self.stage(key, bytes(12), np.zeros(32, np.uint8), bytes(_HEADER_BYTES), 16, -1)
+            self.settle()  # refused (its tag is wrong): nothing was to be committed anyway
+            self.seal(key, bytes(12), self.plain[:16], bytes(_HEADER_BYTES), memoryview(bytearray(32)))
+        finally:
+            self._keys.pop(key.key_id, None)
+
     def abandon(self) -> None:
         """Forget the batch, once no queued copy still reads a bounce slot."""
         try:
@@ -290,6 +308,8 @@ class CudaDevice(CopyEngineDevice):
         from ..kernels import _threads
         threads = _threads(threads or (16 if config.ENABLE_CUDASIM else 0))  # refused here, not at a transfer
         self._kernels = _Kernels(staging_bytes, threads, device_id, driver)
+        if not config.ENABLE_CUDASIM:  # (the simulator compiles nothing)
+            self._kernels.warm_up()
         self.opener_class = partial(GpuOpener, kernels=self._kernels)
         self.sealer_class = partial(GpuSealer, kernels=self._kernels)
         super().__init__(adversary=adversary, staging_bytes=staging_bytes)
