@@ -131,6 +131,16 @@ def _mul(x0, x1, x2, x3, y0, y1, y2, y3):
 
 
 @cuda.jit(device=True, inline=True)
+def _load_tables(te_g, rk_g, te, rk):
+    """Copy the T-table and the round keys into the block's shared memory."""
+    for i in range(cuda.threadIdx.x, 256, cuda.blockDim.x):
+        te[i] = te_g[i]
+    for i in range(cuda.threadIdx.x, 60, cuda.blockDim.x):
+        rk[i] = rk_g[i]
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True, inline=True)
 def _tail_mask(remaining, w):
     """Mask (big-endian) of the bytes of word ``w`` of a block that lie before the end,
     ``remaining`` bytes from the block's start."""
@@ -217,12 +227,8 @@ def tag_kernel(te_g, rk_g, ivs, acc, tags, ok, check):
     Clears the message's GHASH accumulator after reading it, so a reused one starts at 0."""
     te = cuda.shared.array(256, uint32)  # a dependent chain of 224 lookups: shared, not global
     rk = cuda.shared.array(60, uint32)
+    _load_tables(te_g, rk_g, te, rk)
     tid = cuda.threadIdx.x
-    for i in range(tid, 256, cuda.blockDim.x):
-        te[i] = te_g[i]
-    for i in range(tid, 60, cuda.blockDim.x):
-        rk[i] = rk_g[i]
-    cuda.syncthreads()
     msg = cuda.blockIdx.x * cuda.blockDim.x + tid
     if msg >= ivs.shape[0]:
         return
@@ -251,12 +257,8 @@ def ctr_kernel(te_g, rk_g, ivs, src32, src_offs, dst8, dst32, dst_offs, lens, ok
     message's end."""
     te = cuda.shared.array(256, uint32)
     rk = cuda.shared.array(60, uint32)
+    _load_tables(te_g, rk_g, te, rk)
     tid = cuda.threadIdx.x
-    for i in range(tid, 256, cuda.blockDim.x):
-        te[i] = te_g[i]
-    for i in range(tid, 60, cuda.blockDim.x):
-        rk[i] = rk_g[i]
-    cuda.syncthreads()
     msg = cuda.blockIdx.y
     b = cuda.blockIdx.x * cuda.blockDim.x + tid
     length = lens[msg]
