@@ -4,26 +4,28 @@ The host side is unchanged: CPU workers seal messages into bounce slots. The dev
 is the software equivalent of the H100 copy engine's work: the copy-engine thread
 (``devices/engine.py``, the same one the emulated device runs: ordering, GO/SPEC/SKIP,
 fail closed) copies each message's ciphertext to device staging memory once, and the
-AES-256-GCM kernels (``pipellm.kernels``) verify the tags of a whole transfer's messages
-in one launch (one per key) and only then decrypt them; the messages before the first
-refused one are committed, in order, by device-to-device copies, and the transfer is done
-only after that. Device to host, the kernels seal device memory into staging and the
-sealed message is copied into the host's bounce slot. GO and SKIP commands (a few bytes the receiver must read) are
-opened on the CPU by the same trusted thread.
+AES-256-GCM kernels (``pipellm.kernels``) verify the tags of a batch of messages (one
+launch per key, every 16 MiB staged) and only then decrypt them; once the batch settles,
+the messages before the first refused one are committed, in order, by device-to-device
+copies, and the ops are done only after that. Device to host, the kernels seal device
+memory into staging and the sealed message is copied into the host's bounce slot. GO and
+SKIP commands (a few bytes the receiver must read) are opened on the CPU by the same
+trusted thread.
 
 Memory and copies go through numba-cuda (device arrays on the primary context, shared
 with PyTorch). Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the whole
 device runs without a GPU, slowly: that is how CI tests it.
 
 Bounce pools are registered with the driver (``pin_host``: cuMemHostRegister through
-numba) so copies from them are DMA. A batch's staging copies, kernels and commits are
-queued on one stream and waited for once. The Cython ``cydriver`` layer
-(``pipellm._ext.cudadriver``: async copies, streams, events) is built where its headers
-are; ``copies="driver"`` sends the staging copies through it (opt-in until it is
-measured against numba's copies on a GPU). ``as_tensor``/``torch_stream`` hand delivered
-memory and the device's stream to PyTorch. Not yet done (see the CUDA device issue):
-per-slot events, compute as a GPU kernel (``compute`` sleeps on the copy-engine thread
-here).
+numba) so copies from them are DMA. Staging copies go on a copy stream, the kernels and
+commits on a kernel stream that waits for them through events; a batch is waited for
+once. The Cython ``cydriver`` layer (``pipellm._ext.cudadriver``: async copies, streams,
+events) is built where its headers are; ``copies="driver"`` sends the staging copies
+through it. ``as_tensor``/``torch_stream`` hand delivered memory and the device's kernel
+stream to PyTorch. Measured on an H100 (docs/figures.md): the kernels reach 113 GB/s,
+the host side's numba calls (about 1 ms per message) hold the encrypted path far below
+the link. Not yet done (see the CUDA device issue): raw-pointer copies on the hot path,
+per-slot events, compute as a GPU kernel (``compute`` sleeps on the copy-engine thread).
 """
 
 from __future__ import annotations
