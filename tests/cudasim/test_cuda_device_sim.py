@@ -171,6 +171,33 @@ def test_a_batch_commits_up_to_the_refused_message_and_no_further():
         pipe.close()
 
 
+@pytest.mark.parametrize("refused", [None, 3])
+def test_a_transfers_chunks_are_committed_by_one_copy_cut_at_a_refused_one(refused):
+    """Chunks back to back both in staging and in their destination (16-byte multiples)
+    are committed by one device-to-device copy; a refused chunk ends it before itself."""
+    def flip(msg):
+        msg.payload[1] ^= 0x02
+
+    adv = TamperNth({refused: flip} if refused else {})
+    with pipellm.open_device("cuda", adversary=adv) as dev:
+        runs, copy_run = [], dev._kernels._copy_run
+        dev._kernels._copy_run = lambda *run: runs.append(run[1:]) or copy_run(*run)
+        with pipellm.Pipeline(device=dev, mode="cc", chunk_size=256, bounce_bytes=64 << 10, timeout=60) as pipe:
+            data = np.arange(5 * 256, dtype=np.uint8) | 1
+            target = dev.alloc(len(data))
+            adv.armed = True
+            pipe.to_device(pipe.register(data), dst=target)
+            if refused:
+                with pytest.raises(IntegrityError, match="h2d message 2 "):
+                    pipe.synchronize()
+            else:
+                pipe.synchronize()
+        landed = 256 * (refused - 1) if refused else len(data)
+        assert runs == [(0, 0, landed)]  # (destination offset, staging offset, bytes)
+        got = dev.read(target)
+        assert np.array_equal(got[:landed], data[:landed]) and not got[landed:].any()
+
+
 def test_transfers_queued_back_to_back_are_verified_with_one_wait():
     """Four one-message transfers queued while the copy engine is held are verified as
     one batch (one wait for the GPU, not four). The 3rd is tampered with: the first two
