@@ -171,6 +171,27 @@ def encrypted_h2d(sizes, workers, repeats: int = 3, chunk_size: int = 4 * MiB, c
     return rows
 
 
+def profile_summary(path: str, thread: str = "copy-engine", top: int = 25) -> list[tuple[float, str]]:
+    """The functions a thread spent its samples in (inclusive share, best first), from a
+    ``py-spy record --threads --format raw`` file, leaving out numba's compiling (a
+    one-time cost). gpu_check.sh prints it for the copy-engine thread."""
+    import collections
+    import re
+    inclusive, total = collections.Counter(), 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            frames = stack.split(";")
+            if not count.isdigit() or thread not in frames[0]:
+                continue
+            if any("_compile_for_args" in frame or "load_overload" in frame for frame in frames):
+                continue
+            total += int(count)
+            for name in {re.sub(r" \(.*?([\w.]+\.py):\d+\)$", r" (\1)", frame) for frame in frames[1:]}:
+                inclusive[name] += int(count)
+    return [(n / total, name) for name, n in inclusive.most_common(top)] if total else []
+
+
 def plot(result: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -200,7 +221,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipellm.benchmarks.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu.json", help="JSON results (a .png plot beside it)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (for the simulator tests)")
+    parser.add_argument("--transfers-only", action="store_true",
+                        help="only pipellm 256 MiB transfers, 8 workers, 10 times (a target for a profiler)")
+    parser.add_argument("--summarize", metavar="PROFILE", help="print where the copy-engine thread spent its "
+                        "samples in a py-spy raw profile, and exit")
     args = parser.parse_args(argv)
+    if args.summarize:
+        for share, name in profile_summary(args.summarize):
+            print(f"{100 * share:5.1f}%  {name}")
+        return 0
     from numba import config, cuda
     if not (config.ENABLE_CUDASIM or cuda.is_available()):
         print("no CUDA GPU here (NUMBA_ENABLE_CUDASIM=1 runs this on the simulator)", file=sys.stderr)
@@ -209,6 +238,11 @@ def main(argv=None) -> int:
     q = args.quick
     repeats = 1 if q else 5
     result = {"device": name, "cpu_count": os.cpu_count(), "errors": {}}
+    if args.transfers_only:
+        rows = encrypted_h2d(QUICK["pipe"] if q else [256 * MiB], [8], 10, modes=("pipellm",))
+        with open(args.out, "w") as f:
+            json.dump(dict(result, encrypted_h2d=rows), f, indent=2)
+        return 0
 
     def section(key, run):
         """One part of the figures; a failure is recorded and the others still run. The

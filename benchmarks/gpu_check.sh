@@ -13,6 +13,8 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 \
 #     --platform manylinux_2_17_x86_64 -d .whl 'cryptography>=50' cffi pycparser
+# and, for a profile of the copy-engine thread in the same run (optional), py-spy:
+#   python3 -m pip download --no-deps --only-binary=:all: --platform manylinux_2_5_x86_64 -d .whl py-spy
 # then run it with `.whl` carried:  bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +37,12 @@ python3 -c "import pipellm._ext.cudadriver; print('cydriver layer: built')" 2>&1
 step figures
 timeout 240 python3 -m pipellm.benchmarks.gpu --out "$out/gpu.json" 2>&1 | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
+if [ -x /tmp/site/bin/py-spy ]; then  # carried (see above): where the copy-engine thread's time goes
+    step profile
+    timeout 120 /tmp/site/bin/py-spy record --threads --rate 400 --format raw -o "$out/profile.txt" -- \
+        python3 -m pipellm.benchmarks.gpu --transfers-only --out "$out/profile.json" 2>&1 | grep -v Warning | tail -12
+    python3 -m pipellm.benchmarks.gpu --summarize "$out/profile.txt" | tee "$out/profile-summary.txt"
+fi
 step tests
 timeout 120 python3 -m pytest -q -p no:cacheprovider -x tests/cudasim tests/test_cudadriver.py tests/test_torch.py 2>&1 \
     | tee "$out/tests.log"
