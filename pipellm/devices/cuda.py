@@ -41,7 +41,7 @@ from ..channel import Kind, Opener, Sealer
 from ..channel.protocol import HEADER_BYTES as _HEADER_BYTES
 from ..channel.cipher import open_into as cpu_open_into
 from ..errors import ArgumentError, DeviceError
-from ..kernels import MAX_AAD_BYTES
+from ..kernels import MAX_AAD_BYTES, _words
 from .base import DeviceBuffer, Op
 from .engine import CopyEngineDevice
 
@@ -99,9 +99,8 @@ class _Rows:
 
     def put(self, i: int, iv: bytes, aad: bytes, tag: bytes, offset: int, nbytes: int) -> None:
         h = self.host
-        h["ivs"][i] = np.frombuffer(iv, ">u4")
-        h["aads"][i] = np.frombuffer(bytes(aad).ljust(MAX_AAD_BYTES, b"\0"), ">u4")
-        h["tags"][i] = np.frombuffer(tag, ">u4")
+        h["ivs"][i], h["tags"][i] = _words(iv, 3), _words(tag, 4)
+        h["aads"][i] = _words(aad, MAX_AAD_BYTES // 4)
         h["offs"][i], h["lens"][i] = offset, nbytes
 
     def upload(self, a: int, b: int, stream) -> dict:

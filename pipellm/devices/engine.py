@@ -150,9 +150,15 @@ class CopyEngineDevice(Device):
         try:
             self._settle(session)
         except Exception as exc:  # a bug or a failing device: fail what waited, keep going
-            self._fail_session(session, DeviceError(f"{self.kind} device failed verifying a batch: {exc!r}"))
-            self._deferred.clear()
-            self._abandon()
+            self._fail_batch(session, DeviceError(f"{self.kind} device failed verifying a batch: {exc!r}"))
+
+    def _fail_batch(self, session: Session, error: BaseException) -> None:
+        """The session's channel state is unknown (a message may be half processed): fail
+        it with what waited for its batch, and drop what the device staged."""
+        self._fail_session(session, error)
+        self._deferred.clear()
+        self._open_batch = None
+        self._abandon()
 
     # -- channel ---------------------------------------------------------------------------------
     def open_session(self, host_public: bytes, *, rotate_after: int, window: int = 0) -> tuple[int, bytes]:
@@ -276,12 +282,8 @@ class CopyEngineDevice(Device):
             except Exception as exc:  # a bug or a misbehaving adversary: fail the op, keep going
                 error = DeviceError(f"{self.kind} device failed {op.kind}: {exc!r}")
                 if op.session is not None:
-                    # the session's channel state is unknown now (a message may be half
-                    # processed): fail it, rather than refuse its next message as forged
-                    self._fail_session(op.session, error)
-                    self._deferred.clear()  # failed with the session
-                    self._open_batch = None
-                    self._abandon()
+                    # fail the session, rather than refuse its next message as forged
+                    self._fail_batch(op.session, error)
                 if not op.finished:
                     self._finish(op, error)
             op.args = ()

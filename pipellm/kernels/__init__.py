@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import ArgumentError
 from .tables import CHUNK_BLOCKS, TE0, GcmKey
 
-# numba-cuda up to at least 0.2x registers an overload for np.row_stack, which NumPy 2.4
+# numba-cuda (0.30.4 at least) registers an overload for np.row_stack, which NumPy 2.4
 # removed: its first compile then fails with AttributeError. The alias lets it load.
 if not hasattr(np, "row_stack"):
     np.row_stack = np.vstack
