@@ -2,9 +2,20 @@
 stand-in for the ``cython`` module where Cython is not installed. Compiled, those
 modules are C (Cython reads the declarations); plain, they run as written."""
 
+
+class _CType:
+    """A C type: ``longlong[:]`` (a memoryview) is the same no-op."""
+
+    def __getitem__(self, dimensions):
+        return self
+
+
 Py_ssize_t = int
 double = float
 bint = bool
+compiled = False
+longlong = _CType()
+ulonglong = _CType()
 
 
 def cclass(cls):
@@ -21,3 +32,14 @@ def locals(**types):   # noqa: A001 - Cython's name
 
 def declare(type_=None, value=None, **options):
     return value
+
+
+def returns(type_):
+    return lambda function: function
+
+
+def boundscheck(flag):
+    return lambda function: function
+
+
+wraparound = boundscheck

@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict, deque
 
+import numpy as np
+
 try:
     import cython
 except ImportError:   # the plain module without Cython installed
@@ -14,25 +16,146 @@ except ImportError:   # the plain module without Cython installed
 from .base import Prediction, Predictor, TransferEvent
 
 
+#: splitmix64's constants (the keys below), and the masks that make Python's integers
+#: wrap as C's 64-bit ones do (the plain module computes the same keys)
+_MASK64 = cython.declare(cython.ulonglong, 0xFFFFFFFFFFFFFFFF)
+_MASK63 = cython.declare(cython.ulonglong, 0x7FFFFFFFFFFFFFFF)
+_GOLDEN = cython.declare(cython.ulonglong, 0x9E3779B97F4A7C15)
+_MIX1 = cython.declare(cython.ulonglong, 0xBF58476D1CE4E5B9)
+_MIX2 = cython.declare(cython.ulonglong, 0x94D049BB133111EB)
+_new_tuple = tuple.__new__
+#: "absent" for maps whose values may be negative (steps)
+_NONE = cython.declare(cython.longlong, -(1 << 62))
+#: a guess packs (context's region + 1, walk's region + 1, context length) in one integer
+_FIELD = cython.declare(cython.longlong, (1 << 28) - 1)
+MAX_REGIONS = (1 << 28) - 2
+MAX_ORDER = 64
+
+
+@cython.cfunc
+@cython.returns(cython.longlong)
+@cython.locals(a=cython.longlong, b=cython.longlong, x=cython.ulonglong)
+def _key(a, b):
+    """A non-zero 63-bit key for the pair (a, b), chained for longer sequences (splitmix64's
+    finalizer). Distinct sequences collide with probability about 2**-63; a collision
+    would cost one wrong guess, never wrong data (the pipeline validates what it sends)."""
+    x = ((a & _MASK64) * _GOLDEN + (b & _MASK64)) & _MASK64
+    x = ((x ^ (x >> 30)) * _MIX1) & _MASK64
+    x = ((x ^ (x >> 27)) * _MIX2) & _MASK64
+    x = (x ^ (x >> 31)) & _MASK63
+    return x if x != 0 else 1
+
+
+def _zeros(n: int):
+    """An array of n 64-bit integers: numpy's where compiled (typed memoryviews read it as
+    C), a list where the plain module runs (its elements are Python integers, as the
+    compiled code's arithmetic gives)."""
+    return np.zeros(n, np.int64) if cython.compiled else [0] * n
+
+
+def _doubled(array):
+    return np.concatenate([array, np.zeros_like(array)]) if cython.compiled else array + [0] * len(array)
+
+
+@cython.cclass
+class _IntMap:
+    """Non-zero 63-bit keys (from ``_key``) to 64-bit values: open addressing with linear
+    probing over one array of (key, value) pairs, so a lookup reads one cache line where
+    a dict keyed by tuples of names reads three or four. Inside a pipeline each call to a
+    predictor follows a transfer's encryption, which flushes the CPU caches: those misses
+    were most of the predictors' cost."""
+
+    _array = cython.declare(object)
+    _slots = cython.declare(cython.longlong[:])
+    mask = cython.declare(cython.Py_ssize_t)
+    size = cython.declare(cython.Py_ssize_t)
+
+    def __init__(self, capacity: int = 64):   # (a power of two)
+        self._array = _zeros(2 * capacity)
+        self._slots = self._array
+        self.mask, self.size = capacity - 1, 0
+
+    @cython.cfunc
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    @cython.returns(cython.Py_ssize_t)
+    @cython.locals(key=cython.longlong, i=cython.Py_ssize_t, found=cython.longlong)
+    def _slot(self, key):
+        i = key & self.mask
+        found = self._slots[2 * i]
+        while found != key and found != 0:
+            i = (i + 1) & self.mask
+            found = self._slots[2 * i]
+        return i
+
+    @cython.cfunc
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    @cython.returns(cython.longlong)
+    @cython.locals(key=cython.longlong, default=cython.longlong, i=cython.Py_ssize_t)
+    def get(self, key, default):
+        i = self._slot(key)
+        return self._slots[2 * i + 1] if self._slots[2 * i] == key else default
+
+    @cython.cfunc
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    @cython.locals(key=cython.longlong, value=cython.longlong, i=cython.Py_ssize_t)
+    def put(self, key, value):
+        i = self._slot(key)
+        if self._slots[2 * i] != key:
+            if 2 * (self.size + 1) > self.mask + 1:   # at most half full
+                self._grow()
+                i = self._slot(key)
+            self._slots[2 * i] = key
+            self.size += 1
+        self._slots[2 * i + 1] = value
+
+    @cython.cfunc
+    @cython.locals(old=cython.longlong[:], j=cython.Py_ssize_t)
+    def _grow(self):
+        old = self._array
+        self._array = _zeros(2 * len(self._array))
+        self._slots = self._array
+        self.mask, self.size = len(old) - 1, 0   # (twice the capacity: len(old) slots)
+        for j in range(0, len(old), 2):
+            if old[j] != 0:
+                self.put(old[j], old[j + 1])
+
+
+# the columns of _LayerwiseCore's per-region rows: the last span, its change from the
+# one before, and how often the region was loaded
+_OFFSET = cython.declare(cython.Py_ssize_t, 0)
+_NBYTES = cython.declare(cython.Py_ssize_t, 1)
+_D_OFFSET = cython.declare(cython.Py_ssize_t, 2)
+_D_NBYTES = cython.declare(cython.Py_ssize_t, 3)
+_SEEN = cython.declare(cython.Py_ssize_t, 4)
+_COLUMNS = cython.declare(cython.Py_ssize_t, 5)
+
+
 @cython.cclass
 class _LayerwiseCore:
     """LayerwisePredictor's state and its per-transfer methods, apart from the public
-    class so that the compiled module makes them an extension type: the state in C
-    fields, not an instance dict (about a sixth of observe + predict on MoE). The
+    class so that the compiled module makes them an extension type (C fields, C methods).
+    Regions are small integers (their position in the first-seen order), contexts and
+    steps are 63-bit keys into ``_IntMap`` tables, a region's spans one row of an array:
+    the state a call touches is a few cache lines, not a graph of tuples and strings. The
     ``cython`` declarations change nothing where the plain module runs."""
 
     order = cython.declare(cython.Py_ssize_t, visibility="public")
-    _history = cython.declare(object, visibility="public")     # deque(maxlen=order) of regions
-    _next = cython.declare(dict, visibility="public")
-    _flipped = cython.declare(set, visibility="public")
-    _span = cython.declare(dict, visibility="public")
-    _seen = cython.declare(dict, visibility="public")
-    _step_like = cython.declare(dict, visibility="public")
-    _position = cython.declare(dict, visibility="public")
-    _by_position = cython.declare(list, visibility="public")
-    _steps = cython.declare(object, visibility="public")       # deque(maxlen=2)
-    _step_counts = cython.declare(dict, visibility="public")
-    _step_best = cython.declare(dict, visibility="public")
+    _ids = cython.declare(dict, visibility="public")            # name -> region
+    _names = cython.declare(list, visibility="public")          # region -> name
+    _rows_array = cython.declare(object)
+    _rows = cython.declare(cython.longlong[:])                  # region * _COLUMNS + _OFFSET.._SEEN
+    _keys = cython.declare(cython.longlong[:])                  # scratch: one context's keys
+    _history = cython.declare(list, visibility="public")        # the last ``order`` regions
+    _steps = cython.declare(list, visibility="public")          # the last two steps
+    _next = cython.declare(_IntMap)               # context -> region * 2 + kept its successor once
+    _step_counts = cython.declare(_IntMap)        # (steps, step) -> count * 2**24 + order first seen
+    _step_distinct = cython.declare(_IntMap)      # steps -> how many steps followed them
+    _step_best = cython.declare(_IntMap)          # steps -> the most frequent step after them
+    _like_offset = cython.declare(_IntMap)        # span -> change of offset that followed it
+    _like_nbytes = cython.declare(_IntMap)        # span -> change of size that followed it
     _context_score = cython.declare(cython.double, visibility="public")
     _walk_score = cython.declare(cython.double, visibility="public")
     _chain = cython.declare(list, visibility="public")         # None: to be rebuilt
@@ -43,23 +166,19 @@ class _LayerwiseCore:
     _predicted = cython.declare(list, visibility="public")     # None: to be made
 
     def reset(self) -> None:
-        self._history: deque = deque(maxlen=self.order)
-        self._next: dict[tuple, str] = {}
-        self._flipped: set = set()        # contexts that kept their successor once
-        self._span: dict[str, tuple[int, int, int, int]] = {}   # offset, nbytes, d_offset, d_nbytes
-        self._seen: dict[str, int] = {}
-        self._step_like: dict[tuple[int, int], tuple[int, int]] = {}
-        self._position: dict[str, int] = {}
-        self._by_position: list[str] = []
-        self._steps: deque = deque(maxlen=2)
-        self._step_counts: dict[tuple, dict[int, list[int]]] = {}
-        self._step_best: dict[tuple, int] = {}
+        self._ids, self._names = {}, []
+        self._rows_array = _zeros(64 * _COLUMNS)
+        self._rows = self._rows_array
+        self._keys = _zeros(self.order + 1)
+        self._history, self._steps = [], []
+        self._next, self._step_counts, self._step_distinct = _IntMap(), _IntMap(), _IntMap()
+        self._step_best, self._like_offset, self._like_nbytes = _IntMap(), _IntMap(), _IntMap()
         self._context_score = self._walk_score = 0.5
         # the predicted chain of regions and the state at its end, kept while what is
         # observed follows it and nothing learned would change it (observe + predict then
         # cost one step, not k)
-        self._chain: list[str] | None = None
-        self._guesses: list[tuple] = []    # each chain step's _guess()
+        self._chain: list | None = None
+        self._guesses: list = []           # each chain step's _guess()
         self._chain_steps: set = set()     # the walk model's keys the chain looked up
         self._tail: tuple[list, list] = ([], [])
         self._chain_ended = False
@@ -67,117 +186,167 @@ class _LayerwiseCore:
         self._predicted: list[Prediction] | None = None
 
     @cython.cfunc
-    @cython.locals(n=cython.Py_ssize_t, size=cython.Py_ssize_t, nexts=dict, whole=tuple, target=cython.Py_ssize_t,
-                   by_position=list)
-    def _guess(self, history, steps) -> tuple:
-        """(context model's region, walk model's region, context length used)."""
-        context, n = None, 0
-        nexts, size = self._next, len(history)
-        whole = tuple(history)   # (its slices are tuples: one allocation each)
-        for n in range(min(self.order, size), 0, -1):
-            context = nexts.get(whole if n == size else whole[-n:])
-            if context is not None:
-                break
-        walk = None
-        if len(steps) >= 2:
-            step = self._step_best.get((steps[-2], steps[-1]))
-            if step is not None:
-                target = self._position[history[-1]] + step
-                by_position = self._by_position
-                if 0 <= target < len(by_position):
-                    walk = by_position[target]
-        return context, walk, n
+    @cython.returns(cython.longlong)
+    @cython.locals(region=cython.longlong, rows=cython.longlong[:], row=cython.Py_ssize_t)
+    def _new_region(self, name):
+        region = len(self._names)
+        if region > MAX_REGIONS:
+            raise ValueError(f"the layerwise predictor tells at most {MAX_REGIONS} regions apart")
+        if region * _COLUMNS == len(self._rows_array):
+            self._rows_array = _doubled(self._rows_array)
+            self._rows = self._rows_array
+        self._ids[name] = region
+        self._names.append(name)
+        return region
 
     @cython.cfunc
-    @cython.locals(n=cython.Py_ssize_t)
-    def _choose(self, context, walk, n):
-        if context is not None and (n >= self.order or walk is None):
+    @cython.returns(cython.Py_ssize_t)
+    @cython.locals(history=list, size=cython.Py_ssize_t, n=cython.Py_ssize_t, key=cython.longlong,
+                   keys=cython.longlong[:])
+    def _context_keys(self, history):
+        """The keys of the contexts ending at the last load, ``_keys[n]`` for the last n
+        loads (1 <= n <= the returned count)."""
+        size, keys, key = len(history), self._keys, 0
+        size = min(size, self.order)
+        for n in range(1, size + 1):
+            key = _key(key, history[len(history) - n])
+            keys[n] = key
+        return size
+
+    @cython.cfunc
+    @cython.returns(cython.longlong)
+    @cython.locals(history=list, steps=list, n=cython.Py_ssize_t, found=cython.longlong, context=cython.longlong,
+                   walk=cython.longlong, step=cython.longlong, target=cython.longlong, nexts=_IntMap)
+    def _guess(self, history, steps):
+        """(context model's region + 1, walk model's region + 1, context length used),
+        packed: the longest context seen before names the first."""
+        context, walk, nexts = 0, 0, self._next
+        n = self._context_keys(history)
+        while n > 0:
+            found = nexts.get(self._keys[n], -1)
+            if found >= 0:
+                context = (found >> 1) + 1
+                break
+            n -= 1
+        if len(steps) >= 2:
+            step = self._step_best.get(_key(_key(0, steps[len(steps) - 2]), steps[len(steps) - 1]), _NONE)
+            if step != _NONE:
+                target = history[len(history) - 1] + step   # (a region is its position)
+                if 0 <= target < len(self._names):
+                    walk = target + 1
+        return context | (walk << 28) | (n << 56)
+
+    @cython.cfunc
+    @cython.returns(cython.longlong)
+    @cython.locals(guess=cython.longlong, context=cython.longlong, walk=cython.longlong)
+    def _choose(self, guess):
+        """The region a guess predicts, -1 for none."""
+        context, walk = (guess & _FIELD) - 1, ((guess >> 28) & _FIELD) - 1
+        if context >= 0 and ((guess >> 56) >= self.order or walk < 0):
             return context
-        if walk is not None and (context is None or self._walk_score > self._context_score):
+        if walk >= 0 and (context < 0 or self._walk_score > self._context_score):
             return walk
         return context
 
-    @cython.locals(position=dict, chain=list, changed=cython.bint, before=cython.bint, step=cython.Py_ssize_t,
-                   counts=dict, entry=list, step_best=dict, context=tuple, nexts=dict, flipped=set,
-                   relearned=cython.bint, created=cython.bint, n=cython.Py_ssize_t, span=dict, predicted=list)
+    @cython.locals(region=cython.longlong, history=list, steps=list, chain=list, changed=cython.bint,
+                   before=cython.bint, guess=cython.longlong, guessed=cython.longlong, walk=cython.longlong,
+                   step=cython.longlong, key=cython.longlong, counted=cython.longlong, entry=cython.longlong,
+                   best=cython.longlong, top=cython.longlong, better=cython.bint, n=cython.Py_ssize_t,
+                   found=cython.longlong, nexts=_IntMap, relearned=cython.bint, created=cython.bint,
+                   rows=cython.longlong[:], row=cython.Py_ssize_t, offset=cython.longlong, nbytes=cython.longlong,
+                   d_offset=cython.longlong, d_nbytes=cython.longlong, last=cython.longlong, predicted=list)
     def observe(self, event: TransferEvent) -> None:
         if event.direction != "h2d":
             return
-        region = event.region
-        history, steps, position = self._history, self._steps, self._position
+        region = self._ids.get(event.region, -1)
+        history, steps = self._history, self._steps
         chain = self._chain
         changed = False     # something every prediction may depend on changed
         if history:
             # while the chain holds, its head's guesses are the ones made now
-            guessed, walk, _ = self._guesses[0] if chain else self._guess(tuple(history), tuple(steps))
+            guess = self._guesses[0] if chain else self._guess(history, steps)
+            guessed, walk = (guess & _FIELD) - 1, ((guess >> 28) & _FIELD) - 1
             before = self._walk_score > self._context_score
-            if guessed is not None:
+            if guessed >= 0:
                 self._context_score += 0.25 * ((guessed == region) - self._context_score)
-            if walk is not None:
+            if walk >= 0:
                 self._walk_score += 0.25 * ((walk == region) - self._walk_score)
             if before != (self._walk_score > self._context_score) and chain:
                 # the other model leads now: the chain stands if no step of it changes hands
-                changed = any(self._choose(g[0], g[1], g[2]) != c for g, c in zip(self._guesses[1:], chain[1:]))
-        if region not in position:
-            position[region] = len(self._by_position)
-            self._by_position.append(region)
+                changed = any(self._choose(g) != c for g, c in zip(self._guesses[1:], chain[1:]))
+        if region < 0:
+            region = self._new_region(event.region)
             changed = True
         if history:
-            step = position[region] - position[history[-1]]
+            step = region - history[len(history) - 1]
             if len(steps) == 2:
-                key = (steps[0], steps[1])
+                key = _key(_key(0, steps[0]), steps[1])
                 # the most frequent step after these two (the first seen among equals),
                 # kept up to date by the one count that grew
-                counts = self._step_counts.setdefault(key, {})
-                entry = counts.get(step)
-                if entry is None:
-                    entry = counts[step] = [0, len(counts)]   # count, order first seen
-                entry[0] += 1
-                step_best = self._step_best
-                best = step_best.get(key)
-                top = counts[best] if best is not None else None
-                if best != step and (top is None or entry[0] > top[0] or (entry[0] == top[0] and entry[1] < top[1])):
-                    step_best[key] = step
-                    changed = changed or key in self._chain_steps   # the chain walked by it
+                counted = _key(key, step)
+                entry = self._step_counts.get(counted, -1)
+                if entry < 0:
+                    entry = self._step_distinct.get(key, 0)
+                    self._step_distinct.put(key, entry + 1)
+                entry += 1 << 24
+                self._step_counts.put(counted, entry)
+                best = self._step_best.get(key, _NONE)
+                if best != step:
+                    better = best == _NONE
+                    if not better:
+                        top = self._step_counts.get(_key(key, best), 0)
+                        better = (entry >> 24) > (top >> 24) or ((entry >> 24) == (top >> 24)
+                                                                 and (entry & 0xFFFFFF) < (top & 0xFFFFFF))
+                    if better:
+                        self._step_best.put(key, step)
+                        changed = changed or key in self._chain_steps   # the chain walked by it
             steps.append(step)
-        context = tuple(history)
-        nexts, flipped = self._next, self._flipped
-        relearned = False   # what follows contexts ending in history[-1] changed
+            if len(steps) > 2:
+                del steps[0]
+        nexts = self._next
+        relearned = False   # what follows contexts ending in the last load changed
         created = False     # a longer context than the one at hand is new, and names region
-        for n in range(len(context), 0, -1):
-            key = context[-n:]
-            old = nexts.get(key)
-            if old == region:
+        n = self._context_keys(history)
+        while n > 0:
+            key = self._keys[n]
+            found = nexts.get(key, -1)
+            n -= 1
+            if found >= 0 and (found >> 1) == region:
                 continue
-            if old is None:
+            if found < 0:
                 created = True
-            elif created and n >= 2 and key not in flipped:
+            elif created and n >= 1 and not (found & 1):
                 # the first time a successor is contradicted where a longer context
                 # (new) now tells the exception apart, it keeps its context: LoRA's first
                 # wrap to the next step (after layer 0's backward loads) would otherwise
                 # overwrite what follows layer 0's forward loads, and the next step
                 # misses layer 1 once more
-                flipped.add(key)
+                nexts.put(key, found | 1)
                 continue
-            nexts[key] = region
+            nexts.put(key, region * 2 + (found & 1 if found >= 0 else 0))
             relearned = True
-        span = self._span
-        last = span.get(region)
-        if last is None:
-            span[region] = (event.offset, event.nbytes, 0, 0)
+        rows, row = self._rows, region * _COLUMNS
+        offset, nbytes = event.offset, event.nbytes
+        if rows[row + _SEEN] == 0:
+            rows[row + _D_OFFSET] = rows[row + _D_NBYTES] = 0
         else:
-            change = (event.offset - last[0], event.nbytes - last[1])
-            span[region] = (event.offset, event.nbytes, *change)
-            if self._step_like.get((last[0], last[1])) != change:
-                self._step_like[(last[0], last[1])] = change
+            d_offset, d_nbytes = offset - rows[row + _OFFSET], nbytes - rows[row + _NBYTES]
+            rows[row + _D_OFFSET], rows[row + _D_NBYTES] = d_offset, d_nbytes
+            key = _key(_key(0, rows[row + _OFFSET]), rows[row + _NBYTES])
+            if (self._like_offset.get(key, _NONE) != d_offset
+                    or self._like_nbytes.get(key, _NONE) != d_nbytes):
+                self._like_offset.put(key, d_offset)
+                self._like_nbytes.put(key, d_nbytes)
                 self._predicted = None   # spans of regions seen once may follow it
-        self._seen[region] = self._seen.get(region, 0) + 1
+        rows[row + _OFFSET], rows[row + _NBYTES] = offset, nbytes
+        rows[row + _SEEN] += 1
         # The chain stands if it foresaw this load and nothing it was computed from
         # changed: its later steps looked up contexts ending in this region or in its
         # own regions, so a relearned context ending in the previous load matters only
         # where that load comes again in it (or where the chain had ended for want of one).
+        last = history[len(history) - 1] if history else -1
         if (not changed and chain and chain[0] == region
-                and not (relearned and (self._chain_ended or context[-1] == region or context[-1] in chain[1:-1]))):
+                and not (relearned and (self._chain_ended or last == region or last in chain[1:-1]))):
             chain.pop(0)
             self._guesses.pop(0)
             predicted = self._predicted
@@ -190,29 +359,29 @@ class _LayerwiseCore:
         else:
             self._chain = self._predicted = None
         history.append(region)
+        if len(history) > self.order:
+            del history[0]
 
-    @cython.locals(k=cython.Py_ssize_t, chain=list, history=list, steps=list, position=dict, order=cython.Py_ssize_t,
-                   walked=set, guesses=list, guess=tuple, out=list)
+    @cython.locals(k=cython.Py_ssize_t, chain=list, history=list, steps=list, walked=set, guesses=list,
+                   guess=cython.longlong, region=cython.longlong, out=list)
     def predict(self, k: int) -> list[Prediction]:
         if self._chain is None:
             self._chain, self._guesses, self._chain_steps = [], [], set()
             self._tail, self._chain_ended = (list(self._history), list(self._steps)), False
         chain, (history, steps) = self._chain, self._tail
         if len(chain) < k and not self._chain_ended:
-            # (locals: this loop is most of a rebuild's cost)
-            position, order = self._position, self.order
             walked, guesses = self._chain_steps, self._guesses
             while len(chain) < k and history:
                 if len(steps) >= 2:
-                    walked.add((steps[-2], steps[-1]))
+                    walked.add(_key(_key(0, steps[len(steps) - 2]), steps[len(steps) - 1]))
                 guess = self._guess(history, steps)
-                region = self._choose(guess[0], guess[1], guess[2])
-                if region is None:
+                region = self._choose(guess)
+                if region < 0:
                     self._chain_ended = True
                     break
-                steps.append(position[region] - position[history[-1]])
+                steps.append(region - history[len(history) - 1])
                 history.append(region)
-                if len(history) > order:
+                if len(history) > self.order:
                     del history[0], steps[0]
                 chain.append(region)
                 guesses.append(guess)
@@ -224,24 +393,30 @@ class _LayerwiseCore:
         return out[:k]
 
     @cython.cfunc
-    @cython.locals(span=dict, seen=dict, step_like=dict, times_of=dict, i=cython.Py_ssize_t, times=cython.Py_ssize_t)
-    def _spans(self, chain: list, out: list) -> None:
+    @cython.locals(chain=list, out=list, rows=cython.longlong[:], row=cython.Py_ssize_t, times_of=dict, i=cython.Py_ssize_t,
+                   region=cython.longlong, times=cython.longlong, offset=cython.longlong, nbytes=cython.longlong,
+                   d_offset=cython.longlong, d_nbytes=cython.longlong, key=cython.longlong)
+    def _spans(self, chain, out) -> None:
         """Extend the chain's predictions ``out``: each region's next span (up to the
         first that makes no sense, a negative offset or size)."""
-        span, seen, step_like = self._span, self._seen, self._step_like
+        rows = self._rows
         times_of = {}   # region -> its loads in chain[:i + 1]: its next load, or the one after...
         for region in chain[:len(out)]:
             times_of[region] = times_of.get(region, 0) + 1
         for i in range(len(out), len(chain)):
             region = chain[i]
             times = times_of[region] = times_of.get(region, 0) + 1
-            offset, nbytes, d_offset, d_nbytes = span[region]
-            if seen[region] == 1:
-                d_offset, d_nbytes = step_like.get((offset, nbytes), (0, 0))
+            row = region * _COLUMNS
+            offset, nbytes = rows[row + _OFFSET], rows[row + _NBYTES]
+            if rows[row + _SEEN] == 1:
+                key = _key(_key(0, offset), nbytes)
+                d_offset, d_nbytes = self._like_offset.get(key, 0), self._like_nbytes.get(key, 0)
+            else:
+                d_offset, d_nbytes = rows[row + _D_OFFSET], rows[row + _D_NBYTES]
             offset, nbytes = offset + times * d_offset, nbytes + times * d_nbytes
             if nbytes <= 0 or offset < 0:
                 break
-            out.append(Prediction(region, offset, nbytes))
+            out.append(_new_tuple(Prediction, (self._names[region], int(offset), int(nbytes))))   # (no Python frame)
 
 
 class LayerwisePredictor(_LayerwiseCore, Predictor):
