@@ -26,6 +26,9 @@ def cfunc(function):
     return function
 
 
+ccall = cfunc
+
+
 def locals(**types):   # noqa: A001 - Cython's name
     return lambda function: function
 

@@ -18,7 +18,7 @@ history, and a logistic-regression model (trained offline on traces with
   rules (regular traffic) and when the history knows better (experts).
 
 The model file holds the feature names and the fitted weights as JSON: loading it runs
-no code, and inference needs only this module (not scikit-learn). Where the best
+no code, and inference needs only this package (not scikit-learn). Where the best
 candidate is uncertain, the next-best ones are proposed too: with ``iv_order="window"``
 an unused candidate costs only its encryption.
 """
@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import deque
 
 try:
     import cython
@@ -37,6 +36,7 @@ except ImportError:   # the plain module without Cython installed
 
 from pipellm.errors import ArgumentError
 
+from ._core import RECENT, _History
 from .base import Prediction, Predictor, TransferEvent
 from .rules import KVSwapPredictor, LayerwisePredictor
 
@@ -44,16 +44,9 @@ FORMAT = "pipellm-learned-predictor"
 VERSION = 1
 FEATURES = ("p1", "p2", "last", "segment", "recent", "age", "layerwise", "kvswap", "layerwise_trust",
             "kvswap_trust")
-SEGMENT = 3   # loads after a context that make its "segment"
-RECENT = 3
 #: a rule whose first guess was right this often lately is followed as is (moving
-#: average with this weight for the newest guess)
+#: average; the weight of the newest guess is _core.TRUST_ALPHA)
 TRUST_RULE = 0.9
-TRUST_ALPHA = 0.2
-#: a host-to-device copy smaller than this that no rule named is noise to the model (the
-#: small non-swap copies between the real traffic: input ids, positions, sampling
-#: parameters); it neither moves the rules' trust nor becomes context
-SMALL = 8192
 
 
 def _logit(p: float) -> float:
@@ -63,186 +56,6 @@ def _logit(p: float) -> float:
 
 class NotFittedError(ArgumentError, AttributeError):
     """The learned predictor has no model: fit() it or load() one."""
-
-
-@cython.cclass
-class _History:
-    """The online statistics both training and prediction compute features from, and the
-    rule predictors whose opinions are features too. Compiled, an extension type (its
-    state in C fields); the ``cython`` declarations change nothing in the plain module."""
-
-    rules = cython.declare(tuple, visibility="public")    # (LayerwisePredictor, KVSwapPredictor)
-    trust = cython.declare(list, visibility="public")
-    t = cython.declare(cython.Py_ssize_t, visibility="public")
-    events = cython.declare(cython.Py_ssize_t, visibility="public")
-    _guessed = cython.declare(tuple, visibility="public")
-    loads = cython.declare(object, visibility="public")   # deque
-    follow1 = cython.declare(dict, visibility="public")
-    follow2 = cython.declare(dict, visibility="public")
-    total1 = cython.declare(dict, visibility="public")
-    total2 = cython.declare(dict, visibility="public")
-    after = cython.declare(dict, visibility="public")
-    occurrence = cython.declare(dict, visibility="public")
-    span = cython.declare(dict, visibility="public")
-
-    def __init__(self):
-        self.rules = (LayerwisePredictor(), KVSwapPredictor())
-        self.trust = [0.0, 0.0]   # moving average: was each rule's first guess right?
-        self.t = 0
-        self.events = 0              # every event observed (the rules see d2h ones too)
-        self._guessed = None         # (events, the rules' first guesses then)
-        self.loads: deque = deque(maxlen=max(SEGMENT, RECENT) + 2)
-        self.follow1: dict = {}      # last -> {next: count}
-        self.follow2: dict = {}      # (prev, last) -> {next: count}
-        self.total1: dict = {}       # last -> sum of its follow1 counts
-        self.total2: dict = {}       # (prev, last) -> sum of its follow2 counts
-        self.after: dict = {}        # region -> the loads that followed its previous occurrence
-        self.occurrence: dict = {}   # region -> t of its last occurrence
-        self.span: dict = {}         # region -> (offset, nbytes)
-
-    def context(self):
-        loads = self.loads
-        return (loads[-2] if len(loads) > 1 else None, loads[-1] if loads else None)
-
-    def candidates(self, last, rules=(None, None)) -> set:
-        out = set(self.follow1.get(last, ()))   # (follow2's regions are among these)
-        out.update(self.after.get(last, ()))
-        out.update(r.region for r in rules if r is not None)
-        return out
-
-    def rule_chains(self, k: int) -> tuple[list, list]:
-        return self.rules[0].predict(k), self.rules[1].predict(k)
-
-    def guesses(self) -> list:
-        """Each rule's first prediction now (None where it has none), asked once per
-        event: training, observe() and predict() share it."""
-        if self._guessed is None or self._guessed[0] != self.events:
-            self.remember_guesses([next(iter(rule.predict(1)), None) for rule in self.rules])
-        return self._guessed[1]
-
-    def remember_guesses(self, guesses: list) -> None:
-        """The rules' first predictions, made anyway (predict's chains): observe() needs them."""
-        self._guessed = (self.events, guesses)
-
-    @staticmethod
-    def noise(event: TransferEvent, guesses) -> bool:
-        return event.nbytes < SMALL and not any(g is not None and g.region == event.region for g in guesses)
-
-    @cython.locals(signal=cython.bint, trust=list, i=cython.Py_ssize_t)
-    def observe(self, event: TransferEvent) -> None:
-        signal = event.direction == "h2d"
-        if signal:
-            guesses = self.guesses()
-            signal = not self.noise(event, guesses)
-        if signal:
-            trust = self.trust
-            for i, guess in enumerate(guesses):
-                if guess is not None:  # no guess is no evidence either way
-                    trust[i] += TRUST_ALPHA * ((guess.region == event.region) - trust[i])
-        for rule in self.rules:
-            rule.observe(event)
-        self.events += 1
-        if signal:
-            self.add(event.region, event.offset, event.nbytes)
-
-    def features(self, prev, last, candidates, recent, rules=(None, None)) -> list[list[float]]:
-        """One row of FEATURES per candidate (what the context says is computed once)."""
-        f1 = self.follow1.get(last, {})
-        n1 = self.total1.get(last, 0)
-        f2 = self.follow2.get((prev, last), {})
-        n2 = self.total2.get((prev, last), 0)
-        after = self.after.get(last, ())
-        first = after[0] if after else None
-        lw_region = rules[0].region if rules[0] is not None else None
-        kv_region = rules[1].region if rules[1] is not None else None
-        lw_trust, kv_trust = self.trust
-        t, occurrence = self.t, self.occurrence
-        rows = []
-        for c in candidates:
-            seen = occurrence.get(c)
-            lw = 1.0 if c == lw_region else 0.0
-            kv = 1.0 if c == kv_region else 0.0
-            rows.append([f1.get(c, 0) / n1 if n1 else 0.0,
-                         f2.get(c, 0) / n2 if n2 else 0.0,
-                         1.0 if c == first else 0.0,
-                         1.0 if c in after else 0.0,
-                         1.0 if c in recent else 0.0,
-                         1.0 if seen is None else min(1.0, (t - seen) / 100.0),
-                         lw, kv, lw * lw_trust, kv * kv_trust])
-        return rows
-
-    @cython.locals(f=dict, total=dict, followers=list)
-    def add(self, region: str, offset: int, nbytes: int) -> None:
-        loads = self.loads
-        prev, last = self.context()
-        if last is not None:
-            f = self.follow1.setdefault(last, {})
-            f[region] = f.get(region, 0) + 1
-            total = self.total1
-            total[last] = total.get(last, 0) + 1
-            if prev is not None:
-                pair = (prev, last)
-                f = self.follow2.setdefault(pair, {})
-                f[region] = f.get(region, 0) + 1
-                total = self.total2
-                total[pair] = total.get(pair, 0) + 1
-        # the load SEGMENT back now has its segment, unless it came again within it
-        # (then that later occurrence collects one of its own)
-        if len(loads) >= SEGMENT:
-            followers = [loads[i] for i in range(1 - SEGMENT, 0)]
-            owner = loads[-SEGMENT]
-            if owner not in followers:
-                followers.append(region)
-                self.after[owner] = followers
-        self.occurrence[region] = self.t
-        self.span[region] = (offset, nbytes)
-        loads.append(region)
-        self.t += 1
-
-    @cython.locals(b=cython.double, n1=cython.Py_ssize_t, n2=cython.Py_ssize_t, f1=dict, f2=dict,
-                   a1=cython.double, a2=cython.double, w_segment=cython.double, w_recent=cython.double,
-                   w_age=cython.double, t=cython.Py_ssize_t, occurrence=dict, scored=list, extra=list,
-                   age=cython.double, v=cython.double)
-    def ranked(self, w, b, prev, last, recent, rules, n: int) -> list[tuple[float, str]]:
-        """The ``n`` best candidates (score, region), best first (equal scores: the
-        greatest name first), under the model with weights ``w`` and intercept ``b``. A
-        score is the model's logit, the same as ``b + w . features(...)`` over the
-        candidates of ``candidates`` but with no rows built (they cost more than the
-        scoring); a test holds the two equal."""
-        n1, n2 = self.total1.get(last, 0), self.total2.get((prev, last), 0)
-        f1 = self.follow1.get(last, {}) if n1 else {}
-        f2 = self.follow2.get((prev, last), {}) if n2 else {}
-        a1, a2 = (w[0] / n1 if n1 else 0.0), (w[1] / n2 if n2 else 0.0)
-        after = self.after.get(last, ())
-        first = after[0] if after else None
-        lw = rules[0].region if rules[0] is not None else None
-        kv = rules[1].region if rules[1] is not None else None
-        w_segment, w_recent, w_age = w[3], w[4], w[5]
-        t, occurrence = self.t, self.occurrence
-        scored, extra = [], []   # (score, region); candidates not in f1, once each
-        # (what followed (prev, last) followed last too: follow2's regions are follow1's)
-        for source in (f1, after, (lw, kv)):
-            for c in source:
-                if source is not f1:
-                    if c is None or c in f1 or c in extra:
-                        continue
-                    extra.append(c)
-                seen = occurrence.get(c)
-                age = 1.0 if seen is None else (t - seen) / 100.0   # at most 1 (no min(): a call)
-                v = (b + a1 * f1.get(c, 0) + a2 * f2.get(c, 0)
-                     + (w_segment if c in after else 0.0) + (w_recent if c in recent else 0.0)
-                     + w_age * (age if age < 1.0 else 1.0))
-                # the features that name one candidate each
-                if c == first:
-                    v += w[2]
-                if c == lw:
-                    v += w[6] + w[8] * self.trust[0]
-                if c == kv:
-                    v += w[7] + w[9] * self.trust[1]
-                scored.append((v, c))
-        if n == 1:   # (tuples compare by score, then by name)
-            return [max(scored)] if scored else []
-        return sorted(scored, reverse=True)[:n]
 
 
 class LearnedPredictor(Predictor):
@@ -267,7 +80,7 @@ class LearnedPredictor(Predictor):
         self.reset()
 
     def reset(self) -> None:
-        self._history = _History()
+        self._history = _new_history()
         self._thresholds = (None, None, 0.0, 0.0)   # confident, floor, and their logits
 
     # -- model files -----------------------------------------------------------------------
@@ -306,7 +119,7 @@ class LearnedPredictor(Predictor):
                               "pip install 'pipellm[learned]'") from exc
         X, y = [], []
         for trace in traces:
-            history = _History()
+            history = _new_history()
             for r in trace.records:
                 if r.op not in ("h2d", "d2h"):
                     continue
@@ -331,13 +144,15 @@ class LearnedPredictor(Predictor):
     def observe(self, event: TransferEvent) -> None:
         self._history.observe(event)
 
-    @cython.locals(h=_History, out=list, proposed=set, j=cython.Py_ssize_t)
+    @cython.locals(loads=list, out=list, proposed=set, j=cython.Py_ssize_t, prev=cython.longlong,
+                   last=cython.longlong, lw_id=cython.longlong, kv_id=cython.longlong, c=cython.longlong)
     def predict(self, k: int) -> list[Prediction]:
         self._check_fitted()
         h = self._history
-        prev, last = h.context()
-        if last is None:
+        loads = h._loads
+        if not loads:
             return []
+        prev, last = (loads[len(loads) - 2] if len(loads) > 1 else -1), loads[len(loads) - 1]
         # while a rule has been right nearly always, its own (cheap, longer) chain is the
         # answer: regular traffic needs no model (the most trusted rule, if any)
         trust = h.trust
@@ -346,26 +161,30 @@ class LearnedPredictor(Predictor):
             chain = h.rules[best].predict(k)
             if chain:
                 return chain
-        recent = list(h.loads)[-RECENT:]
+        recent = loads[-RECENT:]
         steps = min(k, self.horizon)
         lw, kv = h.rule_chains(k)
         h.remember_guesses([lw[0] if lw else None, kv[0] if kv else None])
-        out, proposed = [], set()
+        out, proposed = [], set()   # (proposed: names)
         thresholds = self._thresholds
         if thresholds[0] != self.confident or thresholds[1] != self.floor:   # (public: may be set anew)
             thresholds = self._thresholds = (self.confident, self.floor, _logit(self.confident), _logit(self.floor))
         confident, floor = thresholds[2], thresholds[3]   # scores are logits
         for j in range(steps):
-            rules = (lw[j] if j < len(lw) else None, kv[j] if j < len(kv) else None)
-            ranked = h.ranked(self.coef_, self.intercept_, prev, last, recent, rules, self.width)   # (3 loads: a list is as quick as a set)
+            lw_rule = lw[j] if j < len(lw) else None
+            kv_rule = kv[j] if j < len(kv) else None
+            lw_id = h.id_of(lw_rule.region) if lw_rule is not None else -1
+            kv_id = h.id_of(kv_rule.region) if kv_rule is not None else -1
+            ranked = h.rank_ids(self.coef_, self.intercept_, prev, last, recent, lw_id, kv_id, self.width)
             if not ranked:
                 break
             for z, c in ranked[:1 if ranked[0][0] >= confident else self.width]:
-                if z >= floor and c not in proposed and len(out) < k:
-                    proposed.add(c)
+                name = h.name_of(c)
+                if z >= floor and name not in proposed and len(out) < k:
+                    proposed.add(name)
                     # a rule's candidate comes with its span; others repeat their last one
-                    named = [r for r in rules if r is not None and r.region == c]
-                    out.append(named[0] if named else Prediction(c, *h.span.get(c, (0, 1))))
+                    out.append(lw_rule if c == lw_id else kv_rule if c == kv_id
+                               else Prediction(name, *h.span_of(c)))
             prev, last = last, ranked[0][1]
             recent = (recent + [last])[-RECENT:]
         # past the model's horizon, the most trusted rule's chain: with iv_order="window"
@@ -379,3 +198,7 @@ class LearnedPredictor(Predictor):
                 proposed.add(p.region)
                 out.append(p)
         return out
+
+
+def _new_history() -> _History:
+    return _History((LayerwisePredictor(), KVSwapPredictor()))

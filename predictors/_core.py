@@ -1,0 +1,740 @@
+"""The predictors' hot state in compact form, compiled: region names become small
+integers, sequences of them 63-bit keys into open-addressing integer tables, per-region
+facts rows of one integer array. Inside a pipeline each call to a predictor follows a
+transfer's encryption, which flushes the CPU caches; a dict keyed by tuples of names
+costs three or four cache misses per lookup where these tables cost one, and those
+misses were most of the predictors' cost. The public predictors (``rules.py``,
+``learned.py``) wrap the cores here. The ``cython`` declarations (pure-Python mode)
+change nothing where the plain module runs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    import cython
+except ImportError:   # the plain module without Cython installed
+    from . import _nocython as cython
+
+from .base import Prediction, TransferEvent
+
+#: splitmix64's constants (the keys below), and the masks that make Python's integers
+#: wrap as C's 64-bit ones do (the plain module computes the same keys)
+_MASK64 = cython.declare(cython.ulonglong, 0xFFFFFFFFFFFFFFFF)
+_MASK63 = cython.declare(cython.ulonglong, 0x7FFFFFFFFFFFFFFF)
+_GOLDEN = cython.declare(cython.ulonglong, 0x9E3779B97F4A7C15)
+_MIX1 = cython.declare(cython.ulonglong, 0xBF58476D1CE4E5B9)
+_MIX2 = cython.declare(cython.ulonglong, 0x94D049BB133111EB)
+_new_tuple = tuple.__new__
+#: "absent" for maps whose values may be negative (steps)
+_NONE = cython.declare(cython.longlong, -(1 << 62))
+#: a guess packs (context's region + 1, walk's region + 1, context length) in one integer
+_FIELD = cython.declare(cython.longlong, (1 << 28) - 1)
+MAX_REGIONS = (1 << 28) - 2
+MAX_ORDER = 64
+
+
+@cython.cfunc
+@cython.returns(cython.longlong)
+@cython.locals(a=cython.longlong, b=cython.longlong, x=cython.ulonglong)
+def _key(a, b):
+    """A non-zero 63-bit key for the pair (a, b), chained for longer sequences (splitmix64's
+    finalizer). Distinct sequences collide with probability about 2**-63; a collision
+    would cost one wrong guess, never wrong data (the pipeline validates what it sends)."""
+    x = ((a & _MASK64) * _GOLDEN + (b & _MASK64)) & _MASK64
+    x = ((x ^ (x >> 30)) * _MIX1) & _MASK64
+    x = ((x ^ (x >> 27)) * _MIX2) & _MASK64
+    x = (x ^ (x >> 31)) & _MASK63
+    return x if x != 0 else 1
+
+
+def _zeros(n: int):
+    """An array of n 64-bit integers: numpy's where compiled (typed memoryviews read it as
+    C), a list where the plain module runs (its elements are Python integers, as the
+    compiled code's arithmetic gives)."""
+    return np.zeros(n, np.int64) if cython.compiled else [0] * n
+
+
+def _doubled(array):
+    return np.concatenate([array, np.zeros_like(array)]) if cython.compiled else array + [0] * len(array)
+
+
+@cython.cclass
+class _IntMap:
+    """Non-zero 63-bit keys (from ``_key``) to 64-bit values: open addressing with linear
+    probing over one array of (key, value) pairs, so a lookup reads one cache line where
+    a dict keyed by tuples of names reads three or four. Inside a pipeline each call to a
+    predictor follows a transfer's encryption, which flushes the CPU caches: those misses
+    were most of the predictors' cost."""
+
+    _array = cython.declare(object)
+    _slots = cython.declare(cython.longlong[:])
+    mask = cython.declare(cython.Py_ssize_t)
+    size = cython.declare(cython.Py_ssize_t)
+
+    def __init__(self, capacity: int = 64):   # (a power of two)
+        self._array = _zeros(2 * capacity)
+        self._slots = self._array
+        self.mask, self.size = capacity - 1, 0
+
+    @cython.cfunc
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    @cython.returns(cython.Py_ssize_t)
+    @cython.locals(key=cython.longlong, i=cython.Py_ssize_t, found=cython.longlong)
+    def _slot(self, key):
+        i = key & self.mask
+        found = self._slots[2 * i]
+        while found != key and found != 0:
+            i = (i + 1) & self.mask
+            found = self._slots[2 * i]
+        return i
+
+    @cython.cfunc
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    @cython.returns(cython.longlong)
+    @cython.locals(key=cython.longlong, default=cython.longlong, i=cython.Py_ssize_t)
+    def get(self, key, default):
+        i = self._slot(key)
+        return self._slots[2 * i + 1] if self._slots[2 * i] == key else default
+
+    @cython.cfunc
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    @cython.locals(key=cython.longlong, value=cython.longlong, i=cython.Py_ssize_t)
+    def put(self, key, value):
+        i = self._slot(key)
+        if self._slots[2 * i] != key:
+            if 2 * (self.size + 1) > self.mask + 1:   # at most half full
+                self._grow()
+                i = self._slot(key)
+            self._slots[2 * i] = key
+            self.size += 1
+        self._slots[2 * i + 1] = value
+
+    @cython.cfunc
+    @cython.locals(old=cython.longlong[:], j=cython.Py_ssize_t)
+    def _grow(self):
+        old = self._array
+        self._array = _zeros(2 * len(self._array))
+        self._slots = self._array
+        self.mask, self.size = len(old) - 1, 0   # (twice the capacity: len(old) slots)
+        for j in range(0, len(old), 2):
+            if old[j] != 0:
+                self.put(old[j], old[j + 1])
+
+
+# the columns of _LayerwiseCore's per-region rows: the last span, its change from the
+# one before, and how often the region was loaded
+_OFFSET = cython.declare(cython.Py_ssize_t, 0)
+_NBYTES = cython.declare(cython.Py_ssize_t, 1)
+_D_OFFSET = cython.declare(cython.Py_ssize_t, 2)
+_D_NBYTES = cython.declare(cython.Py_ssize_t, 3)
+_SEEN = cython.declare(cython.Py_ssize_t, 4)
+_COLUMNS = cython.declare(cython.Py_ssize_t, 5)
+
+
+@cython.cclass
+class _LayerwiseCore:
+    """LayerwisePredictor's state and its per-transfer methods, apart from the public
+    class so that the compiled module makes them an extension type (C fields, C methods).
+    Regions are small integers (their position in the first-seen order), contexts and
+    steps are 63-bit keys into ``_IntMap`` tables, a region's spans one row of an array:
+    the state a call touches is a few cache lines, not a graph of tuples and strings. The
+    ``cython`` declarations change nothing where the plain module runs."""
+
+    order = cython.declare(cython.Py_ssize_t, visibility="public")
+    _ids = cython.declare(dict, visibility="public")            # name -> region
+    _names = cython.declare(list, visibility="public")          # region -> name
+    _rows_array = cython.declare(object)
+    _rows = cython.declare(cython.longlong[:])                  # region * _COLUMNS + _OFFSET.._SEEN
+    _keys = cython.declare(cython.longlong[:])                  # scratch: one context's keys
+    _history = cython.declare(list, visibility="public")        # the last ``order`` regions
+    _steps = cython.declare(list, visibility="public")          # the last two steps
+    _next = cython.declare(_IntMap)               # context -> region * 2 + kept its successor once
+    _step_counts = cython.declare(_IntMap)        # (steps, step) -> count * 2**24 + order first seen
+    _step_distinct = cython.declare(_IntMap)      # steps -> how many steps followed them
+    _step_best = cython.declare(_IntMap)          # steps -> the most frequent step after them
+    _like_offset = cython.declare(_IntMap)        # span -> change of offset that followed it
+    _like_nbytes = cython.declare(_IntMap)        # span -> change of size that followed it
+    _context_score = cython.declare(cython.double, visibility="public")
+    _walk_score = cython.declare(cython.double, visibility="public")
+    _chain = cython.declare(list, visibility="public")         # None: to be rebuilt
+    _guesses = cython.declare(list, visibility="public")
+    _chain_steps = cython.declare(set, visibility="public")
+    _tail = cython.declare(tuple, visibility="public")
+    _chain_ended = cython.declare(cython.bint, visibility="public")
+    _predicted = cython.declare(list, visibility="public")     # None: to be made
+
+    def reset(self) -> None:
+        self._ids, self._names = {}, []
+        self._rows_array = _zeros(64 * _COLUMNS)
+        self._rows = self._rows_array
+        self._keys = _zeros(self.order + 1)
+        self._history, self._steps = [], []
+        self._next, self._step_counts, self._step_distinct = _IntMap(), _IntMap(), _IntMap()
+        self._step_best, self._like_offset, self._like_nbytes = _IntMap(), _IntMap(), _IntMap()
+        self._context_score = self._walk_score = 0.5
+        # the predicted chain of regions and the state at its end, kept while what is
+        # observed follows it and nothing learned would change it (observe + predict then
+        # cost one step, not k)
+        self._chain: list | None = None
+        self._guesses: list = []           # each chain step's _guess()
+        self._chain_steps: set = set()     # the walk model's keys the chain looked up
+        self._tail: tuple[list, list] = ([], [])
+        self._chain_ended = False
+        # the chain's predictions (spans included), kept with it: None = to be made
+        self._predicted: list[Prediction] | None = None
+
+    @cython.cfunc
+    @cython.returns(cython.longlong)
+    @cython.locals(region=cython.longlong, rows=cython.longlong[:], row=cython.Py_ssize_t)
+    def _new_region(self, name):
+        region = len(self._names)
+        if region > MAX_REGIONS:
+            raise ValueError(f"the layerwise predictor tells at most {MAX_REGIONS} regions apart")
+        if region * _COLUMNS == len(self._rows_array):
+            self._rows_array = _doubled(self._rows_array)
+            self._rows = self._rows_array
+        self._ids[name] = region
+        self._names.append(name)
+        return region
+
+    @cython.cfunc
+    @cython.returns(cython.Py_ssize_t)
+    @cython.locals(history=list, size=cython.Py_ssize_t, n=cython.Py_ssize_t, key=cython.longlong,
+                   keys=cython.longlong[:])
+    def _context_keys(self, history):
+        """The keys of the contexts ending at the last load, ``_keys[n]`` for the last n
+        loads (1 <= n <= the returned count)."""
+        size, keys, key = len(history), self._keys, 0
+        size = min(size, self.order)
+        for n in range(1, size + 1):
+            key = _key(key, history[len(history) - n])
+            keys[n] = key
+        return size
+
+    @cython.cfunc
+    @cython.returns(cython.longlong)
+    @cython.locals(history=list, steps=list, n=cython.Py_ssize_t, found=cython.longlong, context=cython.longlong,
+                   walk=cython.longlong, step=cython.longlong, target=cython.longlong, nexts=_IntMap)
+    def _guess(self, history, steps):
+        """(context model's region + 1, walk model's region + 1, context length used),
+        packed: the longest context seen before names the first."""
+        context, walk, nexts = 0, 0, self._next
+        n = self._context_keys(history)
+        while n > 0:
+            found = nexts.get(self._keys[n], -1)
+            if found >= 0:
+                context = (found >> 1) + 1
+                break
+            n -= 1
+        if len(steps) >= 2:
+            step = self._step_best.get(_key(_key(0, steps[len(steps) - 2]), steps[len(steps) - 1]), _NONE)
+            if step != _NONE:
+                target = history[len(history) - 1] + step   # (a region is its position)
+                if 0 <= target < len(self._names):
+                    walk = target + 1
+        return context | (walk << 28) | (n << 56)
+
+    @cython.cfunc
+    @cython.returns(cython.longlong)
+    @cython.locals(guess=cython.longlong, context=cython.longlong, walk=cython.longlong)
+    def _choose(self, guess):
+        """The region a guess predicts, -1 for none."""
+        context, walk = (guess & _FIELD) - 1, ((guess >> 28) & _FIELD) - 1
+        if context >= 0 and ((guess >> 56) >= self.order or walk < 0):
+            return context
+        if walk >= 0 and (context < 0 or self._walk_score > self._context_score):
+            return walk
+        return context
+
+    @cython.locals(region=cython.longlong, history=list, steps=list, chain=list, changed=cython.bint,
+                   before=cython.bint, guess=cython.longlong, guessed=cython.longlong, walk=cython.longlong,
+                   step=cython.longlong, key=cython.longlong, counted=cython.longlong, entry=cython.longlong,
+                   best=cython.longlong, top=cython.longlong, better=cython.bint, n=cython.Py_ssize_t,
+                   found=cython.longlong, nexts=_IntMap, relearned=cython.bint, created=cython.bint,
+                   rows=cython.longlong[:], row=cython.Py_ssize_t, offset=cython.longlong, nbytes=cython.longlong,
+                   d_offset=cython.longlong, d_nbytes=cython.longlong, last=cython.longlong, predicted=list)
+    def observe(self, event: TransferEvent) -> None:
+        if event.direction != "h2d":
+            return
+        region = self._ids.get(event.region, -1)
+        history, steps = self._history, self._steps
+        chain = self._chain
+        changed = False     # something every prediction may depend on changed
+        if history:
+            # while the chain holds, its head's guesses are the ones made now
+            guess = self._guesses[0] if chain else self._guess(history, steps)
+            guessed, walk = (guess & _FIELD) - 1, ((guess >> 28) & _FIELD) - 1
+            before = self._walk_score > self._context_score
+            if guessed >= 0:
+                self._context_score += 0.25 * ((guessed == region) - self._context_score)
+            if walk >= 0:
+                self._walk_score += 0.25 * ((walk == region) - self._walk_score)
+            if before != (self._walk_score > self._context_score) and chain:
+                # the other model leads now: the chain stands if no step of it changes hands
+                changed = any(self._choose(g) != c for g, c in zip(self._guesses[1:], chain[1:]))
+        if region < 0:
+            region = self._new_region(event.region)
+            changed = True
+        if history:
+            step = region - history[len(history) - 1]
+            if len(steps) == 2:
+                key = _key(_key(0, steps[0]), steps[1])
+                # the most frequent step after these two (the first seen among equals),
+                # kept up to date by the one count that grew
+                counted = _key(key, step)
+                entry = self._step_counts.get(counted, -1)
+                if entry < 0:
+                    entry = self._step_distinct.get(key, 0)
+                    self._step_distinct.put(key, entry + 1)
+                entry += 1 << 24
+                self._step_counts.put(counted, entry)
+                best = self._step_best.get(key, _NONE)
+                if best != step:
+                    better = best == _NONE
+                    if not better:
+                        top = self._step_counts.get(_key(key, best), 0)
+                        better = (entry >> 24) > (top >> 24) or ((entry >> 24) == (top >> 24)
+                                                                 and (entry & 0xFFFFFF) < (top & 0xFFFFFF))
+                    if better:
+                        self._step_best.put(key, step)
+                        changed = changed or key in self._chain_steps   # the chain walked by it
+            steps.append(step)
+            if len(steps) > 2:
+                del steps[0]
+        nexts = self._next
+        relearned = False   # what follows contexts ending in the last load changed
+        created = False     # a longer context than the one at hand is new, and names region
+        n = self._context_keys(history)
+        while n > 0:
+            key = self._keys[n]
+            found = nexts.get(key, -1)
+            n -= 1
+            if found >= 0 and (found >> 1) == region:
+                continue
+            if found < 0:
+                created = True
+            elif created and n >= 1 and not (found & 1):
+                # the first time a successor is contradicted where a longer context
+                # (new) now tells the exception apart, it keeps its context: LoRA's first
+                # wrap to the next step (after layer 0's backward loads) would otherwise
+                # overwrite what follows layer 0's forward loads, and the next step
+                # misses layer 1 once more
+                nexts.put(key, found | 1)
+                continue
+            nexts.put(key, region * 2 + (found & 1 if found >= 0 else 0))
+            relearned = True
+        rows, row = self._rows, region * _COLUMNS
+        offset, nbytes = event.offset, event.nbytes
+        if rows[row + _SEEN] == 0:
+            rows[row + _D_OFFSET] = rows[row + _D_NBYTES] = 0
+        else:
+            d_offset, d_nbytes = offset - rows[row + _OFFSET], nbytes - rows[row + _NBYTES]
+            rows[row + _D_OFFSET], rows[row + _D_NBYTES] = d_offset, d_nbytes
+            key = _key(_key(0, rows[row + _OFFSET]), rows[row + _NBYTES])
+            if (self._like_offset.get(key, _NONE) != d_offset
+                    or self._like_nbytes.get(key, _NONE) != d_nbytes):
+                self._like_offset.put(key, d_offset)
+                self._like_nbytes.put(key, d_nbytes)
+                self._predicted = None   # spans of regions seen once may follow it
+        rows[row + _OFFSET], rows[row + _NBYTES] = offset, nbytes
+        rows[row + _SEEN] += 1
+        # The chain stands if it foresaw this load and nothing it was computed from
+        # changed: its later steps looked up contexts ending in this region or in its
+        # own regions, so a relearned context ending in the previous load matters only
+        # where that load comes again in it (or where the chain had ended for want of one).
+        last = history[len(history) - 1] if history else -1
+        if (not changed and chain and chain[0] == region
+                and not (relearned and (self._chain_ended or last == region or last in chain[1:-1]))):
+            chain.pop(0)
+            self._guesses.pop(0)
+            predicted = self._predicted
+            # the other predictions stand unless this region comes again in the chain
+            # (its next span follows the one just seen)
+            if predicted and region not in chain:
+                predicted.pop(0)
+            else:
+                self._predicted = None
+        else:
+            self._chain = self._predicted = None
+        history.append(region)
+        if len(history) > self.order:
+            del history[0]
+
+    @cython.locals(k=cython.Py_ssize_t, chain=list, history=list, steps=list, walked=set, guesses=list,
+                   guess=cython.longlong, region=cython.longlong, out=list)
+    def predict(self, k: int) -> list[Prediction]:
+        if self._chain is None:
+            self._chain, self._guesses, self._chain_steps = [], [], set()
+            self._tail, self._chain_ended = (list(self._history), list(self._steps)), False
+        chain, (history, steps) = self._chain, self._tail
+        if len(chain) < k and not self._chain_ended:
+            walked, guesses = self._chain_steps, self._guesses
+            while len(chain) < k and history:
+                if len(steps) >= 2:
+                    walked.add(_key(_key(0, steps[len(steps) - 2]), steps[len(steps) - 1]))
+                guess = self._guess(history, steps)
+                region = self._choose(guess)
+                if region < 0:
+                    self._chain_ended = True
+                    break
+                steps.append(region - history[len(history) - 1])
+                history.append(region)
+                if len(history) > self.order:
+                    del history[0], steps[0]
+                chain.append(region)
+                guesses.append(guess)
+        out = self._predicted
+        if out is None:
+            out = self._predicted = []
+        if len(out) < k:
+            self._spans(chain, out)
+        return out[:k]
+
+    @cython.cfunc
+    @cython.locals(chain=list, out=list, rows=cython.longlong[:], row=cython.Py_ssize_t, times_of=dict, i=cython.Py_ssize_t,
+                   region=cython.longlong, times=cython.longlong, offset=cython.longlong, nbytes=cython.longlong,
+                   d_offset=cython.longlong, d_nbytes=cython.longlong, key=cython.longlong)
+    def _spans(self, chain, out) -> None:
+        """Extend the chain's predictions ``out``: each region's next span (up to the
+        first that makes no sense, a negative offset or size)."""
+        rows = self._rows
+        times_of = {}   # region -> its loads in chain[:i + 1]: its next load, or the one after...
+        for region in chain[:len(out)]:
+            times_of[region] = times_of.get(region, 0) + 1
+        for i in range(len(out), len(chain)):
+            region = chain[i]
+            times = times_of[region] = times_of.get(region, 0) + 1
+            row = region * _COLUMNS
+            offset, nbytes = rows[row + _OFFSET], rows[row + _NBYTES]
+            if rows[row + _SEEN] == 1:
+                key = _key(_key(0, offset), nbytes)
+                d_offset, d_nbytes = self._like_offset.get(key, 0), self._like_nbytes.get(key, 0)
+            else:
+                d_offset, d_nbytes = rows[row + _D_OFFSET], rows[row + _D_NBYTES]
+            offset, nbytes = offset + times * d_offset, nbytes + times * d_nbytes
+            if nbytes <= 0 or offset < 0:
+                break
+            out.append(_new_tuple(Prediction, (self._names[region], int(offset), int(nbytes))))   # (no Python frame)
+
+
+#: learned's history: loads after a context that make its "segment", loads that count as
+#: recent, the weight of the newest guess in a rule's trust, and the size under which a
+#: host-to-device copy no rule named is noise (see learned.py)
+SEGMENT = 3
+RECENT = 3
+TRUST_ALPHA = 0.2
+SMALL = 8192
+_LOADS = max(SEGMENT, RECENT) + 2
+# the columns of _History's per-region rows: when it was last loaded (-1: never), its
+# last span, the sum of its follow counts, its first follow edge + 1, the SEGMENT loads
+# that followed its previous occurrence (each + 1; 0: none)
+_OCCURRED = cython.declare(cython.Py_ssize_t, 0)
+_LAST_OFFSET = cython.declare(cython.Py_ssize_t, 1)
+_LAST_NBYTES = cython.declare(cython.Py_ssize_t, 2)
+_TOTAL = cython.declare(cython.Py_ssize_t, 3)
+_HEAD = cython.declare(cython.Py_ssize_t, 4)
+_AFTER = cython.declare(cython.Py_ssize_t, 5)
+_H_COLUMNS = cython.declare(cython.Py_ssize_t, 5 + SEGMENT)
+# a follow edge: (the region that followed, how often, the next edge of the same region + 1)
+_E_COLUMNS = cython.declare(cython.Py_ssize_t, 3)
+
+
+@cython.cclass
+class _History:
+    """The online statistics the learned predictor's features come from (training and
+    prediction), and the rule predictors whose opinions are features too. Regions are
+    small integers here (``id_of``); the methods that take and give names (``context``,
+    ``candidates``, ``features``, ``ranked``) are for training and tests."""
+
+    rules = cython.declare(tuple, visibility="public")    # (LayerwisePredictor, KVSwapPredictor)
+    trust = cython.declare(list, visibility="public")
+    t = cython.declare(cython.Py_ssize_t, visibility="public")
+    events = cython.declare(cython.Py_ssize_t, visibility="public")
+    _guessed = cython.declare(tuple, visibility="public")
+    _loads = cython.declare(list, visibility="public")     # the last _LOADS signal loads' regions
+    _ids = cython.declare(dict, visibility="public")
+    _names = cython.declare(list, visibility="public")
+    _rows_array = cython.declare(object)
+    _rows = cython.declare(cython.longlong[:])
+    _edges_array = cython.declare(object)
+    _edges = cython.declare(cython.longlong[:])
+    _nedges = cython.declare(cython.Py_ssize_t)
+    _edge_of = cython.declare(_IntMap)     # (last, next) -> its follow edge
+    _count2 = cython.declare(_IntMap)      # ((prev, last), next) -> how often next followed both
+    _total2 = cython.declare(_IntMap)      # (prev, last) -> the sum of those counts
+
+    def __init__(self, rules: tuple):
+        self.rules = rules
+        self.trust = [0.0, 0.0]   # moving average: was each rule's first guess right?
+        self.t = 0
+        self.events = 0              # every event observed (the rules see d2h ones too)
+        self._guessed = None         # (events, the rules' first guesses then)
+        self._loads, self._ids, self._names = [], {}, []
+        self._rows_array = _zeros(64 * _H_COLUMNS)
+        self._rows = self._rows_array
+        self._edges_array = _zeros(64 * _E_COLUMNS)
+        self._edges = self._edges_array
+        self._nedges = 0
+        self._edge_of, self._count2, self._total2 = _IntMap(), _IntMap(), _IntMap()
+
+    # -- regions ------------------------------------------------------------------------------
+    @cython.ccall
+    @cython.returns(cython.longlong)
+    @cython.locals(region=cython.longlong)
+    def id_of(self, name):
+        """The region's integer (a new one, never loaded, for a name not seen yet)."""
+        region = self._ids.get(name, -1)
+        if region < 0:
+            region = len(self._names)
+            if region * _H_COLUMNS == len(self._rows_array):
+                self._rows_array = _doubled(self._rows_array)
+                self._rows = self._rows_array
+            self._rows[region * _H_COLUMNS + _OCCURRED] = -1
+            self._ids[name] = region
+            self._names.append(name)
+        return region
+
+    def name_of(self, region: int):
+        return self._names[region]
+
+    @cython.locals(row=cython.Py_ssize_t)
+    def span_of(self, region: int) -> tuple[int, int]:
+        """The region's last span (offset, nbytes); (0, 1) if it was never loaded."""
+        row = region * _H_COLUMNS
+        if self._rows[row + _OCCURRED] < 0:
+            return (0, 1)
+        return (int(self._rows[row + _LAST_OFFSET]), int(self._rows[row + _LAST_NBYTES]))
+
+    @property
+    def loads(self) -> list:
+        """The last loads' names, oldest first."""
+        return [self._names[r] for r in self._loads]
+
+    def context(self):
+        """(The load before the last, the last load), names; None where there is none."""
+        loads = self._loads
+        return (self._names[loads[-2]] if len(loads) > 1 else None, self._names[loads[-1]] if loads else None)
+
+    # -- the rules ------------------------------------------------------------------------------
+    def rule_chains(self, k: int) -> tuple[list, list]:
+        return self.rules[0].predict(k), self.rules[1].predict(k)
+
+    def guesses(self) -> list:
+        """Each rule's first prediction now (None where it has none), asked once per
+        event: training, observe() and predict() share it."""
+        if self._guessed is None or self._guessed[0] != self.events:
+            self.remember_guesses([next(iter(rule.predict(1)), None) for rule in self.rules])
+        return self._guessed[1]
+
+    def remember_guesses(self, guesses: list) -> None:
+        """The rules' first predictions, made anyway (predict's chains): observe() needs them."""
+        self._guessed = (self.events, guesses)
+
+    @staticmethod
+    def noise(event: TransferEvent, guesses) -> bool:
+        return event.nbytes < SMALL and not any(g is not None and g.region == event.region for g in guesses)
+
+    # -- learning ---------------------------------------------------------------------------------
+    @cython.locals(signal=cython.bint, trust=list, i=cython.Py_ssize_t)
+    def observe(self, event: TransferEvent) -> None:
+        signal = event.direction == "h2d"
+        if signal:
+            guesses = self.guesses()
+            signal = not self.noise(event, guesses)
+        if signal:
+            trust = self.trust
+            for i, guess in enumerate(guesses):
+                if guess is not None:  # no guess is no evidence either way
+                    trust[i] += TRUST_ALPHA * ((guess.region == event.region) - trust[i])
+        for rule in self.rules:
+            rule.observe(event)
+        self.events += 1
+        if signal:
+            self.add(event.region, event.offset, event.nbytes)
+
+    @cython.locals(region=cython.longlong, prev=cython.longlong, last=cython.longlong, loads=list,
+                   size=cython.Py_ssize_t, edge=cython.longlong, pair=cython.longlong, key=cython.longlong,
+                   rows=cython.longlong[:], edges=cython.longlong[:], owner=cython.longlong, row=cython.Py_ssize_t,
+                   j=cython.Py_ssize_t, repeated=cython.bint)
+    def add(self, name, offset: int, nbytes: int) -> None:
+        region = self.id_of(name)
+        loads = self._loads
+        size = len(loads)
+        prev = loads[size - 2] if size > 1 else -1
+        last = loads[size - 1] if size else -1
+        if last >= 0:
+            key = _key(last + 1, region)
+            edge = self._edge_of.get(key, -1)
+            if edge < 0:   # a new follow edge, first in its region's list
+                edge = self._nedges
+                self._nedges += 1
+                if edge * _E_COLUMNS == len(self._edges_array):
+                    self._edges_array = _doubled(self._edges_array)
+                    self._edges = self._edges_array
+                edges, rows = self._edges, self._rows
+                edges[edge * _E_COLUMNS] = region
+                edges[edge * _E_COLUMNS + 2] = rows[last * _H_COLUMNS + _HEAD]
+                rows[last * _H_COLUMNS + _HEAD] = edge + 1
+                self._edge_of.put(key, edge)
+            self._edges[edge * _E_COLUMNS + 1] += 1
+            self._rows[last * _H_COLUMNS + _TOTAL] += 1
+            if prev >= 0:
+                pair = _key(_key(prev + 1, last), 0)
+                key = _key(pair, region)
+                self._count2.put(key, self._count2.get(key, 0) + 1)
+                self._total2.put(pair, self._total2.get(pair, 0) + 1)
+        rows = self._rows
+        # the load SEGMENT back now has its segment, unless it came again within it
+        # (then that later occurrence collects one of its own)
+        if size >= SEGMENT:
+            owner = loads[size - SEGMENT]
+            repeated = False
+            for j in range(size - SEGMENT + 1, size):
+                repeated = repeated or loads[j] == owner
+            if not repeated:
+                row = owner * _H_COLUMNS + _AFTER
+                for j in range(SEGMENT - 1):
+                    rows[row + j] = loads[size - SEGMENT + 1 + j] + 1
+                rows[row + SEGMENT - 1] = region + 1
+        row = region * _H_COLUMNS
+        rows[row + _OCCURRED] = self.t
+        rows[row + _LAST_OFFSET], rows[row + _LAST_NBYTES] = offset, nbytes
+        loads.append(region)
+        if len(loads) > _LOADS:
+            del loads[0]
+        self.t += 1
+
+    # -- scoring ------------------------------------------------------------------------------------
+    @cython.cfunc
+    @cython.returns(cython.bint)
+    @cython.locals(last=cython.longlong, region=cython.longlong)
+    def _follows(self, last, region):
+        return self._edge_of.get(_key(last + 1, region), -1) >= 0
+
+    @cython.locals(prev=cython.longlong, last=cython.longlong, lw=cython.longlong, kv=cython.longlong,
+                   n=cython.Py_ssize_t, b=cython.double, rows=cython.longlong[:], edges=cython.longlong[:],
+                   lrow=cython.Py_ssize_t, n1=cython.longlong, n2=cython.longlong, pair=cython.longlong,
+                   a1=cython.double, a2=cython.double, w_first=cython.double, w_segment=cython.double,
+                   w_recent=cython.double, w_age=cython.double, w_lw=cython.double, w_kv=cython.double,
+                   after0=cython.longlong, after1=cython.longlong, after2=cython.longlong, t=cython.longlong,
+                   c=cython.longlong, count=cython.longlong, seen=cython.longlong, age=cython.double,
+                   v=cython.double, best_v=cython.double, best=cython.longlong, edge=cython.longlong,
+                   i=cython.Py_ssize_t, extra=list, scored=list, r=cython.longlong, in_recent=cython.bint)
+    def rank_ids(self, w, b, prev, last, recent: list, lw, kv, n) -> list:
+        """The ``n`` best candidates (score, region), best first (equal scores: the
+        greatest name first), under the model with weights ``w`` and intercept ``b``,
+        after the loads ``prev`` and ``last`` (-1: none) with the ``recent`` loads and
+        the rules naming ``lw`` and ``kv`` (-1: none). A score is the model's logit,
+        ``b + w . features(...)`` over ``candidates(...)``, with no rows built (they cost
+        more than the scoring); a test holds the two equal."""
+        rows, edges = self._rows, self._edges
+        lrow = last * _H_COLUMNS
+        n1 = rows[lrow + _TOTAL]
+        pair = _key(_key(prev + 1, last), 0) if prev >= 0 else 0
+        n2 = self._total2.get(pair, 0) if prev >= 0 else 0
+        a1, a2 = (w[0] / n1 if n1 else 0.0), (w[1] / n2 if n2 else 0.0)
+        w_first, w_segment, w_recent, w_age = w[2], w[3], w[4], w[5]
+        w_lw, w_kv = w[6] + w[8] * self.trust[0], w[7] + w[9] * self.trust[1]
+        after0, after1, after2 = rows[lrow + _AFTER] - 1, rows[lrow + _AFTER + 1] - 1, rows[lrow + _AFTER + 2] - 1
+        t = self.t
+        best_v, best, scored = 0.0, -1, []
+        # the candidates: what followed last (follow2's regions are among them), then the
+        # loads of its segment and the rules' regions that did not, once each
+        extra = []
+        for c in (after0, after1, after2, lw, kv):
+            if c >= 0 and c not in extra and not self._follows(last, c):
+                extra.append(c)
+        edge, i = rows[lrow + _HEAD] - 1, 0
+        while True:
+            if edge >= 0:
+                c, count = edges[edge * _E_COLUMNS], edges[edge * _E_COLUMNS + 1]
+                edge = edges[edge * _E_COLUMNS + 2] - 1
+            elif i < len(extra):
+                c, count = extra[i], 0
+                i += 1
+            else:
+                break
+            seen = rows[c * _H_COLUMNS + _OCCURRED]
+            age = 1.0 if seen < 0 else (t - seen) / 100.0   # at most 1 (no min(): a call)
+            in_recent = False
+            for r in recent:
+                in_recent = in_recent or r == c
+            v = (b + a1 * count + a2 * (self._count2.get(_key(pair, c), 0) if n2 else 0)
+                 + (w_segment if c == after0 or c == after1 or c == after2 else 0.0)
+                 + (w_recent if in_recent else 0.0) + w_age * (age if age < 1.0 else 1.0))
+            # the features that name one candidate each
+            if c == after0:
+                v += w_first
+            if c == lw:
+                v += w_lw
+            if c == kv:
+                v += w_kv
+            if n != 1:
+                scored.append((v, self._names[c], c))
+            elif best < 0 or v > best_v or (v == best_v and self._names[c] > self._names[best]):
+                best_v, best = v, c
+        if n == 1:
+            return [(best_v, best)] if best >= 0 else []
+        scored.sort(reverse=True)   # (by score, then by name: names are unique)
+        return [(s[0], s[2]) for s in scored[:n]]
+
+    # -- the same by name (training, tests) ------------------------------------------------------------
+    def _rule_ids(self, rules) -> tuple:
+        return tuple(self.id_of(r.region) if r is not None else -1 for r in rules)
+
+    def ranked(self, w, b, prev, last, recent, rules, n: int) -> list[tuple[float, str]]:
+        """``rank_ids`` by name: (score, name) pairs."""
+        lw, kv = self._rule_ids(rules)
+        ranked = self.rank_ids(w, b, self.id_of(prev) if prev is not None else -1, self.id_of(last),
+                               [self.id_of(r) for r in recent], lw, kv, n)
+        return [(z, self._names[c]) for z, c in ranked]
+
+    def _segment(self, region: int) -> list:
+        """The loads that followed the region's previous occurrence (SEGMENT, or none)."""
+        row = region * _H_COLUMNS + _AFTER
+        return [self._rows[row + j] - 1 for j in range(SEGMENT) if self._rows[row + j] > 0]
+
+    def _follow_counts(self, region: int) -> dict:
+        """region -> how often it followed this one."""
+        counts, edge = {}, self._rows[region * _H_COLUMNS + _HEAD] - 1
+        while edge >= 0:
+            counts[self._edges[edge * _E_COLUMNS]] = self._edges[edge * _E_COLUMNS + 1]
+            edge = self._edges[edge * _E_COLUMNS + 2] - 1
+        return counts
+
+    def candidates(self, last, rules=(None, None)) -> set:
+        """The names that followed ``last``, made its segment, or a rule names."""
+        region = self.id_of(last)
+        out = {self._names[c] for c in self._follow_counts(region)}
+        out.update(self._names[c] for c in self._segment(region))
+        out.update(r.region for r in rules if r is not None)
+        return out
+
+    def features(self, prev, last, candidates, recent, rules=(None, None)) -> list[list[float]]:
+        """One row of the model's features per candidate (names; see learned.py)."""
+        last_id = self.id_of(last)
+        f1, n1 = self._follow_counts(last_id), self._rows[last_id * _H_COLUMNS + _TOTAL]
+        pair = _key(_key(self.id_of(prev) + 1, last_id), 0) if prev is not None else 0
+        n2 = self._total2.get(pair, 0) if prev is not None else 0
+        after = self._segment(last_id)
+        first = after[0] if after else -1
+        lw_id, kv_id = self._rule_ids(rules)
+        recent_ids = {self.id_of(r) for r in recent}
+        rows = []
+        for name in candidates:
+            c = self.id_of(name)
+            seen = self._rows[c * _H_COLUMNS + _OCCURRED]
+            lw = 1.0 if c == lw_id else 0.0
+            kv = 1.0 if c == kv_id else 0.0
+            rows.append([f1.get(c, 0) / n1 if n1 else 0.0,
+                         self._count2.get(_key(pair, c), 0) / n2 if n2 else 0.0,
+                         1.0 if c == first else 0.0,
+                         1.0 if c in after else 0.0,
+                         1.0 if c in recent_ids else 0.0,
+                         1.0 if seen < 0 else min(1.0, (self.t - seen) / 100.0),
+                         lw, kv, lw * self.trust[0], kv * self.trust[1]])
+        return rows
