@@ -29,11 +29,6 @@ import json
 import math
 import os
 
-try:
-    import cython
-except ImportError:   # the plain module without Cython installed
-    from . import _nocython as cython
-
 from pipellm.errors import ArgumentError
 
 from ._core import RECENT, _History
@@ -44,11 +39,6 @@ FORMAT = "pipellm-learned-predictor"
 VERSION = 1
 FEATURES = ("p1", "p2", "last", "segment", "recent", "age", "layerwise", "kvswap", "layerwise_trust",
             "kvswap_trust")
-#: a rule whose first guess was right this often lately is followed as is (moving
-#: average; the weight of the newest guess is _core.TRUST_ALPHA)
-TRUST_RULE = 0.9
-
-
 def _logit(p: float) -> float:
     """The score a probability threshold means (scores are compared before the sigmoid)."""
     return -math.inf if p <= 0.0 else math.inf if p >= 1.0 else math.log(p / (1.0 - p))
@@ -144,60 +134,13 @@ class LearnedPredictor(Predictor):
     def observe(self, event: TransferEvent) -> None:
         self._history.observe(event)
 
-    @cython.locals(loads=list, out=list, proposed=set, j=cython.Py_ssize_t, prev=cython.longlong,
-                   last=cython.longlong, lw_id=cython.longlong, kv_id=cython.longlong, c=cython.longlong)
     def predict(self, k: int) -> list[Prediction]:
         self._check_fitted()
-        h = self._history
-        loads = h._loads
-        if not loads:
-            return []
-        prev, last = (loads[len(loads) - 2] if len(loads) > 1 else -1), loads[len(loads) - 1]
-        # while a rule has been right nearly always, its own (cheap, longer) chain is the
-        # answer: regular traffic needs no model (the most trusted rule, if any)
-        trust = h.trust
-        best = 0 if trust[0] >= trust[1] else 1
-        if trust[best] >= TRUST_RULE:
-            chain = h.rules[best].predict(k)
-            if chain:
-                return chain
-        recent = loads[-RECENT:]
-        steps = min(k, self.horizon)
-        lw, kv = h.rule_chains(k)
-        h.remember_guesses([lw[0] if lw else None, kv[0] if kv else None])
-        out, proposed = [], set()   # (proposed: names)
         thresholds = self._thresholds
         if thresholds[0] != self.confident or thresholds[1] != self.floor:   # (public: may be set anew)
             thresholds = self._thresholds = (self.confident, self.floor, _logit(self.confident), _logit(self.floor))
-        confident, floor = thresholds[2], thresholds[3]   # scores are logits
-        for j in range(steps):
-            lw_rule = lw[j] if j < len(lw) else None
-            kv_rule = kv[j] if j < len(kv) else None
-            lw_id = h.id_of(lw_rule.region) if lw_rule is not None else -1
-            kv_id = h.id_of(kv_rule.region) if kv_rule is not None else -1
-            ranked = h.rank_ids(self.coef_, self.intercept_, prev, last, recent, lw_id, kv_id, self.width)
-            if not ranked:
-                break
-            for z, c in ranked[:1 if ranked[0][0] >= confident else self.width]:
-                name = h.name_of(c)
-                if z >= floor and name not in proposed and len(out) < k:
-                    proposed.add(name)
-                    # a rule's candidate comes with its span; others repeat their last one
-                    out.append(lw_rule if c == lw_id else kv_rule if c == kv_id
-                               else Prediction(name, *h.span_of(c)))
-            prev, last = last, ranked[0][1]
-            recent = (recent + [last])[-RECENT:]
-        # past the model's horizon, the most trusted rule's chain: with iv_order="window"
-        # every queued candidate can still hit, and in strict order they cost only AES.
-        # (Even a rule trusted less than half the time pays here: requiring trust >= 0.5
-        # cost 0.7 points offline on MoE and 1.4 on mixed accelerate.)
-        for p in (lw, kv)[best]:
-            if len(out) >= k:
-                break
-            if p.region not in proposed:
-                proposed.add(p.region)
-                out.append(p)
-        return out
+        return self._history.propose(k, self.coef_, self.intercept_, self.horizon, self.width, thresholds[2],
+                                     thresholds[3])
 
 
 def _new_history() -> _History:

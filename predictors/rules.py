@@ -128,6 +128,8 @@ class KVSwapPredictor(Predictor):
         self._open, self._first, self._last = None, None, None
 
     def predict(self, k: int) -> list[Prediction]:
+        if not self._open and not self._groups:
+            return []   # (the learned predictor asks at every load, swaps or not)
         out = []
         # newest first, without copying the stack (it may hold thousands of groups)
         for group in itertools.chain([self._open] if self._open else (), reversed(self._groups)):
