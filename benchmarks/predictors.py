@@ -73,7 +73,12 @@ def evaluate(trace, predictor, k: int = 16, evict_bytes: int = 0) -> dict:
 
 
 def train(path: str) -> None:
-    LearnedPredictor().fit([generate.generate(name, **kw) for name, kw in TRAINING]).save(path)
+    traces = [generate.generate(name, **kw) for name, kw in TRAINING]
+    # on one BLAS thread: OpenBLAS's idle threads spin on the other cores for a while
+    # after a fit, and the costs timed next rose by half on the 2-core VM
+    from threadpoolctl import threadpool_limits   # (scikit-learn's dependency)
+    with threadpool_limits(limits=1):
+        LearnedPredictor().fit(traces).save(path)
 
 
 def run(k: int = 8, progress=None, repeats: int = 1, quick: bool = False) -> dict:

@@ -114,6 +114,20 @@ class _IntMap:
         self._slots[2 * i + 1] = value
 
     @cython.cfunc
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    @cython.returns(cython.longlong)
+    @cython.locals(key=cython.longlong, delta=cython.longlong, i=cython.Py_ssize_t)
+    def add(self, key, delta):
+        """Add ``delta`` to the key's value (0 if absent); the new value."""
+        i = self._slot(key)
+        if self._slots[2 * i] != key:
+            self.put(key, delta)
+            return delta
+        self._slots[2 * i + 1] += delta
+        return self._slots[2 * i + 1]
+
+    @cython.cfunc
     @cython.locals(old=cython.longlong[:], j=cython.Py_ssize_t)
     def _grow(self):
         old = self._array
@@ -291,8 +305,7 @@ class _LayerwiseCore:
                 counted = _key(key, step)
                 entry = self._step_counts.get(counted, -1)
                 if entry < 0:
-                    entry = self._step_distinct.get(key, 0)
-                    self._step_distinct.put(key, entry + 1)
+                    entry = self._step_distinct.add(key, 1) - 1   # (the order first seen)
                 entry += 1 << 24
                 self._step_counts.put(counted, entry)
                 best = self._step_best.get(key, _NONE)
@@ -612,8 +625,8 @@ class _History:
             if prev >= 0:
                 pair = _key(_key(prev + 1, last), 0)
                 key = _key(pair, region)
-                self._count2.put(key, self._count2.get(key, 0) + 1)
-                self._total2.put(pair, self._total2.get(pair, 0) + 1)
+                self._count2.add(key, 1)
+                self._total2.add(pair, 1)
         rows = self._rows
         # the load SEGMENT back now has its segment, unless it came again within it
         # (then that later occurrence collects one of its own)
@@ -636,12 +649,6 @@ class _History:
         self.t += 1
 
     # -- scoring ------------------------------------------------------------------------------------
-    @cython.cfunc
-    @cython.returns(cython.bint)
-    @cython.locals(last=cython.longlong, region=cython.longlong)
-    def _follows(self, last, region):
-        return self._edge_of.get(_key(last + 1, region), -1) >= 0
-
     @cython.locals(prev=cython.longlong, last=cython.longlong, lw=cython.longlong, kv=cython.longlong,
                    n=cython.Py_ssize_t, b=cython.double, rows=cython.longlong[:], edges=cython.longlong[:],
                    lrow=cython.Py_ssize_t, n1=cython.longlong, n2=cython.longlong, pair=cython.longlong,
@@ -650,7 +657,7 @@ class _History:
                    after0=cython.longlong, after1=cython.longlong, after2=cython.longlong, t=cython.longlong,
                    c=cython.longlong, count=cython.longlong, seen=cython.longlong, age=cython.double,
                    v=cython.double, best_v=cython.double, best=cython.longlong, edge=cython.longlong,
-                   i=cython.Py_ssize_t, extra=list, scored=list, r=cython.longlong, in_recent=cython.bint)
+                   i=cython.Py_ssize_t, candidates=list, counts=list, scored=list, r=cython.longlong, in_recent=cython.bint)
     @cython.ccall
     def rank_ids(self, w, b, prev, last, recent: list, lw, kv, n) -> list:
         """The ``n`` best candidates (score, region), best first (equal scores: the
@@ -672,20 +679,17 @@ class _History:
         best_v, best, scored = 0.0, -1, []
         # the candidates: what followed last (follow2's regions are among them), then the
         # loads of its segment and the rules' regions that did not, once each
-        extra = []
+        candidates, counts, edge = [], [], rows[lrow + _HEAD] - 1
+        while edge >= 0:
+            candidates.append(edges[edge * _E_COLUMNS])
+            counts.append(edges[edge * _E_COLUMNS + 1])
+            edge = edges[edge * _E_COLUMNS + 2] - 1
         for c in (after0, after1, after2, lw, kv):
-            if c >= 0 and c not in extra and not self._follows(last, c):
-                extra.append(c)
-        edge, i = rows[lrow + _HEAD] - 1, 0
-        while True:
-            if edge >= 0:
-                c, count = edges[edge * _E_COLUMNS], edges[edge * _E_COLUMNS + 1]
-                edge = edges[edge * _E_COLUMNS + 2] - 1
-            elif i < len(extra):
-                c, count = extra[i], 0
-                i += 1
-            else:
-                break
+            if c >= 0 and c not in candidates:
+                candidates.append(c)
+                counts.append(0)
+        for i in range(len(candidates)):
+            c, count = candidates[i], counts[i]
             seen = rows[c * _H_COLUMNS + _OCCURRED]
             age = 1.0 if seen < 0 else (t - seen) / 100.0   # at most 1 (no min(): a call)
             in_recent = False
