@@ -26,6 +26,7 @@ second); wall time is reported too.
 from __future__ import annotations
 
 import random
+import statistics
 import threading
 import time
 from time import perf_counter
@@ -216,14 +217,19 @@ def run(layers: int = 8, layer_bytes: int = 64 * MiB, passes: int = 6, repeats: 
             progress()
 
     def scenario(compute_us: float, configs: dict) -> dict:
-        """Each config run ``repeats`` times, interleaved so drift hits all alike; best kept."""
+        """Each config run ``repeats`` times, interleaved so drift hits all alike; best
+        kept, with every run's time (``runs_s``, in repeat order) for paired ratios."""
         best: dict[str, dict] = {}
+        runs: dict[str, list] = {label: [] for label in configs}
         for _ in range(repeats):
             for label, kw in configs.items():
                 r = _run(compute_us=compute_us, **kw, **common)
+                runs[label].append(r["time_s"])
                 if label not in best or r["time_s"] < best[label]["time_s"]:
                     best[label] = r
             tick()
+        for label, r in best.items():
+            r["runs_s"] = runs[label]
         return {"compute_us": compute_us, "modes": best}
 
     seq = dict(predictor="sequence")
@@ -265,6 +271,14 @@ def run(layers: int = 8, layer_bytes: int = 64 * MiB, passes: int = 6, repeats: 
         # floor any request pays on this machine, and what on-demand encryption adds)
         **{f"request_us_per_transfer_1_chunk_{label}_{mode}": hits[0][mode][label]["us_per_transfer"]
            for mode in ("pipellm", "plain", "cc") for label in ("gapped", "tight")},
+        # the same ratios as medians over repeats of each repeat's pair (its runs follow
+        # each other): steadier than best over best where the VM drifts between repeats
+        **{f"{name}_paired_median": paired_median(a["runs_s"], b["runs_s"]) for name, a, b in (
+            ("compute_bound_pipellm_over_plain", cb["pipellm"], cb["plain"]),
+            ("compute_bound_cc_over_plain", cb["cc"], cb["plain"]),
+            ("always_wrong_pipellm_over_cc", aw["pipellm"], aw["cc"]),
+            ("mispredict_strict_over_plain", mp["pipellm-strict"], mp["plain"]),
+            ("mispredict_window_over_plain", mp["pipellm-window"], mp["plain"]))},
         "idle_gap_probe_back_to_back_us": gap["back_to_back_us"],
         "idle_gap_probe_after_1ms_idle_us": gap["after_1ms_idle_us"],
     }
@@ -272,6 +286,15 @@ def run(layers: int = 8, layer_bytes: int = 64 * MiB, passes: int = 6, repeats: 
             "warmup_passes": 2, "chunk_size": chunk_size,
             "repeats": repeats, "workers": workers, "encrypt_us_per_layer_1_worker": encrypt_us,
             "worker_bound_s": bound, "scenarios": scenarios, "hit_path": hits, "summary": summary}
+
+
+def paired_median(a: list, b: list) -> float:
+    """The median of a[i] / b[i]: runs of one repeat were made back to back.
+
+    >>> paired_median([1.1, 2.0, 0.9], [1.0, 1.0, 1.0])
+    1.1
+    """
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def points(quick: bool = False, repeats: int = 3) -> int:

@@ -55,6 +55,11 @@ def test_bench_offload_quick():
     assert set(result["scenarios"]) == {"compute-bound", "transfer-bound", "always-wrong", "mispredict"}
     cb = result["scenarios"]["compute-bound"]["modes"]
     assert set(cb) == {"plain", "cc", "pipellm"} and cb["pipellm"]["hit_rate"] > 0.9
+    # one repeat (--quick): its paired ratio is the ratio of its only runs
+    aw = result["scenarios"]["always-wrong"]["modes"]
+    assert aw["cc"]["runs_s"] == [aw["cc"]["time_s"]]
+    assert result["summary"]["always_wrong_pipellm_over_cc_paired_median"] == pytest.approx(
+        aw["pipellm"]["time_s"] / aw["cc"]["time_s"])
     assert result["summary"]["hit_path_us_per_message_1_chunk_gapped"] > 0 < result["summary"]["hit_path_us_per_message_1_chunk_tight"]
     assert result["summary"]["idle_gap_probe_back_to_back_us"] > 0 < result["summary"]["idle_gap_probe_after_1ms_idle_us"]
     assert 0 < result["summary"]["hit_path_fastest_us_per_message_1_chunk_tight"] <= result["summary"]["hit_path_us_per_message_1_chunk_tight"]
