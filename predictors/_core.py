@@ -102,28 +102,30 @@ class _IntMap:
     @cython.cfunc
     @cython.boundscheck(False)
     @cython.wraparound(False)
-    @cython.locals(key=cython.longlong, value=cython.longlong, i=cython.Py_ssize_t)
-    def put(self, key, value):
+    @cython.returns(cython.Py_ssize_t)
+    @cython.locals(key=cython.longlong, i=cython.Py_ssize_t)
+    def _claim(self, key):
+        """The key's slot, the key inserted (value 0) where absent."""
         i = self._slot(key)
         if self._slots[2 * i] != key:
             if 2 * (self.size + 1) > self.mask + 1:   # at most half full
                 self._grow()
                 i = self._slot(key)
-            self._slots[2 * i] = key
+            self._slots[2 * i], self._slots[2 * i + 1] = key, 0
             self.size += 1
-        self._slots[2 * i + 1] = value
+        return i
 
     @cython.cfunc
-    @cython.boundscheck(False)
-    @cython.wraparound(False)
+    @cython.locals(key=cython.longlong, value=cython.longlong)
+    def put(self, key, value):
+        self._slots[2 * self._claim(key) + 1] = value
+
+    @cython.cfunc
     @cython.returns(cython.longlong)
     @cython.locals(key=cython.longlong, delta=cython.longlong, i=cython.Py_ssize_t)
     def add(self, key, delta):
         """Add ``delta`` to the key's value (0 if absent); the new value."""
-        i = self._slot(key)
-        if self._slots[2 * i] != key:
-            self.put(key, delta)
-            return delta
+        i = self._claim(key)
         self._slots[2 * i + 1] += delta
         return self._slots[2 * i + 1]
 
