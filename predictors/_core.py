@@ -116,9 +116,10 @@ class _IntMap:
         return i
 
     @cython.cfunc
-    @cython.locals(key=cython.longlong, value=cython.longlong)
+    @cython.locals(key=cython.longlong, value=cython.longlong, i=cython.Py_ssize_t)
     def put(self, key, value):
-        self._slots[2 * self._claim(key) + 1] = value
+        i = self._claim(key)   # (first: it may grow the table, a new array)
+        self._slots[2 * i + 1] = value
 
     @cython.cfunc
     @cython.returns(cython.longlong)
