@@ -415,19 +415,19 @@ class _LayerwiseCore:
         return out[:k]
 
     @cython.cfunc
-    @cython.locals(chain=list, out=list, rows=cython.longlong[:], row=cython.Py_ssize_t, times_of=dict, i=cython.Py_ssize_t,
-                   region=cython.longlong, times=cython.longlong, offset=cython.longlong, nbytes=cython.longlong,
-                   d_offset=cython.longlong, d_nbytes=cython.longlong, key=cython.longlong)
+    @cython.locals(chain=list, out=list, rows=cython.longlong[:], row=cython.Py_ssize_t, i=cython.Py_ssize_t,
+                   j=cython.Py_ssize_t, region=cython.longlong, times=cython.longlong, offset=cython.longlong,
+                   nbytes=cython.longlong, d_offset=cython.longlong, d_nbytes=cython.longlong, key=cython.longlong)
     def _spans(self, chain, out) -> None:
         """Extend the chain's predictions ``out``: each region's next span (up to the
         first that makes no sense, a negative offset or size)."""
         rows = self._rows
-        times_of = {}   # region -> its loads in chain[:i + 1]: its next load, or the one after...
-        for region in chain[:len(out)]:
-            times_of[region] = times_of.get(region, 0) + 1
         for i in range(len(out), len(chain)):
             region = chain[i]
-            times = times_of[region] = times_of.get(region, 0) + 1
+            times = 1   # its loads in chain[:i + 1]: its next load, or the one after...
+            for j in range(i):
+                if chain[j] == region:
+                    times += 1
             row = region * _COLUMNS
             offset, nbytes = rows[row + _OFFSET], rows[row + _NBYTES]
             if rows[row + _SEEN] == 1:
