@@ -441,15 +441,17 @@ class _LayerwiseCore:
             out.append(_new_tuple(Prediction, (self._names[region], int(offset), int(nbytes))))   # (no Python frame)
 
 
-#: learned's history: loads after a context that make its "segment", loads that count as
-#: recent, the weight of the newest guess in a rule's trust, and the size under which a
-#: host-to-device copy no rule named is noise (see learned.py)
-SEGMENT = 3
-RECENT = 3
-TRUST_ALPHA = 0.2
-SMALL = 8192
-#: a rule whose first guess was right this often lately is followed as is
+# learned's history (see learned.py):
+SEGMENT = 3   # loads after a context that make its "segment"
+RECENT = 3    # loads that count as recent
+#: a rule whose first guess was right this often lately is followed as is (a moving
+#: average, with this weight for the newest guess)
 TRUST_RULE = 0.9
+TRUST_ALPHA = 0.2
+#: a host-to-device copy smaller than this that no rule named is noise to the model (the
+#: small non-swap copies between the real traffic: input ids, positions, sampling
+#: parameters); it neither moves the rules' trust nor becomes context
+SMALL = 8192
 _LOADS = max(SEGMENT, RECENT) + 2
 # the columns of _History's per-region rows: when it was last loaded (-1: never), its
 # last span, the sum of its follow counts, its first follow edge + 1, the SEGMENT loads
@@ -468,6 +470,7 @@ _E_COLUMNS = cython.declare(cython.Py_ssize_t, 3)
 @cython.ccall
 @cython.locals(guesses=list)
 def _noise(event, guesses) -> cython.bint:
+    """A copy under SMALL bytes that no rule named."""
     if event.nbytes >= SMALL:
         return False
     for guess in guesses:
@@ -533,9 +536,6 @@ class _History:
             self._names.append(name)
         return region
 
-    def name_of(self, region: int):
-        return self._names[region]
-
     @cython.ccall
     @cython.locals(region=cython.longlong, row=cython.Py_ssize_t)
     def span_of(self, region) -> tuple:
@@ -577,7 +577,6 @@ class _History:
 
     @staticmethod
     def noise(event: TransferEvent, guesses) -> bool:
-        """A host-to-device copy smaller than SMALL that no rule named."""
         return _noise(event, guesses)
 
     # -- learning ---------------------------------------------------------------------------------
@@ -677,6 +676,7 @@ class _History:
         a1, a2 = (w[0] / n1 if n1 else 0.0), (w[1] / n2 if n2 else 0.0)
         w_first, w_segment, w_recent, w_age = w[2], w[3], w[4], w[5]
         w_lw, w_kv = w[6] + w[8] * self.trust[0], w[7] + w[9] * self.trust[1]
+        # (SEGMENT is 3: the segment's loads are three locals)
         after0, after1, after2 = rows[lrow + _AFTER] - 1, rows[lrow + _AFTER + 1] - 1, rows[lrow + _AFTER + 2] - 1
         t = self.t
         best_v, best, scored = 0.0, -1, []

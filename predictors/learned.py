@@ -39,6 +39,8 @@ FORMAT = "pipellm-learned-predictor"
 VERSION = 1
 FEATURES = ("p1", "p2", "last", "segment", "recent", "age", "layerwise", "kvswap", "layerwise_trust",
             "kvswap_trust")
+
+
 def _logit(p: float) -> float:
     """The score a probability threshold means (scores are compared before the sigmoid)."""
     return -math.inf if p <= 0.0 else math.inf if p >= 1.0 else math.log(p / (1.0 - p))
