@@ -150,6 +150,10 @@ _D_OFFSET = cython.declare(cython.Py_ssize_t, 2)
 _D_NBYTES = cython.declare(cython.Py_ssize_t, 3)
 _SEEN = cython.declare(cython.Py_ssize_t, 4)
 _COLUMNS = cython.declare(cython.Py_ssize_t, 5)
+# its two walkers (see _walkers), and how many walk keys a chain keeps
+_OBSERVED = cython.declare(cython.Py_ssize_t, 0)
+_TAIL = cython.declare(cython.Py_ssize_t, 1)
+_WALKED = cython.declare(cython.Py_ssize_t, 64)
 
 
 @cython.cclass
@@ -157,9 +161,10 @@ class _LayerwiseCore:
     """LayerwisePredictor's state and its per-transfer methods, apart from the public
     class so that the compiled module makes them an extension type (C fields, C methods).
     Regions are small integers (their position in the first-seen order), contexts and
-    steps are 63-bit keys into ``_IntMap`` tables, a region's spans one row of an array:
-    the state a call touches is a few cache lines, not a graph of tuples and strings. The
-    ``cython`` declarations change nothing where the plain module runs."""
+    steps are 63-bit keys into ``_IntMap`` tables, a region's spans one row of an array,
+    the recent loads and the predicted chain integer arrays: the state a call touches is
+    a few cache lines, not a graph of tuples and strings. The ``cython`` declarations
+    change nothing where the plain module runs."""
 
     order = cython.declare(cython.Py_ssize_t, visibility="public")
     _ids = cython.declare(dict, visibility="public")            # name -> region
@@ -167,8 +172,11 @@ class _LayerwiseCore:
     _rows_array = cython.declare(object)
     _rows = cython.declare(cython.longlong[:])                  # region * _COLUMNS + _OFFSET.._SEEN
     _keys = cython.declare(cython.longlong[:])                  # scratch: one context's keys
-    _history = cython.declare(list, visibility="public")        # the last ``order`` regions
-    _steps = cython.declare(list, visibility="public")          # the last two steps
+    # two walkers, each (loads held, steps held, the step before the last, the last step,
+    # then its last ``order`` loads, oldest first): _OBSERVED, what was loaded (two steps
+    # at most), and _TAIL, the chain's end (its steps drop with its oldest loads)
+    _walkers_array = cython.declare(object)
+    _walkers = cython.declare(cython.longlong[:])
     _next = cython.declare(_IntMap)               # context -> region * 2 + kept its successor once
     _step_counts = cython.declare(_IntMap)        # (steps, step) -> count * 2**24 + order first seen
     _step_distinct = cython.declare(_IntMap)      # steps -> how many steps followed them
@@ -177,36 +185,44 @@ class _LayerwiseCore:
     _like_nbytes = cython.declare(_IntMap)        # span -> change of size that followed it
     _context_score = cython.declare(cython.double, visibility="public")
     _walk_score = cython.declare(cython.double, visibility="public")
-    _chain = cython.declare(list, visibility="public")         # None: to be rebuilt
-    _guesses = cython.declare(list, visibility="public")
-    _chain_steps = cython.declare(set, visibility="public")
-    _tail = cython.declare(tuple, visibility="public")
-    _chain_ended = cython.declare(cython.bint, visibility="public")
-    _predicted = cython.declare(list, visibility="public")     # None: to be made
+    # the predicted chain (regions and each step's _guess(), live from _start) and the
+    # walk keys it looked up (at most _WALKED; past that any change of a walk step drops it)
+    _chain_valid = cython.declare(cython.bint)
+    _chain_array = cython.declare(object)
+    _chain = cython.declare(cython.longlong[:])   # region, guess, region, guess...
+    _start = cython.declare(cython.Py_ssize_t)
+    _length = cython.declare(cython.Py_ssize_t)
+    _walked_array = cython.declare(object)
+    _walked = cython.declare(cython.longlong[:])
+    _nwalked = cython.declare(cython.Py_ssize_t)
+    _chain_ended = cython.declare(cython.bint)
+    _predicted = cython.declare(list)             # the chain's predictions; None: to be made
 
     def reset(self) -> None:
         self._ids, self._names = {}, []
         self._rows_array = _zeros(64 * _COLUMNS)
         self._rows = self._rows_array
         self._keys = _zeros(self.order + 1)
-        self._history, self._steps = [], []
+        self._walkers_array = _zeros(2 * (self.order + 4))
+        self._walkers = self._walkers_array
         self._next, self._step_counts, self._step_distinct = _IntMap(), _IntMap(), _IntMap()
         self._step_best, self._like_offset, self._like_nbytes = _IntMap(), _IntMap(), _IntMap()
         self._context_score = self._walk_score = 0.5
-        # the predicted chain of regions and the state at its end, kept while what is
-        # observed follows it and nothing learned would change it (observe + predict then
-        # cost one step, not k)
-        self._chain: list | None = None
-        self._guesses: list = []           # each chain step's _guess()
-        self._chain_steps: set = set()     # the walk model's keys the chain looked up
-        self._tail: tuple[list, list] = ([], [])
+        # the chain and the state at its end are kept while what is observed follows it
+        # and nothing learned would change it (observe + predict then cost one step, not k)
+        self._chain_valid = False
+        self._chain_array = _zeros(2 * 16)
+        self._chain = self._chain_array
+        self._start = self._length = 0
+        self._walked_array = _zeros(_WALKED)
+        self._walked = self._walked_array
+        self._nwalked = 0
         self._chain_ended = False
-        # the chain's predictions (spans included), kept with it: None = to be made
-        self._predicted: list[Prediction] | None = None
+        self._predicted = None
 
     @cython.cfunc
     @cython.returns(cython.longlong)
-    @cython.locals(region=cython.longlong, rows=cython.longlong[:], row=cython.Py_ssize_t)
+    @cython.locals(region=cython.longlong)
     def _new_region(self, name):
         region = len(self._names)
         if region > MAX_REGIONS:
@@ -218,39 +234,82 @@ class _LayerwiseCore:
         self._names.append(name)
         return region
 
+    # -- the walkers ----------------------------------------------------------------------------
+    @cython.cfunc
+    @cython.returns(cython.longlong)
+    @cython.locals(walker=cython.Py_ssize_t, base=cython.Py_ssize_t)
+    def _last(self, walker):
+        """The walker's last load, -1 for none."""
+        base = walker * (self.order + 4)
+        return self._walkers[base + 3 + self._walkers[base]] if self._walkers[base] > 0 else -1
+
+    @cython.cfunc
+    @cython.locals(walker=cython.Py_ssize_t, region=cython.longlong, w=cython.longlong[:], base=cython.Py_ssize_t,
+                   held=cython.Py_ssize_t, i=cython.Py_ssize_t)
+    def _push(self, walker, region):
+        """The walker loads ``region``: a step from its last load, the oldest dropped
+        past ``order`` loads (with the oldest step, on the tail)."""
+        w, base = self._walkers, walker * (self.order + 4)
+        held = w[base]
+        if held > 0:
+            w[base + 1] += 1
+            w[base + 2], w[base + 3] = w[base + 3], region - w[base + 3 + held]
+        if held == self.order:
+            for i in range(held - 1):
+                w[base + 4 + i] = w[base + 5 + i]
+            w[base + 3 + held] = region
+            if walker == _TAIL:
+                w[base + 1] -= 1
+        else:
+            w[base + 4 + held] = region
+            w[base] = held + 1
+        if walker == _OBSERVED and w[base + 1] > 2:
+            w[base + 1] = 2
+
+    @cython.cfunc
+    @cython.returns(cython.longlong)
+    @cython.locals(walker=cython.Py_ssize_t, base=cython.Py_ssize_t)
+    def _walk_key(self, walker):
+        """The key of the walker's last two steps, 0 with fewer."""
+        base = walker * (self.order + 4)
+        if self._walkers[base + 1] < 2:
+            return 0
+        return _key(_key(0, self._walkers[base + 2]), self._walkers[base + 3])
+
     @cython.cfunc
     @cython.returns(cython.Py_ssize_t)
-    @cython.locals(history=list, size=cython.Py_ssize_t, n=cython.Py_ssize_t, key=cython.longlong,
-                   keys=cython.longlong[:])
-    def _context_keys(self, history):
-        """The keys of the contexts ending at the last load, ``_keys[n]`` for the last n
-        loads (1 <= n <= the returned count)."""
-        size, keys, key = len(history), self._keys, 0
-        size = min(size, self.order)
+    @cython.locals(walker=cython.Py_ssize_t, base=cython.Py_ssize_t, size=cython.Py_ssize_t, n=cython.Py_ssize_t,
+                   key=cython.longlong)
+    def _context_keys(self, walker):
+        """The keys of the contexts ending at the walker's last load, ``_keys[n]`` for the
+        last n loads (1 <= n <= the returned count)."""
+        base = walker * (self.order + 4)
+        size, key = self._walkers[base], 0
         for n in range(1, size + 1):
-            key = _key(key, history[len(history) - n])
-            keys[n] = key
+            key = _key(key, self._walkers[base + 4 + size - n])
+            self._keys[n] = key
         return size
 
     @cython.cfunc
     @cython.returns(cython.longlong)
-    @cython.locals(history=list, steps=list, n=cython.Py_ssize_t, found=cython.longlong, context=cython.longlong,
-                   walk=cython.longlong, step=cython.longlong, target=cython.longlong, nexts=_IntMap)
-    def _guess(self, history, steps):
+    @cython.locals(walker=cython.Py_ssize_t, n=cython.Py_ssize_t, found=cython.longlong, context=cython.longlong,
+                   walk=cython.longlong, step=cython.longlong, target=cython.longlong, key=cython.longlong)
+    def _guess(self, walker):
         """(context model's region + 1, walk model's region + 1, context length used),
         packed: the longest context seen before names the first."""
-        context, walk, nexts = 0, 0, self._next
-        n = self._context_keys(history)
+        context, walk = 0, 0
+        n = self._context_keys(walker)
         while n > 0:
-            found = nexts.get(self._keys[n], -1)
+            found = self._next.get(self._keys[n], -1)
             if found >= 0:
                 context = (found >> 1) + 1
                 break
             n -= 1
-        if len(steps) >= 2:
-            step = self._step_best.get(_key(_key(0, steps[len(steps) - 2]), steps[len(steps) - 1]), _NONE)
+        key = self._walk_key(walker)
+        if key != 0:
+            step = self._step_best.get(key, _NONE)
             if step != _NONE:
-                target = history[len(history) - 1] + step   # (a region is its position)
+                target = self._last(walker) + step   # (a region is its position)
                 if 0 <= target < len(self._names):
                     walk = target + 1
         return context | (walk << 28) | (n << 56)
@@ -267,42 +326,89 @@ class _LayerwiseCore:
             return walk
         return context
 
-    @cython.locals(region=cython.longlong, history=list, steps=list, chain=list, changed=cython.bint,
-                   before=cython.bint, guess=cython.longlong, guessed=cython.longlong, walk=cython.longlong,
-                   step=cython.longlong, key=cython.longlong, counted=cython.longlong, entry=cython.longlong,
-                   best=cython.longlong, top=cython.longlong, better=cython.bint, n=cython.Py_ssize_t,
-                   found=cython.longlong, nexts=_IntMap, relearned=cython.bint, created=cython.bint,
-                   rows=cython.longlong[:], row=cython.Py_ssize_t, offset=cython.longlong, nbytes=cython.longlong,
-                   d_offset=cython.longlong, d_nbytes=cython.longlong, last=cython.longlong, predicted=list,
-                   i=cython.Py_ssize_t)
+    # -- the chain ------------------------------------------------------------------------------
+    @cython.cfunc
+    @cython.returns(cython.bint)
+    @cython.locals(region=cython.longlong, first=cython.Py_ssize_t, end=cython.Py_ssize_t, i=cython.Py_ssize_t)
+    def _in_chain(self, region, first, end):
+        """Whether the chain's steps first..end-1 (from its head) hold the region."""
+        for i in range(first, end):
+            if self._chain[2 * (self._start + i)] == region:
+                return True
+        return False
+
+    @cython.cfunc
+    @cython.returns(cython.bint)
+    @cython.locals(key=cython.longlong, i=cython.Py_ssize_t)
+    def _walked_by_chain(self, key):
+        if self._nwalked > _WALKED:
+            return True   # (too many to keep: any change may matter)
+        for i in range(min(self._nwalked, _WALKED)):
+            if self._walked[i] == key:
+                return True
+        return False
+
+    @cython.cfunc
+    @cython.locals(key=cython.longlong)
+    def _note_walked(self, key):
+        """The chain looked up this walk key."""
+        if not self._walked_by_chain(key):
+            if self._nwalked < _WALKED:
+                self._walked[self._nwalked] = key
+            self._nwalked += 1
+
+    @cython.cfunc
+    @cython.locals(region=cython.longlong, guess=cython.longlong, end=cython.Py_ssize_t)
+    def _extend(self, region, guess):
+        """Append a step to the chain."""
+        end = self._start + self._length
+        if 2 * end == len(self._chain_array):
+            if self._start > 0:   # move the live steps to the front
+                self._chain_array[:2 * self._length] = self._chain_array[2 * self._start:2 * end]
+                self._start, end = 0, self._length
+            else:
+                self._chain_array = _doubled(self._chain_array)
+            self._chain = self._chain_array
+        self._chain[2 * end], self._chain[2 * end + 1] = region, guess
+        self._length += 1
+
+    @cython.locals(region=cython.longlong, changed=cython.bint, before=cython.bint, guess=cython.longlong,
+                   guessed=cython.longlong, walk=cython.longlong, step=cython.longlong, key=cython.longlong,
+                   counted=cython.longlong, entry=cython.longlong, best=cython.longlong, top=cython.longlong,
+                   better=cython.bint, n=cython.Py_ssize_t, found=cython.longlong, nexts=_IntMap,
+                   relearned=cython.bint, created=cython.bint, rows=cython.longlong[:], row=cython.Py_ssize_t,
+                   offset=cython.longlong, nbytes=cython.longlong, d_offset=cython.longlong,
+                   d_nbytes=cython.longlong, last=cython.longlong, predicted=list, i=cython.Py_ssize_t,
+                   live=cython.bint)
     @cython.ccall
     def observe(self, event: TransferEvent):
         if event.direction != "h2d":
             return
         region = self._ids.get(event.region, -1)
-        history, steps = self._history, self._steps
-        chain = self._chain
+        last = self._last(_OBSERVED)
+        live = self._chain_valid and self._length > 0
         changed = False     # something every prediction may depend on changed
-        if history:
+        if last >= 0:
             # while the chain holds, its head's guesses are the ones made now
-            guess = self._guesses[0] if chain else self._guess(history, steps)
+            guess = self._chain[2 * self._start + 1] if live else self._guess(_OBSERVED)
             guessed, walk = (guess & _FIELD) - 1, ((guess >> 28) & _FIELD) - 1
             before = self._walk_score > self._context_score
             if guessed >= 0:
                 self._context_score += 0.25 * ((guessed == region) - self._context_score)
             if walk >= 0:
                 self._walk_score += 0.25 * ((walk == region) - self._walk_score)
-            if before != (self._walk_score > self._context_score) and chain:
+            if before != (self._walk_score > self._context_score) and live:
                 # the other model leads now: the chain stands if no step of it changes hands
-                for i in range(1, len(chain)):
-                    changed = changed or self._choose(self._guesses[i]) != chain[i]
+                for i in range(1, self._length):
+                    changed = changed or (self._choose(self._chain[2 * (self._start + i) + 1])
+                                          != self._chain[2 * (self._start + i)])
         if region < 0:
             region = self._new_region(event.region)
             changed = True
-        if history:
-            step = region - history[len(history) - 1]
-            if len(steps) == 2:
-                key = _key(_key(0, steps[0]), steps[1])
+        if last >= 0:
+            step = region - last
+            key = self._walk_key(_OBSERVED)
+            if key != 0:
                 # the most frequent step after these two (the first seen among equals),
                 # kept up to date by the one count that grew
                 counted = _key(key, step)
@@ -320,14 +426,11 @@ class _LayerwiseCore:
                                                                  and (entry & 0xFFFFFF) < (top & 0xFFFFFF))
                     if better:
                         self._step_best.put(key, step)
-                        changed = changed or key in self._chain_steps   # the chain walked by it
-            steps.append(step)
-            if len(steps) > 2:
-                del steps[0]
+                        changed = changed or self._walked_by_chain(key)   # the chain walked by it
         nexts = self._next
         relearned = False   # what follows contexts ending in the last load changed
         created = False     # a longer context than the one at hand is new, and names region
-        n = self._context_keys(history)
+        n = self._context_keys(_OBSERVED)
         while n > 0:
             key = self._keys[n]
             found = nexts.get(key, -1)
@@ -365,68 +468,78 @@ class _LayerwiseCore:
         # changed: its later steps looked up contexts ending in this region or in its
         # own regions, so a relearned context ending in the previous load matters only
         # where that load comes again in it (or where the chain had ended for want of one).
-        last = history[len(history) - 1] if history else -1
-        if (not changed and chain and chain[0] == region
-                and not (relearned and (self._chain_ended or last == region or last in chain[1:-1]))):
-            chain.pop(0)
-            self._guesses.pop(0)
+        if (not changed and live and self._chain[2 * self._start] == region
+                and not (relearned and (self._chain_ended or last == region
+                                        or self._in_chain(last, 1, self._length - 1)))):
+            self._start += 1
+            self._length -= 1
             predicted = self._predicted
             # the other predictions stand unless this region comes again in the chain
             # (its next span follows the one just seen)
-            if predicted and region not in chain:
+            if predicted and not self._in_chain(region, 0, self._length):
                 predicted.pop(0)
             else:
                 self._predicted = None
         else:
-            self._chain = self._predicted = None
-        history.append(region)
-        if len(history) > self.order:
-            del history[0]
+            self._chain_valid = False
+            self._predicted = None
+        self._push(_OBSERVED, region)
 
-    @cython.locals(k=cython.Py_ssize_t, chain=list, history=list, steps=list, walked=set, guesses=list,
-                   guess=cython.longlong, region=cython.longlong, out=list)
+    @cython.locals(k=cython.Py_ssize_t, guess=cython.longlong, region=cython.longlong, out=list, base=cython.Py_ssize_t,
+                   i=cython.Py_ssize_t, key=cython.longlong)
     @cython.ccall
     def predict(self, k) -> list:
-        if self._chain is None:
-            self._chain, self._guesses, self._chain_steps = [], [], set()
-            self._tail, self._chain_ended = (list(self._history), list(self._steps)), False
-        chain, (history, steps) = self._chain, self._tail
-        if len(chain) < k and not self._chain_ended:
-            walked, guesses = self._chain_steps, self._guesses
-            while len(chain) < k and history:
-                if len(steps) >= 2:
-                    walked.add(_key(_key(0, steps[len(steps) - 2]), steps[len(steps) - 1]))
-                guess = self._guess(history, steps)
+        if not self._chain_valid:
+            self._chain_valid, self._start, self._length, self._nwalked = True, 0, 0, 0
+            self._chain_ended = False
+            base = self.order + 4   # the tail starts where the loads observed end
+            for i in range(base):
+                self._walkers[base + i] = self._walkers[i]
+        if self._length < k and not self._chain_ended:
+            while self._length < k and self._last(_TAIL) >= 0:
+                key = self._walk_key(_TAIL)
+                if key != 0:
+                    self._note_walked(key)
+                guess = self._guess(_TAIL)
                 region = self._choose(guess)
                 if region < 0:
                     self._chain_ended = True
                     break
-                steps.append(region - history[len(history) - 1])
-                history.append(region)
-                if len(history) > self.order:
-                    del history[0], steps[0]
-                chain.append(region)
-                guesses.append(guess)
+                self._push(_TAIL, region)
+                self._extend(region, guess)
         out = self._predicted
         if out is None:
             out = self._predicted = []
         if len(out) < k:
-            self._spans(chain, out)
+            self._spans(out)
         return out[:k]
 
+    def _recomputed(self, k: int) -> list:
+        """What ``predict(k)`` gives computed afresh now, the kept chain left as it is
+        (tests hold the two equal after every event)."""
+        saved = (self._chain_valid, self._chain_array.copy(), self._start, self._length, self._walked_array.copy(),
+                 self._nwalked, self._chain_ended, self._predicted, self._walkers_array.copy())
+        self._chain_valid, self._predicted = False, None
+        try:
+            return self.predict(k)
+        finally:
+            (self._chain_valid, self._chain_array, self._start, self._length, self._walked_array, self._nwalked,
+             self._chain_ended, self._predicted, self._walkers_array) = saved
+            self._chain, self._walked, self._walkers = self._chain_array, self._walked_array, self._walkers_array
+
     @cython.cfunc
-    @cython.locals(chain=list, out=list, rows=cython.longlong[:], row=cython.Py_ssize_t, i=cython.Py_ssize_t,
+    @cython.locals(out=list, rows=cython.longlong[:], row=cython.Py_ssize_t, i=cython.Py_ssize_t,
                    j=cython.Py_ssize_t, region=cython.longlong, times=cython.longlong, offset=cython.longlong,
                    nbytes=cython.longlong, d_offset=cython.longlong, d_nbytes=cython.longlong, key=cython.longlong)
-    def _spans(self, chain, out) -> None:
+    def _spans(self, out) -> None:
         """Extend the chain's predictions ``out``: each region's next span (up to the
         first that makes no sense, a negative offset or size)."""
         rows = self._rows
-        for i in range(len(out), len(chain)):
-            region = chain[i]
-            times = 1   # its loads in chain[:i + 1]: its next load, or the one after...
+        for i in range(len(out), self._length):
+            region = self._chain[2 * (self._start + i)]
+            times = 1   # its loads in the chain up to here: its next load, or the one after...
             for j in range(i):
-                if chain[j] == region:
+                if self._chain[2 * (self._start + j)] == region:
                     times += 1
             row = region * _COLUMNS
             offset, nbytes = rows[row + _OFFSET], rows[row + _NBYTES]

@@ -160,16 +160,6 @@ def test_rule_predictors_on_their_workloads(name, workload):
     assert total and hits / total >= 0.99
 
 
-def _fresh_layerwise_prediction(p, k):
-    """What the layerwise predictor predicts when it recomputes everything now."""
-    saved = p._chain, p._guesses, p._chain_steps, p._tail, p._chain_ended, p._predicted
-    p._chain = p._predicted = None
-    try:
-        return p.predict(k)
-    finally:
-        p._chain, p._guesses, p._chain_steps, p._tail, p._chain_ended, p._predicted = saved
-
-
 @pytest.mark.parametrize("workload,options", [("moe", dict(tokens=12, weight_budget=4 << 20)),
                                               ("mixed-accelerate", dict(tokens=3, weight_budget=4 << 20)),
                                               ("lora", dict(steps=2, weight_budget=4 << 20))])
@@ -183,7 +173,7 @@ def test_layerwise_kept_chain_is_what_a_recomputation_gives(workload, options):
         if r.op not in ("h2d", "d2h"):
             continue
         for k in (8, 3):
-            assert p.predict(k) == _fresh_layerwise_prediction(p, k)
+            assert p.predict(k) == p._recomputed(k)
         p.observe(TransferEvent(r.region, r.offset, r.nbytes, r.op))
         checked += 1
     assert checked > 100
@@ -200,7 +190,7 @@ def test_layerwise_kept_chain_matches_recomputation_on_random_walks():
         position = 0
         for _ in range(rnd.randint(10, 120)):
             k = rnd.randint(1, 10)
-            assert p.predict(k) == _fresh_layerwise_prediction(p, k), f"seed {seed}"
+            assert p.predict(k) == p._recomputed(k), f"seed {seed}"
             p.observe(TransferEvent(regions[position], 0, 64))
             if rnd.random() < 0.8:
                 position = (position + rnd.choice([1, 1, 1, -1, -3, 2])) % len(regions)
@@ -467,6 +457,29 @@ def test_compiled_predictors_predict_what_the_plain_modules_do(monkeypatch, work
             plain_one.observe(event)
         steps += 1
     assert steps > 200
+
+
+def test_layerwise_chain_past_its_walk_keys_still_matches_recomputation(monkeypatch):
+    """A kept chain remembers at most _WALKED walk keys it looked up; past that, any
+    change of a walk step drops it. With room for two (the plain module, patched) the cap
+    is passed often: the bookkeeping must hold up and the kept chain still equal a
+    recomputation on random walks."""
+    plain = plain_predictor_modules(monkeypatch)
+    monkeypatch.setattr(plain["_core"], "_WALKED", 2)
+    overflowed = 0
+    for seed in range(300):
+        rnd = random.Random(seed)
+        regions = [f"r{i}" for i in range(rnd.randint(3, 12))]
+        p = plain["rules"].LayerwisePredictor()
+        position = 0
+        for _ in range(rnd.randint(10, 80)):
+            k = rnd.randint(1, 10)
+            assert p.predict(k) == p._recomputed(k), f"seed {seed}"
+            overflowed += p._nwalked > 2
+            p.observe(TransferEvent(regions[position], 0, 64))
+            position = (position + rnd.choice([1, 1, 1, -1, -3, 2])) % len(regions) if rnd.random() < 0.8 \
+                else rnd.randrange(len(regions))
+    assert overflowed > 100
 
 
 def test_learned_takes_its_weights_as_any_sequence():
