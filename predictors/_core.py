@@ -25,13 +25,14 @@ _MASK63 = cython.declare(cython.ulonglong, 0x7FFFFFFFFFFFFFFF)
 _GOLDEN = cython.declare(cython.ulonglong, 0x9E3779B97F4A7C15)
 _MIX1 = cython.declare(cython.ulonglong, 0xBF58476D1CE4E5B9)
 _MIX2 = cython.declare(cython.ulonglong, 0x94D049BB133111EB)
+#: predictions are made with tuple.__new__: a NamedTuple's own __new__ is a Python frame
 _new_tuple = tuple.__new__
 #: "absent" for maps whose values may be negative (steps)
 _NONE = cython.declare(cython.longlong, -(1 << 62))
 #: a guess packs (context's region + 1, walk's region + 1, context length) in one integer
 _FIELD = cython.declare(cython.longlong, (1 << 28) - 1)
 MAX_REGIONS = (1 << 28) - 2
-MAX_ORDER = 64
+MAX_ORDER = 64   # (the context length has 7 bits of a guess)
 
 
 @cython.cfunc
