@@ -49,6 +49,15 @@ def _key(a, b):
     return x if x != 0 else 1
 
 
+@cython.cfunc
+@cython.returns(cython.longlong)
+@cython.locals(a=cython.longlong, b=cython.longlong)
+def _pair(a, b):
+    """The key of the pair (a, b) in one table: every site that looks a pair up or stores
+    it calls this (two steps, a span, learned's (prev + 1, last))."""
+    return _key(_key(0, a), b)
+
+
 def _zeros(n: int):
     """An array of n 64-bit integers: numpy's where compiled (typed memoryviews read it as
     C), a list where the plain module runs (its elements are Python integers, as the
@@ -275,7 +284,7 @@ class _LayerwiseCore:
         base = walker * (self.order + 4)
         if self._walkers[base + 1] < 2:
             return 0
-        return _key(_key(0, self._walkers[base + 2]), self._walkers[base + 3])
+        return _pair(self._walkers[base + 2], self._walkers[base + 3])
 
     @cython.cfunc
     @cython.returns(cython.Py_ssize_t)
@@ -457,7 +466,7 @@ class _LayerwiseCore:
         else:
             d_offset, d_nbytes = offset - rows[row + _OFFSET], nbytes - rows[row + _NBYTES]
             rows[row + _D_OFFSET], rows[row + _D_NBYTES] = d_offset, d_nbytes
-            key = _key(_key(0, rows[row + _OFFSET]), rows[row + _NBYTES])
+            key = _pair(rows[row + _OFFSET], rows[row + _NBYTES])
             if (self._like_offset.get(key, _NONE) != d_offset
                     or self._like_nbytes.get(key, _NONE) != d_nbytes):
                 self._like_offset.put(key, d_offset)
@@ -545,7 +554,7 @@ class _LayerwiseCore:
             row = region * _COLUMNS
             offset, nbytes = rows[row + _OFFSET], rows[row + _NBYTES]
             if rows[row + _SEEN] == 1:
-                key = _key(_key(0, offset), nbytes)
+                key = _pair(offset, nbytes)
                 d_offset, d_nbytes = self._like_offset.get(key, 0), self._like_nbytes.get(key, 0)
             else:
                 d_offset, d_nbytes = rows[row + _D_OFFSET], rows[row + _D_NBYTES]
@@ -739,7 +748,7 @@ class _History:
             self._edges[edge * _E_COLUMNS + 1] += 1
             self._rows[last * _H_COLUMNS + _TOTAL] += 1
             if prev >= 0:
-                pair = _key(_key(prev + 1, last), 0)
+                pair = _pair(prev + 1, last)
                 key = _key(pair, region)
                 self._count2.add(key, 1)
                 self._total2.add(pair, 1)
@@ -785,7 +794,7 @@ class _History:
         rows, edges = self._rows, self._edges
         lrow = last * _H_COLUMNS
         n1 = rows[lrow + _TOTAL]
-        pair = _key(_key(prev + 1, last), 0) if prev >= 0 else 0
+        pair = _pair(prev + 1, last) if prev >= 0 else 0
         n2 = self._total2.get(pair, 0) if prev >= 0 else 0
         a1, a2 = (w[0] / n1 if n1 else 0.0), (w[1] / n2 if n2 else 0.0)
         w_first, w_segment, w_recent, w_age = w[2], w[3], w[4], w[5]
@@ -922,7 +931,7 @@ class _History:
         """One row of the model's features per candidate (names; see learned.py)."""
         last_id = self.id_of(last)
         f1, n1 = self._follow_counts(last_id), self._rows[last_id * _H_COLUMNS + _TOTAL]
-        pair = _key(_key(self.id_of(prev) + 1, last_id), 0) if prev is not None else 0
+        pair = _pair(self.id_of(prev) + 1, last_id) if prev is not None else 0
         n2 = self._total2.get(pair, 0) if prev is not None else 0
         after = self._segment(last_id)
         first = after[0] if after else -1

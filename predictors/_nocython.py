@@ -29,7 +29,9 @@ def cfunc(function):
 ccall = cfunc
 
 
-def locals(**types):   # noqa: A001 - Cython's name
+def locals(*args, **types):   # noqa: A001 - Cython's name
+    """Declarations that take arguments (``locals``, ``returns``, ``boundscheck``...): the
+    decorator they make changes nothing."""
     return lambda function: function
 
 
@@ -37,12 +39,4 @@ def declare(type_=None, value=None, **options):
     return value
 
 
-def returns(type_):
-    return lambda function: function
-
-
-def boundscheck(flag):
-    return lambda function: function
-
-
-wraparound = boundscheck
+returns = boundscheck = wraparound = locals
