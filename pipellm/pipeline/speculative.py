@@ -25,6 +25,7 @@ as they arrive; waiting on the transfer, reading the region or synchronizing wai
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import warnings
 from collections import OrderedDict, deque
@@ -121,11 +122,15 @@ class SpeculativeEngine(CCEngine):
         self._items: deque[_Item] = deque()          # in index order
         self._by_key: dict[tuple, _Item] = {}
         self._tasks: deque = deque()                   # (item, chunk) to encrypt, or _RECEIVE
+        # idle workers block on _wake, not on _cond: a token put by the requesting thread
+        # wakes one in C (Condition.notify is several Python frames on the request path)
+        self._wake: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = 0                                 # workers waiting for a token
         self._queued_messages = 0
         self._high = -1                                # highest h2d index sent
         self._expect = 0                               # strict: the index the device expects next
         self._go_tickets: dict[int, object] = {}       # GO indices reserved, never sealed
-        self._events: deque[TransferEvent] = deque()  # transfers the predictor has not heard of yet
+        self._events: deque[tuple] = deque()  # transfers the predictor has not heard of yet
         self._dropped: OrderedDict[tuple, int] = OrderedDict()  # keys whose speculation was lost
         self._stopping = False
         self._replenish_pending = False
@@ -154,7 +159,7 @@ class SpeculativeEngine(CCEngine):
         key = (region.name, offset, nbytes)  # the same tuple as the predictor's Prediction
         with self._h2d_lock:
             self.order += 1
-            self._tell(TransferEvent(key[0], offset, nbytes, "h2d", stream.id, perf_counter()))
+            self._tell((key[0], offset, nbytes, "h2d", stream.id, perf_counter()))
             item = self._take_ready_head(key, dst, dst_offset) if self._shadow is None else None
             if item is not None:  # the common hit, checked and claimed in one go
                 self._score(True)
@@ -189,7 +194,9 @@ class SpeculativeEngine(CCEngine):
             queued = len(self._items)
             if not throttled and (queued < INLINE_PLANNING_BELOW or (
                     queued < STEAL_PLAN_BELOW and self._replenish_pending and self._take_pending_plan())):
-                if self._plan_due():
+                with self._lock:
+                    due = self._plan_due()
+                if due:
                     self._replenish()  # the queue runs dry, or the workers lag (bursts): plan now
                 return
         # otherwise planning is a worker's job, off the requesting thread, and only once
@@ -229,9 +236,10 @@ class SpeculativeEngine(CCEngine):
         """The predictor has been wrong lately: speculate nothing until its guesses hit again."""
         return self._accuracy < ACCURACY_FLOOR
 
-    def _tell(self, event: TransferEvent) -> None:
-        """Queue a transfer for the predictor, which hears of it when it is next asked
-        (mostly by a worker planning); past MAX_UNHEARD_EVENTS it is told now (h2d lock held)."""
+    def _tell(self, event: tuple) -> None:
+        """Queue a transfer (TransferEvent's fields) for the predictor, which hears of it
+        when it is next asked (mostly by a worker planning); past MAX_UNHEARD_EVENTS it is
+        told now (h2d lock held)."""
         self._events.append(event)
         if len(self._events) > MAX_UNHEARD_EVENTS:
             self._feed()
@@ -241,7 +249,7 @@ class SpeculativeEngine(CCEngine):
         events, observe = self._events, self.predictor.observe
         start = thread_time()
         while events:
-            event = events.popleft()
+            event = TransferEvent(*events.popleft())  # built here, off the request path
             try:
                 observe(event)
             except Exception as exc:  # noqa: BLE001 - as in _ask
@@ -451,7 +459,7 @@ class SpeculativeEngine(CCEngine):
         transfer = super().to_host(src, src_offset, region, offset, nbytes, stream)
         if getattr(self.predictor, "uses_d2h", True):
             with self._h2d_lock:  # the predictor is told every transfer, in order
-                self._tell(TransferEvent(region.name, offset, nbytes, "d2h", stream.id, perf_counter()))
+                self._tell((region.name, offset, nbytes, "d2h", stream.id, perf_counter()))
             self._plan_later()
         return transfer
 
@@ -469,13 +477,13 @@ class SpeculativeEngine(CCEngine):
     def _plan_later(self) -> None:
         """Have a worker plan the next speculation (it takes the h2d lock, so it runs after
         the current request, and its on-demand data)."""
-        if self._throttled() or not self._plan_due():
-            return  # nothing to plan until the shadow guesses hit again, or backing off
-        with self._cond:
-            if not self._replenish_pending:
+        if self._throttled():
+            return  # nothing to plan until the shadow guesses hit again
+        with self._lock:
+            if self._plan_due() and not self._replenish_pending:
                 self._replenish_pending = True
                 self._tasks.appendleft(_REPLENISH)
-                self._cond.notify_all()  # waiters besides the workers share it (wait_speculation)
+                self._wake_workers(1)
 
     # -- the queue ---------------------------------------------------------------------------
     def _predictor_failed(self, exc: Exception) -> None:
@@ -549,7 +557,7 @@ class SpeculativeEngine(CCEngine):
                 self._tasks.extend((item, c) for c in item.chunks)
                 if item.go_dst is not None:
                     self._tasks.append((item, None))
-                self._cond.notify_all()
+                self._wake_workers(n + 1)
         self._note_plan(bool(predictions))
 
     def _note_plan(self, predicted: bool) -> None:
@@ -566,13 +574,12 @@ class SpeculativeEngine(CCEngine):
                     self._plan_skip = min(MAX_PLAN_SKIP, 2 ** (self._fruitless - FRUITLESS_PLANS - 1))
 
     def _plan_due(self) -> bool:
-        """False while backing off from fruitless plans (see _note_plan)."""
-        with self._lock:
-            if self._plan_skip:
-                self._plan_skip -= 1
-                self.counts["skipped_plans"] += 1
-                return False
-            return True
+        """False while backing off from fruitless plans (see _note_plan; engine lock held)."""
+        if self._plan_skip:
+            self._plan_skip -= 1
+            self.counts["skipped_plans"] += 1
+            return False
+        return True
 
     def _evict(self, wanted: set) -> bool:
         """Make room for what the predictor names now: drop the oldest queued item it no
@@ -650,6 +657,13 @@ class SpeculativeEngine(CCEngine):
             self._drop(self._items[0])
 
     # -- workers ------------------------------------------------------------------------------
+    def _wake_workers(self, n: int) -> None:
+        """Wake up to ``n`` idle workers for new tasks (engine lock held)."""
+        while n > 0 and self._idle:
+            self._idle -= 1
+            n -= 1
+            self._wake.put(None)
+
     def _work(self) -> None:
         gate = self.device.gate
         busy, took = 0.0, False
@@ -662,7 +676,12 @@ class SpeculativeEngine(CCEngine):
                     self._cond.notify_all()  # this worker took the last task: wake wait_speculation()
                 took = False
                 while not self._tasks and not self._stopping:
-                    self._cond.wait()
+                    self._idle += 1  # a producer takes it back when it puts our token
+                    self._lock.release()
+                    try:
+                        self._wake.get()
+                    finally:
+                        self._lock.acquire()
                 if self._stopping:
                     return
                 task = self._tasks.popleft()
@@ -755,7 +774,7 @@ class SpeculativeEngine(CCEngine):
             if not self._receive_pending:  # one task drains everything delivered by then
                 self._receive_pending = True
                 self._tasks.appendleft(_RECEIVE)
-                self._cond.notify_all()  # waiters besides the workers share it (wait_speculation)
+                self._wake_workers(1)
 
     def _receive_async(self) -> None:
         with self._cond:
@@ -784,6 +803,7 @@ class SpeculativeEngine(CCEngine):
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+            self._wake_workers(len(self._workers))
         for t in self._workers:
             t.join(timeout=30)
         with self._cond:
