@@ -186,16 +186,20 @@ cdef class BouncePool:
         return slot
 
     # -- taking and giving back ----------------------------------------------------------
+    cdef object _take(self, size_t pages):
+        """A slot of ``pages`` now, or None (lock held)."""
+        if self._closed:
+            raise ChannelClosedError("the bounce pool is closed")
+        self._reap()
+        start = self._alloc(pages)
+        return None if start is None else self._slot(start, pages)
+
     def try_acquire(self, Py_ssize_t nbytes):
         """A slot of at least ``nbytes`` now, or None (never waits)."""
         cdef size_t pages = self._pages_for(nbytes)
         self._lock.acquire()
         try:
-            if self._closed:
-                raise ChannelClosedError("the bounce pool is closed")
-            self._reap()
-            start = self._alloc(pages)
-            return None if start is None else self._slot(start, pages)
+            return self._take(pages)
         finally:
             self._lock.release()
 
@@ -222,19 +226,20 @@ cdef class BouncePool:
     def acquire(self, Py_ssize_t nbytes, timeout=None):
         """A slot of at least ``nbytes``, waiting (up to ``timeout`` seconds) for in-flight
         slots to complete if the pool is full. Raises :class:`TransferTimeoutError`."""
-        slot = self.try_acquire(nbytes)
+        cdef size_t pages = self._pages_for(nbytes)
+        self._lock.acquire()
+        try:  # the common case first, without the Condition's Python frames
+            slot = self._take(pages)
+        finally:
+            self._lock.release()
         if slot is not None:
             return slot
-        cdef size_t pages = self._pages_for(nbytes)
         deadline = None if timeout is None else monotonic() + timeout
         with self._cond:
             while True:
-                if self._closed:
-                    raise ChannelClosedError("the bounce pool is closed")
-                self._reap()
-                start = self._alloc(pages)
-                if start is not None:
-                    return self._slot(start, pages)
+                slot = self._take(pages)
+                if slot is not None:
+                    return slot
                 remaining = None if deadline is None else max(0.0, deadline - monotonic())
                 if self._inflight:
                     first, count, fence = self._inflight.popleft()
