@@ -53,7 +53,8 @@ def memcpy_rate(data: memoryview, size: int, budget_bytes: int) -> float:
     return calls * size / (perf_counter() - start)
 
 
-def _sealer() -> Sealer:
+def sealer() -> Sealer:
+    """A sealer of a fresh session's host-to-device keys (for measurements)."""
     host, device = KeyAgreement(), KeyAgreement()
     keys = host.derive(device.public_bytes, session=1, host_public=host.public_bytes,
                        device_public=device.public_bytes)
@@ -62,7 +63,7 @@ def _sealer() -> Sealer:
 
 def library_rate(data: memoryview, size: int, workers: int, budget_bytes: int) -> float:
     """Bytes/s of ``workers`` threads sealing ``size``-byte messages into bounce slots."""
-    sealer = _sealer()
+    seal = sealer()
     pool = BouncePool(workers * (size + TAG_BYTES + 8192))
     slots = [pool.acquire(size + TAG_BYTES) for _ in range(workers)]
     calls = max(3, _calls(size, budget_bytes) // workers)
@@ -73,7 +74,7 @@ def library_rate(data: memoryview, size: int, workers: int, budget_bytes: int) -
         out = slot.view(size + TAG_BYTES)
         barrier.wait()
         for i in range(calls):
-            sealer.seal_into(sealer.reserve(), Kind.DATA, 1, i * size, plain, out)
+            seal.seal_into(seal.reserve(), Kind.DATA, 1, i * size, plain, out)
         barrier.wait()
 
     threads = [threading.Thread(target=work, args=(s,)) for s in slots]
