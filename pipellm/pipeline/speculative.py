@@ -29,6 +29,7 @@ import queue
 import threading
 import warnings
 from collections import OrderedDict, deque
+from operator import attrgetter
 from time import perf_counter, thread_time
 
 from ..channel import Kind
@@ -62,6 +63,7 @@ MAX_UNHEARD_EVENTS = 256
 #: before planning backs off, skipping up to MAX_PLAN_SKIP chances to plan
 FRUITLESS_PLANS = 2
 MAX_PLAN_SKIP = 16
+_MSG, _SLOT = attrgetter("msg"), attrgetter("slot")  # (a list comprehension is a Python frame)
 _RECEIVE = object()    # worker task: receive the oldest device-to-host chunk
 _REPLENISH = object()  # worker task: ask the predictor and queue new speculation
 
@@ -143,6 +145,9 @@ class SpeculativeEngine(CCEngine):
         self._fruitless = 0    # plans in a row that named transfers but queued nothing
         self._plan_skip = 0    # chances to plan still to skip (backing off from those)
         self._accuracy = 1.0   # recent hit ratio of requests that met queued speculation
+        # the predictor has been wrong lately (accuracy under the floor): speculate nothing
+        # until its guesses hit again (set by _score)
+        self._throttle = False
         self._shadow = None    # throttled: the predictor's first guess for the next request
         self.worker_busy_s = 0.0
         self.hit_wait_s = 0.0  # requests waiting for a worker to finish their chunks
@@ -181,7 +186,7 @@ class SpeculativeEngine(CCEngine):
                     self._score(hit)
                 elif speculating:
                     self._score(item is not None)
-                throttled = self._throttled()
+                throttled = self._throttle
                 self._shadow = self._shadow_guess() if throttled else None
                 if item is not None:
                     self._send_item(item, dst, dst_offset, stream)
@@ -214,7 +219,7 @@ class SpeculativeEngine(CCEngine):
         (``_claim`` and ``_send_item`` then handle every case, this one included)."""
         with self._lock:
             items = self._items
-            if not items or self.window or self._throttled():
+            if not items or self.window or self._throttle:
                 return None
             item = items[0]
             if (item.key != key or item.go_private is None or item.go_busy or item.failed
@@ -231,10 +236,7 @@ class SpeculativeEngine(CCEngine):
 
     def _score(self, hit: bool) -> None:
         self._accuracy += ACCURACY_ALPHA * (hit - self._accuracy)
-
-    def _throttled(self) -> bool:
-        """The predictor has been wrong lately: speculate nothing until its guesses hit again."""
-        return self._accuracy < ACCURACY_FLOOR
+        self._throttle = self._accuracy < ACCURACY_FLOOR
 
     def _tell(self, event: tuple) -> None:
         """Queue a transfer (TransferEvent's fields) for the predictor, which hears of it
@@ -421,13 +423,13 @@ class SpeculativeEngine(CCEngine):
                 body = GO_BODY.pack(dst.id, dst_offset, len(chunks), item.nbytes)
                 go_msg = self.sealer.seal_into(go, Kind.GO, 0, 0, body, slot.view(GO_MESSAGE_BYTES),
                                                order=self.order)
-            op = self.device.submit_messages(stream, self.session, [go_msg] + [c.msg for c in chunks])
+            op = self.device.submit_messages(stream, self.session, [go_msg, *map(_MSG, chunks)])
         except BaseException:
             self.cmd_pool.release(slot)
             self._keep_or_fail(go)
             raise
         self.cmd_pool.retire(slot, op)
-        slots = [c.slot for c in chunks]
+        slots = list(map(_SLOT, chunks))
         for chunk in chunks:
             chunk.slot = None
         self.spec_pool.retire_many(slots, op)
@@ -477,7 +479,7 @@ class SpeculativeEngine(CCEngine):
     def _plan_later(self) -> None:
         """Have a worker plan the next speculation (it takes the h2d lock, so it runs after
         the current request, and its on-demand data)."""
-        if self._throttled():
+        if self._throttle:
             return  # nothing to plan until the shadow guesses hit again
         with self._lock:
             if self._plan_due() and not self._replenish_pending:
@@ -496,7 +498,7 @@ class SpeculativeEngine(CCEngine):
     def _replenish(self) -> None:
         """Admit predicted transfers: reserve their indices and slots, queue their chunks (h2d lock held)."""
         self._feed()
-        if self._throttled():
+        if self._throttle:
             # the predictor has been wrong lately: keep the workers (and the CPU) free for
             # on-demand work; shadow guesses tell when it is right again
             return
