@@ -1,5 +1,7 @@
 """Device selection, the cuda device's availability report, the emulated link model."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -70,6 +72,42 @@ def test_emulation_stall_is_accounted():
         stats = pipe.stats()
         assert stats["device_busy_s"] > 0
         assert stats["emulation_stall_s"] < 0.0105 * 0.5  # the modelled 10.5 ms dominated
+
+
+def test_time_a_task_ran_while_the_clock_stood_still_is_held_as_long_on_the_clock():
+    """frozen_s() counts the stall in progress; hold(s) waits s on the device clock."""
+    with pipellm.open_device("emulated") as dev:
+        before = dev.frozen_s()
+        with dev.clock_held():
+            t = dev.now()
+            time.sleep(0.02)
+            assert dev.now() == t
+            assert dev.frozen_s() - before >= 0.02
+        frozen = dev.frozen_s() - before
+        start = dev.now()
+        dev.hold(frozen)
+        assert dev.now() - start >= frozen
+
+
+def test_pipellm_workers_pay_back_the_frozen_time_of_their_tasks(monkeypatch):
+    """A worker's task that ran during emulation stall got its time for free in the
+    model: the worker holds as long afterwards (here every task 'sees' 0.5 ms frozen)."""
+    frozen, held = [0.0], []
+
+    def fake_frozen(self):
+        frozen[0] += 0.0005  # read before and after each task (one worker)
+        return frozen[0]
+
+    monkeypatch.setattr(EmulatedDevice, "frozen_s", fake_frozen)
+    monkeypatch.setattr(EmulatedDevice, "hold", lambda self, s: held.append(s))
+    with pipellm.Pipeline(device="emulated", mode="pipellm", chunk_size=4096, workers=1) as pipe:
+        regions = [pipe.register(pipellm.empty(16384, np.uint8), name=f"r{i}") for i in range(4)]
+        for _ in range(3):
+            for r in regions:
+                pipe.to_device(r)
+            pipe.synchronize()
+        pipe.wait_speculation(10)
+    assert held and all(s == pytest.approx(0.0005) for s in held)
 
 
 @pytest.mark.parametrize("mode", ["cc", "pipellm"])

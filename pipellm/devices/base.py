@@ -141,6 +141,15 @@ class Device(abc.ABC):
         """The device's clock (seconds), on which ``Op.end`` times are given."""
         return perf_counter()
 
+    def frozen_s(self) -> float:
+        """Seconds the device clock has stood still so far (the emulated device's
+        emulation stall, the current one included; 0 on real hardware)."""
+        return 0.0
+
+    def hold(self, seconds: float) -> None:
+        """Wait ``seconds`` on the device clock: a host worker whose task ran while the
+        clock stood still (see the emulated device); a no-op where it never does."""
+
     def _check_open(self) -> None:
         if self._fork_generation != _fork.generation:
             _fork.check(self._fork_generation, f"{self.kind} device")

@@ -667,7 +667,8 @@ class SpeculativeEngine(CCEngine):
             self._wake.put(None)
 
     def _work(self) -> None:
-        gate = self.device.gate
+        device = self.device
+        gate = device.gate
         busy, took = 0.0, False
         while True:
             gate.wait()  # no progress while the emulated device's clock stands still
@@ -703,6 +704,7 @@ class SpeculativeEngine(CCEngine):
                         continue
                     else:
                         chunk.state = ENCRYPTING
+            frozen = device.frozen_s()
             start = perf_counter()
             if task is _REPLENISH:
                 with self._h2d_lock:
@@ -716,6 +718,7 @@ class SpeculativeEngine(CCEngine):
             else:
                 self._encrypt(item, chunk)
             busy = perf_counter() - start
+            device.hold(device.frozen_s() - frozen)  # the emulated clock stood still under this task
 
     def _encrypt(self, item: _Item, chunk: _Chunk) -> None:
         """Seal one speculative chunk into its slot, unless the region changed since its token."""
