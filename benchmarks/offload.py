@@ -204,7 +204,7 @@ def _request_path(mode: str, chunks: int, layers: int, chunk_size: int, repeats:
     return out
 
 
-def layer_rate(data: memoryview, chunk_size: int, ring_bytes: int, repeats: int = 3) -> float:
+def layer_rate(data: memoryview, chunk_size: int, ring_bytes: int, repeats: int = 5) -> float:
     """Bytes/s of one thread sealing ``data`` (a few layers) chunk by chunk into a ring of
     bounce slots of ``ring_bytes``, best of ``repeats`` passes: a worker's rate on the
     pipeline's own access pattern. (``library_rate`` seals one chunk into one slot again

@@ -63,6 +63,9 @@ MAX_UNHEARD_EVENTS = 256
 #: before planning backs off, skipping up to MAX_PLAN_SKIP chances to plan
 FRUITLESS_PLANS = 2
 MAX_PLAN_SKIP = 16
+#: a worker pays back emulated-clock time its tasks ran during emulation stall (see
+#: EmulatedDevice.hold) once it owes this much: a sleep overshoots by ~70 us on a VM
+HOLD_MIN_S = 2e-4
 _MSG, _SLOT = attrgetter("msg"), attrgetter("slot")  # (a list comprehension is a Python frame)
 _RECEIVE = object()    # worker task: receive the oldest device-to-host chunk
 _REPLENISH = object()  # worker task: ask the predictor and queue new speculation
@@ -670,6 +673,7 @@ class SpeculativeEngine(CCEngine):
         device = self.device
         gate = device.gate
         busy, took = 0.0, False
+        owed = 0.0  # emulated clock time this worker's tasks ran while it stood still, not yet waited
         while True:
             gate.wait()  # no progress while the emulated device's clock stands still
             with self._cond:
@@ -718,7 +722,11 @@ class SpeculativeEngine(CCEngine):
             else:
                 self._encrypt(item, chunk)
             busy = perf_counter() - start
-            device.hold(device.frozen_s() - frozen)  # the emulated clock stood still under this task
+            owed += device.frozen_s() - frozen  # the emulated clock stood still under this task
+            if owed > HOLD_MIN_S:  # pay it back on the clock; a sleep's overshoot is credited
+                held_from = device.now()
+                device.hold(owed)
+                owed -= device.now() - held_from
 
     def _encrypt(self, item: _Item, chunk: _Chunk) -> None:
         """Seal one speculative chunk into its slot, unless the region changed since its token."""
