@@ -208,7 +208,7 @@ def layer_rate(data: memoryview, chunk_size: int, ring_bytes: int, repeats: int 
     """Bytes/s of one thread sealing ``data`` (a few layers) chunk by chunk into a ring of
     bounce slots of ``ring_bytes``, best of ``repeats`` passes: a worker's rate on the
     pipeline's own access pattern. (``library_rate`` seals one chunk into one slot again
-    and again, from cache: 1.6-1.7x this on a 2-vCPU Intel VM.)"""
+    and again, from cache: 1.2-1.7x this on a 2-vCPU Intel VM.)"""
     seal = sealer()
     chunks = [data[i:i + chunk_size] for i in range(0, len(data), chunk_size)]
     pool = BouncePool(ring_bytes + 2 * (chunk_size + TAG_BYTES + 8192))
