@@ -238,9 +238,9 @@ def run(layers: int = 8, layer_bytes: int = 64 * MiB, passes: int = 6, repeats: 
     data = memoryview(np.random.default_rng(1).integers(0, 256, 2 * layer_bytes, dtype=np.uint8))
     # E: one worker encrypting one layer in the library's chunks, as in the run (the
     # cache-hot rate of earlier sessions' bench is kept beside it)
-    rate = layer_rate(data, chunk_size, ring_bytes=3 * layer_bytes + 8 * chunk_size)
+    ring_bytes = 3 * layer_bytes + 8 * chunk_size
+    rate = layer_rate(data, chunk_size, ring_bytes)
     hot_rate = max(library_rate(data, chunk_size, 1, layer_bytes) for _ in range(3))
-    del data
     encrypt_us = layer_bytes / rate * 1e6
     common = dict(layers=layers, layer_bytes=layer_bytes, passes=passes, workers=workers, chunk_size=chunk_size)
     scenarios = {}
@@ -278,6 +278,10 @@ def run(layers: int = 8, layer_bytes: int = 64 * MiB, passes: int = 6, repeats: 
         "pipellm-window": dict(mode="pipellm", iv_order="window", **seq, **irregular)})
     scenarios["mispredict"]["irregular_fraction"] = 0.2
 
+    # the bound uses the better of two measurements of E, at the start and now (a
+    # 2-vCPU VM moves it by up to 1.3x within a run): the conservative bound
+    rate = max(rate, layer_rate(data, chunk_size, ring_bytes))
+    del data
     hits = [hit_path(c) for c in (1, 16)]
     gap = idle_gap_probe()
     tick()
@@ -322,6 +326,7 @@ def run(layers: int = 8, layer_bytes: int = 64 * MiB, passes: int = 6, repeats: 
     return {"benchmark": "offload", "layers": layers, "layer_bytes": layer_bytes, "passes": passes,
             "warmup_passes": 2, "chunk_size": chunk_size,
             "repeats": repeats, "workers": workers, "encrypt_us_per_layer_1_worker": encrypt_us,
+            "encrypt_us_per_layer_1_worker_best": layer_bytes / rate * 1e6,
             "encrypt_us_per_layer_1_worker_cache_hot": layer_bytes / hot_rate * 1e6,
             "worker_bound_s": bound, "scenarios": scenarios, "hit_path": hits, "summary": summary}
 
