@@ -90,9 +90,10 @@ class EmulatedDevice(CopyEngineDevice):
         self._staging_mem = memoryview(bytearray(staging_bytes))
         self._link_free = [0.0, 0.0]  # per Direction
         self._compute_free = 0.0
-        self._stall_s = 0.0          # total time the device clock stood still
         self._stalling = 0           # host threads stalled right now
-        self._stall_since = 0.0
+        # (since when the clock stands still or None, total stall before that): replaced
+        # whole under _stall_lock, read without it (now() runs on every op and wait)
+        self._clock: tuple = (None, 0.0)
         self._stall_lock = threading.Lock()
         super().__init__(adversary=adversary, staging_bytes=staging_bytes)
 
@@ -149,14 +150,12 @@ class EmulatedDevice(CopyEngineDevice):
 
     # -- waiting ---------------------------------------------------------------------------------
     def now(self) -> float:
-        with self._stall_lock:
-            if self._stalling:
-                return self._stall_since - self._stall_s  # frozen while stalled
-            return perf_counter() - self._stall_s
+        since, stalled = self._clock
+        return (perf_counter() if since is None else since) - stalled  # frozen while stalled
 
     def frozen_s(self) -> float:
-        with self._stall_lock:
-            return self._stall_s + (perf_counter() - self._stall_since if self._stalling else 0.0)
+        since, stalled = self._clock
+        return stalled + (0.0 if since is None else perf_counter() - since)
 
     def hold(self, seconds: float) -> None:
         # bounded in real time too: a clock held still for long (a paused copy engine
@@ -183,13 +182,14 @@ class EmulatedDevice(CopyEngineDevice):
         with self._stall_lock:
             if begin:
                 if self._stalling == 0:
-                    self._stall_since = perf_counter()
+                    self._clock = (perf_counter(), self._clock[1])
                     self.gate.clear()
                 self._stalling += 1
             else:
                 self._stalling -= 1
                 if self._stalling == 0:
-                    self._stall_s += perf_counter() - self._stall_since
+                    since, stalled = self._clock
+                    self._clock = (None, stalled + perf_counter() - since)
                     self.gate.set()
 
     def _wait_op(self, op: Op, timeout: float | None) -> bool:
@@ -221,7 +221,7 @@ class EmulatedDevice(CopyEngineDevice):
 
     def stats(self) -> dict:
         """Copy-engine CPU time and emulation stall (see the module docstring)."""
-        return {"device_busy_s": self._busy_s, "emulation_stall_s": self._stall_s,
+        return {"device_busy_s": self._busy_s, "emulation_stall_s": self._clock[1],
                 "device_bytes_allocated": self._allocated}
 
     def info(self) -> dict:
