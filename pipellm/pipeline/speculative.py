@@ -131,6 +131,7 @@ class SpeculativeEngine(CCEngine):
         # wakes one in C (Condition.notify is several Python frames on the request path)
         self._wake: queue.SimpleQueue = queue.SimpleQueue()
         self._idle = 0                                 # workers waiting for a token
+        self._active = 0                               # tasks workers are running now
         self._queued_messages = 0
         self._high = -1                                # highest h2d index sent
         self._expect = 0                               # strict: the index the device expects next
@@ -708,19 +709,24 @@ class SpeculativeEngine(CCEngine):
                         continue
                     else:
                         chunk.state = ENCRYPTING
+                self._active += 1  # wait_speculation() waits for it (a plan queues its items late)
             frozen = device.frozen_s()
             start = perf_counter()
-            if task is _REPLENISH:
-                with self._h2d_lock:
-                    self._replenish()
+            try:
+                if task is _REPLENISH:
+                    with self._h2d_lock:
+                        self._replenish()
+                elif task is _RECEIVE:
+                    self._receive_async()
+                elif chunk is None:
+                    self._seal_go_ahead(item)
+                else:
+                    self._encrypt(item, chunk)
+            finally:
                 with self._cond:
-                    self._cond.notify_all()
-            elif task is _RECEIVE:
-                self._receive_async()
-            elif chunk is None:
-                self._seal_go_ahead(item)
-            else:
-                self._encrypt(item, chunk)
+                    self._active -= 1
+                    if not self._active:
+                        self._cond.notify_all()
             busy = perf_counter() - start
             owed += device.frozen_s() - frozen  # the emulated clock stood still under this task
             if owed > HOLD_MIN_S:  # pay it back on the clock; a sleep's overshoot is credited
@@ -771,8 +777,8 @@ class SpeculativeEngine(CCEngine):
     def wait_speculation(self, timeout=None) -> bool:
         """Block until the workers have nothing left to do (planning and encryption)."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._tasks and not self._replenish_pending and
-                                       not any(c.state == ENCRYPTING for i in self._items for c in i.chunks),
+            return self._cond.wait_for(lambda: not self._tasks and not self._replenish_pending and not self._active
+                                       and not any(c.state == ENCRYPTING for i in self._items for c in i.chunks),
                                        timeout)
 
     # -- device to host: decrypted in the background --------------------------------------------
