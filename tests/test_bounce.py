@@ -82,6 +82,23 @@ def test_a_retired_slot_is_reused_only_after_its_fence():
     pool.release(again)
 
 
+def test_a_fence_that_is_not_finished_is_not_asked_whether_it_is_done():
+    class Counted(Fence):
+        finished = False
+        asked = 0
+
+        def done(self):
+            self.asked += 1
+            return self.finished
+
+    pool = BouncePool(PAGE_BYTES)
+    fence = Counted()
+    pool.retire(pool.acquire(100), fence)
+    assert pool.try_acquire(1) is None and fence.asked == 0  # the cheap test said "in flight"
+    fence.finished = True
+    assert pool.try_acquire(1) is not None and fence.asked == 1
+
+
 def test_slot_misuse_is_refused():
     pool = BouncePool(2 * PAGE_BYTES)
     slot = pool.acquire(PAGE_BYTES)

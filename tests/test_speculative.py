@@ -232,6 +232,33 @@ def test_stats_count_the_time_spent_in_the_predictor():
         assert s["predictor_s"] >= 0.002 * predictor.observed + 0.003 * predictor.predicted
 
 
+class Sleepy(Slow):
+    """Waits (no CPU) in each predict; counts the calls made on worker threads."""
+
+    def observe(self, event):
+        self.last = self.names.index(event.region)
+
+    def predict(self, k):
+        if threading.current_thread().name.startswith("pipellm-worker"):
+            self.predicted += 1
+        time.sleep(0.02)
+        return [Prediction(self.names[(self.last + 1 + i) % len(self.names)], 0, self.nbytes) for i in range(k)]
+
+
+def test_worker_cpu_time_leaves_out_what_workers_waited_for():
+    with spec_pipe() as pipe:
+        regions = layers(pipe, n=3)
+        predictor = Sleepy([r.name for r in regions], regions[0].nbytes)
+        pipe._engine.predictor = predictor
+        for _ in range(4):
+            for r in regions:
+                pipe.to_device(r)
+            pipe.wait_speculation()
+        s = pipe.stats()
+        assert predictor.predicted >= 1 and s["speculative_bytes"] > 0
+        assert 0 < s["worker_cpu_s"] <= s["worker_busy_s"] - 0.9 * 0.02 * predictor.predicted
+
+
 class Naming(Predictor):
     """Names ``small`` while told to, else the loop of ``names``; counts predict calls."""
 

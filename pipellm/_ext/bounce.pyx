@@ -6,8 +6,9 @@ the device's DMA. Slots are carved from one mapping in whole pages, as large as 
 message needs (first fit, neighbours merged on return), so a 4 KiB message takes a page
 and a 4 MiB one a thousand. A slot goes back to the pool only after the DMA that reads
 it has completed: the pool holds each sent slot with a *fence* (anything with
-``done() -> bool`` and ``wait_done(timeout) -> bool``) and reuses it once the fence is
-done.
+``done() -> bool`` and ``wait_done(timeout) -> bool``; one whose ``finished`` attribute,
+if it has one, is False counts as not done without a call) and reuses it once the fence
+is done.
 """
 
 import bisect
@@ -164,7 +165,9 @@ cdef class BouncePool:
         self._free_len[start] = pages
 
     cdef _reap(self):
-        while self._inflight and self._inflight[0][2].done():
+        # a fence whose ``finished`` is False is not done: read without calling done()
+        # (a Python call on every acquire, while the head of the queue is in flight)
+        while self._inflight and getattr(self._inflight[0][2], "finished", True) and self._inflight[0][2].done():
             start, pages, _ = self._inflight.popleft()
             self._free(start, pages)
 

@@ -34,6 +34,7 @@ from time import perf_counter, thread_time
 
 from ..channel import Kind
 from ..channel.protocol import GO_BODY, SKIP_BODY, TAG_BYTES
+from .._ext import writeguard
 from ..errors import ChannelClosedError, PredictorWarning, TransferTimeoutError
 from ..predictors import Predictor, TransferEvent
 from .cc import CCEngine, slot_bytes_for
@@ -85,7 +86,7 @@ class _Item:
     """One predicted transfer in the pipeline."""
 
     __slots__ = ("key", "region", "offset", "nbytes", "token", "go", "chunks", "dead", "claimed",
-                 "failed", "go_dst", "go_private", "go_busy")
+                 "failed", "ready", "go_dst", "go_private", "go_busy")
 
     def __init__(self, key, region, offset, nbytes, token, go, chunks, go_dst):
         self.key, self.region, self.offset, self.nbytes = key, region, offset, nbytes
@@ -93,6 +94,7 @@ class _Item:
         self.dead = False     # dropped: its chunks are released once no worker is on them
         self.claimed = False  # requested: being sent
         self.failed = False   # a chunk could not be sealed (stale region, worker error)
+        self.ready = 0        # chunks sealed
         # The GO command for the likely destination (the region's own device copy),
         # sealed ahead by a worker into private memory, where it may still be replaced
         # (strict order only: in window order a GO carries its request's number)
@@ -154,6 +156,10 @@ class SpeculativeEngine(CCEngine):
         self._throttle = False
         self._shadow = None    # throttled: the predictor's first guess for the next request
         self.worker_busy_s = 0.0
+        # the CPU seconds of the same tasks (busy time less waits for the GIL or a core):
+        # the least time the workers could have done this work in, on this machine as
+        # loaded (cores shared with the emulated device's decryption, for one)
+        self.worker_cpu_s = 0.0
         self.hit_wait_s = 0.0  # requests waiting for a worker to finish their chunks
         # CPU seconds in the predictor's observe and predict (thread time: waiting for the
         # GIL or for a core on a busy machine is not the predictor's cost)
@@ -168,10 +174,12 @@ class SpeculativeEngine(CCEngine):
         key = (region.name, offset, nbytes)  # the same tuple as the predictor's Prediction
         with self._h2d_lock:
             self.order += 1
-            self._tell((key[0], offset, nbytes, "h2d", stream.id, perf_counter()))
+            events = self._events  # (_tell, inline: every request's path)
+            events.append((key[0], offset, nbytes, "h2d", stream.id, perf_counter()))
+            if len(events) > MAX_UNHEARD_EVENTS:
+                self._feed()
             item = self._take_ready_head(key, dst, dst_offset) if self._shadow is None else None
-            if item is not None:  # the common hit, checked and claimed in one go
-                self._score(True)
+            if item is not None:  # the common hit, checked, claimed and scored in one go
                 throttled = False
                 try:
                     self._send_go(item, item.go_private, dst, dst_offset, stream)
@@ -223,19 +231,24 @@ class SpeculativeEngine(CCEngine):
         (``_claim`` and ``_send_item`` then handle every case, this one included)."""
         with self._lock:
             items = self._items
-            if not items or self.window or self._throttle:
+            if not items or self._throttle:
                 return None
             item = items[0]
-            if (item.key != key or item.go_private is None or item.go_busy or item.failed
+            chunks = item.chunks  # (a GO sealed ahead means strict order and chunks to send)
+            if (item.key != key or item.go_private is None or item.go_busy or item.ready != len(chunks)
                     or item.go.index != self._expect or item.go_dst != (dst.id, dst_offset)):
                 return None
-            for chunk in item.chunks:
-                if chunk.state != READY:
-                    return None
-            if not self._current(item):
-                return None
-            self._remove(item)
+            region = item.region
+            if not (len(chunks) == 1 and region.lib_seq == chunks[0].lib_seq and region.guard is not None
+                    and writeguard.state(region.guard) == item.token) and not self._current(item):
+                return None  # (the first test is _current's common case, inline)
+            items.popleft()  # (_remove, inline)
+            if self._by_key.get(key) is item:
+                del self._by_key[key]
+            self._queued_messages -= len(chunks) + 1
             item.claimed = True
+            # (_score(True), inline: a hit cannot throttle a pipeline that was not)
+            self._accuracy += ACCURACY_ALPHA * (1.0 - self._accuracy)
             return item
 
     def _score(self, hit: bool) -> None:
@@ -433,10 +446,7 @@ class SpeculativeEngine(CCEngine):
             self._keep_or_fail(go)
             raise
         self.cmd_pool.retire(slot, op)
-        slots = list(map(_SLOT, chunks))
-        for chunk in chunks:
-            chunk.slot = None
-        self.spec_pool.retire_many(slots, op)
+        self.spec_pool.retire_many(list(map(_SLOT, chunks)), op)
         self._sent(chunks[-1].ticket.index)
         self.counts["hits"] += 1
 
@@ -483,13 +493,15 @@ class SpeculativeEngine(CCEngine):
     def _plan_later(self) -> None:
         """Have a worker plan the next speculation (it takes the h2d lock, so it runs after
         the current request, and its on-demand data)."""
-        if self._throttle:
-            return  # nothing to plan until the shadow guesses hit again
+        if self._throttle or self._replenish_pending:
+            return  # nothing to plan until the shadow guesses hit again, or a plan is pending
         with self._lock:
-            if self._plan_due() and not self._replenish_pending:
+            if not self._replenish_pending and self._plan_due():
                 self._replenish_pending = True
                 self._tasks.appendleft(_REPLENISH)
-                self._wake_workers(1)
+                if self._idle:  # (_wake_workers(1), inline)
+                    self._idle -= 1
+                    self._wake.put(None)
 
     # -- the queue ---------------------------------------------------------------------------
     def _predictor_failed(self, exc: Exception) -> None:
@@ -649,7 +661,7 @@ class SpeculativeEngine(CCEngine):
     def _release(self, chunk: _Chunk) -> None:
         if chunk.state == READY:
             self.counts["wasted_bytes"] += chunk.nbytes
-        if chunk.slot is not None:
+        if chunk.slot is not None and chunk.slot.live:  # (not once sent: retired with its op)
             self.spec_pool.release(chunk.slot)
             chunk.slot = None
 
@@ -673,15 +685,18 @@ class SpeculativeEngine(CCEngine):
     def _work(self) -> None:
         device = self.device
         gate = device.gate
-        busy, took = 0.0, False
+        busy, cpu, took = 0.0, 0.0, False
         owed = 0.0  # emulated clock time this worker's tasks ran while it stood still, not yet waited
         while True:
             gate.wait()  # no progress while the emulated device's clock stands still
             with self._cond:
                 self.worker_busy_s += busy
-                busy = 0.0
+                self.worker_cpu_s += cpu
+                busy = cpu = 0.0
                 if took and not self._tasks:
-                    self._cond.notify_all()  # this worker took the last task: wake wait_speculation()
+                    # this worker skipped the last task: wake wait_speculation() (after a
+                    # task it ran, the notify below did)
+                    self._cond.notify_all()
                 took = False
                 while not self._tasks and not self._stopping:
                     self._idle += 1  # a producer takes it back when it puts our token
@@ -711,7 +726,7 @@ class SpeculativeEngine(CCEngine):
                         chunk.state = ENCRYPTING
                 self._active += 1  # wait_speculation() waits for it (a plan queues its items late)
             frozen = device.frozen_s()
-            start = perf_counter()
+            start, cpu_start = perf_counter(), thread_time()
             try:
                 if task is _REPLENISH:
                     with self._h2d_lock:
@@ -727,7 +742,8 @@ class SpeculativeEngine(CCEngine):
                     self._active -= 1
                     if not self._active:
                         self._cond.notify_all()
-            busy = perf_counter() - start
+            took = False
+            busy, cpu = perf_counter() - start, thread_time() - cpu_start
             owed += device.frozen_s() - frozen  # the emulated clock stood still under this task
             if owed > HOLD_MIN_S:  # pay it back on the clock; a sleep's overshoot is credited
                 held_from = device.now()
@@ -756,6 +772,7 @@ class SpeculativeEngine(CCEngine):
             if state == FAILED:
                 item.failed = True
             if state == READY:
+                item.ready += 1
                 self.counts["speculative_bytes"] += chunk.nbytes
             if item.dead:
                 self._release(chunk)
@@ -838,6 +855,7 @@ class SpeculativeEngine(CCEngine):
         requests = counts["hits"] + counts["misses"]
         counts["hit_rate"] = counts["hits"] / requests if requests else 0.0
         counts["worker_busy_s"] = self.worker_busy_s
+        counts["worker_cpu_s"] = self.worker_cpu_s
         counts["hit_wait_s"] = self.hit_wait_s
         counts["predictor_s"] = self.predictor_s
         counts["workers"] = len(self._workers)
