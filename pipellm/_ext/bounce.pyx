@@ -11,7 +11,6 @@ if it has one, is False counts as not done without a call) and reuses it once th
 is done.
 """
 
-import bisect
 import threading
 import warnings
 from collections import deque
@@ -151,8 +150,15 @@ cdef class BouncePool:
     cdef _free(self, size_t start, size_t pages):
         """Give an extent back, merged with its free neighbours (lock held)."""
         self._in_use -= pages
-        cdef Py_ssize_t i = bisect.bisect_left(self._free_starts, start)
+        cdef list starts = self._free_starts
+        cdef Py_ssize_t i = 0, hi = len(starts), mid
         cdef size_t prev
+        while i < hi:  # bisect_left, without a call through the bisect module
+            mid = (i + hi) >> 1
+            if <size_t>starts[mid] < start:
+                i = mid + 1
+            else:
+                hi = mid
         if i < len(self._free_starts) and self._free_starts[i] == start + pages:
             pages += self._free_len.pop(start + pages)
             del self._free_starts[i]
@@ -167,9 +173,14 @@ cdef class BouncePool:
     cdef _reap(self):
         # a fence whose ``finished`` is False is not done: read without calling done()
         # (a Python call on every acquire, while the head of the queue is in flight)
-        while self._inflight and getattr(self._inflight[0][2], "finished", True) and self._inflight[0][2].done():
-            start, pages, _ = self._inflight.popleft()
-            self._free(start, pages)
+        inflight = self._inflight
+        while inflight:
+            entry = inflight[0]
+            fence = entry[2]
+            if not getattr(fence, "finished", True) or not fence.done():
+                return
+            inflight.popleft()
+            self._free(entry[0], entry[1])
 
     cdef size_t _pages_for(self, Py_ssize_t nbytes) except 0:
         if nbytes <= 0:
@@ -281,10 +292,13 @@ cdef class BouncePool:
 
     def retire(self, Slot slot not None, fence):
         """Give back a sent slot: it is reused once ``fence.done()``."""
-        self.retire_many((slot,), fence)
+        self._retire((slot,), fence)
 
     def retire_many(self, slots, fence):
         """``retire`` for several slots read by one DMA."""
+        self._retire(slots, fence)
+
+    cdef _retire(self, slots, fence):
         cdef Slot slot
         for slot in slots:
             self._check_slot(slot)
