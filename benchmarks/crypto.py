@@ -15,7 +15,7 @@ from time import perf_counter
 import numpy as np
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from pipellm._ext import BouncePool
+from pipellm._ext import PAGE_BYTES, BouncePool
 from pipellm.channel import Direction, KeyAgreement, Kind, Sealer
 from pipellm.channel.protocol import TAG_BYTES
 
@@ -61,33 +61,51 @@ def sealer() -> Sealer:
     return Sealer(keys, Direction.H2D, 1 << 32)
 
 
-def library_rate(data: memoryview, size: int, workers: int, budget_bytes: int) -> float:
-    """Bytes/s of ``workers`` threads sealing ``size``-byte messages into bounce slots."""
+def seal_rate(data: memoryview, size: int, calls: int, *, workers: int = 1, ring_bytes: int = 0,
+              repeats: int = 1) -> float:
+    """Bytes/s of ``workers`` threads, each sealing ``calls`` messages of ``size`` bytes
+    into bounce slots of its own, as the library's workers do (the best of ``repeats``
+    timed rounds).
+
+    By default each thread seals ``data[:size]`` into one slot again and again (from
+    cache: the cipher's rate). With ``ring_bytes`` the i-th message is ``data``'s i-th
+    ``size``-byte chunk (wrapping around) and goes to the next of a ring of slots
+    filling ``ring_bytes``: the pipeline's access pattern, plaintext read from memory
+    and ciphertext written to memory. Slots are written once before the clock starts.
+    """
     seal = sealer()
-    pool = BouncePool(workers * (size + TAG_BYTES + 8192))
-    slots = [pool.acquire(size + TAG_BYTES) for _ in range(workers)]
-    calls = max(3, _calls(size, budget_bytes) // workers)
-    plain = data[:size]
+    sources = [data[i:i + size] for i in range(0, len(data) - size + 1, size)] if ring_bytes else [data[:size]]
+    slot_bytes = size + TAG_BYTES
+    per_worker = max(1, ring_bytes // -(-slot_bytes // PAGE_BYTES * PAGE_BYTES)) if ring_bytes else 1
+    pool = BouncePool(workers * per_worker * (slot_bytes + PAGE_BYTES))
+    rings = [[pool.acquire(slot_bytes) for _ in range(per_worker)] for _ in range(workers)]
+    for ring in rings:
+        for slot in ring:
+            slot.view(slot_bytes)[:] = bytes(slot_bytes)
     barrier = threading.Barrier(workers + 1, timeout=600)
 
-    def work(slot):
-        out = slot.view(size + TAG_BYTES)
-        barrier.wait()
-        for i in range(calls):
-            seal.seal_into(seal.reserve(), Kind.DATA, 1, i * size, plain, out)
-        barrier.wait()
+    def work(ring):
+        outs = [slot.view(slot_bytes) for slot in ring]
+        for r in range(repeats):  # (the ring goes on where the last round left it)
+            barrier.wait()
+            for i in range(r * calls, (r + 1) * calls):
+                seal.seal_into(seal.reserve(), Kind.DATA, 1, i * size, sources[i % len(sources)], outs[i % len(outs)])
+            barrier.wait()
 
-    threads = [threading.Thread(target=work, args=(s,)) for s in slots]
+    threads = [threading.Thread(target=work, args=(ring,)) for ring in rings]
     for t in threads:
         t.start()
-    barrier.wait()
-    start = perf_counter()
-    barrier.wait()
-    elapsed = perf_counter() - start
+    elapsed = float("inf")
+    for _ in range(repeats):
+        barrier.wait()
+        start = perf_counter()
+        barrier.wait()
+        elapsed = min(elapsed, perf_counter() - start)
     for t in threads:
         t.join()
-    for s in slots:
-        pool.release(s)
+    for ring in rings:
+        for slot in ring:
+            pool.release(slot)
     pool.close()
     return workers * calls * size / elapsed
 
@@ -102,7 +120,8 @@ def run(sizes=None, max_workers: int | None = None, repeats: int = 3, budget_byt
         reference = max(cryptography_rate(data, size, budget_bytes) for _ in range(repeats))
         library = {}
         for workers in range(1, max_workers + 1):
-            library[workers] = max(library_rate(data, size, workers, budget_bytes) for _ in range(repeats))
+            calls = max(3, _calls(size, budget_bytes) // workers)
+            library[workers] = max(seal_rate(data, size, calls, workers=workers) for _ in range(repeats))
             if progress:
                 progress()
         memcpy = max(memcpy_rate(data, size, budget_bytes) for _ in range(repeats))

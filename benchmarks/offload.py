@@ -8,7 +8,7 @@ memory (``pipellm.empty``), so the pipellm mode can speculate on them safely.
 Scenarios (compute time per layer is set relative to E, the time one worker takes to
 encrypt one layer, measured alone at the start of the run the way the pipeline encrypts:
 layers read from memory in the library's chunks, sealed into a ring of bounce slots the
-size of the run's speculation depth; see ``layer_rate``):
+size of the run's speculation depth; see ``crypto.seal_rate``):
 
 - ``compute-bound``: compute = 1.5 E. pipellm should be within 5% of plain; cc pays E
   per layer on the critical path.
@@ -36,10 +36,7 @@ from time import perf_counter
 import numpy as np
 
 import pipellm
-from pipellm._ext import BouncePool
-from pipellm.benchmarks.crypto import library_rate, sealer
-from pipellm.channel import Kind
-from pipellm.channel.protocol import TAG_BYTES
+from pipellm.benchmarks.crypto import seal_rate
 from pipellm.pipeline.speculative import default_workers
 from pipellm.predictors import Prediction, Predictor
 
@@ -204,31 +201,6 @@ def _request_path(mode: str, chunks: int, layers: int, chunk_size: int, repeats:
     return out
 
 
-def layer_rate(data: memoryview, chunk_size: int, ring_bytes: int, repeats: int = 5) -> float:
-    """Bytes/s of one thread sealing ``data`` (a few layers) chunk by chunk into a ring of
-    bounce slots of ``ring_bytes``, best of ``repeats`` passes: a worker's rate on the
-    pipeline's own access pattern. (``library_rate`` seals one chunk into one slot again
-    and again, from cache: 1.2-1.7x this on a 2-vCPU Intel VM.)"""
-    seal = sealer()
-    chunks = [data[i:i + chunk_size] for i in range(0, len(data), chunk_size)]
-    pool = BouncePool(ring_bytes + 2 * (chunk_size + TAG_BYTES + 8192))
-    ring = []
-    while (slot := pool.try_acquire(chunk_size + TAG_BYTES)) is not None:
-        slot.view(chunk_size + TAG_BYTES)[:] = bytes(chunk_size + TAG_BYTES)  # touched, as a warm run's are
-        ring.append(slot)
-    best = 0.0
-    for r in range(repeats):
-        start = perf_counter()
-        for i, chunk in enumerate(chunks):
-            out = ring[(r * len(chunks) + i) % len(ring)].view(len(chunk) + TAG_BYTES)
-            seal.seal_into(seal.reserve(), Kind.DATA, 1, i * chunk_size, chunk, out)
-        best = max(best, len(data) / (perf_counter() - start))
-    for slot in ring:
-        pool.release(slot)
-    pool.close()
-    return best
-
-
 def run(layers: int = 8, layer_bytes: int = 64 * MiB, passes: int = 6, repeats: int = 3,
         workers: int | None = None, chunk_size: int = pipellm.pipeline.DEFAULT_CHUNK_SIZE,
         progress=None, quick: bool = False) -> dict:
@@ -244,8 +216,15 @@ def run(layers: int = 8, layer_bytes: int = 64 * MiB, passes: int = 6, repeats: 
     # E: one worker encrypting one layer in the library's chunks, as in the run (the
     # cache-hot rate of earlier sessions' bench is kept beside it)
     ring_bytes = 3 * layer_bytes + 8 * chunk_size
-    rate = layer_rate(data, chunk_size, ring_bytes)
-    hot_rate = max(library_rate(data, chunk_size, 1, layer_bytes) for _ in range(3))
+
+    def layer_rate(data: memoryview) -> float:
+        """One worker's rate on the pipeline's access pattern: the layers in ``data``
+        read chunk by chunk, sealed into a ring of slots of the run's depth (a cache-hot
+        seal of one chunk into one slot is 1.2-1.7x faster on a 2-vCPU Intel VM)."""
+        return seal_rate(data, chunk_size, len(data) // chunk_size, ring_bytes=ring_bytes, repeats=5)
+
+    rate = layer_rate(data)
+    hot_rate = max(seal_rate(data, chunk_size, max(3, layer_bytes // chunk_size)) for _ in range(3))
     encrypt_us = layer_bytes / rate * 1e6
     common = dict(layers=layers, layer_bytes=layer_bytes, passes=passes, workers=workers, chunk_size=chunk_size)
     scenarios = {}
@@ -263,7 +242,7 @@ def run(layers: int = 8, layer_bytes: int = 64 * MiB, passes: int = 6, repeats: 
         rates = []
         for _ in range(repeats):
             if measure_e:
-                rates.append(layer_rate(data, chunk_size, ring_bytes))
+                rates.append(layer_rate(data))
             for label, kw in configs.items():
                 r = _run(compute_us=compute_us, **kw, **common)
                 runs[label].append(r["time_s"])
@@ -290,8 +269,8 @@ def run(layers: int = 8, layer_bytes: int = 64 * MiB, passes: int = 6, repeats: 
 
     # the bound uses the better of two measurements of E, at the start and now (a
     # 2-vCPU VM moves it by up to 1.3x within a run): the conservative bound
-    rate = max(rate, layer_rate(data, chunk_size, ring_bytes))
-    del data
+    rate = max(rate, layer_rate(data))
+    data.release()  # (the layers E was measured on: 2 of them)
     hits = [hit_path(c) for c in (1, 16)]
     gap = idle_gap_probe()
     tick()
