@@ -13,7 +13,8 @@ size of the run's speculation depth; see ``crypto.seal_rate``):
 - ``compute-bound``: compute = 1.5 E. pipellm should be within 5% of plain; cc pays E
   per layer on the critical path.
 - ``transfer-bound``: compute = 0.2 E. pipellm is bounded by the workers' encryption
-  throughput; reported against that bound.
+  throughput; reported against that bound, with E from the run's start and end, from
+  just before each repeat (paired), and from the workers' own CPU seconds in the run.
 - ``always-wrong``: compute-bound, but the predictor always names layers that are never
   requested (decoys): pipellm should be within 5% of cc.
 - ``mispredict``: compute-bound; a fraction of requests are irregular small transfers
