@@ -120,7 +120,9 @@ class SpeculativeEngine(CCEngine):
         self.depth_messages = depth_messages
         self.lookahead = lookahead
         self.min_speculative_bytes = min_speculative_bytes
-        self.spec_pool = self.pinned_pool("depth_bytes", depth_bytes, chunk_size + TAG_BYTES, minimum=1)
+        self.spec_pool = self.pinned_pool("depth_bytes", depth_bytes, chunk_size + TAG_BYTES + GO_MESSAGE_BYTES,
+                                          minimum=1)
+        # SKIP commands (GO commands ride in their item's first slot)
         self.cmd_pool = self.pinned_pool("command slots", 16 * slot_bytes_for(GO_BODY.size), GO_BODY.size + TAG_BYTES)
         # the engine's lock; sections that neither wait nor notify take it directly
         # (a Condition's __enter__ and __exit__ are Python frames, the lock's are not)
@@ -429,23 +431,24 @@ class SpeculativeEngine(CCEngine):
 
     def _send_go(self, item: _Item, private, dst, dst_offset, stream) -> None:
         """Send a claimed item whose chunks are sealed: its GO command (exposed from
-        ``private``, sealed ahead for this destination, or sealed now), then the chunks."""
+        ``private``, sealed ahead for this destination, or sealed now), then the chunks.
+        The GO goes into the first chunk's slot, after the chunk's message (room taken
+        with the slot): no slot of its own to take and retire on the request path."""
         chunks = item.chunks
-        slot = self.cmd_pool.acquire(GO_MESSAGE_BYTES, self.timeout)
+        first = chunks[0]
+        at = first.nbytes + TAG_BYTES
+        out = first.slot.view(at + GO_MESSAGE_BYTES)[at:]
         go = self._go_tickets.pop(item.go.index)
         try:
             if private is not None:
-                go_msg = self.sealer.expose(go, private, slot.view(GO_MESSAGE_BYTES))
+                go_msg = self.sealer.expose(go, private, out)
             else:
                 body = GO_BODY.pack(dst.id, dst_offset, len(chunks), item.nbytes)
-                go_msg = self.sealer.seal_into(go, Kind.GO, 0, 0, body, slot.view(GO_MESSAGE_BYTES),
-                                               order=self.order)
+                go_msg = self.sealer.seal_into(go, Kind.GO, 0, 0, body, out, order=self.order)
             op = self.device.submit_messages(stream, self.session, [go_msg, *map(_MSG, chunks)])
         except BaseException:
-            self.cmd_pool.release(slot)
-            self._keep_or_fail(go)
+            self._keep_or_fail(go)  # (the slots go back with the item, discarded by the caller)
             raise
-        self.cmd_pool.retire(slot, op)
         self.spec_pool.retire_many(list(map(_SLOT, chunks)), op)
         self._sent(chunks[-1].ticket.index)
         self.counts["hits"] += 1
@@ -549,6 +552,7 @@ class SpeculativeEngine(CCEngine):
                 continue
             n = -(-p.nbytes // chunk_size)
             sizes = [min(chunk_size, p.nbytes - i * chunk_size) + TAG_BYTES for i in range(n)]
+            sizes[0] += GO_MESSAGE_BYTES  # the GO command rides in the first chunk's slot
             slots = None
             while True:
                 if self._queued_messages + n + 1 <= self.depth_messages:
