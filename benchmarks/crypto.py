@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pipellm._ext import PAGE_BYTES, BouncePool
 from pipellm.channel import Direction, KeyAgreement, Kind, Sealer
 from pipellm.channel.protocol import TAG_BYTES
+from pipellm.pipeline.cc import slot_bytes_for
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = [4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB]
@@ -76,7 +77,7 @@ def seal_rate(data: memoryview, size: int, calls: int, *, workers: int = 1, ring
     seal = sealer()
     sources = [data[i:i + size] for i in range(0, len(data) - size + 1, size)] if ring_bytes else [data[:size]]
     slot_bytes = size + TAG_BYTES
-    per_worker = max(1, ring_bytes // -(-slot_bytes // PAGE_BYTES * PAGE_BYTES)) if ring_bytes else 1
+    per_worker = max(1, ring_bytes // slot_bytes_for(size)) if ring_bytes else 1
     pool = BouncePool(workers * per_worker * (slot_bytes + PAGE_BYTES))
     rings = [[pool.acquire(slot_bytes) for _ in range(per_worker)] for _ in range(workers)]
     for ring in rings:

@@ -34,7 +34,6 @@ from time import perf_counter, thread_time
 
 from ..channel import Kind
 from ..channel.protocol import GO_BODY, SKIP_BODY, TAG_BYTES
-from .._ext import writeguard
 from ..errors import ChannelClosedError, PredictorWarning, TransferTimeoutError
 from ..predictors import Predictor, TransferEvent
 from .cc import CCEngine, slot_bytes_for
@@ -181,7 +180,8 @@ class SpeculativeEngine(CCEngine):
             if len(events) > MAX_UNHEARD_EVENTS:
                 self._feed()
             item = self._take_ready_head(key, dst, dst_offset) if self._shadow is None else None
-            if item is not None:  # the common hit, checked, claimed and scored in one go
+            if item is not None:  # the common hit, checked and claimed in one go
+                self._score(True)
                 throttled = False
                 try:
                     self._send_go(item, item.go_private, dst, dst_offset, stream)
@@ -240,17 +240,10 @@ class SpeculativeEngine(CCEngine):
             if (item.key != key or item.go_private is None or item.go_busy or item.ready != len(chunks)
                     or item.go.index != self._expect or item.go_dst != (dst.id, dst_offset)):
                 return None
-            region = item.region
-            if not (len(chunks) == 1 and region.lib_seq == chunks[0].lib_seq and region.guard is not None
-                    and writeguard.state(region.guard) == item.token) and not self._current(item):
-                return None  # (the first test is _current's common case, inline)
-            items.popleft()  # (_remove, inline)
-            if self._by_key.get(key) is item:
-                del self._by_key[key]
-            self._queued_messages -= len(chunks) + 1
+            if not self._current(item):
+                return None
+            self._remove(item)
             item.claimed = True
-            # (_score(True), inline: a hit cannot throttle a pipeline that was not)
-            self._accuracy += ACCURACY_ALPHA * (1.0 - self._accuracy)
             return item
 
     def _score(self, hit: bool) -> None:
