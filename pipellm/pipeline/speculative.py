@@ -29,23 +29,16 @@ import queue
 import threading
 import warnings
 from collections import OrderedDict, deque
-from operator import attrgetter
 from time import perf_counter, thread_time
 
 from ..channel import Kind
 from ..channel.protocol import GO_BODY, SKIP_BODY, TAG_BYTES
 from ..errors import ChannelClosedError, PredictorWarning, TransferTimeoutError
 from ..predictors import Predictor, TransferEvent
+from .._ext.speculation import (ACCURACY_ALPHA, ACCURACY_FLOOR, ENCRYPTING, FAILED,  # noqa: F401 - re-exported
+                                GO_MESSAGE_BYTES, PENDING, READY, Chunk, Item, Queue)
 from .cc import CCEngine, slot_bytes_for
 
-PENDING, ENCRYPTING, READY, FAILED = range(4)
-GO_MESSAGE_BYTES = GO_BODY.size + TAG_BYTES
-#: adaptive speculation: a moving average of hits (weight of the newest request) and the
-#: level below which speculation stops; a stopped pipeline keeps scoring the predictor's
-#: first guess for each request ("shadow" predictions, nothing encrypted) and resumes
-#: once those guesses hit again
-ACCURACY_ALPHA = 0.125
-ACCURACY_FLOOR = 0.25
 #: plan the next speculation on the requesting thread when fewer items than this are
 #: queued; with fewer than STEAL_PLAN_BELOW queued, also when no worker has started the
 #: plan asked for at the previous request (back-to-back requests would outrun a worker
@@ -66,45 +59,15 @@ MAX_PLAN_SKIP = 16
 #: a worker pays back emulated-clock time its tasks ran during emulation stall (see
 #: EmulatedDevice.hold) once it owes this much: a sleep overshoots by ~70 us on a VM
 HOLD_MIN_S = 2e-4
-_MSG, _SLOT = attrgetter("msg"), attrgetter("slot")  # (a list comprehension is a Python frame)
 _RECEIVE = object()    # worker task: receive the oldest device-to-host chunk
 _REPLENISH = object()  # worker task: ask the predictor and queue new speculation
-
-
-class _Chunk:
-    __slots__ = ("ticket", "slot", "offset", "nbytes", "state", "msg", "lib_seq")
-
-    def __init__(self, ticket, slot, offset, nbytes):
-        self.ticket, self.slot, self.offset, self.nbytes = ticket, slot, offset, nbytes
-        self.state = PENDING
-        self.msg = None
-        self.lib_seq = -1  # the region's library-write count when it was encrypted
-
-
-class _Item:
-    """One predicted transfer in the pipeline."""
-
-    __slots__ = ("key", "region", "offset", "nbytes", "token", "go", "chunks", "dead", "claimed",
-                 "failed", "ready", "go_dst", "go_private", "go_busy")
-
-    def __init__(self, key, region, offset, nbytes, token, go, chunks, go_dst):
-        self.key, self.region, self.offset, self.nbytes = key, region, offset, nbytes
-        self.token, self.go, self.chunks = token, go, chunks
-        self.dead = False     # dropped: its chunks are released once no worker is on them
-        self.claimed = False  # requested: being sent
-        self.failed = False   # a chunk could not be sealed (stale region, worker error)
-        self.ready = 0        # chunks sealed
-        # The GO command for the likely destination (the region's own device copy),
-        # sealed ahead by a worker into private memory, where it may still be replaced
-        # (strict order only: in window order a GO carries its request's number)
-        self.go_dst, self.go_private, self.go_busy = go_dst, None, False
 
 
 def default_workers() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-class SpeculativeEngine(CCEngine):
+class SpeculativeEngine(CCEngine, Queue):
     mode = "pipellm"
 
     def __init__(self, device, *, timeout, chunk_size, bounce_bytes, rotate_after, predictor: Predictor,
@@ -127,8 +90,8 @@ class SpeculativeEngine(CCEngine):
         # (a Condition's __enter__ and __exit__ are Python frames, the lock's are not)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._items: deque[_Item] = deque()          # in index order
-        self._by_key: dict[tuple, _Item] = {}
+        self._items: deque[Item] = deque()          # in index order
+        self._by_key: dict[tuple, Item] = {}
         self._tasks: deque = deque()                   # (item, chunk) to encrypt, or _RECEIVE
         # idle workers block on _wake, not on _cond: a token put by the requesting thread
         # wakes one in C (Condition.notify is several Python frames on the request path)
@@ -179,30 +142,24 @@ class SpeculativeEngine(CCEngine):
             events.append((key[0], offset, nbytes, "h2d", stream.id, perf_counter()))
             if len(events) > MAX_UNHEARD_EVENTS:
                 self._feed()
-            item = self._take_ready_head(key, dst, dst_offset) if self._shadow is None else None
-            if item is not None:  # the common hit, checked and claimed in one go
-                self._score(True)
+            claimed = self._shadow is None and self._hit(key, dst, dst_offset, stream)
+            if claimed:  # the common hit, checked, claimed and sent in one go
                 throttled = False
-                try:
-                    self._send_go(item, item.go_private, dst, dst_offset, stream)
-                except BaseException:
-                    with self._lock:
-                        self._discard(item)
-                    raise
             else:
                 speculating = bool(self._items)
                 item = self._claim(key)
                 if item is None and self._shadow is not None:
                     # throttled: score the shadow guess (items left in the queue from before
                     # the throttle say nothing about the predictor now)
-                    hit = self._shadow == key
-                    self.counts["shadow_hits"] += hit
-                    self._score(hit)
+                    guessed = self._shadow == key
+                    self.counts["shadow_hits"] += guessed
+                    self._score(guessed)
                 elif speculating:
                     self._score(item is not None)
                 throttled = self._throttle
                 self._shadow = self._shadow_guess() if throttled else None
-                if item is not None:
+                claimed = item is not None
+                if claimed:
                     self._send_item(item, dst, dst_offset, stream)
                 else:
                     self.counts["misses"] += 1
@@ -223,32 +180,8 @@ class SpeculativeEngine(CCEngine):
         # (Planning only at half of what the last plan left woke the worker less often,
         # but the far end of a batch is predicted from older context: LoRA's replay lost
         # 1.2 points of hits at the forward/backward turns, below its 99% target.)
-        if item is None or queued <= self.lookahead // 2:
-            self._plan_later()
-
-    def _take_ready_head(self, key, dst, dst_offset) -> _Item | None:
-        """The hit path: claim the head of the queue if it is ``key``, ready to go as is
-        (strict order with no SKIP before it, every chunk sealed, its GO sealed ahead for
-        this destination, nothing written since), else change nothing and return None
-        (``_claim`` and ``_send_item`` then handle every case, this one included)."""
-        with self._lock:
-            items = self._items
-            if not items or self._throttle:
-                return None
-            item = items[0]
-            chunks = item.chunks  # (a GO sealed ahead means strict order and chunks to send)
-            if (item.key != key or item.go_private is None or item.go_busy or item.ready != len(chunks)
-                    or item.go.index != self._expect or item.go_dst != (dst.id, dst_offset)):
-                return None
-            if not self._current(item):
-                return None
-            self._remove(item)
-            item.claimed = True
-            return item
-
-    def _score(self, hit: bool) -> None:
-        self._accuracy += ACCURACY_ALPHA * (hit - self._accuracy)
-        self._throttle = self._accuracy < ACCURACY_FLOOR
+        if not claimed or queued <= self.lookahead // 2:
+            self._plan_later(_REPLENISH)
 
     def _tell(self, event: tuple) -> None:
         """Queue a transfer (TransferEvent's fields) for the predictor, which hears of it
@@ -295,7 +228,7 @@ class SpeculativeEngine(CCEngine):
         if key in self._dropped:
             self.counts["reencrypted_bytes"] += self._dropped.pop(key)
 
-    def _claim(self, key) -> _Item | None:
+    def _claim(self, key) -> Item | None:
         """The queued item for ``key`` if it can be sent; drops what the request makes useless."""
         with self._lock:
             if self.window:
@@ -313,28 +246,6 @@ class SpeculativeEngine(CCEngine):
             self._remove(item)
             item.claimed = True
             return item
-
-    @staticmethod
-    def _current(item: _Item) -> bool:
-        """Nothing was written to the item's bytes since they were encrypted: no
-        application write (page protection / explicit reports) since its token, no
-        library write (device-to-host commit) into its span since its first chunk was."""
-        if not item.chunks:  # a place held, sealed on demand: always current
-            return True
-        region = item.region
-        if not region.unchanged_since(item.token):
-            return False
-        if region.lib_seq == item.chunks[0].lib_seq and len(item.chunks) == 1:
-            return True  # the common case: no library write since it was sealed
-        sealed = [c.lib_seq for c in item.chunks if c.state == READY]
-        return not sealed or not region.library_changed(min(sealed), item.offset, item.nbytes)
-
-    def _sent(self, last: int) -> None:
-        """Messages up to index ``last`` are on their way."""
-        if last > self._high:
-            self._high = last
-        if not self.window:
-            self._expect = last + 1
 
     def _skip_to(self, target: int) -> None:
         """Strict order: make the device expect ``target`` next with one SKIP command, sealed
@@ -379,7 +290,7 @@ class SpeculativeEngine(CCEngine):
             self._fail(ChannelClosedError(f"h2d message {ticket.index} was sealed but could not be sent: "
                                           f"strict order cannot pass it, the channel is closed"))
 
-    def _send_item(self, item: _Item, dst, dst_offset, stream) -> None:
+    def _send_item(self, item: Item, dst, dst_offset, stream) -> None:
         try:
             if not self.window and self._expect < item.go.index:
                 self._skip_to(item.go.index)
@@ -402,7 +313,7 @@ class SpeculativeEngine(CCEngine):
                 self._discard(item)
             raise
 
-    def _send_speculated(self, item: _Item, dst, dst_offset, stream) -> None:
+    def _send_speculated(self, item: Item, dst, dst_offset, stream) -> None:
         chunks = item.chunks
         with self._cond:
             waiting = [c for c in chunks if c.state != READY]
@@ -422,31 +333,7 @@ class SpeculativeEngine(CCEngine):
                 return
         self._send_go(item, private, dst, dst_offset, stream)
 
-    def _send_go(self, item: _Item, private, dst, dst_offset, stream) -> None:
-        """Send a claimed item whose chunks are sealed: its GO command (exposed from
-        ``private``, sealed ahead for this destination, or sealed now), then the chunks.
-        The GO goes into the first chunk's slot, after the chunk's message (room taken
-        with the slot): no slot of its own to take and retire on the request path."""
-        chunks = item.chunks
-        first = chunks[0]
-        at = first.nbytes + TAG_BYTES
-        out = first.slot.view(at + GO_MESSAGE_BYTES)[at:]
-        go = self._go_tickets.pop(item.go.index)
-        try:
-            if private is not None:
-                go_msg = self.sealer.expose(go, private, out)
-            else:
-                body = GO_BODY.pack(dst.id, dst_offset, len(chunks), item.nbytes)
-                go_msg = self.sealer.seal_into(go, Kind.GO, 0, 0, body, out, order=self.order)
-            op = self.device.submit_messages(stream, self.session, [go_msg, *map(_MSG, chunks)])
-        except BaseException:
-            self._keep_or_fail(go)  # (the slots go back with the item, discarded by the caller)
-            raise
-        self.spec_pool.retire_many(list(map(_SLOT, chunks)), op)
-        self._sent(chunks[-1].ticket.index)
-        self.counts["hits"] += 1
-
-    def _ensure_ready(self, item: _Item, chunk: _Chunk) -> None:
+    def _ensure_ready(self, item: Item, chunk: Chunk) -> None:
         """The chunk encrypted: by a worker (wait for it) or, if none took it yet, here."""
         with self._cond:
             if chunk.state == PENDING:
@@ -472,7 +359,7 @@ class SpeculativeEngine(CCEngine):
         if getattr(self.predictor, "uses_d2h", True):
             with self._h2d_lock:  # the predictor is told every transfer, in order
                 self._tell((region.name, offset, nbytes, "d2h", stream.id, perf_counter()))
-            self._plan_later()
+            self._plan_later(_REPLENISH)
         return transfer
 
     def _take_pending_plan(self) -> bool:
@@ -486,20 +373,6 @@ class SpeculativeEngine(CCEngine):
             self.counts["stolen_plans"] += 1
             return True
 
-    def _plan_later(self) -> None:
-        """Have a worker plan the next speculation (it takes the h2d lock, so it runs after
-        the current request, and its on-demand data)."""
-        if self._throttle or self._replenish_pending:
-            return  # nothing to plan until the shadow guesses hit again, or a plan is pending
-        with self._lock:
-            if not self._replenish_pending and self._plan_due():
-                self._replenish_pending = True
-                self._tasks.appendleft(_REPLENISH)
-                if self._idle:  # (_wake_workers(1), inline)
-                    self._idle -= 1
-                    self._wake.put(None)
-
-    # -- the queue ---------------------------------------------------------------------------
     def _predictor_failed(self, exc: Exception) -> None:
         self.counts["predictor_errors"] += 1
         if self.counts["predictor_errors"] == 1:
@@ -559,10 +432,10 @@ class SpeculativeEngine(CCEngine):
             token = region.token()
             tickets = self.sealer.reserve_run(n + 1)
             self._go_tickets[tickets[0].index] = tickets[0]
-            chunks = [_Chunk(tickets[i + 1], slots[i], i * chunk_size, min(chunk_size, p.nbytes - i * chunk_size))
+            chunks = [Chunk(tickets[i + 1], slots[i], i * chunk_size, min(chunk_size, p.nbytes - i * chunk_size))
                       for i in range(n)]
             dbuf = region.device_buffer
-            item = _Item(key, region, p.offset, p.nbytes, token, tickets[0], chunks,
+            item = Item(key, region, p.offset, p.nbytes, token, tickets[0], chunks,
                          None if dbuf is None or dbuf.freed or self.window else (dbuf.id, p.offset))
             self._count_reencrypted(key)
             with self._cond:
@@ -588,14 +461,6 @@ class SpeculativeEngine(CCEngine):
                 if self._fruitless > FRUITLESS_PLANS:
                     self._plan_skip = min(MAX_PLAN_SKIP, 2 ** (self._fruitless - FRUITLESS_PLANS - 1))
 
-    def _plan_due(self) -> bool:
-        """False while backing off from fruitless plans (see _note_plan; engine lock held)."""
-        if self._plan_skip:
-            self._plan_skip -= 1
-            self.counts["skipped_plans"] += 1
-            return False
-        return True
-
     def _evict(self, wanted: set) -> bool:
         """Make room for what the predictor names now: drop the oldest queued item it no
         longer names (window order keeps mispredicted items, which would otherwise fill
@@ -617,30 +482,20 @@ class SpeculativeEngine(CCEngine):
             return
         (ticket,) = self.sealer.reserve_run(1)
         self._go_tickets[ticket.index] = ticket
-        item = _Item(key, region, p.offset, p.nbytes, None, ticket, [], None)
+        item = Item(key, region, p.offset, p.nbytes, None, ticket, [], None)
         with self._cond:
             self._items.append(item)
             self._by_key[key] = item
             self._queued_messages += 1
 
-    def _remove(self, item: _Item) -> None:
-        """Take an item out of the queue (engine lock held)."""
-        if self._items[0] is item:  # the common case (a claim in order): no search
-            self._items.popleft()
-        else:
-            self._items.remove(item)
-        if self._by_key.get(item.key) is item:
-            del self._by_key[item.key]
-        self._queued_messages -= len(item.chunks) + 1
-
-    def _drop(self, item: _Item) -> None:
+    def _drop(self, item: Item) -> None:
         """Give up on a queued item (engine lock held): its indices will be skipped or expire."""
         if item.dead:
             return
         self._remove(item)
         self._discard(item)
 
-    def _discard(self, item: _Item) -> None:
+    def _discard(self, item: Item) -> None:
         """An item out of the queue is given up (engine lock held): slots back, no longer
         usable; its GO index stays available for a SKIP in strict order."""
         if item.dead:
@@ -655,7 +510,7 @@ class SpeculativeEngine(CCEngine):
             if chunk.state != ENCRYPTING:  # a worker on it releases the slot when done
                 self._release(chunk)
 
-    def _release(self, chunk: _Chunk) -> None:
+    def _release(self, chunk: Chunk) -> None:
         if chunk.state == READY:
             self.counts["wasted_bytes"] += chunk.nbytes
         if chunk.slot is not None and chunk.slot.live:  # (not once sent: retired with its op)
@@ -672,13 +527,6 @@ class SpeculativeEngine(CCEngine):
             self._drop(self._items[0])
 
     # -- workers ------------------------------------------------------------------------------
-    def _wake_workers(self, n: int) -> None:
-        """Wake up to ``n`` idle workers for new tasks (engine lock held)."""
-        while n > 0 and self._idle:
-            self._idle -= 1
-            n -= 1
-            self._wake.put(None)
-
     def _work(self) -> None:
         device = self.device
         gate = device.gate
@@ -747,7 +595,7 @@ class SpeculativeEngine(CCEngine):
                 device.hold(owed)
                 owed -= device.now() - held_from
 
-    def _encrypt(self, item: _Item, chunk: _Chunk) -> None:
+    def _encrypt(self, item: Item, chunk: Chunk) -> None:
         """Seal one speculative chunk into its slot, unless the region changed since its token."""
         state, msg = FAILED, None
         region = item.region
@@ -775,7 +623,7 @@ class SpeculativeEngine(CCEngine):
                 self._release(chunk)
             self._cond.notify_all()
 
-    def _seal_go_ahead(self, item: _Item) -> None:
+    def _seal_go_ahead(self, item: Item) -> None:
         msg = None
         try:
             body = GO_BODY.pack(*item.go_dst, len(item.chunks), item.nbytes)

@@ -1,0 +1,217 @@
+# cython: language_level=3
+"""The speculative engine's hot state in C: predicted transfers (items), their chunks,
+the queue of them, and what a hit does with them.
+
+``pipeline/speculative.py`` is the engine; its class derives from :class:`Queue`, so the
+request path reads the queue's fields and the items' as C struct members, and runs the
+hit (check the head, claim it, expose its GO command, submit) without a Python frame.
+In Python, the same hit cost 3.3x a plain request on the requesting thread, all of it
+glue around the AES (docs/figures.md).
+"""
+
+from pipellm.channel.protocol import GO_BODY, TAG_BYTES as _TAG_BYTES
+
+from pipellm.channel import Kind
+
+PENDING, ENCRYPTING, READY, FAILED = range(4)
+cdef int _READY = READY
+cdef Py_ssize_t TAG_BYTES = _TAG_BYTES
+GO_MESSAGE_BYTES = GO_BODY.size + _TAG_BYTES
+cdef Py_ssize_t _GO_MESSAGE_BYTES = GO_MESSAGE_BYTES
+#: adaptive speculation: a moving average of hits (weight of the newest request) and the
+#: level below which speculation stops; a stopped pipeline keeps scoring the predictor's
+#: first guess for each request ("shadow" predictions, nothing encrypted) and resumes
+#: once those guesses hit again
+ACCURACY_ALPHA = 0.125
+ACCURACY_FLOOR = 0.25
+cdef double _ALPHA = ACCURACY_ALPHA, _FLOOR = ACCURACY_FLOOR
+
+
+cdef class Chunk:
+    """One chunk of an item: sealed by a worker into its bounce slot under its ticket."""
+
+    cdef public object ticket, slot, msg
+    cdef public Py_ssize_t offset, nbytes
+    cdef public int state
+    cdef public long long lib_seq  # the region's library-write count when it was encrypted
+
+    def __init__(self, ticket, slot, Py_ssize_t offset, Py_ssize_t nbytes):
+        self.ticket, self.slot, self.offset, self.nbytes = ticket, slot, offset, nbytes
+        self.state = PENDING
+        self.msg = None
+        self.lib_seq = -1
+
+
+cdef class Item:
+    """One predicted transfer in the pipeline."""
+
+    cdef public object key, region, token, go, chunks, go_dst, go_private
+    cdef public Py_ssize_t offset, nbytes
+    cdef public Py_ssize_t ready  # chunks sealed
+    cdef public bint dead         # dropped: its chunks are released once no worker is on them
+    cdef public bint claimed      # requested: being sent
+    cdef public bint failed       # a chunk could not be sealed (stale region, worker error)
+    cdef public bint go_busy      # a worker is sealing the GO ahead
+
+    def __init__(self, key, region, Py_ssize_t offset, Py_ssize_t nbytes, token, go, list chunks, go_dst):
+        self.key, self.region, self.offset, self.nbytes = key, region, offset, nbytes
+        self.token, self.go, self.chunks = token, go, chunks
+        # The GO command for the likely destination (the region's own device copy),
+        # sealed ahead by a worker into private memory, where it may still be replaced
+        # (strict order only: in window order a GO carries its request's number)
+        self.go_dst, self.go_private = go_dst, None
+
+
+cdef class Queue:
+    """The queue of items, in index order, and the channel position it depends on.
+    ``SpeculativeEngine`` derives from it and sets the fields in its ``__init__``."""
+
+    cdef public object _items           # deque of Items, in index order
+    cdef public dict _by_key            # key -> Item
+    cdef public dict _go_tickets        # GO indices reserved, never sealed
+    cdef public dict counts
+    cdef public object _lock            # the engine's lock
+    cdef public Py_ssize_t _queued_messages
+    cdef public long long _expect       # strict: the index the device expects next
+    cdef public long long _high         # highest h2d index sent
+    cdef public long long window        # 0: strict order
+    cdef public bint _throttle          # the predictor is wrong lately: speculate nothing
+    cdef public double _accuracy        # recent hit ratio of requests that met queued speculation
+    cdef public object _tasks           # deque: what the workers do next
+    cdef public object _wake            # SimpleQueue: a token wakes one idle worker (in C)
+    cdef public Py_ssize_t _idle        # workers waiting for a token
+    cdef public bint _replenish_pending # a planning task is queued
+    cdef public Py_ssize_t _plan_skip   # chances to plan still to skip (see _note_plan)
+
+    def _hit(self, key, dst, Py_ssize_t dst_offset, stream):
+        """Send the request ``key`` if it is the head of the queue, ready to go as is:
+        True if it was sent, False (nothing changed) for every other case."""
+        item = self._take_ready_head(key, dst, dst_offset)
+        if item is None:
+            return False
+        self._score(True)
+        try:
+            self._send_go(item, (<Item>item).go_private, dst, dst_offset, stream)
+        except BaseException:
+            with self._lock:
+                self._discard(item)
+            raise
+        return True
+
+    cdef _take_ready_head(self, key, dst, Py_ssize_t dst_offset):
+        """The hit path: claim the head of the queue if it is ``key``, ready to go as is
+        (strict order with no SKIP before it, every chunk sealed, its GO sealed ahead for
+        this destination, nothing written since), else change nothing and return None
+        (``_claim`` and ``_send_item`` then handle every case, this one included)."""
+        cdef Item item
+        with self._lock:
+            if not self._items or self._throttle:
+                return None
+            item = self._items[0]
+            # (a GO sealed ahead means strict order and chunks to send)
+            if (item.go_private is None or item.go_busy or item.ready != len(item.chunks) or item.key != key
+                    or item.go.index != self._expect or item.go_dst != (dst.id, dst_offset)):
+                return None
+            if not self._current(item):
+                return None
+            self._remove(item)
+            item.claimed = True
+            return item
+
+    cpdef bint _current(self, Item item):
+        """Nothing was written to the item's bytes since they were encrypted: no
+        application write (page protection / explicit reports) since its token, no
+        library write (device-to-host commit) into its span since its first chunk was."""
+        cdef Chunk c
+        cdef long long since = -1
+        chunks = item.chunks
+        if not chunks:  # a place held, sealed on demand: always current
+            return True
+        region = item.region
+        if not region.unchanged_since(item.token):
+            return False
+        lib_seq = region.lib_seq
+        if len(chunks) == 1 and (<Chunk>chunks[0]).lib_seq == lib_seq:
+            return True  # the common case: no library write since it was sealed
+        for c in chunks:
+            if c.state == _READY and (since < 0 or c.lib_seq < since):
+                since = c.lib_seq
+        return since < 0 or not region.library_changed(since, item.offset, item.nbytes)
+
+    cpdef _remove(self, Item item):
+        """Take an item out of the queue (engine lock held)."""
+        if self._items[0] is item:  # the common case (a claim in order): no search
+            self._items.popleft()
+        else:
+            self._items.remove(item)
+        if self._by_key.get(item.key) is item:
+            del self._by_key[item.key]
+        self._queued_messages -= len(item.chunks) + 1
+
+    cpdef _score(self, bint hit):
+        self._accuracy += _ALPHA * (hit - self._accuracy)
+        self._throttle = self._accuracy < _FLOOR
+
+    cpdef _sent(self, long long last):
+        """Messages up to index ``last`` are on their way."""
+        if last > self._high:
+            self._high = last
+        if not self.window:
+            self._expect = last + 1
+
+    def _send_go(self, Item item, private, dst, Py_ssize_t dst_offset, stream):
+        """Send a claimed item whose chunks are sealed: its GO command (exposed from
+        ``private``, sealed ahead for this destination, or sealed now), then the chunks.
+        The GO goes into the first chunk's slot, after the chunk's message (room taken
+        with the slot): no slot of its own to take and retire on the request path."""
+        cdef Chunk first, c
+        cdef list chunks = item.chunks
+        cdef Py_ssize_t at
+        first = chunks[0]
+        at = first.nbytes + TAG_BYTES
+        out = first.slot.view(at + _GO_MESSAGE_BYTES)[at:]
+        go = self._go_tickets.pop(item.go.index)
+        msgs = [None]
+        slots = []
+        for c in chunks:
+            msgs.append(c.msg)
+            slots.append(c.slot)
+        try:
+            if private is not None:
+                msgs[0] = self.sealer.expose(go, private, out)
+            else:
+                body = GO_BODY.pack(dst.id, dst_offset, len(chunks), item.nbytes)
+                msgs[0] = self.sealer.seal_into(go, Kind.GO, 0, 0, body, out, order=self.order)
+            op = self.device.submit_messages(stream, self.session, msgs)
+        except BaseException:
+            self._keep_or_fail(go)  # (the slots go back with the item, discarded by the caller)
+            raise
+        self.spec_pool.retire_many(slots, op)
+        self._sent((<Chunk>chunks[len(chunks) - 1]).ticket.index)  # (no wraparound here)
+        self.counts["hits"] += 1
+
+    cpdef _plan_later(self, object replenish):
+        """Have a worker plan the next speculation, task ``replenish`` (it takes the h2d
+        lock, so it runs after the current request, and its on-demand data)."""
+        if self._throttle or self._replenish_pending:
+            return  # nothing to plan until the shadow guesses hit again, or a plan is pending
+        with self._lock:
+            if not self._replenish_pending and self._plan_due():
+                self._replenish_pending = True
+                self._tasks.appendleft(replenish)
+                self._wake_workers(1)
+
+    cpdef bint _plan_due(self):
+        """False while backing off from fruitless plans (see _note_plan; engine lock held)."""
+        if self._plan_skip:
+            self._plan_skip -= 1
+            self.counts["skipped_plans"] += 1
+            return False
+        return True
+
+    cpdef _wake_workers(self, Py_ssize_t n):
+        """Wake up to ``n`` idle workers for new tasks (engine lock held)."""
+        while n > 0 and self._idle:
+            self._idle -= 1
+            n -= 1
+            self._wake.put(None)
