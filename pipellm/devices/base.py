@@ -16,6 +16,7 @@ from time import perf_counter
 import numpy as np
 
 from .. import _fork
+from .._ext.submission import Op  # (C: made and submitted on every transfer's request path)
 from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, DeviceError, TransferTimeoutError
 
 
@@ -56,49 +57,6 @@ class Stream:
 
     def __repr__(self) -> str:
         return f"<Stream {self.id} on {self.device.kind}>"
-
-
-class Op:
-    """Completion handle of one piece of device work (a message, a copy, a compute).
-
-    It is *done* once the device has really finished it (or failed it) and the modelled
-    hardware time of it has passed. ``error`` is set when it failed.
-    """
-
-    __slots__ = ("device", "kind", "stream", "session", "seq", "nbytes", "prev", "submit_t",
-                 "end", "error", "finished", "args", "on_delivered", "remaining")
-
-    def __init__(self, device: Device, kind: str, stream: Stream, nbytes: int = 0, session=None,
-                 args: tuple = (), on_delivered=None):
-        self.device, self.kind, self.stream, self.nbytes = device, kind, stream, nbytes
-        self.session, self.args, self.on_delivered = session, args, on_delivered
-        self.seq = 0
-        self.prev: Op | None = None
-        self.submit_t = device.now()
-        self.end = 0.0            # modelled completion time (on the device's clock)
-        self.error: BaseException | None = None
-        self.finished = False     # the device really finished (or failed) it
-        self.remaining = 1        # messages of it not yet committed
-
-    def done(self) -> bool:
-        return self.finished and self.device.now() >= self.end
-
-    def wait_done(self, timeout: float | None = None) -> bool:
-        """Block until done; False on timeout. Never raises the op's own error."""
-        return self.device._wait_op(self, timeout)
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Block until done; raise the op's error, or :class:`TransferTimeoutError`."""
-        if not self.wait_done(timeout):
-            raise TransferTimeoutError(
-                f"{self.kind} of {self.nbytes} bytes on stream {self.stream.id} did not complete "
-                f"within {timeout} s (a message lost on the link, or the device is stalled)")
-        if self.error is not None:
-            raise self.error
-
-    def __repr__(self) -> str:
-        state = "failed" if self.error else ("done" if self.finished else "pending")
-        return f"<Op {self.kind} {self.nbytes}B stream={self.stream.id} {state}>"
 
 
 class Device(abc.ABC):

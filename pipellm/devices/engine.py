@@ -23,8 +23,9 @@ from time import perf_counter
 import numpy as np
 
 from ..channel import H2D_KINDS, Direction, KeyAgreement, Kind, Opener, Receiver, Sealer
-from ..channel.protocol import TAG_BYTES, check_rotate_after
+from ..channel.protocol import check_rotate_after
 from ..errors import ArgumentError, ChannelClosedError, DeviceError, IntegrityError
+from .._ext.submission import Submitter
 from .base import Device, DeviceBuffer, Op, Stream
 
 
@@ -48,7 +49,7 @@ class Session:
         self.failure: BaseException | None = None
 
 
-class CopyEngineDevice(Device):
+class CopyEngineDevice(Submitter, Device):
     """A device whose copy engine is a thread of this process (see the module docstring)."""
 
     opener_class = Opener
@@ -181,43 +182,6 @@ class CopyEngineDevice(Device):
         return None if s is None else s.failure
 
     # -- submission --------------------------------------------------------------------------------
-    def _submit(self, op: Op) -> Op:
-        self._check_open()
-        stream = op.stream
-        with self._submit_lock:
-            self._seq += 1
-            op.seq = self._seq
-            op.prev, stream._last = stream._last, op
-            stream._pending.append(op)
-            if op.session is not None:
-                op.session.pending.add(op)
-            self._queue.put(op)
-        if len(stream._pending) > 64 and stream._lock.acquire(blocking=False):  # drop finished ops
-            try:
-                pending, now = stream._pending, self.now()
-                while len(pending) > 1 and pending[0].finished and pending[0].end <= now and pending[0].error is None:
-                    pending.popleft()
-            finally:
-                stream._lock.release()
-        return op
-
-    def _session(self, session: int) -> Session:
-        s = self._sessions.get(session)
-        if s is None:
-            raise ChannelClosedError(f"no open session {session} on this device")
-        return s
-
-    def submit_messages(self, stream: Stream, session: int, msgs) -> Op:
-        s = self._session(session)
-        nbytes = 0
-        for msg in msgs:
-            nbytes += len(msg.payload) - TAG_BYTES
-        op = Op(self, "h2d message", stream, nbytes, s, (msgs,))
-        op.remaining = len(msgs)
-        for msg in msgs:
-            msg._owner = op
-        return self._submit(op)
-
     def submit_sealed_read(self, stream, session, src, src_offset, region_id, offset, nbytes, out,
                            on_delivered) -> Op:
         s = self._session(session)

@@ -1,0 +1,112 @@
+# cython: language_level=3
+"""Device work in C: :class:`Op`, the completion handle of one piece of device work,
+and :class:`Submitter`, which puts ops in order on their stream and hands them to a
+copy engine.
+
+``devices/engine.py`` (the copy-engine devices, emulated and cuda) derives from
+:class:`Submitter`; every transfer's request path goes through it. In Python an op and
+its submission cost a speculative hit about 14k instructions of the requesting thread's
+~61k (callgrind; docs/figures.md).
+"""
+
+from pipellm.channel.protocol import TAG_BYTES as _TAG_BYTES
+from pipellm.errors import ChannelClosedError, TransferTimeoutError
+
+cdef Py_ssize_t TAG_BYTES = _TAG_BYTES
+cdef Py_ssize_t PRUNE_ABOVE = 64  # a stream's pending ops before finished ones are dropped
+
+
+cdef class Op:
+    """Completion handle of one piece of device work (a message, a copy, a compute).
+
+    It is *done* once the device has really finished it (or failed it) and the modelled
+    hardware time of it has passed. ``error`` is set when it failed.
+    """
+
+    cdef public object device, kind, stream, session, prev, error, args, on_delivered
+    cdef public long long seq
+    cdef public Py_ssize_t nbytes
+    cdef public Py_ssize_t remaining  # messages of it not yet committed
+    cdef public double submit_t
+    cdef public double end            # modelled completion time (on the device's clock)
+    cdef public bint finished         # the device really finished (or failed) it
+
+    def __init__(self, device, kind: str, stream, Py_ssize_t nbytes=0, session=None, tuple args=(),
+                 on_delivered=None):
+        self.device, self.kind, self.stream, self.nbytes = device, kind, stream, nbytes
+        self.session, self.args, self.on_delivered = session, args, on_delivered
+        self.submit_t = device.now()
+        self.remaining = 1
+
+    def done(self) -> bool:
+        return self.finished and self.device.now() >= self.end
+
+    def wait_done(self, timeout=None) -> bool:
+        """Block until done; False on timeout. Never raises the op's own error."""
+        return self.device._wait_op(self, timeout)
+
+    def wait(self, timeout=None) -> None:
+        """Block until done; raise the op's error, or :class:`TransferTimeoutError`."""
+        if not self.wait_done(timeout):
+            raise TransferTimeoutError(
+                f"{self.kind} of {self.nbytes} bytes on stream {self.stream.id} did not complete "
+                f"within {timeout} s (a message lost on the link, or the device is stalled)")
+        if self.error is not None:
+            raise self.error
+
+    def __repr__(self) -> str:
+        state = "failed" if self.error else ("done" if self.finished else "pending")
+        return f"<Op {self.kind} {self.nbytes}B stream={self.stream.id} {state}>"
+
+
+cdef class Submitter:
+    """Orders submitted ops: numbered, chained on their stream, queued for the copy
+    engine. The device sets the fields in its ``__init__``."""
+
+    cdef public object _queue          # SimpleQueue: the copy engine takes ops from it
+    cdef public object _submit_lock
+    cdef public dict _sessions         # session id -> the device's end of a channel
+    cdef public long long _seq         # ops submitted so far
+
+    cpdef Op _submit(self, Op op):
+        self._check_open()
+        stream = op.stream
+        with self._submit_lock:
+            self._seq += 1
+            op.seq = self._seq
+            op.prev, stream._last = stream._last, op
+            pending = stream._pending
+            pending.append(op)
+            if op.session is not None:
+                op.session.pending.add(op)
+            self._queue.put(op)
+        if len(pending) > PRUNE_ABOVE and stream._lock.acquire(blocking=False):  # drop finished ops
+            try:
+                now = self.now()
+                while len(pending) > 1:
+                    head = <Op>pending[0]
+                    if not (head.finished and head.end <= now and head.error is None):
+                        break
+                    pending.popleft()
+            finally:
+                stream._lock.release()
+        return op
+
+    def _session(self, session: int):
+        s = self._sessions.get(session)
+        if s is None:
+            raise ChannelClosedError(f"no open session {session} on this device")
+        return s
+
+    def submit_messages(self, stream, session: int, msgs) -> Op:
+        """Send sealed host-to-device messages, in order (payloads sit in bounce slots);
+        the op is done when all of them landed."""
+        cdef Py_ssize_t nbytes = 0
+        s = self._session(session)
+        for msg in msgs:
+            nbytes += len(msg.payload) - TAG_BYTES
+        op = Op(self, "h2d message", stream, nbytes, s, (msgs,))
+        op.remaining = len(msgs)
+        for msg in msgs:
+            msg._owner = op
+        return self._submit(op)
