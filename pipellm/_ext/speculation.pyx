@@ -9,6 +9,8 @@ In Python, the same hit cost 3.3x a plain request on the requesting thread, all 
 glue around the AES (docs/figures.md).
 """
 
+from time import perf_counter
+
 from pipellm.channel.protocol import GO_BODY, TAG_BYTES as _TAG_BYTES
 
 from pipellm.channel import Kind
@@ -25,6 +27,21 @@ cdef Py_ssize_t _GO_MESSAGE_BYTES = GO_MESSAGE_BYTES
 ACCURACY_ALPHA = 0.125
 ACCURACY_FLOOR = 0.25
 cdef double _ALPHA = ACCURACY_ALPHA, _FLOOR = ACCURACY_FLOOR
+#: plan the next speculation on the requesting thread when fewer items than this are
+#: queued; with fewer than STEAL_PLAN_BELOW queued, also when no worker has started the
+#: plan asked for at the previous request (back-to-back requests would outrun a worker
+#: that waits for the GIL). Otherwise a worker plans. (Taking the plan back at any depth
+#: put a whole plan on every back-to-back request: a single-chunk hit then cost more
+#: than a cc request, see docs/figures.md.)
+INLINE_PLANNING_BELOW = 2
+STEAL_PLAN_BELOW = 4
+cdef Py_ssize_t _INLINE_BELOW = INLINE_PLANNING_BELOW, _STEAL_BELOW = STEAL_PLAN_BELOW
+#: transfers are told to the predictor when it is next asked (by the planner, mostly on
+#: a worker); past this many unheard ones the requesting thread tells it itself
+MAX_UNHEARD_EVENTS = 256
+cdef Py_ssize_t _MAX_UNHEARD = MAX_UNHEARD_EVENTS
+_RECEIVE = object()    # worker task: receive the oldest device-to-host chunk
+_REPLENISH = object()  # worker task: ask the predictor and queue new speculation
 
 
 cdef class Chunk:
@@ -82,8 +99,48 @@ cdef class Queue:
     cdef public Py_ssize_t _idle        # workers waiting for a token
     cdef public bint _replenish_pending # a planning task is queued
     cdef public Py_ssize_t _plan_skip   # chances to plan still to skip (see _note_plan)
+    cdef public object _h2d_lock        # one request at a time in the host-to-device channel
+    cdef public long long order         # the number of the current host-to-device request
+    cdef public object _events          # deque: transfers the predictor has not heard of yet
+    cdef public object _shadow          # throttled: the predictor's first guess for the next request
+    cdef public Py_ssize_t lookahead
 
-    def _hit(self, key, dst, Py_ssize_t dst_offset, stream):
+    def to_device(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
+        """Send ``region[offset:offset+nbytes]`` to ``dst`` at ``dst_offset`` on ``stream``:
+        a hit here, anything else in the engine's ``_request``; then plan what comes next."""
+        cdef Py_ssize_t queued
+        cdef bint claimed, throttled
+        key = (region.name, offset, nbytes)  # the same tuple as the predictor's Prediction
+        with self._h2d_lock:
+            self.order += 1
+            events = self._events  # (the engine's _tell, inline)
+            events.append((key[0], offset, nbytes, "h2d", stream.id, perf_counter()))
+            if len(events) > _MAX_UNHEARD:
+                self._feed()
+            claimed = self._shadow is None and self._hit(key, dst, dst_offset, stream)
+            if claimed:
+                throttled = False
+            else:
+                claimed, throttled = self._request(key, region, offset, nbytes, dst, dst_offset, stream)
+            self.transfers[0] += 1
+            self.bytes[0] += nbytes
+            queued = len(self._items)
+            if not throttled and (queued < _INLINE_BELOW or (
+                    queued < _STEAL_BELOW and self._replenish_pending and self._take_pending_plan())):
+                with self._lock:
+                    due = self._plan_due()
+                if due:
+                    self._replenish()  # the queue runs dry, or the workers lag (bursts): plan now
+                return
+        # otherwise planning is a worker's job, off the requesting thread, and only once
+        # the queue has drained to half the lookahead: planning in batches costs less.
+        # (Planning only at half of what the last plan left woke the worker less often,
+        # but the far end of a batch is predicted from older context: LoRA's replay lost
+        # 1.2 points of hits at the forward/backward turns, below its 99% target.)
+        if not claimed or queued <= self.lookahead // 2:
+            self._plan_later()
+
+    cdef bint _hit(self, key, dst, Py_ssize_t dst_offset, stream) except -1:
         """Send the request ``key`` if it is the head of the queue, ready to go as is:
         True if it was sent, False (nothing changed) for every other case."""
         item = self._take_ready_head(key, dst, dst_offset)
@@ -190,15 +247,15 @@ cdef class Queue:
         self._sent((<Chunk>chunks[len(chunks) - 1]).ticket.index)  # (no wraparound here)
         self.counts["hits"] += 1
 
-    cpdef _plan_later(self, object replenish):
-        """Have a worker plan the next speculation, task ``replenish`` (it takes the h2d
-        lock, so it runs after the current request, and its on-demand data)."""
+    cpdef _plan_later(self):
+        """Have a worker plan the next speculation (it takes the h2d lock, so it runs
+        after the current request, and its on-demand data)."""
         if self._throttle or self._replenish_pending:
             return  # nothing to plan until the shadow guesses hit again, or a plan is pending
         with self._lock:
             if not self._replenish_pending and self._plan_due():
                 self._replenish_pending = True
-                self._tasks.appendleft(replenish)
+                self._tasks.appendleft(_REPLENISH)
                 self._wake_workers(1)
 
     cpdef bint _plan_due(self):

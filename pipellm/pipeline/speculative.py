@@ -35,23 +35,13 @@ from ..channel import Kind
 from ..channel.protocol import GO_BODY, SKIP_BODY, TAG_BYTES
 from ..errors import ChannelClosedError, PredictorWarning, TransferTimeoutError
 from ..predictors import Predictor, TransferEvent
-from .._ext.speculation import (ACCURACY_ALPHA, ACCURACY_FLOOR, ENCRYPTING, FAILED,  # noqa: F401 - re-exported
-                                GO_MESSAGE_BYTES, PENDING, READY, Chunk, Item, Queue)
+from .._ext.speculation import (  # noqa: F401 - the policy's constants, re-exported
+    _RECEIVE, _REPLENISH, ACCURACY_ALPHA, ACCURACY_FLOOR, ENCRYPTING, FAILED, GO_MESSAGE_BYTES, INLINE_PLANNING_BELOW,
+    MAX_UNHEARD_EVENTS, PENDING, READY, STEAL_PLAN_BELOW, Chunk, Item, Queue)
 from .cc import CCEngine, slot_bytes_for
 
-#: plan the next speculation on the requesting thread when fewer items than this are
-#: queued; with fewer than STEAL_PLAN_BELOW queued, also when no worker has started the
-#: plan asked for at the previous request (back-to-back requests would outrun a worker
-#: that waits for the GIL). Otherwise a worker plans. (Taking the plan back at any depth
-#: put a whole plan on every back-to-back request: a single-chunk hit then cost more
-#: than a cc request, see docs/figures.md.)
-INLINE_PLANNING_BELOW = 2
-STEAL_PLAN_BELOW = 4
 #: strict order: the fewest predicted transfers to queue, however inaccurate the predictor
 STRICT_MIN_DEPTH = 2
-#: transfers are told to the predictor when it is next asked (by the planner, mostly on
-#: a worker); past this many unheard ones the requesting thread tells it itself
-MAX_UNHEARD_EVENTS = 256
 #: plans in a row that may name transfers yet queue nothing (small or untracked ones)
 #: before planning backs off, skipping up to MAX_PLAN_SKIP chances to plan
 FRUITLESS_PLANS = 2
@@ -59,8 +49,6 @@ MAX_PLAN_SKIP = 16
 #: a worker pays back emulated-clock time its tasks ran during emulation stall (see
 #: EmulatedDevice.hold) once it owes this much: a sleep overshoots by ~70 us on a VM
 HOLD_MIN_S = 2e-4
-_RECEIVE = object()    # worker task: receive the oldest device-to-host chunk
-_REPLENISH = object()  # worker task: ask the predictor and queue new speculation
 
 
 def default_workers() -> int:
@@ -134,54 +122,33 @@ class SpeculativeEngine(CCEngine, Queue):
             t.start()
 
     # -- host to device ----------------------------------------------------------------------
-    def to_device(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
-        key = (region.name, offset, nbytes)  # the same tuple as the predictor's Prediction
-        with self._h2d_lock:
-            self.order += 1
-            events = self._events  # (_tell, inline: every request's path)
-            events.append((key[0], offset, nbytes, "h2d", stream.id, perf_counter()))
-            if len(events) > MAX_UNHEARD_EVENTS:
-                self._feed()
-            claimed = self._shadow is None and self._hit(key, dst, dst_offset, stream)
-            if claimed:  # the common hit, checked, claimed and sent in one go
-                throttled = False
-            else:
-                speculating = bool(self._items)
-                item = self._claim(key)
-                if item is None and self._shadow is not None:
-                    # throttled: score the shadow guess (items left in the queue from before
-                    # the throttle say nothing about the predictor now)
-                    guessed = self._shadow == key
-                    self.counts["shadow_hits"] += guessed
-                    self._score(guessed)
-                elif speculating:
-                    self._score(item is not None)
-                throttled = self._throttle
-                self._shadow = self._shadow_guess() if throttled else None
-                claimed = item is not None
-                if claimed:
-                    self._send_item(item, dst, dst_offset, stream)
-                else:
-                    self.counts["misses"] += 1
-                    self._count_reencrypted(key)
-                    self._send_on_demand(region, offset, nbytes, dst, dst_offset, stream)
-            self.transfers[0] += 1
-            self.bytes[0] += nbytes
-            queued = len(self._items)
-            if not throttled and (queued < INLINE_PLANNING_BELOW or (
-                    queued < STEAL_PLAN_BELOW and self._replenish_pending and self._take_pending_plan())):
-                with self._lock:
-                    due = self._plan_due()
-                if due:
-                    self._replenish()  # the queue runs dry, or the workers lag (bursts): plan now
-                return
-        # otherwise planning is a worker's job, off the requesting thread, and only once
-        # the queue has drained to half the lookahead: planning in batches costs less.
-        # (Planning only at half of what the last plan left woke the worker less often,
-        # but the far end of a batch is predicted from older context: LoRA's replay lost
-        # 1.2 points of hits at the forward/backward turns, below its 99% target.)
-        if not claimed or queued <= self.lookahead // 2:
-            self._plan_later(_REPLENISH)
+    # the request path (the queue's, in C: a hit is sent without a Python frame); it
+    # calls _request below for everything but a hit (CCEngine's to_device would come
+    # first in the method order, hence the name given here)
+    to_device = Queue.to_device
+
+    def _request(self, key, region, offset, nbytes, dst, dst_offset, stream) -> tuple[bool, bool]:
+        """A request that is not a plain hit (h2d lock held): claim what speculation has
+        for it, or relinquish and send on demand. Returns (claimed, throttled)."""
+        speculating = bool(self._items)
+        item = self._claim(key)
+        if item is None and self._shadow is not None:
+            # throttled: score the shadow guess (items left in the queue from before
+            # the throttle say nothing about the predictor now)
+            guessed = self._shadow == key
+            self.counts["shadow_hits"] += guessed
+            self._score(guessed)
+        elif speculating:
+            self._score(item is not None)
+        throttled = self._throttle
+        self._shadow = self._shadow_guess() if throttled else None
+        if item is not None:
+            self._send_item(item, dst, dst_offset, stream)
+        else:
+            self.counts["misses"] += 1
+            self._count_reencrypted(key)
+            self._send_on_demand(region, offset, nbytes, dst, dst_offset, stream)
+        return item is not None, throttled
 
     def _tell(self, event: tuple) -> None:
         """Queue a transfer (TransferEvent's fields) for the predictor, which hears of it
@@ -359,7 +326,7 @@ class SpeculativeEngine(CCEngine, Queue):
         if getattr(self.predictor, "uses_d2h", True):
             with self._h2d_lock:  # the predictor is told every transfer, in order
                 self._tell((region.name, offset, nbytes, "d2h", stream.id, perf_counter()))
-            self._plan_later(_REPLENISH)
+            self._plan_later()
         return transfer
 
     def _take_pending_plan(self) -> bool:
