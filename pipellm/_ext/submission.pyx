@@ -9,6 +9,7 @@ its submission cost a speculative hit about 14k instructions of the requesting t
 ~61k (callgrind; docs/figures.md).
 """
 
+from pipellm import _fork
 from pipellm.channel.protocol import TAG_BYTES as _TAG_BYTES
 from pipellm.errors import ChannelClosedError, TransferTimeoutError
 
@@ -67,9 +68,13 @@ cdef class Submitter:
     cdef public object _submit_lock
     cdef public dict _sessions         # session id -> the device's end of a channel
     cdef public long long _seq         # ops submitted so far
+    cdef public bint _closed           # (Device's state, read here without a Python call)
+    cdef public object failure
+    cdef public object _fork_generation
 
     cpdef Op _submit(self, Op op):
-        self._check_open()
+        if self._closed or self.failure is not None or self._fork_generation != _fork.generation:
+            self._check_open()  # (Device's, which raises the error that fits)
         stream = op.stream
         with self._submit_lock:
             self._seq += 1
