@@ -9,10 +9,15 @@ import pipellm.predictors.rules
 
 
 def pytest_sessionstart(session):
-    """The predictors' modules are also compiled (setup.py); an edit to the .py runs only
-    after a rebuild, so tests of a stale build would test the old code."""
-    for module in (pipellm.predictors.rules, pipellm.predictors.learned):
-        source = os.path.join(os.path.dirname(module.__file__), module.__name__.rsplit(".", 1)[1] + ".py")
+    """Compiled modules win the import over their sources: the predictors' .py files and
+    the datapath's .pyx files (setup.py). An edit runs only after a rebuild, so tests of
+    a stale build would test the old code."""
+    import pipellm._ext.speculation
+    import pipellm._ext.submission
+    for module in (pipellm.predictors.rules, pipellm.predictors.learned, pipellm._ext.bounce,
+                   pipellm._ext.speculation, pipellm._ext.submission, pipellm._ext.writeguard):
+        stem = os.path.join(os.path.dirname(module.__file__), module.__name__.rsplit(".", 1)[1])
+        source = stem + (".pyx" if module.__name__.startswith("pipellm._ext.") else ".py")
         if not module.__file__.endswith(".py") and os.path.getmtime(source) > os.path.getmtime(module.__file__):
             raise pytest.UsageError(f"{source} is newer than its compiled module {module.__file__}: rebuild it "
                                     "(pip install -e . --no-build-isolation) or delete the .so")

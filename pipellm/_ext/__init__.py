@@ -1,4 +1,5 @@
-"""Compiled parts of the datapath (Cython): bounce buffers and GIL-free copies."""
+"""Compiled parts of the datapath (Cython): bounce buffers, GIL-free copies, the
+speculative queue's request path and the devices' op submission."""
 
 from .bounce import PAGE_BYTES, BouncePool, Slot
 from .memcopy import copy_into
