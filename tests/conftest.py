@@ -12,9 +12,10 @@ def pytest_sessionstart(session):
     """Compiled modules win the import over their sources: the predictors' .py files and
     the datapath's .pyx files (setup.py). An edit runs only after a rebuild, so tests of
     a stale build would test the old code."""
+    import pipellm._ext.message
     import pipellm._ext.speculation
     import pipellm._ext.submission
-    for module in (pipellm.predictors.rules, pipellm.predictors.learned, pipellm._ext.bounce,
+    for module in (pipellm.predictors.rules, pipellm.predictors.learned, pipellm._ext.bounce, pipellm._ext.message,
                    pipellm._ext.speculation, pipellm._ext.submission, pipellm._ext.writeguard):
         stem = os.path.join(os.path.dirname(module.__file__), module.__name__.rsplit(".", 1)[1])
         source = stem + (".pyx" if module.__name__.startswith("pipellm._ext.") else ".py")

@@ -1,5 +1,5 @@
 """Compiled parts of the datapath (Cython): bounce buffers, GIL-free copies, the
-speculative queue's request path and the devices' op submission."""
+speculative queue's request path, the devices' op submission and the channel's messages."""
 
 from .bounce import PAGE_BYTES, BouncePool, Slot
 from .memcopy import copy_into

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import threading
 from time import perf_counter
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
+from .._ext.message import Message, publish, shared_write_observers  # noqa: F401 - re-exported
+from .._ext.message import expose as _expose
 from ..errors import ArgumentError, ChannelClosedError, IntegrityError
 from .cipher import open_into, seal_into
 from .keys import EpochKey, SessionKeys
@@ -22,14 +24,8 @@ from .protocol import (
     iv_for,
     pack_header,
     position,
-    rewrite_destination,
     unpack_header,
 )
-
-#: Called as ``observer(msg, key_id, epoch, counter)`` whenever ciphertext is written into
-#: shared (attacker-visible) memory; :class:`pipellm.testing.IVLedger` uses it.
-shared_write_observers: list[Callable[[Message, bytes, int, int], None]] = []
-
 
 class Destination(NamedTuple):
     """Where a message says its plaintext goes: a device buffer id (h2d) or a host
@@ -38,55 +34,6 @@ class Destination(NamedTuple):
     buffer: int
     offset: int
     length: int
-
-
-class Message:
-    """One message as it sits in shared memory / crosses the link.
-
-    ``direction`` is ``"h2d"`` or ``"d2h"``; ``iv`` the 12 IV bytes the sender used;
-    ``aad`` the header (writable ``bytearray``); ``payload`` a writable memoryview of
-    ciphertext + tag; ``dst`` the destination parsed from the header (settable, which
-    rewrites the header). An adversary may change any of them; the receiver refuses.
-    """
-
-    __slots__ = ("direction", "iv", "aad", "payload", "_owner")
-
-    def __init__(self, direction: str, iv: bytes, aad: bytearray, payload: memoryview, owner=None):
-        self.direction = direction
-        self.iv = iv
-        self.aad = aad
-        self.payload = payload
-        self._owner = owner  # the host's bookkeeping of which transfer this is; not on the wire
-
-    @property
-    def dst(self) -> Destination:
-        header = unpack_header(self.aad)
-        if header is None:
-            raise ValueError("message header is malformed")
-        return Destination(header.buffer, header.offset, header.length)
-
-    @dst.setter
-    def dst(self, value) -> None:
-        buffer, offset, length = value
-        rewrite_destination(self.aad, int(getattr(buffer, "id", buffer)), int(offset), int(length))
-
-    def copy(self) -> Message:
-        """A snapshot that owns its bytes (for an adversary that holds messages back)."""
-        return Message(self.direction, bytes(self.iv), bytearray(self.aad),
-                       memoryview(bytearray(self.payload)), self._owner)
-
-    def __repr__(self) -> str:
-        try:
-            where = tuple(self.dst)
-        except ValueError:
-            where = "?"
-        return f"<Message {self.direction} dst={where} payload={len(self.payload)}B>"
-
-
-def publish(msg: Message, key_id: bytes, epoch: int, counter: int) -> None:
-    """Record that ``msg``'s ciphertext now sits in shared memory (for observers)."""
-    for observer in shared_write_observers:
-        observer(msg, key_id, epoch, counter)
 
 
 class Ticket:
@@ -203,23 +150,8 @@ class Sealer(_Endpoint):
                 self._spent(ticket.index, error)
             raise
 
-    def expose(self, ticket: Ticket, private: Message, out: memoryview) -> Message:
-        """Copy a message sealed privately under ``ticket`` into shared memory ``out``
-        (exactly its size). From now on the ticket is used."""
-        if ticket.used:
-            raise ArgumentError(f"{ticket!r} was already sealed: an IV is never used twice")
-        if len(out) != len(private.payload):
-            raise ArgumentError(f"output must be exactly {len(private.payload)} bytes, got {len(out)}")
-        if self.failure is not None:  # (a hit's path: _check_open only where it raises)
-            self._check_open()
-        ticket.used = True
-        out[:] = private.payload  # small: a copy under the GIL beats handing the GIL away
-        with self._lock:
-            self.messages += 1
-        msg = Message(self.label, private.iv, bytearray(private.aad), out)
-        if shared_write_observers:
-            publish(msg, ticket.key.key_id, ticket.epoch, ticket.counter)
-        return msg
+    # (C: a speculative hit exposes its GO command on the request path)
+    expose = _expose
 
     def seal_next(self, kind: int, buffer: int, offset: int, plaintext, out: memoryview, order: int = 0) -> Message:
         """Reserve the next index and seal under it at once, into shared memory ``out``."""

@@ -1,0 +1,85 @@
+# cython: language_level=3
+"""The channel's :class:`Message` in C, and the exposure of a privately sealed one.
+
+``pipellm/channel/endpoint.py`` (the sealer and opener) uses both; they are C because a
+speculative hit builds and exposes a message on the request path (``Sealer.expose`` is
+:func:`expose`), and every sealed chunk is a message.
+"""
+
+from pipellm.channel.protocol import rewrite_destination, unpack_header
+from pipellm.errors import ArgumentError
+
+#: Called as ``observer(msg, key_id, epoch, counter)`` whenever ciphertext is written into
+#: shared (attacker-visible) memory; :class:`pipellm.testing.IVLedger` uses it.
+shared_write_observers = []
+
+
+cdef class Message:
+    """One message as it sits in shared memory / crosses the link.
+
+    ``direction`` is ``"h2d"`` or ``"d2h"``; ``iv`` the 12 IV bytes the sender used;
+    ``aad`` the header (writable ``bytearray``); ``payload`` a writable memoryview of
+    ciphertext + tag; ``dst`` the destination parsed from the header (settable, which
+    rewrites the header). An adversary may change any of them; the receiver refuses.
+    """
+
+    cdef public object direction, iv, aad, payload
+    cdef public object _owner  # the host's bookkeeping of which transfer this is; not on the wire
+
+    def __init__(self, direction: str, iv: bytes, aad: bytearray, payload: memoryview, owner=None):
+        self.direction, self.iv, self.aad, self.payload, self._owner = direction, iv, aad, payload, owner
+
+    @property
+    def dst(self):
+        """(buffer, offset, length) from the header, a :class:`~pipellm.channel.Destination`."""
+        from pipellm.channel.endpoint import Destination
+        header = unpack_header(self.aad)
+        if header is None:
+            raise ValueError("message header is malformed")
+        return Destination(header.buffer, header.offset, header.length)
+
+    @dst.setter
+    def dst(self, value) -> None:
+        buffer, offset, length = value
+        rewrite_destination(self.aad, int(getattr(buffer, "id", buffer)), int(offset), int(length))
+
+    def copy(self) -> Message:
+        """A snapshot that owns its bytes (for an adversary that holds messages back)."""
+        return Message(self.direction, bytes(self.iv), bytearray(self.aad),
+                       memoryview(bytearray(self.payload)), self._owner)
+
+    def __repr__(self) -> str:
+        try:
+            where = tuple(self.dst)
+        except ValueError:
+            where = "?"
+        return f"<Message {self.direction} dst={where} payload={len(self.payload)}B>"
+
+
+def publish(msg: Message, key_id: bytes, epoch: int, counter: int) -> None:
+    """Record that ``msg``'s ciphertext now sits in shared memory (for observers)."""
+    for observer in shared_write_observers:
+        observer(msg, key_id, epoch, counter)
+
+
+def expose(sealer, ticket, Message private not None, out) -> Message:
+    """``Sealer.expose(ticket, private, out)``: copy a message sealed privately under
+    ``ticket`` into shared memory ``out`` (exactly its size). From now on the ticket is
+    used."""
+    cdef Message msg
+    if ticket.used:
+        raise ArgumentError(f"{ticket!r} was already sealed: an IV is never used twice")
+    payload = private.payload
+    if len(out) != len(payload):
+        raise ArgumentError(f"output must be exactly {len(payload)} bytes, got {len(out)}")
+    if sealer.failure is not None:
+        sealer._check_open()  # (it raises)
+    ticket.used = True
+    out[:] = payload  # small: a copy under the GIL beats handing the GIL away
+    with sealer._lock:
+        sealer.messages += 1
+    msg = Message.__new__(Message)
+    msg.direction, msg.iv, msg.aad, msg.payload = sealer.label, private.iv, bytearray(private.aad), out
+    if shared_write_observers:
+        publish(msg, ticket.key.key_id, ticket.epoch, ticket.counter)
+    return msg
