@@ -20,6 +20,10 @@ misprediction costs only the wasted encryption, and items ahead stay usable.
 Device to host: chunks are authenticated and decrypted by the workers in the background
 as they arrive; waiting on the transfer, reading the region or synchronizing waits for
 (or does) the rest.
+
+The queue, its items and chunks, and the request path (``to_device`` and a hit) are C:
+the engine derives from ``pipellm/_ext/speculation.pyx``'s ``Queue``; this module holds
+everything else (claims that are not a plain hit, relinquishing, planning, the workers).
 """
 
 from __future__ import annotations
