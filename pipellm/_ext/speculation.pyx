@@ -224,6 +224,8 @@ cdef class Queue:
         cdef Chunk first, c
         cdef list chunks = item.chunks
         cdef Py_ssize_t at
+        if not chunks:  # (no bounds checks here: a held place has no chunk to carry its GO)
+            raise ValueError(f"{item.key} holds a place only: it has no chunks to send")
         first = chunks[0]
         at = first.nbytes + TAG_BYTES
         out = first.slot.view(at + _GO_MESSAGE_BYTES)[at:]
