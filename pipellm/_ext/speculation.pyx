@@ -113,10 +113,7 @@ cdef class Queue:
         key = (region.name, offset, nbytes)  # the same tuple as the predictor's Prediction
         with self._h2d_lock:
             self.order += 1
-            events = self._events  # (the engine's _tell, inline)
-            events.append((key[0], offset, nbytes, "h2d", stream.id, perf_counter()))
-            if len(events) > _MAX_UNHEARD:
-                self._feed()
+            self._queue_event((key[0], offset, nbytes, "h2d", stream.id, perf_counter()))
             claimed = self._shadow is None and self._hit(key, dst, dst_offset, stream)
             if claimed:
                 throttled = False
@@ -139,6 +136,17 @@ cdef class Queue:
         # 1.2 points of hits at the forward/backward turns, below its 99% target.)
         if not claimed or queued <= self.lookahead // 2:
             self._plan_later()
+
+    def _tell(self, tuple event) -> None:
+        """Queue a transfer (TransferEvent's fields) for the predictor, which hears of it
+        when it is next asked (mostly by a worker planning); past MAX_UNHEARD_EVENTS it is
+        told now (h2d lock held)."""
+        self._queue_event(event)
+
+    cdef _queue_event(self, tuple event):  # (_tell, without a Python call on the request path)
+        self._events.append(event)
+        if len(self._events) > _MAX_UNHEARD:
+            self._feed()
 
     cdef bint _hit(self, key, dst, Py_ssize_t dst_offset, stream) except -1:
         """Send the request ``key`` if it is the head of the queue, ready to go as is:

@@ -154,14 +154,6 @@ class SpeculativeEngine(CCEngine, Queue):
             self._send_on_demand(region, offset, nbytes, dst, dst_offset, stream)
         return item is not None, throttled
 
-    def _tell(self, event: tuple) -> None:
-        """Queue a transfer (TransferEvent's fields) for the predictor, which hears of it
-        when it is next asked (mostly by a worker planning); past MAX_UNHEARD_EVENTS it is
-        told now (h2d lock held)."""
-        self._events.append(event)
-        if len(self._events) > MAX_UNHEARD_EVENTS:
-            self._feed()
-
     def _feed(self) -> None:
         """Tell the predictor every transfer since it was last asked, in order (h2d lock held)."""
         events, observe = self._events, self.predictor.observe
