@@ -1,9 +1,11 @@
 # cython: language_level=3
-"""The channel's :class:`Message` in C, and the exposure of a privately sealed one.
+"""The channel's :class:`Message` and :class:`Ticket` in C, and the exposure of a
+privately sealed message.
 
-``pipellm/channel/endpoint.py`` (the sealer and opener) uses both; they are C because a
+``pipellm/channel/endpoint.py`` (the sealer and opener) uses them; they are C because a
 speculative hit builds and exposes a message on the request path (``Sealer.expose`` is
-:func:`expose`), and every sealed chunk is a message.
+:func:`expose`), every sealed chunk is a message, and every predicted transfer reserves
+its tickets when it is planned (``Sealer.reserve_run`` is :func:`ticket_run`).
 """
 
 from pipellm.channel.protocol import rewrite_destination, unpack_header
@@ -56,13 +58,46 @@ cdef class Message:
         return f"<Message {self.direction} dst={where} payload={len(self.payload)}B>"
 
 
+cdef class Ticket:
+    """A reserved message index: the IV one message will carry. Sealed at most once."""
+
+    cdef public long long index, epoch, counter
+    cdef public object key  # the epoch's EpochKey
+    cdef public bint used
+
+    def __init__(self, long long index, long long epoch, long long counter, key):
+        self.index, self.epoch, self.counter, self.key = index, epoch, counter, key
+        self.used = False
+
+    def __repr__(self) -> str:
+        return f"<Ticket {self.index} (epoch {self.epoch}, counter {self.counter}){' used' if self.used else ''}>"
+
+
+def ticket_run(long long first, Py_ssize_t count, long long rotate_after, key_at) -> list:
+    """The tickets of indices ``first .. first + count - 1``: ``key_at(index)`` gives
+    (epoch, counter, key) where the run starts and where it enters a new epoch. (In C:
+    each predicted transfer reserves a run, often on the requesting thread.)"""
+    cdef list run = []
+    cdef Ticket ticket
+    cdef long long index, epoch, counter
+    epoch, counter, key = key_at(first)
+    for index in range(first, first + count):
+        if counter == rotate_after:
+            epoch, counter, key = key_at(index)
+        ticket = Ticket.__new__(Ticket)
+        ticket.index, ticket.epoch, ticket.counter, ticket.key = index, epoch, counter, key
+        run.append(ticket)
+        counter += 1
+    return run
+
+
 def publish(msg: Message, key_id: bytes, epoch: int, counter: int) -> None:
     """Record that ``msg``'s ciphertext now sits in shared memory (for observers)."""
     for observer in shared_write_observers:
         observer(msg, key_id, epoch, counter)
 
 
-def expose(sealer, ticket, Message private not None, out) -> Message:
+def expose(sealer, Ticket ticket not None, Message private not None, out) -> Message:
     """``Sealer.expose(ticket, private, out)``: copy a message sealed privately under
     ``ticket`` into shared memory ``out`` (exactly its size). From now on the ticket is
     used."""

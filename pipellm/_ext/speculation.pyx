@@ -104,6 +104,7 @@ cdef class Queue:
     cdef public object _events          # deque: transfers the predictor has not heard of yet
     cdef public object _shadow          # throttled: the predictor's first guess for the next request
     cdef public Py_ssize_t lookahead
+    cdef public object _dropped         # OrderedDict: keys whose speculation was lost -> their bytes
 
     def to_device(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
         """Send ``region[offset:offset+nbytes]`` to ``dst`` at ``dst_offset`` on ``stream``:
@@ -256,6 +257,66 @@ cdef class Queue:
         self.spec_pool.retire_many(slots, op)
         self._sent((<Chunk>chunks[len(chunks) - 1]).ticket.index)  # (no wraparound here)
         self.counts["hits"] += 1
+
+    cpdef _count_reencrypted(self, key):
+        """A transfer whose speculation was lost is encrypted again: count its bytes."""
+        if key in self._dropped:
+            self.counts["reencrypted_bytes"] += self._dropped.pop(key)
+
+    cpdef bint _admit(self, key, region, Py_ssize_t offset, Py_ssize_t nbytes, set wanted) except -1:
+        """Queue one predicted transfer to be encrypted ahead (h2d lock held): its slots
+        (evicting what the predictor no longer names, ``wanted``, when the depth is
+        full), its indices (the GO's first), its chunks as worker tasks. False, with
+        nothing taken, if there is no room. (In C: a plan admits an item for each
+        request, and a plan on the requesting thread costs it as much as a hit.)"""
+        cdef Py_ssize_t chunk_size = self.chunk_size, n, i
+        cdef list sizes, chunks
+        cdef Chunk c
+        cdef Item item
+        n = (nbytes + chunk_size - 1) // chunk_size
+        sizes = [min(chunk_size, nbytes - i * chunk_size) + TAG_BYTES for i in range(n)]
+        sizes[0] += _GO_MESSAGE_BYTES  # the GO command rides in the first chunk's slot
+        pool = self.spec_pool
+        while True:
+            if self._queued_messages + n + 1 <= self.depth_messages:
+                slots = pool.try_acquire_many(sizes)
+                if slots is not None:
+                    break
+            if not self._evict(wanted):
+                return False
+        try:
+            token = region.token()
+            tickets = self.sealer.reserve_run(n + 1)
+        except BaseException:
+            for slot in slots:
+                pool.release(slot)
+            raise
+        go = tickets[0]
+        self._go_tickets[go.index] = go
+        chunks = []
+        for i in range(n):
+            c = Chunk.__new__(Chunk)
+            c.ticket, c.slot, c.offset = tickets[i + 1], slots[i], i * chunk_size
+            c.nbytes, c.state, c.lib_seq = min(chunk_size, nbytes - i * chunk_size), PENDING, -1
+            chunks.append(c)
+        dbuf = region.device_buffer
+        item = Item.__new__(Item)
+        item.key, item.region, item.offset, item.nbytes = key, region, offset, nbytes
+        item.token, item.go, item.chunks = token, go, chunks
+        # the GO command for the likely destination is sealed ahead (strict order only)
+        item.go_dst = None if dbuf is None or dbuf.freed or self.window else (dbuf.id, offset)
+        self._count_reencrypted(key)
+        with self._lock:
+            self._items.append(item)
+            self._by_key[key] = item
+            self._queued_messages += n + 1
+            tasks = self._tasks
+            for c in chunks:
+                tasks.append((item, c))
+            if item.go_dst is not None:
+                tasks.append((item, None))
+            self._wake_workers(n + 1)
+        return True
 
     cpdef _plan_later(self):
         """Have a worker plan the next speculation (it takes the h2d lock, so it runs

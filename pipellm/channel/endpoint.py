@@ -11,7 +11,8 @@ import threading
 from time import perf_counter
 from typing import NamedTuple
 
-from .._ext.message import Message, publish, shared_write_observers  # noqa: F401 - re-exported
+from .._ext.message import Message, Ticket, publish, shared_write_observers  # noqa: F401 - re-exported
+from .._ext.message import ticket_run as _ticket_run
 from .._ext.message import expose as _expose
 from ..errors import ArgumentError, ChannelClosedError, IntegrityError
 from .cipher import open_into, seal_into
@@ -34,19 +35,6 @@ class Destination(NamedTuple):
     buffer: int
     offset: int
     length: int
-
-
-class Ticket:
-    """A reserved message index: the IV one message will carry. Sealed at most once."""
-
-    __slots__ = ("index", "epoch", "counter", "key", "used")
-
-    def __init__(self, index: int, epoch: int, counter: int, key: EpochKey):
-        self.index, self.epoch, self.counter, self.key = index, epoch, counter, key
-        self.used = False
-
-    def __repr__(self) -> str:
-        return f"<Ticket {self.index} (epoch {self.epoch}, counter {self.counter}){' used' if self.used else ''}>"
 
 
 class _Endpoint:
@@ -114,14 +102,7 @@ class Sealer(_Endpoint):
             self._check_open()
             first = self._next
             self._next += count
-        tickets = []
-        epoch, counter, key = self._key_at(first)
-        for index in range(first, first + count):
-            if counter == self.rotate_after:
-                epoch, counter, key = self._key_at(index)
-            tickets.append(Ticket(index, epoch, counter, key))
-            counter += 1
-        return tickets
+        return _ticket_run(first, count, self.rotate_after, self._key_at)
 
     def seal_into(self, ticket: Ticket, kind: int, buffer: int, offset: int, plaintext,
                   out: memoryview, *, shared: bool = True, order: int = 0,

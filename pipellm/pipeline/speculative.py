@@ -187,10 +187,6 @@ class SpeculativeEngine(CCEngine, Queue):
         p = guesses[0]
         return (p.region, p.offset, p.nbytes)
 
-    def _count_reencrypted(self, key) -> None:
-        if key in self._dropped:
-            self.counts["reencrypted_bytes"] += self._dropped.pop(key)
-
     def _claim(self, key) -> Item | None:
         """The queued item for ``key`` if it can be sent; drops what the request makes useless."""
         with self._lock:
@@ -379,36 +375,8 @@ class SpeculativeEngine(CCEngine, Queue):
                 if beside:
                     self._hold_place(key, region, p)
                 continue
-            n = -(-p.nbytes // chunk_size)
-            sizes = [min(chunk_size, p.nbytes - i * chunk_size) + TAG_BYTES for i in range(n)]
-            sizes[0] += GO_MESSAGE_BYTES  # the GO command rides in the first chunk's slot
-            slots = None
-            while True:
-                if self._queued_messages + n + 1 <= self.depth_messages:
-                    slots = self.spec_pool.try_acquire_many(sizes)
-                    if slots is not None:
-                        break
-                if not self._evict(wanted):
-                    break
-            if slots is None:
+            if not self._admit(key, region, p.offset, p.nbytes, wanted):
                 break
-            token = region.token()
-            tickets = self.sealer.reserve_run(n + 1)
-            self._go_tickets[tickets[0].index] = tickets[0]
-            chunks = [Chunk(tickets[i + 1], slots[i], i * chunk_size, min(chunk_size, p.nbytes - i * chunk_size))
-                      for i in range(n)]
-            dbuf = region.device_buffer
-            item = Item(key, region, p.offset, p.nbytes, token, tickets[0], chunks,
-                         None if dbuf is None or dbuf.freed or self.window else (dbuf.id, p.offset))
-            self._count_reencrypted(key)
-            with self._cond:
-                self._items.append(item)
-                self._by_key[key] = item
-                self._queued_messages += n + 1
-                self._tasks.extend((item, c) for c in item.chunks)
-                if item.go_dst is not None:
-                    self._tasks.append((item, None))
-                self._wake_workers(n + 1)
         self._note_plan(bool(predictions))
 
     def _note_plan(self, predicted: bool) -> None:
