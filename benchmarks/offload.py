@@ -153,7 +153,9 @@ def hit_path(chunks: int, layers: int = 8, chunk_size: int = 64 * 1024, repeats:
     outrun the worker). Two timings: ``gapped``, requests 1 ms apart as between real
     layers (the worker encrypts in between, so caches are cold), and ``tight``, back to
     back. Each: the best pass of ``repeats``, the median single request, and the fastest
-    one. A pipellm message is a GO command or a chunk (``chunks + 1`` per hit); a cc
+    one; for pipellm also the plans the requester made itself per pass (back to back, a
+    worker woken to plan waits for the GIL the requester holds, and once the queue runs
+    low the requester plans: ``inline_plans_per_pass``). A pipellm message is a GO command or a chunk (``chunks + 1`` per hit); a cc
     one a chunk; plain sends one copy."""
     out = {"chunks_per_transfer": chunks, "chunk_size": chunk_size}
     for mode in ("pipellm", "plain", "cc"):
@@ -175,7 +177,7 @@ def _request_path(mode: str, chunks: int, layers: int, chunk_size: int, repeats:
                 pipe.to_device(r)
             pipe.synchronize()
         for label, gap in (("gapped", 0.001), ("tight", 0.0)):
-            best, each = None, []
+            best, each, plans = None, [], []
             for _ in range(repeats):
                 if mode == "pipellm":
                     pipe.wait_speculation(10)
@@ -193,12 +195,16 @@ def _request_path(mode: str, chunks: int, layers: int, chunk_size: int, repeats:
                 if mode != "pipellm" or after["hits"] - before["hits"] == layers:
                     each += times
                     best = sum(times) if best is None else min(best, sum(times))
+                    if mode == "pipellm":
+                        plans.append(after["inline_plans"] - before["inline_plans"])
             if best is None:
                 raise RuntimeError("no fully-hitting pass was measured")
             median, fastest = float(np.median(each)), min(each)
             out[label] = {"us_per_transfer": best / layers * 1e6, "us_per_message": best / (layers * messages) * 1e6,
                           "median_us_per_transfer": median * 1e6, "median_us_per_message": median / messages * 1e6,
                           "fastest_us_per_message": fastest / messages * 1e6}
+            if plans:
+                out[label]["inline_plans_per_pass"] = float(np.mean(plans))
     return out
 
 
@@ -307,6 +313,8 @@ def run(layers: int = 8, layer_bytes: int = 64 * MiB, passes: int = 6, repeats: 
         "hit_path_us_per_message_1_chunk_gapped": hits[0]["pipellm"]["gapped"]["us_per_message"],
         "hit_path_us_per_message_1_chunk_tight": hits[0]["pipellm"]["tight"]["us_per_message"],
         "hit_path_fastest_us_per_message_1_chunk_tight": hits[0]["pipellm"]["tight"]["fastest_us_per_message"],
+        "hit_path_median_us_per_message_1_chunk_tight": hits[0]["pipellm"]["tight"]["median_us_per_message"],
+        "hit_path_inline_plans_per_pass_1_chunk_tight": hits[0]["pipellm"]["tight"]["inline_plans_per_pass"],
         "hit_path_us_per_message_16_chunks_gapped": hits[1]["pipellm"]["gapped"]["us_per_message"],
         "hit_path_us_per_message_16_chunks_tight": hits[1]["pipellm"]["tight"]["us_per_message"],
         # the same requests in plain and cc mode, timed the same way (per transfer: the

@@ -615,7 +615,9 @@ def test_back_to_back_hits_leave_planning_to_a_worker_until_the_queue_runs_low()
             after = pipe.stats()
         assert middle["hits"] - before["hits"] == 8 - STEAL_PLAN_BELOW
         assert middle["stolen_plans"] == before["stolen_plans"]   # a worker's job so far
+        assert middle["inline_plans"] == before["inline_plans"]
         assert after["stolen_plans"] > middle["stolen_plans"]     # the queue ran low: planned here
+        assert after["inline_plans"] - middle["inline_plans"] >= after["stolen_plans"] - middle["stolen_plans"]
         check_device(pipe, regions)
 
 

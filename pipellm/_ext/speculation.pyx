@@ -128,6 +128,7 @@ cdef class Queue:
                 with self._lock:
                     due = self._plan_due()
                 if due:
+                    self.counts["inline_plans"] += 1
                     self._replenish()  # the queue runs dry, or the workers lag (bursts): plan now
                 return
         # otherwise planning is a worker's job, off the requesting thread, and only once

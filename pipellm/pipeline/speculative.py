@@ -102,7 +102,7 @@ class SpeculativeEngine(CCEngine, Queue):
         self.counts = dict.fromkeys(
             ("hits", "misses", "stale", "nops", "skipped_messages", "relinquishes", "reencrypted_bytes",
              "wasted_bytes", "speculative_bytes", "stolen_chunks", "worker_errors", "async_decrypted_bytes",
-             "expired", "shadow_hits", "held_places", "evicted", "stolen_plans", "skipped_plans",
+             "expired", "shadow_hits", "held_places", "evicted", "inline_plans", "stolen_plans", "skipped_plans",
              "predictor_errors"), 0)
         self._fruitless = 0    # plans in a row that named transfers but queued nothing
         self._plan_skip = 0    # chances to plan still to skip (backing off from those)
