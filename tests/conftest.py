@@ -13,10 +13,11 @@ def pytest_sessionstart(session):
     the datapath's .pyx files (setup.py). An edit runs only after a rebuild, so tests of
     a stale build would test the old code."""
     import pipellm._ext.message
+    import pipellm._ext.request
     import pipellm._ext.speculation
     import pipellm._ext.submission
     for module in (pipellm.predictors.rules, pipellm.predictors.learned, pipellm._ext.bounce, pipellm._ext.message,
-                   pipellm._ext.speculation, pipellm._ext.submission, pipellm._ext.writeguard):
+                   pipellm._ext.request, pipellm._ext.speculation, pipellm._ext.submission, pipellm._ext.writeguard):
         stem = os.path.join(os.path.dirname(module.__file__), module.__name__.rsplit(".", 1)[1])
         source = stem + (".pyx" if module.__name__.startswith("pipellm._ext.") else ".py")
         if not module.__file__.endswith(".py") and os.path.getmtime(source) > os.path.getmtime(module.__file__):

@@ -7,6 +7,7 @@ import threading
 from time import perf_counter
 
 from .. import _fork
+from .._ext.request import Requests
 from ..channel.protocol import DEFAULT_ROTATE_AFTER, check_rotate_after
 from ..devices import Device, DeviceBuffer, Stream, open_device
 from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, DeviceError, IntegrityError, TransferTimeoutError
@@ -41,7 +42,7 @@ DEFAULT_IV_WINDOW = 4096
 DEFAULT_MIN_SPECULATIVE_BYTES = 256 << 10
 
 
-class Pipeline:
+class Pipeline(Requests):
     """Moves registered host memory to and from a device, in one of three modes.
 
     ``mode="plain"``: no encryption (the non-CC baseline). ``mode="cc"``: every transfer
@@ -185,35 +186,7 @@ class Pipeline:
             raise UnknownRegionError(f"no region named {name!r} is registered") from None
 
     # -- transfers ---------------------------------------------------------------------------------
-    def to_device(self, region: Region, offset: int = 0, nbytes: int | None = None, *,
-                  dst: DeviceBuffer | None = None, dst_offset: int | None = None,
-                  stream: Stream | None = None) -> DeviceBuffer:
-        """Copy ``region[offset:offset+nbytes]`` to the device; returns the device buffer.
-
-        Without ``dst`` the bytes go to the region's own device copy (allocated on first
-        use) at the same offset; with ``dst`` they go to ``dst`` at ``dst_offset`` (0).
-        Asynchronous like ``cudaMemcpyAsync``: ordered on ``stream``; in ``cc`` mode it
-        returns once the data is encrypted (later host writes can't change what lands).
-        """
-        self._check()
-        region = check_region(self, region)
-        offset, nbytes = check_span(region, region.nbytes, offset, nbytes)
-        stream = self.device.check_stream(stream)
-        if region.incoming is not None:
-            region.wait()  # an earlier device-to-host transfer into it lands first
-        if dst is None:
-            if dst_offset is not None:
-                raise ArgumentError("dst_offset needs dst; without dst the region's own device copy is used")
-            dst, dst_offset = self._device_copy(region), offset
-        else:
-            self.device.check_buffer(dst)
-            dst_offset = 0 if dst_offset is None else check_int("dst_offset", dst_offset)
-            if dst_offset + nbytes > dst.nbytes:
-                raise ArgumentError(f"{nbytes} bytes at dst_offset {dst_offset} do not fit in {dst!r}")
-        if self._recorder is not None:
-            self._recorder.h2d(region, offset, nbytes, stream)
-        self._engine.to_device(region, offset, nbytes, dst, dst_offset, stream)
-        return dst
+    to_device = Requests.to_device  # (C: pipellm/_ext/request.pyx)
 
     def to_host(self, src: DeviceBuffer, region: Region, *, src_offset: int = 0, offset: int = 0,
                 nbytes: int | None = None, stream: Stream | None = None) -> Transfer:

@@ -1,0 +1,62 @@
+# cython: language_level=3, annotation_typing=False
+"""The pipeline's host-to-device request in C: :meth:`Requests.to_device` checks its
+arguments and hands the request to the mode's engine.
+
+``pipeline/pipeline.py``'s ``Pipeline`` derives from :class:`Requests` (its ``__init__``
+sets the fields). Every request of every mode starts here; the same checks in Python
+cost a plain request ~12k of its ~17k instructions on the requesting thread
+(callgrind, docs/figures.md). Anything that is not the common case goes to the Python
+helpers, which raise the precise error.
+"""
+
+from pipellm import _fork
+from pipellm.errors import ArgumentError
+from pipellm.pipeline.region import Region, check_int, check_region, check_span
+
+
+cdef class Requests:
+    cdef public object device, _engine, _recorder, _fork_generation
+    cdef public bint _closed
+
+    def to_device(self, region: Region, offset: int = 0, nbytes: int | None = None, *,
+                  dst=None, dst_offset: int | None = None, stream=None):
+        """Copy ``region[offset:offset+nbytes]`` to the device; returns the device buffer.
+
+        Without ``dst`` the bytes go to the region's own device copy (allocated on first
+        use) at the same offset; with ``dst`` they go to ``dst`` at ``dst_offset`` (0).
+        Asynchronous like ``cudaMemcpyAsync``: ordered on ``stream``; in ``cc`` mode it
+        returns once the data is encrypted (later host writes can't change what lands).
+        """
+        cdef Py_ssize_t size
+        engine = self._engine
+        if self._closed or self._fork_generation != _fork.generation or engine.failure() is not None:
+            self._check()  # (it raises the error that fits)
+        if not (isinstance(region, Region) and region.owner is self and region.registered):
+            check_region(self, region)  # (it raises)
+        size = region.nbytes
+        if type(offset) is int and 0 <= offset < size and (
+                nbytes is None or (type(nbytes) is int and 0 < nbytes <= size - offset)):
+            if nbytes is None:  # the common case, cheaply
+                nbytes = size - offset
+        else:
+            offset, nbytes = check_span(region, size, offset, nbytes)
+        device = self.device
+        stream = device.default_stream if stream is None else device.check_stream(stream)
+        if region.incoming is not None:
+            region.wait()  # an earlier device-to-host transfer into it lands first
+        if dst is None:
+            if dst_offset is not None:
+                raise ArgumentError("dst_offset needs dst; without dst the region's own device copy is used")
+            dst = region.device_buffer
+            if dst is None:
+                dst = self._device_copy(region)
+            dst_offset = offset
+        else:
+            device.check_buffer(dst)
+            dst_offset = 0 if dst_offset is None else check_int("dst_offset", dst_offset)
+            if dst_offset + nbytes > dst.nbytes:
+                raise ArgumentError(f"{nbytes} bytes at dst_offset {dst_offset} do not fit in {dst!r}")
+        if self._recorder is not None:
+            self._recorder.h2d(region, offset, nbytes, stream)
+        engine.to_device(region, offset, nbytes, dst, dst_offset, stream)
+        return dst
