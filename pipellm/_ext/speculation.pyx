@@ -226,7 +226,7 @@ cdef class Queue:
         if not self.window:
             self._expect = last + 1
 
-    def _send_go(self, Item item, private, dst, Py_ssize_t dst_offset, stream):
+    cpdef _send_go(self, Item item, private, dst, Py_ssize_t dst_offset, stream):
         """Send a claimed item whose chunks are sealed: its GO command (exposed from
         ``private``, sealed ahead for this destination, or sealed now), then the chunks.
         The GO goes into the first chunk's slot, after the chunk's message (room taken

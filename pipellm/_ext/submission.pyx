@@ -34,6 +34,9 @@ cdef class Op:
 
     def __init__(self, device, kind: str, stream, Py_ssize_t nbytes=0, session=None, tuple args=(),
                  on_delivered=None):
+        self._set(device, kind, stream, nbytes, session, args, on_delivered)
+
+    cdef _set(self, device, kind, stream, Py_ssize_t nbytes, session, tuple args, on_delivered):
         self.device, self.kind, self.stream, self.nbytes = device, kind, stream, nbytes
         self.session, self.args, self.on_delivered = session, args, on_delivered
         self.submit_t = device.now()
@@ -97,20 +100,22 @@ cdef class Submitter:
                 stream._lock.release()
         return op
 
-    def _session(self, session: int):
+    cpdef _session(self, session):
         s = self._sessions.get(session)
         if s is None:
             raise ChannelClosedError(f"no open session {session} on this device")
         return s
 
-    def submit_messages(self, stream, session: int, msgs) -> Op:
+    cpdef Op submit_messages(self, stream, session, msgs):
         """Send sealed host-to-device messages, in order (payloads sit in bounce slots);
         the op is done when all of them landed."""
         cdef Py_ssize_t nbytes = 0
+        cdef Op op
         s = self._session(session)
         for msg in msgs:
             nbytes += len(msg.payload) - TAG_BYTES
-        op = Op(self, "h2d message", stream, nbytes, s, (msgs,))
+        op = Op.__new__(Op)  # (without __init__'s argument parsing)
+        op._set(self, "h2d message", stream, nbytes, s, (msgs,), None)
         op.remaining = len(msgs)
         for msg in msgs:
             msg._owner = op
