@@ -1,12 +1,13 @@
 # cython: language_level=3, annotation_typing=False
-"""The pipeline's host-to-device request in C: :meth:`Requests.to_device` checks its
-arguments and hands the request to the mode's engine.
+"""The pipeline's transfer requests in C: :class:`Requests` checks the arguments of
+``to_device`` and ``to_host`` and hands the request to the mode's engine.
 
 ``pipeline/pipeline.py``'s ``Pipeline`` derives from :class:`Requests` (its ``__init__``
 sets the fields). Every request of every mode starts here; the same checks in Python
 cost a plain request ~12k of its ~17k instructions on the requesting thread
 (callgrind, docs/figures.md). Anything that is not the common case goes to the Python
-helpers, which raise the precise error.
+helpers (``Pipeline._check``, ``region.check_region``, ``check_span``, ``check_int``),
+which raise the precise error.
 """
 
 from pipellm import _fork
@@ -18,6 +19,14 @@ cdef class Requests:
     cdef public object device, _engine, _recorder, _fork_generation
     cdef public bint _closed
 
+    cdef _open(self, region):
+        """The pipeline is open and ``region`` is one of its registered regions (else the
+        Python helpers raise the error that fits)."""
+        if self._closed or self._fork_generation != _fork.generation or self._engine.failure() is not None:
+            self._check()
+        if not (isinstance(region, Region) and region.owner is self and region.registered):
+            check_region(self, region)
+
     def to_device(self, region: Region, offset: int = 0, nbytes: int | None = None, *,
                   dst=None, dst_offset: int | None = None, stream=None):
         """Copy ``region[offset:offset+nbytes]`` to the device; returns the device buffer.
@@ -27,19 +36,8 @@ cdef class Requests:
         Asynchronous like ``cudaMemcpyAsync``: ordered on ``stream``; in ``cc`` mode it
         returns once the data is encrypted (later host writes can't change what lands).
         """
-        cdef Py_ssize_t size
-        engine = self._engine
-        if self._closed or self._fork_generation != _fork.generation or engine.failure() is not None:
-            self._check()  # (it raises the error that fits)
-        if not (isinstance(region, Region) and region.owner is self and region.registered):
-            check_region(self, region)  # (it raises)
-        size = region.nbytes
-        if type(offset) is int and 0 <= offset < size and (
-                nbytes is None or (type(nbytes) is int and 0 < nbytes <= size - offset)):
-            if nbytes is None:  # the common case, cheaply
-                nbytes = size - offset
-        else:
-            offset, nbytes = check_span(region, size, offset, nbytes)
+        self._open(region)
+        offset, nbytes = _span(region, offset, nbytes)
         device = self.device
         stream = device.default_stream if stream is None else device.check_stream(stream)
         if region.incoming is not None:
@@ -58,5 +56,34 @@ cdef class Requests:
                 raise ArgumentError(f"{nbytes} bytes at dst_offset {dst_offset} do not fit in {dst!r}")
         if self._recorder is not None:
             self._recorder.h2d(region, offset, nbytes, stream)
-        engine.to_device(region, offset, nbytes, dst, dst_offset, stream)
+        self._engine.to_device(region, offset, nbytes, dst, dst_offset, stream)
         return dst
+
+    def to_host(self, src, region: Region, *, src_offset: int = 0, offset: int = 0,
+                nbytes: int | None = None, stream=None):
+        """Copy device memory back into ``region[offset:offset+nbytes]``; returns a
+        :class:`~pipellm.pipeline.transfer.Transfer` to ``wait()`` on. ``nbytes``
+        defaults to the rest of the region."""
+        self._open(region)
+        device = self.device
+        device.check_buffer(src)
+        if region.readonly:
+            raise ArgumentError(f"{region!r} is read-only; device-to-host transfers need a writable array")
+        offset, nbytes = _span(region, offset, nbytes)
+        src_offset = check_int("src_offset", src_offset)
+        if src_offset + nbytes > src.nbytes:
+            raise ArgumentError(f"{nbytes} bytes at src_offset {src_offset} are out of range of {src!r}")
+        stream = device.default_stream if stream is None else device.check_stream(stream)
+        if self._recorder is not None:
+            self._recorder.d2h(region, offset, nbytes, stream)
+        return self._engine.to_host(src, src_offset, region, offset, nbytes, stream)
+
+
+cdef tuple _span(region, offset, nbytes):
+    """(offset, nbytes) of a request inside ``region``; ``nbytes`` None means to its end.
+    The common case here; anything else (other int types, errors) in ``check_span``."""
+    cdef Py_ssize_t size = region.nbytes
+    if type(offset) is int and 0 <= offset < size and (
+            nbytes is None or (type(nbytes) is int and 0 < nbytes <= size - offset)):
+        return offset, (size - offset if nbytes is None else nbytes)
+    return check_span(region, size, offset, nbytes)

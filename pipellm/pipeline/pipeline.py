@@ -14,8 +14,7 @@ from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, Devic
 from .cc import CCEngine
 from .plain import PlainEngine
 from .speculative import SpeculativeEngine, default_workers
-from .region import Region, as_host_array, check_int, check_region, check_span, tracking_for
-from .transfer import Transfer
+from .region import Region, as_host_array, check_int, check_region, tracking_for
 
 MODES = ("plain", "cc", "pipellm")
 #: 4 MiB chunks (one IV each). Measured here (docs/design.md): AES-GCM through the
@@ -186,25 +185,9 @@ class Pipeline(Requests):
             raise UnknownRegionError(f"no region named {name!r} is registered") from None
 
     # -- transfers ---------------------------------------------------------------------------------
-    to_device = Requests.to_device  # (C: pipellm/_ext/request.pyx)
-
-    def to_host(self, src: DeviceBuffer, region: Region, *, src_offset: int = 0, offset: int = 0,
-                nbytes: int | None = None, stream: Stream | None = None) -> Transfer:
-        """Copy device memory back into ``region[offset:offset+nbytes]``; returns a
-        :class:`Transfer` to ``wait()`` on. ``nbytes`` defaults to the rest of the region."""
-        self._check()
-        self.device.check_buffer(src)
-        region = check_region(self, region)
-        if region.readonly:
-            raise ArgumentError(f"{region!r} is read-only; device-to-host transfers need a writable array")
-        offset, nbytes = check_span(region, region.nbytes, offset, nbytes)
-        src_offset = check_int("src_offset", src_offset)
-        if src_offset + nbytes > src.nbytes:
-            raise ArgumentError(f"{nbytes} bytes at src_offset {src_offset} are out of range of {src!r}")
-        stream = self.device.check_stream(stream)
-        if self._recorder is not None:
-            self._recorder.d2h(region, offset, nbytes, stream)
-        return self._engine.to_host(src, src_offset, region, offset, nbytes, stream)
+    # the transfers' checks are C (pipellm/_ext/request.pyx): every request starts there
+    to_device = Requests.to_device
+    to_host = Requests.to_host
 
     def compute(self, us: float, *, stream: Stream | None = None) -> None:
         """Device work of ``us`` microseconds on ``stream`` (modelled on the emulated device)."""

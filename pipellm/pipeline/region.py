@@ -218,9 +218,6 @@ def check_int(name: str, value, *, minimum: int = 0) -> int:
 def check_span(what, size: int, offset, nbytes) -> tuple[int, int]:
     """Validate (offset, nbytes) inside ``size`` bytes; nbytes None means 'to the end'.
     ``what`` names the memory in errors (a string, or a region)."""
-    if type(offset) is int and 0 <= offset < size and (
-            nbytes is None or (type(nbytes) is int and 0 < nbytes <= size - offset)):
-        return offset, (size - offset if nbytes is None else nbytes)  # the common case, cheaply
     what = f"region {what.name!r}" if isinstance(what, Region) else what
     offset = check_int(f"{what} offset", offset)
     if offset >= size:
