@@ -66,6 +66,9 @@ cdef class Ticket:
     cdef public bint used
 
     def __init__(self, long long index, long long epoch, long long counter, key):
+        self._set(index, epoch, counter, key)
+
+    cdef _set(self, long long index, long long epoch, long long counter, key):  # (__init__, and ticket_run)
         self.index, self.epoch, self.counter, self.key = index, epoch, counter, key
         self.used = False
 
@@ -85,7 +88,7 @@ def ticket_run(long long first, Py_ssize_t count, long long rotate_after, key_at
         if counter == rotate_after:
             epoch, counter, key = key_at(index)
         ticket = Ticket.__new__(Ticket)
-        ticket.index, ticket.epoch, ticket.counter, ticket.key = index, epoch, counter, key
+        ticket._set(index, epoch, counter, key)
         run.append(ticket)
         counter += 1
     return run

@@ -53,6 +53,9 @@ cdef class Chunk:
     cdef public long long lib_seq  # the region's library-write count when it was encrypted
 
     def __init__(self, ticket, slot, Py_ssize_t offset, Py_ssize_t nbytes):
+        self._set(ticket, slot, offset, nbytes)
+
+    cdef _set(self, ticket, slot, Py_ssize_t offset, Py_ssize_t nbytes):  # (__init__, and C without its call)
         self.ticket, self.slot, self.offset, self.nbytes = ticket, slot, offset, nbytes
         self.state = PENDING
         self.msg = None
@@ -71,6 +74,9 @@ cdef class Item:
     cdef public bint go_busy      # a worker is sealing the GO ahead
 
     def __init__(self, key, region, Py_ssize_t offset, Py_ssize_t nbytes, token, go, list chunks, go_dst):
+        self._set(key, region, offset, nbytes, token, go, chunks, go_dst)
+
+    cdef _set(self, key, region, Py_ssize_t offset, Py_ssize_t nbytes, token, go, list chunks, go_dst):
         self.key, self.region, self.offset, self.nbytes = key, region, offset, nbytes
         self.token, self.go, self.chunks = token, go, chunks
         # The GO command for the likely destination (the region's own device copy),
@@ -297,15 +303,13 @@ cdef class Queue:
         chunks = []
         for i in range(n):
             c = Chunk.__new__(Chunk)
-            c.ticket, c.slot, c.offset = tickets[i + 1], slots[i], i * chunk_size
-            c.nbytes, c.state, c.lib_seq = min(chunk_size, nbytes - i * chunk_size), PENDING, -1
+            c._set(tickets[i + 1], slots[i], i * chunk_size, min(chunk_size, nbytes - i * chunk_size))
             chunks.append(c)
         dbuf = region.device_buffer
         item = Item.__new__(Item)
-        item.key, item.region, item.offset, item.nbytes = key, region, offset, nbytes
-        item.token, item.go, item.chunks = token, go, chunks
         # the GO command for the likely destination is sealed ahead (strict order only)
-        item.go_dst = None if dbuf is None or dbuf.freed or self.window else (dbuf.id, offset)
+        item._set(key, region, offset, nbytes, token, go, chunks,
+                  None if dbuf is None or dbuf.freed or self.window else (dbuf.id, offset))
         self._count_reencrypted(key)
         with self._lock:
             self._items.append(item)
