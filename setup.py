@@ -62,7 +62,7 @@ extensions = [
 # untyped (MoE). Optional: a failure leaves the .py modules in use, which need no Cython
 # at run time (predictors/_nocython.py stands in for the declarations).
 PREDICTORS = [Extension(f"pipellm.predictors.{name}", [f"predictors/{name}.py"], extra_compile_args=["-O2"],
-                        optional=True) for name in ("_core", "rules", "learned")]
+                        optional=True) for name in ("_core", "rules", "learned", "simple")]
 
 setup(cmdclass={"build_ext": ParallelBuildExt}, ext_modules=cythonize(extensions, **CYTHON) + cythonize(
     PREDICTORS, language_level=3, compiler_directives={"annotation_typing": False}) + cuda_extension())

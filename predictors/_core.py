@@ -16,7 +16,7 @@ try:
 except ImportError:   # the plain module without Cython installed
     from . import _nocython as cython
 
-from .base import Prediction, TransferEvent
+from .base import Prediction, TransferEvent, _new_tuple
 
 #: splitmix64's constants (the keys below), and the masks that make Python's integers
 #: wrap as C's 64-bit ones do (the plain module computes the same keys)
@@ -25,8 +25,6 @@ _MASK63 = cython.declare(cython.ulonglong, 0x7FFFFFFFFFFFFFFF)
 _GOLDEN = cython.declare(cython.ulonglong, 0x9E3779B97F4A7C15)
 _MIX1 = cython.declare(cython.ulonglong, 0xBF58476D1CE4E5B9)
 _MIX2 = cython.declare(cython.ulonglong, 0x94D049BB133111EB)
-#: predictions are made with tuple.__new__: a NamedTuple's own __new__ is a Python frame
-_new_tuple = tuple.__new__
 #: "absent" for maps whose values may be negative (steps)
 _NONE = cython.declare(cython.longlong, -(1 << 62))
 #: a guess packs (context's region + 1, walk's region + 1, context length) in one integer

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+#: makes a NamedTuple from a tuple of its fields (``_new_tuple(Prediction, key)``) in C:
+#: a NamedTuple's own ``__new__`` and ``_make`` are Python frames, on the planning path
+_new_tuple = tuple.__new__
+
 
 class TransferEvent(NamedTuple):
     """One transfer as it happens. ``region`` is the region's name."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Prediction, Predictor, TransferEvent
+from .base import Prediction, Predictor, TransferEvent, _new_tuple
 
 
 class OraclePredictor(Predictor):
@@ -38,7 +38,7 @@ class OraclePredictor(Predictor):
                 return
 
     def predict(self, k: int) -> list[Prediction]:
-        return [Prediction._make(key) for key in self.future[self._next:self._next + k]]
+        return [_new_tuple(Prediction, key) for key in self.future[self._next:self._next + k]]
 
     def reset(self) -> None:
         self._next = 0

@@ -9,7 +9,7 @@ from collections import OrderedDict, deque
 from pipellm.errors import ArgumentError
 
 from ._core import MAX_ORDER, _LayerwiseCore
-from .base import Prediction, Predictor, TransferEvent
+from .base import Prediction, Predictor, TransferEvent, _new_tuple
 
 
 class LayerwisePredictor(_LayerwiseCore, Predictor):
@@ -134,7 +134,7 @@ class KVSwapPredictor(Predictor):
         # newest first, without copying the stack (it may hold thousands of groups)
         for group in itertools.chain([self._open] if self._open else (), reversed(self._groups)):
             for key in group:
-                out.append(Prediction._make(key))
+                out.append(_new_tuple(Prediction, key))
                 if len(out) >= k:
                     return out
         return out
@@ -190,7 +190,7 @@ class LRUPredictor(Predictor):
             if key is None or key in seen or key not in self._order:
                 break
             seen.add(key)
-            out.append(Prediction._make(key))
+            out.append(_new_tuple(Prediction, key))
         if not out:
-            out = [Prediction._make(key) for key in reversed(self._order)][:k]
+            out = [_new_tuple(Prediction, key) for key in reversed(self._order)][:k]
         return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Prediction, Predictor, TransferEvent
+from .base import Prediction, Predictor, TransferEvent, _new_tuple
 
 
 class NonePredictor(Predictor):
@@ -48,7 +48,7 @@ class SequencePredictor(Predictor):
             if key is None or key in seen:
                 break
             seen.add(key)
-            out.append(Prediction._make(key))
+            out.append(_new_tuple(Prediction, key))
         return out
 
     def reset(self) -> None:

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 
 import pipellm
+import pipellm.predictors._core
 import pipellm.predictors.learned
 import pipellm.predictors.rules
+import pipellm.predictors.simple
 
 
 def pytest_sessionstart(session):
@@ -16,7 +18,8 @@ def pytest_sessionstart(session):
     import pipellm._ext.request
     import pipellm._ext.speculation
     import pipellm._ext.submission
-    for module in (pipellm.predictors.rules, pipellm.predictors.learned, pipellm._ext.bounce, pipellm._ext.message,
+    for module in (pipellm.predictors._core, pipellm.predictors.rules, pipellm.predictors.learned,
+                   pipellm.predictors.simple, pipellm._ext.bounce, pipellm._ext.message,
                    pipellm._ext.request, pipellm._ext.speculation, pipellm._ext.submission, pipellm._ext.writeguard):
         stem = os.path.join(os.path.dirname(module.__file__), module.__name__.rsplit(".", 1)[1])
         source = stem + (".pyx" if module.__name__.startswith("pipellm._ext.") else ".py")

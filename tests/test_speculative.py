@@ -193,6 +193,38 @@ def test_a_predictor_that_raises_costs_only_speculation(where):
         assert s["hits"] + s["misses"] == 12
 
 
+class Sloppy(Predictor):
+    """Names the next region of the loop (its span in numpy integers), beside predictions
+    that are wrong (out of range, an unknown region) or malformed (a float offset, an
+    object that is not a Prediction)."""
+
+    def __init__(self, names, nbytes):
+        self.names, self.nbytes, self.last = names, nbytes, -1
+
+    def observe(self, event):
+        self.last = self.names.index(event.region)
+
+    def predict(self, k):
+        name = self.names[(self.last + 1) % len(self.names)]
+        return [Prediction(name, np.int64(0), np.int64(self.nbytes)), Prediction(name, 0.0, self.nbytes),
+                ("not", "a prediction"), Prediction(name, 0, self.nbytes + 1), Prediction("nowhere", 0, 1)][:k]
+
+
+def test_malformed_predictions_are_a_predictor_error_and_wrong_ones_are_skipped():
+    with spec_pipe() as pipe:
+        regions = layers(pipe, n=3)
+        pipe._engine.predictor = Sloppy([r.name for r in regions], regions[0].nbytes)
+        with pytest.warns(pipellm.PredictorWarning, match="has no attribute 'region'|an integer"):
+            for _ in range(4):
+                for r in regions:
+                    pipe.to_device(r)
+                    pipe.wait_speculation()
+        check_device(pipe, regions)
+        s = pipe.stats()
+        assert s["predictor_errors"] >= 2 and s["worker_errors"] == 0
+        assert s["hits"] >= 8 and s["hits"] + s["misses"] == 12  # the numpy-integer span hits
+
+
 def burn(seconds):
     """Use this much CPU time (the pipeline counts the predictor's CPU time, not sleeps)."""
     end = time.thread_time() + seconds

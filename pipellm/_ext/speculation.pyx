@@ -9,11 +9,12 @@ In Python, the same hit cost 3.3x a plain request on the requesting thread, all 
 glue around the AES (docs/figures.md).
 """
 
-from time import perf_counter
+from time import perf_counter, thread_time
 
 from pipellm.channel.protocol import GO_BODY, TAG_BYTES as _TAG_BYTES
 
 from pipellm.channel import Kind
+from pipellm.predictors.base import TransferEvent, _new_tuple
 
 PENDING, ENCRYPTING, READY, FAILED = range(4)
 cdef int _READY = READY
@@ -40,6 +41,13 @@ cdef Py_ssize_t _INLINE_BELOW = INLINE_PLANNING_BELOW, _STEAL_BELOW = STEAL_PLAN
 #: a worker); past this many unheard ones the requesting thread tells it itself
 MAX_UNHEARD_EVENTS = 256
 cdef Py_ssize_t _MAX_UNHEARD = MAX_UNHEARD_EVENTS
+#: strict order: the fewest predicted transfers to queue, however inaccurate the predictor
+STRICT_MIN_DEPTH = 2
+#: plans in a row that may name transfers yet queue nothing (small or untracked ones)
+#: before planning backs off, skipping up to MAX_PLAN_SKIP chances to plan
+FRUITLESS_PLANS = 2
+MAX_PLAN_SKIP = 16
+cdef Py_ssize_t _STRICT_MIN_DEPTH = STRICT_MIN_DEPTH, _FRUITLESS = FRUITLESS_PLANS, _MAX_SKIP = MAX_PLAN_SKIP
 _RECEIVE = object()    # worker task: receive the oldest device-to-host chunk
 _REPLENISH = object()  # worker task: ask the predictor and queue new speculation
 
@@ -111,6 +119,13 @@ cdef class Queue:
     cdef public object _shadow          # throttled: the predictor's first guess for the next request
     cdef public Py_ssize_t lookahead
     cdef public object _dropped         # OrderedDict: keys whose speculation was lost -> their bytes
+    cdef public object predictor
+    cdef public dict _regions           # name -> Region, the pipeline's live table
+    cdef public Py_ssize_t min_speculative_bytes
+    cdef public Py_ssize_t _fruitless   # plans in a row that named transfers but queued nothing
+    # CPU seconds in the predictor's observe and predict (thread time: waiting for the
+    # GIL or for a core on a busy machine is not the predictor's cost)
+    cdef public double predictor_s
 
     def to_device(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
         """Send ``region[offset:offset+nbytes]`` to ``dst`` at ``dst_offset`` on ``stream``:
@@ -269,6 +284,101 @@ cdef class Queue:
         """A transfer whose speculation was lost is encrypted again: count its bytes."""
         if key in self._dropped:
             self.counts["reencrypted_bytes"] += self._dropped.pop(key)
+
+    # -- planning (h2d lock held): the predictor is told and asked, what it names admitted.
+    # In C: a plan runs on the requesting thread whenever requests outrun the workers, and
+    # on a worker it holds the GIL the requests need.
+    cpdef _feed(self):
+        """Tell the predictor every transfer since it was last asked, in order."""
+        events, observe = self._events, self.predictor.observe
+        start = thread_time()
+        while events:
+            event = _new_tuple(TransferEvent, events.popleft())  # built here, off the request path
+            try:
+                observe(event)
+            except Exception as exc:  # noqa: BLE001 - as in _ask
+                self._predictor_failed(exc)
+        self.predictor_s += thread_time() - start
+
+    cpdef _ask(self, Py_ssize_t k):
+        """The predictor's next ``k`` transfers; its bugs cost only speculation."""
+        start = thread_time()
+        try:
+            return self.predictor.predict(k)[:k]
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug must not fail a transfer
+            self._predictor_failed(exc)
+            return []
+        finally:
+            self.predictor_s += thread_time() - start
+
+    cpdef _replenish(self):
+        """Admit predicted transfers: reserve their indices and slots, queue their chunks."""
+        cdef Py_ssize_t limit, offset, nbytes, chunk_size = self.chunk_size
+        cdef Py_ssize_t small_below = self.min_speculative_bytes
+        cdef bint small, ahead, beside = False
+        cdef list plan = []  # (key, region, encrypt ahead?) of the valid predictions
+        cdef set wanted = set()  # their keys (what a full depth may not evict)
+        self._feed()
+        if self._throttle:
+            # the predictor has been wrong lately: keep the workers (and the CPU) free for
+            # on-demand work; shadow guesses tell when it is right again
+            return
+        # each request consumes about one queued item: look a little past the queue
+        limit = min(self.lookahead, len(self._items) + 4)
+        if not self.window:
+            # strict order loses everything queued before a request that skips it, so
+            # speculate about as far as the predictor's run of hits is expected to last
+            # (1 / miss rate): a 70% predictor gets ~3 items, not the whole lookahead
+            limit = min(limit, max(_STRICT_MIN_DEPTH, <Py_ssize_t>(1.0 / max(1e-3, 1.0 - self._accuracy))))
+        predictions = self._ask(limit)
+        regions, by_key = self._regions, self._by_key
+        for p in predictions:
+            try:
+                name, offset, nbytes = p.region, p.offset, p.nbytes  # (integers, or a TypeError)
+                region = regions.get(name)
+            except (AttributeError, TypeError, OverflowError) as exc:  # not a Prediction: a bug
+                self._predictor_failed(exc)
+                continue
+            if region is None or nbytes <= 0 or offset < 0 or offset + nbytes > region.nbytes:
+                continue  # a wrong guess, not a bug
+            small = nbytes < small_below and nbytes <= chunk_size
+            ahead = not small
+            if small or region.guard is not None:  # untracked memory is never encrypted ahead
+                key = (name, offset, nbytes)
+                plan.append((key, region, ahead))
+                wanted.add(key)
+                beside = beside or ahead
+        # a small transfer holds its place only beside speculation (strict order: sent on
+        # demand it would drop everything queued); alone, a held place saves nothing on a
+        # hit and costs a SKIP on a miss, so all-small traffic runs as cc does
+        if not beside:
+            for item in self._items:
+                if (<Item>item).chunks:
+                    beside = True
+                    break
+        for key, region, ahead in plan:
+            if key in by_key:
+                continue
+            if not ahead:
+                if beside:
+                    self._hold_place(key, region)
+                continue
+            if not self._admit(key, region, key[1], key[2], wanted):
+                break
+        self._note_plan(len(predictions) > 0)
+
+    cdef _note_plan(self, bint predicted):
+        """Back off from plans that name transfers but queue nothing (all of them small
+        or untracked): each asked the predictor and, after a swap-out, woke a worker for
+        nothing. The next 1, 2, 4... (at most MAX_PLAN_SKIP) chances to plan are skipped;
+        a plan that queues something ends it."""
+        with self._lock:
+            if self._items:
+                self._fruitless = self._plan_skip = 0
+            elif predicted:
+                self._fruitless += 1
+                if self._fruitless > _FRUITLESS:
+                    self._plan_skip = min(_MAX_SKIP, 1 << min(self._fruitless - _FRUITLESS - 1, 8))
 
     cpdef bint _admit(self, key, region, Py_ssize_t offset, Py_ssize_t nbytes, set wanted) except -1:
         """Queue one predicted transfer to be encrypted ahead (h2d lock held): its slots

@@ -38,18 +38,13 @@ from time import perf_counter, thread_time
 from ..channel import Kind
 from ..channel.protocol import GO_BODY, SKIP_BODY, TAG_BYTES
 from ..errors import ChannelClosedError, PredictorWarning, TransferTimeoutError
-from ..predictors import Predictor, TransferEvent
+from ..predictors import Predictor
 from .._ext.speculation import (  # noqa: F401 - the policy's constants, re-exported
-    _RECEIVE, _REPLENISH, ACCURACY_ALPHA, ACCURACY_FLOOR, ENCRYPTING, FAILED, GO_MESSAGE_BYTES, INLINE_PLANNING_BELOW,
-    MAX_UNHEARD_EVENTS, PENDING, READY, STEAL_PLAN_BELOW, Chunk, Item, Queue)
+    _RECEIVE, _REPLENISH, ACCURACY_ALPHA, ACCURACY_FLOOR, ENCRYPTING, FAILED, FRUITLESS_PLANS, GO_MESSAGE_BYTES,
+    INLINE_PLANNING_BELOW, MAX_PLAN_SKIP, MAX_UNHEARD_EVENTS, PENDING, READY, STEAL_PLAN_BELOW, STRICT_MIN_DEPTH, Chunk,
+    Item, Queue)
 from .cc import CCEngine, slot_bytes_for
 
-#: strict order: the fewest predicted transfers to queue, however inaccurate the predictor
-STRICT_MIN_DEPTH = 2
-#: plans in a row that may name transfers yet queue nothing (small or untracked ones)
-#: before planning backs off, skipping up to MAX_PLAN_SKIP chances to plan
-FRUITLESS_PLANS = 2
-MAX_PLAN_SKIP = 16
 #: a worker pays back emulated-clock time its tasks ran during emulation stall (see
 #: EmulatedDevice.hold) once it owes this much: a sleep overshoots by ~70 us on a VM
 HOLD_MIN_S = 2e-4
@@ -117,9 +112,7 @@ class SpeculativeEngine(CCEngine, Queue):
         # loaded (cores shared with the emulated device's decryption, for one)
         self.worker_cpu_s = 0.0
         self.hit_wait_s = 0.0  # requests waiting for a worker to finish their chunks
-        # CPU seconds in the predictor's observe and predict (thread time: waiting for the
-        # GIL or for a core on a busy machine is not the predictor's cost)
-        self.predictor_s = 0.0
+        self.predictor_s = 0.0  # CPU seconds in the predictor (see Queue)
         self._workers = [threading.Thread(target=self._work, name=f"pipellm-worker-{i}", daemon=True)
                          for i in range(workers)]
         for t in self._workers:
@@ -153,29 +146,6 @@ class SpeculativeEngine(CCEngine, Queue):
             self._count_reencrypted(key)
             self._send_on_demand(region, offset, nbytes, dst, dst_offset, stream)
         return item is not None, throttled
-
-    def _feed(self) -> None:
-        """Tell the predictor every transfer since it was last asked, in order (h2d lock held)."""
-        events, observe = self._events, self.predictor.observe
-        start = thread_time()
-        while events:
-            event = TransferEvent(*events.popleft())  # built here, off the request path
-            try:
-                observe(event)
-            except Exception as exc:  # noqa: BLE001 - as in _ask
-                self._predictor_failed(exc)
-        self.predictor_s += thread_time() - start
-
-    def _ask(self, k: int) -> list:
-        """The predictor's next ``k`` transfers; its bugs cost only speculation (h2d lock held)."""
-        start = thread_time()
-        try:
-            return self.predictor.predict(k)[:k]
-        except Exception as exc:  # noqa: BLE001 - a plugin's bug must not fail a transfer
-            self._predictor_failed(exc)
-            return []
-        finally:
-            self.predictor_s += thread_time() - start
 
     def _shadow_guess(self):
         """The key the predictor expects next, scored against the next request (costs one
@@ -339,59 +309,6 @@ class SpeculativeEngine(CCEngine, Queue):
                           f"encrypted on demand (counted in stats()['predictor_errors'])", PredictorWarning,
                           stacklevel=2)
 
-    def _replenish(self) -> None:
-        """Admit predicted transfers: reserve their indices and slots, queue their chunks (h2d lock held)."""
-        self._feed()
-        if self._throttle:
-            # the predictor has been wrong lately: keep the workers (and the CPU) free for
-            # on-demand work; shadow guesses tell when it is right again
-            return
-        # each request consumes about one queued item: look a little past the queue
-        limit = min(self.lookahead, len(self._items) + 4)
-        if not self.window:
-            # strict order loses everything queued before a request that skips it, so
-            # speculate about as far as the predictor's run of hits is expected to last
-            # (1 / miss rate): a 70% predictor gets ~3 items, not the whole lookahead
-            limit = min(limit, max(STRICT_MIN_DEPTH, int(1.0 / max(1e-3, 1.0 - self._accuracy))))
-        predictions = self._ask(limit)
-        chunk_size, by_key, wanted = self.chunk_size, self._by_key, set(predictions)
-        plan = []  # (prediction, region, encrypt ahead?) for the valid ones
-        for p in predictions:
-            region = self._regions.get(p.region)
-            if region is None or p.nbytes <= 0 or p.offset < 0 or p.offset + p.nbytes > region.nbytes:
-                continue
-            small = p.nbytes < self.min_speculative_bytes and p.nbytes <= chunk_size
-            if small or region.guard is not None:  # untracked memory is never encrypted ahead
-                plan.append((p, region, not small))
-        # a small transfer holds its place only beside speculation (strict order: sent on
-        # demand it would drop everything queued); alone, a held place saves nothing on a
-        # hit and costs a SKIP on a miss, so all-small traffic runs as cc does
-        beside = any(ahead for _, _, ahead in plan) or any(item.chunks for item in self._items)
-        for p, region, ahead in plan:
-            if p in by_key:
-                continue
-            key = (p.region, p.offset, p.nbytes)
-            if not ahead:
-                if beside:
-                    self._hold_place(key, region, p)
-                continue
-            if not self._admit(key, region, p.offset, p.nbytes, wanted):
-                break
-        self._note_plan(bool(predictions))
-
-    def _note_plan(self, predicted: bool) -> None:
-        """Back off from plans that name transfers but queue nothing (all of them small
-        or untracked): each asked the predictor and, after a swap-out, woke a worker for
-        nothing. The next 1, 2, 4... (at most MAX_PLAN_SKIP) chances to plan are skipped;
-        a plan that queues something ends it (h2d lock held)."""
-        with self._cond:
-            if self._items:
-                self._fruitless = self._plan_skip = 0
-            elif predicted:
-                self._fruitless += 1
-                if self._fruitless > FRUITLESS_PLANS:
-                    self._plan_skip = min(MAX_PLAN_SKIP, 2 ** (self._fruitless - FRUITLESS_PLANS - 1))
-
     def _evict(self, wanted: set) -> bool:
         """Make room for what the predictor names now: drop the oldest queued item it no
         longer names (window order keeps mispredicted items, which would otherwise fill
@@ -404,7 +321,7 @@ class SpeculativeEngine(CCEngine, Queue):
                     return True
         return False
 
-    def _hold_place(self, key, region, p) -> None:
+    def _hold_place(self, key, region) -> None:
         """A small predicted transfer is not encrypted ahead (its AES costs less than the
         speculation would): it only keeps its place in the channel's order, an index it
         will be sealed under, on demand, when requested. Strict order then needs no SKIP
@@ -413,7 +330,7 @@ class SpeculativeEngine(CCEngine, Queue):
             return
         (ticket,) = self.sealer.reserve_run(1)
         self._go_tickets[ticket.index] = ticket
-        item = Item(key, region, p.offset, p.nbytes, None, ticket, [], None)
+        item = Item(key, region, key[1], key[2], None, ticket, [], None)
         with self._cond:
             self._items.append(item)
             self._by_key[key] = item
