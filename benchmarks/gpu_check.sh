@@ -15,7 +15,7 @@
 #     --platform manylinux_2_17_x86_64 -d .whl 'cryptography>=50' cffi pycparser
 # and, for a profile of the copy-engine thread in the same run (optional), py-spy:
 #   python3 -m pip download --no-deps --only-binary=:all: --platform manylinux_2_5_x86_64 -d .whl py-spy
-# then run it with `.whl` carried:  bash benchmarks/gpu_check.sh
+# then run it with `.whl` carried:  bash benchmarks/gpu_check.sh  (or ONLY=offload bash ...)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-results}"
@@ -34,6 +34,14 @@ step machine
 step install
 timeout 150 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . 2>&1 | tail -3 | tee "$out/install.log"
 python3 -c "import pipellm._ext.cudadriver; print('cydriver layer: built')" 2>&1 | tail -1 | tee -a "$out/install.log"
+if [ "${ONLY:-}" = offload ]; then
+    # ONLY=offload: instead of the GPU steps, the emulated offload bench on this host's
+    # cores (issue 3's transfer-bound figure with cores - 1 workers; ~3 minutes on 2 vCPUs)
+    step offload
+    timeout 420 python3 -c 'from pipellm.cli import main; main()' bench offload --no-progress \
+        --out "$out/offload.json" --plot "$out/offload.png" 2>&1 | tee "$out/offload.log"
+    exit "${PIPESTATUS[0]}"
+fi
 step figures
 timeout 240 python3 -m pipellm.benchmarks.gpu --out "$out/gpu.json" 2>&1 | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
