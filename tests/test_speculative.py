@@ -47,16 +47,21 @@ def check_device(pipe, regions):
         assert np.array_equal(pipe.device.read(r.device_buffer), r.array), r.name
 
 
+def settled_passes(pipe, regions, n=4) -> dict:
+    """``n`` passes over ``regions``, speculation settled after each request; then every
+    transfer landed (encrypted ahead or on demand). Returns the stats."""
+    for _ in range(n):
+        for r in regions:
+            pipe.to_device(r)
+            pipe.wait_speculation()
+    check_device(pipe, regions)
+    return pipe.stats()
+
+
 @pytest.mark.parametrize("iv_order", ["strict", "window"])
 def test_repeating_order_hits_after_the_first_pass(iv_order):
     with spec_pipe(iv_order=iv_order) as pipe:
-        regions = layers(pipe)
-        for _ in range(4):
-            for r in regions:
-                pipe.to_device(r)
-                pipe.wait_speculation()  # planning is asynchronous: let it happen
-        check_device(pipe, regions)
-        s = pipe.stats()
+        s = settled_passes(pipe, layers(pipe))  # (planning is asynchronous: settled after each)
         # pass 1 learns, the first request of pass 2 is the wrap-around; the rest hit
         assert s["hits"] == 4 * 4 - 5 and s["misses"] == 5
         assert s["nops"] == 0 and s["relinquishes"] == 0 and s["stale"] == 0
@@ -183,12 +188,7 @@ def test_a_predictor_that_raises_costs_only_speculation(where):
         regions = layers(pipe, n=3)
         pipe._engine.predictor = Broken([r.name for r in regions], regions[0].nbytes, where)
         with pytest.warns(pipellm.PredictorWarning, match=f"{where} is broken"):
-            for _ in range(4):
-                for r in regions:
-                    pipe.to_device(r)
-                    pipe.wait_speculation()
-        check_device(pipe, regions)  # every transfer landed, encrypted ahead or on demand
-        s = pipe.stats()
+            s = settled_passes(pipe, regions)
         assert s["predictor_errors"] >= 1 and s["worker_errors"] == 0
         assert s["hits"] + s["misses"] == 12
 
@@ -215,12 +215,7 @@ def test_malformed_predictions_are_a_predictor_error_and_wrong_ones_are_skipped(
         regions = layers(pipe, n=3)
         pipe._engine.predictor = Sloppy([r.name for r in regions], regions[0].nbytes)
         with pytest.warns(pipellm.PredictorWarning, match="has no attribute 'region'|an integer"):
-            for _ in range(4):
-                for r in regions:
-                    pipe.to_device(r)
-                    pipe.wait_speculation()
-        check_device(pipe, regions)
-        s = pipe.stats()
+            s = settled_passes(pipe, regions)
         assert s["predictor_errors"] >= 2 and s["worker_errors"] == 0
         assert s["hits"] >= 8 and s["hits"] + s["misses"] == 12  # the numpy-integer span hits
 
@@ -540,13 +535,7 @@ def test_traffic_of_small_transfers_only_runs_as_cc(iv_order):
     """Nothing worth encrypting ahead: no place is held (a misprediction would cost a
     SKIP, a hit would save nothing) and planning backs off."""
     with spec_pipe(iv_order=iv_order, min_speculative_bytes=1 << 20, chunk_size=1 << 16) as pipe:
-        regions = layers(pipe, n=3)
-        for _ in range(4):
-            for r in regions:
-                pipe.to_device(r)
-                pipe.wait_speculation()
-        check_device(pipe, regions)
-        s = pipe.stats()
+        s = settled_passes(pipe, layers(pipe, n=3))
         assert s["held_places"] == 0 and s["speculative_bytes"] == 0 and s["nops"] == 0
         assert s["misses"] == 12
 
