@@ -59,8 +59,9 @@ extensions = [
 # source; the .py is what runs where no compiler is). Their hot classes carry Cython
 # pure-Python-mode declarations (@cython.cclass, typed fields and locals), which the
 # compiled modules turn into C: observe + predict costs about 0.6-0.75x of compiling them
-# untyped (MoE); simple.py (`sequence`, the default) is compiled as written. Optional: a failure leaves the .py modules in use, which need no Cython
-# at run time (predictors/_nocython.py stands in for the declarations).
+# untyped (MoE); simple.py (`sequence`, the default) is compiled as written. Optional: a
+# failure leaves the .py modules in use, which need no Cython at run time
+# (predictors/_nocython.py stands in for the declarations).
 PREDICTORS = [Extension(f"pipellm.predictors.{name}", [f"predictors/{name}.py"], extra_compile_args=["-O2"],
                         optional=True) for name in ("_core", "rules", "learned", "simple")]
 
