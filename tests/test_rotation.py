@@ -2,9 +2,11 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from pipellm.testing import IVLedger, IVReuseError
 from pipellm.channel import KeyAgreement, Kind, Sealer, Direction
+from pipellm.channel.protocol import position
 from conftest import make_pipe, random_bytes
 
 
@@ -51,3 +53,22 @@ def test_the_ledger_catches_reuse():
             sealer.seal_into(sealer.reserve(), Kind.DATA, 1, 0, data, memoryview(bytearray(19)))
     with pytest.raises(IVReuseError, match="1 \\(key, counter\\) pairs"):
         ledger.check()
+
+
+@settings(max_examples=60, deadline=None)
+@given(rotate_after=st.integers(1, 7), runs=st.lists(st.integers(1, 12), min_size=1, max_size=12))
+def test_ticket_runs_follow_the_rotation_rule_across_epochs(rotate_after, runs):
+    """Runs of tickets (a plan reserves one per item; the epoch's key is remembered
+    between runs) carry each index's (epoch, counter) and that epoch's key, whatever
+    epochs the runs start in or cross, and no index twice."""
+    host, dev = KeyAgreement(), KeyAgreement()
+    keys = host.derive(dev.public_bytes, session=1, host_public=host.public_bytes, device_public=dev.public_bytes)
+    sealer = Sealer(keys, Direction.H2D, rotate_after)
+    seen = []
+    for count in runs:
+        for ticket in sealer.reserve_run(count):
+            assert (ticket.epoch, ticket.counter) == position(ticket.index, rotate_after)
+            expected = keys.epoch_key(Direction.H2D, ticket.epoch)  # (derived again once evicted)
+            assert (ticket.key.secret, ticket.key.mask) == (expected.secret, expected.mask)
+            seen.append(ticket.index)
+    assert seen == list(range(sum(runs)))

@@ -76,17 +76,27 @@ cdef class Ticket:
         return f"<Ticket {self.index} (epoch {self.epoch}, counter {self.counter}){' used' if self.used else ''}>"
 
 
-def ticket_run(long long first, Py_ssize_t count, long long rotate_after, key_at) -> list:
+def ticket_run(long long first, Py_ssize_t count, long long rotate_after, key_at, list cache) -> list:
     """The tickets of indices ``first .. first + count - 1``: ``key_at(index)`` gives
-    (epoch, counter, key) where the run starts and where it enters a new epoch. (In C:
-    each predicted transfer reserves a run, often on the requesting thread.)"""
+    (epoch, counter, key) where the run enters an epoch other than the one in
+    ``cache``, the caller's ``[(epoch, key)]`` of its last run (updated here, one item
+    read or written at a time, so threads sharing it see a whole pair); within it the
+    counter is ``index % rotate_after``, ``protocol.position``'s rule. (In C, with no
+    Python call within an epoch: every predicted transfer reserves a run, often on the
+    requesting thread.)"""
     cdef list run = []
     cdef Ticket ticket
-    cdef long long index, epoch, counter
-    epoch, counter, key = key_at(first)
+    cdef long long index, epoch = first // rotate_after, counter = first % rotate_after
+    cdef tuple last = cache[0]
+    if last is not None and <long long>last[0] == epoch:
+        key = last[1]
+    else:
+        epoch, counter, key = key_at(first)
+        cache[0] = (epoch, key)
     for index in range(first, first + count):
         if counter == rotate_after:
             epoch, counter, key = key_at(index)
+            cache[0] = (epoch, key)
         ticket = Ticket.__new__(Ticket)
         ticket._set(index, epoch, counter, key)
         run.append(ticket)

@@ -9,6 +9,8 @@ its submission cost a speculative hit about 14k instructions of the requesting t
 ~61k (callgrind; docs/figures.md).
 """
 
+from time import perf_counter
+
 from pipellm import _fork
 from pipellm.channel.protocol import TAG_BYTES as _TAG_BYTES
 from pipellm.errors import ChannelClosedError, TransferTimeoutError
@@ -74,6 +76,26 @@ cdef class Submitter:
     cdef public bint _closed           # (Device's state, read here without a Python call)
     cdef public object failure
     cdef public object _fork_generation
+    # (stalled since, or None; seconds stalled before): the emulated device's clock
+    # stands still while the emulator lags its model (a real device's never does);
+    # replaced whole under the device's stall lock, read without it
+    cdef public tuple _clock
+
+    def __cinit__(self, *args, **kwargs):
+        self._clock = (None, 0.0)
+
+    cpdef double now(self):
+        """The device's clock (seconds), on which ``Op.end`` times are given: wall time
+        less the emulation stall. (In C: every op reads it, and a pool reaping slots
+        reads it once per finished op.)"""
+        since, stalled = self._clock
+        return (perf_counter() if since is None else <double>since) - <double>stalled
+
+    cpdef double frozen_s(self):
+        """Seconds the device clock has stood still so far (the emulated device's
+        emulation stall, the current one included; 0 on real hardware)."""
+        since, stalled = self._clock
+        return <double>stalled + (0.0 if since is None else perf_counter() - <double>since)
 
     cpdef Op _submit(self, Op op):
         if self._closed or self.failure is not None or self._fork_generation != _fork.generation:

@@ -54,6 +54,7 @@ class _Endpoint:
         self.aes_s = 0.0  # time spent inside the AES-GCM calls
         self.failure: BaseException | None = None
         self._lock = threading.Lock()
+        self._run_key = [None]  # [(epoch, EpochKey)] of the last ticket run (see ticket_run)
 
     def _key_at(self, index: int) -> tuple[int, int, EpochKey]:
         epoch, counter = position(index, self.rotate_after)
@@ -103,7 +104,7 @@ class Sealer(_Endpoint):
                 self._check_open()
             first = self._next
             self._next += count
-        return _ticket_run(first, count, self.rotate_after, self._key_at)
+        return _ticket_run(first, count, self.rotate_after, self._key_at, self._run_key)
 
     def seal_into(self, ticket: Ticket, kind: int, buffer: int, offset: int, plaintext,
                   out: memoryview, *, shared: bool = True, order: int = 0,

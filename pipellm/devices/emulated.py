@@ -91,9 +91,6 @@ class EmulatedDevice(CopyEngineDevice):
         self._link_free = [0.0, 0.0]  # per Direction
         self._compute_free = 0.0
         self._stalling = 0           # host threads stalled right now
-        # (since when the clock stands still or None, total stall before that): replaced
-        # whole under _stall_lock, read without it (now() runs on every op and wait)
-        self._clock: tuple = (None, 0.0)
         self._stall_lock = threading.Lock()
         super().__init__(adversary=adversary, staging_bytes=staging_bytes)
 
@@ -149,14 +146,6 @@ class EmulatedDevice(CopyEngineDevice):
         op.end = start + nbytes / bandwidth + self.link.latency_s
 
     # -- waiting ---------------------------------------------------------------------------------
-    def now(self) -> float:
-        since, stalled = self._clock
-        return (perf_counter() if since is None else since) - stalled  # frozen while stalled
-
-    def frozen_s(self) -> float:
-        since, stalled = self._clock
-        return stalled + (0.0 if since is None else perf_counter() - since)
-
     def hold(self, seconds: float) -> None:
         # bounded in real time too: a clock held still for long (a paused copy engine
         # with a host thread waiting on it) must not hold a worker, or close(), with it
