@@ -265,3 +265,32 @@ def test_bounce_memory_exhausted_in_cc_mode(direction):
         pipe.to_host(dbuf, sink).wait(TIMEOUT)
         assert np.array_equal(sink.array, data[::-1])
         assert pipe.stats()["bounce"]["high_water_bytes"] <= pipe.stats()["bounce"]["cap_bytes"]
+
+
+@pytest.mark.parametrize("mode,source", [
+    ("plain", "device"), ("cc", "device"), ("cc", "device session"), ("cc", "sealer"), ("cc", "opener"),
+    ("pipellm", "device"), ("pipellm", "device session"), ("pipellm", "sealer"), ("pipellm", "opener")])
+def test_a_failure_of_any_part_of_the_channel_stops_the_next_request(mode, source):
+    """A request checks in C that nothing failed (the engine's ``failure_sources``, and
+    ``failure()`` only when one of them is set): whichever part failed, the next request
+    in either direction raises, naming the cause, and changes nothing on the device."""
+    error = (pipellm.DeviceError if source == "device" else pipellm.IntegrityError)(f"the {source} failed")
+    with make_pipe(mode) as pipe:
+        region = pipe.register(pipellm.array(np.full(5000, 1, np.uint8)))
+        pipe.to_device(region)
+        pipe.synchronize()
+        engine, device = pipe._engine, pipe.device
+        if source == "device":
+            device.failure = error
+        elif source == "device session":
+            device._fail_session(engine._device_session, error)
+        else:
+            getattr(engine, source).close(error)
+        region.array[:] = 2
+        for request in (lambda: pipe.to_device(region), lambda: pipe.to_host(region.device_buffer, region)):
+            with pytest.raises((pipellm.DeviceError, pipellm.IntegrityError, pipellm.ChannelClosedError)) as caught:
+                request()
+            assert caught.value is error or caught.value.__cause__ is error, caught.value
+        device.failure = None  # (to read it back)
+        assert (device.read(region.device_buffer) == 1).all()
+        assert (region.array == 2).all()

@@ -22,7 +22,7 @@ cdef class Requests:
     cdef _open(self, region):
         """The pipeline is open and ``region`` is one of its registered regions (else the
         Python helpers raise the error that fits)."""
-        if self._closed or self._fork_generation != _fork.generation or self._engine.failure() is not None:
+        if self._closed or self._fork_generation != _fork.generation or _failed(self._engine):
             self._check()
         if not (isinstance(region, Region) and region.owner is self and region.registered):
             check_region(self, region)
@@ -77,6 +77,15 @@ cdef class Requests:
         if self._recorder is not None:
             self._recorder.d2h(region, offset, nbytes, stream)
         return self._engine.to_host(src, src_offset, region, offset, nbytes, stream)
+
+
+cdef bint _failed(engine) except -1:
+    """``engine.failure() is not None``, without its Python frames while none of the
+    ``engine.failure_sources`` has failed (the common case, on every request)."""
+    for source in <tuple>engine.failure_sources:
+        if source.failure is not None:
+            return engine.failure() is not None
+    return False
 
 
 cdef tuple _span(region, offset, nbytes):

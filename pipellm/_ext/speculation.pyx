@@ -14,6 +14,7 @@ from time import perf_counter, thread_time
 from pipellm.channel.protocol import GO_BODY, TAG_BYTES as _TAG_BYTES
 
 from pipellm.channel import Kind
+from pipellm._ext.writeguard import token as _token, unchanged as _unchanged
 from pipellm.predictors.base import TransferEvent, _new_tuple
 
 PENDING, ENCRYPTING, READY, FAILED = range(4)
@@ -216,7 +217,7 @@ cdef class Queue:
         if not chunks:  # a place held, sealed on demand: always current
             return True
         region = item.region
-        if not region.unchanged_since(item.token):
+        if not _unchanged(region.guard, item.token):  # (region.unchanged_since)
             return False
         lib_seq = region.lib_seq
         if len(chunks) == 1 and (<Chunk>chunks[0]).lib_seq == lib_seq:
@@ -402,7 +403,7 @@ cdef class Queue:
             if not self._evict(wanted):
                 return False
         try:
-            token = region.token()
+            token = _token(region.guard, region.tracking)  # (region.token())
             tickets = self.sealer.reserve_run(n + 1)
         except BaseException:
             for slot in slots:

@@ -263,6 +263,23 @@ def state(size_t index) -> int:
     return pl_state(index)
 
 
+def token(guard, tracking: str):
+    """A region's validation token: None where it is not tracked (``guard`` None), for
+    ``tracking == "protect"`` its pages write-protected first (:func:`protect`), else
+    its state. (``Region.token``; speculation calls it in C for every item it plans.)"""
+    if guard is None:
+        return None
+    if tracking == "protect":
+        return protect(guard)
+    return pl_state(<size_t>guard)
+
+
+def unchanged(guard, token) -> bool:
+    """Nothing was written to a region since ``token`` was taken (``Region.unchanged_since``;
+    in C on every speculative hit)."""
+    return token is not None and guard is not None and pl_state(<size_t>guard) == <uint64_t>token
+
+
 def fault_count() -> int:
     """Write faults handled since the process started."""
     return pl_fault_count()

@@ -177,10 +177,6 @@ class CopyEngineDevice(Submitter, Device):
         if s is not None:
             self._fail_session(s, ChannelClosedError(f"session {session} was closed"))
 
-    def session_failure(self, session: int) -> BaseException | None:
-        s = self._sessions.get(session)
-        return None if s is None else s.failure
-
     # -- submission --------------------------------------------------------------------------------
     def submit_sealed_read(self, stream, session, src, src_offset, region_id, offset, nbytes, out,
                            on_delivered) -> Op:

@@ -69,6 +69,11 @@ class CCEngine:
                            device_public=device_public)
         self.sealer = Sealer(keys, Direction.H2D, rotate_after)
         self.opener = Opener(keys, Direction.D2H, rotate_after)
+        self._device_session = device._session(self.session)  # the device's end (its failure)
+        # everything failure() reads, each with a ``failure`` that is None while all is
+        # well (_fail closes the sealer too): a request reads these in C and calls
+        # failure() only when one is set
+        self.failure_sources = (self.sealer, self.opener, device, self._device_session)
         self._pinned: list = []
         self.pool = self.pinned_pool("bounce_bytes", bounce_bytes, chunk_size + TAG_BYTES)
         self._staging = memoryview(bytearray(chunk_size))
@@ -221,7 +226,7 @@ class CCEngine:
         if self._failure is None and self.opener.failure is not None:
             self._fail(self.opener.failure)  # a decryption broke (maybe on a worker): report it
         if self._failure is None:
-            device_failure = self.device.failure or self.device.session_failure(self.session)
+            device_failure = self.device.failure or self._device_session.failure
             if isinstance(device_failure, (IntegrityError, DeviceError)):
                 self._fail(device_failure)
         return self._failure

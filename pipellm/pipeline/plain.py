@@ -12,6 +12,7 @@ class PlainEngine:
 
     def __init__(self, device, *, timeout: float | None, **_):
         self.device, self.timeout = device, timeout
+        self.failure_sources = (device,)  # what failure() reads (see CCEngine's)
         self.transfers = [0, 0]
         self.bytes = [0, 0]
 

@@ -95,15 +95,11 @@ class Region:
     def token(self):
         """A validation token, or None where the region is not tracked. For protected
         regions this write-protects the pages first."""
-        if self.guard is None:
-            return None
-        if self.tracking == "protect":
-            return writeguard.protect(self.guard)
-        return writeguard.state(self.guard)
+        return writeguard.token(self.guard, self.tracking)
 
     def unchanged_since(self, token) -> bool:
         """True if nothing was written to the region since ``token`` was taken."""
-        return token is not None and self.guard is not None and writeguard.state(self.guard) == token
+        return writeguard.unchanged(self.guard, token)
 
     def mark_dirty(self) -> None:
         """Report a write (call it after writing): speculation on the old bytes is dropped."""
