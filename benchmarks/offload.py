@@ -153,10 +153,11 @@ def hit_path(chunks: int, layers: int = 8, chunk_size: int = 64 * 1024, repeats:
     outrun the worker). Two timings: ``gapped``, requests 1 ms apart as between real
     layers (the worker encrypts in between, so caches are cold), and ``tight``, back to
     back. Each: the best and the median pass of ``repeats``, the median single request,
-    and the fastest one; for pipellm also the plans the requester made itself per pass (back to back, a
-    worker woken to plan waits for the GIL the requester holds, and once the queue runs
-    low the requester plans: ``inline_plans_per_pass``). A pipellm message is a GO
-    command or a chunk (``chunks + 1`` per hit); a cc one a chunk; plain sends one copy."""
+    and the fastest one; for pipellm also the plans the requester made itself per pass
+    (back to back, a worker woken to plan waits for the GIL the requester holds, and once
+    the queue runs low the requester plans: ``inline_plans_per_pass``). A pipellm
+    message is a GO command or a chunk (``chunks + 1`` per hit); a cc one a chunk; plain
+    sends one copy."""
     out = {"chunks_per_transfer": chunks, "chunk_size": chunk_size}
     for mode in ("pipellm", "plain", "cc"):
         out[mode] = _request_path(mode, chunks, layers, chunk_size, repeats)
