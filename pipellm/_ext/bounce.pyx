@@ -22,6 +22,7 @@ from libc.string cimport memset, strerror
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mlock, mmap, munlock, munmap
 from posix.unistd cimport sysconf, _SC_PAGESIZE
 
+from pipellm._ext.submission cimport Op
 from pipellm.errors import ArgumentError, ChannelClosedError, PinningWarning, TransferTimeoutError
 
 cdef size_t PAGE = <size_t>sysconf(_SC_PAGESIZE)
@@ -44,22 +45,10 @@ cdef class BouncePool:
     >>> bytes(slot.view(2)), slot.capacity
     (b'hi', 4096)
     >>> pool.release(slot); pool.close()
+
+    (Its fields are declared in ``bounce.pxd``.)
     """
 
-    cdef char* _base
-    cdef size_t _mapped
-    cdef readonly size_t pages
-    cdef readonly bint pinned
-    cdef readonly size_t high_water
-    cdef size_t _in_use           # pages taken (being filled, or in flight)
-    cdef Py_ssize_t _exports
-    cdef bint _closed
-    cdef list _free_starts         # sorted first pages of free extents
-    cdef dict _free_len            # first page -> pages
-    cdef object _inflight          # (first page, pages, fence), in the order sent
-    cdef object _lock
-    cdef object _cond
-    cdef int _waiters
 
     def __cinit__(self, size_t cap_bytes):
         self._base = NULL
@@ -171,13 +160,17 @@ cdef class BouncePool:
         self._free_len[start] = pages
 
     cdef _reap(self):
-        # a fence whose ``finished`` is False is not done: read without calling done()
-        # (a Python call on every acquire, while the head of the queue is in flight)
+        # the device's ops are asked in C; another fence whose ``finished`` is False is
+        # not done: read without calling done() (a Python call on every acquire, while
+        # the head of the queue is in flight)
         inflight = self._inflight
         while inflight:
             entry = inflight[0]
             fence = entry[2]
-            if not getattr(fence, "finished", True) or not fence.done():
+            if isinstance(fence, Op):
+                if not (<Op>fence).done():
+                    return
+            elif not getattr(fence, "finished", True) or not fence.done():
                 return
             inflight.popleft()
             self._free(entry[0], entry[1])
@@ -350,23 +343,22 @@ cdef class BouncePool:
 
 cdef class Slot:
     """Whole pages of a bounce pool. ``view(n)`` is a writable memoryview of the first
-    ``n`` bytes."""
-
-    cdef readonly BouncePool pool
-    cdef readonly size_t first
-    cdef readonly size_t pages
-    cdef readonly size_t capacity
-    cdef readonly bint live
+    ``n`` bytes. (Its fields are declared in ``bounce.pxd``.)"""
 
     def __init__(self):
         raise TypeError("slots come from BouncePool.acquire()")
 
     def view(self, Py_ssize_t nbytes):
+        return self._view(0, nbytes)
+
+    cdef object _view(self, Py_ssize_t start, Py_ssize_t stop):
+        """Bytes ``start:stop`` (``view``, and in C a speculative hit's GO command after
+        its chunk)."""
         if not self.live:
             raise ArgumentError(f"the slot at page {self.first} was given back to its pool")
-        if nbytes < 0 or <size_t>nbytes > self.capacity:
-            raise ArgumentError(f"a slot holds 0..{self.capacity} bytes, asked for {nbytes}")
-        return memoryview(self)[:nbytes]
+        if start < 0 or stop < start or <size_t>stop > self.capacity:
+            raise ArgumentError(f"a slot holds 0..{self.capacity} bytes, asked for bytes {start}..{stop}")
+        return memoryview(self)[start:stop]
 
     def __getbuffer__(self, Py_buffer* buffer, int flags):
         self.pool._export(self, buffer, flags)

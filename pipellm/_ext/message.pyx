@@ -8,7 +8,6 @@ speculative hit builds and exposes a message on the request path (``Sealer.expos
 its tickets when it is planned (``Sealer.reserve_run`` is :func:`ticket_run`).
 """
 
-from pipellm.channel.protocol import rewrite_destination, unpack_header
 from pipellm.errors import ArgumentError
 
 #: Called as ``observer(msg, key_id, epoch, counter)`` whenever ciphertext is written into
@@ -23,10 +22,8 @@ cdef class Message:
     ``aad`` the header (writable ``bytearray``); ``payload`` a writable memoryview of
     ciphertext + tag; ``dst`` the destination parsed from the header (settable, which
     rewrites the header). An adversary may change any of them; the receiver refuses.
+    (Its fields are declared in ``message.pxd``.)
     """
-
-    cdef public object direction, iv, aad, payload
-    cdef public object _owner  # the host's bookkeeping of which transfer this is; not on the wire
 
     def __init__(self, direction: str, iv: bytes, aad: bytearray, payload: memoryview, owner=None):
         self.direction, self.iv, self.aad, self.payload, self._owner = direction, iv, aad, payload, owner
@@ -35,6 +32,7 @@ cdef class Message:
     def dst(self):
         """(buffer, offset, length) from the header, a :class:`~pipellm.channel.Destination`."""
         from pipellm.channel.endpoint import Destination
+        from pipellm.channel.protocol import unpack_header  # (here: the channel imports this module)
         header = unpack_header(self.aad)
         if header is None:
             raise ValueError("message header is malformed")
@@ -42,6 +40,7 @@ cdef class Message:
 
     @dst.setter
     def dst(self, value) -> None:
+        from pipellm.channel.protocol import rewrite_destination
         buffer, offset, length = value
         rewrite_destination(self.aad, int(getattr(buffer, "id", buffer)), int(offset), int(length))
 
@@ -59,11 +58,8 @@ cdef class Message:
 
 
 cdef class Ticket:
-    """A reserved message index: the IV one message will carry. Sealed at most once."""
-
-    cdef public long long index, epoch, counter
-    cdef public object key  # the epoch's EpochKey
-    cdef public bint used
+    """A reserved message index: the IV one message will carry. Sealed at most once.
+    (Its fields are declared in ``message.pxd``.)"""
 
     def __init__(self, long long index, long long epoch, long long counter, key):
         self._set(index, epoch, counter, key)
@@ -76,6 +72,14 @@ cdef class Ticket:
         return f"<Ticket {self.index} (epoch {self.epoch}, counter {self.counter}){' used' if self.used else ''}>"
 
 
+cdef class Endpoint:
+    """The fields of a sealer or opener that the request path reads, in C
+    (``channel/endpoint.py``'s endpoints derive from it; declared in ``message.pxd``):
+    ``label``, ``failure`` (why the channel closed, or None), ``_lock``, ``messages``
+    (sent or received), ``_next`` (the sealer's next index; the opener's next expected),
+    ``rotate_after``, ``_run_key`` (see ``ticket_run``)."""
+
+
 def ticket_run(long long first, Py_ssize_t count, long long rotate_after, key_at, list cache) -> list:
     """The tickets of indices ``first .. first + count - 1``: ``key_at(index)`` gives
     (epoch, counter, key) where the run enters an epoch other than the one in
@@ -84,6 +88,10 @@ def ticket_run(long long first, Py_ssize_t count, long long rotate_after, key_at
     counter is ``index % rotate_after``, ``protocol.position``'s rule. (In C, with no
     Python call within an epoch: every predicted transfer reserves a run, often on the
     requesting thread.)"""
+    return _ticket_run(first, count, rotate_after, key_at, cache)
+
+
+cdef list _ticket_run(long long first, Py_ssize_t count, long long rotate_after, key_at, list cache):
     cdef list run = []
     cdef Ticket ticket
     cdef long long index, epoch = first // rotate_after, counter = first % rotate_after
@@ -104,16 +112,40 @@ def ticket_run(long long first, Py_ssize_t count, long long rotate_after, key_at
     return run
 
 
+
+cdef list _reserve_run(Endpoint sealer, Py_ssize_t count):
+    """``Sealer.reserve_run(count)``: ``count`` consecutive tickets. (In C: a plan
+    reserves a run per predicted transfer, often on the requesting thread.)"""
+    cdef long long first
+    if count < 1:
+        raise ArgumentError(f"a run holds at least one ticket, asked for {count}")
+    with sealer._lock:
+        if sealer.failure is not None:
+            sealer._check_open()  # (it raises)
+        first = sealer._next
+        sealer._next += count
+    return _ticket_run(first, count, sealer.rotate_after, sealer._key_at, sealer._run_key)
+
+
+def reserve_run(Endpoint sealer not None, Py_ssize_t count) -> list:
+    """``Sealer.reserve_run(count)``: ``count`` consecutive tickets."""
+    return _reserve_run(sealer, count)
+
 def publish(msg: Message, key_id: bytes, epoch: int, counter: int) -> None:
     """Record that ``msg``'s ciphertext now sits in shared memory (for observers)."""
     for observer in shared_write_observers:
         observer(msg, key_id, epoch, counter)
 
 
-def expose(sealer, Ticket ticket not None, Message private not None, out) -> Message:
+def expose(Endpoint sealer not None, Ticket ticket not None, Message private not None, out) -> Message:
     """``Sealer.expose(ticket, private, out)``: copy a message sealed privately under
     ``ticket`` into shared memory ``out`` (exactly its size). From now on the ticket is
     used."""
+    return _expose(sealer, ticket, private, out)
+
+
+cdef Message _expose(Endpoint sealer, Ticket ticket, Message private, out):
+    """``expose``, in C (a speculative hit exposes its GO command on the request path)."""
     cdef Message msg
     if ticket.used:
         raise ArgumentError(f"{ticket!r} was already sealed: an IV is never used twice")

@@ -14,6 +14,9 @@ from time import perf_counter, thread_time
 from pipellm.channel.protocol import GO_BODY, TAG_BYTES as _TAG_BYTES
 
 from pipellm.channel import Kind
+from pipellm._ext.bounce cimport BouncePool, Slot
+from pipellm._ext.message cimport Endpoint, Message, Ticket, _expose, _reserve_run
+from pipellm._ext.submission cimport Submitter
 from pipellm._ext.writeguard import token as _token, unchanged as _unchanged
 from pipellm.predictors.base import TransferEvent, _new_tuple
 
@@ -260,24 +263,28 @@ cdef class Queue:
             raise ValueError(f"{item.key} holds a place only: it has no chunks to send")
         first = chunks[0]
         at = first.nbytes + TAG_BYTES
-        out = first.slot.view(at + _GO_MESSAGE_BYTES)[at:]
+        out = (<Slot?>first.slot)._view(at, at + _GO_MESSAGE_BYTES)
         go = self._go_tickets.pop(item.go.index)
         msgs = [None]
         slots = []
         for c in chunks:
             msgs.append(c.msg)
             slots.append(c.slot)
+        device = self.device
         try:
             if private is not None:
-                msgs[0] = self.sealer.expose(go, private, out)
+                msgs[0] = _expose(<Endpoint?>self.sealer, go, private, out)  # (Sealer.expose)
             else:
                 body = GO_BODY.pack(dst.id, dst_offset, len(chunks), item.nbytes)
                 msgs[0] = self.sealer.seal_into(go, Kind.GO, 0, 0, body, out, order=self.order)
-            op = self.device.submit_messages(stream, self.session, msgs)
+            if isinstance(device, Submitter):  # (every device of ours: in C)
+                op = (<Submitter>device).submit_messages(stream, self.session, msgs)
+            else:
+                op = device.submit_messages(stream, self.session, msgs)
         except BaseException:
             self._keep_or_fail(go)  # (the slots go back with the item, discarded by the caller)
             raise
-        self.spec_pool.retire_many(slots, op)
+        (<BouncePool?>self.spec_pool)._retire(slots, op)
         self._sent((<Chunk>chunks[len(chunks) - 1]).ticket.index)  # (no wraparound here)
         self.counts["hits"] += 1
 
@@ -404,7 +411,7 @@ cdef class Queue:
                 return False
         try:
             token = _token(region.guard, region.tracking)  # (region.token())
-            tickets = self.sealer.reserve_run(n + 1)
+            tickets = _reserve_run(<Endpoint?>self.sealer, n + 1)  # (Sealer.reserve_run)
         except BaseException:
             for slot in slots:
                 pool.release(slot)

@@ -11,11 +11,28 @@ its submission cost a speculative hit about 14k instructions of the requesting t
 
 from time import perf_counter
 
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
 from pipellm import _fork
+from pipellm._ext.message cimport Message
 from pipellm.channel.protocol import TAG_BYTES as _TAG_BYTES
 from pipellm.errors import ChannelClosedError, TransferTimeoutError
 
 cdef Py_ssize_t TAG_BYTES = _TAG_BYTES
+
+
+cdef double _monotonic() noexcept:
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return t.tv_sec + t.tv_nsec * 1e-9
+
+
+# ``time.perf_counter()`` without its Python call where it is this clock (Linux)
+cdef bint _PERF_IS_MONOTONIC = abs(perf_counter() - _monotonic()) < 1e-3
+
+
+cdef inline double _perf_counter() except? -1:
+    return _monotonic() if _PERF_IS_MONOTONIC else perf_counter()
 cdef Py_ssize_t PRUNE_ABOVE = 64  # a stream's pending ops before finished ones are dropped
 
 
@@ -23,16 +40,9 @@ cdef class Op:
     """Completion handle of one piece of device work (a message, a copy, a compute).
 
     It is *done* once the device has really finished it (or failed it) and the modelled
-    hardware time of it has passed. ``error`` is set when it failed.
+    hardware time of it has passed. ``error`` is set when it failed. (Its fields are
+    declared in ``submission.pxd``.)
     """
-
-    cdef public object device, kind, stream, session, prev, error, args, on_delivered
-    cdef public long long seq
-    cdef public Py_ssize_t nbytes
-    cdef public Py_ssize_t remaining  # messages of it not yet committed
-    cdef public double submit_t
-    cdef public double end            # modelled completion time (on the device's clock)
-    cdef public bint finished         # the device really finished (or failed) it
 
     def __init__(self, device, kind: str, stream, Py_ssize_t nbytes=0, session=None, tuple args=(),
                  on_delivered=None):
@@ -41,11 +51,16 @@ cdef class Op:
     cdef _set(self, device, kind, stream, Py_ssize_t nbytes, session, tuple args, on_delivered):
         self.device, self.kind, self.stream, self.nbytes = device, kind, stream, nbytes
         self.session, self.args, self.on_delivered = session, args, on_delivered
-        self.submit_t = device.now()
+        self.submit_t = (<Submitter>device).now() if isinstance(device, Submitter) else device.now()
         self.remaining = 1
 
-    def done(self) -> bool:
-        return self.finished and self.device.now() >= self.end
+    cpdef bint done(self) except -1:
+        """Finished, and its modelled time has passed. (In C: a bounce pool asks it of
+        every sent slot's op before reusing the slot.)"""
+        if not self.finished:
+            return False
+        device = self.device
+        return ((<Submitter>device).now() if isinstance(device, Submitter) else device.now()) >= self.end
 
     def wait_done(self, timeout=None) -> bool:
         """Block until done; False on timeout. Never raises the op's own error."""
@@ -67,35 +82,23 @@ cdef class Op:
 
 cdef class Submitter:
     """Orders submitted ops: numbered, chained on their stream, queued for the copy
-    engine. The device sets the fields in its ``__init__``."""
-
-    cdef public object _queue          # SimpleQueue: the copy engine takes ops from it
-    cdef public object _submit_lock
-    cdef public dict _sessions         # session id -> the device's end of a channel
-    cdef public long long _seq         # ops submitted so far
-    cdef public bint _closed           # (Device's state, read here without a Python call)
-    cdef public object failure
-    cdef public object _fork_generation
-    # (stalled since, or None; seconds stalled before): the emulated device's clock
-    # stands still while the emulator lags its model (a real device's never does);
-    # replaced whole under the device's stall lock, read without it
-    cdef public tuple _clock
+    engine. The device sets the fields (declared in ``submission.pxd``) in its ``__init__``."""
 
     def __cinit__(self, *args, **kwargs):
         self._clock = (None, 0.0)
 
-    cpdef double now(self):
+    cpdef double now(self) except? -1:
         """The device's clock (seconds), on which ``Op.end`` times are given: wall time
         less the emulation stall. (In C: every op reads it, and a pool reaping slots
         reads it once per finished op.)"""
         since, stalled = self._clock
-        return (perf_counter() if since is None else <double>since) - <double>stalled
+        return (_perf_counter() if since is None else <double>since) - <double>stalled
 
-    cpdef double frozen_s(self):
+    cpdef double frozen_s(self) except? -1:
         """Seconds the device clock has stood still so far (the emulated device's
         emulation stall, the current one included; 0 on real hardware)."""
         since, stalled = self._clock
-        return <double>stalled + (0.0 if since is None else perf_counter() - <double>since)
+        return <double>stalled + (0.0 if since is None else _perf_counter() - <double>since)
 
     cpdef Op _submit(self, Op op):
         if self._closed or self.failure is not None or self._fork_generation != _fork.generation:
@@ -133,6 +136,7 @@ cdef class Submitter:
         the op is done when all of them landed."""
         cdef Py_ssize_t nbytes = 0
         cdef Op op
+        cdef Message msg
         s = self._session(session)
         for msg in msgs:
             nbytes += len(msg.payload) - TAG_BYTES

@@ -11,9 +11,9 @@ import threading
 from time import perf_counter
 from typing import NamedTuple
 
-from .._ext.message import Message, Ticket, publish, shared_write_observers  # noqa: F401 - re-exported
-from .._ext.message import ticket_run as _ticket_run
+from .._ext.message import Endpoint, Message, Ticket, publish, shared_write_observers  # noqa: F401 - re-exported
 from .._ext.message import expose as _expose
+from .._ext.message import reserve_run as _reserve_run
 from ..errors import ArgumentError, ChannelClosedError, IntegrityError
 from .cipher import open_into, seal_into
 from .keys import EpochKey, SessionKeys
@@ -37,7 +37,7 @@ class Destination(NamedTuple):
     length: int
 
 
-class _Endpoint:
+class _Endpoint(Endpoint):
     """Shared state of a sealer or opener: one direction of one session.
 
     Messages are numbered 0, 1, 2, ... per direction; ``protocol.position`` maps an index
@@ -97,14 +97,8 @@ class Sealer(_Endpoint):
         """The next ticket."""
         return self.reserve_run(1)[0]
 
-    def reserve_run(self, count: int) -> list[Ticket]:
-        """``count`` consecutive tickets."""
-        with self._lock:
-            if self.failure is not None:  # (the check inline: a plan reserves a run per item)
-                self._check_open()
-            first = self._next
-            self._next += count
-        return _ticket_run(first, count, self.rotate_after, self._key_at, self._run_key)
+    # ``count`` consecutive tickets (C: a plan reserves a run per predicted transfer)
+    reserve_run = _reserve_run
 
     def seal_into(self, ticket: Ticket, kind: int, buffer: int, offset: int, plaintext,
                   out: memoryview, *, shared: bool = True, order: int = 0,

@@ -1,0 +1,34 @@
+# The C interface of submission.pyx, for the other extensions' request paths (a speculative
+# hit submits its messages, a pool reaps finished ops, without a Python call).
+
+cdef class Op:
+    cdef public object device, kind, stream, session, prev, error, args, on_delivered
+    cdef public long long seq
+    cdef public Py_ssize_t nbytes
+    cdef public Py_ssize_t remaining  # messages of it not yet committed
+    cdef public double submit_t
+    cdef public double end            # modelled completion time (on the device's clock)
+    cdef public bint finished         # the device really finished (or failed) it
+
+    cdef _set(self, device, kind, stream, Py_ssize_t nbytes, session, tuple args, on_delivered)
+    cpdef bint done(self) except -1
+
+
+cdef class Submitter:
+    cdef public object _queue          # SimpleQueue: the copy engine takes ops from it
+    cdef public object _submit_lock
+    cdef public dict _sessions         # session id -> the device's end of a channel
+    cdef public long long _seq         # ops submitted so far
+    cdef public bint _closed           # (Device's state, read here without a Python call)
+    cdef public object failure
+    cdef public object _fork_generation
+    # (stalled since, or None; seconds stalled before): the emulated device's clock
+    # stands still while the emulator lags its model (a real device's never does);
+    # replaced whole under the device's stall lock, read without it
+    cdef public tuple _clock
+
+    cpdef double now(self) except? -1
+    cpdef double frozen_s(self) except? -1
+    cpdef Op _submit(self, Op op)
+    cpdef _session(self, session)
+    cpdef Op submit_messages(self, stream, session, msgs)
