@@ -16,7 +16,7 @@ from pipellm.channel.protocol import GO_BODY, TAG_BYTES as _TAG_BYTES
 from pipellm.channel import Kind
 from pipellm._ext.bounce cimport BouncePool, Slot
 from pipellm._ext.message cimport Endpoint, Message, Ticket, _expose, _reserve_run
-from pipellm._ext.submission cimport Submitter
+from pipellm._ext.submission cimport Submitter, _perf_counter
 from pipellm._ext.writeguard import token as _token, unchanged as _unchanged
 from pipellm.predictors.base import TransferEvent, _new_tuple
 
@@ -130,6 +130,10 @@ cdef class Queue:
     # CPU seconds in the predictor's observe and predict (thread time: waiting for the
     # GIL or for a core on a busy machine is not the predictor's cost)
     cdef public double predictor_s
+    # the engine's own, set by its __init__; here so the request path reads them in C
+    cdef public object sealer, session, device, spec_pool
+    cdef public list transfers, bytes   # [h2d, d2h]
+    cdef public Py_ssize_t chunk_size, depth_messages
 
     def to_device(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
         """Send ``region[offset:offset+nbytes]`` to ``dst`` at ``dst_offset`` on ``stream``:
@@ -139,7 +143,7 @@ cdef class Queue:
         key = (region.name, offset, nbytes)  # the same tuple as the predictor's Prediction
         with self._h2d_lock:
             self.order += 1
-            self._queue_event((key[0], offset, nbytes, "h2d", stream.id, perf_counter()))
+            self._queue_event((key[0], offset, nbytes, "h2d", stream.id, _perf_counter()))
             claimed = self._shadow is None and self._hit(key, dst, dst_offset, stream)
             if claimed:
                 throttled = False

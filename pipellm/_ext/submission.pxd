@@ -1,6 +1,9 @@
 # The C interface of submission.pyx, for the other extensions' request paths (a speculative
 # hit submits its messages, a pool reaps finished ops, without a Python call).
 
+cdef double _perf_counter() except? -1  # time.perf_counter(), without a Python call on Linux
+
+
 cdef class Op:
     cdef public object device, kind, stream, session, prev, error, args, on_delivered
     cdef public long long seq

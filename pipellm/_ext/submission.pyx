@@ -31,7 +31,7 @@ cdef double _monotonic() noexcept:
 cdef bint _PERF_IS_MONOTONIC = abs(perf_counter() - _monotonic()) < 1e-3
 
 
-cdef inline double _perf_counter() except? -1:
+cdef double _perf_counter() except? -1:
     return _monotonic() if _PERF_IS_MONOTONIC else perf_counter()
 cdef Py_ssize_t PRUNE_ABOVE = 64  # a stream's pending ops before finished ones are dropped
 
