@@ -423,7 +423,10 @@ class SpeculativeEngine(CCEngine, Queue):
             try:
                 if task is _REPLENISH:
                     with self._h2d_lock:
-                        self._replenish()
+                        try:
+                            self._replenish()
+                        except ChannelClosedError:  # the channel or pool closed under the plan:
+                            pass                    # the next request raises it (never a worker)
                 elif task is _RECEIVE:
                     self._receive_async()
                 elif chunk is None:
