@@ -294,3 +294,32 @@ def test_a_failure_of_any_part_of_the_channel_stops_the_next_request(mode, sourc
         device.failure = None  # (to read it back)
         assert (device.read(region.device_buffer) == 1).all()
         assert (region.array == 2).all()
+
+
+def test_a_plan_that_meets_a_closed_channel_leaves_the_worker_alive():
+    """A worker planning when the sealer has just closed (another thread's failure) gets
+    ChannelClosedError from the ticket reservation: the plan ends there, the worker
+    lives on (close() still finds it to stop), and the next request raises the cause."""
+    with make_pipe("pipellm", workers=1, min_speculative_bytes=0) as pipe:
+        regions = [pipe.register(pipellm.array(np.full(5000, i, np.uint8))) for i in range(3)]
+        for _ in range(2):
+            for r in regions:
+                pipe.to_device(r)
+        pipe.synchronize()
+        pipe.wait_speculation(TIMEOUT)
+        engine = pipe._engine
+        with engine._lock:  # the predictor's transfers are no longer queued: a plan admits them
+            while engine._items:
+                engine._drop(engine._items[0])
+        error = pipellm.IntegrityError("the sealer failed")
+        engine.sealer.close(error)
+        engine._plan_later()
+        deadline = time.monotonic() + TIMEOUT  # (wait_speculation() raises: the pipeline failed)
+        while (engine._replenish_pending or engine._active) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert not engine._replenish_pending and not engine._active, "no worker ran the plan"
+        assert all(t.is_alive() for t in engine._workers)
+        assert len(engine._items) == 0
+        with pytest.raises(pipellm.ChannelClosedError) as caught:
+            pipe.to_device(regions[0])
+        assert caught.value.__cause__ is error
