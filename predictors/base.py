@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-#: makes a NamedTuple from a tuple of its fields (``_new_tuple(Prediction, key)``) in C:
-#: a NamedTuple's own ``__new__`` and ``_make`` are Python frames, on the planning path
-_new_tuple = tuple.__new__
+# ``_new_tuple(Prediction, key)`` makes a NamedTuple from a tuple of its fields in C: a
+# NamedTuple's own ``__new__`` and ``_make`` are Python frames, on the planning path
+from pipellm._ext.tuples import new_tuple as _new_tuple
 
 
 class TransferEvent(NamedTuple):

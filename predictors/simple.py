@@ -42,9 +42,9 @@ class SequencePredictor(Predictor):
         self._last = key
 
     def predict(self, k: int) -> list[Prediction]:
-        out, key, seen = [], self._last, set()
+        out, key, seen, successor = [], self._last, set(), self._next.get
         while len(out) < k:
-            key = self._next.get(key)
+            key = successor(key)
             if key is None or key in seen:
                 break
             seen.add(key)

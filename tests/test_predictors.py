@@ -503,3 +503,28 @@ def test_learned_takes_its_weights_as_any_sequence():
         for p in predictors:
             p.observe(TransferEvent(r.region, r.offset, r.nbytes))
     assert len(records) > 50
+
+
+def test_new_tuple_builds_what_tuple_new_builds():
+    """The planning path's C constructor of predictions and events: the same instances
+    as ``tuple.__new__`` (type, fields, hash, equality), an iterable copied as there, a
+    class that is not a tuple refused as there, and no reference kept or lost."""
+    from pipellm._ext.tuples import new_tuple
+    from pipellm.predictors.base import Prediction, TransferEvent
+    name = "layer7-" + str(id(object()))  # (not interned: its count moves only with ours)
+    fields = (name, 4096, 65536)
+    before = sys.getrefcount(name)
+    made = [new_tuple(Prediction, fields) for _ in range(100)]
+    assert sys.getrefcount(name) == before + 100
+    del made
+    assert sys.getrefcount(name) == before
+    p = new_tuple(Prediction, fields)
+    assert type(p) is Prediction and p == tuple.__new__(Prediction, fields) and hash(p) == hash(fields)
+    assert (p.region, p.offset, p.nbytes) == fields
+    event = new_tuple(TransferEvent, (name, 0, 10, "d2h", 3, 1.5))
+    assert event.direction == "d2h" and event.stream == 3 and event.key == (name, 0, 10)
+    assert new_tuple(Prediction, [name, 1, 2]) == (name, 1, 2)  # an iterable, copied
+    with pytest.raises(TypeError):
+        new_tuple(int, (1,))
+    with pytest.raises(TypeError):
+        new_tuple(Prediction, 5)

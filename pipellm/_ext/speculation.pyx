@@ -18,7 +18,7 @@ from pipellm._ext.bounce cimport BouncePool, Slot
 from pipellm._ext.message cimport Endpoint, Message, Ticket, _expose, _reserve_run
 from pipellm._ext.submission cimport Submitter, _perf_counter
 from pipellm._ext.writeguard import token as _token, unchanged as _unchanged
-from pipellm.predictors.base import TransferEvent, _new_tuple
+from pipellm.predictors.base import Prediction, TransferEvent, _new_tuple
 
 PENDING, ENCRYPTING, READY, FAILED = range(4)
 cdef int _READY = READY
@@ -346,6 +346,13 @@ cdef class Queue:
         regions, by_key = self._regions, self._by_key
         for p in predictions:
             try:
+                if type(p) is Prediction:
+                    # queued already (a NamedTuple hashes and compares as its fields'
+                    # tuple): kept from eviction, nothing else to check
+                    item = by_key.get(p)
+                    if item is not None:
+                        wanted.add((<Item>item).key)
+                        continue
                 name, offset, nbytes = p.region, p.offset, p.nbytes  # (integers, or a TypeError)
                 region = regions.get(name)
             except (AttributeError, TypeError, OverflowError) as exc:  # not a Prediction: a bug
