@@ -49,7 +49,6 @@ cdef class BouncePool:
     (Its fields are declared in ``bounce.pxd``.)
     """
 
-
     def __cinit__(self, size_t cap_bytes):
         self._base = NULL
         if cap_bytes == 0:

@@ -1,11 +1,13 @@
 # cython: language_level=3
-"""The channel's :class:`Message` and :class:`Ticket` in C, and the exposure of a
+"""The channel's :class:`Message`, :class:`Ticket` and the sealer's and opener's hot
+fields (:class:`Endpoint`) in C, the reservation of tickets and the exposure of a
 privately sealed message.
 
 ``pipellm/channel/endpoint.py`` (the sealer and opener) uses them; they are C because a
 speculative hit builds and exposes a message on the request path (``Sealer.expose`` is
 :func:`expose`), every sealed chunk is a message, and every predicted transfer reserves
-its tickets when it is planned (``Sealer.reserve_run`` is :func:`ticket_run`).
+its tickets when it is planned (``Sealer.reserve_run`` is :func:`reserve_run`, over
+:func:`ticket_run`). ``message.pxd`` is their C interface for the other extensions.
 """
 
 from pipellm.errors import ArgumentError
@@ -112,7 +114,6 @@ cdef list _ticket_run(long long first, Py_ssize_t count, long long rotate_after,
     return run
 
 
-
 cdef list _reserve_run(Endpoint sealer, Py_ssize_t count):
     """``Sealer.reserve_run(count)``: ``count`` consecutive tickets. (In C: a plan
     reserves a run per predicted transfer, often on the requesting thread.)"""
@@ -130,6 +131,7 @@ cdef list _reserve_run(Endpoint sealer, Py_ssize_t count):
 def reserve_run(Endpoint sealer not None, Py_ssize_t count) -> list:
     """``Sealer.reserve_run(count)``: ``count`` consecutive tickets."""
     return _reserve_run(sealer, count)
+
 
 def publish(msg: Message, key_id: bytes, epoch: int, counter: int) -> None:
     """Record that ``msg``'s ciphertext now sits in shared memory (for observers)."""

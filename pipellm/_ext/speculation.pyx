@@ -9,13 +9,13 @@ In Python, the same hit cost 3.3x a plain request on the requesting thread, all 
 glue around the AES (docs/figures.md).
 """
 
-from time import perf_counter, thread_time
+from time import thread_time
 
 from pipellm.channel.protocol import GO_BODY, TAG_BYTES as _TAG_BYTES
 
 from pipellm.channel import Kind
 from pipellm._ext.bounce cimport BouncePool, Slot
-from pipellm._ext.message cimport Endpoint, Message, Ticket, _expose, _reserve_run
+from pipellm._ext.message cimport Endpoint, _expose, _reserve_run
 from pipellm._ext.submission cimport Submitter, _perf_counter
 from pipellm._ext.writeguard import token as _token, unchanged as _unchanged
 from pipellm.predictors.base import Prediction, TransferEvent, _new_tuple

@@ -19,6 +19,7 @@ from pipellm.channel.protocol import TAG_BYTES as _TAG_BYTES
 from pipellm.errors import ChannelClosedError, TransferTimeoutError
 
 cdef Py_ssize_t TAG_BYTES = _TAG_BYTES
+cdef Py_ssize_t PRUNE_ABOVE = 64  # a stream's pending ops before finished ones are dropped
 
 
 cdef double _monotonic() noexcept:
@@ -33,7 +34,11 @@ cdef bint _PERF_IS_MONOTONIC = abs(perf_counter() - _monotonic()) < 1e-3
 
 cdef double _perf_counter() except? -1:
     return _monotonic() if _PERF_IS_MONOTONIC else perf_counter()
-cdef Py_ssize_t PRUNE_ABOVE = 64  # a stream's pending ops before finished ones are dropped
+
+
+cdef inline double _now_of(device) except? -1:
+    """``device.now()``, in C for the devices of ours (every op reads it)."""
+    return (<Submitter>device).now() if isinstance(device, Submitter) else device.now()
 
 
 cdef class Op:
@@ -51,16 +56,13 @@ cdef class Op:
     cdef _set(self, device, kind, stream, Py_ssize_t nbytes, session, tuple args, on_delivered):
         self.device, self.kind, self.stream, self.nbytes = device, kind, stream, nbytes
         self.session, self.args, self.on_delivered = session, args, on_delivered
-        self.submit_t = (<Submitter>device).now() if isinstance(device, Submitter) else device.now()
+        self.submit_t = _now_of(device)
         self.remaining = 1
 
     cpdef bint done(self) except -1:
         """Finished, and its modelled time has passed. (In C: a bounce pool asks it of
         every sent slot's op before reusing the slot.)"""
-        if not self.finished:
-            return False
-        device = self.device
-        return ((<Submitter>device).now() if isinstance(device, Submitter) else device.now()) >= self.end
+        return self.finished and _now_of(self.device) >= self.end
 
     def wait_done(self, timeout=None) -> bool:
         """Block until done; False on timeout. Never raises the op's own error."""
