@@ -4,6 +4,8 @@
 
 from cpython.buffer cimport Py_buffer
 
+from pipellm._ext.locks cimport Lock
+
 
 cdef class BouncePool:
     cdef char* _base
@@ -17,7 +19,7 @@ cdef class BouncePool:
     cdef list _free_starts         # sorted first pages of free extents
     cdef dict _free_len            # first page -> pages
     cdef object _inflight          # (first page, pages, fence), in the order sent
-    cdef object _lock
+    cdef Lock _lock
     cdef object _cond
     cdef int _waiters
 

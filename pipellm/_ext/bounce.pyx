@@ -22,6 +22,7 @@ from libc.string cimport memset, strerror
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mlock, mmap, munlock, munmap
 from posix.unistd cimport sysconf, _SC_PAGESIZE
 
+from pipellm._ext.locks cimport Lock
 from pipellm._ext.submission cimport Op
 from pipellm.errors import ArgumentError, ChannelClosedError, PinningWarning, TransferTimeoutError
 
@@ -66,7 +67,7 @@ cdef class BouncePool:
         self._free_starts = [0]
         self._free_len = {0: self.pages}
         self._inflight = deque()
-        self._lock = threading.Lock()
+        self._lock = Lock()
         self._cond = threading.Condition(self._lock)
         self._waiters = 0
         self._in_use = 0
@@ -203,16 +204,16 @@ cdef class BouncePool:
     def try_acquire(self, Py_ssize_t nbytes):
         """A slot of at least ``nbytes`` now, or None (never waits)."""
         cdef size_t pages = self._pages_for(nbytes)
-        self._lock.acquire()
+        self._lock.enter()
         try:
             return self._take(pages)
         finally:
-            self._lock.release()
+            self._lock.exit()
 
     def try_acquire_many(self, sizes):
         """Slots for all of ``sizes`` now, or None and nothing taken (never waits)."""
         need = [self._pages_for(n) for n in sizes]
-        self._lock.acquire()
+        self._lock.enter()
         try:
             if self._closed:
                 raise ChannelClosedError("the bounce pool is closed")
@@ -227,17 +228,17 @@ cdef class BouncePool:
                 taken.append((start, pages))
             return [self._slot(s, p) for s, p in taken]
         finally:
-            self._lock.release()
+            self._lock.exit()
 
     def acquire(self, Py_ssize_t nbytes, timeout=None):
         """A slot of at least ``nbytes``, waiting (up to ``timeout`` seconds) for in-flight
         slots to complete if the pool is full. Raises :class:`TransferTimeoutError`."""
         cdef size_t pages = self._pages_for(nbytes)
-        self._lock.acquire()
+        self._lock.enter()
         try:  # the common case first, without the Condition's Python frames
             slot = self._take(pages)
         finally:
-            self._lock.release()
+            self._lock.exit()
         if slot is not None:
             return slot
         deadline = None if timeout is None else monotonic() + timeout
@@ -273,14 +274,14 @@ cdef class BouncePool:
     def release(self, Slot slot not None):
         """Give back a slot no DMA will read (never sent, or already read)."""
         self._check_slot(slot)
-        self._lock.acquire()
+        self._lock.enter()
         try:
             slot.live = False
             self._free(slot.first, slot.pages)
             if self._waiters:
                 self._cond.notify_all()
         finally:
-            self._lock.release()
+            self._lock.exit()
 
     def retire(self, Slot slot not None, fence):
         """Give back a sent slot: it is reused once ``fence.done()``."""
@@ -294,7 +295,7 @@ cdef class BouncePool:
         cdef Slot slot
         for slot in slots:
             self._check_slot(slot)
-        self._lock.acquire()
+        self._lock.enter()
         try:
             for slot in slots:
                 slot.live = False
@@ -302,17 +303,17 @@ cdef class BouncePool:
             if self._waiters:
                 self._cond.notify_all()
         finally:
-            self._lock.release()
+            self._lock.exit()
 
     @property
     def free_bytes(self):
         """Bytes that can be taken now without waiting (not one extent: see try_acquire)."""
-        self._lock.acquire()
+        self._lock.enter()
         try:
             self._reap()
             return (self.pages - self._in_use) * PAGE
         finally:
-            self._lock.release()
+            self._lock.exit()
 
     cdef _check_slot(self, Slot slot):
         if slot.pool is not self:

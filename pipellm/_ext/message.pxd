@@ -1,6 +1,9 @@
 # The C interface of message.pyx, for the other extensions' request paths (a submission
 # sizes and owns its messages without a Python call).
 
+from pipellm._ext.locks cimport Lock
+
+
 cdef class Message:
     cdef public object direction, iv, aad, payload
     cdef public object _owner  # the host's bookkeeping of which transfer this is; not on the wire
@@ -17,7 +20,7 @@ cdef class Ticket:
 cdef class Endpoint:
     cdef public object label     # "h2d" / "d2h"
     cdef public object failure   # why the channel closed, or None
-    cdef public object _lock
+    cdef public Lock _lock
     cdef public long long messages
     cdef public long long _next, rotate_after
     cdef public list _run_key

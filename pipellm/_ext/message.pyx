@@ -120,11 +120,14 @@ cdef list _reserve_run(Endpoint sealer, Py_ssize_t count):
     cdef long long first
     if count < 1:
         raise ArgumentError(f"a run holds at least one ticket, asked for {count}")
-    with sealer._lock:
+    sealer._lock.enter()
+    try:
         if sealer.failure is not None:
             sealer._check_open()  # (it raises)
         first = sealer._next
         sealer._next += count
+    finally:
+        sealer._lock.exit()
     return _ticket_run(first, count, sealer.rotate_after, sealer._key_at, sealer._run_key)
 
 
@@ -158,8 +161,9 @@ cdef Message _expose(Endpoint sealer, Ticket ticket, Message private, out):
         sealer._check_open()  # (it raises)
     ticket.used = True
     out[:] = payload  # small: a copy under the GIL beats handing the GIL away
-    with sealer._lock:
-        sealer.messages += 1
+    sealer._lock.enter()
+    sealer.messages += 1
+    sealer._lock.exit()
     msg = Message.__new__(Message)
     msg.direction, msg.iv, msg.aad, msg.payload = sealer.label, private.iv, bytearray(private.aad), out
     if shared_write_observers:

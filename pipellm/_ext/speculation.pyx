@@ -15,6 +15,7 @@ from pipellm.channel.protocol import GO_BODY, TAG_BYTES as _TAG_BYTES
 
 from pipellm.channel import Kind
 from pipellm._ext.bounce cimport BouncePool, Slot
+from pipellm._ext.locks cimport Lock
 from pipellm._ext.message cimport Endpoint, _expose, _reserve_run
 from pipellm._ext.submission cimport Submitter, _perf_counter
 from pipellm._ext.writeguard import token as _token, unchanged as _unchanged
@@ -105,7 +106,7 @@ cdef class Queue:
     cdef public dict _by_key            # key -> Item
     cdef public dict _go_tickets        # GO indices reserved, never sealed
     cdef public dict counts
-    cdef public object _lock            # the engine's lock
+    cdef public Lock _lock              # the engine's lock
     cdef public Py_ssize_t _queued_messages
     cdef public long long _expect       # strict: the index the device expects next
     cdef public long long _high         # highest h2d index sent
@@ -117,7 +118,7 @@ cdef class Queue:
     cdef public Py_ssize_t _idle        # workers waiting for a token
     cdef public bint _replenish_pending # a planning task is queued
     cdef public Py_ssize_t _plan_skip   # chances to plan still to skip (see _note_plan)
-    cdef public object _h2d_lock        # one request at a time in the host-to-device channel
+    cdef public Lock _h2d_lock          # one request at a time in the host-to-device channel
     cdef public long long order         # the number of the current host-to-device request
     cdef public object _events          # deque: transfers the predictor has not heard of yet
     cdef public object _shadow          # throttled: the predictor's first guess for the next request
@@ -139,9 +140,10 @@ cdef class Queue:
         """Send ``region[offset:offset+nbytes]`` to ``dst`` at ``dst_offset`` on ``stream``:
         a hit here, anything else in the engine's ``_request``; then plan what comes next."""
         cdef Py_ssize_t queued
-        cdef bint claimed, throttled
+        cdef bint claimed, throttled, due
         key = (region.name, offset, nbytes)  # the same tuple as the predictor's Prediction
-        with self._h2d_lock:
+        self._h2d_lock.enter()
+        try:
             self.order += 1
             self._queue_event((key[0], offset, nbytes, "h2d", stream.id, _perf_counter()))
             claimed = self._shadow is None and self._hit(key, dst, dst_offset, stream)
@@ -154,12 +156,17 @@ cdef class Queue:
             queued = len(self._items)
             if not throttled and (queued < _INLINE_BELOW or (
                     queued < _STEAL_BELOW and self._replenish_pending and self._take_pending_plan())):
-                with self._lock:
+                self._lock.enter()
+                try:
                     due = self._plan_due()
+                finally:
+                    self._lock.exit()
                 if due:
                     self.counts["inline_plans"] += 1
                     self._replenish()  # the queue runs dry, or the workers lag (bursts): plan now
                 return
+        finally:
+            self._h2d_lock.exit()
         # otherwise planning is a worker's job, off the requesting thread, and only once
         # the queue has drained to half the lookahead: planning in batches costs less.
         # (Planning only at half of what the last plan left woke the worker less often,
@@ -189,8 +196,11 @@ cdef class Queue:
         try:
             self._send_go(item, (<Item>item).go_private, dst, dst_offset, stream)
         except BaseException:
-            with self._lock:
+            self._lock.enter()
+            try:
                 self._discard(item)
+            finally:
+                self._lock.exit()
             raise
         return True
 
@@ -200,7 +210,8 @@ cdef class Queue:
         this destination, nothing written since), else change nothing and return None
         (``_claim`` and ``_send_item`` then handle every case, this one included)."""
         cdef Item item
-        with self._lock:
+        self._lock.enter()
+        try:
             if not self._items or self._throttle:
                 return None
             item = self._items[0]
@@ -213,6 +224,8 @@ cdef class Queue:
             self._remove(item)
             item.claimed = True
             return item
+        finally:
+            self._lock.exit()
 
     cpdef bint _current(self, Item item):
         """Nothing was written to the item's bytes since they were encrypted: no
@@ -391,13 +404,14 @@ cdef class Queue:
         or untracked): each asked the predictor and, after a swap-out, woke a worker for
         nothing. The next 1, 2, 4... (at most MAX_PLAN_SKIP) chances to plan are skipped;
         a plan that queues something ends it."""
-        with self._lock:
-            if self._items:
-                self._fruitless = self._plan_skip = 0
-            elif predicted:
-                self._fruitless += 1
-                if self._fruitless > _FRUITLESS:
-                    self._plan_skip = min(_MAX_SKIP, 1 << min(self._fruitless - _FRUITLESS - 1, 8))
+        self._lock.enter()
+        if self._items:
+            self._fruitless = self._plan_skip = 0
+        elif predicted:
+            self._fruitless += 1
+            if self._fruitless > _FRUITLESS:
+                self._plan_skip = min(_MAX_SKIP, 1 << min(self._fruitless - _FRUITLESS - 1, 8))
+        self._lock.exit()
 
     cpdef bint _admit(self, key, region, Py_ssize_t offset, Py_ssize_t nbytes, set wanted) except -1:
         """Queue one predicted transfer to be encrypted ahead (h2d lock held): its slots
@@ -440,7 +454,8 @@ cdef class Queue:
         item._set(key, region, offset, nbytes, token, go, chunks,
                   None if dbuf is None or dbuf.freed or self.window else (dbuf.id, offset))
         self._count_reencrypted(key)
-        with self._lock:
+        self._lock.enter()
+        try:
             self._items.append(item)
             self._by_key[key] = item
             self._queued_messages += n + 1
@@ -450,6 +465,8 @@ cdef class Queue:
             if item.go_dst is not None:
                 tasks.append((item, None))
             self._wake_workers(n + 1)
+        finally:
+            self._lock.exit()
         return True
 
     cpdef _plan_later(self):
@@ -457,11 +474,14 @@ cdef class Queue:
         after the current request, and its on-demand data)."""
         if self._throttle or self._replenish_pending:
             return  # nothing to plan until the shadow guesses hit again, or a plan is pending
-        with self._lock:
+        self._lock.enter()
+        try:
             if not self._replenish_pending and self._plan_due():
                 self._replenish_pending = True
                 self._tasks.appendleft(_REPLENISH)
                 self._wake_workers(1)
+        finally:
+            self._lock.exit()
 
     cpdef bint _plan_due(self):
         """False while backing off from fruitless plans (see _note_plan; engine lock held)."""

@@ -1,6 +1,8 @@
 # The C interface of submission.pyx, for the other extensions' request paths (a speculative
 # hit submits its messages, a pool reaps finished ops, without a Python call).
 
+from pipellm._ext.locks cimport Lock
+
 cdef double _perf_counter() except? -1  # time.perf_counter(), without a Python call on Linux
 
 
@@ -19,7 +21,7 @@ cdef class Op:
 
 cdef class Submitter:
     cdef public object _queue          # SimpleQueue: the copy engine takes ops from it
-    cdef public object _submit_lock
+    cdef public Lock _submit_lock
     cdef public dict _sessions         # session id -> the device's end of a channel
     cdef public long long _seq         # ops submitted so far
     cdef public bint _closed           # (Device's state, read here without a Python call)

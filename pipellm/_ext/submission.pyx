@@ -106,7 +106,8 @@ cdef class Submitter:
         if self._closed or self.failure is not None or self._fork_generation != _fork.generation:
             self._check_open()  # (Device's, which raises the error that fits)
         stream = op.stream
-        with self._submit_lock:
+        self._submit_lock.enter()
+        try:
             self._seq += 1
             op.seq = self._seq
             op.prev, stream._last = stream._last, op
@@ -115,6 +116,8 @@ cdef class Submitter:
             if op.session is not None:
                 op.session.pending.add(op)
             self._queue.put(op)
+        finally:
+            self._submit_lock.exit()
         if len(pending) > PRUNE_ABOVE and stream._lock.acquire(blocking=False):  # drop finished ops
             try:
                 now = self.now()

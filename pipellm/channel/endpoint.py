@@ -7,10 +7,10 @@ the mirror image, with the same classes.
 
 from __future__ import annotations
 
-import threading
 from time import perf_counter
 from typing import NamedTuple
 
+from .._ext.locks import Lock
 from .._ext.message import Endpoint, Message, Ticket, publish, shared_write_observers  # noqa: F401 - re-exported
 from .._ext.message import expose as _expose
 from .._ext.message import reserve_run as _reserve_run
@@ -53,7 +53,7 @@ class _Endpoint(Endpoint):
         self.messages = 0
         self.aes_s = 0.0  # time spent inside the AES-GCM calls
         self.failure: BaseException | None = None
-        self._lock = threading.Lock()
+        self._lock = Lock()  # (taken in C by the extensions)
         self._run_key = [None]  # [(epoch, EpochKey)] of the last ticket run (see ticket_run)
 
     def _key_at(self, index: int) -> tuple[int, int, EpochKey]:

@@ -25,6 +25,7 @@ import numpy as np
 from ..channel import H2D_KINDS, Direction, KeyAgreement, Kind, Opener, Receiver, Sealer
 from ..channel.protocol import check_rotate_after
 from ..errors import ArgumentError, ChannelClosedError, DeviceError, IntegrityError
+from .._ext.locks import Lock
 from .._ext.submission import Submitter
 from .base import Device, DeviceBuffer, Op, Stream
 
@@ -69,7 +70,7 @@ class CopyEngineDevice(Submitter, Device):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._running = threading.Event()
         self._running.set()
-        self._submit_lock = threading.Lock()
+        self._submit_lock = Lock()  # (taken in C by every submission)
         self._cond = threading.Condition(threading.Lock())
         self._seq = 0
         self._handled = 0

@@ -14,6 +14,7 @@ import threading
 from collections import deque
 
 from .._ext import PAGE_BYTES, BouncePool, copy_into
+from .._ext.locks import Lock
 from ..channel import Direction, KeyAgreement, Kind, Opener, Sealer
 from ..channel.protocol import TAG_BYTES
 from ..errors import ArgumentError, ChannelClosedError, DeviceError, IntegrityError, TransferTimeoutError
@@ -77,7 +78,7 @@ class CCEngine:
         self._pinned: list = []
         self.pool = self.pinned_pool("bounce_bytes", bounce_bytes, chunk_size + TAG_BYTES)
         self._staging = memoryview(bytearray(chunk_size))
-        self._h2d_lock = threading.Lock()
+        self._h2d_lock = Lock()  # (taken in C by the speculative request path)
         self._d2h_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._inbox: deque = deque()        # d2h messages as the link delivered them

@@ -39,6 +39,7 @@ from ..channel import Kind
 from ..channel.protocol import GO_BODY, SKIP_BODY, TAG_BYTES
 from ..errors import ChannelClosedError, PredictorWarning, TransferTimeoutError
 from ..predictors import Predictor
+from .._ext.locks import Lock
 from .._ext.speculation import (  # noqa: F401 - the policy's constants, re-exported
     _RECEIVE, _REPLENISH, ACCURACY_ALPHA, ACCURACY_FLOOR, ENCRYPTING, FAILED, FRUITLESS_PLANS, GO_MESSAGE_BYTES,
     INLINE_PLANNING_BELOW, MAX_PLAN_SKIP, MAX_UNHEARD_EVENTS, PENDING, READY, STEAL_PLAN_BELOW, STRICT_MIN_DEPTH, Chunk,
@@ -75,7 +76,7 @@ class SpeculativeEngine(CCEngine, Queue):
         self.cmd_pool = self.pinned_pool("command slots", 16 * slot_bytes_for(GO_BODY.size), GO_BODY.size + TAG_BYTES)
         # the engine's lock; sections that neither wait nor notify take it directly
         # (a Condition's __enter__ and __exit__ are Python frames, the lock's are not)
-        self._lock = threading.Lock()
+        self._lock = Lock()  # (taken in C by the request path)
         self._cond = threading.Condition(self._lock)
         self._items: deque[Item] = deque()          # in index order
         self._by_key: dict[tuple, Item] = {}
