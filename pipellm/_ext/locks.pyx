@@ -95,7 +95,8 @@ cdef class Lock:
         return self._held
 
     def __enter__(self):
-        return self.acquire()
+        self.enter()
+        return True
 
     def __exit__(self, exc_type, exc, tb):
         self.exit()
