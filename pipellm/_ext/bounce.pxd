@@ -41,5 +41,6 @@ cdef class Slot:
     cdef readonly size_t pages
     cdef readonly size_t capacity
     cdef readonly bint live
+    cdef Py_ssize_t _start, _stop  # the bytes the next buffer export covers (_view's; else all)
 
     cdef object _view(self, Py_ssize_t start, Py_ssize_t stop)

@@ -17,6 +17,7 @@ from collections import deque
 from time import monotonic
 
 from cpython.buffer cimport PyBuffer_FillInfo
+from cpython.memoryview cimport PyMemoryView_FromObject
 from libc.errno cimport errno
 from libc.string cimport memset, strerror
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mlock, mmap, munlock, munmap
@@ -190,6 +191,7 @@ cdef class BouncePool:
         slot.pages = pages
         slot.capacity = pages * PAGE
         slot.live = True
+        slot._start, slot._stop = 0, slot.capacity
         return slot
 
     # -- taking and giving back ----------------------------------------------------------
@@ -335,8 +337,8 @@ cdef class BouncePool:
     cdef int _export(self, Slot slot, Py_buffer* buffer, int flags) except -1:
         if self._base == NULL:
             raise BufferError("bounce pool memory is unmapped")
-        PyBuffer_FillInfo(buffer, slot, self._base + slot.first * PAGE,
-                          <Py_ssize_t>slot.capacity, 0, flags)
+        PyBuffer_FillInfo(buffer, slot, self._base + slot.first * PAGE + slot._start,
+                          slot._stop - slot._start, 0, flags)
         self._exports += 1
         return 0
 
@@ -358,7 +360,12 @@ cdef class Slot:
             raise ArgumentError(f"the slot at page {self.first} was given back to its pool")
         if start < 0 or stop < start or <size_t>stop > self.capacity:
             raise ArgumentError(f"a slot holds 0..{self.capacity} bytes, asked for bytes {start}..{stop}")
-        return memoryview(self)[start:stop]
+        # one memoryview of just those bytes (slicing a view of the whole slot makes two)
+        self._start, self._stop = start, stop
+        try:
+            return PyMemoryView_FromObject(self)
+        finally:
+            self._start, self._stop = 0, self.capacity
 
     def __getbuffer__(self, Py_buffer* buffer, int flags):
         self.pool._export(self, buffer, flags)
