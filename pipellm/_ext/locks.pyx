@@ -52,6 +52,13 @@ cdef class Lock:
         self._held = True
         return 0
 
+    cdef bint try_enter(self) noexcept:
+        """Take the lock if it is free; False (not taken) otherwise."""
+        if PyThread_acquire_lock(self._handle, NOWAIT_LOCK):
+            self._held = True
+            return True
+        return False
+
     cdef void exit(self) noexcept:
         self._held = False
         PyThread_release_lock(self._handle)

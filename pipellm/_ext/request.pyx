@@ -11,6 +11,9 @@ which raise the precise error.
 """
 
 from pipellm import _fork
+from pipellm._ext.message cimport Endpoint
+from pipellm._ext.region cimport RegionBase
+from pipellm._ext.submission cimport Submitter
 from pipellm.errors import ArgumentError
 from pipellm.pipeline.region import Region, check_int, check_region, check_span
 
@@ -22,9 +25,10 @@ cdef class Requests:
     cdef _open(self, region):
         """The pipeline is open and ``region`` is one of its registered regions (else the
         Python helpers raise the error that fits)."""
-        if self._closed or self._fork_generation != _fork.generation or _failed(self._engine):
+        if self._closed or self._fork_generation != _FORK["generation"] or _failed(self._engine):
             self._check()
-        if not (isinstance(region, Region) and region.owner is self and region.registered):
+        if not (isinstance(region, Region) and (<RegionBase>region).owner is self
+                and (<RegionBase>region).registered):
             check_region(self, region)
 
     def to_device(self, region: Region, offset: int = 0, nbytes: int | None = None, *,
@@ -36,16 +40,18 @@ cdef class Requests:
         Asynchronous like ``cudaMemcpyAsync``: ordered on ``stream``; in ``cc`` mode it
         returns once the data is encrypted (later host writes can't change what lands).
         """
+        cdef RegionBase r
         self._open(region)
-        offset, nbytes = _span(region, offset, nbytes)
+        r = region  # (a Region: _open checked)
+        offset, nbytes = _span(r, offset, nbytes)
         device = self.device
         stream = device.default_stream if stream is None else device.check_stream(stream)
-        if region.incoming is not None:
+        if r.incoming is not None:
             region.wait()  # an earlier device-to-host transfer into it lands first
         if dst is None:
             if dst_offset is not None:
                 raise ArgumentError("dst_offset needs dst; without dst the region's own device copy is used")
-            dst = region.device_buffer
+            dst = r.device_buffer
             if dst is None:
                 dst = self._device_copy(region)
             dst_offset = offset
@@ -67,7 +73,7 @@ cdef class Requests:
         self._open(region)
         device = self.device
         device.check_buffer(src)
-        if region.readonly:
+        if (<RegionBase>region).readonly:
             raise ArgumentError(f"{region!r} is read-only; device-to-host transfers need a writable array")
         offset, nbytes = _span(region, offset, nbytes)
         src_offset = check_int("src_offset", src_offset)
@@ -79,16 +85,26 @@ cdef class Requests:
         return self._engine.to_host(src, src_offset, region, offset, nbytes, stream)
 
 
+cdef dict _FORK = vars(_fork)  # (its live ``generation``, read without a module lookup)
+
+
 cdef bint _failed(engine) except -1:
     """``engine.failure() is not None``, without its Python frames while none of the
-    ``engine.failure_sources`` has failed (the common case, on every request)."""
+    ``engine.failure_sources`` has failed (the common case, on every request). Sealers,
+    openers and our devices hold ``failure`` in C."""
     for source in <tuple>engine.failure_sources:
-        if source.failure is not None:
+        if isinstance(source, Endpoint):
+            failure = (<Endpoint>source).failure
+        elif isinstance(source, Submitter):
+            failure = (<Submitter>source).failure
+        else:
+            failure = source.failure
+        if failure is not None:
             return engine.failure() is not None
     return False
 
 
-cdef tuple _span(region, offset, nbytes):
+cdef tuple _span(RegionBase region, offset, nbytes):
     """(offset, nbytes) of a request inside ``region``; ``nbytes`` None means to its end.
     The common case here; anything else (other int types, errors) in ``check_span``."""
     cdef Py_ssize_t size = region.nbytes

@@ -16,9 +16,10 @@ from pipellm.channel.protocol import GO_BODY, TAG_BYTES as _TAG_BYTES
 from pipellm.channel import Kind
 from pipellm._ext.bounce cimport BouncePool, Slot
 from pipellm._ext.locks cimport Lock
+from pipellm._ext.region cimport RegionBase
 from pipellm._ext.message cimport Endpoint, _expose, _reserve_run
-from pipellm._ext.submission cimport Submitter, _perf_counter
-from pipellm._ext.writeguard import token as _token, unchanged as _unchanged
+from pipellm._ext.submission cimport Stream, Submitter, _perf_counter
+from pipellm._ext.writeguard cimport token as _token, unchanged as _unchanged
 from pipellm.predictors.base import Prediction, TransferEvent, _new_tuple
 
 PENDING, ENCRYPTING, READY, FAILED = range(4)
@@ -141,11 +142,11 @@ cdef class Queue:
         a hit here, anything else in the engine's ``_request``; then plan what comes next."""
         cdef Py_ssize_t queued
         cdef bint claimed, throttled, due
-        key = (region.name, offset, nbytes)  # the same tuple as the predictor's Prediction
+        key = ((<RegionBase?>region).name, offset, nbytes)  # the same tuple as the predictor's Prediction
         self._h2d_lock.enter()
         try:
             self.order += 1
-            self._queue_event((key[0], offset, nbytes, "h2d", stream.id, _perf_counter()))
+            self._queue_event((key[0], offset, nbytes, "h2d", (<Stream?>stream).id, _perf_counter()))
             claimed = self._shadow is None and self._hit(key, dst, dst_offset, stream)
             if claimed:
                 throttled = False
@@ -232,6 +233,7 @@ cdef class Queue:
         application write (page protection / explicit reports) since its token, no
         library write (device-to-host commit) into its span since its first chunk was."""
         cdef Chunk c
+        cdef RegionBase region
         cdef long long since = -1
         chunks = item.chunks
         if not chunks:  # a place held, sealed on demand: always current
@@ -239,8 +241,7 @@ cdef class Queue:
         region = item.region
         if not _unchanged(region.guard, item.token):  # (region.unchanged_since)
             return False
-        lib_seq = region.lib_seq
-        if len(chunks) == 1 and (<Chunk>chunks[0]).lib_seq == lib_seq:
+        if len(chunks) == 1 and (<Chunk>chunks[0]).lib_seq == region.lib_seq:
             return True  # the common case: no library write since it was sealed
         for c in chunks:
             if c.state == _READY and (since < 0 or c.lib_seq < since):

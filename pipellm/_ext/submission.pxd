@@ -6,6 +6,14 @@ from pipellm._ext.locks cimport Lock
 cdef double _perf_counter() except? -1  # time.perf_counter(), without a Python call on Linux
 
 
+cdef class Stream:
+    cdef readonly object device
+    cdef readonly Py_ssize_t id
+    cdef public Op _last               # the newest op submitted on it
+    cdef public object _pending        # deque of its ops not yet dropped as finished
+    cdef public Lock _lock
+
+
 cdef class Op:
     cdef public object device, kind, stream, session, prev, error, args, on_delivered
     cdef public long long seq

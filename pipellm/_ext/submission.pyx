@@ -9,16 +9,19 @@ its submission cost a speculative hit about 14k instructions of the requesting t
 ~61k (callgrind; docs/figures.md).
 """
 
+from collections import deque
 from time import perf_counter
 
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from pipellm import _fork
+from pipellm._ext.locks cimport Lock
 from pipellm._ext.message cimport Message
 from pipellm.channel.protocol import TAG_BYTES as _TAG_BYTES
 from pipellm.errors import ChannelClosedError, TransferTimeoutError
 
 cdef Py_ssize_t TAG_BYTES = _TAG_BYTES
+cdef dict _FORK = vars(_fork)  # (its live ``generation``, read without a module lookup)
 cdef Py_ssize_t PRUNE_ABOVE = 64  # a stream's pending ops before finished ones are dropped
 
 
@@ -39,6 +42,24 @@ cdef double _perf_counter() except? -1:
 cdef inline double _now_of(device) except? -1:
     """``device.now()``, in C for the devices of ours (every op reads it)."""
     return (<Submitter>device).now() if isinstance(device, Submitter) else device.now()
+
+
+cdef class Stream:
+    """An ordered queue of device work. Work on one stream completes in order; work on
+    different streams may overlap. Comes from :meth:`Device.create_stream`. (Its fields
+    are declared in ``submission.pxd``: every submission reads them in C.)"""
+
+    def __init__(self, device, Py_ssize_t id):
+        self.device, self.id = device, id
+        self._last = None
+        self._pending = deque()
+        self._lock = Lock()
+
+    def synchronize(self, timeout: float | None = None) -> None:
+        self.device.synchronize(self, timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"<Stream {self.id} on {self.device.kind}>"
 
 
 cdef class Op:
@@ -103,9 +124,9 @@ cdef class Submitter:
         return <double>stalled + (0.0 if since is None else _perf_counter() - <double>since)
 
     cpdef Op _submit(self, Op op):
-        if self._closed or self.failure is not None or self._fork_generation != _fork.generation:
+        if self._closed or self.failure is not None or self._fork_generation != _FORK["generation"]:
             self._check_open()  # (Device's, which raises the error that fits)
-        stream = op.stream
+        cdef Stream stream = op.stream
         self._submit_lock.enter()
         try:
             self._seq += 1
@@ -118,7 +139,7 @@ cdef class Submitter:
             self._queue.put(op)
         finally:
             self._submit_lock.exit()
-        if len(pending) > PRUNE_ABOVE and stream._lock.acquire(blocking=False):  # drop finished ops
+        if len(pending) > PRUNE_ABOVE and stream._lock.try_enter():  # drop finished ops
             try:
                 now = self.now()
                 while len(pending) > 1:
@@ -127,7 +148,7 @@ cdef class Submitter:
                         break
                     pending.popleft()
             finally:
-                stream._lock.release()
+                stream._lock.exit()
         return op
 
     cpdef _session(self, session):

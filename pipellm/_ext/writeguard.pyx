@@ -263,7 +263,7 @@ def state(size_t index) -> int:
     return pl_state(index)
 
 
-def token(guard, tracking: str):
+cpdef token(guard, tracking):
     """A region's validation token: None where it is not tracked (``guard`` None), for
     ``tracking == "protect"`` its pages write-protected first (:func:`protect`), else
     its state. (``Region.token``; speculation calls it in C for every item it plans.)"""
@@ -274,7 +274,7 @@ def token(guard, tracking: str):
     return pl_state(<size_t>guard)
 
 
-def unchanged(guard, token) -> bool:
+cpdef bint unchanged(guard, token) except -1:
     """Nothing was written to a region since ``token`` was taken (``Region.unchanged_since``;
     in C on every speculative hit)."""
     return token is not None and guard is not None and pl_state(<size_t>guard) == <uint64_t>token

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections import deque
 from time import perf_counter
 
 import numpy as np
 
 from .. import _fork
-from .._ext.submission import Op  # (C: made and submitted on every transfer's request path)
+from .._ext.submission import Op, Stream  # (C: made and submitted on every transfer's request path)
 from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, DeviceError, TransferTimeoutError
 
 
@@ -38,25 +37,6 @@ class DeviceBuffer:
     def __repr__(self) -> str:
         state = " freed" if self.freed else ""
         return f"<DeviceBuffer {self.id} {self.nbytes}B on {self.device.kind}{state}>"
-
-
-class Stream:
-    """An ordered queue of device work. Work on one stream completes in order; work on
-    different streams may overlap. Comes from :meth:`Device.create_stream`."""
-
-    __slots__ = ("device", "id", "_last", "_pending", "_lock")
-
-    def __init__(self, device: Device, id: int):
-        self.device, self.id = device, id
-        self._last: Op | None = None
-        self._pending: deque[Op] = deque()
-        self._lock = threading.Lock()
-
-    def synchronize(self, timeout: float | None = None) -> None:
-        self.device.synchronize(self, timeout=timeout)
-
-    def __repr__(self) -> str:
-        return f"<Stream {self.id} on {self.device.kind}>"
 
 
 class Device(abc.ABC):

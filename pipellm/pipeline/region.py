@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from .._ext import writeguard
+from .._ext.region import RegionBase
 from ..errors import ArgumentError, ArgumentTypeError, UnknownRegionError
 from ..hostmem import owning_buffer
 
@@ -18,7 +19,7 @@ TRACKING = ("auto", "protect", "explicit", "none")
 LIBRARY_LOG = 1024
 
 
-class Region:
+class Region(RegionBase):
     """A block of host memory the application transfers. Comes from
     :meth:`pipellm.Pipeline.register`; it wraps the array without copying it.
 
@@ -35,9 +36,10 @@ class Region:
       mode encrypts it on demand, like ``cc``).
     """
 
-    __slots__ = ("name", "id", "_array", "view", "nbytes", "dtype", "shape", "readonly",
-                 "owner", "device_buffer", "registered", "tracking", "guard", "incoming", "outgoing",
-                 "_alias", "lib_seq", "_lib_log", "kind", "_finalizer", "__weakref__")
+    # (name, owner, nbytes, registered, readonly, incoming, device_buffer, guard,
+    # tracking and lib_seq are RegionBase's C fields: every request reads them)
+    __slots__ = ("id", "_array", "view", "dtype", "shape", "outgoing", "_alias", "_lib_log", "kind",
+                 "_finalizer", "__weakref__")
 
     def __init__(self, owner, id: int, name: str, array: np.ndarray, tracking: str):
         self.owner, self.id, self.name = owner, id, name

@@ -1,0 +1,7 @@
+# The C interface of region.pyx: a registered region's fields that every request reads.
+
+cdef class RegionBase:
+    cdef public object name, owner, incoming, device_buffer, guard, tracking
+    cdef public Py_ssize_t nbytes
+    cdef public bint registered, readonly
+    cdef public long long lib_seq  # library writes (device-to-host commits) so far

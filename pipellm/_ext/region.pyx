@@ -1,0 +1,12 @@
+# cython: language_level=3
+"""The fields of a registered region that every request reads, in C.
+
+``pipeline/region.py``'s ``Region`` derives from :class:`RegionBase` (its ``__init__``
+sets the fields; they are declared in ``region.pxd``), so the request path in
+``request.pyx`` and ``speculation.pyx`` reads them as struct members: a request reads
+about ten of them, each a type lookup and a descriptor call from C otherwise.
+"""
+
+
+cdef class RegionBase:
+    """Base of :class:`pipellm.Region`; not made on its own."""
