@@ -145,7 +145,8 @@ def publish(msg: Message, key_id: bytes, epoch: int, counter: int) -> None:
 def expose(Endpoint sealer not None, Ticket ticket not None, Message private not None, out) -> Message:
     """``Sealer.expose(ticket, private, out)``: copy a message sealed privately under
     ``ticket`` into shared memory ``out`` (exactly its size). From now on the ticket is
-    used."""
+    used, and the message returned owns ``private``'s header (``aad``): ``private`` is
+    spent."""
     return _expose(sealer, ticket, private, out)
 
 
@@ -165,7 +166,9 @@ cdef Message _expose(Endpoint sealer, Ticket ticket, Message private, out):
     sealer.messages += 1
     sealer._lock.exit()
     msg = Message.__new__(Message)
-    msg.direction, msg.iv, msg.aad, msg.payload = sealer.label, private.iv, bytearray(private.aad), out
+    # (the header is the private message's own: its ticket is now used, so it is never
+    # exposed again, and nothing else holds it)
+    msg.direction, msg.iv, msg.aad, msg.payload = sealer.label, private.iv, private.aad, out
     if shared_write_observers:
         publish(msg, ticket.key.key_id, ticket.epoch, ticket.counter)
     return msg
