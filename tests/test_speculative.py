@@ -657,3 +657,36 @@ def test_a_hit_lands_at_any_destination(iv_order):
         assert pipe.stats()["hits"] - hits == 2
         assert np.array_equal(pipe.device.read(other, 64, regions[0].nbytes), regions[0].array)
         check_device(pipe, regions[1:2])
+
+
+def test_items_sent_by_hits_are_freed_by_workers_and_never_pile_up():
+    import weakref
+
+    from pipellm._ext.speculation import MAX_SPENT
+    pipe = spec_pipe()
+    regions = layers(pipe, n=4)
+    learn(pipe, regions)
+    engine = pipe._engine
+    stats = settled_passes(pipe, regions)
+    assert stats["hits"] >= 12
+    # a worker planned after those hits: what they sent is freed, bar the latest hits'
+    assert len(engine._spent) < 4
+    engine._replenish_pending = True  # hold planning off: nothing on a worker frees them
+    try:
+        sent = []
+        for _ in range(MAX_SPENT // 4 + 2):
+            for r in regions:
+                head = engine._items[0] if engine._items else None
+                pipe.to_device(r)
+                if head is not None and head.claimed:
+                    sent.append(weakref.ref(head))
+            assert len(engine._spent) <= MAX_SPENT
+            engine._replenish()  # (h2d lock not needed: no other request runs)
+            pipe.wait_speculation(TIMEOUT)
+            engine._replenish_pending = True
+    finally:
+        engine._replenish_pending = False
+    assert len(sent) > MAX_SPENT and any(ref() is None for ref in sent)  # the hit freed them past the bound
+    check_device(pipe, regions)
+    pipe.close()
+    assert not engine._spent

@@ -47,6 +47,9 @@ cdef Py_ssize_t _INLINE_BELOW = INLINE_PLANNING_BELOW, _STEAL_BELOW = STEAL_PLAN
 #: a worker); past this many unheard ones the requesting thread tells it itself
 MAX_UNHEARD_EVENTS = 256
 cdef Py_ssize_t _MAX_UNHEARD = MAX_UNHEARD_EVENTS
+#: items sent by hits and not yet freed by a worker, at most (past it, a hit frees them)
+MAX_SPENT = 64
+cdef Py_ssize_t _MAX_SPENT = MAX_SPENT
 #: strict order: the fewest predicted transfers to queue, however inaccurate the predictor
 STRICT_MIN_DEPTH = 2
 #: plans in a row that may name transfers yet queue nothing (small or untracked ones)
@@ -125,6 +128,7 @@ cdef class Queue:
     cdef public object _shadow          # throttled: the predictor's first guess for the next request
     cdef public Py_ssize_t lookahead
     cdef public object _dropped         # OrderedDict: keys whose speculation was lost -> their bytes
+    cdef public list _spent             # items sent by hits, freed by a worker (see _hit)
     cdef public object predictor
     cdef public dict _regions           # name -> Region, the pipeline's live table
     cdef public Py_ssize_t min_speculative_bytes
@@ -203,6 +207,11 @@ cdef class Queue:
             finally:
                 self._lock.exit()
             raise
+        # the item's objects (chunks, tickets, slots, its private GO) are freed by the
+        # worker that plans next, not here: ~1.4k instructions of a ~17k hit
+        self._spent.append(item)
+        if len(self._spent) > _MAX_SPENT:
+            self._spent.clear()
         return True
 
     cdef _take_ready_head(self, key, dst, Py_ssize_t dst_offset):

@@ -92,6 +92,7 @@ class SpeculativeEngine(CCEngine, Queue):
         self._go_tickets: dict[int, object] = {}       # GO indices reserved, never sealed
         self._events: deque[tuple] = deque()  # transfers the predictor has not heard of yet
         self._dropped: OrderedDict[tuple, int] = OrderedDict()  # keys whose speculation was lost
+        self._spent: list = []  # items hits sent, freed by the worker that plans next
         self._stopping = False
         self._replenish_pending = False
         self._receive_pending = False
@@ -423,6 +424,7 @@ class SpeculativeEngine(CCEngine, Queue):
             start, cpu_start = perf_counter(), thread_time()
             try:
                 if task is _REPLENISH:
+                    self._spent.clear()  # (off the request path: see Queue._hit)
                     with self._h2d_lock:
                         try:
                             self._replenish()
@@ -542,6 +544,7 @@ class SpeculativeEngine(CCEngine, Queue):
         with self._cond:
             for item in list(self._items):
                 self._drop(item)
+            self._spent.clear()  # (their messages' views of the pools: the pools unmap now)
         super().close()
         self.spec_pool.close()
         self.cmd_pool.close()
