@@ -10,10 +10,9 @@ helpers (``Pipeline._check``, ``region.check_region``, ``check_span``, ``check_i
 which raise the precise error.
 """
 
-from pipellm import _fork
 from pipellm._ext.message cimport Endpoint
 from pipellm._ext.region cimport RegionBase
-from pipellm._ext.submission cimport Submitter
+from pipellm._ext.submission cimport Submitter, _forked_since
 from pipellm.errors import ArgumentError
 from pipellm.pipeline.region import Region, check_int, check_region, check_span
 
@@ -25,7 +24,7 @@ cdef class Requests:
     cdef _open(self, region):
         """The pipeline is open and ``region`` is one of its registered regions (else the
         Python helpers raise the error that fits)."""
-        if self._closed or self._fork_generation != _FORK["generation"] or _failed(self._engine):
+        if self._closed or _forked_since(self._fork_generation) or _failed(self._engine):
             self._check()
         if not (isinstance(region, Region) and (<RegionBase>region).owner is self
                 and (<RegionBase>region).registered):
@@ -83,9 +82,6 @@ cdef class Requests:
         if self._recorder is not None:
             self._recorder.d2h(region, offset, nbytes, stream)
         return self._engine.to_host(src, src_offset, region, offset, nbytes, stream)
-
-
-cdef dict _FORK = vars(_fork)  # (its live ``generation``, read without a module lookup)
 
 
 cdef bint _failed(engine) except -1:

@@ -4,6 +4,7 @@
 from pipellm._ext.locks cimport Lock
 
 cdef double _perf_counter() except? -1  # time.perf_counter(), without a Python call on Linux
+cdef bint _forked_since(generation) except -1  # generation != _fork.generation, in C
 
 
 cdef class Stream:

@@ -22,6 +22,12 @@ from pipellm.errors import ChannelClosedError, TransferTimeoutError
 
 cdef Py_ssize_t TAG_BYTES = _TAG_BYTES
 cdef dict _FORK = vars(_fork)  # (its live ``generation``, read without a module lookup)
+
+
+cdef bint _forked_since(generation) except -1:
+    """``generation != _fork.generation``: what was made at ``generation`` was made
+    before an ``os.fork()`` of this process (read in C on every request)."""
+    return generation != _FORK["generation"]
 cdef Py_ssize_t PRUNE_ABOVE = 64  # a stream's pending ops before finished ones are dropped
 
 
@@ -124,7 +130,7 @@ cdef class Submitter:
         return <double>stalled + (0.0 if since is None else _perf_counter() - <double>since)
 
     cpdef Op _submit(self, Op op):
-        if self._closed or self.failure is not None or self._fork_generation != _FORK["generation"]:
+        if self._closed or self.failure is not None or _forked_since(self._fork_generation):
             self._check_open()  # (Device's, which raises the error that fits)
         cdef Stream stream = op.stream
         self._submit_lock.enter()
