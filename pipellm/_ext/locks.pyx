@@ -7,6 +7,12 @@ extensions call its ``enter``/``exit`` directly. A ``with`` block on a
 ``threading.Lock`` in Cython looks up ``__enter__`` and ``__exit__`` and calls them
 (bound methods made and freed, argument parsing): ~1k instructions, and a speculative
 hit takes five locks (callgrind, docs/figures.md).
+
+Every caller holds the GIL (the extensions' C and Python code alike), so the lock's
+state is a flag the GIL protects: taking a free lock is a test and a store, ~130
+instructions less than an OS lock's try-acquire, five times per hit. Only a thread that
+finds it taken waits, without the GIL, on an OS lock used as a wake-up signal. (A
+free-threaded Python build would need atomics here; pipellm targets GIL builds.)
 """
 
 from cpython.exc cimport PyErr_CheckSignals
@@ -35,58 +41,71 @@ cdef class Lock:
     """
 
     def __cinit__(self):
-        self._handle = PyThread_allocate_lock()
-        if self._handle is NULL:
+        # the wake-up signal: held, except from an exit that had waiters until one of
+        # them takes it (``_signalled``)
+        self._wake = PyThread_allocate_lock()
+        if self._wake is NULL:
             raise MemoryError("could not allocate a lock")
+        PyThread_acquire_lock(self._wake, NOWAIT_LOCK)
 
     def __dealloc__(self):
-        if self._handle is not NULL:
-            if self._held:  # (freeing a held lock is undefined on some platforms)
-                PyThread_release_lock(self._handle)
-            PyThread_free_lock(self._handle)
+        if self._wake is not NULL:
+            if not self._signalled:  # (freeing a held lock is undefined on some platforms)
+                PyThread_release_lock(self._wake)
+            PyThread_free_lock(self._wake)
 
     cdef int enter(self) except -1:
         """Take the lock, waiting as long as it takes (GIL released while waiting)."""
-        if not PyThread_acquire_lock(self._handle, NOWAIT_LOCK):
+        if self._held:
             self._acquire_blocking(-1.0)
         self._held = True
         return 0
 
     cdef bint try_enter(self) noexcept:
         """Take the lock if it is free; False (not taken) otherwise."""
-        if PyThread_acquire_lock(self._handle, NOWAIT_LOCK):
-            self._held = True
-            return True
-        return False
+        if self._held:
+            return False
+        self._held = True
+        return True
 
     cdef void exit(self) noexcept:
         self._held = False
-        PyThread_release_lock(self._handle)
+        if self._waiters and not self._signalled:
+            self._signalled = True
+            PyThread_release_lock(self._wake)
 
     cdef bint _acquire_blocking(self, double timeout) except -1:
         """Wait for the lock without the GIL, in slices between which signal handlers
-        run (and may raise); False once ``timeout`` seconds (>= 0) have passed."""
-        cdef PyLockStatus status
+        run (and may raise); True once it is free (the caller takes it, GIL held all the
+        way), False once ``timeout`` seconds (>= 0) have passed."""
         cdef long long wait_us
+        cdef PyLockStatus status
         cdef double deadline = monotonic() + timeout if timeout >= 0 else 0.0
-        while True:
-            wait_us = _SLICE_US
-            if timeout >= 0:
-                wait_us = min(wait_us, max(0, <long long>((deadline - monotonic()) * 1e6)))
-            with nogil:
-                status = PyThread_acquire_lock_timed(self._handle, wait_us, 0)
-            if status == PY_LOCK_ACQUIRED:
-                return True
-            PyErr_CheckSignals()
-            if timeout >= 0 and monotonic() >= deadline:
-                return False
+        self._waiters += 1
+        try:
+            while self._held:
+                wait_us = _SLICE_US
+                if timeout >= 0:
+                    wait_us = min(wait_us, max(0, <long long>((deadline - monotonic()) * 1e6)))
+                with nogil:
+                    status = PyThread_acquire_lock_timed(self._wake, wait_us, 0)
+                if status == PY_LOCK_ACQUIRED:
+                    self._signalled = False
+                if not self._held:
+                    return True
+                PyErr_CheckSignals()
+                if timeout >= 0 and monotonic() >= deadline:
+                    return False
+            return True
+        finally:
+            self._waiters -= 1
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         """Take the lock; as ``threading.Lock.acquire``: False if ``blocking`` is false
         and it is taken, or once ``timeout`` seconds (-1: none) have passed."""
         if timeout != -1 and (not blocking or timeout < 0):
             raise ValueError("timeout must be -1 (none) or >= 0, and needs blocking=True")
-        if not PyThread_acquire_lock(self._handle, NOWAIT_LOCK):
+        if self._held:
             if not blocking or not self._acquire_blocking(timeout):
                 return False
         self._held = True
