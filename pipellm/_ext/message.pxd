@@ -29,3 +29,5 @@ cdef class Endpoint:
 cdef list _ticket_run(long long first, Py_ssize_t count, long long rotate_after, key_at, list cache)
 cdef list _reserve_run(Endpoint sealer, Py_ssize_t count)
 cdef Message _expose(Endpoint sealer, Ticket ticket, Message private, out)
+cdef Message _exposed(Endpoint sealer, Message private, out)
+cdef int _expose_into(Endpoint sealer, Ticket ticket, Message private, Message public) except -1

@@ -151,11 +151,29 @@ def expose(Endpoint sealer not None, Ticket ticket not None, Message private not
 
 
 cdef Message _expose(Endpoint sealer, Ticket ticket, Message private, out):
-    """``expose``, in C (a speculative hit exposes its GO command on the request path)."""
-    cdef Message msg
+    """``expose``, in C."""
+    cdef Message msg = _exposed(sealer, private, out)
+    _expose_into(sealer, ticket, private, msg)
+    return msg
+
+
+cdef Message _exposed(Endpoint sealer, Message private, out):
+    """The message ``private`` becomes once exposed into ``out``, made ahead of its
+    exposure (a speculative GO's, by the worker that seals it): nothing is in shared
+    memory until :func:`_expose_into`."""
+    cdef Message msg = Message.__new__(Message)
+    # (the header is the private message's own: once exposed its ticket is used, so it
+    # is never exposed again, and nothing else holds it)
+    msg.direction, msg.iv, msg.aad, msg.payload = sealer.label, private.iv, private.aad, out
+    return msg
+
+
+cdef int _expose_into(Endpoint sealer, Ticket ticket, Message private, Message public) except -1:
+    """Copy ``private``'s bytes into ``public.payload`` (shared memory), ``public`` made
+    by :func:`_exposed`. (In C: a speculative hit exposes its GO on the request path.)"""
+    payload, out = private.payload, public.payload
     if ticket.used:
         raise ArgumentError(f"{ticket!r} was already sealed: an IV is never used twice")
-    payload = private.payload
     if len(out) != len(payload):
         raise ArgumentError(f"output must be exactly {len(payload)} bytes, got {len(out)}")
     if sealer.failure is not None:
@@ -165,10 +183,6 @@ cdef Message _expose(Endpoint sealer, Ticket ticket, Message private, out):
     sealer._lock.enter()
     sealer.messages += 1
     sealer._lock.exit()
-    msg = Message.__new__(Message)
-    # (the header is the private message's own: its ticket is now used, so it is never
-    # exposed again, and nothing else holds it)
-    msg.direction, msg.iv, msg.aad, msg.payload = sealer.label, private.iv, private.aad, out
     if shared_write_observers:
-        publish(msg, ticket.key.key_id, ticket.epoch, ticket.counter)
-    return msg
+        publish(public, ticket.key.key_id, ticket.epoch, ticket.counter)
+    return 0

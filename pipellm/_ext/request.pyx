@@ -12,9 +12,22 @@ which raise the precise error.
 
 from pipellm._ext.message cimport Endpoint
 from pipellm._ext.region cimport RegionBase
-from pipellm._ext.submission cimport Submitter, _forked_since
+from pipellm._ext.submission cimport SessionBase, Submitter, _forked_since
 from pipellm.errors import ArgumentError
 from pipellm.pipeline.region import Region, check_int, check_region, check_span
+
+
+cdef class Engine:
+    """The base of the modes' engines (``pipeline/plain.py``, ``cc.py``,
+    ``speculative.py``): a request hands its host-to-device transfer to
+    ``_to_device`` in C, which calls the engine's ``to_device`` unless the engine
+    overrides it in C (the speculative queue does: a hit has no Python call in it).
+    It keeps the transfer counters every mode reports."""
+
+    cdef int _to_device(self, region, Py_ssize_t offset, Py_ssize_t nbytes, dst, Py_ssize_t dst_offset,
+                        stream) except -1:
+        self.to_device(region, offset, nbytes, dst, dst_offset, stream)
+        return 0
 
 
 cdef class Requests:
@@ -24,7 +37,7 @@ cdef class Requests:
     cdef _open(self, region):
         """The pipeline is open and ``region`` is one of its registered regions (else the
         Python helpers raise the error that fits)."""
-        if self._closed or _forked_since(self._fork_generation) or _failed(self._engine):
+        if self._closed or _forked_since(self._fork_generation) or _failed(<Engine?>self._engine):
             self._check()
         if not (isinstance(region, Region) and (<RegionBase>region).owner is self
                 and (<RegionBase>region).registered):
@@ -61,7 +74,7 @@ cdef class Requests:
                 raise ArgumentError(f"{nbytes} bytes at dst_offset {dst_offset} do not fit in {dst!r}")
         if self._recorder is not None:
             self._recorder.h2d(region, offset, nbytes, stream)
-        self._engine.to_device(region, offset, nbytes, dst, dst_offset, stream)
+        (<Engine?>self._engine)._to_device(region, offset, nbytes, dst, dst_offset, stream)
         return dst
 
     def to_host(self, src, region: Region, *, src_offset: int = 0, offset: int = 0,
@@ -84,15 +97,17 @@ cdef class Requests:
         return self._engine.to_host(src, src_offset, region, offset, nbytes, stream)
 
 
-cdef bint _failed(engine) except -1:
+cdef bint _failed(Engine engine) except -1:
     """``engine.failure() is not None``, without its Python frames while none of the
     ``engine.failure_sources`` has failed (the common case, on every request). Sealers,
     openers and our devices hold ``failure`` in C."""
-    for source in <tuple>engine.failure_sources:
+    for source in engine.failure_sources:
         if isinstance(source, Endpoint):
             failure = (<Endpoint>source).failure
         elif isinstance(source, Submitter):
             failure = (<Submitter>source).failure
+        elif isinstance(source, SessionBase):
+            failure = (<SessionBase>source).failure
         else:
             failure = source.failure
         if failure is not None:

@@ -17,7 +17,8 @@ from pipellm.channel import Kind
 from pipellm._ext.bounce cimport BouncePool, Slot
 from pipellm._ext.locks cimport Lock
 from pipellm._ext.region cimport RegionBase
-from pipellm._ext.message cimport Endpoint, _expose, _reserve_run
+from pipellm._ext.request cimport Engine
+from pipellm._ext.message cimport Endpoint, Message, Ticket, _expose, _expose_into, _exposed, _reserve_run
 from pipellm._ext.submission cimport Stream, Submitter, _perf_counter
 from pipellm._ext.writeguard cimport token as _token, unchanged as _unchanged
 from pipellm.predictors.base import Prediction, TransferEvent, _new_tuple
@@ -57,6 +58,12 @@ STRICT_MIN_DEPTH = 2
 FRUITLESS_PLANS = 2
 MAX_PLAN_SKIP = 16
 cdef Py_ssize_t _STRICT_MIN_DEPTH = STRICT_MIN_DEPTH, _FRUITLESS = FRUITLESS_PLANS, _MAX_SKIP = MAX_PLAN_SKIP
+cdef object _go_view(Chunk first):
+    """Where an item's GO command goes: in its first chunk's slot, after the chunk."""
+    cdef Py_ssize_t at = first.nbytes + TAG_BYTES
+    return (<Slot?>first.slot)._view(at, at + _GO_MESSAGE_BYTES)
+
+
 _RECEIVE = object()    # worker task: receive the oldest device-to-host chunk
 _REPLENISH = object()  # worker task: ask the predictor and queue new speculation
 
@@ -64,15 +71,16 @@ _REPLENISH = object()  # worker task: ask the predictor and queue new speculatio
 cdef class Chunk:
     """One chunk of an item: sealed by a worker into its bounce slot under its ticket."""
 
-    cdef public object ticket, slot, msg
+    cdef public Ticket ticket
+    cdef public object slot, msg
     cdef public Py_ssize_t offset, nbytes
     cdef public int state
     cdef public long long lib_seq  # the region's library-write count when it was encrypted
 
-    def __init__(self, ticket, slot, Py_ssize_t offset, Py_ssize_t nbytes):
+    def __init__(self, Ticket ticket, slot, Py_ssize_t offset, Py_ssize_t nbytes):
         self._set(ticket, slot, offset, nbytes)
 
-    cdef _set(self, ticket, slot, Py_ssize_t offset, Py_ssize_t nbytes):  # (__init__, and C without its call)
+    cdef _set(self, Ticket ticket, slot, Py_ssize_t offset, Py_ssize_t nbytes):  # (__init__, and C without its call)
         self.ticket, self.slot, self.offset, self.nbytes = ticket, slot, offset, nbytes
         self.state = PENDING
         self.msg = None
@@ -82,7 +90,13 @@ cdef class Chunk:
 cdef class Item:
     """One predicted transfer in the pipeline."""
 
-    cdef public object key, region, token, go, chunks, go_dst, go_private
+    cdef public object key, region, token, chunks
+    cdef public Ticket go             # the GO command's (the item's first index)
+    cdef public list slots            # the chunks' bounce slots, in order
+    cdef public Message go_private    # the GO sealed ahead, in private memory (None: not yet)
+    cdef public Message go_public     # what it is once exposed into the first chunk's slot
+    cdef long long _go_dst_id         # (go_dst's fields; -1: no GO to seal ahead)
+    cdef Py_ssize_t _go_dst_offset
     cdef public Py_ssize_t offset, nbytes
     cdef public Py_ssize_t ready  # chunks sealed
     cdef public bint dead         # dropped: its chunks are released once no worker is on them
@@ -90,19 +104,30 @@ cdef class Item:
     cdef public bint failed       # a chunk could not be sealed (stale region, worker error)
     cdef public bint go_busy      # a worker is sealing the GO ahead
 
-    def __init__(self, key, region, Py_ssize_t offset, Py_ssize_t nbytes, token, go, list chunks, go_dst):
+    def __init__(self, key, region, Py_ssize_t offset, Py_ssize_t nbytes, token, Ticket go, list chunks, go_dst):
         self._set(key, region, offset, nbytes, token, go, chunks, go_dst)
 
-    cdef _set(self, key, region, Py_ssize_t offset, Py_ssize_t nbytes, token, go, list chunks, go_dst):
+    cdef _set(self, key, region, Py_ssize_t offset, Py_ssize_t nbytes, token, Ticket go, list chunks, go_dst):
+        cdef Chunk c
         self.key, self.region, self.offset, self.nbytes = key, region, offset, nbytes
         self.token, self.go, self.chunks = token, go, chunks
+        self.slots = [c.slot for c in chunks]
         # The GO command for the likely destination (the region's own device copy),
         # sealed ahead by a worker into private memory, where it may still be replaced
         # (strict order only: in window order a GO carries its request's number)
-        self.go_dst, self.go_private = go_dst, None
+        self._go_dst_id, self._go_dst_offset = go_dst if go_dst is not None else (-1, 0)
+
+    @property
+    def go_dst(self):
+        """(device buffer id, offset) the GO is sealed ahead for, or None."""
+        return None if self._go_dst_id < 0 else (self._go_dst_id, self._go_dst_offset)
+
+    cdef bint _goes_to(self, dst, Py_ssize_t dst_offset) except -1:
+        """The GO sealed ahead is for ``dst`` at ``dst_offset``."""
+        return self._go_dst_offset == dst_offset and self._go_dst_id >= 0 and self._go_dst_id == dst.id
 
 
-cdef class Queue:
+cdef class Queue(Engine):
     """The queue of items, in index order, and the channel position it depends on.
     ``SpeculativeEngine`` derives from it and sets the fields in its ``__init__``."""
 
@@ -110,6 +135,7 @@ cdef class Queue:
     cdef public dict _by_key            # key -> Item
     cdef public dict _go_tickets        # GO indices reserved, never sealed
     cdef public dict counts
+    cdef public long long hits          # (a count of its own: every hit adds to it in C)
     cdef public Lock _lock              # the engine's lock
     cdef public Py_ssize_t _queued_messages
     cdef public long long _expect       # strict: the index the device expects next
@@ -138,26 +164,30 @@ cdef class Queue:
     cdef public double predictor_s
     # the engine's own, set by its __init__; here so the request path reads them in C
     cdef public object sealer, session, device, spec_pool
-    cdef public list transfers, bytes   # [h2d, d2h]
     cdef public Py_ssize_t chunk_size, depth_messages
 
-    def to_device(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
+    def to_device(self, region, Py_ssize_t offset, Py_ssize_t nbytes, dst, Py_ssize_t dst_offset, stream) -> None:
         """Send ``region[offset:offset+nbytes]`` to ``dst`` at ``dst_offset`` on ``stream``:
         a hit here, anything else in the engine's ``_request``; then plan what comes next."""
+        self._to_device(region, offset, nbytes, dst, dst_offset, stream)
+
+    cdef int _to_device(self, region, Py_ssize_t offset, Py_ssize_t nbytes, dst, Py_ssize_t dst_offset,
+                        stream) except -1:
         cdef Py_ssize_t queued
         cdef bint claimed, throttled, due
-        key = ((<RegionBase?>region).name, offset, nbytes)  # the same tuple as the predictor's Prediction
+        name = (<RegionBase?>region).name
         self._h2d_lock.enter()
         try:
             self.order += 1
-            self._queue_event((key[0], offset, nbytes, "h2d", (<Stream?>stream).id, _perf_counter()))
-            claimed = self._shadow is None and self._hit(key, dst, dst_offset, stream)
+            self._queue_event((name, offset, nbytes, "h2d", (<Stream?>stream).id, _perf_counter()))
+            claimed = self._shadow is None and self._hit(region, offset, nbytes, dst, dst_offset, stream)
             if claimed:
                 throttled = False
             else:
+                key = (name, offset, nbytes)  # the same tuple as the predictor's Prediction
                 claimed, throttled = self._request(key, region, offset, nbytes, dst, dst_offset, stream)
-            self.transfers[0] += 1
-            self.bytes[0] += nbytes
+            self.transfers_h2d += 1
+            self.bytes_h2d += nbytes
             queued = len(self._items)
             if not throttled and (queued < _INLINE_BELOW or (
                     queued < _STEAL_BELOW and self._replenish_pending and self._take_pending_plan())):
@@ -169,7 +199,7 @@ cdef class Queue:
                 if due:
                     self.counts["inline_plans"] += 1
                     self._replenish()  # the queue runs dry, or the workers lag (bursts): plan now
-                return
+                return 0
         finally:
             self._h2d_lock.exit()
         # otherwise planning is a worker's job, off the requesting thread, and only once
@@ -179,6 +209,7 @@ cdef class Queue:
         # 1.2 points of hits at the forward/backward turns, below its 99% target.)
         if not claimed or queued <= self.lookahead // 2:
             self._plan_later()
+        return 0
 
     def _tell(self, tuple event) -> None:
         """Queue a transfer (TransferEvent's fields) for the predictor, which hears of it
@@ -191,10 +222,11 @@ cdef class Queue:
         if len(self._events) > _MAX_UNHEARD:
             self._feed()
 
-    cdef bint _hit(self, key, dst, Py_ssize_t dst_offset, stream) except -1:
-        """Send the request ``key`` if it is the head of the queue, ready to go as is:
-        True if it was sent, False (nothing changed) for every other case."""
-        item = self._take_ready_head(key, dst, dst_offset)
+    cdef bint _hit(self, region, Py_ssize_t offset, Py_ssize_t nbytes, dst, Py_ssize_t dst_offset,
+                   stream) except -1:
+        """Send the request if it is the head of the queue, ready to go as is: True if
+        it was sent, False (nothing changed) for every other case."""
+        item = self._take_ready_head(region, offset, nbytes, dst, dst_offset)
         if item is None:
             return False
         self._score(True)
@@ -214,8 +246,8 @@ cdef class Queue:
             self._spent.clear()
         return True
 
-    cdef _take_ready_head(self, key, dst, Py_ssize_t dst_offset):
-        """The hit path: claim the head of the queue if it is ``key``, ready to go as is
+    cdef _take_ready_head(self, region, Py_ssize_t offset, Py_ssize_t nbytes, dst, Py_ssize_t dst_offset):
+        """The hit path: claim the head of the queue if it is this request, ready to go as is
         (strict order with no SKIP before it, every chunk sealed, its GO sealed ahead for
         this destination, nothing written since), else change nothing and return None
         (``_claim`` and ``_send_item`` then handle every case, this one included)."""
@@ -226,8 +258,9 @@ cdef class Queue:
                 return None
             item = self._items[0]
             # (a GO sealed ahead means strict order and chunks to send)
-            if (item.go_private is None or item.go_busy or item.ready != len(item.chunks) or item.key != key
-                    or item.go.index != self._expect or item.go_dst != (dst.id, dst_offset)):
+            if (item.go_public is None or item.go_busy or item.ready != len(item.chunks)
+                    or item.region is not region or item.offset != offset or item.nbytes != nbytes
+                    or item.go.index != self._expect or not item._goes_to(dst, dst_offset)):
                 return None
             if not self._current(item):
                 return None
@@ -263,8 +296,9 @@ cdef class Queue:
             self._items.popleft()
         else:
             self._items.remove(item)
-        if self._by_key.get(item.key) is item:
-            del self._by_key[item.key]
+        other = self._by_key.pop(item.key, None)  # (it is the item's: one lookup, not two)
+        if other is not None and other is not item:
+            self._by_key[item.key] = other
         self._queued_messages -= len(item.chunks) + 1
 
     cpdef _score(self, bint hit):
@@ -278,32 +312,32 @@ cdef class Queue:
         if not self.window:
             self._expect = last + 1
 
-    cpdef _send_go(self, Item item, private, dst, Py_ssize_t dst_offset, stream):
+    cpdef _send_go(self, Item item, Message private, dst, Py_ssize_t dst_offset, stream):
         """Send a claimed item whose chunks are sealed: its GO command (exposed from
         ``private``, sealed ahead for this destination, or sealed now), then the chunks.
         The GO goes into the first chunk's slot, after the chunk's message (room taken
         with the slot): no slot of its own to take and retire on the request path."""
-        cdef Chunk first, c
+        cdef Chunk c
+        cdef Ticket go
+        cdef Message public
         cdef list chunks = item.chunks
-        cdef Py_ssize_t at
         if not chunks:  # (no bounds checks here: a held place has no chunk to carry its GO)
             raise ValueError(f"{item.key} holds a place only: it has no chunks to send")
-        first = chunks[0]
-        at = first.nbytes + TAG_BYTES
-        out = (<Slot?>first.slot)._view(at, at + _GO_MESSAGE_BYTES)
         go = self._go_tickets.pop(item.go.index)
         msgs = [None]
-        slots = []
         for c in chunks:
             msgs.append(c.msg)
-            slots.append(c.slot)
         device = self.device
         try:
             if private is not None:
-                msgs[0] = _expose(<Endpoint?>self.sealer, go, private, out)  # (Sealer.expose)
+                public = item.go_public  # (made by the worker that sealed it: see _go_sealed)
+                if public is None:
+                    public = _exposed(<Endpoint?>self.sealer, private, _go_view(chunks[0]))
+                _expose_into(<Endpoint?>self.sealer, go, private, public)  # (Sealer.expose)
+                msgs[0] = public
             else:
                 body = GO_BODY.pack(dst.id, dst_offset, len(chunks), item.nbytes)
-                msgs[0] = self.sealer.seal_into(go, Kind.GO, 0, 0, body, out, order=self.order)
+                msgs[0] = self.sealer.seal_into(go, Kind.GO, 0, 0, body, _go_view(chunks[0]), order=self.order)
             if isinstance(device, Submitter):  # (every device of ours: in C)
                 op = (<Submitter>device).submit_messages(stream, self.session, msgs)
             else:
@@ -311,9 +345,16 @@ cdef class Queue:
         except BaseException:
             self._keep_or_fail(go)  # (the slots go back with the item, discarded by the caller)
             raise
-        (<BouncePool?>self.spec_pool)._retire(slots, op)
+        (<BouncePool?>self.spec_pool)._retire(item.slots, op)
         self._sent((<Chunk>chunks[len(chunks) - 1]).ticket.index)  # (no wraparound here)
-        self.counts["hits"] += 1
+        self.hits += 1
+
+    def _go_sealed(self, Item item, Message private):
+        """A worker sealed the item's GO ahead into ``private`` (engine lock held): the
+        message it becomes once exposed is made now, off the request path."""
+        item.go_private, item.go_busy = private, False
+        if private is not None and not item.dead:
+            item.go_public = _exposed(<Endpoint?>self.sealer, private, _go_view(item.chunks[0]))
 
     cpdef _count_reencrypted(self, key):
         """A transfer whose speculation was lost is encrypted again: count its bytes."""

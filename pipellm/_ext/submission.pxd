@@ -15,6 +15,11 @@ cdef class Stream:
     cdef public Lock _lock
 
 
+cdef class SessionBase:
+    cdef public set pending            # its ops not yet finished
+    cdef public object failure         # why the session failed, or None
+
+
 cdef class Op:
     cdef public object device, kind, stream, session, prev, error, args, on_delivered
     cdef public long long seq
@@ -30,6 +35,7 @@ cdef class Op:
 
 cdef class Submitter:
     cdef public object _queue          # SimpleQueue: the copy engine takes ops from it
+    cdef public object _put            # its put (bound once: every submission calls it)
     cdef public Lock _submit_lock
     cdef public dict _sessions         # session id -> the device's end of a channel
     cdef public long long _seq         # ops submitted so far

@@ -68,6 +68,15 @@ cdef class Stream:
         return f"<Stream {self.id} on {self.device.kind}>"
 
 
+cdef class SessionBase:
+    """The fields of a device's end of a channel (``devices/engine.py``'s ``Session``)
+    that every submission and request reads, in C."""
+
+    def __init__(self):
+        self.pending = set()
+        self.failure = None
+
+
 cdef class Op:
     """Completion handle of one piece of device work (a message, a copy, a compute).
 
@@ -141,8 +150,8 @@ cdef class Submitter:
             pending = stream._pending
             pending.append(op)
             if op.session is not None:
-                op.session.pending.add(op)
-            self._queue.put(op)
+                (<SessionBase?>op.session).pending.add(op)
+            self._put(op)
         finally:
             self._submit_lock.exit()
         if len(pending) > PRUNE_ABOVE and stream._lock.try_enter():  # drop finished ops

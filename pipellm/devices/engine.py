@@ -26,7 +26,7 @@ from ..channel import H2D_KINDS, Direction, KeyAgreement, Kind, Opener, Receiver
 from ..channel.protocol import check_rotate_after
 from ..errors import ArgumentError, ChannelClosedError, DeviceError, IntegrityError
 from .._ext.locks import Lock
-from .._ext.submission import Submitter
+from .._ext.submission import SessionBase, Submitter
 from .base import Device, DeviceBuffer, Op, Stream
 
 
@@ -38,16 +38,15 @@ class _Failed(Exception):
     """Raised inside the copy engine once the device has failed (see inject_fault)."""
 
 
-class Session:
-    """The device's end of one host's channel."""
+class Session(SessionBase):
+    """The device's end of one host's channel (``pending`` and ``failure``: C fields)."""
 
     def __init__(self, id: int, keys, rotate_after: int, window: int, opener=Opener, sealer=Sealer):
+        super().__init__()
         self.id = id
         self.opener = opener(keys, Direction.H2D, rotate_after, window=window, kinds=H2D_KINDS)
         self.receiver = Receiver(self.opener)
         self.sealer = sealer(keys, Direction.D2H, rotate_after)
-        self.pending: set[Op] = set()
-        self.failure: BaseException | None = None
 
 
 class CopyEngineDevice(Submitter, Device):
@@ -68,6 +67,7 @@ class CopyEngineDevice(Submitter, Device):
         self._session_ids = itertools.count(1)
         self.max_message_bytes = staging_bytes
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._put = self._queue.put
         self._running = threading.Event()
         self._running.set()
         self._submit_lock = Lock()  # (taken in C by every submission)

@@ -18,6 +18,7 @@ from .._ext.locks import Lock
 from ..channel import Direction, KeyAgreement, Kind, Opener, Sealer
 from ..channel.protocol import TAG_BYTES
 from ..errors import ArgumentError, ChannelClosedError, DeviceError, IntegrityError, TransferTimeoutError
+from .._ext.request import Engine
 from .transfer import Transfer
 
 
@@ -57,7 +58,7 @@ class _Incoming:
         self.engine.wait_received(self, timeout)
 
 
-class CCEngine:
+class CCEngine(Engine):
     mode = "cc"
 
     def __init__(self, device, *, timeout: float | None, chunk_size: int, bounce_bytes: int,
@@ -85,8 +86,6 @@ class CCEngine:
         self._expected: deque[_Incoming] = deque()  # d2h chunks in the order they were sent
         self._failure: BaseException | None = None
         self.failure_reported = False  # has a caller seen the failure raised?
-        self.transfers = [0, 0]
-        self.bytes = [0, 0]
         self.order = 0  # the number of the current host-to-device request (see the protocol)
 
     # -- host to device --------------------------------------------------------------------
@@ -94,8 +93,8 @@ class CCEngine:
         with self._h2d_lock:
             self.order += 1
             self.send_data(region, offset, nbytes, dst, dst_offset, stream)
-            self.transfers[0] += 1
-            self.bytes[0] += nbytes
+            self.transfers_h2d += 1
+            self.bytes_h2d += nbytes
 
     def send_data(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
         """Encrypt on demand, chunk by chunk, each straight onto the link (h2d lock held)."""
@@ -139,8 +138,8 @@ class CCEngine:
                 pool.retire(slot, incoming)
                 chunks.append(incoming)
             region.incoming = chunks[-1]
-            self.transfers[1] += 1
-            self.bytes[1] += nbytes
+            self.transfers_d2h += 1
+            self.bytes_d2h += nbytes
         last = chunks[-1]
 
         def wait(timeout=None):
@@ -271,8 +270,8 @@ class CCEngine:
 
     def stats(self) -> dict:
         pool = self.pool
-        return {"transfers_h2d": self.transfers[0], "transfers_d2h": self.transfers[1],
-                "bytes_h2d": self.bytes[0], "bytes_d2h": self.bytes[1],
+        return {"transfers_h2d": self.transfers_h2d, "transfers_d2h": self.transfers_d2h,
+                "bytes_h2d": self.bytes_h2d, "bytes_d2h": self.bytes_d2h,
                 "messages_h2d": self.sealer.messages, "messages_d2h": self.opener.messages,
                 "encrypt_s": self.sealer.aes_s, "decrypt_s": self.opener.aes_s,
                 "key_rotations": self.sealer.rotations + self.opener.rotations,

@@ -97,7 +97,7 @@ class SpeculativeEngine(CCEngine, Queue):
         self._replenish_pending = False
         self._receive_pending = False
         self.counts = dict.fromkeys(
-            ("hits", "misses", "stale", "nops", "skipped_messages", "relinquishes", "reencrypted_bytes",
+            ("misses", "stale", "nops", "skipped_messages", "relinquishes", "reencrypted_bytes",
              "wasted_bytes", "speculative_bytes", "stolen_chunks", "worker_errors", "async_decrypted_bytes",
              "expired", "shadow_hits", "held_places", "evicted", "inline_plans", "stolen_plans", "skipped_plans",
              "predictor_errors"), 0)
@@ -235,7 +235,7 @@ class SpeculativeEngine(CCEngine, Queue):
                     self._keep_or_fail(ticket)
                     raise
                 self._sent(ticket.index)
-                self.counts["hits"] += 1
+                self.hits += 1
                 self.counts["held_places"] += 1
                 return
             self._send_speculated(item, dst, dst_offset, stream)
@@ -487,7 +487,7 @@ class SpeculativeEngine(CCEngine, Queue):
             with self._cond:
                 self.counts["worker_errors"] += 1
         with self._cond:
-            item.go_private, item.go_busy = msg, False
+            self._go_sealed(item, msg)
             self._cond.notify_all()
 
     def wait_speculation(self, timeout=None) -> bool:
@@ -551,7 +551,7 @@ class SpeculativeEngine(CCEngine, Queue):
 
     def stats(self) -> dict:
         out = super().stats()
-        counts = dict(self.counts)
+        counts = {"hits": self.hits, **self.counts}
         requests = counts["hits"] + counts["misses"]
         counts["hit_rate"] = counts["hits"] / requests if requests else 0.0
         counts["worker_busy_s"] = self.worker_busy_s
