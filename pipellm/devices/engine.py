@@ -34,6 +34,11 @@ from .base import Device, DeviceBuffer, Op, Stream
 _DEFERRED_MAX = 256
 
 
+#: how long pausing waits for the copy engine to finish what it is doing and stop
+_PARK_WAIT_S = 5.0
+_PARK = object()  # the copy engine's task: stop where it is until the pause ends (see paused)
+
+
 class _Failed(Exception):
     """Raised inside the copy engine once the device has failed (see inject_fault)."""
 
@@ -70,6 +75,7 @@ class CopyEngineDevice(Submitter, Device):
         self._put = self._queue.put
         self._running = threading.Event()
         self._running.set()
+        self._parked = threading.Event()
         self._submit_lock = Lock()  # (taken in C by every submission)
         self._cond = threading.Condition(threading.Lock())
         self._seq = 0
@@ -229,6 +235,10 @@ class CopyEngineDevice(Submitter, Device):
             if op is None:
                 self._settle_before(None)
                 return
+            if op is _PARK:
+                self._parked.set()
+                self._running.wait()
+                continue
             self._running.wait()
             self._settle_before(op)
             start = perf_counter()
@@ -410,8 +420,13 @@ class CopyEngineDevice(Submitter, Device):
     def paused(self):
         """Hold the copy engine: submitted work queues up (nothing completes) until the
         block ends. For tests, and for timing the host's own path without the copy
-        engine's thread competing for the CPU and the GIL."""
+        engine's thread competing for the CPU and the GIL: it stops before the block
+        starts (once done with what it is doing), so submissions do not wake it."""
         self._running.clear()
+        self._parked.clear()
+        if not (self._closed or self.forked_away):
+            self._put(_PARK)
+            self._parked.wait(_PARK_WAIT_S)
         try:
             yield self
         finally:
