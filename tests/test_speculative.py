@@ -686,3 +686,44 @@ def test_items_sent_by_hits_are_freed_by_workers_and_never_pile_up():
     check_device(pipe, regions)
     pipe.close()
     assert not engine._spent
+
+
+def _eventually(condition, timeout=TIMEOUT) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def test_an_idle_worker_naps_and_takes_work_without_a_wake_then_blocks():
+    """After its last task a worker naps for ``nap_window_s`` before it blocks: a
+    request in that window hands it the next plan through a field (no token, no
+    system call on the request path); past it the worker blocks and a request wakes it
+    with a token. Closing the pipeline stops napping workers at once."""
+    pipe = spec_pipe(workers=1)
+    engine = pipe._engine
+    regions = layers(pipe, n=4, nbytes=CHUNK)
+    learn(pipe, regions)
+    for window in (600.0, 0.0):
+        engine.nap_window_s = window
+        settled_passes(pipe, regions, n=1)  # the worker ran tasks since: idle under this window
+        if window:
+            assert _eventually(lambda: engine._napping == 1) and engine._idle == 0  # napping
+        else:
+            assert _eventually(lambda: engine._idle == 1) and engine._napping == 0  # blocked
+        before = pipe.stats()
+        pipe.to_device(regions[0])  # a hit: the worker is handed the next plan
+        pipe.wait_speculation(TIMEOUT)
+        after = pipe.stats()
+        assert after["hits"] == before["hits"] + 1
+        assert after["inline_plans"] == before["inline_plans"]  # the worker planned, not the request
+        assert after["queued_items"] == before["queued_items"]  # the item sent is queued again
+    check_device(pipe, regions)
+    engine.nap_window_s = 600.0
+    settled_passes(pipe, regions, n=1)
+    assert _eventually(lambda: engine._napping == 1)
+    workers = engine._workers
+    pipe.close()  # (join waits up to 30 s: a napper that missed the news would still be alive)
+    assert not any(t.is_alive() for t in workers)

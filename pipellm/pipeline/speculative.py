@@ -42,7 +42,7 @@ from ..predictors import Predictor
 from .._ext.locks import Lock
 from .._ext.speculation import (  # noqa: F401 - the policy's constants, re-exported
     _RECEIVE, _REPLENISH, ACCURACY_ALPHA, ACCURACY_FLOOR, ENCRYPTING, FAILED, FRUITLESS_PLANS, GO_MESSAGE_BYTES,
-    INLINE_PLANNING_BELOW, MAX_PLAN_SKIP, MAX_UNHEARD_EVENTS, PENDING, READY, STEAL_PLAN_BELOW, STRICT_MIN_DEPTH, Chunk,
+    INLINE_PLANNING_BELOW, MAX_PLAN_SKIP, MAX_UNHEARD_EVENTS, NAP_WINDOW_S, PENDING, READY, STEAL_PLAN_BELOW, STRICT_MIN_DEPTH, Chunk,
     Item, Queue)
 from .cc import CCEngine, slot_bytes_for
 
@@ -85,6 +85,9 @@ class SpeculativeEngine(CCEngine, Queue):
         # wakes one in C (Condition.notify is several Python frames on the request path)
         self._wake: queue.SimpleQueue = queue.SimpleQueue()
         self._idle = 0                                 # workers waiting for a token
+        self._napping = 0                              # workers napping before they block
+        self._news = 0                                 # bumped when workers get new tasks
+        self.nap_window_s = NAP_WINDOW_S
         self._active = 0                               # tasks workers are running now
         self._queued_messages = 0
         self._high = -1                                # highest h2d index sent
@@ -393,7 +396,10 @@ class SpeculativeEngine(CCEngine, Queue):
                     # task it ran, the notify below did)
                     self._cond.notify_all()
                 took = False
+                nap_until = self._nap_until()
                 while not self._tasks and not self._stopping:
+                    if self._nap(nap_until):
+                        continue  # news, or the nap is over: look again
                     self._idle += 1  # a producer takes it back when it puts our token
                     self._lock.release()
                     try:
