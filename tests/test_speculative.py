@@ -721,9 +721,13 @@ def test_an_idle_worker_naps_and_takes_work_without_a_wake_then_blocks():
         assert after["inline_plans"] == before["inline_plans"]  # the worker planned, not the request
         assert after["queued_items"] == before["queued_items"]  # the item sent is queued again
     check_device(pipe, regions)
-    engine.nap_window_s = 600.0
-    settled_passes(pipe, regions, n=1)
-    assert _eventually(lambda: engine._napping == 1)
-    workers = engine._workers
-    pipe.close()  # (join waits up to 30 s: a napper that missed the news would still be alive)
+    pipe.close()
+    with spec_pipe(workers=3) as pipe:  # one worker naps at a time, the others block
+        engine = pipe._engine
+        regions = layers(pipe, n=4, nbytes=CHUNK)
+        engine.nap_window_s = 600.0
+        settled_passes(pipe, regions, n=2)
+        assert _eventually(lambda: engine._napping == 1 and engine._idle == 2)
+        workers = engine._workers
+    # (close joins for up to 30 s: a napper that missed the news would still be alive)
     assert not any(t.is_alive() for t in workers)

@@ -69,7 +69,9 @@ cdef object _go_view(Chunk first):
 #: a worker with nothing to do naps (NAP_US at a time, without the GIL) for up to
 #: NAP_WINDOW_S after its last task before it blocks: a request then hands it work by
 #: setting a field, where waking a blocked thread is a system call (and, in a VM, an
-#: interrupt to an idle core) on the request path, every hit with gaps between requests
+#: interrupt to an idle core) on the request path, every hit with gaps between requests.
+#: One worker naps at a time (the others block): napping costs ~4.5% of a core on the
+#: 2-vCPU dev VM (docs/design.md)
 NAP_US = 200
 NAP_WINDOW_S = 0.02
 cdef long _NAP_NS = NAP_US * 1000
@@ -586,10 +588,11 @@ cdef class Queue(Engine):
     def _nap(self, double until) -> bool:
         """A worker with nothing to do naps until there is news for workers or the
         monotonic clock passes ``until`` (engine lock held; released while napping,
-        and the GIL too). False, without napping, once ``until`` has passed: block."""
+        and the GIL too). False, without napping, once ``until`` has passed or while
+        another worker naps: block."""
         cdef long long seen = self._news
         cdef timespec nap
-        if _now() >= until:
+        if self._napping or _now() >= until:
             return False
         nap.tv_sec, nap.tv_nsec = 0, _NAP_NS
         self._napping += 1
