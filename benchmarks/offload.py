@@ -319,6 +319,12 @@ def run(layers: int = 8, layer_bytes: int = 64 * MiB, passes: int = 6, repeats: 
         "hit_path_fastest_us_per_message_1_chunk_tight": hits[0]["pipellm"]["tight"]["fastest_us_per_message"],
         "hit_path_median_us_per_message_1_chunk_tight": hits[0]["pipellm"]["tight"]["median_us_per_message"],
         "hit_path_inline_plans_per_pass_1_chunk_tight": hits[0]["pipellm"]["tight"]["inline_plans_per_pass"],
+        "hit_path_median_us_per_message_1_chunk_gapped": hits[0]["pipellm"]["gapped"]["median_us_per_message"],
+        # a hit's time per message over a plain request's (one message: a copy, no
+        # encryption), both timed the same way in this run: what the hit path costs
+        # against the floor any request pays on this machine at this moment
+        **{f"hit_path_{label}_us_per_message_over_plain_request{kind}": hits[0]["pipellm"][label][key] / hits[0]["plain"][label][key]
+           for label in ("gapped", "tight") for kind, key in (("", "us_per_message"), ("_median", "median_us_per_message"))},
         "hit_path_us_per_message_16_chunks_gapped": hits[1]["pipellm"]["gapped"]["us_per_message"],
         "hit_path_us_per_message_16_chunks_tight": hits[1]["pipellm"]["tight"]["us_per_message"],
         # the same requests in plain and cc mode, timed the same way (per transfer: the

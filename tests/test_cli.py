@@ -72,6 +72,12 @@ def test_bench_offload_quick():
             row = hit[mode][label]
             assert result["summary"][f"request_us_per_transfer_1_chunk_{label}_{mode}"] == row["us_per_transfer"] > 0
             assert row["us_per_message"] == pytest.approx(row["us_per_transfer"] / hit[mode]["messages_per_transfer"])
+    for label in ("gapped", "tight"):
+        assert result["summary"][f"hit_path_{label}_us_per_message_over_plain_request"] == pytest.approx(
+            hit["pipellm"][label]["us_per_message"] / hit["plain"][label]["us_per_message"])
+        assert result["summary"][f"hit_path_{label}_us_per_message_over_plain_request_median"] == pytest.approx(
+            hit["pipellm"][label]["median_us_per_message"] / hit["plain"][label]["median_us_per_message"])
+    assert result["summary"]["hit_path_median_us_per_message_1_chunk_gapped"] == hit["pipellm"]["gapped"]["median_us_per_message"]
 
 
 def test_bench_predictors_quick():
