@@ -52,6 +52,11 @@ class Speculation(RuleBasedStateMachine):
         else:
             r._array[at] = value  # a plain numpy write: the fault handler must notice
 
+    @rule(at=st.integers(0, 10_000), value=st.integers(0, 255))
+    def write_next(self, at, value):
+        # into the region the cycle sends next: likely encrypted ahead already (stale)
+        self.write((getattr(self, "turn", -1) + 1) % len(self.regions), at, value)
+
     @rule(i=st.integers(0, 3), span=st.sampled_from(SPANS))
     def to_device(self, i, span):
         r = self.region(i)
@@ -60,6 +65,13 @@ class Speculation(RuleBasedStateMachine):
         nbytes = r.nbytes - offset if nbytes is None else min(nbytes, r.nbytes - offset)
         self.pipe.to_device(r, offset, nbytes)
         self.model[r.name][offset:offset + nbytes] = r._array[offset:offset + nbytes]
+
+    @rule()
+    def to_device_next(self):
+        # the regions in a fixed cycle, as layers are loaded: the predictor learns it, so
+        # hits, and writes into data already encrypted ahead (stale), interleave with the rest
+        self.turn = (getattr(self, "turn", -1) + 1) % len(self.regions)
+        self.to_device(self.turn, (0, None))
 
     @rule(i=st.integers(0, 3), nbytes=st.integers(1, 2 * CHUNK))
     def to_host(self, i, nbytes):
