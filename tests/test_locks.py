@@ -2,11 +2,13 @@
 threading.Lock (with, acquire/release, Condition)."""
 
 import signal
+import sys
 import threading
 import time
 
 import pytest
 
+from pipellm._ext import locks
 from pipellm._ext.locks import Lock
 
 
@@ -92,3 +94,12 @@ def test_a_blocked_acquire_still_runs_signal_handlers():
     assert lock.locked()  # still the first holder's
     lock.release()
     assert lock.acquire(blocking=False)
+
+
+def test_a_python_running_without_the_gil_is_refused(monkeypatch):
+    """Free-threaded Python with the GIL forced off (PYTHON_GIL=0): the locks would not
+    exclude anything, so pipellm refuses to load rather than risk an IV sealed twice."""
+    locks._require_gil()  # this interpreter has it
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: False, raising=False)
+    with pytest.raises(ImportError, match="PYTHON_GIL=0"):
+        locks._require_gil()

@@ -12,16 +12,37 @@ Every caller holds the GIL (the extensions' C and Python code alike), so the loc
 state is a flag the GIL protects: taking a free lock is a test and a store, ~130
 instructions less than an OS lock's try-acquire, five times per hit. Only a thread that
 finds it taken waits, without the GIL, on an OS lock used as a wake-up signal. (A
-free-threaded Python build would need atomics here; pipellm targets GIL builds.)
+free-threaded Python build would need atomics here; pipellm targets GIL builds. On a
+free-threaded build importing pipellm's extensions turns the GIL back on, as for any
+extension that does not declare itself free-threading compatible; one forced off with
+``PYTHON_GIL=0`` or ``-X gil=0`` is refused at import: see :func:`_require_gil`.)
 """
 
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.pythread cimport (NOWAIT_LOCK, PY_LOCK_ACQUIRED, PyLockStatus, PyThread_acquire_lock,
                                PyThread_allocate_lock, PyThread_free_lock, PyThread_release_lock)
+import sys
 from time import monotonic
 
 cdef extern from "pythread.h":
     PyLockStatus PyThread_acquire_lock_timed(PyThread_type_lock, long long microseconds, int intr_flag) nogil
+
+
+def _require_gil():
+    """Refuse to run without the GIL: this lock, and the C fields of the request path it
+    guards, rely on it (without it two threads could take one lock, and an IV be sealed
+    twice)."""
+    if not getattr(sys, "_is_gil_enabled", _true)():
+        raise ImportError("pipellm needs the GIL, and this free-threaded Python runs without it "
+                          "(PYTHON_GIL=0 or -X gil=0): run it without that setting, so that "
+                          "importing pipellm's extensions turns the GIL back on")
+
+
+def _true():
+    return True
+
+
+_require_gil()
 
 # a blocked acquire wakes this often (us) to run signal handlers: Ctrl-C still works
 cdef long long _SLICE_US = 50_000
