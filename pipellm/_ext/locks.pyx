@@ -32,14 +32,11 @@ def _require_gil():
     """Refuse to run without the GIL: this lock, and the C fields of the request path it
     guards, rely on it (without it two threads could take one lock, and an IV be sealed
     twice)."""
-    if not getattr(sys, "_is_gil_enabled", _true)():
+    gil_enabled = getattr(sys, "_is_gil_enabled", None)  # (3.13+)
+    if gil_enabled is not None and not gil_enabled():
         raise ImportError("pipellm needs the GIL, and this free-threaded Python runs without it "
                           "(PYTHON_GIL=0 or -X gil=0): run it without that setting, so that "
                           "importing pipellm's extensions turns the GIL back on")
-
-
-def _true():
-    return True
 
 
 _require_gil()
