@@ -65,5 +65,6 @@ extensions = [
 PREDICTORS = [Extension(f"pipellm.predictors.{name}", [f"predictors/{name}.py"], extra_compile_args=["-O2"],
                         optional=True) for name in ("_core", "rules", "learned", "simple")]
 
-setup(cmdclass={"build_ext": ParallelBuildExt}, ext_modules=cythonize(extensions, **CYTHON) + cythonize(
-    PREDICTORS, language_level=3, compiler_directives={"annotation_typing": False}) + cuda_extension())
+if __name__ == "__main__":  # (tests/test_cudadriver.py imports cuda_extension from here)
+    setup(cmdclass={"build_ext": ParallelBuildExt}, ext_modules=cythonize(extensions, **CYTHON) + cythonize(
+        PREDICTORS, language_level=3, compiler_directives={"annotation_typing": False}) + cuda_extension())

@@ -4,7 +4,7 @@ import pytest
 
 from pipellm import ArgumentError, ChannelClosedError, IntegrityError
 from pipellm.channel import Direction, KeyAgreement, Kind, Opener, Sealer
-from pipellm.channel.protocol import GO_BODY, HEADER_BYTES, SKIP_BODY, iv_for, position, unpack_header
+from pipellm.channel.protocol import FIRST, GO_BODY, HEADER_BYTES, LAST, SKIP_BODY, iv_for, position, unpack_header
 from pipellm.channel import H2D_KINDS, Receiver
 
 
@@ -19,9 +19,9 @@ def channel(rotate_after=1 << 32, direction=Direction.H2D):
     return Sealer(a, direction, rotate_after), Opener(b, direction, rotate_after)
 
 
-def seal(sealer, data, buffer=7, offset=0):
+def seal(sealer, data, buffer=7, offset=0, flags=FIRST | LAST):
     out = memoryview(bytearray(len(data) + 16))
-    return sealer.seal_into(sealer.reserve(), Kind.DATA, buffer, offset, data, out)
+    return sealer.seal_into(sealer.reserve(), Kind.DATA, buffer, offset, data, out, flags=flags)
 
 
 def test_both_ends_derive_the_same_keys_and_directions_differ():
@@ -187,12 +187,46 @@ def test_spec_lands_only_where_a_go_sends_it():
     go, spec1, spec2 = sealer.reserve_run(3)
     m1 = seal_kind(sealer, spec1, Kind.SPEC, b"aaaa", offset=0)
     m2 = seal_kind(sealer, spec2, Kind.SPEC, b"bbbb", offset=4)
-    staging = memoryview(bytearray(64))
-    assert receiver.receive(seal_kind(sealer, go, Kind.GO, GO_BODY.pack(7, 100, 2, 8)), staging) is None
-    c1 = receiver.receive(m1, staging)
+    assert receiver.receive(seal_kind(sealer, go, Kind.GO, GO_BODY.pack(7, 100, 2, 8)), staging()) == []
+    assert receiver.receive(m1, staging()) == []        # staged until the transfer is whole
+    c1, c2 = receiver.receive(m2, staging())
     assert (c1.buffer, c1.offset, bytes(c1.plaintext)) == (7, 100, b"aaaa")
-    c2 = receiver.receive(m2, staging)
     assert (c2.buffer, c2.offset, bytes(c2.plaintext)) == (7, 104, b"bbbb")
+
+
+def staging():
+    return memoryview(bytearray(64))
+
+
+@pytest.mark.parametrize("window", [0, 64])
+def test_a_data_run_commits_whole_at_its_last_message(window):
+    sealer, receiver = h2d_pair(window)
+    parts = [seal(sealer, b"abc", offset=0, flags=FIRST), seal(sealer, b"def", offset=3, flags=0),
+             seal(sealer, b"gh", offset=6, flags=LAST)]
+    assert receiver.receive(parts[0], staging()) == []
+    assert receiver.receive(parts[1], staging()) == []
+    assert receiver.receiving is not None
+    commits = receiver.receive(parts[2], staging())
+    assert [(c.offset, bytes(c.plaintext)) for c in commits] == [(0, b"abc"), (3, b"def"), (6, b"gh")]
+    assert receiver.receiving is None
+
+
+@pytest.mark.parametrize("lost", ["first", "middle"])
+def test_a_data_run_missing_a_message_is_refused_in_window_order(lost):
+    sealer, receiver = h2d_pair(64)
+    parts = [seal(sealer, b"abc", offset=0, flags=FIRST), seal(sealer, b"def", offset=3, flags=0),
+             seal(sealer, b"gh", offset=6, flags=LAST)]
+    del parts[0 if lost == "first" else 1]
+    with pytest.raises(IntegrityError, match="does not continue"):
+        for part in parts:
+            receiver.receive(part, staging())
+
+
+def test_a_new_transfer_while_one_is_open_is_refused():
+    sealer, receiver = h2d_pair(64)
+    receiver.receive(seal(sealer, b"abc", flags=FIRST), staging())
+    with pytest.raises(IntegrityError, match="never arrived"):
+        receiver.receive(seal(sealer, b"new", buffer=8), staging())
 
 
 def test_spec_without_go_is_refused():
@@ -208,22 +242,20 @@ def test_skip_moves_past_exposed_speculation():
     sealer, receiver = h2d_pair()
     skip, spec_a, spec_b, go, spec_c = sealer.reserve_run(5)
     exposed = seal_kind(sealer, spec_a, Kind.SPEC, b"old")
-    staging = memoryview(bytearray(64))
-    receiver.receive(seal_kind(sealer, skip, Kind.SKIP, SKIP_BODY.pack(go.index)), staging)
-    receiver.receive(seal_kind(sealer, go, Kind.GO, GO_BODY.pack(1, 0, 1, 3)), staging)
-    commit = receiver.receive(seal_kind(sealer, spec_c, Kind.SPEC, b"new"), staging)
+    receiver.receive(seal_kind(sealer, skip, Kind.SKIP, SKIP_BODY.pack(go.index)), staging())
+    receiver.receive(seal_kind(sealer, go, Kind.GO, GO_BODY.pack(1, 0, 1, 3)), staging())
+    (commit,) = receiver.receive(seal_kind(sealer, spec_c, Kind.SPEC, b"new"), staging())
     assert bytes(commit.plaintext) == b"new"
     with pytest.raises(IntegrityError):
-        receiver.receive(exposed, staging)   # skipped for good
+        receiver.receive(exposed, staging())   # skipped for good
 
 
 def test_skip_backwards_is_refused():
     sealer, receiver = h2d_pair()
     seal_first = seal(sealer, b"x")
-    staging = memoryview(bytearray(64))
-    receiver.receive(seal_first, staging)
+    receiver.receive(seal_first, staging())
     with pytest.raises(IntegrityError, match="SKIP"):
-        receiver.receive(seal_kind(sealer, sealer.reserve(), Kind.SKIP, SKIP_BODY.pack(0)), staging)
+        receiver.receive(seal_kind(sealer, sealer.reserve(), Kind.SKIP, SKIP_BODY.pack(0)), staging())
 
 
 def test_d2h_opener_refuses_command_kinds():

@@ -39,9 +39,11 @@ cdef extern from *:
     typedef struct {
         uintptr_t start;            /* page-aligned */
         uintptr_t end;              /* page-aligned, exclusive */
+        uintptr_t first;            /* the region's own bytes: [first, last) */
+        uintptr_t last;
         uint64_t state;             /* 2 * generation + protected bit */
         int active;                 /* page protection in use for this entry */
-        int pad;
+        int used;                   /* the entry tracks a region (protected or not) */
     } pl_guard_t;
 
     #define PL_CAPACITY (1u << 20)
@@ -66,17 +68,24 @@ cdef extern from *:
         return next;
     }
 
-    /* Make entry g's pages writable, then start a new generation for every protected
-       entry sharing any of those pages (regions carved from one buffer may share a page):
-       writable first, bits cleared after. 0 or errno. */
-    static int pl_unprotect(pl_guard_t *g) {
-        if (mprotect((void *)g->start, g->end - g->start, PROT_READ | PROT_WRITE) != 0) return errno;
+    /* A write may land anywhere in [start, end): a new generation for every entry whose
+       bytes overlap it, except entry `skip` (write tracking follows the memory: two
+       regions over the same bytes, in one pipeline or two, both learn of a write). */
+    static void pl_bump_overlapping(uintptr_t start, uintptr_t end, size_t skip) {
         size_t n = __atomic_load_n(&pl_count, __ATOMIC_ACQUIRE);
         for (size_t i = 0; i < n; i++) {
             pl_guard_t *o = &pl_table[i];
-            if (__atomic_load_n(&o->active, __ATOMIC_ACQUIRE) && o->start < g->end && g->start < o->end)
+            if (i != skip && __atomic_load_n(&o->used, __ATOMIC_ACQUIRE) && o->first < end && start < o->last)
                 pl_bump(o);
         }
+    }
+
+    /* Make entry g's pages writable, then start a new generation for every entry sharing
+       any of those pages (regions carved from one buffer may share a page; the writes
+       that follow no longer fault): writable first, bits cleared after. 0 or errno. */
+    static int pl_unprotect(pl_guard_t *g) {
+        if (mprotect((void *)g->start, g->end - g->start, PROT_READ | PROT_WRITE) != 0) return errno;
+        pl_bump_overlapping(g->start, g->end, (size_t)-1);
         return 0;
     }
 
@@ -144,19 +153,26 @@ cdef extern from *:
             *err = pl_unprotect(g);
             return __atomic_load_n(&g->state, __ATOMIC_ACQUIRE);
         }
-        return pl_bump(g);   /* tracked by reports only: no pages to unprotect */
+        /* tracked by reports only: no pages to unprotect; every region over the bytes learns */
+        pl_bump_overlapping(g->first, g->last, (size_t)-1);
+        return __atomic_load_n(&g->state, __ATOMIC_ACQUIRE);
     }
 
     static uint64_t pl_state(size_t i) { return __atomic_load_n(&pl_table[i].state, __ATOMIC_ACQUIRE); }
+    static size_t pl_count_now(void) { return pl_table ? __atomic_load_n(&pl_count, __ATOMIC_ACQUIRE) : 0; }
     static uint64_t pl_fault_count(void) { return __atomic_load_n(&pl_faults, __ATOMIC_RELAXED); }
 
-    static void pl_set(size_t i, uintptr_t start, uintptr_t end, int active) {
+    static void pl_set(size_t i, uintptr_t first, uintptr_t last, uintptr_t start, uintptr_t end, int active) {
         pl_guard_t *g = &pl_table[i];
         __atomic_store_n(&g->active, 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&g->used, 0, __ATOMIC_RELEASE);
         g->start = start;
         g->end = end;
+        g->first = first;
+        g->last = last;
         __atomic_store_n(&g->state, 0, __ATOMIC_RELEASE);
         __atomic_store_n(&g->active, active, __ATOMIC_RELEASE);
+        __atomic_store_n(&g->used, 1, __ATOMIC_RELEASE);
         if (i >= pl_count) __atomic_store_n(&pl_count, i + 1, __ATOMIC_RELEASE);
     }
 
@@ -164,6 +180,7 @@ cdef extern from *:
         pl_guard_t *g = &pl_table[i];
         int err = g->active ? pl_unprotect(g) : 0;
         __atomic_store_n(&g->active, 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&g->used, 0, __ATOMIC_RELEASE);
         return err;
     }
     """
@@ -175,7 +192,9 @@ cdef extern from *:
     uint64_t pl_mark_written(size_t i, int* err) nogil
     uint64_t pl_state(size_t i) nogil
     uint64_t pl_fault_count() nogil
-    void pl_set(size_t i, uintptr_t start, uintptr_t end, int active) nogil
+    size_t pl_count_now() nogil
+    void pl_set(size_t i, uintptr_t first, uintptr_t last, uintptr_t start, uintptr_t end, int active) nogil
+    void pl_bump_overlapping(uintptr_t start, uintptr_t end, size_t skip) nogil
     int pl_release(size_t i) nogil
 
 cdef extern from "<unistd.h>" nogil:
@@ -217,7 +236,7 @@ def acquire_entry(uintptr_t start, size_t nbytes, bint protectable) -> int:
             _next += 1
         else:
             raise MemoryError(f"more than {PL_CAPACITY} regions are guarded at once")
-        pl_set(index, first, last, 1 if protectable else 0)
+        pl_set(index, start, start + nbytes, first, last, 1 if protectable else 0)
     return index
 
 
@@ -258,6 +277,15 @@ def mark_written(size_t index) -> int:
     return state
 
 
+def written(uintptr_t start, size_t nbytes, skip=None) -> None:
+    """The library writes (or wrote) ``[start, start + nbytes)`` without a fault to say so
+    (a device-to-host commit through the alias mapping, a copy from the device thread):
+    every entry over any of those bytes but ``skip`` (the region written, which keeps its
+    own span log) starts a new generation, so no prepared ciphertext of them is sent."""
+    if nbytes and pl_count_now():
+        pl_bump_overlapping(start, start + nbytes, <size_t>-1 if skip is None else <size_t>skip)
+
+
 def state(size_t index) -> int:
     """The entry's current state (compare with a token)."""
     return pl_state(index)
@@ -285,81 +313,183 @@ def fault_count() -> int:
     return pl_fault_count()
 
 
-cdef extern from "<sys/mman.h>" nogil:
-    int memfd_create(const char* name, unsigned int flags)
-    int madvise(void* addr, size_t length, int advice)
-    int MAP_SHARED
-    int MFD_CLOEXEC
-    int MADV_DONTFORK
+cdef extern from *:
+    """
+    #include <fcntl.h>
+    #include <pthread.h>
+    #include <stdlib.h>
+    #include <unistd.h>
+    #include <sys/mman.h>
 
-cdef extern from "<unistd.h>" nogil:
-    int ftruncate(int fd, long length)
-    int close(int fd)
+    /* Library-owned host memory, from memfd arenas. Each buffer is a range of an arena
+       file mapped twice: the primary (what the application sees, write-protected while
+       speculated on) and the alias (always writable, for the library's commits). One
+       fd per arena, not per buffer (an LLM has thousands of tensors); freed ranges are
+       punched out of the file, offsets are never reused.
+
+       fork(): a child would share the primary mapping (MAP_SHARED) and so could change
+       the parent's bytes behind its write guard. The child handler below remaps every
+       buffer MAP_PRIVATE at the same address: the child reads the same bytes and its
+       writes copy pages for itself (the kernel's copy-on-write, one mmap per buffer at
+       fork, no copy). The alias is not inherited (MADV_DONTFORK). */
+    #define PL_ARENA_LIMIT ((off_t)1 << 40)   /* a new arena file past this size */
+
+    typedef struct pl_arena { int fd; off_t end; size_t live; } pl_arena_t;
+    typedef struct pl_buf {
+        char *base, *alias;
+        size_t mapped;
+        off_t offset;
+        pl_arena_t *arena;           /* NULL in a forked child: its pages are private */
+        struct pl_buf *prev, *next;
+    } pl_buf_t;
+
+    static pl_buf_t pl_bufs = {NULL, NULL, 0, 0, NULL, &pl_bufs, &pl_bufs};
+    static pl_arena_t *pl_arena = NULL;
+    static pthread_mutex_t pl_buf_lock = PTHREAD_MUTEX_INITIALIZER;
+    static int pl_atfork_set = 0;
+    static uint64_t pl_forks = 0;
+
+    static void pl_arena_drop(pl_arena_t *a) {
+        if (a && a->live == 0 && a != pl_arena) { close(a->fd); free(a); }
+    }
+
+    static void pl_fork_prepare(void) { pthread_mutex_lock(&pl_buf_lock); }
+    static void pl_fork_parent(void) { pthread_mutex_unlock(&pl_buf_lock); }
+    static void pl_fork_child(void) {
+        for (pl_buf_t *b = pl_bufs.next; b != &pl_bufs; b = b->next) {
+            if (b->arena == NULL) continue;  /* private already (a fork of a fork) */
+            if (mmap(b->base, b->mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED,
+                     b->arena->fd, b->offset) == MAP_FAILED)
+                /* never leave the parent's pages writable here: no access at all instead */
+                mmap(b->base, b->mapped, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+            b->alias = NULL;      /* not inherited */
+        }
+        /* the parent's arena files are not the child's: forget them (the child's
+           buffers are private now), allocate from a new one */
+        for (pl_buf_t *b = pl_bufs.next; b != &pl_bufs; b = b->next) {
+            pl_arena_t *a = b->arena;
+            if (a == NULL) continue;
+            b->arena = NULL;
+            if (a->fd >= 0) { close(a->fd); a->fd = -1; }
+        }
+        pl_arena = NULL;          /* (the arena structs are leaked in the child: a few bytes) */
+        /* the remapped pages are writable: no write-protection token survives the fork */
+        size_t n = pl_table ? pl_count : 0;
+        for (size_t i = 0; i < n; i++)
+            if (pl_table[i].used) pl_bump(&pl_table[i]);
+        pl_forks++;
+        pthread_mutex_unlock(&pl_buf_lock);
+    }
+
+    /* a buffer of `mapped` bytes (whole pages); 0 or errno */
+    static int pl_buf_alloc(pl_buf_t *b, size_t mapped) {
+        int err = 0;
+        pthread_mutex_lock(&pl_buf_lock);
+        if (!pl_atfork_set) {
+            if ((err = pthread_atfork(pl_fork_prepare, pl_fork_parent, pl_fork_child)) != 0) goto out;
+            pl_atfork_set = 1;
+        }
+        if (pl_arena == NULL || pl_arena->end + (off_t)mapped > PL_ARENA_LIMIT) {
+            pl_arena_t *old = pl_arena, *a = calloc(1, sizeof *a);
+            if (a == NULL) { err = ENOMEM; goto out; }
+            a->fd = memfd_create("pipellm-host", MFD_CLOEXEC);
+            if (a->fd < 0) { err = errno; free(a); goto out; }
+            pl_arena = a;
+            pl_arena_drop(old);
+        }
+        b->arena = pl_arena;
+        b->offset = pl_arena->end;
+        b->mapped = mapped;
+        if (ftruncate(pl_arena->fd, b->offset + (off_t)mapped) != 0) { err = errno; goto out; }
+        b->base = mmap(NULL, mapped, PROT_READ | PROT_WRITE, MAP_SHARED, pl_arena->fd, b->offset);
+        if (b->base == MAP_FAILED) { err = errno; b->base = NULL; goto out; }
+        b->alias = mmap(NULL, mapped, PROT_READ | PROT_WRITE, MAP_SHARED, pl_arena->fd, b->offset);
+        if (b->alias == MAP_FAILED) { err = errno; b->alias = NULL; munmap(b->base, mapped); b->base = NULL; goto out; }
+        madvise(b->alias, mapped, MADV_DONTFORK);
+        pl_arena->end += (off_t)mapped;
+        pl_arena->live++;
+        b->next = pl_bufs.next; b->prev = &pl_bufs;
+        pl_bufs.next->prev = b; pl_bufs.next = b;
+    out:
+        pthread_mutex_unlock(&pl_buf_lock);
+        return err;
+    }
+
+    static void pl_buf_free(pl_buf_t *b) {
+        pthread_mutex_lock(&pl_buf_lock);
+        b->prev->next = b->next; b->next->prev = b->prev;
+        munmap(b->base, b->mapped);
+        if (b->alias) munmap(b->alias, b->mapped);
+        pl_arena_t *a = b->arena;
+        if (a != NULL) {  /* give the pages back: nothing maps this range any more */
+            fallocate(a->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, b->offset, (off_t)b->mapped);
+            a->live--;
+            pl_arena_drop(a);
+        }
+        pthread_mutex_unlock(&pl_buf_lock);
+    }
+
+    static uint64_t pl_fork_count(void) { return pl_forks; }
+    """
+    ctypedef struct pl_buf_t:
+        char* base
+        char* alias
+    int pl_buf_alloc(pl_buf_t* b, size_t mapped) nogil
+    void pl_buf_free(pl_buf_t* b) nogil
+    uint64_t pl_fork_count() nogil
+
+
+def forked_children_remapped() -> int:
+    """How many times this process is a forked child whose library memory was made
+    private (0 in a process that was never forked from a parent holding any)."""
+    return pl_fork_count()
 
 
 cdef class HostBuffer:
     """Page-aligned host memory the library owns (whole pages, never shared with other
     objects), so its pages can be write-protected. Use :func:`pipellm.empty`.
 
-    The memory is mapped twice (a memfd): the *primary* mapping is what the application
-    sees and what write protection applies to; the *alias* is a second, always writable
-    mapping of the same pages, through which the library commits device-to-host data
-    without unprotecting the primary (so the application's own writes stay caught and
-    only the bytes the library wrote need invalidating). The alias is not inherited by
-    forked children; the primary is shared with them (a memfd mapping).
+    The memory is mapped twice (a range of a memfd arena): the *primary* mapping is what
+    the application sees and what write protection applies to; the *alias* is a second,
+    always writable mapping of the same pages, through which the library commits
+    device-to-host data without unprotecting the primary (so the application's own
+    writes stay caught and only the bytes the library wrote need invalidating). A forked
+    child gets a private copy-on-write mapping instead of the primary (it can never
+    change the parent's bytes) and no alias.
     """
 
-    cdef char* _base
-    cdef char* _alias
+    cdef pl_buf_t _buf
     cdef readonly size_t nbytes
-    cdef size_t _mapped
+    cdef bint _live
 
     def __cinit__(self, size_t nbytes):
-        self._base = NULL
-        self._alias = NULL
+        self._live = False
         if nbytes == 0:
             raise ValueError("a host buffer needs at least one byte")
         self.nbytes = nbytes
-        self._mapped = (nbytes + PAGE - 1) // PAGE * PAGE
-        cdef int fd = memfd_create(b"pipellm-host", MFD_CLOEXEC)
-        if fd < 0:
-            raise MemoryError(f"cannot create host memory: {strerror(errno).decode()}")
-        cdef void* p = MAP_FAILED
-        cdef void* a = MAP_FAILED
-        try:
-            if ftruncate(fd, <long>self._mapped) != 0:
-                raise MemoryError(f"cannot size {self._mapped} bytes of host memory: {strerror(errno).decode()}")
-            p = mmap(NULL, self._mapped, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
-            if p == MAP_FAILED:
-                raise MemoryError(f"cannot map {self._mapped} bytes: {strerror(errno).decode()}")
-            a = mmap(NULL, self._mapped, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
-            if a == MAP_FAILED:
-                munmap(p, self._mapped)
-                raise MemoryError(f"cannot map {self._mapped} bytes: {strerror(errno).decode()}")
-        finally:
-            close(fd)
-        madvise(a, self._mapped, MADV_DONTFORK)
-        self._base = <char*>p
-        self._alias = <char*>a
+        cdef size_t mapped = (nbytes + PAGE - 1) // PAGE * PAGE
+        cdef int err = pl_buf_alloc(&self._buf, mapped)
+        if err:
+            raise MemoryError(f"cannot map {mapped} bytes of host memory: {strerror(err).decode()}")
+        self._live = True
 
     def __dealloc__(self):
-        if self._base != NULL:
-            munmap(self._base, self._mapped)
-            self._base = NULL
-        if self._alias != NULL:
-            munmap(self._alias, self._mapped)
-            self._alias = NULL
+        if self._live:
+            self._live = False
+            pl_buf_free(&self._buf)
 
     @property
     def address(self):
-        return <uintptr_t>self._base
+        return <uintptr_t>self._buf.base
 
     def alias(self):
         """A writable memoryview of the same bytes through the alias mapping."""
+        if self._buf.alias == NULL:
+            raise RuntimeError("a forked child has no alias of the parent's library memory")
         return memoryview(_Alias.wrap(self))
 
     def __getbuffer__(self, Py_buffer* buffer, int flags):
-        PyBuffer_FillInfo(buffer, self, self._base, <Py_ssize_t>self.nbytes, 0, flags)
+        PyBuffer_FillInfo(buffer, self, self._buf.base, <Py_ssize_t>self.nbytes, 0, flags)
 
 
 cdef class _Alias:
@@ -374,7 +504,7 @@ cdef class _Alias:
         return a
 
     def __getbuffer__(self, Py_buffer* buffer, int flags):
-        PyBuffer_FillInfo(buffer, self, self.owner._alias, <Py_ssize_t>self.owner.nbytes, 0, flags)
+        PyBuffer_FillInfo(buffer, self, self.owner._buf.alias, <Py_ssize_t>self.owner.nbytes, 0, flags)
 
 
 PAGE_SIZE = PAGE

@@ -101,12 +101,13 @@ class Sealer(_Endpoint):
     reserve_run = _reserve_run
 
     def seal_into(self, ticket: Ticket, kind: int, buffer: int, offset: int, plaintext,
-                  out: memoryview, *, shared: bool = True, order: int = 0,
+                  out: memoryview, *, shared: bool = True, order: int = 0, flags: int = 0,
                   recoverable: bool = False) -> Message:
         """Encrypt ``plaintext`` for destination (buffer, offset) into ``out``, which must
         be exactly ``len(plaintext) + 16`` bytes, under a reserved ticket. Returns the
         message. ``shared`` says ``out`` is attacker-visible memory (observers are told);
-        ``order`` is the number of the request it serves (see the protocol).
+        ``order`` is the number of the request it serves, ``flags`` its place in it
+        (FIRST, LAST: see the protocol).
 
         If the encryption fails, the ticket is spent and the sealer closes, unless the
         caller says it can pass the lost index itself (``recoverable``: speculative work
@@ -121,7 +122,7 @@ class Sealer(_Endpoint):
         # reached shared memory may be replaced under the same IV (see expose)
         try:
             return self._seal(ticket.epoch, ticket.counter, ticket.key, kind, buffer, offset, plaintext, out,
-                              shared, order)
+                              shared, order, flags)
         except BaseException as error:
             if shared and not recoverable:
                 self._spent(ticket.index, error)
@@ -130,7 +131,8 @@ class Sealer(_Endpoint):
     # (C: a speculative hit exposes its GO command on the request path)
     expose = _expose
 
-    def seal_next(self, kind: int, buffer: int, offset: int, plaintext, out: memoryview, order: int = 0) -> Message:
+    def seal_next(self, kind: int, buffer: int, offset: int, plaintext, out: memoryview, order: int = 0,
+                  flags: int = 0) -> Message:
         """Reserve the next index and seal under it at once, into shared memory ``out``."""
         _check_sizes(plaintext, out)
         with self._lock:
@@ -139,7 +141,7 @@ class Sealer(_Endpoint):
             self._next += 1
         epoch, counter, key = self._key_at(index)
         try:
-            return self._seal(epoch, counter, key, kind, buffer, offset, plaintext, out, True, order)
+            return self._seal(epoch, counter, key, kind, buffer, offset, plaintext, out, True, order, flags)
         except BaseException as error:
             self._spent(index, error)
             raise
@@ -149,9 +151,9 @@ class Sealer(_Endpoint):
         never used again, and the receiver's strict order can't pass it: end here."""
         self._broke("encrypting", index, error, "its IV is spent, so the channel can't go on")
 
-    def _seal(self, epoch, counter, key, kind, buffer, offset, plaintext, out, shared, order) -> Message:
+    def _seal(self, epoch, counter, key, kind, buffer, offset, plaintext, out, shared, order, flags=0) -> Message:
         aad = pack_header(self.direction, kind, self.session, epoch, counter, buffer, offset, len(plaintext),
-                          order)
+                          order, flags)
         iv = iv_for(key.mask, counter)
         start = perf_counter()
         self._encrypt(key, iv, kind, plaintext, aad, out)
@@ -231,8 +233,11 @@ class Opener(_Endpoint):
                 self.aes_s += perf_counter() - start
             if not ok:
                 where = f"message {index}" if index >= 0 else "a malformed message"
+                claimed = -1 if header is None else header.epoch * self.rotate_after + header.counter
+                lost = (f": what came in its place claims to be message {claimed}, so message {index} was "
+                        f"lost or withheld" if not self.window and claimed > index else "")
                 error = IntegrityError(f"{self.label} {where} (session {self.session}) failed "
-                                       f"authentication; the channel is closed")
+                                       f"authentication{lost}; the channel is closed")
                 self.close(error)
                 raise error
             self.messages += 1
@@ -244,6 +249,13 @@ class Opener(_Endpoint):
         tag) with ``aad`` and decrypt it into ``plain``; the plaintext, or None where the
         tag is wrong (an engine with its own AES overrides it)."""
         return plain if open_into(key.aead, iv, payload, aad, plain) else None
+
+    def accepted(self, index: int) -> bool:
+        """Message ``index`` was received (or can no longer be: behind the window)."""
+        with self._lock:
+            if not self.window:
+                return 0 <= index < self._next
+            return index >= 0 and not self._fresh(index)
 
     def _fresh(self, index: int) -> bool:
         if index < 0:

@@ -14,7 +14,9 @@ Header layout, big-endian (``HEADER``)::
     magic    4s  b"PLM2"
     dir      B   0 = host to device, 1 = device to host
     kind     B   0 = DATA (other kinds are reserved for the speculative pipeline)
-    flags    H   0
+    flags    H   host-to-device DATA: FIRST (1) and LAST (2) mark the first and last
+                 message of a transfer (a transfer of one message carries both); 0 in
+                 every other message. Unknown bits are refused.
     session  I   session id chosen by the device at key agreement
     epoch    I   key epoch (key rotation: see ``next_position``)
     counter  Q   message counter within the epoch, +1 per message per direction
@@ -36,6 +38,12 @@ Speculative messages (``Kind.SPEC``) are sealed before they are requested and si
 shared memory; they name no destination and land only where an authenticated GO
 command, sealed at request time, sends them. SKIP moves the receiver's expected index
 past speculative messages that will never be sent (the strict-order "NOP").
+
+A transfer is committed whole or not at all: the receiver stages its messages (a DATA
+run from FIRST to LAST, contiguous in its destination, or the SPEC messages of one GO)
+and commits them only once the last one has authenticated. A message of another
+transfer, or a command, arriving while one is open means a message of it was lost: the
+channel closes.
 """
 
 from __future__ import annotations
@@ -70,6 +78,12 @@ class Direction(IntEnum):
         return "h2d" if self is Direction.H2D else "d2h"
 
 
+#: DATA flags (authenticated with the header): the first and the last message of a transfer
+FIRST = 1
+LAST = 2
+_FLAGS_KNOWN = FIRST | LAST
+
+
 class Kind(IntEnum):
     """What a message is. Only DATA travels device to host."""
 
@@ -95,12 +109,13 @@ class Header(NamedTuple):
     offset: int
     length: int
     order: int = 0
+    flags: int = 0
 
 
 def pack_header(direction: int, kind: int, session: int, epoch: int, counter: int,
-                buffer: int, offset: int, length: int, order: int = 0) -> bytes:
+                buffer: int, offset: int, length: int, order: int = 0, flags: int = 0) -> bytes:
     """Header bytes (the AAD) of one message; the hot path calls this, not ``Header``."""
-    return HEADER.pack(MAGIC, direction, kind, 0, session, epoch, counter, buffer, offset, length, order)
+    return HEADER.pack(MAGIC, direction, kind, flags, session, epoch, counter, buffer, offset, length, order)
 
 
 def unpack_header(aad) -> Header | None:
@@ -108,9 +123,9 @@ def unpack_header(aad) -> Header | None:
     if len(aad) != HEADER_BYTES:
         return None
     magic, direction, kind, flags, session, epoch, counter, buffer, offset, length, order = HEADER.unpack(aad)
-    if magic != MAGIC or flags != 0:
+    if magic != MAGIC or flags & ~_FLAGS_KNOWN:
         return None
-    return Header(direction, kind, session, epoch, counter, buffer, offset, length, order)
+    return Header(direction, kind, session, epoch, counter, buffer, offset, length, order, flags)
 
 
 def rewrite_destination(aad: bytearray, buffer: int, offset: int, length: int) -> None:

@@ -19,6 +19,10 @@ from .._ext.submission import Op, Stream  # (C: made and submitted on every tran
 from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, DeviceError, TransferTimeoutError
 
 
+#: ``synchronize(session=...)``'s default: raise any error, whoever's work it was
+ANY_SESSION = object()
+
+
 class DeviceBuffer:
     """A block of device memory. Comes from :meth:`Device.alloc`.
 
@@ -149,10 +153,22 @@ class Device(abc.ABC):
             raise ArgumentError(f"{stream!r} belongs to another device")
         return stream
 
-    def synchronize(self, stream: Stream | None = None, *, timeout: float | None = None) -> None:
+    def synchronize(self, stream: Stream | None = None, *, timeout: float | None = None,
+                    session=ANY_SESSION) -> None:
         """Wait for all work submitted so far (on ``stream``, or on every stream); raise
-        the first error any of it failed with."""
+        the first error any of it failed with.
+
+        ``session`` (a pipeline's channel, or None for work outside any channel) narrows
+        the errors raised to that owner's and the device's own failure: pipelines sharing
+        a device and its streams do not see each other's refusals. For an open session
+        the device also checks that every message sent before the call arrived (see
+        ``audit``): a message lost on the link fails the session instead of a wait."""
         streams = list(self._streams) if stream is None else [self.check_stream(stream)]
+        if session is not ANY_SESSION and session is not None and hasattr(self, "audit"):
+            try:
+                self.audit(streams[0] if stream is not None else self.default_stream, session)
+            except ChannelClosedError:
+                pass  # the session is closed already: its own error says why
         first_error = None
         for s in streams:
             with s._lock:
@@ -163,7 +179,10 @@ class Device(abc.ABC):
                             f"stream {s.id}: {op.kind} of {op.nbytes} bytes did not complete within "
                             f"{timeout} s (a message lost on the link, or the device is stalled)")
                     s._pending.popleft()
-                    if op.error is not None and first_error is None:
+                    if op.error is not None and first_error is None and (
+                            session is ANY_SESSION or op.error is self.failure
+                            or (op.session is None if session is None
+                                else op.session is not None and op.session.id == session)):
                         first_error = op.error
         if first_error is not None:
             raise first_error

@@ -400,8 +400,12 @@ class CudaDevice(CopyEngineDevice):
         return self._mem[buffer_id][offset:offset + nbytes].copy_to_host()
 
     # -- the copy engine's hooks -------------------------------------------------------------------
-    def _staging(self):
+    def _staging(self, nbytes: int):
         return _Span(0, len(self._kernels.plain))
+
+    def _fits(self, buffer_id: int, offset: int, nbytes: int) -> bool:
+        mem = self._mem.get(buffer_id)
+        return mem is not None and offset + nbytes <= mem.size
 
     def _write(self, buffer_id: int, offset: int, plaintext) -> str | None:
         mem = self._mem.get(buffer_id)
@@ -421,6 +425,12 @@ class CudaDevice(CopyEngineDevice):
         return len(self._kernels._staged)
 
     def _verify_staged(self):
+        # the batch's staging is reused after it settles: what authenticated of a transfer
+        # still open is committed with it (a transfer is all-or-nothing within one batch,
+        # up to the staging's size; a longer one lands batch by batch: docs/design.md)
+        for session in self._sessions.values():
+            for commit in session.receiver.flush():
+                self._write(commit.buffer, commit.offset, commit.plaintext)
         return self._kernels.settle()
 
     def _span(self, buffer_id: int, offset: int, nbytes: int):

@@ -88,6 +88,8 @@ class EmulatedDevice(CopyEngineDevice):
         self.link = link or LinkModel()
         self.memory_bytes = int(memory_bytes)
         self._staging_mem = memoryview(bytearray(staging_bytes))
+        self._staging_at = 0      # staged messages of open transfers fill it from the start
+        self._staging_extra: list = []
         self._link_free = [0.0, 0.0]  # per Direction
         self._compute_free = 0.0
         self._stalling = 0           # host threads stalled right now
@@ -106,8 +108,22 @@ class EmulatedDevice(CopyEngineDevice):
         return self._mem[buffer_id][offset:offset + nbytes].copy()
 
     # -- the copy engine's hooks -------------------------------------------------------------------
-    def _staging(self):
-        return self._staging_mem
+    def _staging(self, nbytes: int):
+        at = self._staging_at
+        if at + nbytes <= len(self._staging_mem):
+            self._staging_at = at + nbytes
+            return self._staging_mem[at:at + nbytes]
+        extra = memoryview(bytearray(nbytes))  # a transfer larger than the staging: memory for it
+        self._staging_extra.append(extra)
+        return extra
+
+    def _staging_done(self) -> None:
+        self._staging_at = 0
+        self._staging_extra.clear()
+
+    def _fits(self, buffer_id: int, offset: int, nbytes: int) -> bool:
+        mem = self._mem.get(buffer_id)
+        return mem is not None and offset + nbytes <= mem.size
 
     def _write(self, buffer_id: int, offset: int, plaintext) -> str | None:
         mem = self._mem.get(buffer_id)

@@ -23,11 +23,25 @@ from time import perf_counter
 import numpy as np
 
 from ..channel import H2D_KINDS, Direction, KeyAgreement, Kind, Opener, Receiver, Sealer
-from ..channel.protocol import check_rotate_after
+from ..channel.protocol import TAG_BYTES, check_rotate_after, unpack_header
 from ..errors import ArgumentError, ChannelClosedError, DeviceError, IntegrityError
+from .._ext import writeguard
 from .._ext.locks import Lock
 from .._ext.submission import SessionBase, Submitter
 from .base import Device, DeviceBuffer, Op, Stream
+
+
+def _index_of(msg, rotate_after: int) -> int:
+    header = unpack_header(msg.aad)
+    return -1 if header is None else header.epoch * rotate_after + header.counter
+
+
+def written(dst) -> None:
+    """The device writes host memory ``dst`` (a plain device-to-host copy): every
+    registration over those bytes, in any pipeline, drops what it encrypted of them."""
+    view = np.frombuffer(dst, dtype=np.uint8)
+    if view.size:
+        writeguard.written(view.ctypes.data, view.size)
 
 
 #: ops a batching device may leave waiting for one settle (their messages staged, unverified)
@@ -82,6 +96,7 @@ class CopyEngineDevice(Submitter, Device):
         self._handled = 0
         self._busy_s = 0.0
         self._fault: tuple[int, str] | None = None  # (units of work left, reason): inject_fault
+        self._undelivered: dict[Op, tuple] = {}  # h2d ops handled with messages not yet received
         super().__init__()
         self._thread = threading.Thread(target=self._run, name=f"pipellm-{self.kind}-copy-engine", daemon=True)
         self._thread.start()
@@ -91,8 +106,17 @@ class CopyEngineDevice(Submitter, Device):
         """A host copy of device bytes (for :meth:`read`)."""
         raise NotImplementedError
 
-    def _staging(self):
-        """Where the opener decrypts a message before its commit (device-private)."""
+    def _staging(self, nbytes: int):
+        """Where the opener decrypts a message of ``nbytes`` before its commit
+        (device-private). It stays put until :meth:`_staging_done`: a transfer's messages
+        are committed together, once the last one authenticated."""
+        raise NotImplementedError
+
+    def _staging_done(self) -> None:
+        """No session has a transfer open: the staging can be reused from the start."""
+
+    def _fits(self, buffer_id: int, offset: int, nbytes: int) -> bool:
+        """The buffer is allocated and holds ``[offset, offset + nbytes)``."""
         raise NotImplementedError
 
     def _write(self, buffer_id: int, offset: int, plaintext) -> str | None:
@@ -229,7 +253,7 @@ class CopyEngineDevice(Submitter, Device):
     def _run(self) -> None:
         handlers = {"h2d message": self._do_message, "d2h message": self._do_sealed_read,
                     "h2d copy": self._do_copy_in, "d2h copy": self._do_copy_out,
-                    "compute": self._do_compute}
+                    "compute": self._do_compute, "audit": self._do_audit}
         while True:
             op = self._queue.get()
             if op is None:
@@ -292,28 +316,38 @@ class CopyEngineDevice(Submitter, Device):
             self._make_room(session, len(msg.payload))
             for delivered in self._through_link(msg):
                 self._receive(session, delivered)
+        if op.remaining > 0 and not op.finished:
+            self._undelivered[op] = msgs  # lost or held on the link: see _do_audit
         if not (self._staged() or self._deferred):
             return
-        if self._queue.empty() or len(self._deferred) >= _DEFERRED_MAX:
+        if (self._queue.empty() and session.receiver.receiving is None) or len(self._deferred) >= _DEFERRED_MAX:
             self._settle(session)  # nothing follows right now (or the op's last message was lost)
         else:
             self._open_batch = session  # more work is queued: verify with it (see _settle_before)
 
     def _receive(self, session: Session, msg) -> None:
-        """Authenticate, decrypt into staging, and only then commit to device memory."""
+        """Authenticate, decrypt into staging, and only once the whole transfer has
+        authenticated commit it to device memory (all of it, or nothing: a destination
+        that can't take one of its messages fails it before any is written)."""
         if session.failure is not None:
             return
         try:
-            commit = session.receiver.receive(msg, self._staging())
+            commits = session.receiver.receive(msg, self._staging(max(0, len(msg.payload) - TAG_BYTES)))
         except IntegrityError as exc:
             self._fail_session(session, exc)
             return
         error = None
-        if commit is not None:
-            reason = self._write(commit.buffer, commit.offset, commit.plaintext)
-            if reason is not None:
+        for commit in commits:
+            if not self._fits(commit.buffer, commit.offset, len(commit.plaintext)):
                 error = DeviceError(f"h2d message {commit.index} names buffer {commit.buffer} "
-                                    f"[{commit.offset}:+{len(commit.plaintext)}], {reason}")
+                                    f"[{commit.offset}:+{len(commit.plaintext)}], which is not allocated")
+                break
+        else:
+            for commit in commits:
+                self._write(commit.buffer, commit.offset, commit.plaintext)
+        if session.receiver.receiving is None and not any(
+                s.receiver.receiving for s in self._sessions.values()):
+            self._staging_done()
         owner = msg._owner
         if owner is not None and not owner.finished:
             owner.remaining -= 1
@@ -342,6 +376,33 @@ class CopyEngineDevice(Submitter, Device):
             op.on_delivered(delivered)
         self._finish(op)
 
+    def _do_audit(self, op: Op, ready: float) -> None:
+        """The host synchronizes (``audit``): everything it submitted before has been
+        handled, so a message of its session still missing was lost on the link (or is
+        held there past the point the host relies on it): fail the session, naming it,
+        rather than leave the host waiting for it."""
+        session = op.session
+        for sent, msgs in list(self._undelivered.items()):
+            if sent.finished:
+                del self._undelivered[sent]
+            elif sent.session is session and session.failure is None:
+                opener = session.opener
+                lost = next((i for i in (_index_of(m, opener.rotate_after) for m in msgs)
+                             if not opener.accepted(i)), None)
+                where = f"message {lost}" if lost is not None else "a message"
+                self._fail_session(session, IntegrityError(
+                    f"h2d {where} (session {session.id}) never arrived: it was sent before the host "
+                    f"synchronized and lost on the link; the channel is closed"))
+        if session.failure is None and session.receiver.receiving is not None:
+            self._fail_session(session, IntegrityError(
+                f"h2d {session.receiver.receiving.describe()} (session {session.id}) never received its last "
+                f"message; the channel is closed"))
+        self._finish(op)
+
+    def audit(self, stream: Stream, session: int) -> Op:
+        """Queue the check :meth:`_do_audit` makes behind everything submitted so far."""
+        return self._submit(Op(self, "audit", stream, 0, self._session(session)))
+
     def _do_copy_in(self, op: Op, ready: float) -> None:
         src, dst_id, dst_offset = op.args
         self._tick()
@@ -355,9 +416,11 @@ class CopyEngineDevice(Submitter, Device):
         src_id, src_offset, dst = op.args
         self._tick()
         self._book(op, Direction.D2H, ready, len(dst))
+        written(dst)  # before and after: speculation over those host bytes is dropped
         if not self._copy_out(src_id, src_offset, dst):
             self._finish(op, DeviceError(f"copy from buffer {src_id}, which is not allocated"))
             return
+        written(dst)
         self._finish(op)
 
     def _do_compute(self, op: Op, ready: float) -> None:

@@ -16,7 +16,7 @@ from collections import deque
 from .._ext import PAGE_BYTES, BouncePool, copy_into
 from .._ext.locks import Lock
 from ..channel import Direction, KeyAgreement, Kind, Opener, Sealer
-from ..channel.protocol import TAG_BYTES
+from ..channel.protocol import FIRST, LAST, TAG_BYTES
 from ..errors import ArgumentError, ChannelClosedError, DeviceError, IntegrityError, TransferTimeoutError
 from .._ext.request import Engine
 from .transfer import Transfer
@@ -36,13 +36,25 @@ def make_pool(what: str, nbytes: int, max_message: int, minimum: int = 2) -> Bou
     return BouncePool(nbytes)
 
 
+class _Landing:
+    """A device-to-host transfer: its chunks are staged as they authenticate and land in
+    the region together, once the last one has (a refused chunk leaves it untouched)."""
+
+    __slots__ = ("region", "offset", "nbytes", "last")
+
+    def __init__(self, region, offset, nbytes):
+        self.region, self.offset, self.nbytes = region, offset, nbytes
+        self.last = None
+
+
 class _Incoming:
     """One device-to-host chunk the host expects; the fence of its bounce slot."""
 
-    __slots__ = ("engine", "op", "region", "offset", "nbytes", "received", "error")
+    __slots__ = ("engine", "op", "region", "offset", "nbytes", "received", "error", "landing")
 
-    def __init__(self, engine, region, offset, nbytes):
+    def __init__(self, engine, region, offset, nbytes, landing):
         self.engine, self.region, self.offset, self.nbytes = engine, region, offset, nbytes
+        self.landing = landing
         self.op = None
         self.received = False
         self.error: BaseException | None = None
@@ -79,6 +91,7 @@ class CCEngine(Engine):
         self._pinned: list = []
         self.pool = self.pinned_pool("bounce_bytes", bounce_bytes, chunk_size + TAG_BYTES)
         self._staging = memoryview(bytearray(chunk_size))
+        self._landing_mem = memoryview(bytearray(0))  # see _landing_staging
         self._h2d_lock = Lock()  # (taken in C by the speculative request path)
         self._d2h_lock = threading.Lock()
         self._recv_lock = threading.Lock()
@@ -101,8 +114,16 @@ class CCEngine(Engine):
         sealer, chunk, source, order = self.sealer, self.chunk_size, region.view, self.order
         for pos in range(0, nbytes, chunk):
             n = min(chunk, nbytes - pos)
-            self.send_sealed(self.pool, n, stream, lambda out: sealer.seal_next(
-                Kind.DATA, dst.id, dst_offset + pos, source[offset + pos:offset + pos + n], out, order))
+            flags = (FIRST if pos == 0 else 0) | (LAST if pos + n == nbytes else 0)
+            try:
+                self.send_sealed(self.pool, n, stream, lambda out: sealer.seal_next(
+                    Kind.DATA, dst.id, dst_offset + pos, source[offset + pos:offset + pos + n], out, order, flags))
+            except BaseException as error:
+                if pos:  # the device holds the first part and waits for the rest: fail closed
+                    self._fail(ChannelClosedError(
+                        f"a transfer to the device failed part-way ({pos} of {nbytes} bytes sent: {error!r}); "
+                        f"the channel is closed"))
+                raise
 
     def send_sealed(self, pool, nbytes: int, stream, seal):
         """Take a slot for one message of ``nbytes`` plaintext, ``seal(out)`` into it (the
@@ -122,11 +143,13 @@ class CCEngine(Engine):
     def to_host(self, src, src_offset, region, offset, nbytes, stream) -> Transfer:
         pool, chunk = self.pool, self.chunk_size
         chunks: list[_Incoming] = []
+        landing = _Landing(region, offset, nbytes)
         with self._d2h_lock:
             for pos in range(0, nbytes, chunk):
                 n = min(chunk, nbytes - pos)
                 slot = pool.acquire(n + TAG_BYTES, self.timeout)
-                incoming = _Incoming(self, region, offset + pos, n)
+                incoming = _Incoming(self, region, offset + pos, n, landing)
+                landing.last = incoming
                 try:
                     incoming.op = self.device.submit_sealed_read(
                         stream, self.session, src, src_offset + pos, region.id, offset + pos, n,
@@ -199,8 +222,11 @@ class CCEngine(Engine):
             self._fail(IntegrityError(
                 f"d2h message {self.opener.next_index} never arrived in its bounce slot; the channel is closed"))
             return
+        landing = head.landing
+        whole = head.nbytes == landing.nbytes
+        staging = self._staging if whole else self._landing_staging(landing)[head.offset - landing.offset:]
         try:
-            header, index, plain = self.opener.open_into(self._inbox.popleft(), self._staging)
+            header, index, plain = self.opener.open_into(self._inbox.popleft(), staging)
         except IntegrityError as exc:
             self._fail(exc)
             return
@@ -208,8 +234,19 @@ class CCEngine(Engine):
             self._fail(IntegrityError(f"d2h message {index} is not the transfer the host asked for; "
                                       f"the channel is closed"))
             return
-        with head.region.library_write(head.offset, head.nbytes) as view:
+        if head is not landing.last:
+            return  # staged: the transfer lands once its last chunk has authenticated
+        if not whole:
+            plain = self._landing_mem[:landing.nbytes]
+        with landing.region.library_write(landing.offset, landing.nbytes) as view:
             copy_into(view, plain)
+
+    def _landing_staging(self, landing: _Landing) -> memoryview:
+        """Private memory for a transfer of several chunks (they are received in order,
+        one transfer after another, so one buffer, grown to the largest, serves all)."""
+        if len(self._landing_mem) < landing.nbytes:
+            self._landing_mem = memoryview(bytearray(landing.nbytes))
+        return self._landing_mem
 
     # -- lifetime ------------------------------------------------------------------------------
     def _fail(self, error: BaseException) -> None:

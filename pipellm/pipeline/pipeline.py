@@ -229,7 +229,7 @@ class Pipeline(Requests):
         if self._recorder is not None:
             self._recorder.sync(stream)
         try:
-            self.device.synchronize(stream, timeout=self.timeout)
+            self.device.synchronize(stream, timeout=self.timeout, session=getattr(self._engine, "session", None))
             self._engine.drain(self.timeout)
         except (IntegrityError, DeviceError):
             self._engine.failure_reported = True
@@ -281,7 +281,7 @@ class Pipeline(Requests):
             self._closed = True
             return
         try:
-            self.device.synchronize(timeout=self.timeout)
+            self.device.synchronize(timeout=self.timeout, session=getattr(self._engine, "session", None))
             self._engine.drain(self.timeout)
         except Exception:
             pass  # reported below if it was an integrity failure; close goes on regardless

@@ -133,7 +133,8 @@ class Region(RegionBase):
     def library_write(self, offset: int, nbytes: int):
         """The library writes ``nbytes`` at ``offset`` (a device-to-host commit): yields a
         writable view that never faults, and records the span before and after the write
-        so speculation on those bytes (and only those) is dropped."""
+        so speculation on those bytes is dropped: this region's on that span only, any
+        other region's over the same memory whole."""
         self._log_write(offset, nbytes)
         try:
             base = self._alias if self._alias is not None else self.view
@@ -144,6 +145,8 @@ class Region(RegionBase):
     def _log_write(self, offset: int, nbytes: int) -> None:
         self.lib_seq += 1
         self._lib_log.append((self.lib_seq, offset, offset + nbytes))
+        # every other registration of these bytes (here, in another pipeline) learns too
+        writeguard.written(self.view_address() + offset, nbytes, self.guard)
 
     def library_changed(self, since: int, offset: int, nbytes: int) -> bool:
         """True if the library wrote any of ``[offset, offset + nbytes)`` after write

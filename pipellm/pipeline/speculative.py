@@ -36,7 +36,7 @@ from collections import OrderedDict, deque
 from time import perf_counter, thread_time
 
 from ..channel import Kind
-from ..channel.protocol import GO_BODY, SKIP_BODY, TAG_BYTES
+from ..channel.protocol import FIRST, GO_BODY, LAST, SKIP_BODY, TAG_BYTES
 from ..errors import ChannelClosedError, PredictorWarning, TransferTimeoutError
 from ..predictors import Predictor
 from .._ext.locks import Lock
@@ -233,7 +233,7 @@ class SpeculativeEngine(CCEngine, Queue):
                 try:
                     self.send_sealed(self.pool, item.nbytes, stream, lambda out: self.sealer.seal_into(
                         ticket, Kind.DATA, dst.id, dst_offset, item.region.view[item.offset:item.offset + item.nbytes],
-                        out, order=self.order))
+                        out, order=self.order, flags=FIRST | LAST))
                 except BaseException:
                     self._keep_or_fail(ticket)
                     raise

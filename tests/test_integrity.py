@@ -1,0 +1,253 @@
+"""The invariants an outside attack run broke (issue 26), each as a scenario of its own:
+write tracking follows the memory, not the registration (nothing stale is sent); a
+refused transfer leaves its whole destination as it was (fail closed, per transfer); a
+message that never came fails the pipeline instead of hanging it; one pipeline's failure
+stays out of another's."""
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+import pipellm
+from pipellm import ChannelClosedError, IntegrityError
+from pipellm.channel import Kind
+from pipellm.channel.protocol import unpack_header
+from pipellm.testing import Adversary
+from conftest import make_pipe, random_bytes
+
+SPECULATING = [("strict", "layerwise"), ("strict", "sequence"), ("window", "layerwise"), ("window", "sequence")]
+
+
+def speculating_pipe(iv_order, predictor, **kw):
+    return make_pipe("pipellm", predictor=predictor, iv_order=iv_order, min_speculative_bytes=0, **kw)
+
+
+def train(pipe, regions, passes=3):
+    """Load ``regions`` in a cycle until the pipeline has the first one encrypted ahead."""
+    for _ in range(passes):
+        for r in regions:
+            pipe.to_device(r)
+        pipe.synchronize()
+        pipe.wait_speculation()
+
+
+# -- 1. overlapping registrations ------------------------------------------------------------
+@pytest.mark.parametrize("iv_order,predictor", SPECULATING)
+@pytest.mark.parametrize("tracking", ["explicit", "none"])
+@pytest.mark.parametrize("size,start,length", [(10000, 4096, 3000), (20000, 1, 8191), (6000, 0, 6000)])
+def test_a_library_write_into_an_overlapping_region_drops_speculation_on_the_whole(
+        iv_order, predictor, tracking, size, start, length):
+    whole = pipellm.array(random_bytes(size, seed=1))
+    with speculating_pipe(iv_order, predictor) as pipe:
+        big = pipe.register(whole, name="big")                       # protected
+        part = pipe.register(whole[start:start + length], name="part", tracking=tracking)
+        donor = pipe.register(pipellm.array(random_bytes(length, seed=2)), name="donor")
+        other = pipe.register(pipellm.array(random_bytes(size, seed=3)), name="other")
+        new = pipe.to_device(donor)
+        train(pipe, [big, other])                                    # big is encrypted ahead
+        pipe.to_host(new, part).wait()                               # the library writes part of big
+        expected = whole.copy()
+        assert (expected[start:start + length] == donor.array).all()
+        pipe.to_device(big)
+        pipe.synchronize()
+        assert (pipe.device.read(big.device_buffer) == expected).all(), "a stale hit"
+        assert pipe.stats()["stale"] >= 1
+
+
+@pytest.mark.parametrize("iv_order,predictor", SPECULATING[:2])
+def test_a_library_write_into_the_larger_region_drops_speculation_on_the_smaller(iv_order, predictor):
+    whole = pipellm.array(random_bytes(30000, seed=4))
+    with speculating_pipe(iv_order, predictor) as pipe:
+        part = pipe.register(whole[8192:16384], name="part", tracking="explicit")
+        big = pipe.register(whole, name="big", tracking="explicit")
+        donor = pipe.register(pipellm.array(random_bytes(30000, seed=5)), name="donor")
+        new = pipe.to_device(donor)
+        train(pipe, [part, donor])                                   # part is encrypted ahead
+        pipe.to_host(new, big).wait()
+        pipe.to_device(part)
+        pipe.synchronize()
+        assert (pipe.device.read(part.device_buffer) == donor.array[8192:16384]).all(), "a stale hit"
+        assert pipe.stats()["stale"] >= 1
+
+
+# -- 2. the same memory in two pipelines -----------------------------------------------------
+@pytest.mark.parametrize("iv_order,predictor", SPECULATING)
+@pytest.mark.parametrize("tracking", ["protect", "explicit"])
+def test_another_pipelines_library_write_drops_speculation(iv_order, predictor, tracking):
+    memory = pipellm.array(random_bytes(12000, seed=6))
+    with pipellm.open_device("emulated") as dev:
+        mine = speculating_pipe(iv_order, predictor, device=dev)
+        theirs = make_pipe("cc", device=dev)
+        with mine, theirs:
+            a = mine.register(memory, name="a", tracking=tracking)
+            b = mine.register(pipellm.array(random_bytes(12000, seed=7)), name="b")
+            same = theirs.register(memory, name="same", tracking=tracking)
+            fresh = theirs.to_device(theirs.register(random_bytes(12000, seed=8)))
+            train(mine, [a, b])                                      # a is encrypted ahead
+            theirs.to_host(fresh, same).wait()                       # rewrites a's memory
+            mine.to_device(a)
+            mine.synchronize()
+            assert (dev.read(a.device_buffer) == random_bytes(12000, seed=8)).all(), "a stale hit"
+            assert mine.stats()["stale"] >= 1
+
+
+# -- 3. a forked child writing library memory ------------------------------------------------
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("iv_order", ["strict", "window"])
+def test_a_forked_child_cannot_change_the_parents_library_memory(iv_order):
+    memory = pipellm.array(random_bytes(9000, seed=9))
+    before = memory.copy()
+    with speculating_pipe(iv_order, "sequence") as pipe:
+        a = pipe.register(memory, name="a")
+        b = pipe.register(pipellm.array(random_bytes(9000, seed=10)), name="b")
+        train(pipe, [a, b])                                          # a is encrypted ahead
+        pid = os.fork()
+        if pid == 0:  # the child writes the library memory it inherited, then leaves
+            try:
+                memory[:] = 7
+                os._exit(0 if (memory == 7).all() else 1)
+            except BaseException:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child could not write its own copy"
+        assert (memory == before).all(), "the child changed the parent's bytes"
+        pipe.to_device(a)
+        pipe.synchronize()
+        assert (pipe.device.read(a.device_buffer) == memory).all()
+        assert pipe.stats()["hits"] >= 1
+
+
+# -- 4. a refused transfer changes nothing ---------------------------------------------------
+class TamperNth(Adversary):
+    """Once armed, flips the tag of the ``n``-th data message (DATA or SPEC) of a direction."""
+
+    def __init__(self, direction, n):
+        self.direction, self.n = direction, n
+        self.armed, self.seen, self.tampered = False, 0, 0
+
+    def on_message(self, msg):
+        if self.armed and msg.direction == self.direction and unpack_header(msg.aad).kind in (Kind.DATA, Kind.SPEC):
+            self.seen += 1
+            if self.seen == self.n:
+                msg.payload[len(msg.payload) - 1] ^= 1
+                self.tampered += 1
+        return [msg]
+
+
+MODES = ["cc", "pipellm-strict", "pipellm-window"]
+
+
+def open_pipe(mode, dev, **kw):
+    if mode == "cc":
+        return make_pipe("cc", device=dev, **kw)
+    return speculating_pipe(mode.split("-")[1], "sequence", device=dev, **kw)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("chunks,n,tail", [(3, 3, 1000), (3, 2, 4096), (5, 1, 17), (2, 2, 1)])
+def test_a_refused_h2d_transfer_writes_nothing(mode, chunks, n, tail):
+    size = (chunks - 1) * 4096 + tail
+    adv = TamperNth("h2d", n)
+    with pipellm.open_device("emulated", adversary=adv) as dev:
+        pipe = open_pipe(mode, dev)
+        a = pipe.register(pipellm.array(random_bytes(size, seed=11)), name="a")
+        b = pipe.register(pipellm.array(random_bytes(size, seed=12)), name="b")
+        if mode != "cc":
+            train(pipe, [a, b])                                      # a is encrypted ahead
+        target = dev.alloc(size)
+        adv.armed = True
+        pipe.to_device(a, dst=target)
+        with pytest.raises(IntegrityError):
+            pipe.synchronize()
+        assert adv.tampered == 1
+        assert (dev.read(target) == 0).all(), "messages of a refused transfer landed"
+        with pytest.raises(ChannelClosedError):
+            pipe.to_device(a)
+        pipe.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("chunks,n,tail", [(3, 3, 1000), (3, 2, 4096), (4, 1, 5)])
+def test_a_refused_d2h_transfer_writes_nothing(mode, chunks, n, tail):
+    size = (chunks - 1) * 4096 + tail
+    adv = TamperNth("d2h", n)
+    with pipellm.open_device("emulated", adversary=adv) as dev:
+        pipe = open_pipe(mode, dev)
+        src = pipe.to_device(pipe.register(pipellm.array(random_bytes(size, seed=13)), name="src"))
+        pipe.synchronize()
+        host = np.full(size, 5, np.uint8)
+        back = pipe.register(host, name="back")
+        adv.armed = True
+        transfer = pipe.to_host(src, back)
+        with pytest.raises(IntegrityError):
+            transfer.wait()
+        assert adv.tampered == 1
+        assert (host == 5).all(), "chunks of a refused transfer landed"
+        with pytest.raises(ChannelClosedError):
+            pipe.synchronize()
+        pipe.close()
+
+
+# -- 5. a message that never comes ------------------------------------------------------------
+class DropNth(Adversary):
+    def __init__(self, n):
+        self.n, self.armed, self.seen, self.dropped = n, False, 0, []
+
+    def on_message(self, msg):
+        if self.armed and msg.direction == "h2d" and unpack_header(msg.aad).kind in (Kind.DATA, Kind.SPEC):
+            self.seen += 1
+            if self.seen == self.n:
+                self.dropped.append(unpack_header(msg.aad).counter)
+                return []
+        return [msg]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_a_dropped_message_fails_the_pipeline_and_names_it(mode, n):
+    adv = DropNth(n)
+    with pipellm.open_device("emulated", adversary=adv) as dev:
+        pipe = open_pipe(mode, dev, timeout=30.0)
+        a = pipe.register(pipellm.array(random_bytes(3 * 4096, seed=14)), name="a")
+        b = pipe.register(pipellm.array(random_bytes(3 * 4096, seed=15)), name="b")
+        if mode != "cc":
+            train(pipe, [a, b])                                      # a is encrypted ahead
+        target = dev.alloc(3 * 4096)
+        adv.armed = True
+        pipe.to_device(a, dst=target)
+        with pytest.raises(IntegrityError) as refused:
+            pipe.synchronize()
+        assert re.search(f"message {adv.dropped[0]}\\b.*(never|lost)", str(refused.value)), refused.value
+        assert (dev.read(target) == 0).all()
+        with pytest.raises(ChannelClosedError):
+            pipe.synchronize()
+        pipe.close()
+
+
+# -- 6. one pipeline's failure is its own ------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("direction", ["h2d", "d2h"])
+def test_a_failure_in_one_pipeline_does_not_surface_in_another(mode, direction):
+    adv = TamperNth(direction, 1)
+    with pipellm.open_device("emulated", adversary=adv) as dev:
+        healthy, attacked = open_pipe(mode, dev), open_pipe(mode, dev)
+        h = healthy.register(pipellm.array(random_bytes(5000, seed=16)), name="h")
+        x = attacked.register(pipellm.array(random_bytes(5000, seed=17)), name="x")
+        xbuf = attacked.to_device(x)
+        attacked.synchronize()
+        adv.armed = True
+        if direction == "h2d":
+            attacked.to_device(x)
+        else:
+            attacked.to_host(xbuf, attacked.register(np.zeros(5000, np.uint8)))
+        healthy.to_device(h)
+        healthy.synchronize()                                        # its data is intact
+        assert (dev.read(h.device_buffer) == h.array).all()
+        with pytest.raises(IntegrityError):
+            attacked.synchronize()
+        healthy.to_device(h)
+        healthy.synchronize()
+        healthy.close()
+        attacked.close()
