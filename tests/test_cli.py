@@ -42,6 +42,13 @@ def test_bench_transfer_quick_table():
     assert "emulation stall" in text and "memory: RSS grew" in text
 
 
+def test_bench_tracking_quick(tmp_path):
+    result = json.loads(run("bench", "tracking", "--quick", "--repeats", "1", "--json", "--no-progress"))
+    assert [r["count"] for r in result["rows"]] == [0, 16, 128]
+    for row in result["rows"]:
+        assert row["fork_numpy_us"] > 0 and row["fork_library_us"] > 0 and row["notify_us"] > 0
+
+
 @pytest.mark.parametrize("argv,message", [(["bench", "--repeats", "0"], "--repeats must be at least 1"),
                                           (["bench", "nope"], "invalid choice")])
 def test_bad_arguments(argv, message, capsys):

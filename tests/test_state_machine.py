@@ -39,6 +39,20 @@ class Speculation(RuleBasedStateMachine):
         self.sink_model = np.zeros(4 * CHUNK, np.uint8)
         self.pending = []
         self.turn = -1  # the last region to_device_next sent
+        # the same memory registered again: part of each region in this pipeline (untracked
+        # or explicit) and in a second pipeline on the same device. Writes the library
+        # makes through those must reach the speculation on the whole (issue 26)
+        self.other = pipellm.Pipeline(device=self.pipe.device, mode="cc", chunk_size=CHUNK, timeout=TIMEOUT)
+        tracking = ["none", "explicit"][workers - 1]
+        self.parts, self.other_parts = [], []
+        for r in self.regions:
+            part = r._array[7:7 + min(CHUNK + 5, r.nbytes - 7)]
+            self.parts.append(self.pipe.register(part, name=f"part-{r.name}", tracking=tracking))
+            self.other_parts.append(self.other.register(part, name=f"part-{r.name}", tracking="explicit"))
+        self.donors = [self.pipe.to_device(self.pipe.register(rng.integers(0, 256, 4 * CHUNK, dtype=np.uint8)))
+                       for _ in range(2)]
+        self.other_donors = [self.other.to_device(self.other.register(rng.integers(0, 256, 4 * CHUNK, dtype=np.uint8)))
+                             for _ in range(2)]
 
     def region(self, i):
         return self.regions[i % len(self.regions)]
@@ -83,6 +97,15 @@ class Speculation(RuleBasedStateMachine):
         self.pending.append(self.pipe.to_host(r.device_buffer, self.sink, nbytes=nbytes))
         self.sink_model[:nbytes] = self.model[r.name][:nbytes]
 
+    @rule(k=st.integers(0, 1), next_one=st.booleans(), other=st.booleans())
+    def to_host_overlapping(self, k, next_one, other):
+        # the library writes part of a region through another registration of its bytes,
+        # in this pipeline or another (mostly the one the cycle sends next: encrypted ahead)
+        i = (self.turn + 1) % len(self.regions) if next_one else k
+        pipe, part, donor = ((self.other, self.other_parts[i], self.other_donors[k]) if other
+                             else (self.pipe, self.parts[i], self.donors[k]))
+        pipe.to_host(donor, part, nbytes=part.nbytes).wait(TIMEOUT)
+
     @precondition(lambda self: self.pending)
     @rule()
     def read_sink(self):
@@ -114,6 +137,7 @@ class Speculation(RuleBasedStateMachine):
             self.synchronize()
             stats = self.pipe.stats()
             assert stats["transfers_h2d"] >= stats["hits"]
+            self.other.close()
             self.pipe.close()
             self.watching.__exit__(None, None, None)
             self.ledger.check()

@@ -320,7 +320,7 @@ class CopyEngineDevice(Submitter, Device):
             self._undelivered[op] = msgs  # lost or held on the link: see _do_audit
         if not (self._staged() or self._deferred):
             return
-        if (self._queue.empty() and session.receiver.receiving is None) or len(self._deferred) >= _DEFERRED_MAX:
+        if self._queue.empty() or len(self._deferred) >= _DEFERRED_MAX:
             self._settle(session)  # nothing follows right now (or the op's last message was lost)
         else:
             self._open_batch = session  # more work is queued: verify with it (see _settle_before)
