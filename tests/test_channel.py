@@ -4,7 +4,7 @@ import pytest
 
 from pipellm import ArgumentError, ChannelClosedError, IntegrityError
 from pipellm.channel import Direction, KeyAgreement, Kind, Opener, Sealer
-from pipellm.channel.protocol import FIRST, GO_BODY, HEADER_BYTES, LAST, SKIP_BODY, iv_for, position, unpack_header
+from pipellm.channel.protocol import ABANDON, FIRST, GO_BODY, HEADER_BYTES, LAST, SKIP_BODY, iv_for, position, unpack_header
 from pipellm.channel import H2D_KINDS, Receiver
 
 
@@ -220,6 +220,15 @@ def test_a_data_run_missing_a_message_is_refused_in_window_order(lost):
     with pytest.raises(IntegrityError, match="does not continue"):
         for part in parts:
             receiver.receive(part, staging())
+
+
+@pytest.mark.parametrize("window", [0, 64])
+def test_a_transfer_the_host_abandoned_is_discarded_by_the_next(window):
+    sealer, receiver = h2d_pair(window)
+    assert receiver.receive(seal(sealer, b"abc", flags=FIRST), staging()) == []
+    flags = FIRST | LAST | (ABANDON if window else 0)   # strict order: its indices say nothing was lost
+    (commit,) = receiver.receive(seal(sealer, b"new", buffer=8, flags=flags), staging())
+    assert (commit.buffer, bytes(commit.plaintext)) == (8, b"new") and receiver.abandoned == 1
 
 
 def test_a_new_transfer_while_one_is_open_is_refused():

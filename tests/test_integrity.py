@@ -251,3 +251,37 @@ def test_a_failure_in_one_pipeline_does_not_surface_in_another(mode, direction):
         healthy.synchronize()
         healthy.close()
         attacked.close()
+
+
+# -- a transfer the host gives up part-way ------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("direction", ["h2d", "d2h"])
+def test_a_transfer_abandoned_part_way_writes_nothing_and_the_pipeline_goes_on(mode, direction):
+    """Bounce memory runs out while the copy engine is held: the request times out after
+    sending part of its messages. None of them lands; later transfers do, in order."""
+    chunk = 4096
+    with pipellm.open_device("emulated") as dev:
+        pipe = open_pipe(mode, dev, timeout=0.3, bounce_bytes=2 * (chunk + 4096))
+        data = random_bytes(5 * chunk, seed=18)
+        region = pipe.register(pipellm.array(data), name="r")
+        dbuf = pipe.to_device(region)
+        sink = pipe.register(np.full(5 * chunk, 3, np.uint8), name="sink")
+        pipe.synchronize()
+        target = dev.alloc(5 * chunk)
+        with dev.paused():
+            with pytest.raises(pipellm.TransferTimeoutError, match="bounce slot came free"):
+                if direction == "h2d":
+                    pipe.to_device(region, dst=target)        # 5 chunks, 2 slots, nothing completes
+                else:
+                    pipe.to_host(dbuf, sink)
+        pipe.synchronize()
+        assert not dev.read(target).any()
+        assert (sink.array == 3).all()
+        with region.writing() as a:
+            a[:] = data[::-1]
+        pipe.to_device(region, dst=target)
+        pipe.to_host(dbuf, sink).wait()
+        pipe.synchronize()
+        assert np.array_equal(dev.read(target), data[::-1])
+        assert np.array_equal(sink.array, data)
+        pipe.close()

@@ -366,7 +366,8 @@ cdef class Queue(Engine):
                 msgs[0] = public
             else:
                 body = GO_BODY.pack(dst.id, dst_offset, len(chunks), item.nbytes)
-                msgs[0] = self.sealer.seal_into(go, Kind.GO, 0, 0, body, _go_view(chunks[0]), order=self.order)
+                msgs[0] = self.sealer.seal_into(go, Kind.GO, 0, 0, body, _go_view(chunks[0]), order=self.order,
+                                                flags=self.take_abandon())
             if isinstance(device, Submitter):  # (every device of ours: in C)
                 op = (<Submitter>device).submit_messages(stream, self.session, msgs)
             else:

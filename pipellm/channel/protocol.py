@@ -15,8 +15,10 @@ Header layout, big-endian (``HEADER``)::
     dir      B   0 = host to device, 1 = device to host
     kind     B   0 = DATA (other kinds are reserved for the speculative pipeline)
     flags    H   host-to-device DATA: FIRST (1) and LAST (2) mark the first and last
-                 message of a transfer (a transfer of one message carries both); 0 in
-                 every other message. Unknown bits are refused.
+                 message of a transfer (a transfer of one message carries both);
+                 ABANDON (4, DATA FIRST or GO, window order) says the host gave up the
+                 transfer before this one part-way. 0 in every other message. Unknown
+                 bits are refused.
     session  I   session id chosen by the device at key agreement
     epoch    I   key epoch (key rotation: see ``next_position``)
     counter  Q   message counter within the epoch, +1 per message per direction
@@ -42,8 +44,10 @@ past speculative messages that will never be sent (the strict-order "NOP").
 A transfer is committed whole or not at all: the receiver stages its messages (a DATA
 run from FIRST to LAST, contiguous in its destination, or the SPEC messages of one GO)
 and commits them only once the last one has authenticated. A message of another
-transfer, or a command, arriving while one is open means a message of it was lost: the
-channel closes.
+transfer, or a command, arriving while one is open means either that the host abandoned
+it part-way (strict order: the indices prove nothing of it was lost; window order: the
+new transfer says so with ABANDON) and it is discarded, or that a message of it was
+lost: the channel closes.
 """
 
 from __future__ import annotations
@@ -81,7 +85,12 @@ class Direction(IntEnum):
 #: DATA flags (authenticated with the header): the first and the last message of a transfer
 FIRST = 1
 LAST = 2
-_FLAGS_KNOWN = FIRST | LAST
+#: on a transfer's first message (DATA or GO): the host abandoned the transfer before it
+#: part-way (a local failure it raised to its caller); the receiver discards what it staged
+#: of that one. Window order only: in strict order the indices already prove that nothing
+#: of the open transfer was lost, so a new transfer simply replaces it.
+ABANDON = 4
+_FLAGS_KNOWN = FIRST | LAST | ABANDON
 
 
 class Kind(IntEnum):

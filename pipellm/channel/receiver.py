@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from ..errors import IntegrityError
 from .endpoint import Message, Opener
-from .protocol import FIRST, GO_BODY, LAST, SKIP_BODY, Kind
+from .protocol import ABANDON, FIRST, GO_BODY, LAST, SKIP_BODY, Kind
 
 #: every kind a host-to-device receiver takes
 H2D_KINDS = frozenset({Kind.DATA, Kind.SPEC, Kind.GO, Kind.SKIP})
@@ -65,6 +65,7 @@ class Receiver:
         self._authorized: dict[int, _Run] = {}  # SPEC message index -> where it lands
         self._order = 0  # window order: the highest request number taken
         self._open: _Transfer | None = None
+        self.abandoned = 0  # transfers the host gave up part-way, discarded uncommitted
 
     @property
     def receiving(self) -> _Transfer | None:
@@ -88,8 +89,7 @@ class Receiver:
         if kind == Kind.DATA:
             self._in_order(header.order, index)
             if header.flags & FIRST:
-                if t is not None:
-                    self._lost(t, index)
+                self._replace(t, index, header.flags)
                 t = self._open = _Transfer(header.order, index, buffer=header.buffer, next=header.offset)
             elif t is None or t.run is not None or (header.order, header.buffer, header.offset) != (
                     t.order, t.buffer, t.next):
@@ -108,8 +108,7 @@ class Receiver:
             t.commits.append(Commit(run.buffer, run.offset + header.offset, plain, index))
             t.waiting -= 1
             return self._close_if(t.waiting == 0)
-        if t is not None:
-            self._lost(t, index)
+        self._replace(t, index, header.flags)
         if kind == Kind.GO:
             if header.length != GO_BODY.size:
                 self._fail(f"GO command {index} is malformed")
@@ -136,9 +135,16 @@ class Receiver:
         t, self._open = self._open, None
         return t.commits
 
-    def _lost(self, t: _Transfer, index: int):
-        self._fail(f"message {index} began before {t.describe()} had all its messages: "
-                   f"a message of it never arrived")
+    def _replace(self, t: _Transfer | None, index: int, flags: int) -> None:
+        """Message ``index`` begins a transfer or is a command while ``t`` is open: the
+        host abandoned ``t`` (discard what was staged of it) or a message of it was lost."""
+        if t is None:
+            return
+        if self.opener.window and not flags & ABANDON:
+            self._fail(f"message {index} began before {t.describe()} had all its messages: "
+                       f"a message of it never arrived")
+        self._open = None  # strict order: every index before this one arrived, so the host sent no more of it
+        self.abandoned += 1
 
     def _in_order(self, order: int, index: int) -> None:
         """Window order: refuse a message of an earlier request than one already taken."""

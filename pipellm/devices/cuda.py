@@ -184,17 +184,23 @@ class _Kernels:
             self.launch()
         return _Span(off, nbytes)
 
-    def commit_later(self, destination, offset: int, plaintext: _Span) -> None:
-        """Copy ``plaintext`` (of the message staged last) to ``destination[offset:]``
-        once verified."""
-        self._commits.append((len(self._staged) - 1, destination, offset, plaintext))
+    def commit_later(self, destination, offset: int, plaintext: _Span, position: int | None = None) -> None:
+        """Copy ``plaintext`` to ``destination[offset:]`` once verified: if the message
+        staged at ``position`` (default: the last one staged, which completed the
+        transfer) and every one before it verified."""
+        self._commits.append((len(self._staged) - 1 if position is None else position, destination, offset,
+                              plaintext))
+
+    def position_of(self, plaintext: _Span) -> int:
+        """The batch position of the message whose plaintext is ``plaintext``."""
+        return int(np.flatnonzero(self.rows.host["offs"][:len(self._staged)] == plaintext.offset)[0])
 
     def _commit(self, upto: int | None) -> None:
         """Queue the device-to-device copies of the commits of messages before position
         ``upto`` (all if None), one per run of messages that sit back to back both in
         staging and in their destination (a transfer's chunks do)."""
         run = None  # [destination, its offset, staging offset, bytes]
-        for position, destination, offset, span in self._commits:
+        for position, destination, offset, span in sorted(self._commits, key=lambda c: c[0]):
             if upto is not None and position >= upto:
                 break
             if (run is not None and run[0] is destination and run[1] + run[3] == offset
@@ -430,7 +436,10 @@ class CudaDevice(CopyEngineDevice):
         # up to the staging's size; a longer one lands batch by batch: docs/design.md)
         for session in self._sessions.values():
             for commit in session.receiver.flush():
-                self._write(commit.buffer, commit.offset, commit.plaintext)
+                mem = self._mem.get(commit.buffer)
+                if mem is not None and commit.offset + len(commit.plaintext) <= mem.size:
+                    self._kernels.commit_later(mem, commit.offset, commit.plaintext,
+                                               self._kernels.position_of(commit.plaintext))
         return self._kernels.settle()
 
     def _span(self, buffer_id: int, offset: int, nbytes: int):

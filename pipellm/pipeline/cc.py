@@ -16,7 +16,7 @@ from collections import deque
 from .._ext import PAGE_BYTES, BouncePool, copy_into
 from .._ext.locks import Lock
 from ..channel import Direction, KeyAgreement, Kind, Opener, Sealer
-from ..channel.protocol import FIRST, LAST, TAG_BYTES
+from ..channel.protocol import ABANDON, FIRST, LAST, TAG_BYTES
 from ..errors import ArgumentError, ChannelClosedError, DeviceError, IntegrityError, TransferTimeoutError
 from .._ext.request import Engine
 from .transfer import Transfer
@@ -38,13 +38,15 @@ def make_pool(what: str, nbytes: int, max_message: int, minimum: int = 2) -> Bou
 
 class _Landing:
     """A device-to-host transfer: its chunks are staged as they authenticate and land in
-    the region together, once the last one has (a refused chunk leaves it untouched)."""
+    the region together, once the last one has (a refused chunk leaves it untouched, and
+    so does a transfer the host gave up part-way: ``abandoned``)."""
 
-    __slots__ = ("region", "offset", "nbytes", "last")
+    __slots__ = ("region", "offset", "nbytes", "last", "abandoned")
 
     def __init__(self, region, offset, nbytes):
         self.region, self.offset, self.nbytes = region, offset, nbytes
         self.last = None
+        self.abandoned = False
 
 
 class _Incoming:
@@ -100,6 +102,8 @@ class CCEngine(Engine):
         self._failure: BaseException | None = None
         self.failure_reported = False  # has a caller seen the failure raised?
         self.order = 0  # the number of the current host-to-device request (see the protocol)
+        self.window = window
+        self._abandon = 0  # see take_abandon
 
     # -- host to device --------------------------------------------------------------------
     def to_device(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
@@ -114,16 +118,20 @@ class CCEngine(Engine):
         sealer, chunk, source, order = self.sealer, self.chunk_size, region.view, self.order
         for pos in range(0, nbytes, chunk):
             n = min(chunk, nbytes - pos)
-            flags = (FIRST if pos == 0 else 0) | (LAST if pos + n == nbytes else 0)
+            flags = (FIRST | self.take_abandon() if pos == 0 else 0) | (LAST if pos + n == nbytes else 0)
             try:
                 self.send_sealed(self.pool, n, stream, lambda out: sealer.seal_next(
                     Kind.DATA, dst.id, dst_offset + pos, source[offset + pos:offset + pos + n], out, order, flags))
-            except BaseException as error:
-                if pos:  # the device holds the first part and waits for the rest: fail closed
-                    self._fail(ChannelClosedError(
-                        f"a transfer to the device failed part-way ({pos} of {nbytes} bytes sent: {error!r}); "
-                        f"the channel is closed"))
+            except BaseException:
+                if pos:  # the device holds the first part, uncommitted: the next transfer discards it
+                    self._abandon = ABANDON if self.window else 0
                 raise
+
+    def take_abandon(self) -> int:
+        """The flags the next transfer's first message carries: ABANDON once a transfer
+        failed part-way (window order; strict order needs none), then 0."""
+        flags, self._abandon = self._abandon, 0
+        return flags
 
     def send_sealed(self, pool, nbytes: int, stream, seal):
         """Take a slot for one message of ``nbytes`` plaintext, ``seal(out)`` into it (the
@@ -147,7 +155,11 @@ class CCEngine(Engine):
         with self._d2h_lock:
             for pos in range(0, nbytes, chunk):
                 n = min(chunk, nbytes - pos)
-                slot = pool.acquire(n + TAG_BYTES, self.timeout)
+                try:
+                    slot = pool.acquire(n + TAG_BYTES, self.timeout)
+                except BaseException:
+                    landing.abandoned = True  # what was sent of it is received, never committed
+                    raise
                 incoming = _Incoming(self, region, offset + pos, n, landing)
                 landing.last = incoming
                 try:
@@ -156,6 +168,7 @@ class CCEngine(Engine):
                         slot.view(n + TAG_BYTES), self.delivered)
                 except BaseException:
                     pool.release(slot)
+                    landing.abandoned = True  # what was sent of it is received, never committed
                     raise
                 self._expected.append(incoming)
                 pool.retire(slot, incoming)
@@ -234,7 +247,7 @@ class CCEngine(Engine):
             self._fail(IntegrityError(f"d2h message {index} is not the transfer the host asked for; "
                                       f"the channel is closed"))
             return
-        if head is not landing.last:
+        if head is not landing.last or landing.abandoned:
             return  # staged: the transfer lands once its last chunk has authenticated
         if not whole:
             plain = self._landing_mem[:landing.nbytes]

@@ -64,7 +64,6 @@ class SpeculativeEngine(CCEngine, Queue):
         window = iv_window if iv_order == "window" else 0
         super().__init__(device, timeout=timeout, chunk_size=chunk_size, bounce_bytes=bounce_bytes,
                          rotate_after=rotate_after, window=window)
-        self.window = window
         self.predictor = predictor
         self._regions = regions  # name -> Region, the pipeline's live table
         self.depth_messages = depth_messages
@@ -233,7 +232,7 @@ class SpeculativeEngine(CCEngine, Queue):
                 try:
                     self.send_sealed(self.pool, item.nbytes, stream, lambda out: self.sealer.seal_into(
                         ticket, Kind.DATA, dst.id, dst_offset, item.region.view[item.offset:item.offset + item.nbytes],
-                        out, order=self.order, flags=FIRST | LAST))
+                        out, order=self.order, flags=FIRST | LAST | self.take_abandon()))
                 except BaseException:
                     self._keep_or_fail(ticket)
                     raise

@@ -170,6 +170,26 @@ def test_a_refused_message_keeps_its_whole_transfer_out_of_the_batch():
         pipe.close()
 
 
+def test_a_transfer_longer_than_the_staging_lands_batch_by_batch():
+    """The documented limit of the cuda device's per-transfer commit: a transfer whose
+    messages do not fit one verification batch (its staging) is committed batch by
+    batch; a refused message keeps out its own batch's part and everything after it."""
+    def flip(msg):
+        msg.payload[3] ^= 0x04
+
+    adv = TamperNth({5: flip})
+    with pipellm.open_device("cuda", adversary=adv, staging_bytes=2 * CHUNK) as dev:
+        pipe = make(dev, "cc")
+        data = np.arange(5 * CHUNK, dtype=np.uint8) | 1
+        target = dev.alloc(5 * CHUNK)
+        adv.armed = True
+        pipe.to_device(pipe.register(data), dst=target)
+        with pytest.raises(IntegrityError, match="h2d message 4 "):
+            pipe.synchronize()
+        got = dev.read(target)  # every batch before the refused message's landed (its own part of it too)
+        assert np.array_equal(got[:4 * CHUNK], data[:4 * CHUNK]) and not got[4 * CHUNK:].any()
+
+
 @pytest.mark.parametrize("refused", [None, 3])
 def test_a_transfers_chunks_are_committed_by_one_copy_cut_at_a_refused_one(refused):
     """Chunks back to back both in staging and in their destination (16-byte multiples)
