@@ -285,3 +285,117 @@ def test_a_transfer_abandoned_part_way_writes_nothing_and_the_pipeline_goes_on(m
         assert np.array_equal(dev.read(target), data[::-1])
         assert np.array_equal(sink.array, data)
         pipe.close()
+
+
+# -- found by the outside attack run on this work ------------------------------------------------
+@pytest.mark.parametrize("iv_order", ["strict", "window"])
+@pytest.mark.parametrize("where", ["same", "other"])
+@pytest.mark.parametrize("report", ["writing", "mark_dirty"])
+def test_a_write_reported_on_an_untracked_registration_reaches_a_tracked_one(iv_order, where, report):
+    with pipellm.open_device("emulated") as dev:
+        pipe = speculating_pipe(iv_order, "sequence", device=dev)
+        other = pipe if where == "same" else make_pipe("cc", device=dev)
+        memory = np.full(20000, 1, np.uint8)
+        a = pipe.register(memory, name="a", tracking="explicit")         # speculated on
+        b = other.register(memory, name="b")                              # the same bytes, untracked
+        c = pipe.register(np.full(20000, 2, np.uint8), name="c", tracking="explicit")
+        train(pipe, [a, c], passes=4)                                     # a is encrypted ahead
+        if report == "writing":
+            with b.writing() as array:
+                array[:] = 7
+        else:
+            memory[:] = 7
+            b.mark_dirty()
+        pipe.to_device(a)
+        pipe.synchronize()
+        assert (dev.read(a.device_buffer) == 7).all(), "a stale hit"
+        pipe.close()
+        other.close()
+
+
+class HoldOne(Adversary):
+    """Holds back the next host-to-device message once armed; delivers it (in channel
+    order) with the next one, or never."""
+
+    def __init__(self, redeliver):
+        self.armed, self.held, self.redeliver = False, None, redeliver
+
+    def on_message(self, msg):
+        if msg.direction != "h2d":
+            return [msg]
+        if self.armed:
+            self.armed, self.held = False, msg.copy()
+            return []
+        if self.held is not None and self.redeliver:
+            held, self.held = self.held, None
+            return [held, msg]
+        return [msg]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("redeliver", [True, False])
+def test_a_read_never_overtakes_a_host_to_device_message_held_on_the_link(mode, redeliver):
+    adv = HoldOne(redeliver)
+    with pipellm.open_device("emulated", adversary=adv) as dev:
+        pipe = open_pipe(mode, dev)
+        x = pipe.register(pipellm.array(np.full(4096, 1, np.uint8)), name="x")
+        y = pipe.register(pipellm.array(np.full(4096, 5, np.uint8)), name="y")
+        back = pipe.register(np.zeros(4096, np.uint8), name="back")
+        dbuf = pipe.to_device(x)
+        pipe.synchronize()
+        x.array[:] = 2
+        adv.armed = True
+        pipe.to_device(x)                             # held on the link
+        with pytest.raises(IntegrityError, match="never arrived"):
+            pipe.to_host(dbuf, back).wait()           # must not return the 1s silently
+        assert (back.array == 0).all()
+        with pytest.raises(ChannelClosedError):
+            pipe.to_device(y)
+        pipe.close()
+
+
+class DropSession(Adversary):
+    session = None
+
+    def on_message(self, msg):
+        header = unpack_header(bytes(msg.aad))
+        if msg.direction == "h2d" and header is not None and header.session == self.session:
+            return []
+        return [msg]
+
+
+@pytest.mark.parametrize("mode", ["cc", "pipellm-strict", "plain"])
+@pytest.mark.parametrize("own_streams", [False, True])
+def test_a_message_another_pipeline_lost_does_not_hold_this_one_up(mode, own_streams):
+    adv = DropSession()
+    with pipellm.open_device("emulated", adversary=adv) as dev:
+        lossy = make_pipe("cc", device=dev, timeout=30.0)
+        intact = make_pipe("plain", device=dev, timeout=30.0) if mode == "plain" else open_pipe(mode, dev, timeout=30.0)
+        sa, sb = (lossy.stream(), intact.stream()) if own_streams else (None, None)
+        a = lossy.register(pipellm.array(np.full(4096, 1, np.uint8)), name="a")
+        b = intact.register(pipellm.array(np.full(4096, 2, np.uint8)), name="b")
+        adv.session = lossy._engine.session
+        lossy.to_device(a, stream=sa)                 # one message, lost
+        intact.to_device(b, stream=sb)
+        intact.synchronize()                          # promptly: its data landed
+        assert (dev.read(b.device_buffer) == 2).all()
+        with pytest.raises(IntegrityError, match="never arrived"):
+            lossy.synchronize()
+        intact.close()
+        lossy.close()
+
+
+@pytest.mark.parametrize("mode", ["plain", "cc", "pipellm"])
+def test_to_device_waits_for_a_transfer_into_another_registration_of_its_bytes(mode):
+    kw = {"min_speculative_bytes": 0} if mode == "pipellm" else {}
+    with make_pipe(mode, **kw) as pipe:
+        memory = pipellm.array(np.full(8192, 1, np.uint8))
+        a = pipe.register(memory, name="a")
+        b = pipe.register(memory[4096:], name="b", tracking="explicit")
+        five = pipe.to_device(pipe.register(pipellm.array(np.full(4096, 5, np.uint8)), name="five"))
+        pipe.synchronize()
+        pipe.to_host(five, b)                         # the second half becomes 5s ...
+        pipe.to_device(a)                             # ... before this reads it, as on one stream
+        pipe.synchronize()
+        assert (pipe.device.read(a.device_buffer)[4096:] == 5).all()
+        assert (pipe.device.read(a.device_buffer)[:4096] == 1).all()

@@ -94,7 +94,12 @@ cdef class Requests:
         stream = device.default_stream if stream is None else device.check_stream(stream)
         if self._recorder is not None:
             self._recorder.d2h(region, offset, nbytes, stream)
-        return self._engine.to_host(src, src_offset, region, offset, nbytes, stream)
+        transfer = self._engine.to_host(src, src_offset, region, offset, nbytes, stream)
+        overlaps = region.overlaps
+        if overlaps:  # other registrations of these bytes: a transfer from them waits for it too
+            for other in overlaps:
+                (<RegionBase>other).incoming = (<RegionBase>region).incoming
+        return transfer
 
 
 cdef bint _failed(Engine engine) except -1:

@@ -23,6 +23,11 @@ from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, Devic
 ANY_SESSION = object()
 
 
+def _owned(op, session) -> bool:
+    """``op`` is ``session``'s work (None: work outside any channel)."""
+    return op.session is None if session is None else (op.session is not None and op.session.id == session)
+
+
 class DeviceBuffer:
     """A block of device memory. Comes from :meth:`Device.alloc`.
 
@@ -159,8 +164,9 @@ class Device(abc.ABC):
         the first error any of it failed with.
 
         ``session`` (a pipeline's channel, or None for work outside any channel) narrows
-        the errors raised to that owner's and the device's own failure: pipelines sharing
-        a device and its streams do not see each other's refusals. For an open session
+        the wait to that owner's work and work outside any channel, and the errors raised
+        to that owner's and the device's own failure: pipelines sharing a device and its
+        streams neither wait for nor see each other's lost or refused messages. For an open session
         the device also checks that every message sent before the call arrived (see
         ``audit``): a message lost on the link fails the session instead of a wait."""
         streams = list(self._streams) if stream is None else [self.check_stream(stream)]
@@ -172,18 +178,23 @@ class Device(abc.ABC):
         first_error = None
         for s in streams:
             with s._lock:
-                while s._pending:
-                    op = s._pending[0]
+                for op in list(s._pending):
+                    # another pipeline's work is its own to wait for (a message it lost must
+                    # not hold this one up); work outside any channel (compute) is waited for
+                    if op.session is not None and session is not ANY_SESSION and op.session.id != session:
+                        continue
                     if not op.wait_done(timeout):
                         raise TransferTimeoutError(
                             f"stream {s.id}: {op.kind} of {op.nbytes} bytes did not complete within "
                             f"{timeout} s (a message lost on the link, or the device is stalled)")
-                    s._pending.popleft()
                     if op.error is not None and first_error is None and (
-                            session is ANY_SESSION or op.error is self.failure
-                            or (op.session is None if session is None
-                                else op.session is not None and op.session.id == session)):
+                            session is ANY_SESSION or op.error is self.failure or _owned(op, session)):
                         first_error = op.error
+                # what is finished goes, but an error stays until its owner has seen it
+                pending = s._pending
+                while pending and pending[0].finished and (
+                        pending[0].error is None or session is ANY_SESSION or _owned(pending[0], session)):
+                    pending.popleft()
         if first_error is not None:
             raise first_error
 

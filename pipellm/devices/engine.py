@@ -363,6 +363,8 @@ class CopyEngineDevice(Submitter, Device):
         self._tick()
         self._book(op, Direction.D2H, ready, len(out))
         session = op.session
+        if self._undelivered:  # the read must not overtake a host-to-device message still missing
+            self._fail_if_lost(session, "a device-to-host read after it")
         if session.failure is not None:
             self._finish(op, session.failure)
             return
@@ -382,7 +384,13 @@ class CopyEngineDevice(Submitter, Device):
         held there past the point the host relies on it): fail the session, naming it,
         rather than leave the host waiting for it. (A transfer still open without a lost
         message is one the host abandoned part-way: the next one discards it.)"""
-        session = op.session
+        self._fail_if_lost(op.session, "the host synchronized")
+        op.end = ready  # (no device time of its own: the stream's next op starts where it would have)
+        self._finish(op)
+
+    def _fail_if_lost(self, session: Session, before: str) -> None:
+        """Fail ``session`` if a message of it handed to the link earlier never arrived
+        (an honest link delivers each message as the copy engine handles it)."""
         for sent, msgs in list(self._undelivered.items()):
             if sent.finished:
                 del self._undelivered[sent]
@@ -392,10 +400,8 @@ class CopyEngineDevice(Submitter, Device):
                              if not opener.accepted(i)), None)
                 where = f"message {lost}" if lost is not None else "a message"
                 self._fail_session(session, IntegrityError(
-                    f"h2d {where} (session {session.id}) never arrived: it was sent before the host "
-                    f"synchronized and lost on the link; the channel is closed"))
-        op.end = ready  # (no device time of its own: the stream's next op starts where it would have)
-        self._finish(op)
+                    f"h2d {where} (session {session.id}) never arrived: it was sent before {before} "
+                    f"and lost or held back on the link; the channel is closed"))
 
     def audit(self, stream: Stream, session: int) -> Op:
         """Queue the check :meth:`_do_audit` makes behind everything submitted so far."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import threading
 from time import perf_counter
@@ -114,6 +115,8 @@ class Pipeline(Requests):
         self._fork_generation = _fork.generation
         self._recorder = None
         self._regions: dict[int, Region] = {}
+        self._spans: list[tuple[int, int]] = []  # (address, region id), sorted: see _link_overlaps
+        self._longest = 0
         self._names: dict[str, Region] = {}
         self._region_ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -155,6 +158,7 @@ class Pipeline(Requests):
             region = Region(self, region_id, name, host, tracking)
             self._regions[region_id] = region
             self._names[name] = region
+            self._link_overlaps(region)
         region.kind = kind
         self._engine.adopt(region)
         if self._recorder is not None:
@@ -171,10 +175,30 @@ class Pipeline(Requests):
             region.registered = False
             self._regions.pop(region.id, None)
             self._names.pop(region.name, None)
+            for other in region.overlaps:
+                other.overlaps.remove(region)
+            region.overlaps = []
+            self._spans.remove((region.view_address(), region.id))
         self._engine.forget(region)
         region.release()
         if region.device_buffer is not None and not region.device_buffer.freed:
             self.device.free(region.device_buffer)
+
+    def _link_overlaps(self, region: Region) -> None:
+        """Record ``region`` and the registrations of this pipeline it shares bytes with
+        (lock held). Registrations sorted by address: a new one is compared only with
+        those that start less than the longest one before its end."""
+        start = region.view_address()
+        end = start + region.nbytes
+        spans = self._spans
+        self._longest = max(self._longest, region.nbytes)
+        first = bisect.bisect_left(spans, (start - self._longest, -1))
+        for at, rid in spans[first:bisect.bisect_left(spans, (end, -1))]:
+            other = self._regions[rid]
+            if at + other.nbytes > start:
+                other.overlaps.append(region)
+                region.overlaps.append(other)
+        bisect.insort(spans, (start, region.id))
 
     def region(self, name: str) -> Region:
         """The registered region called ``name``."""

@@ -39,7 +39,7 @@ class Region(RegionBase):
     # (name, owner, nbytes, registered, readonly, incoming, device_buffer, guard,
     # tracking and lib_seq are RegionBase's C fields: every request reads them)
     __slots__ = ("id", "_array", "view", "dtype", "shape", "outgoing", "_alias", "_lib_log", "kind",
-                 "_finalizer", "__weakref__")
+                 "overlaps", "_finalizer", "__weakref__")
 
     def __init__(self, owner, id: int, name: str, array: np.ndarray, tracking: str):
         self.owner, self.id, self.name = owner, id, name
@@ -59,6 +59,8 @@ class Region(RegionBase):
         self._finalizer = None if self.guard is None else weakref.finalize(
             self, writeguard.release_entry, self.guard)
         self.incoming = None  # the last pending device-to-host chunk into this region
+        # the pipeline's other registrations sharing bytes with this one (see Pipeline.register)
+        self.overlaps: list[Region] = []
         self.outgoing = None  # plain mode: the last copy still reading this region
         # library writes (device-to-host commits) are tracked by span, not by page
         # protection: they go through the buffer's writable alias where there is one
@@ -104,9 +106,12 @@ class Region(RegionBase):
         return writeguard.unchanged(self.guard, token)
 
     def mark_dirty(self) -> None:
-        """Report a write (call it after writing): speculation on the old bytes is dropped."""
+        """Report a write (call it after writing): speculation on the old bytes is dropped,
+        by every registration of them (an untracked region included: it reports by address)."""
         if self.guard is not None:
             writeguard.mark_written(self.guard)
+        else:
+            writeguard.written(self.view_address(), self.nbytes)
 
     def wait_outgoing(self, timeout: float | None = None) -> None:
         """Block until no plain-mode copy is still reading this region (``cc`` and
