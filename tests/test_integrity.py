@@ -6,6 +6,7 @@ stays out of another's."""
 
 import os
 import re
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -399,3 +400,99 @@ def test_to_device_waits_for_a_transfer_into_another_registration_of_its_bytes(m
         pipe.synchronize()
         assert (pipe.device.read(a.device_buffer)[4096:] == 5).all()
         assert (pipe.device.read(a.device_buffer)[:4096] == 1).all()
+
+
+# -- found by a second outside attack run ---------------------------------------------------------
+@pytest.mark.parametrize("mode", ["cc", "pipellm"])
+def test_a_registration_made_after_a_to_host_into_its_bytes_waits_for_it(mode):
+    kw = {"min_speculative_bytes": 0} if mode == "pipellm" else {}
+    with pipellm.open_device("emulated") as dev:
+        pipe = make_pipe(mode, device=dev, **kw)
+        memory = pipellm.array(np.zeros(4096, np.uint8))
+        seven = pipe.to_device(pipe.register(pipellm.array(np.full(4096, 7, np.uint8)), name="seven"))
+        pipe.synchronize()
+        whole = pipe.register(memory, name="whole")
+        target = dev.alloc(2048)
+        with dev.paused():
+            pipe.to_host(seven, whole)                # on its way, not landed
+            part = pipe.register(memory[:2048], name="part")
+        pipe.to_device(part, dst=target)              # after the to_host: it sends the 7s
+        pipe.synchronize()
+        assert (dev.read(target) == 7).all()
+        pipe.close()
+
+
+def test_a_lost_abandon_flag_is_sent_with_the_next_transfer_that_goes_out():
+    """Window order: a transfer given up part-way owes ABANDON to the next; a transfer
+    that times out before its first message went out must not swallow it."""
+    chunk = 64 << 10
+    with pipellm.open_device("emulated") as dev:
+        pipe = make_pipe("pipellm", device=dev, iv_order="window", chunk_size=chunk, bounce_bytes=2 * (chunk + 4096),
+                         timeout=0.3, min_speculative_bytes=0)
+        big = pipe.register(np.full(3 * chunk, 5, np.uint8), name="big")      # untracked: sent on demand
+        small = pipe.register(np.full(chunk, 6, np.uint8), name="small")
+        with dev.paused():
+            for region in (big, small):
+                with pytest.raises(pipellm.TransferTimeoutError):
+                    pipe.to_device(region)
+        pipe.synchronize()
+        pipe.to_device(small)
+        pipe.synchronize()
+        assert (dev.read(small.device_buffer) == 6).all()
+        pipe.close()
+
+
+@pytest.mark.parametrize("how", ["abandoned", "lost"])
+def test_one_sessions_open_transfer_does_not_grow_anothers_staging(how):
+    class DropLast(Adversary):
+        target = None
+
+        def on_message(self, msg):
+            header = unpack_header(bytes(msg.aad))
+            return [] if header.session == self.target and header.flags & 2 else [msg]  # (LAST)
+
+    chunk = 1 << 20
+    adv = DropLast()
+    with pipellm.open_device("emulated", adversary=adv) as dev:
+        a = make_pipe("cc", device=dev, chunk_size=chunk, bounce_bytes=2 * (chunk + 4096), timeout=0.5)
+        b = make_pipe("cc", device=dev, chunk_size=chunk, bounce_bytes=4 * (chunk + 4096))
+        ra = a.register(pipellm.array(np.ones(3 * chunk, np.uint8)), name="a")
+        if how == "abandoned":
+            with dev.paused():
+                with pytest.raises(pipellm.TransferTimeoutError):
+                    a.to_device(ra)                   # its first part stays staged, open
+            a.synchronize()
+        else:
+            adv.target = a._engine.session
+            a.to_device(ra)
+            with pytest.raises(IntegrityError):
+                a.synchronize()
+        rb = b.register(pipellm.array(np.full(4 * chunk, 3, np.uint8)), name="b")
+        b.to_device(rb)
+        b.synchronize()
+        tracemalloc.start()
+        try:
+            for _ in range(30):                       # 120 MiB through b
+                b.to_device(rb)
+                b.synchronize()
+            held, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert (dev.read(rb.device_buffer) == 3).all()
+        assert held < 16 << 20, f"{held} bytes still held after b's transfers"
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("tracking", ["explicit", "none"])
+def test_writing_makes_pages_writable_that_another_registration_protects(tracking, tmp_path):
+    path = tmp_path / "data"
+    path.write_bytes(b"\x05" * (1 << 16))
+    with make_pipe("pipellm", min_speculative_bytes=0) as pipe:
+        memory = pipellm.array(np.zeros(1 << 16, np.uint8))
+        protected = pipe.register(memory, name="p")
+        protected.token()                             # its pages are write-protected now
+        other = pipe.register(memory, name="e", tracking=tracking)
+        with open(path, "rb") as f, other.writing() as array:
+            assert f.readinto(memoryview(array)) == 1 << 16   # kernel I/O: EFAULT if still protected
+        assert (memory == 5).all()

@@ -367,7 +367,7 @@ cdef class Queue(Engine):
             else:
                 body = GO_BODY.pack(dst.id, dst_offset, len(chunks), item.nbytes)
                 msgs[0] = self.sealer.seal_into(go, Kind.GO, 0, 0, body, _go_view(chunks[0]), order=self.order,
-                                                flags=self.take_abandon())
+                                                flags=self.abandon)
             if isinstance(device, Submitter):  # (every device of ours: in C)
                 op = (<Submitter>device).submit_messages(stream, self.session, msgs)
             else:
@@ -376,6 +376,8 @@ cdef class Queue(Engine):
             self._keep_or_fail(go)  # (the slots go back with the item, discarded by the caller)
             raise
         (<BouncePool?>self.spec_pool)._retire(item.slots, op)
+        if private is None and self.window:
+            self.abandon = 0  # (said by the GO now on its way, if it was owed)
         self._sent((<Chunk>chunks[len(chunks) - 1]).ticket.index)  # (no wraparound here)
         self.hits += 1
 

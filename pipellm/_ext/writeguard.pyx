@@ -146,6 +146,23 @@ cdef extern from *:
         }
     }
 
+    /* a write into [start, end) is coming (or came) that no fault will report: every
+       protected region over those bytes made writable, then a new generation for every
+       region over them. 0 or errno */
+    static int pl_report(uintptr_t start, uintptr_t end) {
+        int err = 0;
+        size_t n = __atomic_load_n(&pl_count, __ATOMIC_ACQUIRE);
+        for (size_t j = 0; j < n; j++) {
+            pl_guard_t *o = &pl_table[j];
+            if (__atomic_load_n(&o->active, __ATOMIC_ACQUIRE) && o->first < end && start < o->last) {
+                int e = pl_unprotect(o);
+                if (e) err = e;
+            }
+        }
+        pl_bump_overlapping(start, end, (size_t)-1);
+        return err;
+    }
+
     /* a write is coming (or came) that no fault will report: writable, then a new generation */
     static uint64_t pl_mark_written(size_t i, int *err) {
         pl_guard_t *g = &pl_table[i];
@@ -153,8 +170,9 @@ cdef extern from *:
             *err = pl_unprotect(g);
             return __atomic_load_n(&g->state, __ATOMIC_ACQUIRE);
         }
-        /* tracked by reports only: no pages to unprotect; every region over the bytes learns */
-        pl_bump_overlapping(g->first, g->last, (size_t)-1);
+        /* tracked by reports only: its own pages are not protected, but another region's
+           over the same bytes may be (kernel I/O into them would fail): writable first */
+        *err = pl_report(g->first, g->last);
         return __atomic_load_n(&g->state, __ATOMIC_ACQUIRE);
     }
 
@@ -195,6 +213,7 @@ cdef extern from *:
     size_t pl_count_now() nogil
     void pl_set(size_t i, uintptr_t first, uintptr_t last, uintptr_t start, uintptr_t end, int active) nogil
     void pl_bump_overlapping(uintptr_t start, uintptr_t end, size_t skip) nogil
+    int pl_report(uintptr_t start, uintptr_t end) nogil
     int pl_release(size_t i) nogil
 
 cdef extern from "<unistd.h>" nogil:
@@ -284,6 +303,17 @@ def written(uintptr_t start, size_t nbytes, skip=None) -> None:
     own span log) starts a new generation, so no prepared ciphertext of them is sent."""
     if nbytes and pl_count_now():
         pl_bump_overlapping(start, start + nbytes, <size_t>-1 if skip is None else <size_t>skip)
+
+
+def report(uintptr_t start, size_t nbytes) -> None:
+    """A write into ``[start, start + nbytes)`` that no fault reports (an untracked
+    region's ``writing()``): every registration's protection over those bytes is lifted
+    (kernel I/O may write them) and every registration over them starts a new generation."""
+    cdef int err = 0
+    if nbytes and pl_count_now():
+        err = pl_report(start, start + nbytes)
+    if err:
+        raise _os_error(err, "mprotect failed")
 
 
 def state(size_t index) -> int:

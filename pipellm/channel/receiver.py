@@ -72,6 +72,10 @@ class Receiver:
         """The transfer whose messages are staged, waiting for the rest, or None."""
         return self._open
 
+    def discard(self) -> None:
+        """Drop the open transfer uncommitted (the session failed or closed)."""
+        self._open = None
+
     def flush(self) -> list[Commit]:
         """Commit what authenticated of the open transfer so far (a device whose staging
         cannot hold the whole transfer: see the cuda device); the rest follows as more."""

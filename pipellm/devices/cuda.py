@@ -406,7 +406,7 @@ class CudaDevice(CopyEngineDevice):
         return self._mem[buffer_id][offset:offset + nbytes].copy_to_host()
 
     # -- the copy engine's hooks -------------------------------------------------------------------
-    def _staging(self, nbytes: int):
+    def _staging(self, session, nbytes: int):
         return _Span(0, len(self._kernels.plain))
 
     def _fits(self, buffer_id: int, offset: int, nbytes: int) -> bool:

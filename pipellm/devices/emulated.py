@@ -69,6 +69,32 @@ def sleep_until(clock, t: float) -> None:
         time.sleep(0)
 
 
+class _Staging:
+    """One session's device-private staging: each message of its open transfer in a place
+    of its own until the transfer commits; blocks are added as a transfer needs them and
+    kept for the next (so it grows to the session's largest transfer, once)."""
+
+    def __init__(self, block: int):
+        self._block_bytes = block
+        self._blocks: list[memoryview] = []
+        self._block = 0  # the block being filled
+        self._at = 0     # the next free byte in it
+
+    def take(self, nbytes: int) -> memoryview:
+        while self._block < len(self._blocks):
+            block = self._blocks[self._block]
+            if self._at + nbytes <= len(block):
+                self._at += nbytes
+                return block[self._at - nbytes:self._at]
+            self._block, self._at = self._block + 1, 0
+        self._blocks.append(memoryview(bytearray(max(nbytes, self._block_bytes))))
+        self._at = nbytes
+        return self._blocks[-1][:nbytes]
+
+    def reset(self) -> None:
+        self._block, self._at = 0, 0
+
+
 class EmulatedDevice(CopyEngineDevice):
     """An emulated confidential GPU. Use ``pipellm.open_device("emulated", ...)``.
 
@@ -87,9 +113,10 @@ class EmulatedDevice(CopyEngineDevice):
             raise ArgumentError(f"link must be a LinkModel, got {type(link).__name__}")
         self.link = link or LinkModel()
         self.memory_bytes = int(memory_bytes)
-        self._staging_mem = memoryview(bytearray(staging_bytes))
-        self._staging_at = 0      # staged messages of open transfers fill it from the start
-        self._staging_extra: list = []
+        # each session's open transfer is staged apart (one session's transfer left open
+        # never holds another's memory): blocks of up to 8 MiB, grown to its largest
+        self._stagings: dict[int, _Staging] = {}
+        self._staging_block = min(staging_bytes, 8 << 20)
         self._link_free = [0.0, 0.0]  # per Direction
         self._compute_free = 0.0
         self._stalling = 0           # host threads stalled right now
@@ -108,18 +135,16 @@ class EmulatedDevice(CopyEngineDevice):
         return self._mem[buffer_id][offset:offset + nbytes].copy()
 
     # -- the copy engine's hooks -------------------------------------------------------------------
-    def _staging(self, nbytes: int):
-        at = self._staging_at
-        if at + nbytes <= len(self._staging_mem):
-            self._staging_at = at + nbytes
-            return self._staging_mem[at:at + nbytes]
-        extra = memoryview(bytearray(nbytes))  # a transfer larger than the staging: memory for it
-        self._staging_extra.append(extra)
-        return extra
+    def _staging(self, session, nbytes: int):
+        staging = self._stagings.get(session.id)
+        if staging is None:
+            staging = self._stagings[session.id] = _Staging(self._staging_block)
+        return staging.take(nbytes)
 
-    def _staging_done(self) -> None:
-        self._staging_at = 0
-        self._staging_extra.clear()
+    def _staging_done(self, session, release: bool = False) -> None:
+        staging = self._stagings.pop(session.id, None) if release else self._stagings.get(session.id)
+        if staging is not None:
+            staging.reset()
 
     def _fits(self, buffer_id: int, offset: int, nbytes: int) -> bool:
         mem = self._mem.get(buffer_id)

@@ -106,14 +106,15 @@ class CopyEngineDevice(Submitter, Device):
         """A host copy of device bytes (for :meth:`read`)."""
         raise NotImplementedError
 
-    def _staging(self, nbytes: int):
-        """Where the opener decrypts a message of ``nbytes`` before its commit
-        (device-private). It stays put until :meth:`_staging_done`: a transfer's messages
-        are committed together, once the last one authenticated."""
+    def _staging(self, session: Session, nbytes: int):
+        """Where the opener decrypts a message of ``session`` of ``nbytes`` before its
+        commit (device-private). It stays put until :meth:`_staging_done`: a transfer's
+        messages are committed together, once the last one authenticated."""
         raise NotImplementedError
 
-    def _staging_done(self) -> None:
-        """No session has a transfer open: the staging can be reused from the start."""
+    def _staging_done(self, session: Session, release: bool = False) -> None:
+        """The session has no transfer open: its staging can be reused from the start
+        (``release``: the session failed or closed, its staging is given back)."""
 
     def _fits(self, buffer_id: int, offset: int, nbytes: int) -> bool:
         """The buffer is allocated and holds ``[offset, offset + nbytes)``."""
@@ -332,7 +333,7 @@ class CopyEngineDevice(Submitter, Device):
         if session.failure is not None:
             return
         try:
-            commits = session.receiver.receive(msg, self._staging(max(0, len(msg.payload) - TAG_BYTES)))
+            commits = session.receiver.receive(msg, self._staging(session, max(0, len(msg.payload) - TAG_BYTES)))
         except IntegrityError as exc:
             self._fail_session(session, exc)
             return
@@ -345,9 +346,8 @@ class CopyEngineDevice(Submitter, Device):
         else:
             for commit in commits:
                 self._write(commit.buffer, commit.offset, commit.plaintext)
-        if session.receiver.receiving is None and not any(
-                s.receiver.receiving for s in self._sessions.values()):
-            self._staging_done()
+        if session.receiver.receiving is None:
+            self._staging_done(session)
         owner = msg._owner
         if owner is not None and not owner.finished:
             owner.remaining -= 1
@@ -477,6 +477,8 @@ class CopyEngineDevice(Submitter, Device):
             session.failure = error
             session.opener.close(error)
             session.sealer.close(error)
+            session.receiver.discard()  # what it staged of an open transfer never lands
+            self._staging_done(session, release=True)
         for op in list(session.pending):
             self._finish(op, error)
         with self._cond:

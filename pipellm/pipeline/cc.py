@@ -103,7 +103,9 @@ class CCEngine(Engine):
         self.failure_reported = False  # has a caller seen the failure raised?
         self.order = 0  # the number of the current host-to-device request (see the protocol)
         self.window = window
-        self._abandon = 0  # see take_abandon
+        # the flags the next transfer's first message carries: ABANDON once a transfer
+        # failed part-way (window order; strict order needs none), until one is sent
+        self.abandon = 0
 
     # -- host to device --------------------------------------------------------------------
     def to_device(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
@@ -118,20 +120,16 @@ class CCEngine(Engine):
         sealer, chunk, source, order = self.sealer, self.chunk_size, region.view, self.order
         for pos in range(0, nbytes, chunk):
             n = min(chunk, nbytes - pos)
-            flags = (FIRST | self.take_abandon() if pos == 0 else 0) | (LAST if pos + n == nbytes else 0)
+            flags = (FIRST | self.abandon if pos == 0 else 0) | (LAST if pos + n == nbytes else 0)
             try:
                 self.send_sealed(self.pool, n, stream, lambda out: sealer.seal_next(
                     Kind.DATA, dst.id, dst_offset + pos, source[offset + pos:offset + pos + n], out, order, flags))
             except BaseException:
                 if pos:  # the device holds the first part, uncommitted: the next transfer discards it
-                    self._abandon = ABANDON if self.window else 0
+                    self.abandon = ABANDON if self.window else 0
                 raise
-
-    def take_abandon(self) -> int:
-        """The flags the next transfer's first message carries: ABANDON once a transfer
-        failed part-way (window order; strict order needs none), then 0."""
-        flags, self._abandon = self._abandon, 0
-        return flags
+            if pos == 0:
+                self.abandon = 0  # (said, by the message now on its way)
 
     def send_sealed(self, pool, nbytes: int, stream, seal):
         """Take a slot for one message of ``nbytes`` plaintext, ``seal(out)`` into it (the

@@ -159,6 +159,12 @@ class Pipeline(Requests):
             self._regions[region_id] = region
             self._names[name] = region
             self._link_overlaps(region)
+        pending = [o.incoming for o in region.overlaps if o.incoming is not None]
+        if len(pending) == 1:  # a device-to-host transfer into these bytes is on its way
+            region.incoming = pending[0]
+        elif pending:  # (several, into several registrations: let them land first)
+            for other in list(region.overlaps):
+                other.wait()
         region.kind = kind
         self._engine.adopt(region)
         if self._recorder is not None:

@@ -111,7 +111,7 @@ class Region(RegionBase):
         if self.guard is not None:
             writeguard.mark_written(self.guard)
         else:
-            writeguard.written(self.view_address(), self.nbytes)
+            writeguard.report(self.view_address(), self.nbytes)
 
     def wait_outgoing(self, timeout: float | None = None) -> None:
         """Block until no plain-mode copy is still reading this region (``cc`` and

@@ -232,10 +232,11 @@ class SpeculativeEngine(CCEngine, Queue):
                 try:
                     self.send_sealed(self.pool, item.nbytes, stream, lambda out: self.sealer.seal_into(
                         ticket, Kind.DATA, dst.id, dst_offset, item.region.view[item.offset:item.offset + item.nbytes],
-                        out, order=self.order, flags=FIRST | LAST | self.take_abandon()))
+                        out, order=self.order, flags=FIRST | LAST | self.abandon))
                 except BaseException:
                     self._keep_or_fail(ticket)
                     raise
+                self.abandon = 0
                 self._sent(ticket.index)
                 self.hits += 1
                 self.counts["held_places"] += 1
