@@ -309,3 +309,56 @@ def test_driver_copies_are_refused_clearly_on_the_simulator():
         pipellm.open_device("cuda", copies="driver")
     with pytest.raises(pipellm.ArgumentError, match="copies must be 'numba' or 'driver'"):
         pipellm.open_device("cuda", copies="dma")
+
+
+class DropOne(Adversary):
+    """Once armed, drops the n-th host-to-device message it sees (of ``session`` if given)."""
+
+    def __init__(self, n, session=None):
+        self.n, self.session, self.armed, self.seen, self.dropped = n, session, False, 0, None
+
+    def on_message(self, msg):
+        from pipellm.channel.protocol import unpack_header
+        header = unpack_header(bytes(msg.aad))
+        if not self.armed or msg.direction != "h2d" or (self.session is not None and header.session != self.session):
+            return [msg]
+        self.seen += 1
+        if self.seen == self.n:
+            self.dropped = header.counter
+            return []
+        return [msg]
+
+
+@pytest.mark.parametrize("mode", ["cc", "pipellm-window"])
+def test_a_dropped_last_message_fails_the_pipeline_at_synchronize(mode):
+    adv = DropOne(3)
+    with pipellm.open_device("cuda", adversary=adv) as dev:
+        pipe = make(dev, mode)
+        data = np.arange(3 * CHUNK, dtype=np.uint8) | 1
+        target = dev.alloc(3 * CHUNK)
+        region = pipe.register(data)
+        adv.armed = True
+        pipe.to_device(region, dst=target)
+        with pytest.raises(IntegrityError, match="never arrived"):
+            pipe.synchronize()
+        assert adv.dropped is not None
+        with pytest.raises(ChannelClosedError):
+            pipe.to_device(region, dst=target)
+        pipe.close()
+
+
+def test_a_message_another_pipeline_lost_neither_reaches_nor_holds_up_this_one():
+    adv = DropOne(1)
+    with pipellm.open_device("cuda", adversary=adv) as dev:
+        lossy, intact = make(dev, "cc"), make(dev, "cc")
+        a = lossy.register(np.full(CHUNK, 1, np.uint8))
+        b = intact.register(np.full(CHUNK, 2, np.uint8))
+        adv.session, adv.armed = lossy._engine.session, True
+        lossy.to_device(a)
+        intact.to_device(b)
+        intact.synchronize()
+        assert (dev.read(b.device_buffer) == 2).all()
+        with pytest.raises(IntegrityError, match="never arrived"):
+            lossy.synchronize()
+        intact.close()
+        lossy.close()
