@@ -165,6 +165,16 @@ def _train(args) -> int:
     return 0
 
 
+def _summary(args) -> int:
+    from .traces import read, summarize
+    from .traces.summary import table
+
+    rows = [summarize(read(path), aes_bytes_per_s=args.aes_gbps * 1e9 if args.aes_gbps else None)
+            for path in args.traces]
+    print(json.dumps(rows, indent=2) if args.json else table(rows))
+    return 0
+
+
 def _generate(args) -> int:
     from .traces import generate, write
 
@@ -272,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--model", default=None, help="model shape (opt-13b, opt-30b, opt-66b, opt-175b, llama-7b, "
                                                    "mixtral-8x7b)")
     gen.set_defaults(run=_generate)
+    summary = traces_sub.add_parser("summary", help="what traces ask of the machine: bytes, compute, link time, regime")
+    summary.add_argument("traces", nargs="+", metavar="TRACE")
+    summary.add_argument("--aes-gbps", type=float, default=None, metavar="R",
+                         help="also the time one core encrypting at R GB/s needs for the host-to-device bytes")
+    summary.add_argument("--json", action="store_true", help="print a JSON list, one object per trace")
+    summary.set_defaults(run=_summary)
 
     args = parser.parse_args(argv)
     if getattr(args, "repeats", 1) < 1:

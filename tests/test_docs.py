@@ -10,7 +10,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODULES = ["pipellm", "pipellm.hostmem", "pipellm.channel.keys", "pipellm.devices", "pipellm.devices.emulated",
            "pipellm.pipeline.pipeline", "pipellm.testing", "pipellm.predictors.simple", "pipellm._ext.memcopy",
-           "pipellm._ext.bounce", "pipellm._ext.locks", "pipellm._ext.tuples", "pipellm.benchmarks.offload"]
+           "pipellm._ext.bounce", "pipellm._ext.locks", "pipellm._ext.tuples", "pipellm.benchmarks.offload",
+           "pipellm.traces.summary"]
 
 
 def test_readme_python_examples_run():

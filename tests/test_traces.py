@@ -178,3 +178,33 @@ def test_recording_twice_is_refused():
         with pipe.record(os.path.join(d, "a.jsonl")):
             with pytest.raises(pipellm.ArgumentError, match="already recording"):
                 pipe.record(os.path.join(d, "b.jsonl"))
+
+
+def test_a_summary_says_what_a_trace_asks_and_its_regime(tmp_path):
+    from pipellm.traces import Record, Trace, summarize
+
+    records = [Record("region", "w", nbytes=4 << 20), Record("region", "kv", nbytes=1 << 20),
+               Record("h2d", "w", 0, 4 << 20, stream=0), Record("compute", stream=0, us=50.0),
+               Record("d2h", "kv", 0, 1 << 20, stream=0), Record("sync")]
+    s = summarize(Trace("t", {}, records), aes_bytes_per_s=4e9)
+    assert (s["h2d_transfers"], s["h2d_bytes"], s["d2h_transfers"], s["d2h_bytes"]) == (1, 4 << 20, 1, 1 << 20)
+    assert s["link_s"] == pytest.approx((5 << 20) / 50e9 + 2 * 2e-6)
+    assert s["compute_s"] == pytest.approx(50e-6) and s["regime"] == "transfer-bound"
+    assert s["encrypt_1_core_s"] == pytest.approx((4 << 20) / 4e9)
+    longer = summarize(Trace("t", {}, records[:3] + [Record("compute", stream=0, us=500.0)]))
+    assert longer["regime"] == "compute-bound" and "encrypt_1_core_s" not in longer
+
+
+def test_traces_summary_command(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "acc.jsonl.gz"
+    subprocess.run([sys.executable, "-m", "pipellm.cli", "traces", "generate", "accelerate", "-o", str(path)],
+                   check=True, capture_output=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "pipellm.cli", "traces", "summary", str(path), "--json"],
+                         check=True, capture_output=True, text=True, timeout=300)
+    (row,) = json.loads(out.stdout)
+    assert row["workload"].startswith("accelerate") and row["h2d_transfers"] > 0 and row["regime"] in (
+        "transfer-bound", "compute-bound")
