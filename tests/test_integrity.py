@@ -496,3 +496,31 @@ def test_writing_makes_pages_writable_that_another_registration_protects(trackin
         with open(path, "rb") as f, other.writing() as array:
             assert f.readinto(memoryview(array)) == 1 << 16   # kernel I/O: EFAULT if still protected
         assert (memory == 5).all()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_childs_library_memory_outlives_the_parent_freeing_it():
+    kept = pipellm.array(np.full(3 * 4096, 7, np.uint8))
+    freed = pipellm.array(np.full(2 * 4096, 9, np.uint8))
+    ready, go = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.read(go[0], 1)                         # the parent has freed `freed` by now
+            ok = bool((freed == 9).all() and (kept == 7).all())
+            with pipellm.Pipeline(device="emulated", mode="cc", timeout=10.0) as pipe:  # inherited memory, usable
+                region = pipe.register(freed, name="inherited")
+                back = pipe.register(np.zeros(freed.size, np.uint8))
+                pipe.to_host(pipe.to_device(region), back).wait()
+                pipe.to_host(pipe.to_device(pipe.register(np.full(freed.size, 4, np.uint8))), region).wait()
+                ok = ok and bool((back.array == 9).all() and (freed == 4).all())
+            os._exit(0 if ok else 1)
+        except BaseException:
+            os._exit(2)
+    del freed
+    import gc
+    gc.collect()
+    os.write(go[1], b"x")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child's inherited memory changed or was unusable"
+    assert (kept == 7).all()

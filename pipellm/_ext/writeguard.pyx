@@ -364,7 +364,7 @@ cdef extern from *:
        fork, no copy). The alias is not inherited (MADV_DONTFORK). */
     #define PL_ARENA_LIMIT ((off_t)1 << 40)   /* a new arena file past this size */
 
-    typedef struct pl_arena { int fd; off_t end; size_t live; } pl_arena_t;
+    typedef struct pl_arena { int fd; off_t end; size_t live; int forked; } pl_arena_t;
     typedef struct pl_buf {
         char *base, *alias;
         size_t mapped;
@@ -384,7 +384,20 @@ cdef extern from *:
     }
 
     static void pl_fork_prepare(void) { pthread_mutex_lock(&pl_buf_lock); }
-    static void pl_fork_parent(void) { pthread_mutex_unlock(&pl_buf_lock); }
+    /* A child now maps every live buffer's range privately: a page it has not written is
+       still read from the file, so the parent must not punch those ranges out when it
+       frees them (the child's arrays would read zeros). Their arenas keep their pages
+       until the arena is dropped; new buffers come from a new arena. */
+    static void pl_fork_parent(void) {
+        for (pl_buf_t *b = pl_bufs.next; b != &pl_bufs; b = b->next)
+            if (b->arena) b->arena->forked = 1;
+        if (pl_arena && pl_arena->forked) {
+            pl_arena_t *old = pl_arena;
+            pl_arena = NULL;
+            pl_arena_drop(old);
+        }
+        pthread_mutex_unlock(&pl_buf_lock);
+    }
     static void pl_fork_child(void) {
         for (pl_buf_t *b = pl_bufs.next; b != &pl_bufs; b = b->next) {
             if (b->arena == NULL) continue;  /* private already (a fork of a fork) */
@@ -451,8 +464,9 @@ cdef extern from *:
         munmap(b->base, b->mapped);
         if (b->alias) munmap(b->alias, b->mapped);
         pl_arena_t *a = b->arena;
-        if (a != NULL) {  /* give the pages back: nothing maps this range any more */
-            fallocate(a->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, b->offset, (off_t)b->mapped);
+        if (a != NULL) {  /* give the pages back: nothing maps this range any more (unless a child does) */
+            if (!a->forked)
+                fallocate(a->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, b->offset, (off_t)b->mapped);
             a->live--;
             pl_arena_drop(a);
         }
@@ -485,7 +499,9 @@ cdef class HostBuffer:
     device-to-host data without unprotecting the primary (so the application's own
     writes stay caught and only the bytes the library wrote need invalidating). A forked
     child gets a private copy-on-write mapping instead of the primary (it can never
-    change the parent's bytes) and no alias.
+    change the parent's bytes) and no alias. (A page the child has not written reads
+    the file: the parent's later writes to it show in the child, as with any private
+    mapping of a shared file; the parent never punches out a range a child maps.)
     """
 
     cdef pl_buf_t _buf
@@ -513,9 +529,11 @@ cdef class HostBuffer:
         return <uintptr_t>self._buf.base
 
     def alias(self):
-        """A writable memoryview of the same bytes through the alias mapping."""
+        """A writable memoryview of the same bytes through the alias mapping, or None in
+        a forked child, which has none (its library writes go through the primary
+        mapping, whose protection faults are handled like the application's)."""
         if self._buf.alias == NULL:
-            raise RuntimeError("a forked child has no alias of the parent's library memory")
+            return None
         return memoryview(_Alias.wrap(self))
 
     def __getbuffer__(self, Py_buffer* buffer, int flags):

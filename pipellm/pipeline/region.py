@@ -65,10 +65,11 @@ class Region(RegionBase):
         # library writes (device-to-host commits) are tracked by span, not by page
         # protection: they go through the buffer's writable alias where there is one
         buffer = owning_buffer(array)
+        alias = None if buffer is None else buffer.alias()  # (None in a forked child)
         self._alias = None
-        if buffer is not None:
+        if alias is not None:
             start = self.view_address() - buffer.address
-            self._alias = buffer.alias()[start:start + self.nbytes]
+            self._alias = alias[start:start + self.nbytes]
         self.lib_seq = 0
         self._lib_log: deque = deque(maxlen=LIBRARY_LOG)
         self.kind = "other"
