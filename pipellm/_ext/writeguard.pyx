@@ -377,7 +377,6 @@ cdef extern from *:
     static pl_arena_t *pl_arena = NULL;
     static pthread_mutex_t pl_buf_lock = PTHREAD_MUTEX_INITIALIZER;
     static int pl_atfork_set = 0;
-    static uint64_t pl_forks = 0;
 
     static void pl_arena_drop(pl_arena_t *a) {
         if (a && a->live == 0 && a != pl_arena) { close(a->fd); free(a); }
@@ -420,7 +419,6 @@ cdef extern from *:
         size_t n = pl_table ? pl_count : 0;
         for (size_t i = 0; i < n; i++)
             if (pl_table[i].used) pl_bump(&pl_table[i]);
-        pl_forks++;
         pthread_mutex_unlock(&pl_buf_lock);
     }
 
@@ -472,21 +470,12 @@ cdef extern from *:
         }
         pthread_mutex_unlock(&pl_buf_lock);
     }
-
-    static uint64_t pl_fork_count(void) { return pl_forks; }
     """
     ctypedef struct pl_buf_t:
         char* base
         char* alias
     int pl_buf_alloc(pl_buf_t* b, size_t mapped) nogil
     void pl_buf_free(pl_buf_t* b) nogil
-    uint64_t pl_fork_count() nogil
-
-
-def forked_children_remapped() -> int:
-    """How many times this process is a forked child whose library memory was made
-    private (0 in a process that was never forked from a parent holding any)."""
-    return pl_fork_count()
 
 
 cdef class HostBuffer:

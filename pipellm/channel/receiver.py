@@ -168,10 +168,6 @@ class Receiver:
         for index in [i for i in self._authorized if i < floor]:
             del self._authorized[index]
 
-    def fail(self, what: str):
-        """Refuse: close the channel with an IntegrityError saying ``what`` (and raise it)."""
-        self._fail(what)
-
     def _fail(self, what: str):
         self._open = None
         error = IntegrityError(f"{self.opener.label} {what}; the channel is closed")

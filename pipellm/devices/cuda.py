@@ -409,15 +409,10 @@ class CudaDevice(CopyEngineDevice):
     def _staging(self, session, nbytes: int):
         return _Span(0, len(self._kernels.plain))
 
-    def _fits(self, buffer_id: int, offset: int, nbytes: int) -> bool:
-        mem = self._mem.get(buffer_id)
-        return mem is not None and offset + nbytes <= mem.size
-
     def _write(self, buffer_id: int, offset: int, plaintext) -> str | None:
-        mem = self._mem.get(buffer_id)
-        if mem is None or offset + len(plaintext) > mem.size:
+        if not self._fits(buffer_id, offset, len(plaintext)):
             return "which is not allocated"
-        self._kernels.commit_later(mem, offset, plaintext)
+        self._kernels.commit_later(self._mem[buffer_id], offset, plaintext)
         return None
 
     def _make_room(self, session, nbytes: int) -> None:
@@ -436,9 +431,8 @@ class CudaDevice(CopyEngineDevice):
         # up to the staging's size; a longer one lands batch by batch: docs/design.md)
         for session in self._sessions.values():
             for commit in session.receiver.flush():
-                mem = self._mem.get(commit.buffer)
-                if mem is not None and commit.offset + len(commit.plaintext) <= mem.size:
-                    self._kernels.commit_later(mem, commit.offset, commit.plaintext,
+                if self._fits(commit.buffer, commit.offset, len(commit.plaintext)):
+                    self._kernels.commit_later(self._mem[commit.buffer], commit.offset, commit.plaintext,
                                                self._kernels.position_of(commit.plaintext))
         return self._kernels.settle()
 

@@ -146,14 +146,10 @@ class EmulatedDevice(CopyEngineDevice):
         if staging is not None:
             staging.reset()
 
-    def _fits(self, buffer_id: int, offset: int, nbytes: int) -> bool:
-        mem = self._mem.get(buffer_id)
-        return mem is not None and offset + nbytes <= mem.size
-
     def _write(self, buffer_id: int, offset: int, plaintext) -> str | None:
-        mem = self._mem.get(buffer_id)
-        if mem is None or offset + len(plaintext) > mem.size:
+        if not self._fits(buffer_id, offset, len(plaintext)):
             return "which is not allocated"
+        mem = self._mem[buffer_id]
         copy_into(memoryview(mem)[offset:offset + len(plaintext)], plaintext)
         return None
 

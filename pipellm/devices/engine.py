@@ -118,7 +118,8 @@ class CopyEngineDevice(Submitter, Device):
 
     def _fits(self, buffer_id: int, offset: int, nbytes: int) -> bool:
         """The buffer is allocated and holds ``[offset, offset + nbytes)``."""
-        raise NotImplementedError
+        mem = self._mem.get(buffer_id)
+        return mem is not None and offset + nbytes <= mem.size
 
     def _write(self, buffer_id: int, offset: int, plaintext) -> str | None:
         """Commit verified plaintext to device memory; a reason where it can't."""

@@ -92,8 +92,7 @@ class CCEngine(Engine):
         self.failure_sources = (self.sealer, self.opener, device, self._device_session)
         self._pinned: list = []
         self.pool = self.pinned_pool("bounce_bytes", bounce_bytes, chunk_size + TAG_BYTES)
-        self._staging = memoryview(bytearray(chunk_size))
-        self._landing_mem = memoryview(bytearray(0))  # see _landing_staging
+        self._landing_mem = memoryview(bytearray(chunk_size))  # see _landing_staging
         self._h2d_lock = Lock()  # (taken in C by the speculative request path)
         self._d2h_lock = threading.Lock()
         self._recv_lock = threading.Lock()
@@ -234,8 +233,7 @@ class CCEngine(Engine):
                 f"d2h message {self.opener.next_index} never arrived in its bounce slot; the channel is closed"))
             return
         landing = head.landing
-        whole = head.nbytes == landing.nbytes
-        staging = self._staging if whole else self._landing_staging(landing)[head.offset - landing.offset:]
+        staging = self._landing_staging(landing)[head.offset - landing.offset:]
         try:
             header, index, plain = self.opener.open_into(self._inbox.popleft(), staging)
         except IntegrityError as exc:
@@ -247,14 +245,12 @@ class CCEngine(Engine):
             return
         if head is not landing.last or landing.abandoned:
             return  # staged: the transfer lands once its last chunk has authenticated
-        if not whole:
-            plain = self._landing_mem[:landing.nbytes]
         with landing.region.library_write(landing.offset, landing.nbytes) as view:
-            copy_into(view, plain)
+            copy_into(view, self._landing_mem[:landing.nbytes])
 
     def _landing_staging(self, landing: _Landing) -> memoryview:
-        """Private memory for a transfer of several chunks (they are received in order,
-        one transfer after another, so one buffer, grown to the largest, serves all)."""
+        """Private memory for a transfer's chunks until it lands (they are received in
+        order, one transfer after another, so one buffer, grown to the largest, serves all)."""
         if len(self._landing_mem) < landing.nbytes:
             self._landing_mem = memoryview(bytearray(landing.nbytes))
         return self._landing_mem
