@@ -125,8 +125,17 @@ def _replay(args) -> int:
             predictor_options[key] = value
     options["predictor_options"] = predictor_options
     total = len(traces) * sum(len(predictors) if m == "pipellm" else 1 for m in modes)
+    if args.cores is not None and args.cores < 1:
+        raise SystemExit(f"--cores must be >= 1, got {args.cores}")
+    explain = args.explain or args.plot is not None or args.cores is not None
     with tqdm(total=total, desc="replay", unit="run", disable=args.no_progress, file=sys.stderr, leave=False) as bar:
-        rows = replay_many(traces, modes, predictors, progress=bar.update, **options)
+        rows = replay_many(traces, modes, predictors, progress=bar.update, explain=explain,
+                           model_cores=args.cores, timeline_of=0 if args.plot else None, **options)
+    if args.plot:
+        from .traces.explain import plot_timeline
+        plot_timeline(rows, args.plot)
+        for row in rows:
+            row.pop("timeline", None)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)
@@ -142,6 +151,14 @@ def _replay(args) -> int:
               f"{r['reencrypted_bytes'] / 2**20:>10.1f} {r['predictor_us_per_transfer']:>7.1f} {r['verified']}")
     print("time: the emulated device's modelled time (wall minus emulation stall); warm: hit rate after "
           "the first pass; pred us: the predictor's observe + predict per transfer, as the pipeline used it")
+    if explain:
+        from .traces.explain import table
+        print(table(rows))
+    if args.cores is not None:
+        from .traces.explain import model_table
+        print(model_table(rows))
+    if args.plot:
+        print(f"wrote {args.plot}")
     return 0 if all(r["verified"] for r in rows) else 1
 
 
@@ -250,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
                              "0 speculates on every transfer, e.g. to measure a predictor on small blocks)")
     replay.add_argument("--predictor-option", action="append", metavar="KEY=VALUE",
                         help="an option for the predictors that take it (e.g. width=3 for learned)")
+    replay.add_argument("--explain", action="store_true",
+                        help="where each run's time goes, per-thread CPU, and the bounds (see pipellm.traces.explain)")
+    replay.add_argument("--plot", metavar="PNG", help="the timeline of one pass of the first trace, per mode (implies --explain)")
+    replay.add_argument("--cores", type=int, metavar="N",
+                        help="also model each run on N host cores with the device side in hardware (implies --explain)")
     replay.add_argument("--json", action="store_true", help="print a JSON list, one object per run")
     replay.add_argument("--out", metavar="FILE", help="write the rows as JSON to FILE")
     replay.add_argument("--no-progress", action="store_true")

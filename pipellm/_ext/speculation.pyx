@@ -9,13 +9,14 @@ In Python, the same hit cost 3.3x a plain request on the requesting thread, all 
 glue around the AES (docs/figures.md).
 """
 
-from time import thread_time
+from time import perf_counter, thread_time
 
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, nanosleep, timespec
 
 from pipellm.channel.protocol import GO_BODY, TAG_BYTES as _TAG_BYTES
 
 from pipellm.channel import Kind
+from pipellm import timeline
 from pipellm._ext.bounce cimport BouncePool, Slot
 from pipellm._ext.locks cimport Lock
 from pipellm._ext.region cimport RegionBase
@@ -399,7 +400,7 @@ cdef class Queue(Engine):
     cpdef _feed(self):
         """Tell the predictor every transfer since it was last asked, in order."""
         events, observe = self._events, self.predictor.observe
-        start = thread_time()
+        start, wall = thread_time(), perf_counter()
         while events:
             event = _new_tuple(TransferEvent, events.popleft())  # built here, off the request path
             try:
@@ -407,10 +408,12 @@ cdef class Queue(Engine):
             except Exception as exc:  # noqa: BLE001 - as in _ask
                 self._predictor_failed(exc)
         self.predictor_s += thread_time() - start
+        if timeline.recording:
+            timeline.span("predictor", wall, perf_counter())
 
     cpdef _ask(self, Py_ssize_t k):
         """The predictor's next ``k`` transfers; its bugs cost only speculation."""
-        start = thread_time()
+        start, wall = thread_time(), perf_counter()
         try:
             return self.predictor.predict(k)[:k]
         except Exception as exc:  # noqa: BLE001 - a plugin's bug must not fail a transfer
@@ -418,6 +421,8 @@ cdef class Queue(Engine):
             return []
         finally:
             self.predictor_s += thread_time() - start
+            if timeline.recording:
+                timeline.span("predictor", wall, perf_counter())
 
     cpdef _replenish(self):
         """Admit predicted transfers: reserve their indices and slots, queue their chunks."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from time import perf_counter
 from typing import NamedTuple
 
+from .. import timeline
 from .._ext.locks import Lock
 from .._ext.message import Endpoint, Message, Ticket, publish, shared_write_observers  # noqa: F401 - re-exported
 from .._ext.message import expose as _expose
@@ -52,6 +53,7 @@ class _Endpoint(Endpoint):
         self._next = 0  # sealer: next index to hand out; opener (strict): next index expected
         self.messages = 0
         self.aes_s = 0.0  # time spent inside the AES-GCM calls
+        self.bytes = 0    # plaintext bytes through them
         self.failure: BaseException | None = None
         self._lock = Lock()  # (taken in C by the extensions)
         self._run_key = [None]  # [(epoch, EpochKey)] of the last ticket run (see ticket_run)
@@ -158,8 +160,11 @@ class Sealer(_Endpoint):
         start = perf_counter()
         self._encrypt(key, iv, kind, plaintext, aad, out)
         elapsed = perf_counter() - start
+        if timeline.recording:
+            timeline.span("encrypt", start, start + elapsed)
         with self._lock:
             self.aes_s += elapsed
+            self.bytes += len(plaintext)
             if shared:  # a private seal is not a message until it is exposed
                 self.messages += 1
         msg = Message(self.label, iv, bytearray(aad), out)
@@ -230,7 +235,11 @@ class Opener(_Endpoint):
                 except Exception as error:  # not a refusal: the decryption itself broke
                     self._broke("decrypting", index, error, "the channel can't go on")
                     raise
-                self.aes_s += perf_counter() - start
+                elapsed = perf_counter() - start
+                self.aes_s += elapsed
+                self.bytes += header.length
+                if timeline.recording:
+                    timeline.span("decrypt", start, start + elapsed)
             if not ok:
                 where = f"message {index}" if index >= 0 else "a malformed message"
                 claimed = -1 if header is None else header.epoch * self.rotate_after + header.counter

@@ -34,6 +34,7 @@ from time import perf_counter
 
 import numpy as np
 
+from .. import timeline
 from .._ext import copy_into
 from ..errors import ArgumentError, DeviceError
 from .base import DeviceBuffer, Op
@@ -174,6 +175,8 @@ class EmulatedDevice(CopyEngineDevice):
     def _compute(self, op: Op, seconds: float, ready: float) -> None:
         start = max(ready, self._compute_free)
         op.end = self._compute_free = start + seconds
+        if timeline.recording:
+            timeline.model_span("compute", start, op.end)
 
     def _book(self, op: Op, direction: int, ready: float, nbytes: int) -> None:
         """Book the link for ``nbytes`` no earlier than ``ready``: the op's modelled end."""
@@ -181,6 +184,8 @@ class EmulatedDevice(CopyEngineDevice):
         start = max(ready, self._link_free[direction])
         self._link_free[direction] = start + nbytes / bandwidth
         op.end = start + nbytes / bandwidth + self.link.latency_s
+        if timeline.recording:
+            timeline.model_span("link-d2h" if direction else "link-h2d", start, op.end)
 
     # -- waiting ---------------------------------------------------------------------------------
     def hold(self, seconds: float) -> None:
@@ -215,10 +220,22 @@ class EmulatedDevice(CopyEngineDevice):
                 self._stalling -= 1
                 if self._stalling == 0:
                     since, stalled = self._clock
-                    self._clock = (None, stalled + perf_counter() - since)
+                    now = perf_counter()
+                    self._clock = (None, stalled + now - since)
                     self.gate.set()
+                    if timeline.recording:
+                        timeline.span("stall", since, now)
 
     def _wait_op(self, op: Op, timeout: float | None) -> bool:
+        if not timeline.recording:
+            return self._wait(op, timeout)
+        start, cpu = perf_counter(), time.thread_time()
+        try:
+            return self._wait(op, timeout)
+        finally:
+            timeline.span("wait-device", start, perf_counter(), time.thread_time() - cpu)
+
+    def _wait(self, op: Op, timeout: float | None) -> bool:
         deadline = None if timeout is None else perf_counter() + timeout
         stalled = False
         try:
@@ -248,7 +265,8 @@ class EmulatedDevice(CopyEngineDevice):
     def stats(self) -> dict:
         """Copy-engine CPU time and emulation stall (see the module docstring)."""
         return {"device_busy_s": self._busy_s, "emulation_stall_s": self._clock[1],
-                "device_bytes_allocated": self._allocated}
+                "device_bytes_allocated": self._allocated,
+                **{"device_" + k: v for k, v in self.work.items()}}
 
     def info(self) -> dict:
         return {"kind": self.kind, "link_h2d_GBps": self.link.h2d_bytes_per_s / 1e9,

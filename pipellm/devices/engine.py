@@ -18,13 +18,14 @@ import itertools
 import queue
 import threading
 from contextlib import contextmanager
-from time import perf_counter
+from time import perf_counter, thread_time
 
 import numpy as np
 
 from ..channel import H2D_KINDS, Direction, KeyAgreement, Kind, Opener, Receiver, Sealer
 from ..channel.protocol import TAG_BYTES, check_rotate_after, unpack_header
 from ..errors import ArgumentError, ChannelClosedError, DeviceError, IntegrityError
+from .. import timeline
 from .._ext import writeguard
 from .._ext.locks import Lock
 from .._ext.submission import SessionBase, Submitter
@@ -95,6 +96,9 @@ class CopyEngineDevice(Submitter, Device):
         self._seq = 0
         self._handled = 0
         self._busy_s = 0.0
+        # the copy engine's work, by what it costs: AES bytes (h2d opened, d2h sealed),
+        # copied bytes (plain copies and commits of verified plaintext), ops handled
+        self.work = {"aes_bytes": 0, "copy_bytes": 0, "ops": 0}
         self._fault: tuple[int, str] | None = None  # (units of work left, reason): inject_fault
         self._undelivered: dict[Op, tuple] = {}  # h2d ops handled with messages not yet received
         super().__init__()
@@ -268,6 +272,9 @@ class CopyEngineDevice(Submitter, Device):
             self._running.wait()
             self._settle_before(op)
             start = perf_counter()
+            traced = timeline.recording
+            if traced:
+                cpu = thread_time()
             ready = op.prev.end if op.prev is not None else 0.0
             op.prev = None  # history is not kept alive through the chain
             try:
@@ -284,7 +291,11 @@ class CopyEngineDevice(Submitter, Device):
                 if not op.finished:
                     self._finish(op, error)
             op.args = ()
-            self._busy_s += perf_counter() - start
+            end = perf_counter()
+            self._busy_s += end - start
+            self.work["ops"] += 1
+            if traced:
+                timeline.span("device:" + op.kind, start, end, thread_time() - cpu)
             with self._cond:
                 self._handled = op.seq
                 self._cond.notify_all()
@@ -347,6 +358,8 @@ class CopyEngineDevice(Submitter, Device):
         else:
             for commit in commits:
                 self._write(commit.buffer, commit.offset, commit.plaintext)
+                self.work["copy_bytes"] += len(commit.plaintext)
+        self.work["aes_bytes"] += max(0, len(msg.payload) - TAG_BYTES)
         if session.receiver.receiving is None:
             self._staging_done(session)
         owner = msg._owner
@@ -374,6 +387,7 @@ class CopyEngineDevice(Submitter, Device):
             self._finish(op, DeviceError(f"d2h read from buffer {src_id}, which is not allocated"))
             return
         msg = session.sealer.seal_next(Kind.DATA, region_id, offset, span, out)
+        self.work["aes_bytes"] += op.nbytes
         msg._owner = op
         for delivered in self._through_link(msg):
             op.on_delivered(delivered)
@@ -415,6 +429,7 @@ class CopyEngineDevice(Submitter, Device):
         if not self._copy_in(src, dst_id, dst_offset):
             self._finish(op, DeviceError(f"copy into buffer {dst_id}, which is not allocated"))
             return
+        self.work["copy_bytes"] += len(src)
         self._finish(op)
 
     def _do_copy_out(self, op: Op, ready: float) -> None:
@@ -425,6 +440,7 @@ class CopyEngineDevice(Submitter, Device):
         if not self._copy_out(src_id, src_offset, dst):
             self._finish(op, DeviceError(f"copy from buffer {src_id}, which is not allocated"))
             return
+        self.work["copy_bytes"] += len(dst)
         written(dst)
         self._finish(op)
 

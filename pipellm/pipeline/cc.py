@@ -318,6 +318,7 @@ class CCEngine(Engine):
                 "bytes_h2d": self.bytes_h2d, "bytes_d2h": self.bytes_d2h,
                 "messages_h2d": self.sealer.messages, "messages_d2h": self.opener.messages,
                 "encrypt_s": self.sealer.aes_s, "decrypt_s": self.opener.aes_s,
+                "encrypt_bytes": self.sealer.bytes, "decrypt_bytes": self.opener.bytes,
                 "key_rotations": self.sealer.rotations + self.opener.rotations,
                 "bounce": {"cap_bytes": pool.cap_bytes, "in_use_bytes": pool.in_use,
                            "high_water_bytes": pool.high_water, "pinned": pool.pinned}}

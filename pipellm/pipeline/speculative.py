@@ -35,6 +35,7 @@ import warnings
 from collections import OrderedDict, deque
 from time import perf_counter, thread_time
 
+from .. import timeline
 from ..channel import Kind
 from ..channel.protocol import FIRST, GO_BODY, LAST, SKIP_BODY, TAG_BYTES
 from ..errors import ChannelClosedError, PredictorWarning, TransferTimeoutError
@@ -279,7 +280,10 @@ class SpeculativeEngine(CCEngine, Queue):
                 start = perf_counter()
                 if not self._cond.wait_for(lambda: chunk.state in (READY, FAILED), self.timeout):
                     raise TransferTimeoutError(f"a worker did not finish encrypting a chunk within {self.timeout} s")
-                self.hit_wait_s += perf_counter() - start
+                end = perf_counter()
+                self.hit_wait_s += end - start
+                if timeline.recording:
+                    timeline.span("wait-worker", start, end)
         if mine:
             self._encrypt(item, chunk)
 
@@ -386,6 +390,10 @@ class SpeculativeEngine(CCEngine, Queue):
         busy, cpu, took = 0.0, 0.0, False
         owed = 0.0  # emulated clock time this worker's tasks ran while it stood still, not yet waited
         while True:
+            if timeline.recording and not gate.is_set():
+                gated = perf_counter()
+                gate.wait()
+                timeline.span("gated", gated, perf_counter())
             gate.wait()  # no progress while the emulated device's clock stands still
             with self._cond:
                 self.worker_busy_s += busy
@@ -448,11 +456,21 @@ class SpeculativeEngine(CCEngine, Queue):
                     if not self._active:
                         self._cond.notify_all()
             took = False
-            busy, cpu = perf_counter() - start, thread_time() - cpu_start
+            end = perf_counter()
+            busy, cpu = end - start, thread_time() - cpu_start
+            if timeline.recording:
+                what = "plan" if task is _REPLENISH else "receive" if task is _RECEIVE else \
+                    "seal-go" if chunk is None else "encrypt"
+                timeline.span("task:" + what, start, end, cpu)
             owed += device.frozen_s() - frozen  # the emulated clock stood still under this task
             if owed > HOLD_MIN_S:  # pay it back on the clock; a sleep's overshoot is credited
                 held_from = device.now()
-                device.hold(owed)
+                if timeline.recording:
+                    wall = perf_counter()
+                    device.hold(owed)
+                    timeline.span("gated", wall, perf_counter())
+                else:
+                    device.hold(owed)
                 owed -= device.now() - held_from
 
     def _encrypt(self, item: Item, chunk: Chunk) -> None:

@@ -15,18 +15,24 @@ runs with the device clock held, so it is not counted either.
 from __future__ import annotations
 
 import contextlib
+import threading
 from time import perf_counter
 
 import numpy as np
 
-from .. import hostmem
+from .. import hostmem, timeline
 from ..devices import open_device
 from ..pipeline import Pipeline
+from .explain import breakdown, pass_window, thread_cpu
+from .intervals import Union
 from .format import Trace
 
 #: pipellm stats copied into each result
 SPEC_STATS = ("hits", "misses", "nops", "skipped_messages", "relinquishes", "stale", "reencrypted_bytes",
               "wasted_bytes", "stolen_chunks", "shadow_hits")
+#: what the run's work was (for the bounds of --explain)
+WORK_STATS = ("messages_d2h", "encrypt_bytes", "decrypt_bytes", "decrypt_s", "predictor_s", "workers",
+              "worker_cpu_s", "worker_busy_s", "hit_wait_s", "device_aes_bytes", "device_copy_bytes", "device_ops")
 
 
 _PATTERN = (np.arange(1 << 16, dtype=np.uint32) * 2654435761 >> 13).astype(np.uint8)
@@ -59,27 +65,38 @@ def _predictor(name, trace: Trace, options: dict):
     return get(name, **{k: v for k, v in options.items() if k in accepted})
 
 
-def replay(trace: Trace, mode: str, predictor=None, *, predictor_options: dict | None = None, **options) -> dict:
+def replay(trace: Trace, mode: str, predictor=None, *, predictor_options: dict | None = None,
+           explain: bool = False, keep_timeline: bool = False, **options) -> dict:
     """Replay ``trace`` in ``mode``; options go to :class:`pipellm.Pipeline` (and
-    ``link`` to the emulated device). Returns the result row."""
+    ``link`` to the emulated device). Returns the result row; with ``explain``, its
+    ``explain`` entry says where the time went (:func:`pipellm.traces.explain.breakdown`)."""
     link = options.pop("link", None)
-    device = open_device("emulated", **({"link": link} if link is not None else {}))
     label = predictor if isinstance(predictor, str) or predictor is None else getattr(predictor, "name", "custom")
     if mode == "pipellm":
         predictor = _predictor(predictor or "sequence", trace, predictor_options or {})
         label = label or "sequence"
     else:
         predictor, label = None, "-"
-    try:
-        with Pipeline(device=device, mode=mode, predictor=predictor, **options) as pipe:
-            result = _run(pipe, trace)
-    finally:
-        device.close()
+    with (timeline.recorded() if explain else contextlib.nullcontext()) as spans:
+        device = open_device("emulated", **({"link": link} if link is not None else {}))
+        try:
+            with Pipeline(device=device, mode=mode, predictor=predictor, **options) as pipe:
+                result = _run(pipe, trace, explain)
+                device_thread = device._thread.name
+        finally:
+            device.close()
+    if explain:
+        main, before, after, marks = result.pop("_threads")
+        result["explain"] = breakdown(spans, main, before, after, result, device_thread)
+        if keep_timeline:
+            names = {ident: name for ident, (name, _) in after.items()}
+            stall = Union((s[2], s[3]) for s in spans if s[1] == "stall")
+            result["timeline"] = pass_window(spans, main, marks, stall, names)
     result.update(trace=trace.source, workload=trace.workload, mode=mode, predictor=label)
     return result
 
 
-def _run(pipe: Pipeline, trace: Trace) -> dict:
+def _run(pipe: Pipeline, trace: Trace, explain: bool = False) -> dict:
     regions, model, streams = {}, {}, {}
     verified = True
 
@@ -93,20 +110,42 @@ def _run(pipe: Pipeline, trace: Trace) -> dict:
         return r.device_buffer is None or np.array_equal(pipe.device.read(r.device_buffer), model[rid])
 
     # the replayer's own bookkeeping is not modelled time: the device clock stands still
-    held = getattr(pipe.device, "clock_held", contextlib.nullcontext)
+    clock_held = getattr(pipe.device, "clock_held", contextlib.nullcontext)
+    if explain:
+        @contextlib.contextmanager
+        def held():
+            t0 = perf_counter()
+            with clock_held():
+                yield
+            timeline.span("held", t0, perf_counter())
+    else:
+        held = clock_held
     stall0 = pipe.stats()["emulation_stall_s"]
+    cpu_before = thread_cpu() if explain else None
     start = perf_counter()
     # "after the first pass": from the first time the trace loads its first region again
-    first_region, warm = None, None
+    first_region, warm, marks = None, None, []  # marks: when each pass began
+    engine = pipe._engine
+    hit_flags = []  # per h2d: a hit (speculation sent)
+
+    def engine_hits():
+        return getattr(engine, "hits", 0)
     for rec in trace.records:
         op = rec.op
+        if explain:
+            t0 = perf_counter()
         if op == "h2d":
             if first_region is None:
                 first_region = rec.region
-            elif warm is None and rec.region == first_region:
-                warm = pipe.stats()
+                marks.append(perf_counter())
+            elif rec.region == first_region:
+                marks.append(perf_counter())
+                if warm is None:
+                    warm = pipe.stats()
             r = regions[rec.region]
+            before = engine_hits()
             pipe.to_device(r, rec.offset, rec.nbytes, stream=stream(rec.stream))
+            hit_flags.append(engine_hits() > before)
             with held():
                 model[rec.region][rec.offset:rec.offset + rec.nbytes] = r._array[rec.offset:rec.offset + rec.nbytes]
         elif op == "compute":
@@ -132,11 +171,19 @@ def _run(pipe: Pipeline, trace: Trace) -> dict:
                 model[rec.region] = np.zeros(rec.nbytes, np.uint8)
         elif op == "free":
             pipe.synchronize()
-            verified &= check(rec.region)
+            with held():
+                verified &= check(rec.region)
             pipe.unregister(regions.pop(rec.region))
             del model[rec.region]
+        if explain:
+            timeline.span("app:" + op, t0, perf_counter())
+    if explain:
+        t0 = perf_counter()
     pipe.synchronize()
     wall = perf_counter() - start
+    if explain:
+        timeline.span("app:sync", t0, perf_counter())
+        threads = (threading.get_ident(), cpu_before, thread_cpu(), marks)
     stats = pipe.stats()
     for rid in regions:
         verified &= check(rid)
@@ -153,29 +200,58 @@ def _run(pipe: Pipeline, trace: Trace) -> dict:
     if warm is not None:
         hits, misses = hits - warm.get("hits", 0), misses - warm.get("misses", 0)
     out["hit_rate_after_first_pass"] = hits / (hits + misses) if hits + misses else 0.0
-    for key in SPEC_STATS:
+    for key in SPEC_STATS + WORK_STATS:
         out[key] = stats.get(key, 0)
+    out["_h2d_hits"] = hit_flags
+    if explain:
+        out["_threads"] = threads
     # what the predictor cost as the pipeline used it (observe every transfer, predict when planning)
     transfers = stats["transfers_h2d"] + stats["transfers_d2h"]
     out["predictor_us_per_transfer"] = stats.get("predictor_s", 0.0) / transfers * 1e6 if transfers else 0.0
     return out
 
 
-def replay_many(traces: list[Trace], modes, predictors, progress=None, **options) -> list[dict]:
+def replay_many(traces: list[Trace], modes, predictors, progress=None, *, explain: bool = False,
+                cores: int | None = None, model_cores: int | None = None, timeline_of: int | None = None,
+                **options) -> list[dict]:
     """Every (trace, mode, predictor) in one run; ``overhead_vs_plain`` against the same
-    trace's plain time (when plain is among the modes)."""
+    trace's plain time (when plain is among the modes). With ``explain``, each row also
+    gets ``bounds`` (:func:`pipellm.traces.explain.bounds`) from costs measured alone
+    before the first run, for ``cores`` cores (default: this machine's), and the runs of
+    trace number ``timeline_of`` keep one pass of their timeline (for the plot). With
+    ``model_cores``, each row also gets ``modelled`` (:func:`pipellm.traces.model.simulate`):
+    its time modelled on this machine's cores and on ``model_cores``, the device side in
+    hardware, from the same costs."""
+    import os
+
+    from .explain import bounds, measure_costs
+    from .model import MODEL_OPTIONS, simulate
+    from .summary import summarize
+
+    costs = measure_costs(options.get("chunk_size", 4 << 20)) if explain else None
+    cores = cores or os.cpu_count() or 1
     rows = []
-    for trace in traces:
+    for number, trace in enumerate(traces):
         plain = None
+        mine = []
         for mode in modes:
             for name in (predictors if mode == "pipellm" else [None]):
-                row = replay(trace, mode, name, **dict(options))
+                row = replay(trace, mode, name, explain=explain, keep_timeline=explain and number == timeline_of,
+                             **dict(options))
                 if mode == "plain":
                     plain = row["time_s"]
-                rows.append(row)
+                mine.append(row)
                 if progress:
                     progress()
-        for row in rows:
-            if row["trace"] == trace.source:
-                row["overhead_vs_plain"] = row["time_s"] / plain - 1 if plain else None
+        for row in mine:
+            hits = row.pop("_h2d_hits")
+            row["overhead_vs_plain"] = row["time_s"] / plain - 1 if plain else None
+            if explain:
+                floor = plain if plain is not None else summarize(trace)["link_s"]
+                row["bounds"] = bounds(row, floor, costs, cores)
+                row["costs_alone"] = costs
+            if model_cores is not None:
+                row["modelled"] = {str(c): simulate(trace, row["mode"], costs, cores=c, hits=hits, **{
+                    k: options[k] for k in MODEL_OPTIONS if k in options}) for c in sorted({cores, model_cores})}
+        rows += mine
     return rows

@@ -1,0 +1,160 @@
+"""A trace as it would run on a host of N cores with the device side in hardware
+(``pipellm replay --cores N``): modelled, not run.
+
+The emulated device's copy engine is a thread of this process, and on a small machine
+the workers share its cores; on an H100 the copy engine decrypts at link rate in
+hardware and a serving host has many cores. This model replays a trace's records on
+modelled clocks instead of running them: the requesting thread's clock advances by each
+operation's cost measured alone on this machine (:func:`pipellm.traces.explain.measure_costs`:
+AES-GCM as ``fixed + bytes / rate``, the library's cost per transfer), the link and the
+compute engine are booked as on the emulated device (:class:`pipellm.devices.emulated.LinkModel`,
+stream order), and in pipellm mode ``cores - 1`` workers encrypt predicted chunks in
+request order as soon as the speculation depth lets the transfer be predicted.
+
+Which requests hit: a transfer of a (region, offset, bytes) the trace moved to the device
+before, at least ``min_speculative_bytes`` long (the engine's threshold), and not written
+since its last load (the write invalidates what was encrypted ahead); everything else is
+encrypted on demand, as cc does. A chunk no worker has started when its request comes is
+encrypted by the requesting thread (as the engine's stealing does); one a worker is on is
+waited for.
+
+>>> from pipellm.traces import Record, Trace
+>>> recs = [Record("region", "w", nbytes=8 << 20)]
+>>> recs += [r for _ in range(4) for r in (Record("h2d", "w", 0, 8 << 20, stream=0),
+...                                       Record("compute", stream=0, us=2000.0), Record("sync"))]
+>>> costs = {"seal_bytes_per_s": 10e9, "seal_fixed_s": 1e-6, "open_bytes_per_s": 10e9, "open_fixed_s": 1e-6,
+...          "library_per_transfer_s": 5e-6}
+>>> t = {m: simulate(Trace("demo", {}, recs), m, costs, cores=16) for m in ("plain", "cc", "pipellm")}
+>>> t["cc"] > t["pipellm"] >= t["plain"]
+True
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from ..devices.emulated import LinkModel
+from .format import Trace
+
+#: the pipeline options the model takes (the rest do not change its clocks)
+MODEL_OPTIONS = ("link", "chunk_size", "depth_bytes", "min_speculative_bytes", "workers")
+
+
+def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkModel | None = None,
+             chunk_size: int = 4 << 20, depth_bytes: int = 64 << 20, min_speculative_bytes: int = 256 << 10,
+             workers: int | None = None, hits: list[bool] | None = None) -> float:
+    """The modelled time (seconds) of ``trace`` in ``mode`` on ``cores`` host cores (see
+    the module docstring). ``hits``: which h2d records a real run of the trace sent from
+    speculation (else the rule of the module docstring decides)."""
+    link = link or LinkModel()
+    bandwidth = (link.h2d_bytes_per_s, link.d2h_bytes_per_s)
+    # the library's cost per transfer: the encrypted modes' where it was measured
+    lib = costs["library_per_transfer_s"] if mode == "plain" else \
+        costs.get("cc_library_per_transfer_s", costs["library_per_transfer_s"])
+    workers = max(1, cores - 1) if workers is None else workers
+
+    def seal(n):
+        return costs["seal_fixed_s"] + n / costs["seal_bytes_per_s"]
+
+    def opened(n):
+        return costs["open_fixed_s"] + n / costs["open_bytes_per_s"]
+
+    t = 0.0                      # the requesting thread's clock
+    link_free = [0.0, 0.0]
+    compute_free = 0.0
+    tails: dict[int, float] = {}  # stream -> end of its last op
+    pending_d2h: list[tuple[float, int]] = []  # (end, bytes) the host still has to decrypt (cc)
+    free_at = [0.0] * workers    # each worker's clock (a heap)
+    loads = [r for r in trace.records if r.op == "h2d"]
+    if hits is None:
+        hits = _rule(trace, min_speculative_bytes)
+    hits = hits if mode == "pipellm" else [False] * len(loads)
+    # pipellm: a hit's chunks, as (start, done) on the worker that took each; they are
+    # queued in request order as soon as the requests before leave room within the depth
+    chunks: dict[int, list[tuple[float, float]]] = {}
+    planned, served, window = 0, 0, 0  # items queued; requests made; bytes queued, not requested
+
+    def plan(now):
+        nonlocal planned, window
+        while planned < len(loads) and window + loads[planned].nbytes <= max(depth_bytes, loads[planned].nbytes):
+            if planned >= served and hits[planned]:
+                mine = []
+                for pos in range(0, loads[planned].nbytes, chunk_size):
+                    begin = max(now, free_at[0])
+                    done = begin + seal(min(chunk_size, loads[planned].nbytes - pos))
+                    heapq.heapreplace(free_at, done)
+                    mine.append((begin, done))
+                chunks[planned] = mine
+                window += loads[planned].nbytes
+            planned += 1
+
+    def book(stream, direction, ready, nbytes):
+        start = max(ready, tails.get(stream, 0.0), link_free[direction])
+        link_free[direction] = start + nbytes / bandwidth[direction]
+        tails[stream] = link_free[direction] + link.latency_s
+        return tails[stream]
+
+    plan(0.0)
+    for rec in trace.records:
+        op = rec.op
+        if op == "h2d":
+            t += lib
+            mine = chunks.pop(served, None)
+            if mode == "plain":
+                book(rec.stream, 0, t, rec.nbytes)
+            elif mine is None:                # encrypted on demand, chunk by chunk onto the link
+                for pos in range(0, rec.nbytes, chunk_size):
+                    n = min(chunk_size, rec.nbytes - pos)
+                    t += seal(n)
+                    book(rec.stream, 0, t, n)
+            else:
+                window -= rec.nbytes
+                ready = t
+                for (begin, done), pos in zip(mine, range(0, rec.nbytes, chunk_size)):
+                    if begin >= t:            # no worker got to it yet: the request encrypts it
+                        t += seal(min(chunk_size, rec.nbytes - pos))
+                        ready = max(ready, t)
+                    else:
+                        ready = max(ready, done)
+                t = ready + seal(64)          # the GO command, sealed at request time
+                book(rec.stream, 0, t, rec.nbytes)
+            served += 1
+            if mode == "pipellm":
+                plan(t)
+        elif op == "d2h":
+            t += lib
+            end = book(rec.stream, 1, t, rec.nbytes)
+            if mode == "pipellm" and free_at[0] <= end:  # an idle worker decrypts it as it arrives
+                heapq.heapreplace(free_at, end + opened(rec.nbytes))
+                tails[rec.stream] = max(tails.get(rec.stream, 0.0), end + opened(rec.nbytes))
+            elif mode != "plain":  # the host decrypts it when it synchronizes
+                pending_d2h.append((end, rec.nbytes))
+        elif op == "compute":
+            start = max(t, tails.get(rec.stream, 0.0), compute_free)
+            compute_free = tails[rec.stream] = start + rec.us * 1e-6
+        elif op == "write":
+            t += rec.nbytes / 10e9  # the application's own write (same in every mode)
+        elif op in ("sync", "free"):
+            streams = tails.values() if op == "free" or rec.stream is None else [tails.get(rec.stream, 0.0)]
+            t = max([t, *streams])
+            for end, n in pending_d2h:  # cc: the host decrypts what came back, in order
+                t = max(t, end) + opened(n)
+            pending_d2h.clear()
+    t = max([t, *tails.values()])
+    for end, n in pending_d2h:
+        t = max(t, end) + opened(n)
+    return t
+
+
+def _rule(trace: Trace, min_speculative_bytes: int) -> list[bool]:
+    """Which loads hit without a run to say (see the module docstring)."""
+    seen, written, out = set(), set(), []
+    for rec in trace.records:
+        if rec.op == "h2d":
+            key = (rec.region, rec.offset, rec.nbytes)
+            out.append(key in seen and rec.region not in written and rec.nbytes >= min_speculative_bytes)
+            seen.add(key)
+            written.discard(rec.region)
+        elif rec.op in ("write", "d2h"):
+            written.add(rec.region)
+    return out

@@ -1,0 +1,153 @@
+"""The replay's explanation (``pipellm replay --explain``), its bounds, the timeline it
+is built from, and the many-core model (``--cores``)."""
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipellm import timeline
+from pipellm.cli import main
+from pipellm.traces import Record, Trace, replay_many, write
+from pipellm.traces.explain import CAUSES, bound
+from pipellm.traces.intervals import Union
+from pipellm.traces.model import simulate
+
+MiB = 1 << 20
+
+
+def layers(passes=4, n=4, nbytes=2 * MiB, us=100.0, sync_each=False) -> Trace:
+    recs = [Record("region", f"layer{i}", nbytes=nbytes, kind="weight") for i in range(n)]
+    recs.append(Record("region", "kv", nbytes=256 << 10, kind="kv"))
+    for _ in range(passes):
+        for i in range(n):
+            recs += [Record("h2d", f"layer{i}", 0, nbytes, 0), Record("compute", us=us, stream=0)]
+            if sync_each:  # the host waits for each layer (a blocking load)
+                recs.append(Record("sync"))
+        recs += [Record("d2h", "kv", 0, 256 << 10, 0), Record("sync")]
+    return Trace("layers", {}, recs, "<layers>")
+
+
+COSTS = {"seal_bytes_per_s": 10e9, "seal_fixed_s": 1e-6, "open_bytes_per_s": 10e9, "open_fixed_s": 1e-6,
+         "library_per_transfer_s": 2e-6, "cc_library_per_transfer_s": 5e-6}
+
+
+@given(st.lists(st.tuples(st.floats(0, 100), st.floats(0, 20)), max_size=12), st.floats(0, 120), st.floats(0, 40))
+def test_union_overlap_is_the_measure_of_the_intersection(spans, a, width):
+    intervals = [(s, s + w) for s, w in spans]
+    u = Union(intervals)
+    b = a + width
+    # brute force on a fine grid (interval ends are multiples of nothing: allow the grid's error)
+    step = 0.01
+    grid = [a + (k + 0.5) * step for k in range(int(width / step))]
+    covered = sum(step for x in grid if any(s <= x < e for s, e in intervals))
+    assert u.overlap(a, b) == pytest.approx(covered, abs=step * (2 * len(intervals) + 2))
+    assert u.overlap(a, b) <= width + 1e-9
+    assert u.total == pytest.approx(u.before(float("inf")))
+
+
+def test_recording_is_off_outside_and_one_at_a_time():
+    assert not timeline.recording
+    with timeline.recorded() as spans:
+        with pytest.raises(RuntimeError, match="already being recorded"):
+            with timeline.recorded():
+                pass
+        timeline.span("x", 0.0, 1.0)
+    assert not timeline.recording and spans[0][1:4] == ("x", 0.0, 1.0)
+
+
+def test_bound_takes_the_largest_of_the_floor_the_host_threads_and_the_cores():
+    assert bound(1.0, host=0.5, device=0.0, stall=0.0, cores=2, threads=2) == 1.0
+    assert bound(0.1, host=4.0, device=0.0, stall=0.0, cores=2, threads=1) == 4.0   # one thread does it all
+    assert bound(0.1, host=4.0, device=0.0, stall=0.0, cores=2, threads=4) == 2.0   # the cores do
+    assert bound(0.1, host=2.0, device=4.0, stall=1.0, cores=2, threads=4) == 2.5   # the device shares them
+
+
+@pytest.fixture(scope="module")
+def explained():
+    return replay_many([layers()], ["plain", "cc", "pipellm"], ["layerwise"], explain=True, model_cores=16,
+                       timeline_of=0)
+
+
+def test_explain_attributes_the_modelled_time_to_its_causes(explained):
+    for row in explained:
+        ex = row["explain"]
+        assert set(ex["causes_s"]) == set(CAUSES)
+        assert all(v >= 0 for v in ex["causes_s"].values())
+        # every part of the requesting thread's modelled time has one cause (the loop
+        # between records is the only thing outside them)
+        assert sum(ex["causes_s"].values()) == pytest.approx(row["time_s"], rel=0.25, abs=2e-3)
+    plain, cc, spec = explained
+    assert plain["explain"]["causes_s"]["encrypting"] == 0
+    assert cc["explain"]["causes_s"]["encrypting"] > 0          # cc encrypts on the requesting thread
+    assert cc["explain"]["causes_s"]["compute"] > 0             # and waits for the modelled compute
+    assert any("worker" in name for name in spec["explain"]["thread_cpu_s"])
+    assert spec["explain"]["thread_cpu_s"]["requesting (replay)"] > 0
+
+
+def test_bounds_are_at_least_plain_and_price_the_runs_work(explained):
+    plain = explained[0]["time_s"]
+    for row in explained:
+        b = row["bounds"]
+        assert b["bound_alone_s"] >= plain and b["bound_run_s"] >= plain
+        assert b["hardware_bound_s"]["16"] >= plain
+        assert b["work_alone_s"]["host"] > 0 and b["work_alone_s"]["device"] > 0
+    cc = explained[1]["bounds"]
+    # cc's host work is at least its bytes at the measured AES rate
+    assert cc["work_alone_s"]["host"] >= explained[1]["encrypt_bytes"] / explained[1]["costs_alone"]["seal_bytes_per_s"]
+
+
+def test_timeline_keeps_one_pass_on_the_modelled_clock(explained):
+    for row in explained:
+        lanes = {s[0] for s in row["timeline"]}
+        assert "requesting" in lanes and "link h2d" in lanes
+        assert all(s[3] >= s[2] for s in row["timeline"])
+    assert any("worker" in s[0] for s in explained[2]["timeline"])
+
+
+def test_model_of_all_misses_is_cc_and_more_cores_never_hurt():
+    trace = layers(passes=6, us=400.0)
+    n = sum(r.op == "h2d" for r in trace.records)
+    cc = simulate(trace, "cc", COSTS, cores=16)
+    assert simulate(trace, "pipellm", COSTS, cores=16, hits=[False] * n) == pytest.approx(cc)
+    hits = [False] * 4 + [True] * (n - 4)
+    times = [simulate(trace, "pipellm", COSTS, cores=c, hits=hits) for c in (1, 2, 4, 16)]
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(times, times[1:]))
+    plain = simulate(trace, "plain", COSTS, cores=16)
+    assert plain < times[-1] < cc
+
+
+def test_model_hides_encryption_under_compute_once_predicted():
+    # compute (1 ms per 2 MiB layer) is far longer than the layer's AES (0.2 ms), and the
+    # host waits for each layer (cc pays the AES every time): after the first pass
+    # pipellm hides all of it, so its overhead is the first pass's
+    trace = layers(passes=20, us=1000.0, sync_each=True)
+    n = sum(r.op == "h2d" for r in trace.records)
+    hits = [False] * 4 + [True] * (n - 4)
+    plain = simulate(trace, "plain", COSTS, cores=2)
+    spec = simulate(trace, "pipellm", COSTS, cores=2, hits=hits)
+    cc = simulate(trace, "cc", COSTS, cores=2)
+    assert spec - plain < 0.1 * (cc - plain)
+
+
+def test_cli_explain_cores_plot_and_json(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the timeline plot needs matplotlib (the 'plot' extra)")
+    path = tmp_path / "t.jsonl"
+    write(path, "layers", layers(passes=3).records)
+    png, out = tmp_path / "t.png", tmp_path / "rows.json"
+    assert main(["replay", str(path), "--cores", "16", "--plot", str(png), "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "where the requesting thread's modelled time goes" in text
+    assert "bound, H100 device, 16 cores" in text and "modelled (not run)" in text
+    assert png.stat().st_size > 10_000
+    rows = json.loads(out.read_text())
+    assert [r["mode"] for r in rows] == ["plain", "cc", "pipellm"]
+    assert all("16" in r["modelled"] and "bound_run_s" in r["bounds"] for r in rows)
+
+
+def test_cli_refuses_zero_cores(tmp_path):
+    path = tmp_path / "t.jsonl"
+    write(path, "layers", layers(passes=1).records)
+    with pytest.raises(SystemExit, match="--cores must be >= 1"):
+        main(["replay", str(path), "--cores", "0", "--no-progress"])
