@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from time import perf_counter
 
+from .. import timeline
 from .._ext import PAGE_BYTES, BouncePool, copy_into
 from .._ext.locks import Lock
 from ..channel import Direction, KeyAgreement, Kind, Opener, Sealer
@@ -96,6 +98,10 @@ class CCEngine(Engine):
         self._h2d_lock = Lock()  # (taken in C by the speculative request path)
         self._d2h_lock = threading.Lock()
         self._recv_lock = threading.Lock()
+        # threads waiting to receive themselves: a background receiver (pipellm's workers)
+        # hands over to them between chunks rather than make them wait for all it took on
+        self._recv_waiters = 0
+        self._recv_waiters_lock = threading.Lock()
         self._inbox: deque = deque()        # d2h messages as the link delivered them
         self._expected: deque[_Incoming] = deque()  # d2h chunks in the order they were sent
         self._failure: BaseException | None = None
@@ -205,11 +211,29 @@ class CCEngine(Engine):
     def receive_until(self, target: _Incoming, timeout) -> bool:
         """Authenticate, decrypt and commit device-to-host chunks in channel order until
         ``target`` is received (or failed). False if that took longer than ``timeout``."""
-        with self._recv_lock:
+        if timeline.recording and not target.received:
+            start = perf_counter()
+            try:
+                return self._receive_until(target, timeout)
+            finally:
+                timeline.span("wait-receive", start, perf_counter())
+        return self._receive_until(target, timeout)
+
+    def _receive_until(self, target: _Incoming, timeout) -> bool:
+        with self._recv_waiters_lock:
+            self._recv_waiters += 1
+        try:
+            self._recv_lock.acquire()
+        finally:
+            with self._recv_waiters_lock:
+                self._recv_waiters -= 1
+        try:
             while not target.received:
                 if not self._receive_head(timeout):
                     return False
             return True
+        finally:
+            self._recv_lock.release()
 
     def _receive_head(self, timeout) -> bool:
         """Receive the oldest expected chunk (recv lock held); False on timeout."""

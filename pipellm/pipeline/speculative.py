@@ -536,10 +536,15 @@ class SpeculativeEngine(CCEngine, Queue):
                 self._wake_workers(1)
 
     def _receive_async(self) -> None:
+        """Receive what has been delivered, chunk by chunk; a thread that comes to wait
+        for a chunk takes over (it would only stand by: on a small machine the waiting
+        thread has the core, and receiving is in order, one thread at a time)."""
         with self._cond:
             self._receive_pending = False
-        with self._recv_lock:
-            while self._expected and self._inbox:
+        while not self._recv_waiters:
+            with self._recv_lock:
+                if not (self._expected and self._inbox):
+                    return
                 head = self._expected[0]
                 if not self._receive_head(self.timeout):
                     return

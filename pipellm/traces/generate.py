@@ -278,23 +278,28 @@ def moe(model: str = "mixtral-8x7b", *, tokens: int = 48, batch: int = 1, locali
 
 def vllm_swap(model: str = "opt-30b", *, requests: int = 24, best_of: int = 4, block_tokens: int = 16,
               gpu_blocks: int = 96, arrival_rate: float = 2.0, prompt: int = 128, output: int = 64,
-              kv_budget: int = 256 * MiB, device_tflops: float = 400.0, seed: int = 0) -> Trace:
+              kv_budget: int = 512 * MiB, device_tflops: float = 400.0, seed: int = 0) -> Trace:
     """vLLM-style preemption by swapping: sequence groups (``best_of`` sequences) arrive as a
     Poisson process; when the GPU runs out of KV blocks the newest running group is
-    swapped out (all its blocks, layer by layer: device to host), and swapped groups come
-    back newest-first when blocks free up (host to device, layer by layer: FIFO across
-    layers within a group, LIFO across preempted groups)."""
+    swapped out (all its blocks, layer by layer, K then V: device to host), and swapped
+    groups come back newest-first when blocks free up (host to device, layer by layer:
+    FIFO across layers within a group, LIFO across preempted groups).
+
+    Blocks keep the real model's size (one block of one layer's K or V: ``block_tokens``
+    x hidden x 2 bytes, 224 KiB for OPT-30B), since the size of each copy is what the
+    channel's per-transfer costs and speculation thresholds meet; to fit ``kv_budget``
+    (the host's swap space, twice ``gpu_blocks``) only the first layers are kept, and
+    compute is scaled by the same fraction."""
     s = shape(model)
     rng = random.Random(seed)
-    per_token = 2 * s.hidden * FP16                           # K and V, one layer
-    f = min(1.0, kv_budget / (s.layers * per_token * block_tokens * 4 * gpu_blocks))
-    h = max(64, int(s.hidden * f) // 64 * 64)
-    block = 2 * h * FP16 * block_tokens
-    cpu_blocks = 4 * gpu_blocks
+    block = s.hidden * FP16 * block_tokens                    # one layer's K (or V) of one block
+    cpu_blocks = 2 * gpu_blocks
+    layers = max(1, min(s.layers, kv_budget // (2 * block * cpu_blocks)))
     b = _Builder(f"vllm-swap-{model}", {"model": model, "best_of": best_of, "block_tokens": block_tokens,
                                         "gpu_blocks": gpu_blocks, "arrival_rate": arrival_rate, "seed": seed,
-                                        "hidden_scaled": h, "source": "pipellm.traces.generate.vllm_swap"})
-    kv = [b.region(f"kv_cache.layer{i}", block * cpu_blocks, "kv") for i in range(s.layers)]
+                                        "block_bytes": block, "layers_kept": layers,
+                                        "source": "pipellm.traces.generate.vllm_swap"})
+    kv = [b.region(f"kv_cache.layer{i}.{part}", block * cpu_blocks, "kv") for i in range(layers) for part in "kv"]
     free_cpu = list(range(cpu_blocks))
     t, arrivals = 0.0, []
     for r in range(requests):
@@ -302,15 +307,16 @@ def vllm_swap(model: str = "opt-30b", *, requests: int = 24, best_of: int = 4, b
         arrivals.append((t, r))
     waiting, running, swapped = list(arrivals), [], []       # running: [rid, blocks, tokens_left]
     used = 0
-    step_us = _Scaled(s, kv_budget, device_tflops).compute_us(12 * s.hidden * s.hidden, best_of) * s.layers / 50
+    # a decode step of the kept layers: 2 flops per parameter per sequence (roofline)
+    step_us = 2 * 12 * s.hidden * s.hidden * best_of * layers / (device_tflops * 1e6)
     clock = 0.0
     while waiting or running or swapped:
         clock += 1.0 / 8                                      # decode steps per unit time
         while swapped and used + swapped[-1][1] <= gpu_blocks:  # LIFO: newest preempted first
             rid, nblocks, left, cpu = swapped.pop()
-            for layer in range(s.layers):
+            for region in kv:
                 for c in cpu:
-                    b.h2d(kv[layer], block, offset=c * block)
+                    b.h2d(region, block, offset=c * block)
             free_cpu.extend(cpu)
             used += nblocks
             running.append([rid, nblocks, left])
@@ -340,9 +346,9 @@ def vllm_swap(model: str = "opt-30b", *, requests: int = 24, best_of: int = 4, b
             if len(free_cpu) < g[1]:
                 raise ArgumentError("CPU swap space exhausted; raise cpu blocks or lower the load")
             cpu = [free_cpu.pop() for _ in range(g[1])]
-            for layer in range(s.layers):
+            for region in kv:
                 for c in cpu:
-                    b.d2h(kv[layer], block, offset=c * block)
+                    b.d2h(region, block, offset=c * block)
             used -= g[1]
             swapped.append((g[0], g[1], g[2], cpu))
     return b.trace()

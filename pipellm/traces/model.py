@@ -48,9 +48,10 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
     speculation (else the rule of the module docstring decides)."""
     link = link or LinkModel()
     bandwidth = (link.h2d_bytes_per_s, link.d2h_bytes_per_s)
-    # the library's cost per transfer: the encrypted modes' where it was measured
+    # the library's cost per request: plain's, cc's (on demand), a pipellm hit's
     lib = costs["library_per_transfer_s"] if mode == "plain" else \
         costs.get("cc_library_per_transfer_s", costs["library_per_transfer_s"])
+    hit_lib = costs.get("hit_library_per_transfer_s", lib)
     workers = max(1, cores - 1) if workers is None else workers
 
     def seal(n):
@@ -65,6 +66,7 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
     tails: dict[int, float] = {}  # stream -> end of its last op
     pending_d2h: list[tuple[float, int]] = []  # (end, bytes) the host still has to decrypt (cc)
     free_at = [0.0] * workers    # each worker's clock (a heap)
+    receiver_free = 0.0          # device-to-host chunks are received in order, one at a time
     loads = [r for r in trace.records if r.op == "h2d"]
     if hits is None:
         hits = _rule(trace, min_speculative_bytes)
@@ -98,8 +100,8 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
     for rec in trace.records:
         op = rec.op
         if op == "h2d":
-            t += lib
             mine = chunks.pop(served, None)
+            t += lib if mine is None else hit_lib
             if mode == "plain":
                 book(rec.stream, 0, t, rec.nbytes)
             elif mine is None:                # encrypted on demand, chunk by chunk onto the link
@@ -116,7 +118,7 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
                         ready = max(ready, t)
                     else:
                         ready = max(ready, done)
-                t = ready + seal(64)          # the GO command, sealed at request time
+                t = ready + seal(64)          # the GO command, sealed at request time (its AES)
                 book(rec.stream, 0, t, rec.nbytes)
             served += 1
             if mode == "pipellm":
@@ -124,10 +126,13 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
         elif op == "d2h":
             t += lib
             end = book(rec.stream, 1, t, rec.nbytes)
-            if mode == "pipellm" and free_at[0] <= end:  # an idle worker decrypts it as it arrives
-                heapq.heapreplace(free_at, end + opened(rec.nbytes))
-                tails[rec.stream] = max(tails.get(rec.stream, 0.0), end + opened(rec.nbytes))
-            elif mode != "plain":  # the host decrypts it when it synchronizes
+            if mode == "pipellm" and free_at[0] <= end:
+                # an idle worker receives it as it arrives (in channel order: one at a time)
+                begin = max(end, receiver_free)
+                receiver_free = begin + opened(rec.nbytes)
+                heapq.heapreplace(free_at, receiver_free)
+                tails[rec.stream] = max(tails.get(rec.stream, 0.0), receiver_free)
+            elif mode != "plain":  # the host receives it when it synchronizes
                 pending_d2h.append((end, rec.nbytes))
         elif op == "compute":
             start = max(t, tails.get(rec.stream, 0.0), compute_free)
@@ -137,12 +142,14 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
         elif op in ("sync", "free"):
             streams = tails.values() if op == "free" or rec.stream is None else [tails.get(rec.stream, 0.0)]
             t = max([t, *streams])
-            for end, n in pending_d2h:  # cc: the host decrypts what came back, in order
-                t = max(t, end) + opened(n)
+            for end, n in pending_d2h:  # the host receives what came back, in order
+                t = max(t, end, receiver_free) + opened(n)
+                receiver_free = t
             pending_d2h.clear()
     t = max([t, *tails.values()])
     for end, n in pending_d2h:
-        t = max(t, end) + opened(n)
+        t = max(t, end, receiver_free) + opened(n)
+        receiver_free = t
     return t
 
 

@@ -91,7 +91,7 @@ def replay(trace: Trace, mode: str, predictor=None, *, predictor_options: dict |
         if keep_timeline:
             names = {ident: name for ident, (name, _) in after.items()}
             stall = Union((s[2], s[3]) for s in spans if s[1] == "stall")
-            result["timeline"] = pass_window(spans, main, marks, stall, names)
+            result["timeline"] = pass_window(spans, main, marks[:-2], stall, names, tuple(marks[-2:]))
     result.update(trace=trace.source, workload=trace.workload, mode=mode, predictor=label)
     return result
 
@@ -183,7 +183,7 @@ def _run(pipe: Pipeline, trace: Trace, explain: bool = False) -> dict:
     wall = perf_counter() - start
     if explain:
         timeline.span("app:sync", t0, perf_counter())
-        threads = (threading.get_ident(), cpu_before, thread_cpu(), marks)
+        threads = (threading.get_ident(), cpu_before, thread_cpu(), marks + [start, start + wall])
     stats = pipe.stats()
     for rid in regions:
         verified &= check(rid)
