@@ -103,6 +103,18 @@ def _bench(args) -> int:
     return 0
 
 
+def _bytes_or_auto(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes or 'auto', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes >= 0, got {value}")
+    return value
+
+
 def _replay(args) -> int:
     from .traces import read, replay_many
 
@@ -262,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("--predictor", default="layerwise", help="pipellm predictor(s), comma-separated")
     replay.add_argument("--iv-order", choices=("strict", "window"), default="strict")
     replay.add_argument("--workers", type=int, default=None)
-    replay.add_argument("--min-speculative-bytes", type=int, default=None, metavar="N",
-                        help="encrypt ahead predicted transfers of at least N bytes (default 256 KiB; "
-                             "0 speculates on every transfer, e.g. to measure a predictor on small blocks)")
+    replay.add_argument("--min-speculative-bytes", type=_bytes_or_auto, default=None, metavar="N",
+                        help="encrypt ahead predicted transfers of at least N bytes (default 'auto': from this "
+                             "machine's measured costs; 0 speculates on every transfer)")
     replay.add_argument("--predictor-option", action="append", metavar="KEY=VALUE",
                         help="an option for the predictors that take it (e.g. width=3 for learned)")
     replay.add_argument("--explain", action="store_true",

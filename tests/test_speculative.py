@@ -731,3 +731,35 @@ def test_an_idle_worker_naps_and_takes_work_without_a_wake_then_blocks():
         workers = engine._workers
     # (close joins for up to 30 s: a napper that missed the news would still be alive)
     assert not any(t.is_alive() for t in workers)
+
+
+@pytest.mark.parametrize("idle", [True, False])
+def test_an_idle_worker_plans_further_ahead_while_plans_queue_more(idle, monkeypatch):
+    """A plan looks only a few transfers past the queue; with the workers idle (a long
+    compute window) they plan on until the lookahead is queued and encrypted, where
+    without that the queue stays a few items past the last request."""
+    from pipellm.pipeline.speculative import SpeculativeEngine
+    monkeypatch.setattr(SpeculativeEngine, "plan_when_idle", idle)
+    with spec_pipe(predictor="layerwise", lookahead=36, depth_messages=200, depth_bytes=200 * (CHUNK + 4096),
+                   iv_window=256) as pipe:
+        regions = layers(pipe, n=40, nbytes=CHUNK)
+        learn(pipe, regions)
+        pipe.to_device(regions[0])
+        pipe.wait_speculation(TIMEOUT)
+        queued, idle_plans = pipe.stats()["queued_items"], pipe.stats()["idle_plans"]
+        for r in regions[1:]:  # every queued item is still a hit
+            pipe.to_device(r)
+        pipe.synchronize()
+    if idle:  # (the lookahead less the one request made)
+        assert queued >= 30 and idle_plans > 0
+    else:
+        assert queued <= 20 and idle_plans == 0
+
+
+def test_min_speculative_bytes_auto_comes_from_measured_costs():
+    from pipellm.pipeline.threshold import MAX_THRESHOLD, MIN_THRESHOLD, speculation_threshold
+    with make_pipe("pipellm") as pipe:
+        chosen = pipe.stats()["min_speculative_bytes"]
+    assert chosen == speculation_threshold() and MIN_THRESHOLD <= chosen <= MAX_THRESHOLD
+    with pytest.raises(pipellm.ArgumentError, match="int >= 0 or 'auto', got 'big'"):
+        make_pipe("pipellm", min_speculative_bytes="big")

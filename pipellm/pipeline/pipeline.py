@@ -35,11 +35,12 @@ DEFAULT_LOOKAHEAD = 16
 #: iv_order="window": how far behind the newest index an unused one is still accepted
 DEFAULT_IV_WINDOW = 4096
 #: predicted transfers smaller than this are not encrypted ahead, only given their place
-#: in the channel's order when speculation follows them: their AES (~1 us per 4 KiB, ~25 us
-#: per 256 KiB here) costs less than speculating on them (a worker task, a GO command,
-#: bookkeeping: ~20-30 us). For the same reason device-to-host messages smaller than this
-#: are decrypted when needed, not handed to a worker
-DEFAULT_MIN_SPECULATIVE_BYTES = 256 << 10
+#: in the channel's order when speculation follows them: their AES costs less than
+#: speculating on them (a worker task, a GO command). "auto": the size where the two meet
+#: on this machine, measured once per process (pipellm/pipeline/threshold.py). For the
+#: same reason device-to-host messages smaller than this are decrypted when needed, not
+#: handed to a worker
+DEFAULT_MIN_SPECULATIVE_BYTES = "auto"
 
 
 class Pipeline(Requests):
@@ -62,6 +63,10 @@ class Pipeline(Requests):
     ...     bool((back == region.array).all())
     True
 
+    Predicted transfers under ``min_speculative_bytes`` only keep their place in the
+    channel's order ("auto": the size where speculating costs what it saves on this
+    machine, measured once per process; see :mod:`pipellm.pipeline.threshold`).
+
     ``chunk_size`` bytes travel per message (one IV each); ``bounce_bytes`` caps the
     bounce buffers; every wait gives up after ``timeout`` seconds with
     :class:`~pipellm.TransferTimeoutError`; keys rotate every ``rotate_after`` messages
@@ -74,7 +79,7 @@ class Pipeline(Requests):
                  workers: int | None = None, depth_bytes: int = DEFAULT_DEPTH_BYTES,
                  depth_messages: int = DEFAULT_DEPTH_MESSAGES, lookahead: int = DEFAULT_LOOKAHEAD,
                  iv_order: str = "strict", iv_window: int = DEFAULT_IV_WINDOW,
-                 min_speculative_bytes: int = DEFAULT_MIN_SPECULATIVE_BYTES):
+                 min_speculative_bytes: int | str = DEFAULT_MIN_SPECULATIVE_BYTES):
         if not isinstance(mode, str):
             raise ArgumentTypeError(f"mode must be a str, got {type(mode).__name__}")
         if mode not in MODES:
@@ -90,7 +95,10 @@ class Pipeline(Requests):
         depth_messages = check_int("depth_messages", depth_messages, minimum=2)
         lookahead = check_int("lookahead", lookahead, minimum=1)
         iv_window = check_int("iv_window", iv_window, minimum=2)
-        min_speculative_bytes = check_int("min_speculative_bytes", min_speculative_bytes)
+        if not (isinstance(min_speculative_bytes, str) and min_speculative_bytes == "auto"):
+            if isinstance(min_speculative_bytes, str):
+                raise ArgumentError(f"min_speculative_bytes must be an int >= 0 or 'auto', got {min_speculative_bytes!r}")
+            min_speculative_bytes = check_int("min_speculative_bytes", min_speculative_bytes)
         if iv_order == "window" and iv_window <= depth_messages:
             raise ArgumentError(f"iv_window ({iv_window}) must exceed depth_messages ({depth_messages}): "
                                 f"queued speculation would fall out of the window")
@@ -98,6 +106,9 @@ class Pipeline(Requests):
         if mode == "pipellm":
             from ..predictors import get as get_predictor
             predictor = get_predictor("sequence" if predictor is None else predictor)
+            if min_speculative_bytes == "auto":
+                from .threshold import speculation_threshold
+                min_speculative_bytes = speculation_threshold()
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ArgumentError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         self._owns_device = not isinstance(device, Device)

@@ -58,6 +58,8 @@ def default_workers() -> int:
 
 class SpeculativeEngine(CCEngine, Queue):
     mode = "pipellm"
+    #: an idle worker plans further ahead while plans keep queueing more (see _extend_due)
+    plan_when_idle = True
 
     def __init__(self, device, *, timeout, chunk_size, bounce_bytes, rotate_after, predictor: Predictor,
                  regions: dict, workers: int, depth_bytes: int, depth_messages: int, iv_order: str,
@@ -103,7 +105,8 @@ class SpeculativeEngine(CCEngine, Queue):
             ("misses", "stale", "nops", "skipped_messages", "relinquishes", "reencrypted_bytes",
              "wasted_bytes", "speculative_bytes", "stolen_chunks", "worker_errors", "async_decrypted_bytes",
              "expired", "shadow_hits", "held_places", "evicted", "inline_plans", "stolen_plans", "skipped_plans",
-             "predictor_errors"), 0)
+             "idle_plans", "predictor_errors"), 0)
+        self._grew = False     # the last plan queued something (an idle worker may plan on)
         self._fruitless = 0    # plans in a row that named transfers but queued nothing
         self._plan_skip = 0    # chances to plan still to skip (backing off from those)
         self._accuracy = 1.0   # recent hit ratio of requests that met queued speculation
@@ -404,6 +407,12 @@ class SpeculativeEngine(CCEngine, Queue):
                     # task it ran, the notify below did)
                     self._cond.notify_all()
                 took = False
+                if not self._tasks and self._extend_due():
+                    # idle, and the last plan queued more: plan further ahead now, while
+                    # the cores are free (a request would plan only a few items past it)
+                    self._replenish_pending = True
+                    self._tasks.append(_REPLENISH)
+                    self.counts["idle_plans"] += 1
                 nap_until = self._nap_until()
                 while not self._tasks and not self._stopping:
                     if self._nap(nap_until):
@@ -472,6 +481,19 @@ class SpeculativeEngine(CCEngine, Queue):
                 else:
                     device.hold(owed)
                 owed -= device.now() - held_from
+
+    def _replenish(self):
+        # (every plan, the requesting thread's too: whether it queued more is what lets an
+        # idle worker plan on)
+        before = len(self._items)
+        Queue._replenish(self)
+        self._grew = len(self._items) > before
+
+    def _extend_due(self) -> bool:
+        """An idle worker plans further ahead (engine lock held) while the last plan grew
+        the queue, the queue is short of the lookahead, and nothing else is pending."""
+        return (self.plan_when_idle and self._grew and not self._replenish_pending and not self._throttle and not self._stopping
+                and len(self._items) < self.lookahead)
 
     def _encrypt(self, item: Item, chunk: Chunk) -> None:
         """Seal one speculative chunk into its slot, unless the region changed since its token."""
@@ -587,6 +609,7 @@ class SpeculativeEngine(CCEngine, Queue):
         counts["worker_cpu_s"] = self.worker_cpu_s
         counts["hit_wait_s"] = self.hit_wait_s
         counts["predictor_s"] = self.predictor_s
+        counts["min_speculative_bytes"] = self.min_speculative_bytes
         counts["workers"] = len(self._workers)
         counts["iv_order"] = "window" if self.window else "strict"
         counts["queued_items"] = len(self._items)

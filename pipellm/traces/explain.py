@@ -7,10 +7,11 @@ emulation stall, as the replay's ``time_s``):
 
 - ``encrypting`` / ``decrypting``: AES-GCM on the requesting thread (cc's on-demand path,
   a pipellm miss, a chunk it took from the workers, device-to-host chunks);
-- ``waiting_worker`` / ``worker_starved``: a request waiting for a worker's chunk, or a
-  wait for device-to-host data a worker is decrypting, split by the workers' CPU share
-  while they were busy (the rest of their wall time they were runnable without a core:
-  starved);
+- ``waiting_worker`` / ``worker_starved``: a request waiting for a worker's chunk, split
+  by the workers' CPU share while they were busy (the rest of their wall time they were
+  runnable without a core: starved);
+- ``waiting_receive``: waiting for device-to-host data another thread is receiving (a
+  worker in the background; in cc, with no workers, it is ``library``);
 - ``predictor``: the predictor's calls made on the requesting thread;
 - ``link`` / ``compute`` / ``device_other``: waiting for the device, split by what the
   modelled device was doing meanwhile (compute first, else a link direction, else
@@ -52,17 +53,18 @@ from .. import timeline
 from .intervals import Union
 
 #: the causes of the requesting thread's modelled time, in report order
-CAUSES = ("encrypting", "decrypting", "waiting_worker", "worker_starved", "predictor", "link", "compute",
-          "device_other", "library", "application")
+CAUSES = ("encrypting", "decrypting", "waiting_worker", "worker_starved", "waiting_receive", "predictor", "link",
+          "compute", "device_other", "library", "application")
 
 LABELS = {"encrypting": "requesting thread encrypting", "decrypting": "requesting thread decrypting",
           "waiting_worker": "waiting for a worker", "worker_starved": "worker CPU starved",
+          "waiting_receive": "waiting for device-to-host data",
           "predictor": "predictor", "link": "link (modelled)", "compute": "compute (modelled)",
           "device_other": "device latency/order (modelled)", "library": "library per transfer",
           "application": "application writes"}
 
 _CHILD = {"encrypt": "encrypting", "decrypt": "decrypting", "wait-worker": "waiting_worker",
-          "wait-receive": "waiting_worker", "predictor": "predictor", "wait-device": "device"}
+          "wait-receive": "waiting_receive", "predictor": "predictor", "wait-device": "device"}
 
 
 def thread_cpu() -> dict[int, tuple[str, float]]:
@@ -264,7 +266,7 @@ def breakdown(spans: list, main: int, cpu_before: dict, cpu_after: dict, stats: 
             causes["compute"] += on_compute * scale
             causes["link"] += (on_any - on_compute) * scale
             causes["device_other"] += max(0.0, span_model - on_any) * scale
-        elif cause == "waiting_worker" and not tasks:  # no workers: the wait is the library's own
+        elif cause == "waiting_receive" and not tasks:  # no workers: the wait is the library's own
             causes["library"] += own
         elif cause == "waiting_worker":
             causes["waiting_worker"] += own * worker_share

@@ -41,7 +41,7 @@ MODEL_OPTIONS = ("link", "chunk_size", "depth_bytes", "min_speculative_bytes", "
 
 
 def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkModel | None = None,
-             chunk_size: int = 4 << 20, depth_bytes: int = 64 << 20, min_speculative_bytes: int = 256 << 10,
+             chunk_size: int = 4 << 20, depth_bytes: int = 64 << 20, min_speculative_bytes: int | str = "auto",
              workers: int | None = None, hits: list[bool] | None = None) -> float:
     """The modelled time (seconds) of ``trace`` in ``mode`` on ``cores`` host cores (see
     the module docstring). ``hits``: which h2d records a real run of the trace sent from
@@ -69,6 +69,9 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
     receiver_free = 0.0          # device-to-host chunks are received in order, one at a time
     loads = [r for r in trace.records if r.op == "h2d"]
     if hits is None:
+        if min_speculative_bytes == "auto":
+            from ..pipeline.threshold import speculation_threshold
+            min_speculative_bytes = speculation_threshold()
         hits = _rule(trace, min_speculative_bytes)
     hits = hits if mode == "pipellm" else [False] * len(loads)
     # pipellm: a hit's chunks, as (start, done) on the worker that took each; they are

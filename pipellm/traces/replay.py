@@ -32,6 +32,7 @@ SPEC_STATS = ("hits", "misses", "nops", "skipped_messages", "relinquishes", "sta
               "wasted_bytes", "stolen_chunks", "shadow_hits")
 #: what the run's work was (for the bounds of --explain)
 WORK_STATS = ("messages_d2h", "encrypt_bytes", "decrypt_bytes", "decrypt_s", "predictor_s", "workers",
+              "min_speculative_bytes", "idle_plans",
               "worker_cpu_s", "worker_busy_s", "hit_wait_s", "device_aes_bytes", "device_copy_bytes", "device_ops")
 
 
