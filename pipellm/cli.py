@@ -140,9 +140,13 @@ def _replay(args) -> int:
     if args.cores is not None and args.cores < 1:
         raise SystemExit(f"--cores must be >= 1, got {args.cores}")
     explain = args.explain or args.plot is not None or args.cores is not None
+    if args.repeat < 1:
+        raise SystemExit(f"--repeat must be >= 1, got {args.repeat}")
+    total *= args.repeat
     with tqdm(total=total, desc="replay", unit="run", disable=args.no_progress, file=sys.stderr, leave=False) as bar:
         rows = replay_many(traces, modes, predictors, progress=bar.update, explain=explain,
-                           model_cores=args.cores, timeline_of=0 if args.plot else None, **options)
+                           model_cores=args.cores, timeline_of=0 if args.plot else None, repeat=args.repeat,
+                           **options)
     if args.plot:
         from .traces.explain import plot_timeline
         plot_timeline(rows, args.plot)
@@ -161,8 +165,10 @@ def _replay(args) -> int:
         print(f"{r['workload']:<28} {r['mode']:<8} {r['predictor']:<10} {r['time_s'] * 1e3:>9.1f} {over:>9} "
               f"{r['hit_rate']:>9.3f} {r['hit_rate_after_first_pass']:>7.3f} {r['nops']:>6} {r['relinquishes']:>7} "
               f"{r['reencrypted_bytes'] / 2**20:>10.1f} {r['predictor_us_per_transfer']:>7.1f} {r['verified']}")
-    print("time: the emulated device's modelled time (wall minus emulation stall); warm: hit rate after "
-          "the first pass; pred us: the predictor's observe + predict per transfer, as the pipeline used it")
+    print("time: the emulated device's modelled time (wall minus emulation stall)"
+          + (f", the median of {args.repeat} runs" if args.repeat > 1 else "")
+          + "; warm: hit rate after the first pass; pred us: the predictor's observe + predict per transfer, "
+            "as the pipeline used it")
     if explain:
         from .traces.explain import table
         print(table(rows))
@@ -284,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("--plot", metavar="PNG", help="the timeline of one pass of the first trace, per mode (implies --explain)")
     replay.add_argument("--cores", type=int, metavar="N",
                         help="also model each run on N host cores with the device side in hardware (implies --explain)")
+    replay.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run each trace and mode N times, interleaved; report the median run (default 1)")
     replay.add_argument("--json", action="store_true", help="print a JSON list, one object per run")
     replay.add_argument("--out", metavar="FILE", help="write the rows as JSON to FILE")
     replay.add_argument("--no-progress", action="store_true")

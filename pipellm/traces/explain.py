@@ -228,10 +228,11 @@ def _device_op_cost(nbytes: int, memcpy_rate: float, calls: int = 400) -> float:
     return max(0.0, best / calls - nbytes / memcpy_rate)
 
 
-def breakdown(spans: list, main: int, cpu_before: dict, cpu_after: dict, stats: dict, device_thread: str) -> dict:
+def breakdown(spans: list, main: int, cpu_before: dict, cpu_after: dict, run: tuple[float, float]) -> dict:
     """The requesting thread's modelled time by cause, per-thread CPU, and the run's work
     (see the module docstring). ``spans``: the run's timeline; ``main``: the requesting
-    thread's ident; ``cpu_*``: :func:`thread_cpu` before and after the run."""
+    thread's ident; ``cpu_*``: :func:`thread_cpu` before and after the run; ``run``: when
+    it began and ended (the pipeline's set-up and close are outside)."""
     stall = Union((s[2], s[3]) for s in spans if s[1] == "stall")
     held = Union((s[2], s[3]) for s in spans if s[0] == main and s[1] == "held")
 
@@ -241,13 +242,15 @@ def breakdown(spans: list, main: int, cpu_before: dict, cpu_after: dict, stats: 
     compute = Union((s[2], s[3]) for s in spans if s[0] == timeline.MODEL and s[1] == "compute")
     busy = Union((s[2], s[3]) for s in spans if s[0] == timeline.MODEL)
 
-    tasks = [s for s in spans if s[1].startswith("task:")]
+    inside = [s for s in spans if run[0] <= s[2] and s[3] <= run[1]]
+    tasks = [s for s in inside if s[1].startswith("task:")]
     task_wall = sum(s[3] - s[2] for s in tasks)
     task_cpu = sum(s[4] for s in tasks)
     worker_share = min(1.0, task_cpu / task_wall) if task_wall else 1.0
 
     causes = dict.fromkeys(CAUSES, 0.0)
-    mine = sorted((s for s in spans if s[0] == main and (s[1].startswith("app:") or s[1] in _CHILD)),
+    mine = sorted((s for s in spans if s[0] == main and (s[1].startswith("app:") or s[1] in _CHILD)
+                   and run[0] <= s[2] and s[3] <= run[1]),
                   key=lambda s: (s[2], s[2] - s[3]))  # by start, the enclosing span first
     wait_cpu = sum(s[4] for s in mine if s[1] == "wait-device")
     device_stall = 0.0
@@ -296,7 +299,7 @@ def breakdown(spans: list, main: int, cpu_before: dict, cpu_after: dict, stats: 
     main_cpu = threads.get("requesting (replay)", 0.0)
     held_wall = held.total
     host_cpu = max(0.0, main_cpu - held_wall - wait_cpu) + task_cpu
-    device_cpu = sum(s[4] for s in spans if s[1].startswith("device:"))
+    device_cpu = sum(s[4] for s in inside if s[1].startswith("device:"))
     return {"causes_s": causes, "emulated_device_stall_s": device_stall,
             "worker_cpu_share": worker_share, "thread_cpu_s": threads,
             "run_host_cpu_s": host_cpu, "run_device_cpu_s": device_cpu,

@@ -83,12 +83,11 @@ def replay(trace: Trace, mode: str, predictor=None, *, predictor_options: dict |
         try:
             with Pipeline(device=device, mode=mode, predictor=predictor, **options) as pipe:
                 result = _run(pipe, trace, explain)
-                device_thread = device._thread.name
         finally:
             device.close()
     if explain:
         main, before, after, marks = result.pop("_threads")
-        result["explain"] = breakdown(spans, main, before, after, result, device_thread)
+        result["explain"] = breakdown(spans, main, before, after, tuple(marks[-2:]))
         if keep_timeline:
             names = {ident: name for ident, (name, _) in after.items()}
             stall = Union((s[2], s[3]) for s in spans if s[1] == "stall")
@@ -214,8 +213,9 @@ def _run(pipe: Pipeline, trace: Trace, explain: bool = False) -> dict:
 
 def replay_many(traces: list[Trace], modes, predictors, progress=None, *, explain: bool = False,
                 cores: int | None = None, model_cores: int | None = None, timeline_of: int | None = None,
-                **options) -> list[dict]:
-    """Every (trace, mode, predictor) in one run; ``overhead_vs_plain`` against the same
+                repeat: int = 1, **options) -> list[dict]:
+    """Every (trace, mode, predictor) in one run, each ``repeat`` times (the row is the
+    median run, ``runs_s`` every run's time); ``overhead_vs_plain`` against the same
     trace's plain time (when plain is among the modes). With ``explain``, each row also
     gets ``bounds`` (:func:`pipellm.traces.explain.bounds`) from costs measured alone
     before the first run, for ``cores`` cores (default: this machine's), and the runs of
@@ -231,19 +231,24 @@ def replay_many(traces: list[Trace], modes, predictors, progress=None, *, explai
 
     costs = measure_costs(options.get("chunk_size", 4 << 20)) if explain else None
     cores = cores or os.cpu_count() or 1
+    runs = [(mode, name) for mode in modes for name in (predictors if mode == "pipellm" else [None])]
     rows = []
     for number, trace in enumerate(traces):
-        plain = None
-        mine = []
-        for mode in modes:
-            for name in (predictors if mode == "pipellm" else [None]):
-                row = replay(trace, mode, name, explain=explain, keep_timeline=explain and number == timeline_of,
-                             **dict(options))
-                if mode == "plain":
-                    plain = row["time_s"]
-                mine.append(row)
+        tries: dict[tuple, list[dict]] = {run: [] for run in runs}
+        for _ in range(repeat):  # the modes interleaved, so the machine's drift meets them alike
+            for mode, name in runs:
+                tries[(mode, name)].append(replay(
+                    trace, mode, name, explain=explain, keep_timeline=explain and number == timeline_of,
+                    **dict(options)))
                 if progress:
                     progress()
+        mine = []
+        for run in runs:
+            ranked = sorted(tries[run], key=lambda r: r["time_s"])
+            row = ranked[(len(ranked) - 1) // 2]  # the median run (the lower one of an even count)
+            row["runs_s"] = [r["time_s"] for r in tries[run]]
+            mine.append(row)
+        plain = next((r["time_s"] for r in mine if r["mode"] == "plain"), None)
         for row in mine:
             hits = row.pop("_h2d_hits")
             row["overhead_vs_plain"] = row["time_s"] / plain - 1 if plain else None
