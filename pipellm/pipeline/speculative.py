@@ -45,6 +45,7 @@ from .._ext.speculation import (  # noqa: F401 - the policy's constants, re-expo
     _RECEIVE, _REPLENISH, ACCURACY_ALPHA, ACCURACY_FLOOR, ENCRYPTING, FAILED, FRUITLESS_PLANS, GO_MESSAGE_BYTES,
     INLINE_PLANNING_BELOW, MAX_PLAN_SKIP, MAX_UNHEARD_EVENTS, NAP_WINDOW_S, PENDING, READY, STEAL_PLAN_BELOW, STRICT_MIN_DEPTH, Chunk,
     Item, Queue)
+from . import ondemand
 from .cc import CCEngine, slot_bytes_for
 
 #: a worker pays back emulated-clock time its tasks ran during emulation stall (see
@@ -60,6 +61,8 @@ class SpeculativeEngine(CCEngine, Queue):
     mode = "pipellm"
     #: an idle worker plans further ahead while plans keep queueing more (see _extend_due)
     plan_when_idle = True
+    #: idle workers seal pieces of a transfer encrypted on demand (see ondemand.py)
+    help_on_demand = True
 
     def __init__(self, device, *, timeout, chunk_size, bounce_bytes, rotate_after, predictor: Predictor,
                  regions: dict, workers: int, depth_bytes: int, depth_messages: int, iv_order: str,
@@ -105,7 +108,7 @@ class SpeculativeEngine(CCEngine, Queue):
             ("misses", "stale", "nops", "skipped_messages", "relinquishes", "reencrypted_bytes",
              "wasted_bytes", "speculative_bytes", "stolen_chunks", "worker_errors", "async_decrypted_bytes",
              "expired", "shadow_hits", "held_places", "evicted", "inline_plans", "stolen_plans", "skipped_plans",
-             "idle_plans", "predictor_errors"), 0)
+             "idle_plans", "helped_pieces", "predictor_errors"), 0)
         self._grew = False     # the last plan queued something (an idle worker may plan on)
         self._fruitless = 0    # plans in a row that named transfers but queued nothing
         self._plan_skip = 0    # chances to plan still to skip (backing off from those)
@@ -214,6 +217,19 @@ class SpeculativeEngine(CCEngine, Queue):
             self.send_data(region, offset, nbytes, dst, dst_offset, stream)
         finally:  # also after a failure part-way: whatever was sealed is on its way
             self._sent(self.sealer.next_index - 1)
+
+    def send_data(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
+        """Encrypt on demand (h2d lock held): with idle workers' help where the transfer
+        is large enough to share (see ondemand.py), else chunk by chunk as cc does."""
+        helpers = 0
+        if nbytes >= 2 * ondemand.MIN_PIECE and self.help_on_demand:
+            with self._lock:
+                if not self._tasks:
+                    helpers = min(self._idle + self._napping, len(self._workers))
+        if helpers:
+            ondemand.send(self, region, offset, nbytes, dst, dst_offset, stream, helpers)
+        else:
+            CCEngine.send_data(self, region, offset, nbytes, dst, dst_offset, stream)
 
     def _keep_or_fail(self, ticket) -> None:
         """A send under ``ticket`` failed. Unused, the ticket stays available (strict order
@@ -427,8 +443,13 @@ class SpeculativeEngine(CCEngine, Queue):
                     return
                 task = self._tasks.popleft()
                 took = True
+                chunk = None
                 if task is _REPLENISH:
                     self._replenish_pending = False
+                elif type(task) is ondemand.Piece:
+                    if task.state != PENDING:
+                        continue  # the requesting thread sealed it itself
+                    task.state, task.helped = ENCRYPTING, True
                 elif task is not _RECEIVE:
                     item, chunk = task
                     if chunk is None:  # the GO command, ahead, into private memory
@@ -455,6 +476,8 @@ class SpeculativeEngine(CCEngine, Queue):
                             pass                    # the next request raises it (never a worker)
                 elif task is _RECEIVE:
                     self._receive_async()
+                elif type(task) is ondemand.Piece:
+                    ondemand.seal(self, task)
                 elif chunk is None:
                     self._seal_go_ahead(item)
                 else:
@@ -469,7 +492,7 @@ class SpeculativeEngine(CCEngine, Queue):
             busy, cpu = end - start, thread_time() - cpu_start
             if timeline.recording:
                 what = "plan" if task is _REPLENISH else "receive" if task is _RECEIVE else \
-                    "seal-go" if chunk is None else "encrypt"
+                    "encrypt" if chunk is not None or type(task) is ondemand.Piece else "seal-go"
                 timeline.span("task:" + what, start, end, cpu)
             owed += device.frozen_s() - frozen  # the emulated clock stood still under this task
             if owed > HOLD_MIN_S:  # pay it back on the clock; a sleep's overshoot is credited

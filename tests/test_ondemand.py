@@ -1,0 +1,105 @@
+"""pipellm mode: a transfer encrypted on demand (a miss) is sealed in pieces by idle
+workers beside the requesting thread (pipellm/pipeline/ondemand.py)."""
+
+import time
+
+import numpy as np
+import pytest
+
+import pipellm
+from pipellm import IntegrityError
+from pipellm.channel.protocol import FIRST, LAST, Kind, unpack_header
+from pipellm.pipeline.ondemand import MIN_PIECE, pieces
+from pipellm.testing import Adversary, IVLedger
+from conftest import make_pipe, random_bytes
+
+MiB = 1 << 20
+
+
+def helped_pipe(device="emulated", **kw):
+    # nothing is speculated (a huge threshold): every request is a miss, sealed on demand
+    kw.setdefault("workers", 3)
+    return make_pipe("pipellm", device=device, chunk_size=4 * MiB, bounce_bytes=32 * MiB,
+                     min_speculative_bytes=1 << 40, **kw)
+
+
+def settle(pipe):
+    """Let the workers go idle (a miss is only shared with idle workers)."""
+    deadline = time.monotonic() + 5
+    while pipe._engine._idle + pipe._engine._napping < len(pipe._engine._workers) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def test_pieces_cover_the_transfer_in_order():
+    for nbytes in (2 * MIN_PIECE, 2 * MiB + 123, 9 * MiB):
+        for helpers in (1, 3, 15):
+            parts = pieces(nbytes, 4 * MiB, helpers)
+            assert parts[0][0] == 0 and sum(n for _, n in parts) == nbytes
+            assert all(a + n == b for (a, n), (b, _) in zip(parts, parts[1:]))
+            assert all(n <= 4 * MiB for _, n in parts) and len(parts) >= min(helpers + 1, nbytes // MIN_PIECE)
+
+
+class Record(Adversary):
+    def __init__(self):
+        self.headers = []
+
+    def on_message(self, msg):
+        if msg.direction == "h2d":
+            self.headers.append(unpack_header(msg.aad))
+        return [msg]
+
+
+def test_a_miss_is_sealed_by_idle_workers_and_lands_whole():
+    spy = Record()
+    ledger = IVLedger()
+    dev = pipellm.open_device("emulated", adversary=spy)
+    with ledger.watch(), helped_pipe(device=dev) as pipe:
+        data = random_bytes(3 * MiB + 5, seed=1)
+        region = pipe.register(pipellm.array(data), name="w")
+        for _ in range(4):
+            settle(pipe)
+            buf = pipe.to_device(region)
+            pipe.synchronize()
+            assert np.array_equal(dev.read(buf), data)
+        helped = pipe.stats()["helped_pieces"]
+    dev.close()
+    ledger.check()  # no IV twice
+    assert helped > 0
+    data_msgs = [h for h in spy.headers if h.kind == Kind.DATA]
+    # each transfer: its pieces in order, FIRST on the first, LAST on the last
+    assert len(data_msgs) > 4
+    firsts = [h for h in data_msgs if h.flags & FIRST]
+    lasts = [h for h in data_msgs if h.flags & LAST]
+    assert len(firsts) == len(lasts) == 4
+
+
+class TamperSecond(Adversary):
+    def __init__(self):
+        self.armed, self.seen = False, 0
+
+    def on_message(self, msg):
+        if self.armed and msg.direction == "h2d" and unpack_header(msg.aad).kind == Kind.DATA:
+            self.seen += 1
+            if self.seen == 2:
+                msg.payload[0] ^= 1
+        return [msg]
+
+
+def test_a_tampered_piece_refuses_the_whole_transfer():
+    bad = TamperSecond()
+    dev = pipellm.open_device("emulated", adversary=bad)
+    try:
+        with helped_pipe(device=dev) as pipe:
+            region = pipe.register(pipellm.array(random_bytes(2 * MiB, seed=2)), name="w")
+            buf = pipe._device_copy(region)
+            settle(pipe)
+            bad.armed = True
+            with pytest.raises(IntegrityError):
+                pipe.to_device(region)
+                pipe.synchronize()
+            assert pipe.stats()["helped_pieces"] > 0
+            assert not dev.read(buf).any()  # nothing of it landed
+            with pytest.raises((IntegrityError, pipellm.ChannelClosedError)):  # the channel stays closed
+                pipe.to_device(region)
+    finally:
+        dev.close()
