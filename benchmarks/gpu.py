@@ -143,7 +143,8 @@ def encrypted_h2d(sizes, workers, repeats: int = 3, chunk_size: int = 4 * MiB, c
             for mode in modes:
                 for n in (workers if mode == "pipellm" else [1]):
                     # pipellm may seal the whole transfer ahead (depth for all its messages)
-                    extra = ({"workers": n, "min_speculative_bytes": 0, "depth_bytes": max(64 * MiB, 2 * (size + chunk))}
+                    extra = ({"workers": n, "min_speculative_bytes": 0, "adaptive": False,
+                              "depth_bytes": max(64 * MiB, 2 * (size + chunk))}
                              if mode == "pipellm" else {})
                     with pipellm.Pipeline(device=dev, mode=mode, chunk_size=chunk, timeout=600,
                                           bounce_bytes=max(2 * (chunk + 4096), min(4 * size, 1 << 30)),

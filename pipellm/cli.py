@@ -126,6 +126,8 @@ def _replay(args) -> int:
         options["workers"] = args.workers
     if args.min_speculative_bytes is not None:
         options["min_speculative_bytes"] = args.min_speculative_bytes
+    if args.no_adaptive:
+        options["adaptive"] = False
     predictor_options = {}
     for item in args.predictor_option or ():
         key, sep, value = item.partition("=")
@@ -285,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                              "machine's measured costs; 0 speculates on every transfer)")
     replay.add_argument("--predictor-option", action="append", metavar="KEY=VALUE",
                         help="an option for the predictors that take it (e.g. width=3 for learned)")
+    replay.add_argument("--no-adaptive", action="store_true",
+                        help="pipellm: speculate always, not only while it pays (see pipellm.pipeline.payoff)")
     replay.add_argument("--explain", action="store_true",
                         help="where each run's time goes, per-thread CPU, and the bounds (see pipellm.traces.explain)")
     replay.add_argument("--plot", metavar="PNG", help="the timeline of one pass of the first trace, per mode (implies --explain)")

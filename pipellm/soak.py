@@ -171,7 +171,7 @@ def soak(transfers: int = 100_000, *, seed: int = 0, iv_order: str = "strict", w
     with ledger.watch(), Pipeline(device="emulated", mode="pipellm", predictor=predictor, chunk_size=CHUNK,
                                   iv_order=iv_order, rotate_after=rotate_after, workers=workers,
                                   bounce_bytes=1 << 20, depth_bytes=256 << 10, depth_messages=64,
-                                  min_speculative_bytes=2 * CHUNK) as pipe:
+                                  min_speculative_bytes=2 * CHUNK, adaptive=False) as pipe:  # both paths, always
         run = _Soak(pipe, rng)
         warm_up = max(1, transfers // 10)
         for i in range(transfers):

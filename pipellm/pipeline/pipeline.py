@@ -67,6 +67,10 @@ class Pipeline(Requests):
     channel's order ("auto": the size where speculating costs what it saves on this
     machine, measured once per process; see :mod:`pipellm.pipeline.threshold`).
 
+    ``adaptive`` keeps speculation on only while it measurably pays on this machine (it
+    can lose to on-demand encryption where the workers have no spare cores and the
+    workload leaves no time to hide under; see :mod:`pipellm.pipeline.payoff`).
+
     ``chunk_size`` bytes travel per message (one IV each); ``bounce_bytes`` caps the
     bounce buffers; every wait gives up after ``timeout`` seconds with
     :class:`~pipellm.TransferTimeoutError`; keys rotate every ``rotate_after`` messages
@@ -79,7 +83,7 @@ class Pipeline(Requests):
                  workers: int | None = None, depth_bytes: int = DEFAULT_DEPTH_BYTES,
                  depth_messages: int = DEFAULT_DEPTH_MESSAGES, lookahead: int = DEFAULT_LOOKAHEAD,
                  iv_order: str = "strict", iv_window: int = DEFAULT_IV_WINDOW,
-                 min_speculative_bytes: int | str = DEFAULT_MIN_SPECULATIVE_BYTES):
+                 min_speculative_bytes: int | str = DEFAULT_MIN_SPECULATIVE_BYTES, adaptive: bool = True):
         if not isinstance(mode, str):
             raise ArgumentTypeError(f"mode must be a str, got {type(mode).__name__}")
         if mode not in MODES:
@@ -99,6 +103,8 @@ class Pipeline(Requests):
             if isinstance(min_speculative_bytes, str):
                 raise ArgumentError(f"min_speculative_bytes must be an int >= 0 or 'auto', got {min_speculative_bytes!r}")
             min_speculative_bytes = check_int("min_speculative_bytes", min_speculative_bytes)
+        if not isinstance(adaptive, bool):
+            raise ArgumentTypeError(f"adaptive must be True or False, got {type(adaptive).__name__}")
         if iv_order == "window" and iv_window <= depth_messages:
             raise ArgumentError(f"iv_window ({iv_window}) must exceed depth_messages ({depth_messages}): "
                                 f"queued speculation would fall out of the window")
@@ -142,7 +148,8 @@ class Pipeline(Requests):
                     self.device, timeout=timeout, chunk_size=chunk_size, bounce_bytes=bounce_bytes,
                     rotate_after=rotate_after, predictor=predictor, regions=self._names, workers=workers,
                     depth_bytes=depth_bytes, depth_messages=depth_messages, iv_order=iv_order,
-                    iv_window=iv_window, lookahead=lookahead, min_speculative_bytes=min_speculative_bytes)
+                    iv_window=iv_window, lookahead=lookahead, min_speculative_bytes=min_speculative_bytes,
+                    adaptive=adaptive)
         except BaseException:
             if self._owns_device:
                 self.device.close()

@@ -46,6 +46,7 @@ from .._ext.speculation import (  # noqa: F401 - the policy's constants, re-expo
     INLINE_PLANNING_BELOW, MAX_PLAN_SKIP, MAX_UNHEARD_EVENTS, NAP_WINDOW_S, PENDING, READY, STEAL_PLAN_BELOW, STRICT_MIN_DEPTH, Chunk,
     Item, Queue)
 from . import ondemand
+from .payoff import Payoff
 from .cc import CCEngine, slot_bytes_for
 
 #: a worker pays back emulated-clock time its tasks ran during emulation stall (see
@@ -66,7 +67,7 @@ class SpeculativeEngine(CCEngine, Queue):
 
     def __init__(self, device, *, timeout, chunk_size, bounce_bytes, rotate_after, predictor: Predictor,
                  regions: dict, workers: int, depth_bytes: int, depth_messages: int, iv_order: str,
-                 iv_window: int, lookahead: int, min_speculative_bytes: int):
+                 iv_window: int, lookahead: int, min_speculative_bytes: int, adaptive: bool = True):
         window = iv_window if iv_order == "window" else 0
         super().__init__(device, timeout=timeout, chunk_size=chunk_size, bounce_bytes=bounce_bytes,
                          rotate_after=rotate_after, window=window)
@@ -110,6 +111,7 @@ class SpeculativeEngine(CCEngine, Queue):
              "expired", "shadow_hits", "held_places", "evicted", "inline_plans", "stolen_plans", "skipped_plans",
              "idle_plans", "helped_pieces", "predictor_errors"), 0)
         self._grew = False     # the last plan queued something (an idle worker may plan on)
+        self._payoff = Payoff() if adaptive else None  # speculation on only while it pays
         self._fruitless = 0    # plans in a row that named transfers but queued nothing
         self._plan_skip = 0    # chances to plan still to skip (backing off from those)
         self._accuracy = 1.0   # recent hit ratio of requests that met queued speculation
@@ -138,6 +140,7 @@ class SpeculativeEngine(CCEngine, Queue):
     def _request(self, key, region, offset, nbytes, dst, dst_offset, stream) -> tuple[bool, bool]:
         """A request that is not a plain hit (h2d lock held): claim what speculation has
         for it, or relinquish and send on demand. Returns (claimed, throttled)."""
+        self._adapt()
         speculating = bool(self._items)
         item = self._claim(key)
         if item is None and self._shadow is not None:
@@ -222,7 +225,8 @@ class SpeculativeEngine(CCEngine, Queue):
         """Encrypt on demand (h2d lock held): with idle workers' help where the transfer
         is large enough to share (see ondemand.py), else chunk by chunk as cc does."""
         helpers = 0
-        if nbytes >= 2 * ondemand.MIN_PIECE and self.help_on_demand:
+        if nbytes >= 2 * ondemand.MIN_PIECE and self.help_on_demand and (
+                self._payoff is None or self._payoff.speculating):  # (off: the workers stand aside)
             with self._lock:
                 if not self._tasks:
                     helpers = min(self._idle + self._napping, len(self._workers))
@@ -508,9 +512,22 @@ class SpeculativeEngine(CCEngine, Queue):
     def _replenish(self):
         # (every plan, the requesting thread's too: whether it queued more is what lets an
         # idle worker plan on)
+        if not self._adapt():
+            self._grew = False
+            return
         before = len(self._items)
         Queue._replenish(self)
         self._grew = len(self._items) > before
+
+    def _plan_later(self):
+        if self._payoff is None or self._payoff.speculating:
+            Queue._plan_later(self)
+
+    def _adapt(self) -> bool:
+        """Whether to speculate now (h2d lock held): see payoff.py."""
+        if self._payoff is None:
+            return True
+        return self._payoff.update(self.transfers_h2d, self.bytes_h2d, self.device.now())
 
     def _extend_due(self) -> bool:
         """An idle worker plans further ahead (engine lock held) while the last plan grew
@@ -633,6 +650,10 @@ class SpeculativeEngine(CCEngine, Queue):
         counts["hit_wait_s"] = self.hit_wait_s
         counts["predictor_s"] = self.predictor_s
         counts["min_speculative_bytes"] = self.min_speculative_bytes
+        if self._payoff is not None:
+            counts["speculating"] = self._payoff.speculating
+            counts["payoff_switches"] = self._payoff.switches
+            counts["payoff_rates"] = dict(on=self._payoff.rates[True], off=self._payoff.rates[False])
         counts["workers"] = len(self._workers)
         counts["iv_order"] = "window" if self.window else "strict"
         counts["queued_items"] = len(self._items)

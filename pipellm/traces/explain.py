@@ -184,7 +184,7 @@ def request_costs(layers: int = 8, nbytes: int = 64 << 10, passes: int = 20) -> 
     out = {}
     for mode, key in (("plain", "library_per_transfer_s"), ("cc", "cc_library_per_transfer_s"),
                       ("pipellm", "hit_library_per_transfer_s")):
-        options = {"min_speculative_bytes": 0, "depth_bytes": 4 * layers * (nbytes + (8 << 10))} \
+        options = {"min_speculative_bytes": 0, "depth_bytes": 4 * layers * (nbytes + (8 << 10)), "adaptive": False} \
             if mode == "pipellm" else {"bounce_bytes": (layers + 4) * (nbytes + (8 << 10))}
         best = float("inf")
         with Pipeline(device="emulated", mode=mode, chunk_size=nbytes, **options) as pipe:

@@ -14,9 +14,10 @@ request order as soon as the speculation depth lets the transfer be predicted.
 Which requests hit: a transfer of a (region, offset, bytes) the trace moved to the device
 before, at least ``min_speculative_bytes`` long (the engine's threshold), and not written
 since its last load (the write invalidates what was encrypted ahead); everything else is
-encrypted on demand, as cc does. A chunk no worker has started when its request comes is
-encrypted by the requesting thread (as the engine's stealing does); one a worker is on is
-waited for.
+encrypted on demand, as cc does (in pipellm mode, a large one in pieces shared with the
+workers idle at that moment, as ``pipellm/pipeline/ondemand.py`` does). A chunk no
+worker has started when its request comes is encrypted by the requesting thread (as the
+engine's stealing does); one a worker is on is waited for.
 
 >>> from pipellm.traces import Record, Trace
 >>> recs = [Record("region", "w", nbytes=8 << 20)]
@@ -34,6 +35,7 @@ from __future__ import annotations
 import heapq
 
 from ..devices.emulated import LinkModel
+from ..pipeline.ondemand import MIN_PIECE, pieces
 from .format import Trace
 
 #: the pipeline options the model takes (the rest do not change its clocks)
@@ -106,6 +108,21 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
             mine = chunks.pop(served, None)
             t += lib if mine is None else hit_lib
             if mode == "plain":
+                book(rec.stream, 0, t, rec.nbytes)
+            elif mine is None and mode == "pipellm" and rec.nbytes >= 2 * MIN_PIECE and free_at[0] <= t:
+                # a miss, sealed in pieces by the idle workers beside the request (ondemand.py)
+                idle = [w for w in free_at if w <= t]
+                parts = pieces(rec.nbytes, chunk_size, len(idle))
+                ends, mine_t = [], t
+                for k, (_, n) in enumerate(parts):
+                    if 0 < k <= len(idle):    # a worker's piece
+                        ends.append(t + seal(n))
+                    else:                     # the requesting thread's (the first, and any left)
+                        mine_t += seal(n)
+                        ends.append(mine_t)
+                busy = sorted(ends[1:len(idle) + 1])
+                free_at = sorted([w for w in free_at if w > t] + busy + [t] * (len(idle) - len(busy)))
+                t = max(ends)
                 book(rec.stream, 0, t, rec.nbytes)
             elif mine is None:                # encrypted on demand, chunk by chunk onto the link
                 for pos in range(0, rec.nbytes, chunk_size):

@@ -32,7 +32,7 @@ SPEC_STATS = ("hits", "misses", "nops", "skipped_messages", "relinquishes", "sta
               "wasted_bytes", "stolen_chunks", "shadow_hits")
 #: what the run's work was (for the bounds of --explain)
 WORK_STATS = ("messages_d2h", "encrypt_bytes", "decrypt_bytes", "decrypt_s", "predictor_s", "workers",
-              "min_speculative_bytes", "idle_plans",
+              "min_speculative_bytes", "idle_plans", "helped_pieces", "payoff_switches", "speculating",
               "worker_cpu_s", "worker_busy_s", "hit_wait_s", "device_aes_bytes", "device_copy_bytes", "device_ops")
 
 
@@ -257,6 +257,11 @@ def replay_many(traces: list[Trace], modes, predictors, progress=None, *, explai
                 row["bounds"] = bounds(row, floor, costs, cores)
                 row["costs_alone"] = costs
             if model_cores is not None:
+                if row["mode"] == "pipellm" and row.get("payoff_switches"):
+                    # the controller turned speculation off on this machine; the model's
+                    # machines have the cores for it: the predictor's hits with it always on
+                    hits = replay(trace, "pipellm", row["predictor"], **dict(options, adaptive=False))["_h2d_hits"]
+                    row["modelled_hits"] = "a run with speculation always on"
                 row["modelled"] = {str(c): simulate(trace, row["mode"], costs, cores=c, hits=hits, **{
                     k: options[k] for k in MODEL_OPTIONS if k in options}) for c in sorted({cores, model_cores})}
         rows += mine
