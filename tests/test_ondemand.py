@@ -24,9 +24,10 @@ def helped_pipe(device="emulated", **kw):
 
 
 def settle(pipe):
-    """Let the workers go idle (a miss is only shared with idle workers)."""
+    """Let every worker go idle and block (a miss is shared only with idle workers; one
+    between its nap and blocking counts as neither for a moment)."""
     deadline = time.monotonic() + 5
-    while pipe._engine._idle + pipe._engine._napping < len(pipe._engine._workers) and time.monotonic() < deadline:
+    while pipe._engine._idle < len(pipe._engine._workers) and time.monotonic() < deadline:
         time.sleep(0.005)
 
 
