@@ -586,7 +586,8 @@ class SpeculativeEngine(CCEngine, Queue):
     # -- device to host: decrypted in the background --------------------------------------------
     def delivered(self, msg) -> None:
         super().delivered(msg)
-        if len(msg.payload) - TAG_BYTES < self.min_speculative_bytes:
+        if len(msg.payload) - TAG_BYTES < self.min_speculative_bytes or (
+                self._payoff is not None and not self._payoff.speculating):  # (off: the workers stand aside)
             # small: its AES costs less than handing it to a worker; it is received when
             # needed (a wait, a read of the region, a bounce slot to reuse) or by the
             # next large message's task, in order
