@@ -27,7 +27,7 @@ def run(payoff, rate_on, rate_off, epochs, clock=None):
 
 @pytest.mark.parametrize("on,off", [(2.0, 1.0), (1.0, 2.0), (1.0, 1.05), (5.0, 1.0)])
 def test_the_faster_state_runs_and_the_other_is_tried_ever_more_rarely(on, off):
-    states = run(Payoff(epoch=8, max_interval=16), on, off, 400)
+    states = run(Payoff(epoch=8, max_interval=16, warmup=0), on, off, 400)
     better = on >= off
     share = sum(s == better for s in states) / len(states)
     assert share > 0.9
@@ -37,7 +37,7 @@ def test_the_faster_state_runs_and_the_other_is_tried_ever_more_rarely(on, off):
 
 
 def test_a_change_of_phase_is_followed():
-    payoff, clock = Payoff(epoch=8, max_interval=8), [0, 0, 0.0]
+    payoff, clock = Payoff(epoch=8, max_interval=8, warmup=0), [0, 0, 0.0]
     first = run(payoff, 2.0, 1.0, 100, clock)
     second = run(payoff, 1.0, 2.0, 100, clock)  # the workload changed: speculation now loses
     assert sum(first[50:]) / 50 > 0.8 and sum(second[50:]) / 50 < 0.2
@@ -84,3 +84,11 @@ def test_the_engine_speculates_only_while_the_controller_says_so():
 def test_adaptive_must_be_a_bool():
     with pytest.raises(pipellm.ArgumentTypeError, match="adaptive must be True or False"):
         make_pipe("pipellm", adaptive="yes")
+
+
+def test_the_first_epochs_are_not_measured():
+    payoff = Payoff(epoch=8, warmup=2)
+    states = run(payoff, 1.0, 5.0, 3)  # off is far better, but it takes two epochs to learn
+    assert states == [True, True, True]
+    assert payoff.rates[True] is not None and payoff.rates[False] is None  # only the third counted
+    assert not payoff.speculating  # and off is tried next

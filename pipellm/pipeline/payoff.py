@@ -8,14 +8,15 @@ idle, speculation wins by far; on a 2-core VM running a transfer-bound workload 
 lose to plain on-demand encryption (``pipellm replay --explain`` shows where).
 
 The controller measures instead of guessing: requests are counted in *epochs* of
-``epoch`` host-to-device requests, each run with speculation on or off, and each epoch's
+``epoch`` host-to-device requests (the first ``warmup`` epochs, while the predictor
+learns, not counted), each run with speculation on or off, and each epoch's
 rate (bytes requested per second of the device's clock, the application's own compute
 included: the same in both) is kept per state. After an epoch the better state runs
 next; the other is tried again after 1, 2, 4, ... up to ``max_interval`` epochs while the
 same state keeps winning, so a workload whose phases change is re-measured, and one
 where speculation wins by far loses at most 1 epoch in ``max_interval + 1`` to trying.
 
->>> p = Payoff(epoch=10)
+>>> p = Payoff(epoch=10, warmup=0)
 >>> p.update(0, 0, 0.0)         # the first epoch begins (speculating)
 True
 >>> p.update(10, 1000, 1.0)     # speculating: 1000 bytes per second; now try without
@@ -34,8 +35,9 @@ from __future__ import annotations
 class Payoff:
     """On/off for speculation by measured request rate (see the module docstring)."""
 
-    def __init__(self, epoch: int = 96, max_interval: int = 64):
+    def __init__(self, epoch: int = 96, max_interval: int = 64, warmup: int = 1):
         self.epoch, self.max_interval = epoch, max_interval
+        self._warmup = warmup  # epochs not measured: the predictor's first pass is all misses
         self.speculating = True
         self.rates: dict[bool, float | None] = {True: None, False: None}
         self.switches = 0
@@ -53,6 +55,9 @@ class Payoff:
         if requests - r0 < self.epoch:
             return self.speculating
         self._start = (requests, nbytes, now)
+        if self._warmup:
+            self._warmup -= 1
+            return self.speculating
         self.rates[self.speculating] = (nbytes - b0) / max(now - t0, 1e-9)
         on, off = self.rates[True], self.rates[False]
         if on is None or off is None:               # try each state once
