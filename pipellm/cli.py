@@ -138,7 +138,7 @@ def _replay(args) -> int:
         except json.JSONDecodeError:
             predictor_options[key] = value
     options["predictor_options"] = predictor_options
-    total = len(traces) * sum(len(predictors) if m == "pipellm" else 1 for m in modes)
+    total = len(traces) * sum(len(predictors) if m.startswith("pipellm") else 1 for m in modes)
     if args.cores is not None and args.cores < 1:
         raise SystemExit(f"--cores must be >= 1, got {args.cores}")
     explain = args.explain or args.plot is not None or args.cores is not None
@@ -278,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
 
     replay = sub.add_parser("replay", help="replay traces on the emulated device, modes side by side")
     replay.add_argument("traces", nargs="+", metavar="TRACE")
-    replay.add_argument("--modes", default="plain,cc,pipellm", help="comma-separated (default plain,cc,pipellm)")
+    replay.add_argument("--modes", default="plain,cc,pipellm",
+                        help="comma-separated (default plain,cc,pipellm; pipellm-always: pipellm with speculation "
+                             "always on, to compare with the default's in one run)")
     replay.add_argument("--predictor", default="layerwise", help="pipellm predictor(s), comma-separated")
     replay.add_argument("--iv-order", choices=("strict", "window"), default="strict")
     replay.add_argument("--workers", type=int, default=None)

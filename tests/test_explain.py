@@ -138,14 +138,17 @@ def test_cli_explain_cores_plot_and_json(tmp_path, capsys):
     path = tmp_path / "t.jsonl"
     write(path, "layers", layers(passes=3).records)
     png, out = tmp_path / "t.png", tmp_path / "rows.json"
-    assert main(["replay", str(path), "--cores", "16", "--plot", str(png), "--out", str(out), "--no-progress"]) == 0
+    assert main(["replay", str(path), "--modes", "plain,cc,pipellm,pipellm-always", "--cores", "16", "--plot", str(png),
+                 "--out", str(out), "--no-progress", "--repeat", "2"]) == 0
     text = capsys.readouterr().out
     assert "where the requesting thread's modelled time goes" in text
     assert "bound, H100 device, 16 cores" in text and "modelled (not run)" in text
     assert png.stat().st_size > 10_000
     rows = json.loads(out.read_text())
-    assert [r["mode"] for r in rows] == ["plain", "cc", "pipellm"]
-    assert all("16" in r["modelled"] and "bound_run_s" in r["bounds"] for r in rows)
+    assert [r["mode"] for r in rows] == ["plain", "cc", "pipellm", "pipellm-always"]
+    assert all("16" in r["modelled"] and "bound_run_s" in r["bounds"] and len(r["runs_s"]) == 2 for r in rows)
+    assert all(r["time_s"] in r["runs_s"] for r in rows)  # the median run's row
+    assert rows[3]["payoff_switches"] == 0 and rows[3]["hits"] > 0  # speculation always on
 
 
 def test_cli_refuses_zero_cores(tmp_path):

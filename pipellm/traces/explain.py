@@ -314,7 +314,8 @@ def work_alone(row: dict, costs: dict) -> dict:
     encrypted = row["mode"] != "plain"
     h_fixed = (row.get("messages_h2d", 0) * costs["seal_fixed_s"] * encrypted
                + row.get("messages_d2h", 0) * costs["open_fixed_s"] * encrypted
-               + row["transfers_h2d"] * costs[_LIBRARY[row["mode"]]] + row["transfers_d2h"] * costs[_LIBRARY["cc"]]
+               + row["transfers_h2d"] * costs[_LIBRARY[row["mode"].partition("-")[0]]]
+               + row["transfers_d2h"] * costs[_LIBRARY["cc"]]
                * encrypted + row["transfers_d2h"] * costs["library_per_transfer_s"] * (not encrypted)
                + row.get("predictor_s", 0.0))
     h_bytes = {"seal": row.get("encrypt_bytes", 0), "open": row.get("decrypt_bytes", 0)}
@@ -347,7 +348,8 @@ def bound(plain_s: float, host: float, device: float, stall: float, cores: int, 
 def bounds(row: dict, plain_s: float, costs: dict, cores: int, hardware_cores=(16,)) -> dict:
     """Both bounds on this machine, and the hardware-device bounds, for one explained row."""
     ex = row["explain"]
-    threads = 1 + row.get("workers", 0) if row["mode"] == "pipellm" else 1
+    speculative = row["mode"].startswith("pipellm")
+    threads = 1 + row.get("workers", 0) if speculative else 1
     work = work_alone(row, costs)
     stopped = ex["clock_stopped_s"]
     out = {"plain_s": plain_s, "cores": cores, "host_threads": threads, "work_alone_s": work,
@@ -356,7 +358,7 @@ def bounds(row: dict, plain_s: float, costs: dict, cores: int, hardware_cores=(1
            "bound_run_s": bound(plain_s, ex["run_host_cpu_s"], ex["run_device_cpu_s"], stopped, cores, threads)}
     # the device side in hardware, a host of c cores (c - 1 workers), each core as fast as
     # one here alone (a server's memory bandwidth feeds its cores; this VM's does not)
-    out["hardware_bound_s"] = {str(c): max(plain_s, work["host"] / (c if row["mode"] == "pipellm" else 1))
+    out["hardware_bound_s"] = {str(c): max(plain_s, work["host"] / (c if speculative else 1))
                                for c in sorted({cores, *hardware_cores})}
     out["time_over_bound_run"] = row["time_s"] / out["bound_run_s"] if out["bound_run_s"] else None
     out["time_over_bound_alone"] = row["time_s"] / out["bound_alone_s"] if out["bound_alone_s"] else None
@@ -371,6 +373,7 @@ def table(rows: list[dict]) -> str:
         if not group:
             continue
         heads = [f"{r['mode']}" + (f":{r['predictor']}" if r["mode"] == "pipellm" else "") for r in group]
+        heads = [h.replace("pipellm-always", "always") for h in heads]
         lines.append(f"\n{group[0]['workload']}: where the requesting thread's modelled time goes (ms)")
         lines.append(f"  {'':34}" + "".join(f"{h:>16}" for h in heads))
 

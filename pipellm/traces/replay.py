@@ -27,6 +27,9 @@ from .explain import breakdown, pass_window, thread_cpu
 from .intervals import Union
 from .format import Trace
 
+#: a replay mode: pipellm with speculation always on (``adaptive=False``), beside pipellm
+ALWAYS = "pipellm-always"
+
 #: pipellm stats copied into each result
 SPEC_STATS = ("hits", "misses", "nops", "skipped_messages", "relinquishes", "stale", "reencrypted_bytes",
               "wasted_bytes", "stolen_chunks", "shadow_hits")
@@ -68,11 +71,14 @@ def _predictor(name, trace: Trace, options: dict):
 
 def replay(trace: Trace, mode: str, predictor=None, *, predictor_options: dict | None = None,
            explain: bool = False, keep_timeline: bool = False, **options) -> dict:
-    """Replay ``trace`` in ``mode``; options go to :class:`pipellm.Pipeline` (and
-    ``link`` to the emulated device). Returns the result row; with ``explain``, its
+    """Replay ``trace`` in ``mode`` (a Pipeline mode, or :data:`ALWAYS`); options go to
+    :class:`pipellm.Pipeline` (and ``link`` to the emulated device). Returns the result row; with ``explain``, its
     ``explain`` entry says where the time went (:func:`pipellm.traces.explain.breakdown`)."""
     link = options.pop("link", None)
     label = predictor if isinstance(predictor, str) or predictor is None else getattr(predictor, "name", "custom")
+    row_mode = mode
+    if mode == ALWAYS:  # pipellm with speculation always on, to compare in one run
+        mode, options = "pipellm", dict(options, adaptive=False)
     if mode == "pipellm":
         predictor = _predictor(predictor or "sequence", trace, predictor_options or {})
         label = label or "sequence"
@@ -92,7 +98,7 @@ def replay(trace: Trace, mode: str, predictor=None, *, predictor_options: dict |
             names = {ident: name for ident, (name, _) in after.items()}
             stall = Union((s[2], s[3]) for s in spans if s[1] == "stall")
             result["timeline"] = pass_window(spans, main, marks[:-2], stall, names, tuple(marks[-2:]))
-    result.update(trace=trace.source, workload=trace.workload, mode=mode, predictor=label)
+    result.update(trace=trace.source, workload=trace.workload, mode=row_mode, predictor=label)
     return result
 
 
@@ -231,7 +237,7 @@ def replay_many(traces: list[Trace], modes, predictors, progress=None, *, explai
 
     costs = measure_costs(options.get("chunk_size", 4 << 20)) if explain else None
     cores = cores or os.cpu_count() or 1
-    runs = [(mode, name) for mode in modes for name in (predictors if mode == "pipellm" else [None])]
+    runs = [(mode, name) for mode in modes for name in (predictors if mode.startswith("pipellm") else [None])]
     rows = []
     for number, trace in enumerate(traces):
         tries: dict[tuple, list[dict]] = {run: [] for run in runs}
@@ -257,12 +263,12 @@ def replay_many(traces: list[Trace], modes, predictors, progress=None, *, explai
                 row["bounds"] = bounds(row, floor, costs, cores)
                 row["costs_alone"] = costs
             if model_cores is not None:
-                if row["mode"] == "pipellm" and row.get("payoff_switches"):
+                if row["mode"].startswith("pipellm") and row.get("payoff_switches"):
                     # the controller turned speculation off on this machine; the model's
                     # machines have the cores for it: the predictor's hits with it always on
                     hits = replay(trace, "pipellm", row["predictor"], **dict(options, adaptive=False))["_h2d_hits"]
                     row["modelled_hits"] = "a run with speculation always on"
-                row["modelled"] = {str(c): simulate(trace, row["mode"], costs, cores=c, hits=hits, **{
+                row["modelled"] = {str(c): simulate(trace, row["mode"].partition("-")[0], costs, cores=c, hits=hits, **{
                     k: options[k] for k in MODEL_OPTIONS if k in options}) for c in sorted({cores, model_cores})}
         rows += mine
     return rows
