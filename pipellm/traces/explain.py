@@ -375,10 +375,10 @@ def table(rows: list[dict]) -> str:
         heads = [f"{r['mode']}" + (f":{r['predictor']}" if r["mode"] == "pipellm" else "") for r in group]
         heads = [h.replace("pipellm-always", "always") for h in heads]
         lines.append(f"\n{group[0]['workload']}: where the requesting thread's modelled time goes (ms)")
-        lines.append(f"  {'':34}" + "".join(f"{h:>16}" for h in heads))
+        lines.append(f"  {'':34}" + "".join(f"{h:>18}" for h in heads))
 
         def row(label, values):
-            lines.append(f"  {label:34}" + "".join(f"{v:>16}" for v in values))
+            lines.append(f"  {label:34}" + "".join(f"{v:>18}" for v in values))
         row("time (modelled)", [f"{r['time_s'] * 1e3:.1f}" for r in group])
         for cause in CAUSES:
             vals = [r["explain"]["causes_s"][cause] * 1e3 for r in group]
