@@ -763,3 +763,41 @@ def test_min_speculative_bytes_auto_comes_from_measured_costs():
     assert chosen == speculation_threshold() and MIN_THRESHOLD <= chosen <= MAX_THRESHOLD
     with pytest.raises(pipellm.ArgumentError, match="int >= 0 or 'auto', got 'big'"):
         make_pipe("pipellm", min_speculative_bytes="big")
+
+
+class _Fixed(Predictor):
+    """Predicts the same transfer, once armed."""
+
+    name = "fixed"
+
+    def __init__(self, key):
+        self.key, self.armed = key, False
+
+    def observe(self, event):
+        pass
+
+    def predict(self, k):
+        return [Prediction(*self.key)][:k] if self.armed else []
+
+
+def test_a_worker_encrypts_beside_data_landing_elsewhere_in_the_region_without_receiving_it():
+    """Device-to-host data coming into block 0 of a region does not hold up (or get
+    received by) a worker encrypting block 1 ahead: only data landing in the chunk's own
+    bytes is waited for, and a landing there after all makes the chunk stale."""
+    block = 16 * 1024
+    predictor = _Fixed(("kv", block, block))
+    with spec_pipe(predictor=predictor, min_speculative_bytes=8192, chunk_size=block, adaptive=False) as pipe:
+        data = np.random.default_rng(5).integers(0, 256, 2 * block, dtype=np.uint8)
+        kv = pipe.register(pipellm.array(data), name="kv")
+        dbuf = pipe.to_device(kv)
+        pipe.synchronize()
+        predictor.armed = True  # block 1 is planned (and encrypted) after the read below is on its way
+        pipe.to_host(dbuf, kv, src_offset=0, offset=0, nbytes=4096)  # lands in block 0, not waited for
+        pipe.wait_speculation(TIMEOUT)
+        assert pipe.stats()["queued_items"] == 1
+        assert pipe._engine._expected, "the worker received the device-to-host data itself"
+        hits = pipe.stats()["hits"]
+        pipe.to_device(kv, block, block, dst=dbuf, dst_offset=block)
+        pipe.synchronize()
+        assert pipe.stats()["hits"] == hits + 1
+        assert np.array_equal(pipe.device.read(dbuf), data)

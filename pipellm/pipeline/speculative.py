@@ -54,6 +54,18 @@ from .cc import CCEngine, slot_bytes_for
 HOLD_MIN_S = 2e-4
 
 
+def _may_overlap(incoming, region, offset: int, nbytes: int) -> bool:
+    """Whether device-to-host data still coming into ``region`` may land in its bytes
+    ``[offset, offset + nbytes)``. Only the last transfer's range is known (and only in
+    the region's own offsets when it is the destination), so anything else may. A chunk
+    encrypted beside a landing elsewhere in the region stays valid (library writes are
+    logged by range: one into its bytes makes it stale, and it is sent on demand)."""
+    landing = getattr(incoming, "landing", None)
+    if landing is None or landing.region is not region:
+        return True
+    return offset < landing.offset + landing.nbytes and landing.offset < offset + nbytes
+
+
 def default_workers() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
@@ -540,8 +552,9 @@ class SpeculativeEngine(CCEngine, Queue):
         state, msg = FAILED, None
         region = item.region
         try:
-            if region.incoming is not None:
-                region.wait(self.timeout)  # device-to-host data still coming into it lands first
+            incoming = region.incoming
+            if incoming is not None and _may_overlap(incoming, region, item.offset + chunk.offset, chunk.nbytes):
+                region.wait(self.timeout)  # device-to-host data still coming into these bytes lands first
             chunk.lib_seq = region.lib_seq
             if region.unchanged_since(item.token):
                 start = item.offset + chunk.offset
