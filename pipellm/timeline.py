@@ -8,8 +8,8 @@ that did the work, or :data:`MODEL` for spans on the emulated device's modelled 
 (link and compute bookings, which no thread runs).
 
 Kinds: ``encrypt`` / ``decrypt`` (AES-GCM, any thread), ``wait-worker`` (a request
-waiting for a worker's chunk), ``wait-receive`` (waiting for device-to-host chunks to be
-received, by this thread or another), ``predictor``, ``wait-device`` (a host thread waiting for
+waiting for a worker's chunk), ``wait-receive`` (waiting for another thread to finish
+receiving device-to-host chunks), ``predictor``, ``wait-device`` (a host thread waiting for
 a device op or a bounce slot's DMA), ``stall`` (the emulated clock standing still),
 ``device:<op kind>`` (the copy engine handling an op), ``task:<what>`` (a worker's task),
 ``gated`` (a worker held at the emulated device's gate), ``link-h2d`` / ``link-d2h`` /

@@ -211,19 +211,16 @@ class CCEngine(Engine):
     def receive_until(self, target: _Incoming, timeout) -> bool:
         """Authenticate, decrypt and commit device-to-host chunks in channel order until
         ``target`` is received (or failed). False if that took longer than ``timeout``."""
-        if timeline.recording and not target.received:
-            start = perf_counter()
-            try:
-                return self._receive_until(target, timeout)
-            finally:
-                timeline.span("wait-receive", start, perf_counter())
-        return self._receive_until(target, timeout)
-
-    def _receive_until(self, target: _Incoming, timeout) -> bool:
+        if target.received:
+            return True
         with self._recv_waiters_lock:
             self._recv_waiters += 1
         try:
-            self._recv_lock.acquire()
+            if not self._recv_lock.acquire(blocking=False):  # another thread is receiving
+                start = perf_counter()
+                self._recv_lock.acquire()
+                if timeline.recording:
+                    timeline.span("wait-receive", start, perf_counter())
         finally:
             with self._recv_waiters_lock:
                 self._recv_waiters -= 1

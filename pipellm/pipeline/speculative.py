@@ -622,6 +622,11 @@ class SpeculativeEngine(CCEngine, Queue):
                 if not (self._expected and self._inbox):
                     return
                 head = self._expected[0]
+                if not head.op.finished:
+                    # never hold the receive lock across a wait for the device: a thread
+                    # that comes to wait would wait behind it (the next delivery's task,
+                    # or that thread, receives it)
+                    return
                 if not self._receive_head(self.timeout):
                     return
                 if head.error is None:
