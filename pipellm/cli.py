@@ -141,6 +141,11 @@ def _replay(args) -> int:
     total = len(traces) * sum(len(predictors) if m.startswith("pipellm") else 1 for m in modes)
     if args.cores is not None and args.cores < 1:
         raise SystemExit(f"--cores must be >= 1, got {args.cores}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401 - checked before the runs, not after them
+        except ImportError:
+            raise SystemExit("--plot needs matplotlib: pip install 'pipellm[plot]'") from None
     explain = args.explain or args.plot is not None or args.cores is not None
     if args.repeat < 1:
         raise SystemExit(f"--repeat must be >= 1, got {args.repeat}")

@@ -80,6 +80,9 @@ def test_explain_attributes_the_modelled_time_to_its_causes(explained):
         assert sum(ex["causes_s"].values()) == pytest.approx(row["time_s"], rel=0.25, abs=2e-3)
     plain, cc, spec = explained
     assert plain["explain"]["causes_s"]["encrypting"] == 0
+    # cc has no thread but the requesting one to receive device-to-host data: its own
+    # receiving is the library's, never a wait for another thread
+    assert cc["explain"]["causes_s"]["waiting_receive"] == 0 and cc["explain"]["causes_s"]["waiting_worker"] == 0
     assert cc["explain"]["causes_s"]["encrypting"] > 0          # cc encrypts on the requesting thread
     assert cc["explain"]["causes_s"]["compute"] > 0             # and waits for the modelled compute
     assert any("worker" in name for name in spec["explain"]["thread_cpu_s"])
