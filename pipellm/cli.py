@@ -165,11 +165,11 @@ def _replay(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0 if all(r["verified"] for r in rows) else 1
-    print(f"{'workload':<28} {'mode':<8} {'predictor':<10} {'time ms':>9} {'vs plain':>9} {'hit rate':>9} "
+    print(f"{'workload':<28} {'mode':<14} {'predictor':<10} {'time ms':>9} {'vs plain':>9} {'hit rate':>9} "
           f"{'warm':>7} {'NOPs':>6} {'relinq':>7} {'re-enc MiB':>10} {'pred us':>7} verified")
     for r in rows:
         over = "" if r.get("overhead_vs_plain") is None else f"{r['overhead_vs_plain']:+.1%}"
-        print(f"{r['workload']:<28} {r['mode']:<8} {r['predictor']:<10} {r['time_s'] * 1e3:>9.1f} {over:>9} "
+        print(f"{r['workload']:<28} {r['mode']:<14} {r['predictor']:<10} {r['time_s'] * 1e3:>9.1f} {over:>9} "
               f"{r['hit_rate']:>9.3f} {r['hit_rate_after_first_pass']:>7.3f} {r['nops']:>6} {r['relinquishes']:>7} "
               f"{r['reencrypted_bytes'] / 2**20:>10.1f} {r['predictor_us_per_transfer']:>7.1f} {r['verified']}")
     print("time: the emulated device's modelled time (wall minus emulation stall)"

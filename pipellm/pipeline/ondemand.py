@@ -16,6 +16,9 @@ two cores the one worker rarely helps (streaming AES shares the memory bandwidth
 
 from __future__ import annotations
 
+from time import perf_counter
+
+from .. import timeline
 from ..channel import Kind
 from ..errors import TransferTimeoutError
 from ..channel.protocol import ABANDON, FIRST, LAST, TAG_BYTES
@@ -72,9 +75,6 @@ def send(engine, region, offset: int, nbytes: int, dst, dst_offset: int, stream,
     """Encrypt ``region[offset:offset+nbytes]`` for ``dst`` with ``helpers`` idle workers'
     help and send it (h2d lock held). Batches of pieces fit half the bounce pool, so a
     batch never waits for slots only its own submission would free."""
-    from .. import timeline
-    from time import perf_counter
-
     parts = pieces(nbytes, engine.chunk_size, helpers)
     pool, source, order = engine.pool, region.view, engine.order
     batch_bytes = max(parts[0][1], pool.cap_bytes // 2)
@@ -118,8 +118,9 @@ def send(engine, region, offset: int, nbytes: int, dst, dst_offset: int, stream,
             timeline.span("wait-worker", waited, perf_counter())
         failed = next((p.error for p in work if p.state == FAILED), None)
         if failed is not None or not done:
-            for slot in slots:  # (a worker still on a piece writes a slot no DMA will read)
-                pool.release(slot)
+            for piece, slot in zip(work, slots):
+                if piece.state != ENCRYPTING:  # a worker still sealing into its slot keeps it
+                    pool.release(slot)
             raise failed or TransferTimeoutError(f"a worker did not finish sealing a piece within {engine.timeout} s")
         try:
             op = engine.device.submit_messages(stream, engine.session, [p.msg for p in work])

@@ -99,9 +99,10 @@ class Pipeline(Requests):
         depth_messages = check_int("depth_messages", depth_messages, minimum=2)
         lookahead = check_int("lookahead", lookahead, minimum=1)
         iv_window = check_int("iv_window", iv_window, minimum=2)
-        if not (isinstance(min_speculative_bytes, str) and min_speculative_bytes == "auto"):
-            if isinstance(min_speculative_bytes, str):
+        if isinstance(min_speculative_bytes, str):
+            if min_speculative_bytes != "auto":
                 raise ArgumentError(f"min_speculative_bytes must be an int >= 0 or 'auto', got {min_speculative_bytes!r}")
+        else:
             min_speculative_bytes = check_int("min_speculative_bytes", min_speculative_bytes)
         if not isinstance(adaptive, bool):
             raise ArgumentTypeError(f"adaptive must be True or False, got {type(adaptive).__name__}")

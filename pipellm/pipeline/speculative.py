@@ -237,8 +237,7 @@ class SpeculativeEngine(CCEngine, Queue):
         """Encrypt on demand (h2d lock held): with idle workers' help where the transfer
         is large enough to share (see ondemand.py), else chunk by chunk as cc does."""
         helpers = 0
-        if nbytes >= 2 * ondemand.MIN_PIECE and self.help_on_demand and (
-                self._payoff is None or self._payoff.speculating):  # (off: the workers stand aside)
+        if nbytes >= 2 * ondemand.MIN_PIECE and self.help_on_demand and self.speculating:
             with self._lock:
                 if not self._tasks:
                     helpers = min(self._idle + self._napping, len(self._workers))
@@ -429,7 +428,8 @@ class SpeculativeEngine(CCEngine, Queue):
                 gated = perf_counter()
                 gate.wait()
                 timeline.span("gated", gated, perf_counter())
-            gate.wait()  # no progress while the emulated device's clock stands still
+            else:
+                gate.wait()  # no progress while the emulated device's clock stands still
             with self._cond:
                 self.worker_busy_s += busy
                 self.worker_cpu_s += cpu
@@ -532,8 +532,14 @@ class SpeculativeEngine(CCEngine, Queue):
         self._grew = len(self._items) > before
 
     def _plan_later(self):
-        if self._payoff is None or self._payoff.speculating:
+        if self.speculating:
             Queue._plan_later(self)
+
+    @property
+    def speculating(self) -> bool:
+        """Whether speculation is on now (the controller's last word; always, without one).
+        Off, the workers stand aside: no plans, no help, no background receiving."""
+        return self._payoff is None or self._payoff.speculating
 
     def _adapt(self) -> bool:
         """Whether to speculate now (h2d lock held): see payoff.py."""
@@ -544,8 +550,8 @@ class SpeculativeEngine(CCEngine, Queue):
     def _extend_due(self) -> bool:
         """An idle worker plans further ahead (engine lock held) while the last plan grew
         the queue, the queue is short of the lookahead, and nothing else is pending."""
-        return (self.plan_when_idle and self._grew and not self._replenish_pending and not self._throttle and not self._stopping
-                and len(self._items) < self.lookahead)
+        return (self.plan_when_idle and self._grew and not self._replenish_pending and not self._throttle
+                and not self._stopping and len(self._items) < self.lookahead)
 
     def _encrypt(self, item: Item, chunk: Chunk) -> None:
         """Seal one speculative chunk into its slot, unless the region changed since its token."""
@@ -599,8 +605,7 @@ class SpeculativeEngine(CCEngine, Queue):
     # -- device to host: decrypted in the background --------------------------------------------
     def delivered(self, msg) -> None:
         super().delivered(msg)
-        if len(msg.payload) - TAG_BYTES < self.min_speculative_bytes or (
-                self._payoff is not None and not self._payoff.speculating):  # (off: the workers stand aside)
+        if len(msg.payload) - TAG_BYTES < self.min_speculative_bytes or not self.speculating:
             # small: its AES costs less than handing it to a worker; it is received when
             # needed (a wait, a read of the region, a bounce slot to reuse) or by the
             # next large message's task, in order

@@ -114,11 +114,17 @@ def measure_costs(chunk_size: int = 4 << 20, footprint: int = 128 << 20) -> dict
     s_views = [memoryview(src)[i * big:(i + 1) * big] for i in range(n)]
     c_views = [memoryview(sealed)[i * (big + 16):(i + 1) * (big + 16)] for i in range(n)]
     p_views = [memoryview(plain)[i * big:(i + 1) * big] for i in range(n)]
+    ops = {"seal": lambda i: seal_into(aead, iv, s_views[i], aad, c_views[i]),
+           "open": lambda i: open_into(aead, iv, c_views[i], aad, p_views[i]),
+           "memcpy": lambda i: copy_into(p_views[i], s_views[i])}
     for i in range(n):
-        seal_into(aead, iv, s_views[i], aad, c_views[i])
-    t_big = {
-        "seal": _cost(lambda: [seal_into(aead, iv, s_views[i], aad, c_views[i]) for i in range(n)], 3) / n,
-        "open": _cost(lambda: [open_into(aead, iv, c_views[i], aad, p_views[i]) for i in range(n)], 3) / n}
+        ops["seal"](i)
+    # one thread alone, then the machine's capacity: every core at once on its own share
+    # of the footprint (streaming AES and copies share memory bandwidth: two at once on a
+    # small VM may not even add up to one alone)
+    cores = os.cpu_count() or 1
+    alone = {name: _aggregate(op, n, big, 1) for name, op in ops.items()}
+    t_big = {name: big / alone[name] for name in ("seal", "open")}
     small_sealed = bytearray(small + 16)
     seal_into(aead, iv, s_views[0][:small], aad, small_sealed)
     small_plain = bytearray(small)
@@ -129,17 +135,11 @@ def measure_costs(chunk_size: int = 4 << 20, footprint: int = 128 << 20) -> dict
         rate = (big - small) / max(t_big[name] - t_small[name], 1e-9)
         out[f"{name}_bytes_per_s"] = rate
         out[f"{name}_fixed_s"] = max(0.0, t_small[name] - small / rate)
-    out["memcpy_bytes_per_s"] = big / (_cost(lambda: [copy_into(p_views[i], s_views[i]) for i in range(n)], 3) / n)
-    # the machine's capacity: every core at once on its own share of the footprint
-    # (streaming AES and copies share memory bandwidth: two at once on a small VM may
-    # not even add up to one alone)
-    cores = os.cpu_count() or 1
-    for name, op in (("seal", lambda i: seal_into(aead, iv, s_views[i], aad, c_views[i])),
-                     ("open", lambda i: open_into(aead, iv, c_views[i], aad, p_views[i])),
-                     ("memcpy", lambda i: copy_into(p_views[i], s_views[i]))):
+    out["memcpy_bytes_per_s"] = alone["memcpy"]
+    for name, op in ops.items():
         out[f"{name}_all_cores_bytes_per_s"] = _aggregate(op, n, big, cores)
     out["cores"] = cores
-    del src, sealed, plain, s_views, c_views, p_views
+    del src, sealed, plain, s_views, c_views, p_views, ops
     out.update(request_costs())
     out["device_per_op_s"] = _device_op_cost(small, out["memcpy_bytes_per_s"])
     return out
@@ -249,8 +249,7 @@ def breakdown(spans: list, main: int, cpu_before: dict, cpu_after: dict, run: tu
     worker_share = min(1.0, task_cpu / task_wall) if task_wall else 1.0
 
     causes = dict.fromkeys(CAUSES, 0.0)
-    mine = sorted((s for s in spans if s[0] == main and (s[1].startswith("app:") or s[1] in _CHILD)
-                   and run[0] <= s[2] and s[3] <= run[1]),
+    mine = sorted((s for s in inside if s[0] == main and (s[1].startswith("app:") or s[1] in _CHILD)),
                   key=lambda s: (s[2], s[2] - s[3]))  # by start, the enclosing span first
     wait_cpu = sum(s[4] for s in mine if s[1] == "wait-device")
     device_stall = 0.0
@@ -315,8 +314,7 @@ def work_alone(row: dict, costs: dict) -> dict:
     h_fixed = (row.get("messages_h2d", 0) * costs["seal_fixed_s"] * encrypted
                + row.get("messages_d2h", 0) * costs["open_fixed_s"] * encrypted
                + row["transfers_h2d"] * costs[_LIBRARY[row["mode"].partition("-")[0]]]
-               + row["transfers_d2h"] * costs[_LIBRARY["cc"]]
-               * encrypted + row["transfers_d2h"] * costs["library_per_transfer_s"] * (not encrypted)
+               + row["transfers_d2h"] * costs[_LIBRARY["cc" if encrypted else "plain"]]
                + row.get("predictor_s", 0.0))
     h_bytes = {"seal": row.get("encrypt_bytes", 0), "open": row.get("decrypt_bytes", 0)}
     d_fixed = row.get("device_ops", 0) * costs["device_per_op_s"]
@@ -406,10 +404,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def pass_window(spans: list, main: int, marks: list[float], stall: Union, names: dict, run: tuple) -> list:
+def pass_window(spans: list, main: int, marks: list[float], names: dict, run: tuple) -> list:
     """The spans of one pass (the second, where the trace has one: the first warms the
     predictor; where passes are under 2% of the ``run``, its middle tenth) on the
     modelled clock, as ``[lane, kind, start, end]``."""
+    stall = Union((s[2], s[3]) for s in spans if s[1] == "stall")
     a, b = marks[1] if len(marks) > 1 else run[0], marks[2] if len(marks) > 2 else run[1]
     if b - a < 0.02 * (run[1] - run[0]):
         middle = (run[0] + run[1]) / 2
@@ -482,7 +481,7 @@ def model_table(rows: list[dict]) -> str:
     cores = list(rows[0]["modelled"])
     lines = ["\nmodelled (not run): the same runs on N host cores, the device side in hardware (an H100's copy "
              "engine), from the costs measured alone; pipellm hits as in the run",
-             f"{'workload':<28} {'mode':<8}" + "".join(f"{c + ' cores ms':>16} {'vs plain':>9}" for c in cores)]
+             f"{'workload':<28} {'mode':<14}" + "".join(f"{c + ' cores ms':>16} {'vs plain':>9}" for c in cores)]
     for r in rows:
         plain = next((p for p in rows if p["trace"] == r["trace"] and p["mode"] == "plain"), None)
         cells = ""
@@ -490,5 +489,5 @@ def model_table(rows: list[dict]) -> str:
             t = r["modelled"][c]
             over = f"{t / plain['modelled'][c] - 1:+.1%}" if plain else ""
             cells += f"{t * 1e3:>16.1f} {over:>9}"
-        lines.append(f"{r['workload'][:28]:<28} {r['mode']:<8}" + cells)
+        lines.append(f"{r['workload'][:28]:<28} {r['mode']:<14}" + cells)
     return "\n".join(lines)

@@ -15,6 +15,7 @@ runs with the device clock held, so it is not counted either.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from time import perf_counter
 
@@ -23,9 +24,10 @@ import numpy as np
 from .. import hostmem, timeline
 from ..devices import open_device
 from ..pipeline import Pipeline
-from .explain import breakdown, pass_window, thread_cpu
-from .intervals import Union
+from .explain import bounds, breakdown, measure_costs, pass_window, thread_cpu
 from .format import Trace
+from .model import MODEL_OPTIONS, simulate
+from .summary import summarize
 
 #: a replay mode: pipellm with speculation always on (``adaptive=False``), beside pipellm
 ALWAYS = "pipellm-always"
@@ -96,8 +98,7 @@ def replay(trace: Trace, mode: str, predictor=None, *, predictor_options: dict |
         result["explain"] = breakdown(spans, main, before, after, tuple(marks[-2:]))
         if keep_timeline:
             names = {ident: name for ident, (name, _) in after.items()}
-            stall = Union((s[2], s[3]) for s in spans if s[1] == "stall")
-            result["timeline"] = pass_window(spans, main, marks[:-2], stall, names, tuple(marks[-2:]))
+            result["timeline"] = pass_window(spans, main, marks[:-2], names, tuple(marks[-2:]))
     result.update(trace=trace.source, workload=trace.workload, mode=row_mode, predictor=label)
     return result
 
@@ -229,12 +230,6 @@ def replay_many(traces: list[Trace], modes, predictors, progress=None, *, explai
     ``model_cores``, each row also gets ``modelled`` (:func:`pipellm.traces.model.simulate`):
     its time modelled on this machine's cores and on ``model_cores``, the device side in
     hardware, from the same costs."""
-    import os
-
-    from .explain import bounds, measure_costs
-    from .model import MODEL_OPTIONS, simulate
-    from .summary import summarize
-
     costs = measure_costs(options.get("chunk_size", 4 << 20)) if explain else None
     cores = cores or os.cpu_count() or 1
     runs = [(mode, name) for mode in modes for name in (predictors if mode.startswith("pipellm") else [None])]
@@ -255,8 +250,10 @@ def replay_many(traces: list[Trace], modes, predictors, progress=None, *, explai
             row["runs_s"] = [r["time_s"] for r in tries[run]]
             mine.append(row)
         plain = next((r["time_s"] for r in mine if r["mode"] == "plain"), None)
+        hits_of = {id(row): row.pop("_h2d_hits") for row in mine}
+        always = {row["predictor"]: hits_of[id(row)] for row in mine if row["mode"] == ALWAYS}
         for row in mine:
-            hits = row.pop("_h2d_hits")
+            hits = hits_of[id(row)]
             row["overhead_vs_plain"] = row["time_s"] / plain - 1 if plain else None
             if explain:
                 floor = plain if plain is not None else summarize(trace)["link_s"]
@@ -266,7 +263,9 @@ def replay_many(traces: list[Trace], modes, predictors, progress=None, *, explai
                 if row["mode"].startswith("pipellm") and row.get("payoff_switches"):
                     # the controller turned speculation off on this machine; the model's
                     # machines have the cores for it: the predictor's hits with it always on
-                    hits = replay(trace, "pipellm", row["predictor"], **dict(options, adaptive=False))["_h2d_hits"]
+                    # (from this trace's pipellm-always run where there is one)
+                    hits = always.get(row["predictor"]) or replay(trace, ALWAYS, row["predictor"],
+                                                                  **dict(options))["_h2d_hits"]
                     row["modelled_hits"] = "a run with speculation always on"
                 row["modelled"] = {str(c): simulate(trace, row["mode"].partition("-")[0], costs, cores=c, hits=hits, **{
                     k: options[k] for k in MODEL_OPTIONS if k in options}) for c in sorted({cores, model_cores})}
