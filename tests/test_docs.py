@@ -23,10 +23,14 @@ def test_readme_python_examples_run():
         exec(compile(block, "README.md", "exec"), {})
 
 
-@pytest.mark.parametrize("name", MODULES + ["pipellm.integrations.torch", "pipellm.predictors.rules"])
+NEEDS = {"pipellm.integrations.torch": ("torch",), "pipellm.integrations.accelerate": ("torch", "accelerate"),
+         "pipellm.integrations.models": ("torch", "transformers")}
+
+
+@pytest.mark.parametrize("name", MODULES + [*NEEDS, "pipellm.predictors.rules"])
 def test_docstring_examples(name):
-    if name.endswith(".torch"):
-        pytest.importorskip("torch", reason="the PyTorch integration's examples need torch")
+    for package in NEEDS.get(name, ()):
+        pytest.importorskip(package, reason=f"{name}'s examples need {package} (pip install 'pipellm[accelerate]')")
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0

@@ -135,6 +135,25 @@ class EmulatedDevice(CopyEngineDevice):
     def _fetch(self, buffer_id: int, offset: int, nbytes: int) -> np.ndarray:
         return self._mem[buffer_id][offset:offset + nbytes].copy()
 
+    def memory(self, buf: DeviceBuffer) -> np.ndarray:
+        """``buf``'s device memory itself, as raw bytes, read-only (no copy, no wait): what
+        a kernel on this device would read. Host code that stands in for the device's
+        kernels (the integrations run PyTorch modules on it) computes on the bytes the
+        copy engine verified and decrypted; only the copy engine writes them. Wait for
+        the transfers into it first (``Pipeline.synchronize``).
+
+        >>> import pipellm
+        >>> with pipellm.open_device("emulated") as dev:
+        ...     mem = dev.memory(dev.alloc(8))
+        ...     mem.nbytes, mem.flags.writeable
+        (8, False)
+        """
+        self._check_open()
+        self.check_buffer(buf)
+        view = self._mem[buf.id].view()
+        view.flags.writeable = False
+        return view
+
     # -- the copy engine's hooks -------------------------------------------------------------------
     def _staging(self, session, nbytes: int):
         staging = self._stagings.get(session.id)
