@@ -35,13 +35,13 @@ def _info(args) -> int:
     return 0
 
 
-BENCHES = ("crypto", "transfer", "offload", "predictors", "tracking")
+BENCHES = ("crypto", "transfer", "offload", "predictors", "tracking", "demo")
 
 
 def _bench_module(name: str):
-    from .benchmarks import crypto, offload, predictors, tracking, transfer
+    from .benchmarks import crypto, demo, offload, predictors, tracking, transfer
     return {"crypto": crypto, "transfer": transfer, "offload": offload, "predictors": predictors,
-            "tracking": tracking}[name]
+            "tracking": tracking, "demo": demo}[name]
 
 
 def _run_bench(name: str, args) -> dict:
@@ -50,6 +50,9 @@ def _run_bench(name: str, args) -> dict:
     if name == "predictors":
         kwargs.update(quick=args.quick)
         total = module.points(args.quick)
+    elif name == "demo":
+        kwargs.update(quick=args.quick, repeats=getattr(args, "demo_repeats", 1))
+        total = module.points(args.quick, kwargs["repeats"])
     elif name == "offload":
         kwargs.update(quick=args.quick, workers=args.workers)
         total = module.points(args.quick, args.repeats)
@@ -77,10 +80,7 @@ def _emit(name: str, result: dict, args, out: str | None, plot: str | None) -> N
         print(module.table(result))
         print()
     if out:
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {out}", file=sys.stderr)
+        _write_json(out, result)
     if plot:
         try:
             module.plot(result, plot)
@@ -93,6 +93,9 @@ def _bench(args) -> int:
     warnings.simplefilter("once", PinningWarning)
     names = BENCHES if args.which == "all" else (args.which,)
     for name in names:
+        if name == "demo" and args.which == "all" and _demo_missing():
+            print(f"bench demo skipped: {_demo_missing()}", file=sys.stderr)
+            continue
         result = _run_bench(name, args)
         if args.which == "all":
             out = os.path.join(args.results, f"{name}.json") if args.results else None
@@ -101,6 +104,46 @@ def _bench(args) -> int:
             out, plot = args.out, args.plot
         _emit(name, result, args, out, plot)
     return 0
+
+
+def _demo_missing() -> str | None:
+    """Why the demo can't run here, or None."""
+    try:
+        import accelerate  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return "the demo needs PyTorch, transformers and accelerate: pip install 'pipellm[accelerate]'"
+    return None
+
+
+def _demo(args) -> int:
+    missing = _demo_missing()
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("--plot needs matplotlib: pip install 'pipellm[plot]'", file=sys.stderr)
+            return 2
+    args.demo_repeats = args.repeats
+    module = _bench_module("demo")
+    result = _run_bench("demo", args)
+    print(json.dumps(result["rows"], indent=2) if args.json else module.table(result))
+    if args.out:
+        _write_json(args.out, result)
+    if args.plot:
+        module.plot(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _write_json(path: str, result) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def _bytes_or_auto(text: str):
@@ -267,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(run=_info)
 
-    bench = sub.add_parser("bench", help="run benchmarks (crypto, transfer, offload, predictors, tracking, or all)")
+    bench = sub.add_parser("bench", help="run benchmarks (crypto, transfer, offload, predictors, tracking, demo, or all)")
     bench.add_argument("which", nargs="?", choices=(*BENCHES, "all"), default="all")
     bench.add_argument("--json", action="store_true", help="print results as JSON instead of a table")
     bench.add_argument("--out", metavar="FILE", help="write the results as JSON to FILE")
@@ -280,6 +323,16 @@ def main(argv: list[str] | None = None) -> int:
                        help="crypto: most worker threads (default: cores); offload: pipellm workers (default: cores - 1)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(run=_bench)
+
+    demo = sub.add_parser("demo", help="an OPT model generating text with offloaded weights, plain / cc / pipellm "
+                                       "(needs pipellm[accelerate])")
+    demo.add_argument("--quick", action="store_true", help="a tiny model and a few tokens (a smoke run)")
+    demo.add_argument("--repeats", type=int, default=1, help="runs per mode, interleaved; the median counts")
+    demo.add_argument("--json", action="store_true", help="print one JSON object per mode instead of the table")
+    demo.add_argument("--out", metavar="FILE", help="write the whole result as JSON to FILE")
+    demo.add_argument("--plot", metavar="PNG", help="write a PNG plot to PNG (needs matplotlib)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(run=_demo)
 
     replay = sub.add_parser("replay", help="replay traces on the emulated device, modes side by side")
     replay.add_argument("traces", nargs="+", metavar="TRACE")

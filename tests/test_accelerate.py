@@ -1,6 +1,8 @@
 """accelerate and transformers: real models offloaded with accelerate's own hooks through
 the pipeline compute exactly what they compute without offloading, in every mode."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -217,3 +219,14 @@ def test_bad_input_is_refused_and_leaves_nothing_registered():
         build("gpt9")
     with pytest.raises(pipellm.ArgumentError, match="multiple of heads"):
         build("opt", dict(hidden=30, layers=1, ffn=8, heads=4, vocab=16))
+
+
+def test_the_demo_runs_and_every_mode_gives_the_same_tokens(capsys, tmp_path):
+    from pipellm.cli import main
+    assert main(["demo", "--quick", "--json", "--no-progress", "--out", str(tmp_path / "demo.json")]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["mode"] for r in rows] == list(MODES)
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and 0 <= r["hit_rate"] <= 1 and r["identical_tokens"] is True
+    saved = json.loads((tmp_path / "demo.json").read_text())
+    assert saved["config"]["torch_threads"] == 1 and saved["rows"][0]["mode"] == "plain"

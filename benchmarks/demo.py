@@ -1,0 +1,167 @@
+"""``pipellm demo``: a transformers OPT model generating text with its weights offloaded,
+in plain, cc and pipellm modes on the embedded emulated device.
+
+Each mode builds the same model (same seed: :mod:`pipellm.integrations.models`),
+offloads every weight with accelerate's own hooks through a pipeline
+(:func:`pipellm.integrations.accelerate.cpu_offload`) and generates greedily for a batch
+of prompts; the tokens are compared with those of the model run without offloading. So
+each forward loads every layer's weights through the mode's channel right before the
+layer runs, as accelerate's ``cpu_offload`` does on a GPU.
+
+What is real and what is modelled. The model's compute is real CPU work here (PyTorch
+on the host), split the same way in every mode: one torch thread for the model, the
+other cores for the pipeline's encryption workers, plus the emulated copy engine's
+thread. The emulated device models the link (PCIe Gen5) and a copy engine that decrypts
+in hardware: its CPU work beyond that model is *emulation stall*, during which its
+clock stands still. Times are the modelled time (wall minus stall, as every benchmark
+here reports it); the wall time is in the JSON too.
+"""
+
+from __future__ import annotations
+
+import os
+from statistics import median
+from time import perf_counter
+
+import numpy as np
+
+import pipellm
+
+MODES = ("plain", "cc", "pipellm")
+#: (model size, batch, prompt tokens, new tokens) of a full run and of --quick
+FULL = {"size": "demo", "batch": 4, "prompt": 32, "new_tokens": 16}
+QUICK = {"size": "tiny", "batch": 2, "prompt": 8, "new_tokens": 4}
+
+
+def _split_cores() -> dict:
+    cores = os.cpu_count() or 1
+    return {"cores": cores, "torch_threads": 1, "workers": max(1, cores - 1)}
+
+
+def _prompt(config: dict, vocab: int) -> "torch.Tensor":
+    import torch
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, vocab, (config["batch"], config["prompt"]))
+    return torch.from_numpy(ids)
+
+
+def _generate(model, ids, new_tokens: int, progress):
+    import torch
+    handle = model.register_forward_hook(lambda *_: progress(1))  # one forward per new token
+    try:
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=1)
+    finally:
+        handle.remove()
+
+
+def _run_mode(mode: str, config: dict, family: str, split: dict, ids, progress) -> dict:
+    from pipellm.integrations.accelerate import cpu_offload
+    from pipellm.integrations.models import build
+
+    model = build(family, config["size"])
+    extra = {"workers": split["workers"]} if mode == "pipellm" else {}
+    with pipellm.Pipeline(device="emulated", mode=mode, **extra) as pipe:
+        weights = cpu_offload(model, pipe)
+        stall0 = pipe.stats()["emulation_stall_s"]
+        start = perf_counter()
+        tokens = _generate(model, ids, config["new_tokens"], progress)
+        wall = perf_counter() - start
+        stats = pipe.stats()
+    stall = stats["emulation_stall_s"] - stall0
+    new = config["batch"] * config["new_tokens"]
+    return {"mode": mode, "time_s": wall - stall, "wall_s": wall, "stall_s": stall,
+            "tokens_per_s": new / (wall - stall), "hit_rate": stats.get("hit_rate", 0.0),
+            "transfers": weights.stats()["transfers"], "bytes_h2d": stats["bytes_h2d"], "tokens": tokens}
+
+
+def points(quick: bool = False, repeats: int = 1) -> int:
+    config = QUICK if quick else FULL
+    return (1 + repeats * len(MODES)) * config["new_tokens"]
+
+
+def run(quick: bool = False, repeats: int = 1, family: str = "opt", progress=lambda n=1: None) -> dict:
+    """The demo's runs: each mode ``repeats`` times (interleaved; the median run counts),
+    after one run without offloading that gives the reference tokens."""
+    import torch
+    from pipellm.integrations.models import build
+
+    config = dict(QUICK if quick else FULL)
+    split = _split_cores()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(split["torch_threads"])
+    try:
+        reference = build(family, config["size"])
+        params = sum(p.numel() for p in reference.parameters())
+        weight_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
+        ids = _prompt(config, reference.config.vocab_size)
+        start = perf_counter()
+        expected = _generate(reference, ids, config["new_tokens"], progress)
+        resident_s = perf_counter() - start
+        del reference
+        runs = {m: [] for m in MODES}
+        for _ in range(repeats):
+            for mode in MODES:
+                runs[mode].append(_run_mode(mode, config, family, split, ids, progress))
+    finally:
+        torch.set_num_threads(threads)
+    rows = []
+    for mode in MODES:
+        by_time = sorted(runs[mode], key=lambda r: r["time_s"])
+        row = by_time[len(by_time) // 2]
+        row["identical_tokens"] = all(bool(torch.equal(r.pop("tokens"), expected)) for r in runs[mode])
+        row["runs_time_s"] = [r["time_s"] for r in runs[mode]]
+        rows.append(row)
+    plain = rows[0]["time_s"]
+    cc = rows[1]["time_s"]
+    for row in rows:
+        row["overhead_vs_plain"] = row["time_s"] / plain - 1
+        # the share of cc's extra time that the mode does not pay
+        row["encryption_hidden"] = 1 - (row["time_s"] - plain) / (cc - plain) if cc > plain else None
+    return {"config": {**config, "family": family, "parameters": params, "weight_bytes": weight_bytes,
+                       "repeats": repeats, **split},
+            "resident": {"time_s": resident_s, "tokens_per_s": config["batch"] * config["new_tokens"] / resident_s},
+            "rows": rows}
+
+
+def table(result: dict) -> str:
+    c = result["config"]
+    lines = [f"pipellm demo: {c['family'].upper()} model ({c['parameters'] / 1e6:.1f} M parameters, "
+             f"{c['weight_bytes'] / 1e6:.0f} MB of weights) generating {c['new_tokens']} tokens for "
+             f"{c['batch']} prompts of {c['prompt']}, every weight offloaded with accelerate's hooks "
+             f"through each mode on the emulated device",
+             f"cores: {c['cores']}; the model: {c['torch_threads']} torch thread in every mode; pipellm: "
+             f"{c['workers']} encryption worker(s); the emulated copy engine: 1 thread",
+             "time: modelled (wall minus emulation stall: the emulated copy engine's CPU work beyond its "
+             "link model); the model's compute is real CPU time" +
+             (f"; median of {c['repeats']} runs" if c["repeats"] > 1 else ""),
+             f"{'mode':8} {'tokens/s':>9} {'vs plain':>9} {'hit rate':>9} {'enc. hidden':>12} {'identical':>10} "
+             f"{'time s':>8} {'wall s':>8}"]
+    for r in result["rows"]:
+        hidden = "-" if r["encryption_hidden"] is None or r["mode"] == "plain" else f"{r['encryption_hidden']:.0%}"
+        lines.append(f"{r['mode']:8} {r['tokens_per_s']:9.1f} {r['overhead_vs_plain']:+9.1%} {r['hit_rate']:9.3f} "
+                     f"{hidden:>12} {str(r['identical_tokens']):>10} {r['time_s']:8.2f} {r['wall_s']:8.2f}")
+    lines.append(f"without offloading: {result['resident']['tokens_per_s']:.1f} tokens/s (the weights resident)")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    bars = ax.bar([r["mode"] for r in rows], [r["tokens_per_s"] for r in rows],
+                  color=["tab:gray", "tab:red", "tab:blue"])
+    for bar, r in zip(bars, rows):
+        ax.annotate(f"{r['overhead_vs_plain']:+.0%}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    c = result["config"]
+    ax.set_ylabel("tokens/s (modelled time)")
+    ax.set_title(f"{c['family'].upper()} {c['parameters'] / 1e6:.0f} M, offloaded weights, emulated device",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
