@@ -214,6 +214,9 @@ def plot(result: dict, path: str) -> None:
     for bar, r in zip(bars, rows):
         ax.annotate(f"{r['overhead_vs_plain']:+.0%}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=8)
+    ax.axhline(result["resident"]["tokens_per_s"], color="black", linestyle="--", linewidth=0.8,
+               label="without offloading")
+    ax.legend(fontsize=8, loc="upper right")
     c = result["config"]
     ax.set_ylabel("tokens/s (modelled time)")
     ax.set_title(f"{c['family'].upper()} {c['parameters'] / 1e6:.0f} M, offloaded weights, emulated device",
