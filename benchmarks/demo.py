@@ -59,17 +59,17 @@ def _generate(model, ids, new_tokens: int, progress):
         handle.remove()
 
 
-def _run_mode(mode: str, config: dict, family: str, split: dict, ids, progress) -> dict:
+def _run_mode(mode: str, config: dict, family: str, split: dict, ids, progress, adaptive: bool = True) -> dict:
     from pipellm.integrations.accelerate import cpu_offload
     from pipellm.integrations.models import build
 
     model = build(family, config["size"])
-    extra = {"workers": split["workers"]} if mode == "pipellm" else {}
+    extra = {"workers": split["workers"], "adaptive": adaptive} if mode == "pipellm" else {}
     with pipellm.Pipeline(device="emulated", mode=mode, **extra) as pipe:
         weights = cpu_offload(model, pipe)
         _generate(model, ids, WARMUP_TOKENS, progress)  # the steady state: a server runs on
         stats0 = pipe.stats()
-        stall0, transfers0 = stats0["emulation_stall_s"], weights.stats()["transfers"]
+        stall0, transfers0, load0 = stats0["emulation_stall_s"], weights.stats()["transfers"], weights.load_s
         start = perf_counter()
         tokens = _generate(model, ids, config["new_tokens"], progress)
         wall = perf_counter() - start
@@ -80,6 +80,7 @@ def _run_mode(mode: str, config: dict, family: str, split: dict, ids, progress) 
     return {"mode": mode, "time_s": wall - stall, "wall_s": wall, "stall_s": stall,
             "tokens_per_s": new / (wall - stall), "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
             "speculating": stats.get("speculating"), "transfers": weights.stats()["transfers"] - transfers0,
+            "load_s": weights.load_s - load0, "rest_s": wall - stall - (weights.load_s - load0),
             "bytes_h2d": stats["bytes_h2d"] - stats0["bytes_h2d"], "tokens": tokens}
 
 
@@ -130,9 +131,11 @@ def points(quick: bool = False, repeats: int = 1) -> int:
     return (2 + repeats * len(MODES)) * config["new_tokens"] + repeats * len(MODES) * WARMUP_TOKENS
 
 
-def run(quick: bool = False, repeats: int = 1, family: str = "opt", progress=lambda n=1: None) -> dict:
+def run(quick: bool = False, repeats: int = 1, family: str = "opt", adaptive: bool = True,
+        progress=lambda n=1: None) -> dict:
     """The demo's runs: each mode ``repeats`` times (interleaved; the median run counts),
-    after one run without offloading that gives the reference tokens."""
+    after one run without offloading that gives the reference tokens. ``adaptive``:
+    pipellm's controller (False: speculation always on)."""
     import torch
     from pipellm.integrations.models import build
 
@@ -153,7 +156,7 @@ def run(quick: bool = False, repeats: int = 1, family: str = "opt", progress=lam
         runs = {m: [] for m in MODES}
         for _ in range(repeats):
             for mode in MODES:
-                runs[mode].append(_run_mode(mode, config, family, split, ids, progress))
+                runs[mode].append(_run_mode(mode, config, family, split, ids, progress, adaptive))
     finally:
         torch.set_num_threads(threads)
     new = config["batch"] * config["new_tokens"]
@@ -171,7 +174,7 @@ def run(quick: bool = False, repeats: int = 1, family: str = "opt", progress=lam
         # the share of cc's extra time that the mode does not pay
         row["encryption_hidden"] = 1 - (row["time_s"] - plain) / (cc - plain) if cc > plain else None
     return {"config": {**config, "family": family, "parameters": params, "weight_bytes": weight_bytes,
-                       "repeats": repeats, **split},
+                       "repeats": repeats, "adaptive": adaptive, **split},
             "resident": {"time_s": resident_s, "tokens_per_s": new / resident_s,
                          "beside_encryption_s": beside_s, "beside_encryption_tokens_per_s": new / beside_s},
             "rows": rows}
@@ -179,7 +182,7 @@ def run(quick: bool = False, repeats: int = 1, family: str = "opt", progress=lam
 
 def table(result: dict) -> str:
     c = result["config"]
-    lines = [f"pipellm demo: {c['family'].upper()} model ({c['parameters'] / 1e6:.1f} M parameters, "
+    lines = [f"pipellm demo{'' if c.get('adaptive', True) else ' (pipellm: speculation always on)'}: {c['family'].upper()} model ({c['parameters'] / 1e6:.1f} M parameters, "
              f"{c['weight_bytes'] / 1e6:.0f} MB of weights) generating {c['new_tokens']} tokens for "
              f"{c['batch']} prompts of {c['prompt']}, every weight offloaded with accelerate's hooks "
              f"through each mode on the emulated device",
@@ -188,12 +191,14 @@ def table(result: dict) -> str:
              "time: modelled (wall minus emulation stall: the emulated copy engine's CPU work beyond its "
              f"link model), after {WARMUP_TOKENS} untimed tokens; the model's compute is real CPU time" +
              (f"; median of {c['repeats']} runs" if c["repeats"] > 1 else ""),
+             "loads s: the model waiting for its weights (modelled); rest s: everything else (its compute)",
              f"{'mode':8} {'tokens/s':>9} {'vs plain':>9} {'hit rate':>9} {'enc. hidden':>12} {'identical':>10} "
-             f"{'time s':>8} {'wall s':>8}"]
+             f"{'time s':>8} {'loads s':>8} {'rest s':>8} {'wall s':>8}"]
     for r in result["rows"]:
         hidden = "-" if r["encryption_hidden"] is None or r["mode"] == "plain" else f"{r['encryption_hidden']:.0%}"
         lines.append(f"{r['mode']:8} {r['tokens_per_s']:9.1f} {r['overhead_vs_plain']:+9.1%} {r['hit_rate']:9.3f} "
-                     f"{hidden:>12} {str(r['identical_tokens']):>10} {r['time_s']:8.2f} {r['wall_s']:8.2f}")
+                     f"{hidden:>12} {str(r['identical_tokens']):>10} {r['time_s']:8.2f} {r['load_s']:8.2f} "
+                     f"{r['rest_s']:8.2f} {r['wall_s']:8.2f}")
     resident = result["resident"]
     lines.append(f"without offloading: {resident['tokens_per_s']:.1f} tokens/s (the weights resident); "
                  f"{resident['beside_encryption_tokens_per_s']:.1f} tokens/s while one thread encrypts all the "

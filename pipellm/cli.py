@@ -51,7 +51,8 @@ def _run_bench(name: str, args) -> dict:
         kwargs.update(quick=args.quick)
         total = module.points(args.quick)
     elif name == "demo":
-        kwargs.update(quick=args.quick, repeats=getattr(args, "demo_repeats", 1))
+        kwargs.update(quick=args.quick, repeats=getattr(args, "demo_repeats", 1),
+                      adaptive=not getattr(args, "no_adaptive", False))
         total = module.points(args.quick, kwargs["repeats"])
     elif name == "offload":
         kwargs.update(quick=args.quick, workers=args.workers)
@@ -328,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "(needs pipellm[accelerate])")
     demo.add_argument("--quick", action="store_true", help="a tiny model and a few tokens (a smoke run)")
     demo.add_argument("--repeats", type=int, default=1, help="runs per mode, interleaved; the median counts")
+    demo.add_argument("--no-adaptive", action="store_true",
+                      help="pipellm: speculate always, not only while it pays (see pipellm.pipeline.payoff)")
     demo.add_argument("--json", action="store_true", help="print one JSON object per mode instead of the table")
     demo.add_argument("--out", metavar="FILE", help="write the whole result as JSON to FILE")
     demo.add_argument("--plot", metavar="PNG", help="write a PNG plot to PNG (needs matplotlib)")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Mapping
+from time import perf_counter
 
 from ..errors import ArgumentError, ArgumentTypeError
 from ..pipeline import Pipeline
@@ -132,6 +133,7 @@ class WeightsMap(Mapping):
         self.transfers = 0        # of them, sent through the pipeline
         self.transfer_bytes = 0
         self.reused = 0           # of them, the tensor just sent, unchanged (see __getitem__)
+        self.load_s = 0.0         # seconds in transfers, on the device's clock (see stats)
         self._last, self._last_token = None, None
 
     def __getitem__(self, name: str):
@@ -151,8 +153,11 @@ class WeightsMap(Mapping):
             self.reused += 1
             return cached[1]
         token = region.token()
+        device = self.pipeline.device
+        start, frozen = perf_counter(), device.frozen_s()
         buf = self.pipeline.to_device(region)
         self.pipeline.synchronize()  # the module computes next (accelerate copies synchronously)
+        self.load_s += perf_counter() - start - (device.frozen_s() - frozen)
         self.transfers += 1
         self.transfer_bytes += region.nbytes
         if cached is None or cached[0] is not buf:
@@ -189,10 +194,13 @@ class WeightsMap(Mapping):
         return self._regions[key]
 
     def stats(self) -> dict:
-        """Loads (reads of a name); of them, transfers through the pipeline (and their
-        bytes) and reuses of the tensor just sent; names; regions (distinct tensors)."""
+        """Loads (reads of a name); of them, transfers through the pipeline (their bytes,
+        and ``load_s``: the seconds the model waited for them, on the device's clock, so
+        the emulated device's own CPU work beyond its model is left out) and reuses of the
+        tensor just sent; names; regions (distinct tensors)."""
         return {"loads": self.loads, "transfers": self.transfers, "transfer_bytes": self.transfer_bytes,
-                "reused": self.reused, "names": len(self._key), "regions": len(self._regions)}
+                "load_s": self.load_s, "reused": self.reused, "names": len(self._key),
+                "regions": len(self._regions)}
 
     def _closed(self) -> bool:
         return not self._regions or self.pipeline.closed
