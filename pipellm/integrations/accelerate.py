@@ -37,7 +37,7 @@ from time import perf_counter
 
 from ..errors import ArgumentError, ArgumentTypeError
 from ..pipeline import Pipeline
-from .torch import _host_copy
+from .torch import _host_copy, _unregister
 
 try:
     import torch
@@ -209,10 +209,7 @@ class WeightsMap(Mapping):
         """Unregister the regions (idempotent). Modules still hooked can't load any more."""
         regions, self._regions = getattr(self, "_regions", {}), {}
         self._views, self._last = {}, None
-        if not self.pipeline.closed:
-            for region in regions.values():
-                if region.registered:
-                    self.pipeline.unregister(region)
+        _unregister(self.pipeline, regions.values())
 
     def __enter__(self) -> WeightsMap:
         return self

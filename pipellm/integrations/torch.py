@@ -140,10 +140,7 @@ class OffloadedModule:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if not self.pipeline.closed:
-            for region in self.regions.values():
-                if region.registered:
-                    self.pipeline.unregister(region)
+        _unregister(self.pipeline, self.regions.values())
 
     def __enter__(self) -> OffloadedModule:
         return self
@@ -165,6 +162,14 @@ def _tensors(value):
     elif isinstance(value, dict):
         for v in value.values():
             yield from _tensors(v)
+
+
+def _unregister(pipeline: Pipeline, regions) -> None:
+    """Unregister what is still registered of ``regions`` (nothing once the pipeline closed)."""
+    if not pipeline.closed:
+        for region in regions:
+            if region.registered:
+                pipeline.unregister(region)
 
 
 def _host_copy(tensor):
@@ -237,7 +242,6 @@ def offload(module, pipeline: Pipeline, *, prefix: str = "", blocks: tuple = (),
                     tensor.data = view
             regions[name] = pipeline.register(host, name=name, kind="weight")
     except BaseException:
-        for region in regions.values():
-            pipeline.unregister(region)
+        _unregister(pipeline, regions.values())
         raise
     return OffloadedModule(module, pipeline, regions, owners, backward=backward, sync=sync, compute=compute)
