@@ -59,12 +59,13 @@ def _generate(model, ids, new_tokens: int, progress):
         handle.remove()
 
 
-def _run_mode(mode: str, config: dict, family: str, split: dict, ids, progress, adaptive: bool = True) -> dict:
+def _run_mode(mode: str, config: dict, family: str, split: dict, ids, progress, adaptive: bool = True,
+              options: dict | None = None) -> dict:
     from pipellm.integrations.accelerate import cpu_offload
     from pipellm.integrations.models import build
 
     model = build(family, config["size"])
-    extra = {"workers": split["workers"], "adaptive": adaptive} if mode == "pipellm" else {}
+    extra = {"workers": split["workers"], "adaptive": adaptive, **(options or {})} if mode == "pipellm" else {}
     with pipellm.Pipeline(device="emulated", mode=mode, **extra) as pipe:
         weights = cpu_offload(model, pipe)
         _generate(model, ids, WARMUP_TOKENS, progress)  # the steady state: a server runs on
@@ -132,10 +133,11 @@ def points(quick: bool = False, repeats: int = 1) -> int:
 
 
 def run(quick: bool = False, repeats: int = 1, family: str = "opt", adaptive: bool = True,
-        progress=lambda n=1: None) -> dict:
+        options: dict | None = None, progress=lambda n=1: None) -> dict:
     """The demo's runs: each mode ``repeats`` times (interleaved; the median run counts),
     after one run without offloading that gives the reference tokens. ``adaptive``:
-    pipellm's controller (False: speculation always on)."""
+    pipellm's controller (False: speculation always on); ``options``: more of pipellm's
+    :class:`~pipellm.Pipeline` options."""
     import torch
     from pipellm.integrations.models import build
 
@@ -156,7 +158,7 @@ def run(quick: bool = False, repeats: int = 1, family: str = "opt", adaptive: bo
         runs = {m: [] for m in MODES}
         for _ in range(repeats):
             for mode in MODES:
-                runs[mode].append(_run_mode(mode, config, family, split, ids, progress, adaptive))
+                runs[mode].append(_run_mode(mode, config, family, split, ids, progress, adaptive, options))
     finally:
         torch.set_num_threads(threads)
     new = config["batch"] * config["new_tokens"]
@@ -174,7 +176,7 @@ def run(quick: bool = False, repeats: int = 1, family: str = "opt", adaptive: bo
         # the share of cc's extra time that the mode does not pay
         row["encryption_hidden"] = 1 - (row["time_s"] - plain) / (cc - plain) if cc > plain else None
     return {"config": {**config, "family": family, "parameters": params, "weight_bytes": weight_bytes,
-                       "repeats": repeats, "adaptive": adaptive, **split},
+                       "repeats": repeats, "adaptive": adaptive, "pipeline_options": options or {}, **split},
             "resident": {"time_s": resident_s, "tokens_per_s": new / resident_s,
                          "beside_encryption_s": beside_s, "beside_encryption_tokens_per_s": new / beside_s},
             "rows": rows}
@@ -187,7 +189,9 @@ def table(result: dict) -> str:
              f"{c['batch']} prompts of {c['prompt']}, every weight offloaded with accelerate's hooks "
              f"through each mode on the emulated device",
              f"cores: {c['cores']}; the model: {c['torch_threads']} torch thread in every mode; pipellm: "
-             f"{c['workers']} encryption worker(s); the emulated copy engine: 1 thread",
+             f"{c['workers']} encryption worker(s)"
+             + "".join(f", {k}={v}" for k, v in c.get("pipeline_options", {}).items())
+             + "; the emulated copy engine: 1 thread",
              "time: modelled (wall minus emulation stall: the emulated copy engine's CPU work beyond its "
              f"link model), after {WARMUP_TOKENS} untimed tokens; the model's compute is real CPU time" +
              (f"; median of {c['repeats']} runs" if c["repeats"] > 1 else ""),

@@ -52,7 +52,8 @@ def _run_bench(name: str, args) -> dict:
         total = module.points(args.quick)
     elif name == "demo":
         kwargs.update(quick=args.quick, repeats=getattr(args, "demo_repeats", 1),
-                      adaptive=not getattr(args, "no_adaptive", False))
+                      adaptive=not getattr(args, "no_adaptive", False),
+                      options=_key_values(getattr(args, "pipeline_option", None), "--pipeline-option"))
         total = module.points(args.quick, kwargs["repeats"])
     elif name == "offload":
         kwargs.update(quick=args.quick, workers=args.workers)
@@ -159,6 +160,20 @@ def _bytes_or_auto(text: str):
     return value
 
 
+def _key_values(items, flag: str) -> dict:
+    """``KEY=VALUE`` arguments as a dict, each value read as JSON where it parses."""
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"{flag} takes KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def _replay(args) -> int:
     from .traces import read, replay_many
 
@@ -172,16 +187,7 @@ def _replay(args) -> int:
         options["min_speculative_bytes"] = args.min_speculative_bytes
     if args.no_adaptive:
         options["adaptive"] = False
-    predictor_options = {}
-    for item in args.predictor_option or ():
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--predictor-option takes KEY=VALUE, got {item!r}")
-        try:
-            predictor_options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            predictor_options[key] = value
-    options["predictor_options"] = predictor_options
+    options["predictor_options"] = _key_values(args.predictor_option, "--predictor-option")
     total = len(traces) * sum(len(predictors) if m.startswith("pipellm") else 1 for m in modes)
     if args.cores is not None and args.cores < 1:
         raise SystemExit(f"--cores must be >= 1, got {args.cores}")
@@ -331,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--repeats", type=int, default=1, help="runs per mode, interleaved; the median counts")
     demo.add_argument("--no-adaptive", action="store_true",
                       help="pipellm: speculate always, not only while it pays (see pipellm.pipeline.payoff)")
+    demo.add_argument("--pipeline-option", action="append", metavar="KEY=VALUE",
+                      help="an option of pipellm's Pipeline (e.g. depth_bytes=16777216)")
     demo.add_argument("--json", action="store_true", help="print one JSON object per mode instead of the table")
     demo.add_argument("--out", metavar="FILE", help="write the whole result as JSON to FILE")
     demo.add_argument("--plot", metavar="PNG", help="write a PNG plot to PNG (needs matplotlib)")
