@@ -178,11 +178,16 @@ def test_lora_fine_tuning_over_offloaded_base_weights(mode, family):
 def test_a_recorded_transformers_trace_replays_verified_and_is_predicted(tmp_path):
     model = build("opt", "tiny")
     with pipe_for("plain") as pipe:
-        cpu_offload(model, pipe)
-        with pipe.record(tmp_path / "opt.jsonl.gz", workload="opt-tiny-generate"):
+        weights = cpu_offload(model, pipe)
+        with weights.record(tmp_path / "opt.jsonl.gz", workload="opt-tiny-generate"):
             generate(model, n=8)
     trace = trace_format.read(tmp_path / "opt.jsonl.gz")
     assert {r.kind for r in trace.records if r.op == "region"} == {"weight"}
+    # the model's time between one module's loads and the next's, as compute
+    modules = [r.region.rpartition(".")[0] for r in trace.records if r.op == "h2d"]
+    changes = sum(a != b for a, b in zip(modules, modules[1:]))
+    computes = [r for r in trace.records if r.op == "compute"]
+    assert len(computes) == changes and all(r.us > 0 for r in computes)
     for mode in MODES:
         # (speculation always on, on every size: the hit rate measures the prediction)
         result = replay(trace, mode, min_speculative_bytes=0, adaptive=False) if mode == "pipellm" \

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from time import perf_counter
 
 from ..errors import ArgumentError, ArgumentTypeError
@@ -135,6 +136,7 @@ class WeightsMap(Mapping):
         self.reused = 0           # of them, the tensor just sent, unchanged (see __getitem__)
         self.load_s = 0.0         # seconds in transfers, on the device's clock (see stats)
         self._last, self._last_token = None, None
+        self._recording, self._ran = False, None  # see record()
 
     def __getitem__(self, name: str):
         key = self._key.get(name)
@@ -155,9 +157,15 @@ class WeightsMap(Mapping):
         token = region.token()
         device = self.pipeline.device
         start, frozen = perf_counter(), device.frozen_s()
+        module = name.rpartition(".")[0]
+        if self._recording and self._ran is not None and module != self._ran[0]:
+            # the model ran since the last module's loads: its time, as device compute
+            self.pipeline.compute((start - self._ran[1]) * 1e6)
         buf = self.pipeline.to_device(region)
         self.pipeline.synchronize()  # the module computes next (accelerate copies synchronously)
-        self.load_s += perf_counter() - start - (device.frozen_s() - frozen)
+        end = perf_counter()
+        self.load_s += end - start - (device.frozen_s() - frozen)
+        self._ran = (module, end)
         self.transfers += 1
         self.transfer_bytes += region.nbytes
         if cached is None or cached[0] is not buf:
@@ -192,6 +200,22 @@ class WeightsMap(Mapping):
         if key is None:
             raise KeyError(name)
         return self._regions[key]
+
+    @contextmanager
+    def record(self, path, *, workload: str = "", meta: dict | None = None):
+        """Record the model's traffic while it runs inside the block (a version-1 trace:
+        the pipeline's recorder, these tensors as ``weight`` regions), with the time the
+        model ran between one module's loads and the next's as device compute, so replays
+        of the trace leave the predictor and the workers the time the model gave them.
+        (That compute is told to the pipeline, so the recorded run waits for it too: a
+        run to record, not to time.)"""
+        meta = {"source": "pipellm.integrations.accelerate", "tensors": len(self._regions), **(meta or {})}
+        with self.pipeline.record(path, workload=workload or "accelerate", meta=meta):
+            self._recording, self._ran = True, None
+            try:
+                yield
+            finally:
+                self._recording, self._ran = False, None
 
     def stats(self) -> dict:
         """Loads (reads of a name); of them, transfers through the pipeline (their bytes,
