@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from statistics import median
-from time import perf_counter
+from time import perf_counter, thread_time
 
 import numpy as np
 
@@ -71,9 +71,10 @@ def _run_mode(mode: str, config: dict, family: str, split: dict, ids, progress, 
         _generate(model, ids, WARMUP_TOKENS, progress)  # the steady state: a server runs on
         stats0 = pipe.stats()
         stall0, transfers0, load0 = stats0["emulation_stall_s"], weights.stats()["transfers"], weights.load_s
-        start = perf_counter()
+        load_cpu0 = weights.load_cpu_s
+        start, cpu = perf_counter(), thread_time()
         tokens = _generate(model, ids, config["new_tokens"], progress)
-        wall = perf_counter() - start
+        wall, cpu = perf_counter() - start, thread_time() - cpu
         stats = pipe.stats()
     stall = stats["emulation_stall_s"] - stall0
     new = config["batch"] * config["new_tokens"]
@@ -82,6 +83,10 @@ def _run_mode(mode: str, config: dict, family: str, split: dict, ids, progress, 
             "tokens_per_s": new / (wall - stall), "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
             "speculating": stats.get("speculating"), "transfers": weights.stats()["transfers"] - transfers0,
             "load_s": weights.load_s - load0, "rest_s": wall - stall - (weights.load_s - load0),
+            # the model's thread outside its loads: CPU seconds, and seconds it was not running
+            # (waiting for the GIL or a core) although it had nothing else to wait for
+            "rest_cpu_s": cpu - (weights.load_cpu_s - load_cpu0),
+            "rest_off_cpu_s": wall - stall - (weights.load_s - load0) - (cpu - (weights.load_cpu_s - load_cpu0)),
             "bytes_h2d": stats["bytes_h2d"] - stats0["bytes_h2d"], "tokens": tokens}
 
 
@@ -195,14 +200,15 @@ def table(result: dict) -> str:
              "time: modelled (wall minus emulation stall: the emulated copy engine's CPU work beyond its "
              f"link model), after {WARMUP_TOKENS} untimed tokens; the model's compute is real CPU time" +
              (f"; median of {c['repeats']} runs" if c["repeats"] > 1 else ""),
-             "loads s: the model waiting for its weights (modelled); rest s: everything else (its compute)",
+             "loads s: the model waiting for its weights (modelled); rest s: everything else (its compute), "
+             "of which off CPU: the model's thread not running (waiting for the GIL or a core)",
              f"{'mode':8} {'tokens/s':>9} {'vs plain':>9} {'hit rate':>9} {'enc. hidden':>12} {'identical':>10} "
-             f"{'time s':>8} {'loads s':>8} {'rest s':>8} {'wall s':>8}"]
+             f"{'time s':>8} {'loads s':>8} {'rest s':>8} {'off CPU':>8} {'wall s':>8}"]
     for r in result["rows"]:
         hidden = "-" if r["encryption_hidden"] is None or r["mode"] == "plain" else f"{r['encryption_hidden']:.0%}"
         lines.append(f"{r['mode']:8} {r['tokens_per_s']:9.1f} {r['overhead_vs_plain']:+9.1%} {r['hit_rate']:9.3f} "
                      f"{hidden:>12} {str(r['identical_tokens']):>10} {r['time_s']:8.2f} {r['load_s']:8.2f} "
-                     f"{r['rest_s']:8.2f} {r['wall_s']:8.2f}")
+                     f"{r['rest_s']:8.2f} {r['rest_off_cpu_s']:8.2f} {r['wall_s']:8.2f}")
     resident = result["resident"]
     lines.append(f"without offloading: {resident['tokens_per_s']:.1f} tokens/s (the weights resident); "
                  f"{resident['beside_encryption_tokens_per_s']:.1f} tokens/s while one thread encrypts all the "

@@ -34,7 +34,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from time import perf_counter
+from time import perf_counter, thread_time
 
 from ..errors import ArgumentError, ArgumentTypeError
 from ..pipeline import Pipeline
@@ -135,6 +135,7 @@ class WeightsMap(Mapping):
         self.transfer_bytes = 0
         self.reused = 0           # of them, the tensor just sent, unchanged (see __getitem__)
         self.load_s = 0.0         # seconds in transfers, on the device's clock (see stats)
+        self.load_cpu_s = 0.0     # the loading thread's CPU seconds in them
         self._last, self._last_token = None, None
         self._recording, self._ran = False, None  # see record()
 
@@ -156,7 +157,7 @@ class WeightsMap(Mapping):
             return cached[1]
         token = region.token()
         device = self.pipeline.device
-        start, frozen = perf_counter(), device.frozen_s()
+        start, frozen, cpu = perf_counter(), device.frozen_s(), thread_time()
         module = name.rpartition(".")[0]
         if self._recording and self._ran is not None and module != self._ran[0]:
             # the model ran since the last module's loads: its time, as device compute
@@ -165,6 +166,7 @@ class WeightsMap(Mapping):
         self.pipeline.synchronize()  # the module computes next (accelerate copies synchronously)
         end = perf_counter()
         self.load_s += end - start - (device.frozen_s() - frozen)
+        self.load_cpu_s += thread_time() - cpu
         self._ran = (module, end)
         self.transfers += 1
         self.transfer_bytes += region.nbytes
@@ -220,10 +222,11 @@ class WeightsMap(Mapping):
     def stats(self) -> dict:
         """Loads (reads of a name); of them, transfers through the pipeline (their bytes,
         and ``load_s``: the seconds the model waited for them, on the device's clock, so
-        the emulated device's own CPU work beyond its model is left out) and reuses of the
-        tensor just sent; names; regions (distinct tensors)."""
+        the emulated device's own CPU work beyond its model is left out; ``load_cpu_s``:
+        the loading thread's CPU seconds in them) and reuses of the tensor just sent;
+        names; regions (distinct tensors)."""
         return {"loads": self.loads, "transfers": self.transfers, "transfer_bytes": self.transfer_bytes,
-                "load_s": self.load_s, "reused": self.reused, "names": len(self._key),
+                "load_s": self.load_s, "load_cpu_s": self.load_cpu_s, "reused": self.reused, "names": len(self._key),
                 "regions": len(self._regions)}
 
     def _closed(self) -> bool:
