@@ -18,9 +18,11 @@ from .errors import (
     DeviceUnavailableError,
     IntegrityError,
     KeyExhaustedError,
+    NotFittedError,
     PinningWarning,
     PredictorWarning,
     PipellmError,
+    TraceError,
     TransferTimeoutError,
     UnknownRegionError,
 )
@@ -32,6 +34,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ArgumentError", "ArgumentTypeError", "ChannelClosedError", "Device", "DeviceBuffer",
     "DeviceError", "DeviceUnavailableError", "IntegrityError", "KeyExhaustedError", "LinkModel",
-    "Pipeline", "PinningWarning", "PredictorWarning", "PipellmError", "Region", "Stream", "Transfer",
+    "NotFittedError", "Pipeline", "PinningWarning", "PredictorWarning", "PipellmError", "Region", "Stream", "TraceError", "Transfer",
     "TransferTimeoutError", "UnknownRegionError", "array", "empty", "open_device", "zeros", "__version__",
 ]

@@ -11,7 +11,7 @@ import warnings
 from tqdm import tqdm
 
 from . import __version__, sysinfo
-from .errors import PinningWarning
+from .errors import PinningWarning, PipellmError
 
 
 def _info(args) -> int:
@@ -416,7 +416,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be at least 1")
     if getattr(args, "seed", 0) < 0:
         parser.error("--seed must be >= 0")
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (PipellmError, OSError) as exc:  # the user's input or machine, not a bug: one line
+        print(f"pipellm {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -37,7 +37,11 @@ class ChannelClosedError(PipellmError):
     """The confidential channel (or the pipeline, or the device) is closed."""
 
 
-class DeviceUnavailableError(PipellmError):
+class DeviceError(PipellmError):
+    """The device refused or failed an operation for a reason other than integrity."""
+
+
+class DeviceUnavailableError(DeviceError):
     """A device kind that cannot be opened here; the message says why."""
 
 
@@ -49,8 +53,12 @@ class KeyExhaustedError(PipellmError):
     """No more key epochs can be derived for a direction (after 2**32 rotations)."""
 
 
-class DeviceError(PipellmError):
-    """The device refused or failed an operation for a reason other than integrity."""
+class TraceError(ArgumentError):
+    """A malformed trace; the message names the file and line."""
+
+
+class NotFittedError(ArgumentError, AttributeError):
+    """The learned predictor has no model: fit() it or load() one."""
 
 
 class PinningWarning(UserWarning):

@@ -29,7 +29,7 @@ import json
 import math
 import os
 
-from pipellm.errors import ArgumentError
+from pipellm.errors import ArgumentError, NotFittedError
 
 from ._core import RECENT, _History
 from .base import Prediction, Predictor, TransferEvent
@@ -44,10 +44,6 @@ FEATURES = ("p1", "p2", "last", "segment", "recent", "age", "layerwise", "kvswap
 def _logit(p: float) -> float:
     """The score a probability threshold means (scores are compared before the sigmoid)."""
     return -math.inf if p <= 0.0 else math.inf if p >= 1.0 else math.log(p / (1.0 - p))
-
-
-class NotFittedError(ArgumentError, AttributeError):
-    """The learned predictor has no model: fit() it or load() one."""
 
 
 class LearnedPredictor(Predictor):

@@ -100,3 +100,27 @@ def test_bench_predictors_quick():
     assert {"max_us_per_transfer_cold_rules", "max_us_per_transfer_cold_learned"} <= set(result["summary"])
     table = run("bench", "predictors", "--quick", "--repeats", "1", "--no-progress")
     assert table.splitlines()[1].split()[-1] == "cold" and "MiB written between transfers" in table
+
+
+def test_a_library_error_is_one_line_and_a_nonzero_exit(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"format": "nope"}\n')
+    assert main(["replay", str(bad), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "bad.jsonl:1" in err
+    assert main(["traces", "summary", str(tmp_path / "missing.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pipellm traces: ") and "missing.jsonl" in err and err.count("\n") == 1
+
+
+def test_every_exception_class_is_a_pipellm_error():
+    import inspect
+
+    import pipellm.errors as errors
+    from pipellm.predictors.learned import NotFittedError
+    from pipellm.traces.format import TraceError
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass)   # (warnings apart)
+               if issubclass(c, Exception) and not issubclass(c, Warning) and c.__module__ == errors.__name__]
+    assert len(classes) >= 12 and all(issubclass(c, errors.PipellmError) for c in classes)
+    assert issubclass(errors.DeviceUnavailableError, errors.DeviceError)
+    assert TraceError is errors.TraceError and NotFittedError is errors.NotFittedError

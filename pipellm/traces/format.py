@@ -18,16 +18,12 @@ import json
 import os
 from typing import Iterable, Iterator, NamedTuple
 
-from ..errors import ArgumentError
+from ..errors import TraceError  # (importable from here too)
 
 FORMAT = "pipellm-trace"
 VERSION = 1
 OPS = ("region", "h2d", "d2h", "write", "compute", "sync", "free")
 KINDS = ("weight", "kv", "activation", "other")
-
-
-class TraceError(ArgumentError):
-    """A malformed trace; the message names the file and line."""
 
 
 class Record(NamedTuple):
