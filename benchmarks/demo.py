@@ -20,7 +20,6 @@ here reports it); the wall time is in the JSON too.
 from __future__ import annotations
 
 import os
-from statistics import median
 from time import perf_counter, thread_time
 
 import numpy as np
@@ -69,24 +68,21 @@ def _run_mode(mode: str, config: dict, family: str, split: dict, ids, progress, 
     with pipellm.Pipeline(device="emulated", mode=mode, **extra) as pipe:
         weights = cpu_offload(model, pipe)
         _generate(model, ids, WARMUP_TOKENS, progress)  # the steady state: a server runs on
-        stats0 = pipe.stats()
-        stall0, transfers0, load0 = stats0["emulation_stall_s"], weights.stats()["transfers"], weights.load_s
-        load_cpu0 = weights.load_cpu_s
+        stats0, weights0 = pipe.stats(), weights.stats()
         start, cpu = perf_counter(), thread_time()
         tokens = _generate(model, ids, config["new_tokens"], progress)
         wall, cpu = perf_counter() - start, thread_time() - cpu
-        stats = pipe.stats()
-    stall = stats["emulation_stall_s"] - stall0
+        stats, spent = pipe.stats(), {k: v - weights0[k] for k, v in weights.stats().items()}
+    time_s = wall - (stats["emulation_stall_s"] - stats0["emulation_stall_s"])
     new = config["batch"] * config["new_tokens"]
     hits, misses = (stats.get(k, 0) - stats0.get(k, 0) for k in ("hits", "misses"))
-    return {"mode": mode, "time_s": wall - stall, "wall_s": wall, "stall_s": stall,
-            "tokens_per_s": new / (wall - stall), "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
-            "speculating": stats.get("speculating"), "transfers": weights.stats()["transfers"] - transfers0,
-            "load_s": weights.load_s - load0, "rest_s": wall - stall - (weights.load_s - load0),
-            # the model's thread outside its loads: CPU seconds, and seconds it was not running
-            # (waiting for the GIL or a core) although it had nothing else to wait for
-            "rest_cpu_s": cpu - (weights.load_cpu_s - load_cpu0),
-            "rest_off_cpu_s": wall - stall - (weights.load_s - load0) - (cpu - (weights.load_cpu_s - load_cpu0)),
+    # the model's thread outside its loads: CPU seconds, and seconds it was not running
+    # (waiting for the GIL or a core) although it had nothing else to wait for
+    rest_s, rest_cpu_s = time_s - spent["load_s"], cpu - spent["load_cpu_s"]
+    return {"mode": mode, "time_s": time_s, "wall_s": wall, "stall_s": wall - time_s,
+            "tokens_per_s": new / time_s, "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+            "speculating": stats.get("speculating"), "transfers": spent["transfers"],
+            "load_s": spent["load_s"], "rest_s": rest_s, "rest_cpu_s": rest_cpu_s, "rest_off_cpu_s": rest_s - rest_cpu_s,
             "bytes_h2d": stats["bytes_h2d"] - stats0["bytes_h2d"], "tokens": tokens}
 
 

@@ -50,8 +50,8 @@ def _run_bench(name: str, args) -> dict:
     if name == "predictors":
         kwargs.update(quick=args.quick)
         total = module.points(args.quick)
-    elif name == "demo":
-        kwargs.update(quick=args.quick, repeats=getattr(args, "demo_repeats", 1),
+    elif name == "demo":  # (bench's --repeats is per point: the demo runs once there)
+        kwargs.update(quick=args.quick, repeats=args.repeats if args.command == "demo" else 1,
                       adaptive=not getattr(args, "no_adaptive", False),
                       options=_key_values(getattr(args, "pipeline_option", None), "--pipeline-option"))
         total = module.points(args.quick, kwargs["repeats"])
@@ -95,8 +95,9 @@ def _bench(args) -> int:
     warnings.simplefilter("once", PinningWarning)
     names = BENCHES if args.which == "all" else (args.which,)
     for name in names:
-        if name == "demo" and args.which == "all" and _demo_missing():
-            print(f"bench demo skipped: {_demo_missing()}", file=sys.stderr)
+        missing = _demo_missing() if name == "demo" and args.which == "all" else None
+        if missing:
+            print(f"bench demo skipped: {missing}", file=sys.stderr)
             continue
         result = _run_bench(name, args)
         if args.which == "all":
@@ -106,6 +107,15 @@ def _bench(args) -> int:
             out, plot = args.out, args.plot
         _emit(name, result, args, out, plot)
     return 0
+
+
+def _plot_missing() -> str | None:
+    """Why --plot can't draw here, or None (asked before the runs, not after them)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "--plot needs matplotlib: pip install 'pipellm[plot]'"
+    return None
 
 
 def _demo_missing() -> str | None:
@@ -119,17 +129,10 @@ def _demo_missing() -> str | None:
 
 
 def _demo(args) -> int:
-    missing = _demo_missing()
+    missing = _demo_missing() or (args.plot and _plot_missing())
     if missing:
         print(missing, file=sys.stderr)
         return 2
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("--plot needs matplotlib: pip install 'pipellm[plot]'", file=sys.stderr)
-            return 2
-    args.demo_repeats = args.repeats
     module = _bench_module("demo")
     result = _run_bench("demo", args)
     print(json.dumps(result["rows"], indent=2) if args.json else module.table(result))
@@ -191,11 +194,8 @@ def _replay(args) -> int:
     total = len(traces) * sum(len(predictors) if m.startswith("pipellm") else 1 for m in modes)
     if args.cores is not None and args.cores < 1:
         raise SystemExit(f"--cores must be >= 1, got {args.cores}")
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401 - checked before the runs, not after them
-        except ImportError:
-            raise SystemExit("--plot needs matplotlib: pip install 'pipellm[plot]'") from None
+    if args.plot and (missing := _plot_missing()):
+        raise SystemExit(missing)
     explain = args.explain or args.plot is not None or args.cores is not None
     if args.repeat < 1:
         raise SystemExit(f"--repeat must be >= 1, got {args.repeat}")

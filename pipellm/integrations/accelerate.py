@@ -115,7 +115,7 @@ class WeightsMap(Mapping):
                      tuple(tensor.stride()), tensor.dtype)
             self._key[name] = shared.setdefault(where, prefix + name)
         # everything checked: now copy and register (nothing stays registered if one fails)
-        self.pipeline, self.prefix = pipeline, prefix
+        self.pipeline = pipeline
         self._regions, self._hosts, self._views = {}, {}, {}
         self._dtypes: dict[str, tuple] = {}
         try:
@@ -139,10 +139,14 @@ class WeightsMap(Mapping):
         self._last, self._last_token = None, None
         self._recording, self._ran = False, None  # see record()
 
-    def __getitem__(self, name: str):
+    def _region_key(self, name: str) -> str:
         key = self._key.get(name)
         if key is None:
             raise KeyError(name)
+        return key
+
+    def __getitem__(self, name: str):
+        key = self._region_key(name)
         if self._closed():
             raise ArgumentError(f"this WeightsMap is closed; {name!r} can no longer be loaded")
         region = self._regions[key]
@@ -191,17 +195,11 @@ class WeightsMap(Mapping):
     def host(self, name: str):
         """The host copy of ``name`` (library-owned, write-tracked): write into it in place
         (under ``torch.no_grad()``) to change the weight."""
-        key = self._key.get(name)
-        if key is None:
-            raise KeyError(name)
-        return self._hosts[key]
+        return self._hosts[self._region_key(name)]
 
     def region(self, name: str):
         """The :class:`~pipellm.pipeline.region.Region` that carries ``name``."""
-        key = self._key.get(name)
-        if key is None:
-            raise KeyError(name)
-        return self._regions[key]
+        return self._regions[self._region_key(name)]
 
     @contextmanager
     def record(self, path, *, workload: str = "", meta: dict | None = None):
@@ -234,7 +232,7 @@ class WeightsMap(Mapping):
 
     def close(self) -> None:
         """Unregister the regions (idempotent). Modules still hooked can't load any more."""
-        regions, self._regions = getattr(self, "_regions", {}), {}
+        regions, self._regions = self._regions, {}
         self._views, self._last = {}, None
         _unregister(self.pipeline, regions.values())
 
@@ -253,7 +251,7 @@ def _offloaded_tensors(model, offload_buffers: bool) -> dict:
     buffers with ``offload_buffers`` (the others stay where they are)."""
     tensors = dict(model.named_parameters(remove_duplicate=False))
     if offload_buffers:
-        persistent = {n for n in model.state_dict(keep_vars=True)}
+        persistent = set(model.state_dict(keep_vars=True))
         tensors.update((n, b) for n, b in model.named_buffers(remove_duplicate=False) if n in persistent)
     return tensors
 
@@ -261,8 +259,7 @@ def _offloaded_tensors(model, offload_buffers: bool) -> dict:
 def _check_model(model, who: str) -> None:
     if not isinstance(model, torch.nn.Module):
         raise ArgumentTypeError(f"{who} takes a torch.nn.Module, got {type(model).__name__}")
-    if getattr(model, "_hf_hook", None) is not None or any(
-            getattr(m, "_hf_hook", None) is not None for m in model.modules()):
+    if any(getattr(m, "_hf_hook", None) is not None for m in model.modules()):  # (the model's own too)
         raise ArgumentError(f"{who}: the model already has accelerate hooks; remove them first "
                             f"(accelerate.hooks.remove_hook_from_submodules)")
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
@@ -325,11 +322,6 @@ def infer_device_map(model, device_bytes: int, *, no_split_module_classes: list[
     sizes = compute_module_sizes(model)
     seen: set[int] = set()  # tensors already counted (tied weights)
 
-    def size(name: str, module) -> int:
-        tensors = [*module.parameters(), *module.buffers()] if module is not None else []
-        fresh = [t for t in tensors if id(t) not in seen]
-        return sizes[name] if len(fresh) == len(tensors) else sum(t.numel() * t.element_size() for t in fresh)
-
     def entries(prefix: str, module) -> list:
         own = [(prefix + n, None, t) for n, t in module.named_parameters(recurse=False)]
         return own + [(prefix + n, m, None) for n, m in module.named_children()]
@@ -338,7 +330,13 @@ def infer_device_map(model, device_bytes: int, *, no_split_module_classes: list[
     todo = entries("", model)
     while todo:
         name, module, tensor = todo.pop(0)
-        nbytes = tensor.numel() * tensor.element_size() if tensor is not None else size(name, module)
+        if tensor is not None:
+            tensors = [tensor]
+            nbytes = tensor.numel() * tensor.element_size()
+        else:  # accelerate's size of the module, less what tied weights counted already
+            tensors = [*module.parameters(), *module.buffers()]
+            fresh = [t for t in tensors if id(t) not in seen]
+            nbytes = sizes[name] if len(fresh) == len(tensors) else sum(t.numel() * t.element_size() for t in fresh)
         if not offloading and nbytes <= left:
             device_map[name] = ON_DEVICE
             left -= nbytes
@@ -349,7 +347,7 @@ def infer_device_map(model, device_bytes: int, *, no_split_module_classes: list[
         else:
             offloading = True
             device_map[name] = "cpu"
-        seen.update(id(t) for t in ([tensor] if tensor is not None else [*module.parameters(), *module.buffers()]))
+        seen.update(id(t) for t in tensors)
     if all(where == ON_DEVICE for where in device_map.values()):
         return {"": ON_DEVICE}
     return device_map
@@ -400,16 +398,17 @@ def _dispatch(model, pipeline, places: dict, offload_buffers: bool, preload_modu
                 return where
         return None
     tensors = _offloaded_tensors(model, offload_buffers)
-    uncovered = [n for n in tensors if place(n) is None]
+    where = {n: place(n) for n in tensors}
+    uncovered = [n for n, p in where.items() if p is None]
     if uncovered:
         raise ArgumentError(f"device_map places no module over {uncovered[:5]}")
     tied = find_tied_parameters(model)
-    weights = WeightsMap(pipeline, {n: t for n, t in tensors.items() if place(n) != _KEEP})
+    weights = WeightsMap(pipeline, {n: t for n, t in tensors.items() if where[n] != _KEEP})
     try:
         tied_params_map = {model.get_parameter(n).data_ptr(): {} for group in tied for n in group}
         # weights that stay: loaded through the pipeline once, the module keeps the device's copy
-        for name in tensors:
-            if place(name) == ON_DEVICE:
+        for name, p in where.items():
+            if p == ON_DEVICE:
                 set_module_tensor_to_device(model, name, EXECUTION_DEVICE, value=weights[name])
         execution = torch.device(EXECUTION_DEVICE)
         attach_align_device_hook_on_blocks(

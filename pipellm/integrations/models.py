@@ -58,12 +58,9 @@ def build(family: str = "opt", size: str | dict = "tiny", *, seed: int = 0, dtyp
                              num_hidden_layers=dims["layers"], num_attention_heads=dims["heads"],
                              num_key_value_heads=dims["heads"], max_position_embeddings=512,
                              tie_word_embeddings=False)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+        torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
-    finally:
-        torch.random.set_rng_state(generator_state)  # the caller's random stream is left as it was
     return model.eval()
 
 
