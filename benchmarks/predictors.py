@@ -41,13 +41,16 @@ TRAINING = [("accelerate", dict(model="opt-30b", tokens=6)), ("flexgen", dict(mo
 EVICT_BYTES = 4 << 20
 
 
-def evaluate(trace, predictor, k: int = 16, evict_bytes: int = 0) -> dict:
+def evaluate(trace, predictor, k: int = 16, evict_bytes: int = 0, flags: bool = False) -> dict:
+    """The predictor's accuracy and cost on ``trace`` (see the module docstring); with
+    ``flags``, also ``hits``: for each load, whether it was among the ``k`` predicted."""
     events = [TransferEvent(r.region, r.offset, r.nbytes, r.op, r.stream or 0, 0.0)
               for r in trace.records if r.op in ("h2d", "d2h")]
     scratch = np.zeros(evict_bytes, np.uint8) if evict_bytes else None
     first, warm, loads = None, False, 0
     hits = total = warm_hits = warm_total = 0
     cost = 0.0
+    each = []
     for i, e in enumerate(events):
         if scratch is not None:
             scratch.fill(i & 255)
@@ -61,15 +64,19 @@ def evaluate(trace, predictor, k: int = 16, evict_bytes: int = 0) -> dict:
             ok = any(p[0] == e.region and p[1] == e.offset and p[2] == e.nbytes for p in predicted)
             total += 1
             hits += ok
+            each.append(ok)
             if warm:
                 warm_total += 1
                 warm_hits += ok
         start = perf_counter()
         predictor.observe(e)
         cost += perf_counter() - start
-    return {"hit_rate": hits / total if total else 0.0,
-            "hit_rate_after_first_pass": warm_hits / warm_total if warm_total else 0.0,
-            "us_per_transfer": cost / len(events) * 1e6, "transfers": len(events)}
+    out = {"hit_rate": hits / total if total else 0.0,
+           "hit_rate_after_first_pass": warm_hits / warm_total if warm_total else 0.0,
+           "us_per_transfer": cost / max(1, len(events)) * 1e6, "transfers": len(events)}
+    if flags:
+        out["hits"] = each
+    return out
 
 
 def train(path: str) -> None:

@@ -35,19 +35,19 @@ def _info(args) -> int:
     return 0
 
 
-BENCHES = ("crypto", "transfer", "offload", "predictors", "tracking", "demo")
+BENCHES = ("crypto", "transfer", "offload", "predictors", "tracking", "demo", "paper")
 
 
 def _bench_module(name: str):
-    from .benchmarks import crypto, demo, offload, predictors, tracking, transfer
+    from .benchmarks import crypto, demo, offload, paper, predictors, tracking, transfer
     return {"crypto": crypto, "transfer": transfer, "offload": offload, "predictors": predictors,
-            "tracking": tracking, "demo": demo}[name]
+            "tracking": tracking, "demo": demo, "paper": paper}[name]
 
 
 def _run_bench(name: str, args) -> dict:
     module = _bench_module(name)
-    kwargs = {"repeats": args.repeats}
-    if name == "predictors":
+    kwargs = {"repeats": args.repeats} if name != "paper" else {}  # (the paper's runs are modelled)
+    if name in ("predictors", "paper"):
         kwargs.update(quick=args.quick)
         total = module.points(args.quick)
     elif name == "demo":  # (bench's --repeats is per point: the demo runs once there)
@@ -106,6 +106,28 @@ def _bench(args) -> int:
         else:
             out, plot = args.out, args.plot
         _emit(name, result, args, out, plot)
+        if name == "paper" and out:  # the report beside its JSON
+            with open(os.path.splitext(out)[0] + ".md", "w") as f:
+                f.write(_bench_module(name).table(result))
+    return 0
+
+
+def _eval_paper(args) -> int:
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+    result = _run_bench("paper", args)
+    module = _bench_module("paper")
+    report = module.table(result)
+    print(json.dumps(result, indent=2) if args.json else report)
+    if args.out:
+        _write_json(os.path.join(args.out, "paper.json"), result)
+        with open(os.path.join(args.out, "paper.md"), "w") as f:
+            f.write(report)
+        if _plot_missing():
+            print(f"no plot: {_plot_missing()}", file=sys.stderr)
+        else:
+            module.plot(result, os.path.join(args.out, "paper.png"))
+        print(f"wrote {args.out}/paper.md, paper.json" + ("" if _plot_missing() else ", paper.png"), file=sys.stderr)
     return 0
 
 
@@ -317,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(run=_info)
 
-    bench = sub.add_parser("bench", help="run benchmarks (crypto, transfer, offload, predictors, tracking, demo, or all)")
+    bench = sub.add_parser("bench", help="run benchmarks (crypto, transfer, offload, predictors, tracking, demo, "
+                                                "paper, or all)")
     bench.add_argument("which", nargs="?", choices=(*BENCHES, "all"), default="all")
     bench.add_argument("--json", action="store_true", help="print results as JSON instead of a table")
     bench.add_argument("--out", metavar="FILE", help="write the results as JSON to FILE")
@@ -344,6 +367,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--plot", metavar="PNG", help="write a PNG plot to PNG (needs matplotlib)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)
+
+    evals = sub.add_parser("eval", help="evaluations: 'paper', the PipeLLM paper's headline experiments")
+    evals_sub = evals.add_subparsers(dest="which", required=True)
+    paper = evals_sub.add_parser("paper", help="FlexGen OPT-66B, vLLM OPT-30B, PEFT LoRA 13B: plain / cc / pipellm "
+                                               "at H100 speeds (modelled), and replayed here")
+    paper.add_argument("--quick", action="store_true", help="shorter runs (a smoke run)")
+    paper.add_argument("--out", metavar="DIR", help="write DIR/paper.md, DIR/paper.json and DIR/paper.png")
+    paper.add_argument("--json", action="store_true", help="print the result as JSON instead of the report")
+    paper.add_argument("--no-progress", action="store_true", help="no progress bar")
+    paper.set_defaults(run=_eval_paper)
 
     replay = sub.add_parser("replay", help="replay traces on the emulated device, modes side by side")
     replay.add_argument("traces", nargs="+", metavar="TRACE")

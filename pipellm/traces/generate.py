@@ -278,7 +278,8 @@ def moe(model: str = "mixtral-8x7b", *, tokens: int = 48, batch: int = 1, locali
 
 def vllm_swap(model: str = "opt-30b", *, requests: int = 24, best_of: int = 4, block_tokens: int = 16,
               gpu_blocks: int = 96, arrival_rate: float = 2.0, prompt: int = 128, output: int = 64,
-              kv_budget: int = 512 * MiB, device_tflops: float = 400.0, seed: int = 0) -> Trace:
+              kv_budget: int = 512 * MiB, device_tflops: float = 400.0, hbm_bytes_per_s: float | None = None,
+              seed: int = 0) -> Trace:
     """vLLM-style preemption by swapping: sequence groups (``best_of`` sequences) arrive as a
     Poisson process; when the GPU runs out of KV blocks the newest running group is
     swapped out (all its blocks, layer by layer, K then V: device to host), and swapped
@@ -289,7 +290,15 @@ def vllm_swap(model: str = "opt-30b", *, requests: int = 24, best_of: int = 4, b
     x hidden x 2 bytes, 224 KiB for OPT-30B), since the size of each copy is what the
     channel's per-transfer costs and speculation thresholds meet; to fit ``kv_budget``
     (the host's swap space, twice ``gpu_blocks``) only the first layers are kept, and
-    compute is scaled by the same fraction."""
+    compute is scaled by the same fraction.
+
+    Time: by default the arrival clock is abstract (8 decode steps per unit) and a decode
+    step's compute is its flops at ``device_tflops``. With ``hbm_bytes_per_s`` (the
+    device memory's rate) a step also reads every kept layer's weights once, whatever the
+    batch (decoding is memory-bound at small batches), and the arrival clock runs in those
+    modelled seconds: ``arrival_rate`` is then in requests per second of the run without
+    CC (every mode replays the same schedule; a slower mode would in truth queue more and
+    swap more, which a trace cannot show)."""
     s = shape(model)
     rng = random.Random(seed)
     block = s.hidden * FP16 * block_tokens                    # one layer's K (or V) of one block
@@ -309,9 +318,11 @@ def vllm_swap(model: str = "opt-30b", *, requests: int = 24, best_of: int = 4, b
     used = 0
     # a decode step of the kept layers: 2 flops per parameter per sequence (roofline)
     step_us = 2 * 12 * s.hidden * s.hidden * best_of * layers / (device_tflops * 1e6)
+    weights_us = 12 * s.hidden * s.hidden * FP16 * layers / hbm_bytes_per_s * 1e6 if hbm_bytes_per_s else 0.0
     clock = 0.0
     while waiting or running or swapped:
-        clock += 1.0 / 8                                      # decode steps per unit time
+        if not hbm_bytes_per_s:
+            clock += 1.0 / 8                                  # decode steps per unit time
         while swapped and used + swapped[-1][1] <= gpu_blocks:  # LIFO: newest preempted first
             rid, nblocks, left, cpu = swapped.pop()
             for region in kv:
@@ -331,8 +342,11 @@ def vllm_swap(model: str = "opt-30b", *, requests: int = 24, best_of: int = 4, b
             if waiting:
                 clock = max(clock, waiting[0][0])
             continue
-        b.compute(step_us * len(running))
+        step = max(step_us * len(running), weights_us)
+        b.compute(step)
         b.sync()
+        if hbm_bytes_per_s:
+            clock += step * 1e-6
         for g in running:                                     # every sequence grows by a token
             g[2] -= 1
             if (output - g[2]) % block_tokens == 0:

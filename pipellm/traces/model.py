@@ -13,7 +13,8 @@ request order as soon as the speculation depth lets the transfer be predicted.
 
 Which requests hit: a transfer of a (region, offset, bytes) the trace moved to the device
 before, at least ``min_speculative_bytes`` long (the engine's threshold), and not written
-since its last load (the write invalidates what was encrypted ahead); everything else is
+since its last load (the write invalidates what was encrypted ahead), or those ``hits``
+names; never one larger than ``depth_bytes`` (the engine can't hold it); everything else is
 encrypted on demand, as cc does (in pipellm mode, a large one in pieces shared with the
 workers idle at that moment, as ``pipellm/pipeline/ondemand.py`` does). A chunk no
 worker has started when its request comes is encrypted by the requesting thread (as the
@@ -44,10 +45,13 @@ MODEL_OPTIONS = ("link", "chunk_size", "depth_bytes", "min_speculative_bytes", "
 
 def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkModel | None = None,
              chunk_size: int = 4 << 20, depth_bytes: int = 64 << 20, min_speculative_bytes: int | str = "auto",
-             workers: int | None = None, hits: list[bool] | None = None) -> float:
+             workers: int | None = None, hits: list[bool] | None = None, timed_from: int = 0) -> float:
     """The modelled time (seconds) of ``trace`` in ``mode`` on ``cores`` host cores (see
     the module docstring). ``hits``: which h2d records a real run of the trace sent from
-    speculation (else the rule of the module docstring decides)."""
+    speculation (else the rule of the module docstring decides). ``timed_from``: the time
+    from that record on, the host synchronized there first (a benchmark's clock starting
+    after its warm-up: the records before it still teach the predictor and fill the
+    pipeline)."""
     link = link or LinkModel()
     bandwidth = (link.h2d_bytes_per_s, link.d2h_bytes_per_s)
     # the library's cost per request: plain's, cc's (on demand), a pipellm hit's
@@ -83,16 +87,21 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
 
     def plan(now):
         nonlocal planned, window
-        while planned < len(loads) and window + loads[planned].nbytes <= max(depth_bytes, loads[planned].nbytes):
-            if planned >= served and hits[planned]:
+        while planned < len(loads):
+            nbytes = loads[planned].nbytes
+            # (a transfer larger than the depth is never encrypted ahead: the engine can't hold it)
+            ahead = planned >= served and hits[planned] and nbytes <= depth_bytes
+            if ahead and window + nbytes > depth_bytes:
+                return
+            if ahead:
                 mine = []
-                for pos in range(0, loads[planned].nbytes, chunk_size):
+                for pos in range(0, nbytes, chunk_size):
                     begin = max(now, free_at[0])
-                    done = begin + seal(min(chunk_size, loads[planned].nbytes - pos))
+                    done = begin + seal(min(chunk_size, nbytes - pos))
                     heapq.heapreplace(free_at, done)
                     mine.append((begin, done))
                 chunks[planned] = mine
-                window += loads[planned].nbytes
+                window += nbytes
             planned += 1
 
     def book(stream, direction, ready, nbytes):
@@ -101,8 +110,20 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
         tails[stream] = link_free[direction] + link.latency_s
         return tails[stream]
 
+    def drain(t):  # the host waits for every stream and receives what came back, in order
+        nonlocal receiver_free
+        t = max([t, *tails.values()])
+        for end, n in pending_d2h:
+            t = max(t, end, receiver_free) + opened(n)
+            receiver_free = t
+        pending_d2h.clear()
+        return t
+
     plan(0.0)
-    for rec in trace.records:
+    timed = 0.0  # the clock when timing began
+    for number, rec in enumerate(trace.records):
+        if number == timed_from and number:
+            t = timed = drain(t)
         op = rec.op
         if op == "h2d":
             mine = chunks.pop(served, None)
@@ -166,11 +187,7 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
                 t = max(t, end, receiver_free) + opened(n)
                 receiver_free = t
             pending_d2h.clear()
-    t = max([t, *tails.values()])
-    for end, n in pending_d2h:
-        t = max(t, end, receiver_free) + opened(n)
-        receiver_free = t
-    return t
+    return drain(t) - timed
 
 
 def _rule(trace: Trace, min_speculative_bytes: int) -> list[bool]:
