@@ -326,7 +326,7 @@ def table(result: dict) -> str:
                          f"{row['link_s']:.2f} | {row['seal_8_workers_s']:.2f} | {row['receive_one_thread_s']:.2f} |")
     lines += ["", "Data coming back (vLLM's swap-outs) is received in channel order by one thread at a "
               "time, in pipellm as in cc: where the trace waits for it, that thread's AES is the gap."]
-    lines += ["", "Left out of the model: FlexGen's prefill (by the roofline ~5% of plain's time), vLLM's "
+    lines += ["", "Left out of the model: FlexGen's prefill (one pass over the weights with the prompt's compute), vLLM's "
               "latency sweep at 3.6-4.8 requests/s (one schedule replayed in every mode: a slower mode "
               "cannot queue or preempt more here), the paper's PEFT configuration (not recovered), and "
               "memory bandwidth shared by many encryption threads (each worker is a core at the rate "
