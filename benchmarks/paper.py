@@ -313,7 +313,8 @@ def table(result: dict) -> str:
         lines.append(f"- **{s['title']}**: {s['config']}. Moves {m['h2d_bytes'] / 1e9:.1f} GB to the GPU in "
                      f"{m['loads']} loads and {m['d2h_bytes'] / 1e9:.1f} GB back; {m['compute_s']:.2f} s of GPU "
                      f"compute timed. Predictor `{s['predictor']}`: {m['hit_rate']:.1%} of the timed loads named "
-                     f"ahead; depth {m['depth_bytes'] / 2**20:.0f} MiB (the default 64 MiB, or twice the largest load). "
+                     f"ahead; depth {m['depth_bytes'] / 2**20:.0f} MiB (the default 64 MiB, or twice the "
+                     "largest load). "
                      f"Paper's cc drop: {s['paper_note']}"
                      + (f"; cc loses that much here with one thread at {_rate(implied)}." if implied else "."))
     lines += ["", "## Where pipellm's time goes beyond plain's (8 workers)", "",
@@ -326,13 +327,14 @@ def table(result: dict) -> str:
                          f"{row['link_s']:.2f} | {row['seal_8_workers_s']:.2f} | {row['receive_one_thread_s']:.2f} |")
     lines += ["", "Data coming back (vLLM's swap-outs) is received in channel order by one thread at a "
               "time, in pipellm as in cc: where the trace waits for it, that thread's AES is the gap."]
-    lines += ["", "Left out of the model: FlexGen's prefill (one pass over the weights with the prompt's compute), vLLM's "
-              "latency sweep at 3.6-4.8 requests/s (one schedule replayed in every mode: a slower mode "
-              "cannot queue or preempt more here), the paper's PEFT configuration (not recovered), and "
+    lines += ["", "Left out of the model: FlexGen's prefill (one pass over the weights with the prompt's "
+              "compute), vLLM's latency sweep at 3.6-4.8 requests/s (one schedule replayed in every mode: "
+              "a slower mode cannot queue or preempt more here), the paper's PEFT configuration (not recovered), and "
               "memory bandwidth shared by many encryption threads (each worker is a core at the rate "
               "measured alone)."]
     lines += ["", "## Replayed for real on the emulated device (scaled down, this machine's cores)", "",
-              "| set-up | GB to the GPU | plain s | cc s | pipellm s (always on) | verified | engine's hit rate | offline |",
+              "| set-up | GB to the GPU | plain s | cc s | pipellm s (always on) | verified | engine's hit rate "
+              "| offline |",
               "|---|---|---|---|---|---|---|---|"]
     for name, s in result["setups"].items():
         r = s["replayed"]
@@ -346,7 +348,8 @@ def table(result: dict) -> str:
     if "skipped" in rec:
         lines.append(f"skipped: {rec['skipped']}")
     else:
-        lines += ["| model | loads | MB | plain s | cc s | pipellm s (always on) | verified | hit rate after the first pass |",
+        lines += ["| model | loads | MB | plain s | cc s | pipellm s (always on) | verified "
+                  "| hit rate after the first pass |",
                   "|---|---|---|---|---|---|---|---|"]
         for family, r in rec.items():
             modes = r["modes"]
