@@ -16,6 +16,7 @@ try:
 except ImportError:   # the plain module without Cython installed
     from . import _nocython as cython
 
+from pipellm.errors import ArgumentError
 from .base import Prediction, TransferEvent, _new_tuple
 
 #: splitmix64's constants (the keys below), and the masks that make Python's integers
@@ -234,7 +235,7 @@ class _LayerwiseCore:
     def _new_region(self, name):
         region = len(self._names)
         if region > MAX_REGIONS:
-            raise ValueError(f"the layerwise predictor tells at most {MAX_REGIONS} regions apart")
+            raise ArgumentError(f"the layerwise predictor tells at most {MAX_REGIONS} regions apart")
         if region * _COLUMNS == len(self._rows_array):
             self._rows_array = _doubled(self._rows_array)
             self._rows = self._rows_array

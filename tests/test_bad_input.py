@@ -74,7 +74,18 @@ CASES = [
     ("adversary without on_message", lambda e: pipellm.open_device("emulated", adversary=object()), ArgumentError, "on_message"),
     ("alloc zero bytes", lambda e: e["pipe"].device.alloc(0), ArgumentError, "nbytes must be positive"),
     ("read past the end", lambda e: e["pipe"].device.read(e["dbuf"], 990, 20), ArgumentError, "outside"),
+    # the low-level pieces a user can reach: errors of the library too, builtin-compatible
+    ("copy into a smaller buffer", lambda e: pipellm._ext.copy_into(bytearray(1), b"ab"), ArgumentError,
+     "destination holds 1 bytes, source has 2"),
+    ("an AES-256 key of 16 bytes", lambda e: __import__("pipellm.kernels.tables").kernels.tables.expand_key(bytes(16)),
+     ArgumentError, "needs a 32-byte key"),
+    ("a malformed header's destination", lambda e: _tampered_message().dst, ArgumentError, "not a version-2 header"),
 ]
+
+
+def _tampered_message():
+    from pipellm.channel.endpoint import Message
+    return Message("h2d", bytes(12), bytearray(b"not a header"), memoryview(bytearray(16)))
 
 
 @pytest.mark.parametrize("what,call,exc,message", CASES, ids=[c[0] for c in CASES])

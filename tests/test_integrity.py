@@ -6,6 +6,7 @@ stays out of another's."""
 
 import os
 import re
+import time
 import tracemalloc
 
 import numpy as np
@@ -188,6 +189,70 @@ def test_a_refused_d2h_transfer_writes_nothing(mode, chunks, n, tail):
         assert (host == 5).all(), "chunks of a refused transfer landed"
         with pytest.raises(ChannelClosedError):
             pipe.synchronize()
+        pipe.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_d2h_transfer_lands_only_once_the_chunk_that_ends_it_authenticated(mode):
+    """Through a bounce pool of two messages, a transfer's later chunks are submitted only
+    as earlier ones are received, so the receiver (a worker, in pipellm) holds a chunk that
+    is the last one submitted so far while more are to come: the transfer must not land
+    then, and its refused last chunk leaves the destination as it was."""
+    size = 4 * 4096
+    adv = TamperNth("d2h", 4)
+    with pipellm.open_device("emulated", adversary=adv) as dev:
+        extra = {} if mode == "cc" else {"adaptive": False}
+        pipe = open_pipe(mode, dev, bounce_bytes=2 * 8192, **extra)
+        src = pipe.to_device(pipe.register(pipellm.array(random_bytes(size, seed=16)), name="src"))
+        pipe.synchronize()
+        host = np.full(size, 5, np.uint8)
+        back = pipe.register(host, name="back")
+        adv.armed = True
+        with pytest.raises(IntegrityError):
+            pipe.to_host(src, back).wait()
+        assert adv.tampered == 1
+        assert (host == 5).all(), "chunks of a refused transfer landed"
+        pipe.close()
+
+
+def test_chunks_decrypted_on_two_workers_at_once_commit_in_channel_order(monkeypatch):
+    """Two device-to-host transfers; the first one's chunk is tampered and its decryption
+    slowed down. A second worker decrypts the next transfer meanwhile (so the receive is
+    parallel), yet that transfer never lands: it comes after a refused one."""
+    from pipellm.channel import Direction
+    from pipellm.channel.endpoint import Opener
+
+    finished, original = [], Opener._decrypt
+
+    def slow_first(self, key, iv, index, kind, payload, aad, plain):
+        if self.direction == Direction.D2H and adv.armed and index == first[0]:
+            time.sleep(0.5)
+        out = original(self, key, iv, index, kind, payload, aad, plain)
+        if self.direction == Direction.D2H and adv.armed:
+            finished.append(index)
+        return out
+
+    monkeypatch.setattr(Opener, "_decrypt", slow_first)
+    adv = TamperNth("d2h", 1)
+    with pipellm.open_device("emulated", adversary=adv) as dev:
+        pipe = speculating_pipe("strict", "sequence", device=dev, workers=2, adaptive=False)
+        a_dev = pipe.to_device(pipe.register(pipellm.array(random_bytes(4096, seed=17)), name="a"))
+        b_dev = pipe.to_device(pipe.register(pipellm.array(random_bytes(4096, seed=18)), name="b"))
+        pipe.synchronize()
+        a_host, b_host = np.full(4096, 5, np.uint8), np.full(4096, 6, np.uint8)
+        a_back, b_back = pipe.register(a_host, name="a back"), pipe.register(b_host, name="b back")
+        first = [pipe.stats()["messages_d2h"]]  # the index of the next d2h message
+        adv.armed = True
+        a, b = pipe.to_host(a_dev, a_back), pipe.to_host(b_dev, b_back)
+        deadline = time.monotonic() + 5  # the workers receive both (the first one slowly)
+        while len(finished) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for transfer in (b, a):
+            with pytest.raises(IntegrityError):
+                transfer.wait()
+        assert adv.tampered == 1
+        assert finished[:1] == [first[0] + 1], f"the second transfer was not decrypted beside the first: {finished}"
+        assert (a_host == 5).all() and (b_host == 6).all(), "a transfer after a refused one landed"
         pipe.close()
 
 

@@ -25,7 +25,13 @@ from posix.unistd cimport sysconf, _SC_PAGESIZE
 
 from pipellm._ext.locks cimport Lock
 from pipellm._ext.submission cimport Op
-from pipellm.errors import ArgumentError, ChannelClosedError, PinningWarning, TransferTimeoutError
+from pipellm.errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    ChannelClosedError,
+    PinningWarning,
+    TransferTimeoutError,
+)
 
 cdef size_t PAGE = <size_t>sysconf(_SC_PAGESIZE)
 PAGE_BYTES = PAGE
@@ -348,7 +354,7 @@ cdef class Slot:
     ``n`` bytes. (Its fields are declared in ``bounce.pxd``.)"""
 
     def __init__(self):
-        raise TypeError("slots come from BouncePool.acquire()")
+        raise ArgumentTypeError("slots come from BouncePool.acquire()")
 
     def view(self, Py_ssize_t nbytes):
         return self._view(0, nbytes)

@@ -4,6 +4,8 @@
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.string cimport memcpy
 
+from pipellm.errors import ArgumentError
+
 
 def copy_into(dst, src) -> int:
     """Copy all of ``src`` into the start of ``dst`` (a writable buffer at least as large),
@@ -21,7 +23,7 @@ def copy_into(dst, src) -> int:
         PyObject_GetBuffer(dst, &d, PyBUF_SIMPLE | PyBUF_WRITABLE)
         try:
             if d.len < s.len:
-                raise ValueError(f"destination holds {d.len} bytes, source has {s.len}")
+                raise ArgumentError(f"destination holds {d.len} bytes, source has {s.len}")
             with nogil:
                 memcpy(d.buf, s.buf, <size_t>s.len)
             return s.len

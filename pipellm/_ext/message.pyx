@@ -37,7 +37,7 @@ cdef class Message:
         from pipellm.channel.protocol import unpack_header  # (here: the channel imports this module)
         header = unpack_header(self.aad)
         if header is None:
-            raise ValueError("message header is malformed")
+            raise ArgumentError("message header is malformed: not a version-2 header")
         return Destination(header.buffer, header.offset, header.length)
 
     @dst.setter

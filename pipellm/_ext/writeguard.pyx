@@ -28,6 +28,8 @@ from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_
 
 import threading
 
+from pipellm.errors import ArgumentError
+
 cdef extern from *:
     """
     #include <signal.h>
@@ -500,7 +502,7 @@ cdef class HostBuffer:
     def __cinit__(self, size_t nbytes):
         self._live = False
         if nbytes == 0:
-            raise ValueError("a host buffer needs at least one byte")
+            raise ArgumentError("a host buffer needs at least one byte")
         self.nbytes = nbytes
         cdef size_t mapped = (nbytes + PAGE - 1) // PAGE * PAGE
         cdef int err = pl_buf_alloc(&self._buf, mapped)

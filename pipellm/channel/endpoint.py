@@ -29,6 +29,17 @@ from .protocol import (
     unpack_header,
 )
 
+class Claim(NamedTuple):
+    """A received message checked and given its index, not yet authenticated
+    (:meth:`Opener.claim`)."""
+
+    header: object  # protocol.Header
+    index: int
+    key: EpochKey
+    iv: bytes
+    aad: bytes
+
+
 class Destination(NamedTuple):
     """Where a message says its plaintext goes: a device buffer id (h2d) or a host
     region id (d2h), a byte offset and a length."""
@@ -208,6 +219,17 @@ class Opener(_Endpoint):
 
     def open_into(self, msg: Message, staging: memoryview):
         """Return (header, index, plaintext view into ``staging``) of the next message."""
+        claim = self.claim(msg, len(staging))
+        return claim.header, claim.index, self.finish(claim, msg.payload, staging[:claim.header.length])
+
+    def claim(self, msg: Message, room: int) -> Claim:
+        """Check the next message against this receiver's own position (header, session,
+        direction, epoch, counter, kind, IV, length within ``room``) and take its index,
+        so the message after it can be claimed while this one is decrypted
+        (:meth:`finish`, on any thread). A refusal closes the channel and raises
+        :class:`IntegrityError`. Whoever claims must commit plaintext in claim order, and
+        only once every message claimed before has finished: a later one's tag may verify
+        while an earlier one's fails."""
         with self._lock:
             self._check_open()
             aad = bytes(msg.aad)  # read shared memory once: what is checked is what is authenticated
@@ -222,36 +244,48 @@ class Opener(_Endpoint):
                   and header.session == self.session and header.epoch == epoch
                   and header.counter == counter and header.kind in self.kinds
                   and len(msg.payload) == header.length + TAG_BYTES
-                  and header.length <= len(staging))
+                  and header.length <= room)
             if ok:
                 key = self._keys.epoch_key(self.direction, epoch)
                 iv = iv_for(key.mask, counter)
                 ok = msg.iv == iv
-            if ok:
-                start = perf_counter()
-                try:
-                    plain = self._decrypt(key, iv, index, header.kind, msg.payload, aad, staging[:header.length])
-                    ok = plain is not None
-                except Exception as error:  # not a refusal: the decryption itself broke
-                    self._broke("decrypting", index, error, "the channel can't go on")
-                    raise
-                elapsed = perf_counter() - start
-                self.aes_s += elapsed
-                self.bytes += header.length
-                if timeline.recording:
-                    timeline.span("decrypt", start, start + elapsed)
             if not ok:
-                where = f"message {index}" if index >= 0 else "a malformed message"
                 claimed = -1 if header is None else header.epoch * self.rotate_after + header.counter
                 lost = (f": what came in its place claims to be message {claimed}, so message {index} was "
                         f"lost or withheld" if not self.window and claimed > index else "")
-                error = IntegrityError(f"{self.label} {where} (session {self.session}) failed "
-                                       f"authentication{lost}; the channel is closed")
-                self.close(error)
-                raise error
-            self.messages += 1
+                self._refuse(index, lost)
             self._accept(index)
-            return header, index, plain
+            return Claim(header, index, key, iv, aad)
+
+    def finish(self, claim: Claim, payload, plain):
+        """Authenticate and decrypt a claimed message's ``payload`` (ciphertext || tag)
+        into ``plain`` (staging, never the destination); the plaintext. A bad tag closes
+        the channel and raises :class:`IntegrityError`."""
+        header, index = claim.header, claim.index
+        start = perf_counter()
+        try:
+            out = self._decrypt(claim.key, claim.iv, index, header.kind, payload, claim.aad, plain)
+        except Exception as error:  # not a refusal: the decryption itself broke
+            self._broke("decrypting", index, error, "the channel can't go on")
+            raise
+        elapsed = perf_counter() - start
+        with self._lock:
+            if out is None:
+                self._refuse(index, "")
+            self.aes_s += elapsed
+            self.bytes += header.length
+            self.messages += 1
+        if timeline.recording:
+            timeline.span("decrypt", start, start + elapsed)
+        return out
+
+    def _refuse(self, index: int, why: str) -> None:
+        """Close the channel over message ``index`` and raise (lock held)."""
+        where = f"message {index}" if index >= 0 else "a malformed message"
+        error = IntegrityError(f"{self.label} {where} (session {self.session}) failed authentication{why}; "
+                               f"the channel is closed")
+        self.close(error)
+        raise error
 
     def _decrypt(self, key: EpochKey, iv: bytes, index: int, kind: int, payload, aad: bytes, plain):
         """The AES-GCM step for message ``index``: authenticate ``payload`` (ciphertext ||

@@ -13,6 +13,8 @@ words, most significant first.
 from __future__ import annotations
 
 import numpy as np
+
+from ..errors import ArgumentError
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 #: GHASH blocks one thread hashes (Horner's rule) before its partial sum is combined.
@@ -58,7 +60,7 @@ TE0 = np.array([(_xtime(s) << 24) | (s << 16) | (s << 8) | (_xtime(s) ^ s) for s
 def expand_key(key: bytes) -> np.ndarray:
     """The 60 round-key words of AES-256 (FIPS 197 key expansion), big-endian words."""
     if len(key) != 32:
-        raise ValueError(f"AES-256 needs a 32-byte key, got {len(key)} bytes")
+        raise ArgumentError(f"AES-256 needs a 32-byte key, got {len(key)} bytes")
     w = [int.from_bytes(key[4 * i:4 * i + 4], "big") for i in range(8)]
     rcon = 1
     for i in range(8, 60):

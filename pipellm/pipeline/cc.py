@@ -4,8 +4,12 @@ Host to device: on the calling thread, each chunk is encrypted into a bounce slo
 handed to the device at once, so earlier chunks are on the link while later ones are
 being encrypted; the call returns when the last chunk is encrypted. Device to host: the
 device seals each chunk into a bounce slot; the host authenticates and decrypts the
-chunks in channel order when a caller needs them (``Transfer.wait``, ``synchronize``,
-reading the region, or a bounce slot it must reuse).
+chunks when a caller needs them (``Transfer.wait``, ``synchronize``, reading the region,
+or a bounce slot it must reuse). Chunks are claimed in channel order (each checked
+against the receiver's own position and given its index), decrypted on whichever
+threads are receiving at the time, several at once, and committed in channel order: a
+transfer lands in its region only once all its chunks, and every chunk before them,
+have authenticated.
 """
 
 from __future__ import annotations
@@ -39,29 +43,39 @@ def make_pool(what: str, nbytes: int, max_message: int, minimum: int = 2) -> Bou
 
 
 class _Landing:
-    """A device-to-host transfer: its chunks are staged as they authenticate and land in
-    the region together, once the last one has (a refused chunk leaves it untouched, and
-    so does a transfer the host gave up part-way: ``abandoned``)."""
+    """A device-to-host transfer: its chunks are staged (in ``staging``, its own memory)
+    as they authenticate and land in the region together, once the one that ends it has
+    (a refused chunk leaves it untouched, and so does a transfer the host gave up
+    part-way: ``abandoned``)."""
 
-    __slots__ = ("region", "offset", "nbytes", "last", "abandoned")
+    __slots__ = ("region", "offset", "nbytes", "last", "abandoned", "staging")
 
     def __init__(self, region, offset, nbytes):
         self.region, self.offset, self.nbytes = region, offset, nbytes
         self.last = None
         self.abandoned = False
+        self.staging: memoryview | None = None
+
+    def ends_with(self, chunk: _Incoming) -> bool:
+        # by position, not by ``last``: a chunk can be received while the chunks after it
+        # are still being submitted, and the transfer must not land before they are
+        return chunk.offset + chunk.nbytes == self.offset + self.nbytes
 
 
 class _Incoming:
     """One device-to-host chunk the host expects; the fence of its bounce slot."""
 
-    __slots__ = ("engine", "op", "region", "offset", "nbytes", "received", "error", "landing")
+    __slots__ = ("engine", "op", "region", "offset", "nbytes", "received", "error", "landing", "claim", "msg",
+                 "outcome")
 
     def __init__(self, engine, region, offset, nbytes, landing):
         self.engine, self.region, self.offset, self.nbytes = engine, region, offset, nbytes
         self.landing = landing
         self.op = None
-        self.received = False
+        self.received = False   # committed (or failed), in channel order
         self.error: BaseException | None = None
+        self.claim = self.msg = None  # once claimed: the opener's claim and the message
+        self.outcome = None     # once decrypted: True, or what it failed with
 
     def done(self) -> bool:
         return self.received
@@ -94,10 +108,12 @@ class CCEngine(Engine):
         self.failure_sources = (self.sealer, self.opener, device, self._device_session)
         self._pinned: list = []
         self.pool = self.pinned_pool("bounce_bytes", bounce_bytes, chunk_size + TAG_BYTES)
-        self._landing_mem = memoryview(bytearray(chunk_size))  # see _landing_staging
+        self._staging_free: list[memoryview] = []  # see _take_staging
         self._h2d_lock = Lock()  # (taken in C by the speculative request path)
         self._d2h_lock = threading.Lock()
         self._recv_lock = threading.Lock()
+        self._committed = threading.Condition(self._recv_lock)  # a chunk was received
+        self._claimed: deque[_Incoming] = deque()  # claimed d2h chunks, received in this order
         # threads waiting to receive themselves: a background receiver (pipellm's workers)
         # hands over to them between chunks rather than make them wait for all it took on
         self._recv_waiters = 0
@@ -210,71 +226,129 @@ class CCEngine(Engine):
 
     def receive_until(self, target: _Incoming, timeout) -> bool:
         """Authenticate, decrypt and commit device-to-host chunks in channel order until
-        ``target`` is received (or failed). False if that took longer than ``timeout``."""
+        ``target`` is received (or failed). Chunks other threads have claimed are
+        decrypted by them meanwhile; this thread claims the next ones up to ``target``.
+        False if that took longer than ``timeout``."""
         if target.received:
             return True
+        deadline = None if timeout is None else perf_counter() + timeout
         with self._recv_waiters_lock:
             self._recv_waiters += 1
         try:
-            if not self._recv_lock.acquire(blocking=False):  # another thread is receiving
-                start = perf_counter()
-                self._recv_lock.acquire()
-                if timeline.recording:
-                    timeline.span("wait-receive", start, perf_counter())
+            with self._recv_lock:
+                while not target.received:
+                    left = None if deadline is None else max(0.0, deadline - perf_counter())
+                    if target.claim is None and target.outcome is None and self._expected:
+                        chunk = self._claim_head(left)
+                        if chunk is None:
+                            return False
+                        self._decrypt_claimed(chunk)
+                        continue
+                    # every chunk up to the target is claimed: another thread is decrypting
+                    start = perf_counter()
+                    if not self._committed.wait(left) and not target.received:
+                        return False
+                    if timeline.recording:
+                        timeline.span("wait-receive", start, perf_counter())
+            return True
         finally:
             with self._recv_waiters_lock:
                 self._recv_waiters -= 1
-        try:
-            while not target.received:
-                if not self._receive_head(timeout):
-                    return False
-            return True
-        finally:
-            self._recv_lock.release()
 
     def _receive_head(self, timeout) -> bool:
-        """Receive the oldest expected chunk (recv lock held); False on timeout."""
-        head = self._expected[0]
-        if not head.op.wait_done(timeout):
+        """Receive the oldest expected chunk (recv lock held): claim, decrypt, commit
+        what is ready. False on timeout."""
+        chunk = self._claim_head(timeout)
+        if chunk is None:
             return False
-        self._expected.popleft()
-        if self._failure is None:
-            self._receive(head)
-        if self._failure is not None:
-            head.error = self._failure
-        head.received = True
+        self._decrypt_claimed(chunk)
         return True
 
-    def _receive(self, head: _Incoming) -> None:
-        if head.op.error is not None:
-            self._fail(head.op.error)
-            return
-        if not self._inbox:
-            self._fail(IntegrityError(
-                f"d2h message {self.opener.next_index} never arrived in its bounce slot; the channel is closed"))
-            return
-        landing = head.landing
-        staging = self._landing_staging(landing)[head.offset - landing.offset:]
-        try:
-            header, index, plain = self.opener.open_into(self._inbox.popleft(), staging)
-        except IntegrityError as exc:
-            self._fail(exc)
-            return
-        if (header.buffer, header.offset, header.length) != (head.region.id, head.offset, head.nbytes):
-            self._fail(IntegrityError(f"d2h message {index} is not the transfer the host asked for; "
-                                      f"the channel is closed"))
-            return
-        if head is not landing.last or landing.abandoned:
-            return  # staged: the transfer lands once its last chunk has authenticated
-        with landing.region.library_write(landing.offset, landing.nbytes) as view:
-            copy_into(view, self._landing_mem[:landing.nbytes])
+    def _claim_head(self, timeout) -> _Incoming | None:
+        """Claim the oldest expected chunk once the device has written it (recv lock
+        held): its message checked and its index taken (or what it failed with set as
+        its outcome). None on timeout."""
+        head = self._expected[0]
+        if not head.op.wait_done(timeout):
+            return None
+        self._expected.popleft()
+        self._claimed.append(head)
+        if self._failure is not None:
+            head.outcome = self._failure
+        elif head.op.error is not None:
+            head.outcome = head.op.error
+        elif not self._inbox:
+            head.outcome = IntegrityError(
+                f"d2h message {self.opener.next_index} never arrived in its bounce slot; the channel is closed")
+        else:
+            msg = self._inbox.popleft()
+            try:
+                claim = self.opener.claim(msg, head.nbytes)
+                header = claim.header
+                if (header.buffer, header.offset, header.length) != (head.region.id, head.offset, head.nbytes):
+                    error = IntegrityError(f"d2h message {claim.index} is not the transfer the host asked for; "
+                                           f"the channel is closed")
+                    self.opener.close(error)
+                    raise error
+            except (IntegrityError, ChannelClosedError) as exc:
+                head.outcome = exc
+            else:
+                head.claim, head.msg = claim, msg
+                landing = head.landing
+                if landing.staging is None:
+                    landing.staging = self._take_staging(landing.nbytes)
+        return head
 
-    def _landing_staging(self, landing: _Landing) -> memoryview:
-        """Private memory for a transfer's chunks until it lands (they are received in
-        order, one transfer after another, so one buffer, grown to the largest, serves all)."""
-        if len(self._landing_mem) < landing.nbytes:
-            self._landing_mem = memoryview(bytearray(landing.nbytes))
-        return self._landing_mem
+    def _decrypt_claimed(self, chunk: _Incoming) -> None:
+        """Decrypt a claimed chunk into its transfer's staging with the recv lock
+        released (other threads claim and decrypt meanwhile), then commit what is ready."""
+        if chunk.outcome is None:
+            landing = chunk.landing
+            at = chunk.offset - landing.offset
+            self._recv_lock.release()
+            try:
+                self.opener.finish(chunk.claim, chunk.msg.payload, landing.staging[at:at + chunk.nbytes])
+                outcome = True
+            except BaseException as exc:  # a refusal (the opener closed), or the AES step broke
+                outcome = exc
+            finally:
+                self._recv_lock.acquire()
+            chunk.outcome, chunk.claim, chunk.msg = outcome, None, None
+        self._commit()
+
+    def _commit(self) -> None:
+        """Receive the decrypted chunks at the front of the claim order (recv lock held):
+        a transfer lands once the chunk that ends it authenticated and every chunk before
+        it did; after a failure, every chunk fails with it."""
+        claimed = self._claimed
+        while claimed and claimed[0].outcome is not None:
+            chunk = claimed.popleft()
+            landing = chunk.landing
+            if chunk.outcome is not True and self._failure is None:
+                self._fail(chunk.outcome)
+            if self._failure is not None:
+                chunk.error = self._failure
+            elif landing.ends_with(chunk) and not landing.abandoned:
+                with landing.region.library_write(landing.offset, landing.nbytes) as view:
+                    copy_into(view, landing.staging[:landing.nbytes])
+            if (landing.ends_with(chunk) or chunk is landing.last and landing.abandoned) and landing.staging:
+                self._staging_free.append(landing.staging)
+                landing.staging = None
+            chunk.received = True
+        self._committed.notify_all()
+
+    def _take_staging(self, nbytes: int) -> memoryview:
+        """Private memory for one transfer's chunks until it lands: reused from transfers
+        that landed (the smallest that fits), else new."""
+        free = self._staging_free
+        fits = [m for m in free if len(m) >= nbytes]
+        if fits:
+            best = min(fits, key=len)
+            free.remove(best)
+            return best
+        if len(free) > 8:  # keep a few
+            free.pop(0)
+        return memoryview(bytearray(nbytes))
 
     # -- lifetime ------------------------------------------------------------------------------
     def _fail(self, error: BaseException) -> None:
@@ -331,6 +405,7 @@ class CCEngine(Engine):
             for incoming in self._expected:
                 incoming.error, incoming.received = incoming.error or error, True
             self._expected.clear()
+            self._committed.notify_all()
         self.pool.close()
 
     def stats(self) -> dict:

@@ -610,32 +610,42 @@ class SpeculativeEngine(CCEngine, Queue):
             # needed (a wait, a read of the region, a bounce slot to reuse) or by the
             # next large message's task, in order
             return
+        self._schedule_receive()
+
+    def _schedule_receive(self) -> None:
+        """Have a worker receive what has been delivered (one task at a time is queued)."""
         with self._cond:
-            if not self._receive_pending:  # one task drains everything delivered by then
+            if not self._receive_pending:
                 self._receive_pending = True
                 self._tasks.appendleft(_RECEIVE)
                 self._wake_workers(1)
 
     def _receive_async(self) -> None:
-        """Receive what has been delivered, chunk by chunk; a thread that comes to wait
-        for a chunk takes over (it would only stand by: on a small machine the waiting
-        thread has the core, and receiving is in order, one thread at a time)."""
+        """Receive what has been delivered, chunk by chunk: claim the next one, hand what
+        is left to another worker (so several decrypt at once), decrypt, commit in channel
+        order. Stops when a thread comes to wait for a chunk: it claims the next ones
+        itself (on a small machine the waiting thread has the core)."""
         with self._cond:
             self._receive_pending = False
         while not self._recv_waiters:
             with self._recv_lock:
                 if not (self._expected and self._inbox):
                     return
-                head = self._expected[0]
-                if not head.op.finished:
+                if not self._expected[0].op.finished:
                     # never hold the receive lock across a wait for the device: a thread
                     # that comes to wait would wait behind it (the next delivery's task,
                     # or that thread, receives it)
                     return
-                if not self._receive_head(self.timeout):
+                chunk = self._claim_head(self.timeout)
+                if chunk is None:
                     return
-                if head.error is None:
-                    self.counts["async_decrypted_bytes"] += head.nbytes
+                more = bool(self._expected and self._inbox)
+            if more:
+                self._schedule_receive()
+            with self._recv_lock:
+                self._decrypt_claimed(chunk)
+                if chunk.outcome is True:
+                    self.counts["async_decrypted_bytes"] += chunk.nbytes
 
     # -- lifetime -------------------------------------------------------------------------------
     def adopt(self, region) -> None:
