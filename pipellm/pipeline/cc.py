@@ -113,6 +113,7 @@ class CCEngine(Engine):
         self._d2h_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._committed = threading.Condition(self._recv_lock)  # a chunk was received
+        self._commit_waiters = 0  # threads waiting on it (recv lock held to change)
         self._claimed: deque[_Incoming] = deque()  # claimed d2h chunks, received in this order
         # threads waiting to receive themselves: a background receiver (pipellm's workers)
         # hands over to them between chunks rather than make them wait for all it took on
@@ -231,25 +232,31 @@ class CCEngine(Engine):
         False if that took longer than ``timeout``."""
         if target.received:
             return True
-        deadline = None if timeout is None else perf_counter() + timeout
+        deadline = None
         with self._recv_waiters_lock:
             self._recv_waiters += 1
         try:
             with self._recv_lock:
                 while not target.received:
-                    left = None if deadline is None else max(0.0, deadline - perf_counter())
                     if target.claim is None and target.outcome is None and self._expected:
-                        chunk = self._claim_head(left)
+                        chunk = self._claim_head(timeout)  # (the device's op: as long as one may take)
                         if chunk is None:
                             return False
                         self._decrypt_claimed(chunk)
                         continue
                     # every chunk up to the target is claimed: another thread is decrypting
                     start = perf_counter()
-                    if not self._committed.wait(left) and not target.received:
-                        return False
+                    if deadline is None and timeout is not None:
+                        deadline = start + timeout
+                    self._commit_waiters += 1
+                    try:
+                        self._committed.wait(None if deadline is None else max(0.0, deadline - start))
+                    finally:
+                        self._commit_waiters -= 1
                     if timeline.recording:
                         timeline.span("wait-receive", start, perf_counter())
+                    if not target.received and deadline is not None and perf_counter() >= deadline:
+                        return False
             return True
         finally:
             with self._recv_waiters_lock:
@@ -324,23 +331,27 @@ class CCEngine(Engine):
         while claimed and claimed[0].outcome is not None:
             chunk = claimed.popleft()
             landing = chunk.landing
+            ends = landing.ends_with(chunk)
             if chunk.outcome is not True and self._failure is None:
                 self._fail(chunk.outcome)
             if self._failure is not None:
                 chunk.error = self._failure
-            elif landing.ends_with(chunk) and not landing.abandoned:
+            elif ends and not landing.abandoned:
                 with landing.region.library_write(landing.offset, landing.nbytes) as view:
                     copy_into(view, landing.staging[:landing.nbytes])
-            if (landing.ends_with(chunk) or chunk is landing.last and landing.abandoned) and landing.staging:
+            if (ends or chunk is landing.last and landing.abandoned) and landing.staging is not None:
                 self._staging_free.append(landing.staging)
                 landing.staging = None
             chunk.received = True
-        self._committed.notify_all()
+        if self._commit_waiters:
+            self._committed.notify_all()
 
     def _take_staging(self, nbytes: int) -> memoryview:
         """Private memory for one transfer's chunks until it lands: reused from transfers
         that landed (the smallest that fits), else new."""
         free = self._staging_free
+        if free and len(free[-1]) >= nbytes:  # (the common case: the one just given back)
+            return free.pop()
         fits = [m for m in free if len(m) >= nbytes]
         if fits:
             best = min(fits, key=len)
@@ -405,7 +416,7 @@ class CCEngine(Engine):
             for incoming in self._expected:
                 incoming.error, incoming.received = incoming.error or error, True
             self._expected.clear()
-            self._committed.notify_all()
+            self._committed.notify_all()  # (whoever waits sees its chunk received)
         self.pool.close()
 
     def stats(self) -> dict:
