@@ -125,3 +125,14 @@ def test_vllm_decode_steps_are_memory_bound_and_arrive_in_seconds():
     # without the HBM rate, the abstract clock and the flops alone (as before)
     plain = generate.vllm_swap("opt-30b", requests=16, gpu_blocks=48, kv_budget=32 << 20)
     assert min(r.us for r in plain.records if r.op == "compute") < weights_us
+
+
+def test_the_model_receives_device_to_host_chunks_on_several_workers():
+    recs = [Record("region", "kv", nbytes=64 << 20)]
+    for _ in range(4):
+        recs += [Record("compute", stream=0, us=100.0), Record("d2h", "kv", 0, 64 << 20, stream=0), Record("sync")]
+    trace = Trace("swap-out", {}, recs)
+    one, eight = (simulate(trace, "pipellm", COSTS, cores=w + 1, workers=w) for w in (1, 8))
+    cc = simulate(trace, "cc", COSTS, cores=9)
+    # 64 MiB at 10 GB/s is ~6.7 ms on one thread per pass; 16 chunks on 8 workers, ~0.8 ms
+    assert eight < one * 0.5 and one == pytest.approx(cc, rel=0.05)

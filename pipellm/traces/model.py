@@ -18,7 +18,10 @@ names; never one larger than ``depth_bytes`` (the engine can't hold it); everyth
 encrypted on demand, as cc does (in pipellm mode, a large one in pieces shared with the
 workers idle at that moment, as ``pipellm/pipeline/ondemand.py`` does). A chunk no
 worker has started when its request comes is encrypted by the requesting thread (as the
-engine's stealing does); one a worker is on is waited for.
+engine's stealing does); one a worker is on is waited for. Device-to-host chunks are
+decrypted by the workers idle when they arrive, several at once, and committed in channel
+order (as the engine does); otherwise, and in cc, the host receives them on one thread
+when it synchronizes.
 
 >>> from pipellm.traces import Record, Trace
 >>> recs = [Record("region", "w", nbytes=8 << 20)]
@@ -72,7 +75,7 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
     tails: dict[int, float] = {}  # stream -> end of its last op
     pending_d2h: list[tuple[float, int]] = []  # (end, bytes) the host still has to decrypt (cc)
     free_at = [0.0] * workers    # each worker's clock (a heap)
-    receiver_free = 0.0          # device-to-host chunks are received in order, one at a time
+    receiver_free = 0.0          # when the last device-to-host chunk received was committed
     loads = [r for r in trace.records if r.op == "h2d"]
     if hits is None:
         if min_speculative_bytes == "auto":
@@ -168,10 +171,13 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
             t += lib
             end = book(rec.stream, 1, t, rec.nbytes)
             if mode == "pipellm" and free_at[0] <= end:
-                # an idle worker receives it as it arrives (in channel order: one at a time)
-                begin = max(end, receiver_free)
-                receiver_free = begin + opened(rec.nbytes)
-                heapq.heapreplace(free_at, receiver_free)
+                # idle workers receive it as it arrives, chunk by chunk, several at once;
+                # committed in channel order (after every chunk before it)
+                for pos in range(0, rec.nbytes, chunk_size):
+                    begin = max(end, free_at[0])
+                    done = begin + opened(min(chunk_size, rec.nbytes - pos))
+                    heapq.heapreplace(free_at, done)
+                    receiver_free = max(receiver_free, done)
                 tails[rec.stream] = max(tails.get(rec.stream, 0.0), receiver_free)
             elif mode != "plain":  # the host receives it when it synchronizes
                 pending_d2h.append((end, rec.nbytes))
