@@ -75,7 +75,8 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
     tails: dict[int, float] = {}  # stream -> end of its last op
     pending_d2h: list[tuple[float, int]] = []  # (end, bytes) the host still has to decrypt (cc)
     free_at = [0.0] * workers    # each worker's clock (a heap)
-    receiver_free = 0.0          # when the last device-to-host chunk received was committed
+    receiver_free = 0.0          # cc: the host's receiving of device-to-host chunks, one at a time
+    received_by = 0.0            # pipellm: when the workers' last device-to-host commit is
     loads = [r for r in trace.records if r.op == "h2d"]
     if hits is None:
         if min_speculative_bytes == "auto":
@@ -115,7 +116,7 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
 
     def drain(t):  # the host waits for every stream and receives what came back, in order
         nonlocal receiver_free
-        t = max([t, *tails.values()])
+        t = max([t, received_by, *tails.values()])
         for end, n in pending_d2h:
             t = max(t, end, receiver_free) + opened(n)
             receiver_free = t
@@ -172,13 +173,14 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
             end = book(rec.stream, 1, t, rec.nbytes)
             if mode == "pipellm" and free_at[0] <= end:
                 # idle workers receive it as it arrives, chunk by chunk, several at once;
-                # committed in channel order (after every chunk before it)
+                # committed in channel order (after every chunk before it). The stream goes
+                # on meanwhile (its copy is done once the ciphertext is in the bounce slot);
+                # the host waits for the receiving when it synchronizes
                 for pos in range(0, rec.nbytes, chunk_size):
                     begin = max(end, free_at[0])
                     done = begin + opened(min(chunk_size, rec.nbytes - pos))
                     heapq.heapreplace(free_at, done)
-                    receiver_free = max(receiver_free, done)
-                tails[rec.stream] = max(tails.get(rec.stream, 0.0), receiver_free)
+                    received_by = max(received_by, done)
             elif mode != "plain":  # the host receives it when it synchronizes
                 pending_d2h.append((end, rec.nbytes))
         elif op == "compute":
@@ -188,7 +190,7 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
             t += rec.nbytes / 10e9  # the application's own write (same in every mode)
         elif op in ("sync", "free"):
             streams = tails.values() if op == "free" or rec.stream is None else [tails.get(rec.stream, 0.0)]
-            t = max([t, *streams])
+            t = max([t, received_by, *streams])
             for end, n in pending_d2h:  # the host receives what came back, in order
                 t = max(t, end, receiver_free) + opened(n)
                 receiver_free = t
