@@ -79,8 +79,13 @@ def evaluate(trace, predictor, k: int = 16, evict_bytes: int = 0, flags: bool = 
     return out
 
 
+def training_traces() -> list:
+    """The generated workloads the learned predictor trains on (never the evaluation's)."""
+    return [generate.generate(name, **kw) for name, kw in TRAINING]
+
+
 def train(path: str) -> None:
-    traces = [generate.generate(name, **kw) for name, kw in TRAINING]
+    traces = training_traces()
     # on one BLAS thread: OpenBLAS's idle threads spin on the other cores for a while
     # after a fit, and the costs timed next rose by half on the 2-core VM
     from threadpoolctl import threadpool_limits   # (scikit-learn's dependency)

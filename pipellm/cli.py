@@ -271,7 +271,12 @@ def _train(args) -> int:
     from .predictors import LearnedPredictor
     from .traces import read
 
-    model = LearnedPredictor().fit([read(path) for path in args.traces])
+    if args.traces:
+        traces = [read(path) for path in args.traces]
+    else:  # the generated workloads the shipped model is trained on
+        from .benchmarks.predictors import training_traces
+        traces = training_traces()
+    model = LearnedPredictor().fit(traces)
     model.save(args.out)
     from .predictors.learned import FEATURES
     weights = ", ".join(f"{n}={w:+.2f}" for n, w in zip(FEATURES, model.coef_))
@@ -420,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     preds.set_defaults(run=_predictors)
     preds_sub = preds.add_subparsers(dest="predictors_command")
     train = preds_sub.add_parser("train", help="train the learned predictor on traces")
-    train.add_argument("traces", nargs="+", metavar="TRACE")
+    train.add_argument("traces", nargs="*", metavar="TRACE",
+                       help="traces to learn from (default: the generated workloads, as the shipped model)")
     train.add_argument("-o", "--out", required=True, help="the model file to write (JSON)")
     train.set_defaults(run=_train)
 

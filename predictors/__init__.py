@@ -23,18 +23,48 @@ BUILTIN = {"none": NonePredictor, "sequence": SequencePredictor, "layerwise": La
            "kvswap": KVSwapPredictor, "lru": LRUPredictor, "oracle": OraclePredictor, "learned": LearnedPredictor}
 
 
+def _plugins() -> list:
+    """The group's entry points other than pipellm's own built-ins."""
+    return [ep for ep in entry_points(group=GROUP)
+            if not (ep.name in BUILTIN and (ep.dist is None or ep.dist.name == "pipellm"))]
+
+
+def _shadowing(name: str) -> None:
+    """A plugin that takes a built-in's name is refused: which one a name meant would
+    depend on what happens to be installed."""
+    for ep in _plugins():
+        if ep.name == name and name in BUILTIN:
+            owner = ep.dist.name if ep.dist else ep.value
+            raise ArgumentError(f"predictor plugin {name!r} from {owner} ({ep.value}) takes the name of pipellm's "
+                                f"built-in predictor; a plugin may not shadow a built-in: rename it in {owner}'s "
+                                f"entry points (group {GROUP!r})")
+
+
 def available() -> dict[str, str]:
-    """Predictor names and where each comes from."""
+    """Predictor names and where each comes from (a plugin that shadows a built-in is
+    listed as refused)."""
     names = {name: "pipellm (built-in)" for name in BUILTIN}
-    for ep in entry_points(group=GROUP):
-        names.setdefault(ep.name, ep.dist.name if ep.dist else ep.value)
+    for ep in _plugins():
+        owner = ep.dist.name if ep.dist else ep.value
+        if ep.name in BUILTIN:
+            names[ep.name] = f"pipellm (built-in); refused: a plugin from {owner} takes this name"
+        else:
+            names.setdefault(ep.name, owner)
     return names
 
 
+def clone(predictor: Predictor) -> Predictor:
+    """A new, unfitted predictor with the same parameters (scikit-learn's ``clone``)."""
+    if not isinstance(predictor, Predictor):
+        raise ArgumentTypeError(f"clone() takes a Predictor, got {type(predictor).__name__}")
+    return type(predictor)(**predictor.get_params())
+
+
 def _load(name: str):
+    _shadowing(name)
     if name in BUILTIN:
         return BUILTIN[name]
-    for ep in entry_points(group=GROUP):
+    for ep in _plugins():
         if ep.name == name:
             try:
                 cls = ep.load()
@@ -70,4 +100,4 @@ def get(predictor, **options) -> Predictor:
 __all__ = ["GROUP", "KVSwapPredictor", "LRUPredictor", "LayerwisePredictor", "LearnedPredictor", "NonePredictor",
            "OraclePredictor",
            "Prediction", "Predictor", "SequencePredictor", "TransferEvent",
-           "available", "get"]
+           "available", "clone", "get"]

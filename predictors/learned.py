@@ -37,6 +37,9 @@ from .rules import KVSwapPredictor, LayerwisePredictor
 
 FORMAT = "pipellm-learned-predictor"
 VERSION = 1
+#: the model shipped with pipellm, trained on the generated workloads
+#: (``pipellm predictors train -o predictors/learned_model.json``)
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "learned_model.json")
 FEATURES = ("p1", "p2", "last", "segment", "recent", "age", "layerwise", "kvswap", "layerwise_trust",
             "kvswap_trust")
 
@@ -48,7 +51,10 @@ def _logit(p: float) -> float:
 
 class LearnedPredictor(Predictor):
     """A learned next-load predictor. ``model`` is the path of a model file written by
-    ``pipellm predictors train`` (or :meth:`save`); without one, call :meth:`fit`.
+    ``pipellm predictors train`` (or :meth:`save`); ``None``: the model shipped with
+    pipellm, trained on the generated workloads, unless :meth:`fit` gives one. The file is
+    read when a pipeline takes the predictor (:meth:`prepare`), or at the first
+    :meth:`predict` outside one.
 
     ``width``: at most that many candidates per position, while the best one's
     probability is below ``confident`` (1: only the best; more pays only with
@@ -62,10 +68,14 @@ class LearnedPredictor(Predictor):
                  floor: float = 0.15):
         self.model, self.horizon, self.width = model, horizon, width
         self.confident, self.floor = confident, floor
-        self.coef_ = self.intercept_ = None
-        if model is not None:
-            self.load(model)
+        self.coef_ = self.intercept_ = None   # the fitted (or loaded) model
         self.reset()
+
+    def prepare(self) -> None:
+        """Load the model file (``model``, or the shipped one) unless fitted already;
+        :class:`~pipellm.ArgumentError` if it cannot be used."""
+        if self.coef_ is None:
+            self.load(self.model if self.model is not None else DEFAULT_MODEL)
 
     def reset(self) -> None:
         self._history = _new_history()
@@ -95,7 +105,8 @@ class LearnedPredictor(Predictor):
 
     def _check_fitted(self):
         if self.coef_ is None:
-            raise NotFittedError("the learned predictor has no model: fit() it on traces or load() a model file")
+            raise NotFittedError("the learned predictor has no model yet: fit() it on traces, load() a model "
+                                 "file, or prepare() it (the model file it names, or the shipped one)")
 
     # -- training ---------------------------------------------------------------------------
     def fit(self, traces) -> LearnedPredictor:
@@ -133,7 +144,8 @@ class LearnedPredictor(Predictor):
         self._history.observe(event)
 
     def predict(self, k: int) -> list[Prediction]:
-        self._check_fitted()
+        if self.coef_ is None:
+            self.prepare()
         thresholds = self._thresholds
         if thresholds[0] != self.confident or thresholds[1] != self.floor:   # (public: may be set anew)
             thresholds = self._thresholds = (self.confident, self.floor, _logit(self.confident), _logit(self.floor))

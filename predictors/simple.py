@@ -11,6 +11,9 @@ class NonePredictor(Predictor):
     name = "none"
     uses_d2h = False
 
+    def predict(self, k: int) -> list[Prediction]:
+        return []
+
 
 class SequencePredictor(Predictor):
     """Next-in-sequence: remembers which host-to-device transfer followed each one last

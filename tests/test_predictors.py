@@ -302,6 +302,8 @@ def test_learned_predictor_fits_saves_and_loads(tmp_path):
     data = json.loads(path.read_text())
     assert data["format"] == "pipellm-learned-predictor" and len(data["coef"]) == len(data["features"])
     loaded = get(f"learned:{path}")
+    assert loaded.coef_ is None  # __init__ stores parameters; the file is read when a pipeline takes it
+    loaded.prepare()
     assert loaded.coef_ == model.coef_
     test = generate.moe(seed=0, tokens=24, weight_budget=4 << 20)
     hits = total = 0
@@ -318,7 +320,23 @@ def test_learned_predictor_fits_saves_and_loads(tmp_path):
             p.observe(TransferEvent(*key))
     assert hits > rule_hits  # data-dependent experts: the model beats the rule
     with pytest.raises(NotFittedError, match="no model"):
-        LearnedPredictor().predict(3)
+        LearnedPredictor().save(tmp_path / "nothing.json")  # nothing fitted or loaded yet
+
+
+def test_learned_predictor_without_a_model_file_uses_the_shipped_model_and_bad_files_are_refused_at_build(tmp_path):
+    from pipellm.predictors import LearnedPredictor
+    from pipellm.predictors.learned import DEFAULT_MODEL
+
+    shipped = json.loads(open(DEFAULT_MODEL).read())
+    with pipellm.Pipeline(device="emulated", predictor="learned") as pipe:
+        assert pipe.predictor.coef_ == shipped["coef"] and pipe.predictor.intercept_ == shipped["intercept"]
+    p = LearnedPredictor()
+    p.observe(TransferEvent("a", 0, 10))
+    assert p.predict(2) == [] and p.coef_ == shipped["coef"]  # loaded at the first predict outside a pipeline
+    (tmp_path / "bad.json").write_text("{}")
+    predictor = get(f"learned:{tmp_path / 'bad.json'}")  # (only parameters stored so far)
+    with pytest.raises(pipellm.ArgumentError, match="is not a pipellm-learned-predictor"):
+        pipellm.Pipeline(device="emulated", predictor=predictor)
 
 
 def test_learned_predictor_is_not_thrown_off_by_small_copies():
@@ -389,8 +407,11 @@ def test_learned_model_files_are_checked_and_never_executed(tmp_path, content, m
     from pipellm.predictors import LearnedPredictor
     path = tmp_path / "bad.json"
     path.write_text(content)
+    predictor = LearnedPredictor(model=str(path))  # parameters only: read when a pipeline takes it
     with pytest.raises(pipellm.ArgumentError, match=message):
-        LearnedPredictor(model=str(path))
+        predictor.prepare()
+    with pytest.raises(pipellm.ArgumentError, match=message):
+        pipellm.Pipeline(device="emulated", predictor=LearnedPredictor(model=str(path)))
 
 
 def plain_predictor_modules(monkeypatch, cython_installed=True):
@@ -528,3 +549,81 @@ def test_new_tuple_builds_what_tuple_new_builds():
         new_tuple(int, (1,))
     with pytest.raises(TypeError):
         new_tuple(Prediction, 5)
+
+
+# -- scikit-learn's conventions and the conformance battery ---------------------------------
+@pytest.mark.parametrize("name", sorted(pipellm.predictors.BUILTIN))
+def test_every_builtin_predictor_passes_the_conformance_battery(name):
+    from pipellm.testing import check_predictor
+    check_predictor(pipellm.predictors.BUILTIN[name])
+
+
+def test_the_battery_catches_a_predictor_that_breaks_the_contract():
+    from pipellm.predictors import Prediction, Predictor
+    from pipellm.testing import check_predictor
+
+    class TooMany(Predictor):
+        name = "too-many"
+
+        def predict(self, k):
+            return [Prediction("a", 0, 1)] * (k + 1)
+
+    class Stateful(Predictor):
+        name = "stateful"
+
+        def __init__(self, depth: int = 2):
+            self.depth = 3  # stored under its name, but not as given
+
+        def predict(self, k):
+            return []
+
+    with pytest.raises(AssertionError, match=r"predict\(0\) must return nothing"):
+        check_predictor(TooMany)
+    with pytest.raises(AssertionError, match="as given"):
+        check_predictor(Stateful(depth=5))
+
+
+def test_params_clone_and_fit_follow_scikit_learn():
+    from pipellm.predictors import LayerwisePredictor, Predictor, clone
+
+    p = LayerwisePredictor(order=3)
+    for name in ["l0", "l1", "l0", "l1"]:
+        p.observe(TransferEvent(name, 0, 10))
+    assert p.predict(1) and p.get_params() == {"order": 3}
+    copy = clone(p)
+    assert copy.get_params() == {"order": 3} and copy.predict(1) == []  # unfitted: nothing observed
+    assert p.set_params(order=2) is p and p.order == 2 and p.predict(1) == []  # new parameters, forgotten
+    with pytest.raises(pipellm.ArgumentError, match="order must be an integer"):
+        p.set_params(order=0)
+    with pytest.raises(pipellm.ArgumentError, match="no parameter 'depth'; its parameters: order"):
+        p.set_params(depth=1)
+    assert p.fit([]) is p
+    with pytest.raises(TypeError, match="abstract"):
+        type("NoPredict", (Predictor,), {})()
+    with pytest.raises(pipellm.ArgumentTypeError):
+        clone("layerwise")
+
+
+def test_a_plugin_that_shadows_a_builtin_is_refused(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    import pipellm.predictors as predictors
+
+    class Dist:
+        name = "someone-elses-pkg"
+
+    shadow = EntryPoint("layerwise", "somewhere:Thing", predictors.GROUP)
+    monkeypatch.setattr(predictors, "entry_points",
+                        lambda group: [_with_dist(shadow, Dist())] if group == predictors.GROUP else [])
+    with pytest.raises(pipellm.ArgumentError, match="from someone-elses-pkg .* may not shadow a built-in"):
+        predictors.get("layerwise")
+    assert "refused" in predictors.available()["layerwise"]
+    assert isinstance(predictors.get("sequence"), predictors.SequencePredictor)  # the others still work
+
+
+def _with_dist(ep, dist):
+    class WithDist:
+        name, value, group = ep.name, ep.value, ep.group
+
+    WithDist.dist = dist
+    return WithDist()

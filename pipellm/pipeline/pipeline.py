@@ -113,6 +113,7 @@ class Pipeline(Requests):
         if mode == "pipellm":
             from ..predictors import get as get_predictor
             predictor = get_predictor("sequence" if predictor is None else predictor)
+            predictor.prepare()  # (a predictor that can't be used is refused here, not on a request)
             if min_speculative_bytes == "auto":
                 from .threshold import speculation_threshold
                 min_speculative_bytes = speculation_threshold()
