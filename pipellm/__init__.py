@@ -20,6 +20,7 @@ from .errors import (
     KeyExhaustedError,
     NotFittedError,
     PinningWarning,
+    DepthWarning,
     PredictorWarning,
     PipellmError,
     TraceError,
@@ -34,6 +35,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ArgumentError", "ArgumentTypeError", "ChannelClosedError", "Device", "DeviceBuffer",
     "DeviceError", "DeviceUnavailableError", "IntegrityError", "KeyExhaustedError", "LinkModel",
-    "NotFittedError", "Pipeline", "PinningWarning", "PredictorWarning", "PipellmError", "Region", "Stream", "TraceError", "Transfer",
+    "NotFittedError", "DepthWarning", "Pipeline", "PinningWarning", "PredictorWarning", "PipellmError", "Region", "Stream", "TraceError", "Transfer",
     "TransferTimeoutError", "UnknownRegionError", "array", "empty", "open_device", "zeros", "__version__",
 ]

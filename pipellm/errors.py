@@ -65,6 +65,11 @@ class PinningWarning(UserWarning):
     """Bounce buffers could not be pinned (mlock refused); transfers go on unpinned."""
 
 
+class DepthWarning(UserWarning):
+    """A predicted transfer is larger than the speculation depth (``depth_bytes``): it is
+    never encrypted ahead; ``stats()["oversized_predictions"]`` counts such plans."""
+
+
 class PredictorWarning(UserWarning):
     """A predictor raised while observing or predicting; the transfer it planned for goes
     on without speculation (encrypted on demand), and ``stats()["predictor_errors"]`` counts it."""

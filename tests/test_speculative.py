@@ -12,7 +12,7 @@ from pipellm.channel import shared_write_observers
 from pipellm.channel.protocol import Kind, unpack_header
 from pipellm.predictors import Prediction, Predictor
 from pipellm.testing import Adversary, IVLedger
-from conftest import TIMEOUT, make_pipe
+from conftest import TIMEOUT, make_pipe, random_bytes
 
 CHUNK = 4096
 
@@ -801,3 +801,20 @@ def test_a_worker_encrypts_beside_data_landing_elsewhere_in_the_region_without_r
         pipe.synchronize()
         assert pipe.stats()["hits"] == hits + 1
         assert np.array_equal(pipe.device.read(dbuf), data)
+
+
+def test_a_predicted_transfer_larger_than_the_depth_is_said_once_and_sent_on_demand():
+    size = 2 << 20
+    with pytest.warns(pipellm.DepthWarning, match=rf"larger than the speculation depth.*depth_bytes >= {2 * size}"):
+        with make_pipe("pipellm", predictor="sequence", chunk_size=256 << 10, depth_bytes=1 << 20,
+                       min_speculative_bytes=0, adaptive=False) as pipe:
+            regions = [pipe.register(pipellm.array(random_bytes(size, seed=i)), name=f"layer{i}") for i in range(2)]
+            small = pipe.register(pipellm.array(random_bytes(64 << 10, seed=9)), name="small")
+            for _ in range(4):
+                for r in regions + [small]:
+                    buf = pipe.to_device(r)
+                    pipe.synchronize()
+                    assert np.array_equal(pipe.device.read(buf), np.asarray(r.array))
+            s = pipe.stats()
+    assert s["oversized_predictions"] >= 1
+    assert s["hits"] >= 1  # the small one that fits is still encrypted ahead

@@ -218,6 +218,15 @@ cdef class BouncePool:
         finally:
             self._lock.exit()
 
+    def could_hold(self, sizes) -> bool:
+        """Whether slots for all of ``sizes`` fit this pool when nothing else is taken."""
+        cdef size_t total = 0
+        for n in sizes:
+            if n <= 0:
+                return False
+            total += (<size_t>n + PAGE - 1) // PAGE
+        return total <= self.pages
+
     def try_acquire_many(self, sizes):
         """Slots for all of ``sizes`` now, or None and nothing taken (never waits)."""
         need = [self._pages_for(n) for n in sizes]

@@ -515,6 +515,9 @@ cdef class Queue(Engine):
         sizes = [min(chunk_size, nbytes - i * chunk_size) + TAG_BYTES for i in range(n)]
         sizes[0] += _GO_MESSAGE_BYTES  # the GO command rides in the first chunk's slot
         pool = self.spec_pool
+        if n + 1 > self.depth_messages or not pool.could_hold(sizes):
+            self._oversized(key, nbytes)  # it never fits: evicting the queue for it would only lose work
+            return False
         while True:
             if self._queued_messages + n + 1 <= self.depth_messages:
                 slots = pool.try_acquire_many(sizes)

@@ -38,7 +38,7 @@ from time import perf_counter, thread_time
 from .. import timeline
 from ..channel import Kind
 from ..channel.protocol import FIRST, GO_BODY, LAST, SKIP_BODY, TAG_BYTES
-from ..errors import ChannelClosedError, PredictorWarning, TransferTimeoutError
+from ..errors import ChannelClosedError, DepthWarning, PredictorWarning, TransferTimeoutError
 from ..predictors import Predictor
 from .._ext.locks import Lock
 from .._ext.speculation import (  # noqa: F401 - the policy's constants, re-exported
@@ -121,7 +121,7 @@ class SpeculativeEngine(CCEngine, Queue):
             ("misses", "stale", "nops", "skipped_messages", "relinquishes", "reencrypted_bytes",
              "wasted_bytes", "speculative_bytes", "stolen_chunks", "worker_errors", "async_decrypted_bytes",
              "expired", "shadow_hits", "held_places", "evicted", "inline_plans", "stolen_plans", "skipped_plans",
-             "idle_plans", "helped_pieces", "predictor_errors"), 0)
+             "idle_plans", "helped_pieces", "predictor_errors", "oversized_predictions"), 0)
         self._grew = False     # the last plan queued something (an idle worker may plan on)
         self._payoff = Payoff() if adaptive else None  # speculation on only while it pays
         self._fruitless = 0    # plans in a row that named transfers but queued nothing
@@ -351,6 +351,16 @@ class SpeculativeEngine(CCEngine, Queue):
             warnings.warn(f"predictor {self.predictor!r} raised {exc!r}; the transfers it planned for are "
                           f"encrypted on demand (counted in stats()['predictor_errors'])", PredictorWarning,
                           stacklevel=2)
+
+    def _oversized(self, key, nbytes: int) -> None:
+        """A predicted transfer larger than the depth: never encrypted ahead (counted;
+        said once, with the depth that would take it)."""
+        self.counts["oversized_predictions"] += 1
+        if self.counts["oversized_predictions"] == 1:
+            warnings.warn(f"a predicted transfer of {nbytes} bytes (region {key[0]!r}) is larger than the "
+                          f"speculation depth (depth_bytes={self.spec_pool.cap_bytes}, at most {self.depth_messages}"
+                          f" messages): transfers that large are encrypted on demand; a Pipeline with "
+                          f"depth_bytes >= {2 * nbytes} encrypts them ahead", DepthWarning, stacklevel=2)
 
     def _evict(self, wanted: set) -> bool:
         """Make room for what the predictor names now: drop the oldest queued item it no
