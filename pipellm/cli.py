@@ -35,13 +35,13 @@ def _info(args) -> int:
     return 0
 
 
-BENCHES = ("crypto", "transfer", "offload", "predictors", "tracking", "demo", "paper")
+BENCHES = ("crypto", "transfer", "offload", "predictors", "tracking", "hotpath", "demo", "paper")
 
 
 def _bench_module(name: str):
-    from .benchmarks import crypto, demo, offload, paper, predictors, tracking, transfer
+    from .benchmarks import crypto, demo, hotpath, offload, paper, predictors, tracking, transfer
     return {"crypto": crypto, "transfer": transfer, "offload": offload, "predictors": predictors,
-            "tracking": tracking, "demo": demo, "paper": paper}[name]
+            "tracking": tracking, "hotpath": hotpath, "demo": demo, "paper": paper}[name]
 
 
 def _run_bench(name: str, args) -> dict:
@@ -344,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(run=_info)
 
-    bench = sub.add_parser("bench", help="run benchmarks (crypto, transfer, offload, predictors, tracking, demo, "
-                                                "paper, or all)")
+    bench = sub.add_parser("bench", help="run benchmarks (crypto, transfer, offload, predictors, tracking, "
+                                                "hotpath, demo, paper, or all)")
     bench.add_argument("which", nargs="?", choices=(*BENCHES, "all"), default="all")
     bench.add_argument("--json", action="store_true", help="print results as JSON instead of a table")
     bench.add_argument("--out", metavar="FILE", help="write the results as JSON to FILE")

@@ -124,3 +124,11 @@ def test_every_exception_class_is_a_pipellm_error():
     assert len(classes) >= 12 and all(issubclass(c, errors.PipellmError) for c in classes)
     assert issubclass(errors.DeviceUnavailableError, errors.DeviceError)
     assert TraceError is errors.TraceError and NotFittedError is errors.NotFittedError
+
+
+def test_bench_hotpath_quick_json():
+    result = json.loads(run("bench", "hotpath", "--quick", "--repeats", "1", "--json", "--no-progress"))
+    assert [r["size"] for r in result["rows"]] == [4096, 65536]
+    for row in result["rows"]:
+        assert set(row["us_per_request"]) == {"plain", "cc", "pipellm hit"}
+        assert all(v > 0 for v in row["us_per_request"].values())

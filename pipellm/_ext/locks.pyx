@@ -5,12 +5,12 @@ It behaves as ``threading.Lock`` for Python code (``with``, ``acquire(blocking,
 timeout)``, ``release``, ``locked``; ``threading.Condition`` accepts it), and the
 extensions call its ``enter``/``exit`` directly. A ``with`` block on a
 ``threading.Lock`` in Cython looks up ``__enter__`` and ``__exit__`` and calls them
-(bound methods made and freed, argument parsing): ~1k instructions, and a speculative
-hit takes five locks (callgrind, docs/figures.md).
+(bound methods made and freed, argument parsing), and a speculative hit takes five
+locks (figures in docs/figures.md).
 
 Every caller holds the GIL (the extensions' C and Python code alike), so the lock's
-state is a flag the GIL protects: taking a free lock is a test and a store, ~130
-instructions less than an OS lock's try-acquire, five times per hit. Only a thread that
+state is a flag the GIL protects: taking a free lock is a test and a store, less than
+an OS lock's try-acquire, five times per hit. Only a thread that
 finds it taken waits, without the GIL, on an OS lock used as a wake-up signal. (A
 free-threaded Python build would need atomics here; pipellm targets GIL builds. On a
 free-threaded build importing pipellm's extensions turns the GIL back on, as for any

@@ -3,9 +3,9 @@
 ``to_device`` and ``to_host`` and hands the request to the mode's engine.
 
 ``pipeline/pipeline.py``'s ``Pipeline`` derives from :class:`Requests` (its ``__init__``
-sets the fields). Every request of every mode starts here; the same checks in Python
-cost a plain request ~12k of its ~17k instructions on the requesting thread
-(callgrind, docs/figures.md). Anything that is not the common case goes to the Python
+sets the fields). Every request of every mode starts here, and in Python the same checks
+were most of a plain request's cost on the requesting thread (``pipellm bench hotpath``;
+figures in docs/figures.md). Anything that is not the common case goes to the Python
 helpers (``Pipeline._check``, ``region.check_region``, ``check_span``, ``check_int``),
 which raise the precise error.
 """

@@ -4,9 +4,9 @@ and :class:`Submitter`, which puts ops in order on their stream and hands them t
 copy engine.
 
 ``devices/engine.py`` (the copy-engine devices, emulated and cuda) derives from
-:class:`Submitter`; every transfer's request path goes through it. In Python an op and
-its submission cost a speculative hit about 14k instructions of the requesting thread's
-~61k (callgrind; docs/figures.md).
+:class:`Submitter`; every transfer's request path goes through it, so an op and its
+submission are in C (in Python they were a large share of a speculative hit's cost on
+the requesting thread: ``pipellm bench hotpath``, figures in docs/figures.md).
 """
 
 from collections import deque

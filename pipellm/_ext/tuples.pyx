@@ -2,7 +2,7 @@
 """NamedTuples built in C: :func:`new_tuple`.
 
 A NamedTuple's own constructor is a Python frame, and ``tuple.__new__`` called as a
-function builds two argument tuples and a temporary copy (~1k instructions). A plan makes
+function builds two argument tuples and a temporary copy. A plan makes
 one per prediction and one per transfer event, often on the requesting thread.
 """
 
