@@ -109,7 +109,10 @@ def test_timeline_keeps_one_pass_on_the_modelled_clock(explained):
         lanes = {s[0] for s in row["timeline"]}
         assert "requesting" in lanes and "link h2d" in lanes
         assert all(s[3] >= s[2] for s in row["timeline"])
-    assert any("worker" in s[0] for s in explained[2]["timeline"])
+    # the pass's encryption is on a worker's lane, unless the requests took the chunks no
+    # worker had started (a loaded machine may leave the worker unscheduled for a pass)
+    spec = explained[2]
+    assert any("worker" in s[0] for s in spec["timeline"]) or spec["stolen_chunks"] > 0
 
 
 def test_model_misses_share_the_aes_with_idle_workers_and_more_cores_never_hurt():
