@@ -49,7 +49,10 @@ def _prompt(config: dict, vocab: int) -> "torch.Tensor":
 
 def _generate(model, ids, new_tokens: int, progress):
     import torch
-    handle = model.register_forward_hook(lambda *_: progress(1))  # one forward per new token
+    def count(*_):  # one forward per new token (a hook's return value would replace the model's output:
+        progress(1)  # tqdm's update() returns True when it redraws)
+
+    handle = model.register_forward_hook(count)
     try:
         with torch.no_grad():
             return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,

@@ -239,3 +239,16 @@ def test_the_demo_runs_and_every_mode_gives_the_same_tokens(capsys, tmp_path):
         assert r["tokens_per_s"] > 0 and 0 <= r["hit_rate"] <= 1 and r["identical_tokens"] is True
     saved = json.loads((tmp_path / "demo.json").read_text())
     assert saved["config"]["torch_threads"] == 1 and saved["rows"][0]["mode"] == "plain"
+
+
+def test_the_demo_counts_forwards_without_touching_the_model_output():
+    """A progress callback that returns something (tqdm's update() returns True when it
+    redraws) must not replace the model's output in the demo's forward hook."""
+    import torch
+
+    from pipellm.benchmarks.demo import _generate
+    model = build("opt", "tiny")
+    ids = torch.arange(4, 12).reshape(1, 8)
+    counted = []
+    tokens = _generate(model, ids, 3, lambda n: counted.append(n) or True)
+    assert torch.equal(tokens, _generate(model, ids, 3, lambda n: None)) and sum(counted) == 3
