@@ -132,10 +132,21 @@ def _hits(trace, predictor: str, threshold: int) -> list[bool]:
     return [hit and r.nbytes >= threshold for hit, r in zip(flags, trace.transfers("h2d"))]
 
 
-def _implied_rate(trace, target: float, costs: dict, timed_from: int) -> float:
-    """The encryption rate (bytes/s, one thread) at which cc loses ``target`` of plain's
-    throughput on ``trace`` (bisection, in log space)."""
-    plain = simulate(trace, "plain", costs, cores=2, timed_from=timed_from)
+def _with_warmup(setup: Setup, full: bool, quick: bool):
+    """The set-up's trace, the record its timed part starts at, and the loads before it."""
+    trace = setup.trace(full, quick)
+    timed_from = len(setup.warmup(full, quick).records) if setup.warmup else 0
+    return trace, timed_from, sum(1 for r in trace.records[:timed_from] if r.op == "h2d")
+
+
+def _rate_after(hits: list, warm: int) -> float:
+    """The share of the loads after the first ``warm`` that hit."""
+    return sum(hits[warm:]) / max(1, len(hits) - warm)
+
+
+def _implied_rate(trace, target: float, costs: dict, timed_from: int, plain: float) -> float:
+    """The encryption rate (bytes/s, one thread) at which cc loses ``target`` of
+    ``plain``'s throughput on ``trace`` (bisection, in log space)."""
     lo, hi = 1e8, 1e12
     for _ in range(24):
         mid = math.sqrt(lo * hi)
@@ -149,26 +160,25 @@ def _at_rate(costs: dict, rate: float) -> dict:
 
 
 def _modelled(setup: Setup, costs: dict, threshold: int, quick: bool, progress) -> dict:
-    trace = setup.trace(True, quick)
-    timed_from = len(setup.warmup(True, quick).records) if setup.warmup else 0
+    trace, timed_from, timed = _with_warmup(setup, True, quick)
     loads = trace.transfers("h2d")
     hits = _hits(trace, setup.predictor, threshold)
-    timed = sum(1 for r in trace.records[:timed_from] if r.op == "h2d")
     # the engine never speculates a transfer past its depth: at least twice the largest load
     depth = max(DEPTH_BYTES, 2 * max(r.nbytes for r in loads))
     work = setup.work(quick)
     out = {"h2d_bytes": sum(r.nbytes for r in loads), "d2h_bytes": sum(r.nbytes for r in trace.transfers("d2h")),
-           "loads": len(loads), "hit_rate": sum(hits[timed:]) / max(1, len(loads) - timed),
+           "loads": len(loads), "hit_rate": _rate_after(hits, timed),
            "depth_bytes": depth, "threshold_bytes": threshold, "compute_s": sum(
                r.us for r in trace.records[timed_from:] if r.op == "compute") * 1e-6, "rates": {}}
+    # what bounds pipellm where the link does not: the host's AES of the timed bytes, to
+    # the GPU on 8 workers, and back on one thread (as cc receives it)
+    timed_h2d = sum(r.nbytes for r in trace.records[timed_from:] if r.op == "h2d")
+    timed_d2h = sum(r.nbytes for r in trace.records[timed_from:] if r.op == "d2h")
+    plains = {}
     for label, rate in (("here", None), ("driver", DRIVER_BYTES_PER_S)):
         c = costs if rate is None else _at_rate(costs, rate)
-        plain = simulate(trace, "plain", c, cores=2, timed_from=timed_from)
+        plain = plains[label] = simulate(trace, "plain", c, cores=2, timed_from=timed_from)
         cc = simulate(trace, "cc", c, cores=2, timed_from=timed_from)
-        # what bounds pipellm where the link does not: the host's AES of the timed bytes,
-        # to the GPU on 8 workers, and back on one thread (as cc receives it)
-        timed_h2d = sum(r.nbytes for r in trace.records[timed_from:] if r.op == "h2d")
-        timed_d2h = sum(r.nbytes for r in trace.records[timed_from:] if r.op == "d2h")
         row = {"seal_bytes_per_s": c["seal_bytes_per_s"], "plain_s": plain, "cc_s": cc,
                "link_s": timed_h2d / 50e9, "seal_8_workers_s": timed_h2d / (8 * c["seal_bytes_per_s"]),
                "receive_one_thread_s": timed_d2h / c["open_bytes_per_s"],
@@ -183,7 +193,7 @@ def _modelled(setup: Setup, costs: dict, threshold: int, quick: bool, progress) 
         out["rates"][label] = row
         progress(1)
     if setup.paper_cc is not None and not quick:
-        out["implied_driver_bytes_per_s"] = _implied_rate(trace, setup.paper_cc, costs, timed_from)
+        out["implied_driver_bytes_per_s"] = _implied_rate(trace, setup.paper_cc, costs, timed_from, plains["here"])
         progress(1)
     return out
 
@@ -200,19 +210,14 @@ def _replayed(setup: Setup, quick: bool) -> dict:
     """The scaled-down set-up replayed for real on the emulated device: plain, cc, pipellm."""
     from pipellm.traces import replay
 
-    trace = setup.trace(False, quick)
-    timed_from = len(setup.warmup(False, quick).records) if setup.warmup else 0
-    loads = trace.transfers("h2d")
-    warm = sum(1 for r in trace.records[:timed_from] if r.op == "h2d")
-    flags = _hits(trace, setup.predictor, 0)
-    out = {"h2d_bytes": sum(r.nbytes for r in loads), "offline_hit_rate": sum(flags[warm:]) / max(1, len(loads) - warm),
-           "modes": {}}
+    trace, _, warm = _with_warmup(setup, False, quick)
+    out = {"h2d_bytes": sum(r.nbytes for r in trace.transfers("h2d")),
+           "offline_hit_rate": _rate_after(_hits(trace, setup.predictor, 0), warm), "modes": {}}
     for mode in ("plain", "cc", "pipellm"):
         row = _replay(replay, trace, mode, setup.predictor)
         out["modes"][mode] = {"time_s": row["time_s"], "verified": row["verified"], "hit_rate": row["hit_rate"]}
         if mode == "pipellm":
-            hits = row["_h2d_hits"]
-            out["engine_hit_rate"] = sum(hits[warm:]) / max(1, len(hits) - warm)
+            out["engine_hit_rate"] = _rate_after(row["_h2d_hits"], warm)
     return out
 
 
@@ -231,6 +236,8 @@ def _recorded(quick: bool) -> dict:
     from pipellm.integrations.models import build
     from pipellm.traces import read, replay
 
+    from .demo import _generate
+
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for family in ("opt", "llama"):
@@ -239,13 +246,12 @@ def _recorded(quick: bool) -> dict:
             path = os.path.join(tmp, f"{family}.jsonl")
             with pipellm.Pipeline(device="emulated", mode="plain") as pipe:
                 weights = cpu_offload(model, pipe)
-                with weights.record(path, workload=f"{family}-generate"), torch.no_grad():
-                    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                   min_new_tokens=8, do_sample=False, pad_token_id=1)
+                with weights.record(path, workload=f"{family}-generate"):
+                    _generate(model, ids, 8, lambda n: None)
             trace = read(path)
+            loads = trace.transfers("h2d")
             rows = {mode: _replay(replay, trace, mode, None) for mode in ("plain", "cc", "pipellm")}
-            out[family] = {"loads": len(trace.transfers("h2d")),
-                           "h2d_bytes": sum(r.nbytes for r in trace.transfers("h2d")),
+            out[family] = {"loads": len(loads), "h2d_bytes": sum(r.nbytes for r in loads),
                            "modes": {m: {"time_s": r["time_s"], "verified": r["verified"]} for m, r in rows.items()},
                            "predictor": rows["pipellm"]["predictor"],
                            "hit_rate_after_first_pass": rows["pipellm"]["hit_rate_after_first_pass"]}

@@ -76,13 +76,13 @@ def _run_bench(name: str, args) -> dict:
 
 def _emit(name: str, result: dict, args, out: str | None, plot: str | None) -> None:
     module = _bench_module(name)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(module.table(result))
-        print()
+    text = module.table(result)
+    print(json.dumps(result, indent=2) if args.json else text + "\n")
     if out:
         _write_json(out, result)
+    if out and name == "paper":  # the report beside its JSON
+        with open(os.path.splitext(out)[0] + ".md", "w") as f:
+            f.write(text)
     if plot:
         try:
             module.plot(result, plot)
@@ -106,9 +106,6 @@ def _bench(args) -> int:
         else:
             out, plot = args.out, args.plot
         _emit(name, result, args, out, plot)
-        if name == "paper" and out:  # the report beside its JSON
-            with open(os.path.splitext(out)[0] + ".md", "w") as f:
-                f.write(_bench_module(name).table(result))
     return 0
 
 
@@ -116,18 +113,8 @@ def _eval_paper(args) -> int:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     result = _run_bench("paper", args)
-    module = _bench_module("paper")
-    report = module.table(result)
-    print(json.dumps(result, indent=2) if args.json else report)
-    if args.out:
-        _write_json(os.path.join(args.out, "paper.json"), result)
-        with open(os.path.join(args.out, "paper.md"), "w") as f:
-            f.write(report)
-        if _plot_missing():
-            print(f"no plot: {_plot_missing()}", file=sys.stderr)
-        else:
-            module.plot(result, os.path.join(args.out, "paper.png"))
-        print(f"wrote {args.out}/paper.md, paper.json" + ("" if _plot_missing() else ", paper.png"), file=sys.stderr)
+    out = os.path.join(args.out, "paper.json") if args.out else None
+    _emit("paper", result, args, out, os.path.join(args.out, "paper.png") if args.out else None)
     return 0
 
 

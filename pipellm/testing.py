@@ -125,10 +125,7 @@ def check_predictor(predictor) -> None:
     except ImportError:
         pass  # (fitting needs an optional package that is not installed here)
     p.prepare()
-    twin.set_params(**p.get_params())
-    for attr, value in vars(p).items() if hasattr(p, "__dict__") else ():
-        if attr.endswith("_") and not attr.startswith("_"):
-            setattr(twin, attr, value)   # the fitted model, so both predict alike
+    twin._restore_fitted(p._fitted_state())  # the fitted model, so both predict alike
     twin.prepare()
     events = [TransferEvent(r.region, r.offset, r.nbytes, r.op, r.stream or 0, 0.0)
               for r in trace.records if r.op in ("h2d", "d2h")]
@@ -149,9 +146,7 @@ def check_predictor(predictor) -> None:
         twin.observe(event)
     p.reset()
     fresh = clone(p)
-    for attr, value in vars(p).items() if hasattr(p, "__dict__") else ():
-        if attr.endswith("_") and not attr.startswith("_"):
-            setattr(fresh, attr, value)
+    fresh._restore_fitted(p._fitted_state())
     fresh.prepare()
     assert [tuple(x) for x in p.predict(4)] == [tuple(x) for x in fresh.predict(4)], \
         f"{name}.reset() must forget what was observed"

@@ -29,12 +29,16 @@ def _plugins() -> list:
             if not (ep.name in BUILTIN and (ep.dist is None or ep.dist.name == "pipellm"))]
 
 
+def _owner(ep) -> str:
+    return ep.dist.name if ep.dist else ep.value
+
+
 def _shadowing(name: str) -> None:
     """A plugin that takes a built-in's name is refused: which one a name meant would
     depend on what happens to be installed."""
     for ep in _plugins():
         if ep.name == name and name in BUILTIN:
-            owner = ep.dist.name if ep.dist else ep.value
+            owner = _owner(ep)
             raise ArgumentError(f"predictor plugin {name!r} from {owner} ({ep.value}) takes the name of pipellm's "
                                 f"built-in predictor; a plugin may not shadow a built-in: rename it in {owner}'s "
                                 f"entry points (group {GROUP!r})")
@@ -45,11 +49,10 @@ def available() -> dict[str, str]:
     listed as refused)."""
     names = {name: "pipellm (built-in)" for name in BUILTIN}
     for ep in _plugins():
-        owner = ep.dist.name if ep.dist else ep.value
         if ep.name in BUILTIN:
-            names[ep.name] = f"pipellm (built-in); refused: a plugin from {owner} takes this name"
+            names[ep.name] = f"pipellm (built-in); refused: a plugin from {_owner(ep)} takes this name"
         else:
-            names.setdefault(ep.name, owner)
+            names.setdefault(ep.name, _owner(ep))
     return names
 
 

@@ -81,8 +81,8 @@ def test_recorded_transformers_traces_replay_and_are_predicted(result):
 
 def test_the_implied_driver_rate_gives_the_target_drop():
     trace = _passes(4, nbytes=8 << 20, compute_us=500.0)
-    rate = paper._implied_rate(trace, 0.5, COSTS, 0)
     plain = simulate(trace, "plain", COSTS, cores=2)
+    rate = paper._implied_rate(trace, 0.5, COSTS, 0, plain)
     cc = simulate(trace, "cc", paper._at_rate(COSTS, rate), cores=2)
     assert 1 - plain / cc == pytest.approx(0.5, abs=0.01)
 

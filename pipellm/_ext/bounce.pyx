@@ -221,10 +221,11 @@ cdef class BouncePool:
     def could_hold(self, sizes) -> bool:
         """Whether slots for all of ``sizes`` fit this pool when nothing else is taken."""
         cdef size_t total = 0
-        for n in sizes:
-            if n <= 0:
-                return False
-            total += (<size_t>n + PAGE - 1) // PAGE
+        try:
+            for n in sizes:
+                total += self._pages_for(n)
+        except ArgumentError:  # (one alone is larger than the pool, or empty)
+            return False
         return total <= self.pages
 
     def try_acquire_many(self, sizes):

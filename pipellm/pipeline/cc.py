@@ -262,15 +262,6 @@ class CCEngine(Engine):
             with self._recv_waiters_lock:
                 self._recv_waiters -= 1
 
-    def _receive_head(self, timeout) -> bool:
-        """Receive the oldest expected chunk (recv lock held): claim, decrypt, commit
-        what is ready. False on timeout."""
-        chunk = self._claim_head(timeout)
-        if chunk is None:
-            return False
-        self._decrypt_claimed(chunk)
-        return True
-
     def _claim_head(self, timeout) -> _Incoming | None:
         """Claim the oldest expected chunk once the device has written it (recv lock
         held): its message checked and its index taken (or what it failed with set as

@@ -114,9 +114,9 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
         tails[stream] = link_free[direction] + link.latency_s
         return tails[stream]
 
-    def drain(t):  # the host waits for every stream and receives what came back, in order
+    def drain(t, streams):  # the host waits for the streams and receives what came back, in order
         nonlocal receiver_free
-        t = max([t, received_by, *tails.values()])
+        t = max([t, received_by, *streams])
         for end, n in pending_d2h:
             t = max(t, end, receiver_free) + opened(n)
             receiver_free = t
@@ -127,7 +127,7 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
     timed = 0.0  # the clock when timing began
     for number, rec in enumerate(trace.records):
         if number == timed_from and number:
-            t = timed = drain(t)
+            t = timed = drain(t, tails.values())
         op = rec.op
         if op == "h2d":
             mine = chunks.pop(served, None)
@@ -189,13 +189,8 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
         elif op == "write":
             t += rec.nbytes / 10e9  # the application's own write (same in every mode)
         elif op in ("sync", "free"):
-            streams = tails.values() if op == "free" or rec.stream is None else [tails.get(rec.stream, 0.0)]
-            t = max([t, received_by, *streams])
-            for end, n in pending_d2h:  # the host receives what came back, in order
-                t = max(t, end, receiver_free) + opened(n)
-                receiver_free = t
-            pending_d2h.clear()
-    return drain(t) - timed
+            t = drain(t, tails.values() if op == "free" or rec.stream is None else [tails.get(rec.stream, 0.0)])
+    return drain(t, tails.values()) - timed
 
 
 def _rule(trace: Trace, min_speculative_bytes: int) -> list[bool]:
