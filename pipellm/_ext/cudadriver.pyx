@@ -218,3 +218,141 @@ def register_host(uintptr_t address, size_t nbytes) -> None:
 def unregister_host(uintptr_t address) -> None:
     _ensure()
     _check(cydriver.cuMemHostUnregister(<void*>address), "cuMemHostUnregister")
+
+
+# -- the driver table of the hot path (pipellm._ext.gpupath): the real driver ----------------
+from libc.stdint cimport uint64_t
+from cpython.pycapsule cimport PyCapsule_New
+from pipellm._ext.drivertable cimport DriverTable
+
+
+cdef int _t_error_name(int result, const char** text) noexcept nogil:
+    return <int>cydriver.cuGetErrorName(<cydriver.CUresult>result, text)
+
+
+cdef int _t_context_current(int device) noexcept nogil:
+    cdef cydriver.CUdevice handle
+    cdef cydriver.CUcontext context
+    cdef cydriver.CUresult result = cydriver.cuDeviceGet(&handle, device)
+    if result != cydriver.CUDA_SUCCESS:
+        return <int>result
+    result = cydriver.cuDevicePrimaryCtxRetain(&context, handle)  # retained once per thread: the
+    if result != cydriver.CUDA_SUCCESS:                          # driver counts, releases at exit
+        return <int>result
+    return <int>cydriver.cuCtxSetCurrent(context)
+
+
+cdef int _t_mem_alloc(uint64_t* address, size_t nbytes) noexcept nogil:
+    cdef cydriver.CUdeviceptr pointer = 0
+    cdef cydriver.CUresult result = cydriver.cuMemAlloc(&pointer, nbytes)
+    address[0] = <uint64_t>pointer
+    return <int>result
+
+
+cdef int _t_mem_free(uint64_t address) noexcept nogil:
+    return <int>cydriver.cuMemFree(<cydriver.CUdeviceptr>address)
+
+
+cdef int _t_host_alloc(void** pointer, size_t nbytes) noexcept nogil:
+    # cuMemHostAlloc, not malloc + cuMemHostRegister: registration is refused in H100
+    # confidential-computing mode (error 801 at every size), allocation is not
+    return <int>cydriver.cuMemHostAlloc(pointer, nbytes, 0)
+
+
+cdef int _t_host_free(void* pointer) noexcept nogil:
+    return <int>cydriver.cuMemFreeHost(pointer)
+
+
+cdef int _t_stream_create(void** stream) noexcept nogil:
+    return <int>cydriver.cuStreamCreate(<cydriver.CUstream*>stream, cydriver.CU_STREAM_NON_BLOCKING)
+
+
+cdef int _t_stream_destroy(void* stream) noexcept nogil:
+    return <int>cydriver.cuStreamDestroy(<cydriver.CUstream>stream)
+
+
+cdef int _t_stream_wait_event(void* stream, void* event) noexcept nogil:
+    return <int>cydriver.cuStreamWaitEvent(<cydriver.CUstream>stream, <cydriver.CUevent>event, 0)
+
+
+cdef int _t_stream_synchronize(void* stream) noexcept nogil:
+    return <int>cydriver.cuStreamSynchronize(<cydriver.CUstream>stream)
+
+
+cdef int _t_event_create(void** event) noexcept nogil:
+    return <int>cydriver.cuEventCreate(<cydriver.CUevent*>event, cydriver.CU_EVENT_DISABLE_TIMING)
+
+
+cdef int _t_event_destroy(void* event) noexcept nogil:
+    return <int>cydriver.cuEventDestroy(<cydriver.CUevent>event)
+
+
+cdef int _t_event_record(void* event, void* stream) noexcept nogil:
+    return <int>cydriver.cuEventRecord(<cydriver.CUevent>event, <cydriver.CUstream>stream)
+
+
+cdef int _t_event_query(void* event) noexcept nogil:
+    return <int>cydriver.cuEventQuery(<cydriver.CUevent>event)
+
+
+cdef int _t_event_synchronize(void* event) noexcept nogil:
+    return <int>cydriver.cuEventSynchronize(<cydriver.CUevent>event)
+
+
+cdef int _t_copy_htod(uint64_t dst, const void* src, size_t nbytes, void* stream) noexcept nogil:
+    return <int>cydriver.cuMemcpyHtoDAsync(<cydriver.CUdeviceptr>dst, src, nbytes, <cydriver.CUstream>stream)
+
+
+cdef int _t_copy_dtoh(void* dst, uint64_t src, size_t nbytes, void* stream) noexcept nogil:
+    return <int>cydriver.cuMemcpyDtoHAsync(dst, <cydriver.CUdeviceptr>src, nbytes, <cydriver.CUstream>stream)
+
+
+cdef int _t_copy_dtod(uint64_t dst, uint64_t src, size_t nbytes, void* stream) noexcept nogil:
+    return <int>cydriver.cuMemcpyDtoDAsync(<cydriver.CUdeviceptr>dst, <cydriver.CUdeviceptr>src, nbytes,
+                                           <cydriver.CUstream>stream)
+
+
+cdef int _t_module_load(void** module, const void* image) noexcept nogil:
+    return <int>cydriver.cuModuleLoadData(<cydriver.CUmodule*>module, image)
+
+
+cdef int _t_module_function(void** function, void* module, const char* name) noexcept nogil:
+    return <int>cydriver.cuModuleGetFunction(<cydriver.CUfunction*>function, <cydriver.CUmodule>module, name)
+
+
+cdef int _t_launch(void* function, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx,
+                   unsigned int by, unsigned int bz, unsigned int shared, void* stream,
+                   void** params) noexcept nogil:
+    return <int>cydriver.cuLaunchKernel(<cydriver.CUfunction>function, gx, gy, gz, bx, by, bz, shared,
+                                        <cydriver.CUstream>stream, params, NULL)
+
+
+cdef DriverTable _table
+
+
+def table():
+    """The real driver's table for pipellm._ext.gpupath (a capsule named
+    "pipellm.DriverTable"). Loads the driver first: DeviceUnavailableError without one."""
+    _ensure()
+    _table.error_name = _t_error_name
+    _table.context_current = _t_context_current
+    _table.mem_alloc = _t_mem_alloc
+    _table.mem_free = _t_mem_free
+    _table.host_alloc = _t_host_alloc
+    _table.host_free = _t_host_free
+    _table.stream_create = _t_stream_create
+    _table.stream_destroy = _t_stream_destroy
+    _table.stream_wait_event = _t_stream_wait_event
+    _table.stream_synchronize = _t_stream_synchronize
+    _table.event_create = _t_event_create
+    _table.event_destroy = _t_event_destroy
+    _table.event_record = _t_event_record
+    _table.event_query = _t_event_query
+    _table.event_synchronize = _t_event_synchronize
+    _table.copy_htod = _t_copy_htod
+    _table.copy_dtoh = _t_copy_dtoh
+    _table.copy_dtod = _t_copy_dtod
+    _table.module_load = _t_module_load
+    _table.module_function = _t_module_function
+    _table.launch = _t_launch
+    return PyCapsule_New(&_table, b"pipellm.DriverTable", NULL)

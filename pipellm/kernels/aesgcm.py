@@ -35,7 +35,8 @@ message's end (padding), writes never do.
 
 from __future__ import annotations
 
-from numba import cuda, uint32
+from numba import cuda, types, uint32
+from numba.core.extending import intrinsic
 
 from .tables import CHUNK_BLOCKS
 
@@ -280,3 +281,57 @@ def ctr_kernel(te_g, rk_g, ivs, src32, src_offs, dst8, dst32, dst_offs, lens, ok
             at = dst_offs[msg] + 16 * b + 4 * w
             for j in range(valid):
                 dst8[at + j] = (word >> (24 - 8 * j)) & 0xFF
+
+
+# -- the driver path's commit and status (pipellm._ext.gpupath) ---------------------------------
+# A group's rows (gpupath.ROW bytes each, read as int64 words): 12 = staging offset,
+# 13 = length, 14 = destination address (0: none), 15 = the last message of the group that
+# must have verified, with every one before it, for this one to be committed.
+_ROW_OFF, _ROW_LEN, _ROW_DST, _ROW_UPTO = 12, 13, 14, 15
+
+
+@intrinsic
+def _bytes_at(typingctx, address):
+    """A uint8 pointer to device address ``address`` (an int64): destinations are
+    arbitrary device memory named by the host in the group's rows."""
+    sig = types.CPointer(types.uint8)(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+    return sig, codegen
+
+
+@cuda.jit(cache=True)
+def commit_kernel(ok, rows64, plain, flag):
+    """Copy message ``blockIdx.y``'s plaintext from staging to its destination if messages
+    0..upto of the group verified and the session's refusal flag (raised by an earlier
+    group's status_kernel) is clear. Blocks stride over the message's bytes."""
+    msg = cuda.blockIdx.y
+    dst = rows64[msg, _ROW_DST]
+    if dst == 0 or flag[0] != 0:
+        return
+    for q in range(rows64[msg, _ROW_UPTO] + 1):
+        if ok[q] == 0:
+            return
+    off = rows64[msg, _ROW_OFF]
+    length = rows64[msg, _ROW_LEN]
+    out = _bytes_at(dst)
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    while i < length:
+        out[i] = plain[off + i]
+        i += cuda.gridDim.x * cuda.blockDim.x
+
+
+@cuda.jit(cache=True)
+def status_kernel(ok, flag, status):
+    """One thread: the group's first refused message (-1: none) into ``status``; a refusal
+    raises the session's flag, so later groups commit nothing. Runs after commit_kernel,
+    which read the flag as it was before this group."""
+    first = -1
+    for q in range(ok.shape[0]):
+        if ok[q] == 0:
+            first = q
+            break
+    status[0] = first
+    if first >= 0:
+        flag[0] = uint32(1)
