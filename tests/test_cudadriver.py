@@ -70,7 +70,7 @@ REASON = driver_reason()
 
 @pytest.mark.skipif(REASON is None, reason="a CUDA driver is present here")
 @pytest.mark.parametrize("call", ["init", "device_count", "Stream", "Event", "register_host", "unregister_host",
-                                  "use_primary_context"])
+                                  "use_primary_context", "table"])
 def test_without_a_driver_every_call_says_why(call):
     args = {"register_host": (0, 4096), "unregister_host": (0,), "use_primary_context": (0,)}.get(call, ())
     with pytest.raises(pipellm.DeviceUnavailableError, match="the CUDA driver could not be loaded"):
@@ -126,3 +126,41 @@ def test_the_cuda_device_with_driver_copies_delivers_the_plaintext(mode):
         assert dev.info()["copies"] == "driver"
     finally:
         dev.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(REASON is not None, reason=f"needs a CUDA driver and GPU: {REASON}")
+def test_the_driver_path_on_the_gpu_delivers_and_refuses():
+    """pipellm._ext.gpupath on the real driver: the PTX kernels loaded with the parameter
+    blocks packed in C; a group delivers, a refused message commits nothing after it."""
+    import random
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from numba import cuda
+
+    from pipellm.devices.gpupath import DriverPath
+    cc = cuda.get_current_device().compute_capability
+    path = DriverPath.real(0, cc=cc, staging_bytes=8 << 20)
+    rng = random.Random(0)
+    secret = rng.randbytes(32)
+    key = path.key(secret)
+    plains = [rng.randbytes(n) for n in (1, 4096, (1 << 20) + 7)]
+    dsts = [path.driver.alloc(len(p)) for p in plains]
+    keep = []
+    for i, (plain, dst) in enumerate(zip(plains, dsts)):
+        iv, aad = rng.randbytes(12), rng.randbytes(56)
+        sealed = bytearray(AESGCM(secret).encrypt(iv, plain, aad))
+        if i == 2:
+            sealed[-1] ^= 1
+        keep.append(sealed)
+        assert path.room(len(plain), key)
+        position, _ = path.stage(key, iv, aad, sealed, len(plain))
+        path.commit(position, dst, position)
+    assert path.result(path.launch(session=0)) == 2
+    stream = path.h2d.kernel_stream
+    for i, (plain, dst) in enumerate(zip(plains, dsts)):
+        back = np.zeros(len(plain), np.uint8)
+        path.driver.copy_dtoh(back, dst, stream)
+        path.driver.synchronize(stream)
+        assert (back.tobytes() == plain) if i < 2 else not back.any()
+    path.close()

@@ -866,6 +866,19 @@ cdef class H2DPath:
         g.read = False
         return self.status_h[group % MAX_GROUPS]
 
+    def copied(self, int64_t group) -> bool:
+        """Whether ``group``'s ciphertext copies have run (one event query, no wait): from
+        then on the host memory its messages were staged from may be reused."""
+        cdef Group* g = &self.groups[group % MAX_GROUPS]
+        cdef int result
+        if g.id != group:
+            return True  # long done: its slot was reused by a later group
+        result = self.t.event_query(g.copied)
+        if result == NOT_READY:
+            return False
+        _check(self.t, result, "cuEventQuery")
+        return True
+
     def abandon(self) -> None:
         """Forget the group being staged (its copies may still read their slots: the copy
         stream is waited for), as after an op failed part-way."""

@@ -1,0 +1,283 @@
+"""The cuda device's driver path (pipellm._ext.gpupath) on the fake driver: bytes delivered,
+commits decided on the GPU as the channel's contract says, driver calls per message and
+per group, slots reused too early caught, and the fake itself."""
+
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from pipellm.devices.fakedriver import FakeDriver, FakeDriverError
+from pipellm.devices.gpupath import DriverPath
+from pipellm.errors import ArgumentError, DeviceError
+from pipellm.kernels import driverpath
+
+AAD = 56  # the channel's header
+
+
+def _seal(secret, plain, rng):
+    iv, aad = rng.randbytes(12), rng.randbytes(AAD)
+    return iv, aad, AESGCM(secret).encrypt(iv, plain, aad)
+
+
+@pytest.fixture
+def fake():
+    return FakeDriver(seed=7)
+
+
+def _path(fake, **kw):
+    kw.setdefault("staging_bytes", 1 << 16)
+    return DriverPath.fake(fake, **kw)
+
+
+_KEEP = []  # staged payloads: their host memory is read when the copy runs, later
+
+
+def _stage_message(path, key, secret, plain, rng, dst, upto=None):
+    iv, aad, sealed = _seal(secret, plain, rng)
+    _KEEP.append(sealed)
+    assert path.room(len(plain), key)
+    position, _ = path.stage(key, iv, aad, sealed, len(plain))
+    if dst is not None:
+        path.commit(position, dst, position if upto is None else upto)
+    return position
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_groups_deliver_every_byte(fake, seed):
+    """Random sizes (0 to 20 KiB, staging 64 KiB: the ring wraps), several keys in a group,
+    several groups in flight before their outcomes are read."""
+    rng = random.Random(seed)
+    path = _path(fake)
+    secrets = [rng.randbytes(32) for _ in range(3)]
+    expected, groups = [], []
+    for _ in range(12):
+        for _ in range(rng.randrange(1, 5)):
+            size = rng.choice([0, 1, 15, 16, 17, 4096, rng.randrange(1, 20 << 10)])
+            secret = rng.choice(secrets)
+            key = path.key(secret)
+            plain = rng.randbytes(size)
+            dst = path.driver.alloc(size)
+            if not path.room(size, key):
+                groups.append(path.launch(session=0))
+            _stage_message(path, key, secret, plain, rng, dst)
+            expected.append((dst, plain))
+        groups.append(path.launch(session=0))
+        if rng.random() < 0.4:  # sometimes read outcomes late
+            while groups:
+                assert path.result(groups.pop(0)) == -1
+    for group in groups:
+        assert path.result(group) == -1
+    fake.drain()
+    for dst, plain in expected:
+        assert bytes(fake.view(dst, len(plain))) == plain
+    path.close()
+
+
+def test_a_refused_message_commits_what_came_before_and_nothing_after(fake):
+    rng = random.Random(1)
+    path = _path(fake)
+    secret = rng.randbytes(32)
+    key = path.key(secret)
+    plains = [rng.randbytes(1000) for _ in range(3)]
+    dsts = [path.driver.alloc(1000) for _ in range(5)]
+    _stage_message(path, key, secret, plains[0], rng, dsts[0])
+    iv, aad, sealed = _seal(secret, plains[1], rng)
+    tampered = bytearray(sealed)
+    tampered[5] ^= 1
+    assert path.room(1000, key)
+    bad, _ = path.stage(key, iv, aad, tampered, 1000)
+    path.commit(bad, dsts[1], bad)
+    _stage_message(path, key, secret, plains[2], rng, dsts[2])
+    first = path.launch(session=3)
+    # queued before the host can know of the refusal: must commit nothing
+    _stage_message(path, key, secret, plains[0], rng, dsts[3])
+    second = path.launch(session=3)
+    # another session is not affected
+    _stage_message(path, key, secret, plains[0], rng, dsts[4])
+    other = path.launch(session=4)
+    assert path.result(first) == 1
+    assert path.result(second) == -1  # its own messages verified ...
+    assert path.result(other) == -1
+    fake.drain()
+    assert bytes(fake.view(dsts[0], 1000)) == plains[0]
+    for dst in dsts[1:4]:  # ... but the session's flag held its commit back
+        assert not fake.view(dst, 1000).any()
+    assert bytes(fake.view(dsts[4], 1000)) == plains[0]
+    path.close()
+
+
+def test_a_transfer_is_committed_all_or_nothing(fake):
+    rng = random.Random(2)
+    path = _path(fake)
+    secret = rng.randbytes(32)
+    key = path.key(secret)
+    dst = path.driver.alloc(3000)
+    positions = []
+    for i in range(3):
+        iv, aad, sealed = _seal(secret, bytes([i + 1]) * 1000, rng)
+        if i == 2:
+            sealed = sealed[:-1] + bytes([sealed[-1] ^ 0x80])
+        _KEEP.append(sealed)
+        assert path.room(1000, key)
+        positions.append(path.stage(key, iv, aad, sealed, 1000)[0])
+    for i, position in enumerate(positions):  # each chunk commits only if the last verified
+        path.commit(position, dst + 1000 * i, positions[-1])
+    assert path.result(path.launch(session=0)) == 2
+    fake.drain()
+    assert not fake.view(dst, 3000).any()
+    path.close()
+
+
+def test_a_slot_reused_before_its_copy_ran_is_caught(fake):
+    """The fake copies host bytes when the copy runs: rewriting a staged message's memory
+    before its group's ``copied`` event passed delivers other bytes, which fail the tag."""
+    rng = random.Random(3)
+    path = _path(fake)
+    secret = rng.randbytes(32)
+    key = path.key(secret)
+    plain = rng.randbytes(2048)
+    dst = path.driver.alloc(2048)
+    iv, aad, sealed = _seal(secret, plain, rng)
+    slot = bytearray(sealed)
+    assert path.room(2048, key)
+    position, _ = path.stage(key, iv, aad, slot, 2048)
+    path.commit(position, dst, position)
+    group = path.launch(session=0)
+    slot[:] = bytes(len(slot))  # reused too early
+    assert path.result(group) == 0
+    assert not fake.view(dst, 2048).any()
+    # waiting for ``copied`` first is what makes reuse safe
+    slot[:] = sealed
+    position, _ = path.stage(key, iv, aad, slot, 2048)
+    path.commit(position, dst, position)
+    group = path.launch(session=1)
+    while not path.h2d.copied(group):
+        pass
+    slot[:] = bytes(len(slot))
+    assert path.result(group) == -1
+    fake.drain()
+    assert bytes(fake.view(dst, 2048)) == plain
+    path.close()
+
+
+def test_driver_calls_per_message_and_per_group(fake):
+    rng = random.Random(4)
+    path = _path(fake, staging_bytes=1 << 20)
+    secrets = [rng.randbytes(32) for _ in range(2)]
+    keys = [path.key(s) for s in secrets]
+    dst = path.driver.alloc(8 << 10)
+    fake.drain()
+    before = fake.calls.copy()
+    path_before = dict(path.calls)
+    groups, messages = [], 0
+    for g in range(6):
+        for _ in range(5):
+            _stage_message(path, keys[0], secrets[0], rng.randbytes(8 << 10), rng, dst)
+            messages += 1
+        if g % 2:  # a second key in the group: one more run of three launches
+            _stage_message(path, keys[1], secrets[1], rng.randbytes(8 << 10), rng, dst)
+            messages += 1
+        groups.append(path.launch(session=0))
+    spent = fake.calls - before
+    assert spent["copy_htod"] == messages + len(groups)  # one per message, the rows per group
+    assert spent["launch"] == 6 * 5 + 3 * 3  # ghash, tag, ctr, commit, status; +3 per second key
+    assert all(spent[name] == 0 for name in ("event_synchronize", "stream_synchronize"))
+    calls = {k: path.calls[k] - path_before[k] for k in path.calls}
+    assert calls == {"message": messages, "group": 6 * 9 + 3 * 3, "wait": 0}
+    for group in groups:
+        assert path.result(group) == -1
+    path.close()
+
+
+def test_bad_input_is_refused_and_changes_nothing(fake):
+    rng = random.Random(5)
+    path = _path(fake)
+    secret = rng.randbytes(32)
+    key = path.key(secret)
+    iv, aad, sealed = _seal(secret, b"x" * 64, rng)
+    with pytest.raises(ArgumentError, match="empty group"):
+        path.launch(session=0)
+    with pytest.raises(ArgumentError, match="12-byte IV"):
+        path.stage(key, iv[:8], aad, sealed, 64)
+    with pytest.raises(ArgumentError, match="ciphertext and tag"):
+        path.stage(key, iv, aad, sealed[:70], 64)
+    assert path.h2d.staged == 0
+    with pytest.raises(ArgumentError, match="does not fit"):
+        path.room(1 << 20, key)
+    with pytest.raises(ArgumentError, match="outside"):
+        _stage_message(path, key, secret, b"y" * 64, rng, None)
+        path.launch(session=64)
+    with pytest.raises(ArgumentError, match="commit of message"):
+        path.commit(0, 0x1234, 5)
+    assert path.result(path.launch(session=0)) == -1
+    path.close()
+    path.close()  # idempotent
+
+
+def test_the_fake_faults_as_a_gpu_would():
+    fake = FakeDriver()
+    a = fake.mem_alloc(100)
+    with pytest.raises(FakeDriverError, match="illegal address"):
+        fake.view(a + 90, 20)
+    stream, event = fake.stream_create(), fake.event_create()
+    fake.event_record(event, stream)
+    waiting = fake.stream_create()
+    fake.stream_wait_event(waiting, event)
+    fake.stream_synchronize(waiting)  # the record runs first: no deadlock
+    other = fake.event_create()
+    fake.stream_wait_event(stream, other)  # never recorded: nothing to wait for
+    fake.stream_synchronize(stream)
+    fake.event_record(other, waiting)
+    fake.stream_wait_event(waiting, other)  # behind its own record on the same stream: runs
+    fake.stream_synchronize(waiting)
+    fake.mem_free(a)
+    with pytest.raises(FakeDriverError, match="not allocated"):
+        fake.mem_free(a)
+
+
+def test_a_launch_grid_that_misses_work_is_refused():
+    fake = FakeDriver()
+    path = DriverPath.fake(fake, staging_bytes=1 << 16)
+    function = path.driver.load(b"fake", ["ctr_kernel"])[0]
+    words = [0] * driverpath.param_words("ctr_kernel")
+    with pytest.raises(FakeDriverError, match="malformed"):
+        fake.launch(function, (1, 1, 1), (1, 1, 1), 0, path.h2d.kernel_stream, [7] * len(words))
+    path.close()
+
+
+def test_parameter_blocks_match_the_compiled_kernels(tmp_path, monkeypatch):
+    """gpupath packs as many 8-byte words as each PTX entry point declares (compiled here
+    for sm_90 without a GPU; the fake decodes the same layouts)."""
+    pytest.importorskip("numba.cuda", reason="compiling the kernels to PTX needs numba-cuda (the test extra)")
+    monkeypatch.setenv("PIPELLM_CACHE", str(tmp_path))
+    compiled = driverpath.ptx((9, 0))
+    for name in driverpath.NAMES:
+        entry, code = compiled[name]
+        assert name in entry
+        assert driverpath.entry_params(code) == driverpath.param_words(name)
+    assert list(tmp_path.iterdir()), "the PTX is cached on disk"
+    assert driverpath.ptx((9, 0)) == compiled
+
+
+def test_transfers_on_the_fake_never_import_numba():
+    code = (
+        "import os, random, sys\n"
+        "from cryptography.hazmat.primitives.ciphers.aead import AESGCM\n"
+        "from pipellm.devices.fakedriver import FakeDriver\n"
+        "from pipellm.devices.gpupath import DriverPath\n"
+        "fake = FakeDriver(); path = DriverPath.fake(fake, staging_bytes=1 << 16)\n"
+        "secret = os.urandom(32); key = path.key(secret); dst = path.driver.alloc(5000)\n"
+        "iv, aad = os.urandom(12), os.urandom(56); plain = os.urandom(5000)\n"
+        "sealed = AESGCM(secret).encrypt(iv, plain, aad)\n"
+        "assert path.room(5000, key); p, _ = path.stage(key, iv, aad, sealed, 5000)\n"
+        "path.commit(p, dst, p); assert path.result(path.launch(0)) == -1; fake.drain()\n"
+        "assert bytes(fake.view(dst, 5000)) == plain\n"
+        "print('numba' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
