@@ -21,6 +21,13 @@ N = 3000  # bytes per transfer: one message (chunk_size 4096)
 #: the device the suite attacks: the emulated one, or (tests/test_kernels.py runs the suite
 #: again under the CUDA simulator) the cuda device, whose GPU kernels do the refusing
 DEVICE = os.environ.get("PIPELLM_TEST_DEVICE", "emulated")
+#: "cuda-fake": the cuda device's driver path on the fake driver (tests/test_gpupath.py)
+_OPEN = {"cuda-fake": ("cuda", {"path": "driver", "driver": "fake"})}
+
+
+def open_dev(**kw):
+    kind, extra = _OPEN.get(DEVICE, (DEVICE, {}))
+    return pipellm.open_device(kind, **extra, **kw)
 
 
 def flip(index):
@@ -169,7 +176,7 @@ def warm_up(pipe, mode, regions):
 def test_h2d_attack_is_refused(attack, mode):
     from pipellm.channel import Kind
     adv = Armed("h2d", ATTACKS[attack], Kind.DATA if mode == "cc" else Kind.SPEC)
-    with pipellm.open_device(DEVICE, adversary=adv) as dev:
+    with open_dev(adversary=adv) as dev:
         if attack == "other-session":
             capture_foreign(dev, adv, "h2d")
         pipe = open_pipe(mode, dev)
@@ -222,7 +229,7 @@ def test_window_order_refuses_a_transfer_held_back_past_a_later_one_to_the_same_
             return [msg, self.held]
 
     adv = HoldFirst()
-    with pipellm.open_device(DEVICE, adversary=adv) as dev:
+    with open_dev(adversary=adv) as dev:
         pipe = open_pipe("pipellm-window", dev)
         a = np.full(N, 1, np.uint8)
         region = pipe.register(a)
@@ -246,7 +253,7 @@ def test_window_order_refuses_a_transfer_held_back_past_a_later_one_to_the_same_
 @pytest.mark.parametrize("attack", list(ATTACKS))
 def test_d2h_attack_is_refused(attack, mode):
     adv = Armed("d2h", ATTACKS[attack])
-    with pipellm.open_device(DEVICE, adversary=adv) as dev:
+    with open_dev(adversary=adv) as dev:
         if attack == "other-session":
             capture_foreign(dev, adv, "d2h")
         pipe = open_pipe(mode, dev)
@@ -278,7 +285,7 @@ def test_d2h_attack_is_refused(attack, mode):
 
 def test_h2d_drop_last_message_is_refused_at_synchronize():
     adv = Armed("h2d", lambda msg, adv: [])
-    with pipellm.open_device(DEVICE, adversary=adv) as dev:
+    with open_dev(adversary=adv) as dev:
         pipe = make_pipe(device=dev)
         region = pipe.register(np.full(N, 4, np.uint8))
         adv.armed = True
@@ -293,7 +300,7 @@ def test_h2d_drop_last_message_is_refused_at_synchronize():
 
 def test_d2h_drop_is_refused():
     adv = Armed("d2h", lambda msg, adv: [])
-    with pipellm.open_device(DEVICE, adversary=adv) as dev:
+    with open_dev(adversary=adv) as dev:
         pipe = make_pipe(device=dev)
         src = pipe.to_device(pipe.register(np.full(N, 1, np.uint8)))
         host = np.full(N, 6, np.uint8)
@@ -306,7 +313,7 @@ def test_d2h_drop_is_refused():
 
 def test_unreported_failure_is_raised_by_close():
     adv = Armed("h2d", flip(0))
-    with pipellm.open_device(DEVICE, adversary=adv) as dev:
+    with open_dev(adversary=adv) as dev:
         pipe = make_pipe(device=dev)
         adv.armed = True
         pipe.to_device(pipe.register(np.ones(N, np.uint8)))
@@ -363,7 +370,7 @@ def test_command_attacks_are_refused(kind, attack):
     forged, replayed, redirected or dropped: refused, nothing lands, the channel closes."""
     from pipellm.channel import Kind
     adv = OnCommands(Kind[kind], attack)
-    with pipellm.open_device(DEVICE, adversary=adv) as dev:
+    with open_dev(adversary=adv) as dev:
         pipe = make_pipe("pipellm", device=dev, min_speculative_bytes=0, depth_messages=48,
                          timeout=1 if DEVICE == "emulated" else 60)  # the simulator is slow
         regions = [pipe.register(pipellm.array(np.full(N, i, np.uint8)), name=f"l{i}") for i in range(4)]

@@ -153,7 +153,7 @@ def test_the_driver_path_on_the_gpu_delivers_and_refuses():
         if i == 2:
             sealed[-1] ^= 1
         keep.append(sealed)
-        assert path.room(len(plain), key)
+        assert path.room(len(plain))
         position, _ = path.stage(key, iv, aad, sealed, len(plain))
         path.commit(position, dst, position)
     assert path.result(path.launch(session=0)) == 2

@@ -26,7 +26,9 @@ def _seal(secret, plain, rng):
 
 @pytest.fixture
 def fake():
-    return FakeDriver(seed=7)
+    fake = FakeDriver(seed=7)
+    yield fake
+    fake.close()
 
 
 def _path(fake, **kw):
@@ -40,7 +42,7 @@ _KEEP = []  # staged payloads: their host memory is read when the copy runs, lat
 def _stage_message(path, key, secret, plain, rng, dst, upto=None):
     iv, aad, sealed = _seal(secret, plain, rng)
     _KEEP.append(sealed)
-    assert path.room(len(plain), key)
+    assert path.room(len(plain))
     position, _ = path.stage(key, iv, aad, sealed, len(plain))
     if dst is not None:
         path.commit(position, dst, position if upto is None else upto)
@@ -62,7 +64,7 @@ def test_groups_deliver_every_byte(fake, seed):
             key = path.key(secret)
             plain = rng.randbytes(size)
             dst = path.driver.alloc(size)
-            if not path.room(size, key):
+            if not path.room(size):
                 groups.append(path.launch(session=0))
             _stage_message(path, key, secret, plain, rng, dst)
             expected.append((dst, plain))
@@ -89,7 +91,7 @@ def test_a_refused_message_commits_what_came_before_and_nothing_after(fake):
     iv, aad, sealed = _seal(secret, plains[1], rng)
     tampered = bytearray(sealed)
     tampered[5] ^= 1
-    assert path.room(1000, key)
+    assert path.room(1000)
     bad, _ = path.stage(key, iv, aad, tampered, 1000)
     path.commit(bad, dsts[1], bad)
     _stage_message(path, key, secret, plains[2], rng, dsts[2])
@@ -123,7 +125,7 @@ def test_a_transfer_is_committed_all_or_nothing(fake):
         if i == 2:
             sealed = sealed[:-1] + bytes([sealed[-1] ^ 0x80])
         _KEEP.append(sealed)
-        assert path.room(1000, key)
+        assert path.room(1000)
         positions.append(path.stage(key, iv, aad, sealed, 1000)[0])
     for i, position in enumerate(positions):  # each chunk commits only if the last verified
         path.commit(position, dst + 1000 * i, positions[-1])
@@ -144,7 +146,7 @@ def test_a_slot_reused_before_its_copy_ran_is_caught(fake):
     dst = path.driver.alloc(2048)
     iv, aad, sealed = _seal(secret, plain, rng)
     slot = bytearray(sealed)
-    assert path.room(2048, key)
+    assert path.room(2048)
     position, _ = path.stage(key, iv, aad, slot, 2048)
     path.commit(position, dst, position)
     group = path.launch(session=0)
@@ -208,7 +210,7 @@ def test_bad_input_is_refused_and_changes_nothing(fake):
         path.stage(key, iv, aad, sealed[:70], 64)
     assert path.h2d.staged == 0
     with pytest.raises(ArgumentError, match="does not fit"):
-        path.room(1 << 20, key)
+        path.room(1 << 20)
     with pytest.raises(ArgumentError, match="outside"):
         _stage_message(path, key, secret, b"y" * 64, rng, None)
         path.launch(session=64)
@@ -219,8 +221,7 @@ def test_bad_input_is_refused_and_changes_nothing(fake):
     path.close()  # idempotent
 
 
-def test_the_fake_faults_as_a_gpu_would():
-    fake = FakeDriver()
+def test_the_fake_faults_as_a_gpu_would(fake):
     a = fake.mem_alloc(100)
     with pytest.raises(FakeDriverError, match="illegal address"):
         fake.view(a + 90, 20)
@@ -240,8 +241,7 @@ def test_the_fake_faults_as_a_gpu_would():
         fake.mem_free(a)
 
 
-def test_a_launch_grid_that_misses_work_is_refused():
-    fake = FakeDriver()
+def test_a_launch_grid_that_misses_work_is_refused(fake):
     path = DriverPath.fake(fake, staging_bytes=1 << 16)
     function = path.driver.load(b"fake", ["ctr_kernel"])[0]
     words = [0] * driverpath.param_words("ctr_kernel")
@@ -274,10 +274,43 @@ def test_transfers_on_the_fake_never_import_numba():
         "secret = os.urandom(32); key = path.key(secret); dst = path.driver.alloc(5000)\n"
         "iv, aad = os.urandom(12), os.urandom(56); plain = os.urandom(5000)\n"
         "sealed = AESGCM(secret).encrypt(iv, plain, aad)\n"
-        "assert path.room(5000, key); p, _ = path.stage(key, iv, aad, sealed, 5000)\n"
+        "assert path.room(5000); p, _ = path.stage(key, iv, aad, sealed, 5000)\n"
         "path.commit(p, dst, p); assert path.result(path.launch(0)) == -1; fake.drain()\n"
         "assert bytes(fake.view(dst, 5000)) == plain\n"
         "print('numba' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_one_fake_driver_per_process_while_it_is_in_use(fake):
+    path = _path(fake)
+    with pytest.raises(DeviceError, match="another fake driver is in use"):
+        DriverPath.fake(FakeDriver())
+    path.close()
+    fake.close()
+    DriverPath.fake(FakeDriver()).close()  # nothing of the first is left: a new one may take over
+
+
+def test_the_cuda_device_suites_run_on_the_fake_driver():
+    """The cuda device's end-to-end tests (every mode, odd sizes and offsets, tampering,
+    losses, rotation) and the whole adversary suite, with the driver path on the fake
+    driver: the C path, its packing and the GPU-side commit, with no GPU and no numba."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PIPELLM_CUDA_DEVICE="fake", PIPELLM_TEST_DEVICE="cuda-fake")
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          os.path.join(here, "cudasim", "test_cuda_device_sim.py"),
+                          os.path.join(here, "test_adversary.py")],
+                         env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(here))
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert " passed" in last and "failed" not in last and "error" not in last
+
+
+def test_the_device_options_are_checked():
+    import pipellm
+    with pytest.raises(ArgumentError, match="path must be 'numba' or 'driver'"):
+        pipellm.open_device("cuda", path="dma")
+    with pytest.raises(ArgumentError, match="driver must be None"):
+        pipellm.open_device("cuda", path="driver", driver="gpu0")

@@ -41,11 +41,16 @@ AAD_BYTES = 64
 ROW = ROW_BYTES
 
 DEF MAX_GROUPS = 8      # groups in flight
-DEF MAX_RUNS = 16       # runs of messages under one key in a group
+DEF MAX_RUNS = 32       # runs of messages under one key in a group (3 launches each)
 DEF MAX_PARAMS = 96     # the largest block (ctr_kernel) is 72 words
 DEF THREADS = 128
 DEF CHUNK_BLOCKS = 64
 DEF COMMIT_BLOCKS = 256
+
+def installed_fake():
+    """The fake driver the table calls now (None before the first ``Driver.fake``)."""
+    return _fake
+
 
 KERNELS = ("ghash_kernel", "tag_kernel", "ctr_kernel", "commit_kernel", "status_kernel")
 
@@ -95,8 +100,12 @@ cdef class Driver:
     @staticmethod
     def fake(fake):
         """A Python fake (see ``pipellm.devices.fakedriver.FakeDriver``) behind the table:
-        one per process at a time."""
+        one per process at a time, as the real driver is (another one is refused while
+        it still holds memory or streams)."""
         global _fake
+        if _fake is not None and _fake is not fake and _fake.in_use():
+            raise DeviceError("another fake driver is in use in this process (one driver per process, "
+                              "as CUDA's): share it (pipellm.devices.fakedriver.installed()) or close its users")
         _fake = fake
         cdef Driver d = Driver.__new__(Driver)
         d.t = &_fake_table
@@ -482,13 +491,13 @@ cdef class H2DPath:
     cdef void* ctr
     cdef void* commit_fn
     cdef void* status_fn
-    cdef uint64_t te, cipher, plain, rows_d, acc, ok, flags, status_d
+    cdef uint64_t te, cipher, plain, rows_d, acc, ok, flags, status_d, zero_word
     cdef unsigned char* rows_h
     cdef int64_t* status_h
     cdef void* copies          # the copy stream (ciphertexts)
     cdef void* kernels         # the kernel stream (rows, launches, commits, status)
     cdef readonly size_t staging_bytes
-    cdef readonly int64_t max_rows, sessions
+    cdef readonly int64_t max_rows, sessions, aad_bytes
     cdef Group groups[MAX_GROUPS]
     cdef int64_t next_group
     # the ring of staging bytes: [tail, head) in ring order is live
@@ -511,17 +520,19 @@ cdef class H2DPath:
         self.status_h = NULL
 
     def __init__(self, Driver driver not None, tuple functions not None, *, size_t staging_bytes,
-                 int64_t max_rows=1024, int64_t sessions=64):
+                 int64_t max_rows=1024, int64_t sessions=64, int64_t aad_bytes=56):
         if len(functions) != 5:
             raise ArgumentError(f"H2DPath needs the handles of {KERNELS}, got {len(functions)}")
-        if staging_bytes < 4096 or max_rows < 1 or sessions < 1:
-            raise ArgumentError(f"staging_bytes >= 4096, max_rows >= 1, sessions >= 1; got "
+        if staging_bytes < 16 or max_rows < 1 or sessions < 1:
+            raise ArgumentError(f"staging_bytes >= 16, max_rows >= 1, sessions >= 1; got "
                                 f"{staging_bytes}, {max_rows}, {sessions}")
         self.driver, self.t = driver, driver.t
         cdef uintptr_t f0 = functions[0], f1 = functions[1], f2 = functions[2], f3 = functions[3], f4 = functions[4]
         self.ghash, self.tag, self.ctr, self.commit_fn, self.status_fn = (<void*>f0, <void*>f1, <void*>f2,
                                                                           <void*>f3, <void*>f4)
-        self.staging_bytes, self.max_rows, self.sessions = staging_bytes, max_rows, sessions
+        if not 0 <= aad_bytes <= AAD_BYTES:
+            raise ArgumentError(f"aad_bytes must be 0..{AAD_BYTES}, got {aad_bytes}")
+        self.staging_bytes, self.max_rows, self.sessions, self.aad_bytes = staging_bytes, max_rows, sessions, aad_bytes
         self.cipher = driver.alloc(staging_bytes + 16)
         self.plain = driver.alloc(staging_bytes + 16)
         self.rows_d = driver.alloc(max_rows * ROW_BYTES)
@@ -529,6 +540,7 @@ cdef class H2DPath:
         self.ok = driver.alloc(max_rows * 4)
         self.flags = driver.alloc(sessions * 4)
         self.status_d = driver.alloc(MAX_GROUPS * 8)
+        self.zero_word = driver.alloc(16)
         self.rows_h = <unsigned char*><uintptr_t>driver.host_alloc(max_rows * ROW_BYTES)
         self.status_h = <int64_t*><uintptr_t>driver.host_alloc(MAX_GROUPS * 8)
         self.copies = <void*><uintptr_t>driver.stream()
@@ -555,6 +567,8 @@ cdef class H2DPath:
                                         self.kernels), "cuMemcpyHtoDAsync")
         _check(self.t, self.t.copy_htod(self.flags, <const char*>zeros_flags, min(len(zeros_flags), self.sessions * 4),
                                         self.kernels), "cuMemcpyHtoDAsync")
+        _check(self.t, self.t.copy_htod(self.zero_word, <const char*>zeros_flags, 16, self.kernels),
+               "cuMemcpyHtoDAsync")
 
     def set_te(self, uint64_t te) -> None:
         """The T-table's device address (filled by the caller on the kernel stream)."""
@@ -644,21 +658,18 @@ cdef class H2DPath:
                 return False
         return True
 
-    def room(self, size_t nbytes, KeyTables key not None) -> bool:
-        """Whether the group being staged can take one more message of ``nbytes``
-        (ciphertext) under ``key``; if not, launch it first. Reclaims the space of
-        finished groups (querying their events) and waits for the oldest only when the
-        ring is full and nothing is staged to launch instead."""
+    def room(self, size_t nbytes) -> bool:
+        """Whether the group being staged takes one more message of ``nbytes`` (ciphertext)
+        under any key; if not, launch it first. Reclaims the space of finished groups
+        (querying their events) and waits for the oldest only when the ring is full and
+        nothing is staged to launch instead."""
         cdef size_t at
-        if self.count >= self.max_rows - self.row_start:
-            return self.count == 0 and self._restart_rows()
-        if self.runs == MAX_RUNS and key is not self.run_keys[self.runs - 1]:
-            return False
-        if nbytes > key.max_bytes():
-            raise ArgumentError(f"a {nbytes}-byte message needs the key's powers grown first "
-                                f"(they cover {key.max_bytes()} bytes)")
         if _slot(nbytes) > self.staging_bytes:
             raise ArgumentError(f"a {nbytes}-byte message does not fit the {self.staging_bytes}-byte staging")
+        if self.runs == MAX_RUNS:
+            return False
+        if self.count >= self.max_rows - self.row_start:
+            return self.count == 0 and self._restart_rows()
         while not self._fits_ring(_slot(nbytes), &at) or not self._rows_free(self.row_start,
                                                                               self.row_start + self.count + 1):
             if self.count:
@@ -666,6 +677,14 @@ cdef class H2DPath:
             if not self._retire_oldest(True):
                 raise DeviceError("the staging ring is full with nothing in flight (a bug)")
         return True
+
+    def reset_flag(self, int64_t session) -> None:
+        """Clear a session slot's refusal flag (queued on the kernel stream, before the
+        slot's first group): the slot served a session that failed."""
+        if not 0 <= session < self.sessions:
+            raise ArgumentError(f"session slot {session} is outside 0..{self.sessions - 1}")
+        _check(self.t, self.t.copy_dtod(self.flags + session * 4, self.zero_word, 4, self.kernels),
+               "cuMemcpyDtoDAsync")
 
     cdef bint _restart_rows(self) except -1:
         # an empty group at the end of the rows starts again at row 0 once that is free
@@ -684,9 +703,9 @@ cdef class H2DPath:
         cdef size_t at
         cdef int64_t position = self.count
         cdef unsigned char* row
-        if iv.shape[0] != 12 or aad.shape[0] > AAD_BYTES or payload.shape[0] < nbytes + 16:
-            raise ArgumentError(f"a message needs a 12-byte IV (got {iv.shape[0]}), an AAD of at most "
-                                f"{AAD_BYTES} bytes (got {aad.shape[0]}) and its ciphertext and tag "
+        if iv.shape[0] != 12 or aad.shape[0] != self.aad_bytes or payload.shape[0] < nbytes + 16:
+            raise ArgumentError(f"a message needs a 12-byte IV (got {iv.shape[0]}), a {self.aad_bytes}-byte "
+                                f"AAD (got {aad.shape[0]}) and its ciphertext and tag "
                                 f"({nbytes + 16} bytes, got {payload.shape[0]})")
         if not self._fits_ring(_slot(nbytes), &at) or self.row_start + position >= self.max_rows:
             raise DeviceError("stage() without room(): launch the group first")
@@ -704,6 +723,9 @@ cdef class H2DPath:
         _be_words(row + ROW_TAG, &payload[nbytes], 16)
         (<int64_t*>(row + ROW_OFF))[0] = at
         (<int64_t*>(row + ROW_LEN))[0] = nbytes
+        if nbytes > key.max_bytes():
+            raise DeviceError(f"a {nbytes}-byte message needs the key's powers grown first "
+                              f"(they cover {key.max_bytes()} bytes)")
         if self.runs == 0 or key is not self.run_keys[self.runs - 1]:
             if self.runs == MAX_RUNS:
                 raise DeviceError("stage() without room(): too many keys in the group")
@@ -796,7 +818,7 @@ cdef class H2DPath:
     cdef int _launch_run(self, KeyTables key, uint64_t rows, uint64_t acc, uint64_t ok, int64_t n,
                          int64_t longest) except -1:
         cdef Params p
-        cdef int64_t chunks = (AAD_BYTES // 16 + (longest + 15) // 16 + 1 + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
+        cdef int64_t chunks = ((self.aad_bytes + 15) // 16 + (longest + 15) // 16 + 1 + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
         cdef int64_t ctr_blocks = max(1, ((longest + 15) // 16 + THREADS - 1) // THREADS)
         if chunks > key.chunks:
             raise DeviceError(f"the key's powers cover {key.chunks} chunks, the group needs {chunks}")
@@ -808,7 +830,7 @@ cdef class H2DPath:
         _array1(&p, rows + ROW_OFF, n, 8, ROW_BYTES)
         _array1(&p, rows + ROW_LEN, n, 8, ROW_BYTES)
         _array2(&p, rows + ROW_AAD, n, AAD_BYTES // 4, 4, ROW_BYTES)
-        _scalar(&p, 56)
+        _scalar(&p, self.aad_bytes)
         _array2(&p, acc, n, 4, 4, 16)
         self._go(self.ghash, (chunks + THREADS - 1) // THREADS, n, THREADS, &p, "ghash_kernel")
         # tag_kernel(te, rk, ivs, acc, tags, ok, check=1)
@@ -903,7 +925,8 @@ cdef class H2DPath:
             driver.synchronize(<uintptr_t>self.copies)
             driver.synchronize(<uintptr_t>self.kernels)
         finally:
-            for address in (self.cipher, self.plain, self.rows_d, self.acc, self.ok, self.flags, self.status_d):
+            for address in (self.cipher, self.plain, self.rows_d, self.acc, self.ok, self.flags, self.status_d,
+                            self.zero_word):
                 driver.free(address)
             driver.host_free(<uintptr_t>self.rows_h)
             driver.host_free(<uintptr_t>self.status_h)
@@ -912,6 +935,143 @@ cdef class H2DPath:
                 driver.event_destroy(<uintptr_t>self.groups[i].done)
             driver.stream_destroy(<uintptr_t>self.copies)
             driver.stream_destroy(<uintptr_t>self.kernels)
+
+
+cdef class D2HSealer:
+    """Device memory sealed for the host, one message at a time, on the kernel stream
+    (behind every commit queued before it): the bytes copied to aligned staging, CTR,
+    GHASH over the ciphertext, the tag; ciphertext and tag copied into host memory; one
+    wait at the end (the host needs the bytes). Shares its kernels and stream with an
+    :class:`H2DPath`."""
+
+    cdef Driver driver
+    cdef DriverTable* t
+    cdef void* ghash
+    cdef void* tag
+    cdef void* ctr
+    cdef void* stream
+    cdef void* done
+    cdef uint64_t te, plain, sealed, row_d, acc, ones
+    cdef unsigned char* row_h
+    cdef readonly size_t capacity
+    cdef int64_t calls
+
+    def __cinit__(self):
+        self.t = NULL
+        self.row_h = NULL
+
+    def __init__(self, Driver driver not None, tuple functions not None, uintptr_t stream, uint64_t te,
+                 size_t capacity, bytes init not None):
+        """``functions``: (ghash, tag, ctr) handles; ``init``: 16 zero bytes then a uint32
+        1 (kept alive by the caller until the stream passed it)."""
+        if len(init) != 20:
+            raise ArgumentError(f"init must be 20 bytes (16 zeros, then uint32 1), got {len(init)}")
+        cdef uintptr_t f0 = functions[0], f1 = functions[1], f2 = functions[2]
+        self.driver, self.t = driver, driver.t
+        self.ghash, self.tag, self.ctr = <void*>f0, <void*>f1, <void*>f2
+        self.stream, self.te, self.capacity = <void*>stream, te, capacity
+        self.plain = driver.alloc(capacity + 16)
+        self.sealed = driver.alloc(capacity + 16)
+        self.row_d = driver.alloc(ROW_BYTES)
+        self.acc = driver.alloc(16)
+        self.ones = driver.alloc(16)
+        self.row_h = <unsigned char*><uintptr_t>driver.host_alloc(ROW_BYTES)
+        self.done = <void*><uintptr_t>driver.event()
+        _check(self.t, self.t.copy_htod(self.acc, <const char*>init, 16, self.stream), "cuMemcpyHtoDAsync")
+        _check(self.t, self.t.copy_htod(self.ones, (<const char*>init) + 16, 4, self.stream), "cuMemcpyHtoDAsync")
+        self.calls = 0
+
+    @property
+    def calls_made(self) -> int:
+        return self.calls
+
+    def seal(self, KeyTables key not None, const unsigned char[::1] iv not None,
+             const unsigned char[::1] aad not None, uint64_t src, size_t nbytes,
+             unsigned char[::1] out not None) -> None:
+        """Seal ``nbytes`` of device memory at ``src`` into ``out`` (ciphertext || tag)."""
+        cdef Params p
+        cdef int result
+        cdef int64_t chunks = (AAD_BYTES // 16 + (<int64_t>nbytes + 15) // 16 + 1 + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
+        cdef uint32_t word
+        cdef int i
+        if iv.shape[0] != 12 or aad.shape[0] > AAD_BYTES or <size_t>out.shape[0] != nbytes + 16:
+            raise ArgumentError(f"sealing needs a 12-byte IV (got {iv.shape[0]}), an AAD of at most {AAD_BYTES} "
+                                f"bytes (got {aad.shape[0]}) and room for the ciphertext and tag "
+                                f"({nbytes + 16} bytes, got {out.shape[0]})")
+        if nbytes > self.capacity:
+            raise ArgumentError(f"a {nbytes}-byte message is larger than the sealer's {self.capacity} bytes")
+        if chunks > key.chunks:
+            raise DeviceError(f"the key's powers cover {key.chunks} chunks, sealing needs {chunks}")
+        t = self.t
+        memset(self.row_h, 0, ROW_BYTES)
+        _be_words(self.row_h + ROW_IV, &iv[0], 12)
+        if aad.shape[0]:
+            _be_words(self.row_h + ROW_AAD, &aad[0], aad.shape[0])
+        (<int64_t*>(self.row_h + ROW_LEN))[0] = nbytes
+        if nbytes:
+            _check(t, t.copy_dtod(self.plain, src, nbytes, self.stream), "cuMemcpyDtoDAsync")
+        _check(t, t.copy_htod(self.row_d, self.row_h, ROW_BYTES, self.stream), "cuMemcpyHtoDAsync")
+        p.n = 0
+        _array1(&p, self.te, 256, 4, 4)
+        _array1(&p, key.round_keys, 60, 4, 4)
+        _array2(&p, self.row_d + ROW_IV, 1, 3, 4, ROW_BYTES)
+        _array1(&p, self.plain, (self.capacity + 16) // 4, 4, 4)
+        _array1(&p, self.row_d + ROW_OFF, 1, 8, ROW_BYTES)
+        _array1(&p, self.sealed, self.capacity + 16, 1, 1)
+        _array1(&p, self.sealed, (self.capacity + 16) // 4, 4, 4)
+        _array1(&p, self.row_d + ROW_OFF, 1, 8, ROW_BYTES)
+        _array1(&p, self.row_d + ROW_LEN, 1, 8, ROW_BYTES)
+        _array1(&p, self.ones, 1, 4, 4)
+        self._go(self.ctr, max(1, ((<int64_t>nbytes + 15) // 16 + THREADS - 1) // THREADS), THREADS, &p, "ctr_kernel")
+        p.n = 0
+        _array1(&p, key.h_table, 2048, 4, 4)
+        _array2(&p, key.powers, key.chunks, 4, 4, 16)
+        _array1(&p, self.sealed, (self.capacity + 16) // 4, 4, 4)
+        _array1(&p, self.row_d + ROW_OFF, 1, 8, ROW_BYTES)
+        _array1(&p, self.row_d + ROW_LEN, 1, 8, ROW_BYTES)
+        _array2(&p, self.row_d + ROW_AAD, 1, AAD_BYTES // 4, 4, ROW_BYTES)
+        _scalar(&p, aad.shape[0])
+        _array2(&p, self.acc, 1, 4, 4, 16)
+        self._go(self.ghash, (chunks + THREADS - 1) // THREADS, THREADS, &p, "ghash_kernel")
+        p.n = 0
+        _array1(&p, self.te, 256, 4, 4)
+        _array1(&p, key.round_keys, 60, 4, 4)
+        _array2(&p, self.row_d + ROW_IV, 1, 3, 4, ROW_BYTES)
+        _array2(&p, self.acc, 1, 4, 4, 16)
+        _array2(&p, self.row_d + ROW_TAG, 1, 4, 4, ROW_BYTES)
+        _array1(&p, self.ones, 1, 4, 4)
+        _scalar(&p, 0)
+        self._go(self.tag, 1, THREADS, &p, "tag_kernel")
+        if nbytes:
+            _check(t, t.copy_dtoh(&out[0], self.sealed, nbytes, self.stream), "cuMemcpyDtoHAsync")
+        _check(t, t.copy_dtoh(self.row_h + ROW_TAG, self.row_d + ROW_TAG, 16, self.stream), "cuMemcpyDtoHAsync")
+        _check(t, t.event_record(self.done, self.stream), "cuEventRecord")
+        self.calls += 9 if nbytes else 7
+        with nogil:
+            result = t.event_synchronize(self.done)
+        _check(t, result, "waiting for a sealed read")
+        for i in range(4):  # the tag's words, big-endian on the wire
+            memcpy(&word, self.row_h + ROW_TAG + 4 * i, 4)
+            out[nbytes + 4 * i] = (word >> 24) & 0xFF
+            out[nbytes + 4 * i + 1] = (word >> 16) & 0xFF
+            out[nbytes + 4 * i + 2] = (word >> 8) & 0xFF
+            out[nbytes + 4 * i + 3] = word & 0xFF
+
+    cdef int _go(self, void* function, int64_t gx, int64_t bx, Params* p, str what) except -1:
+        for i in range(p.n):
+            p.slot[i] = &p.value[i]
+        return _check(self.t, self.t.launch(function, <unsigned int>gx, 1, 1, <unsigned int>bx, 1, 1, 0,
+                                            self.stream, p.slot), f"cuLaunchKernel({what})")
+
+    def close(self) -> None:
+        if self.t == NULL:
+            return
+        driver = self.driver
+        self.t = NULL
+        for address in (self.plain, self.sealed, self.row_d, self.acc, self.ones):
+            driver.free(address)
+        driver.host_free(<uintptr_t>self.row_h)
+        driver.event_destroy(<uintptr_t>self.done)
 
 
 cdef inline void _be_words(unsigned char* out, const unsigned char* data, Py_ssize_t n) noexcept nogil:

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import functools
 import random
+import threading
 import time
 from collections import Counter, deque
 
@@ -61,11 +63,21 @@ class _Array:
                                   f"itemsize {self.itemsize}, nitems {self.nitems}, shape {self.shape}")
 
 
+def _locked(method):
+    """One driver call at a time (the real driver is thread-safe; the fake's books are not)."""
+    @functools.wraps(method)
+    def call(self, *args):
+        with self._lock:
+            return method(self, *args)
+    return call
+
+
 class FakeDriver:
     """See the module docstring. ``seed`` drives the scheduling; ``eager=True`` runs
     each queued operation at once (a plain, in-order device, for debugging)."""
 
     def __init__(self, *, seed: int = 0, eager: bool = False):
+        self._lock = threading.RLock()
         self.calls: Counter = Counter()
         self.exec_s = 0.0
         self._rng = random.Random(seed)
@@ -81,7 +93,21 @@ class FakeDriver:
         self._handles = iter(range(1, 1 << 40))
         self.launches: Counter = Counter()
 
+    @_locked
+    def close(self) -> None:
+        """Drop every allocation, stream and event (as a process exiting does)."""
+        self._arrays.clear()
+        self._bases.clear()
+        self._host.clear()
+        self._streams.clear()
+        self._events.clear()
+
+    def in_use(self) -> bool:
+        """Memory, host memory or streams still allocated through it."""
+        return bool(self._arrays or self._host or self._streams)
+
     # -- memory ------------------------------------------------------------------------------
+    @_locked
     def mem_alloc(self, nbytes: int) -> int:
         self.calls["mem_alloc"] += 1
         address = self._next
@@ -90,6 +116,7 @@ class FakeDriver:
         bisect.insort(self._bases, address)
         return address
 
+    @_locked
     def mem_free(self, address: int) -> None:
         self.calls["mem_free"] += 1
         if address not in self._arrays:
@@ -97,6 +124,7 @@ class FakeDriver:
         del self._arrays[address]
         self._bases.remove(address)
 
+    @_locked
     def view(self, address: int, nbytes: int) -> np.ndarray:
         """Device bytes [address, address + nbytes) (raises outside one allocation)."""
         i = bisect.bisect_right(self._bases, address) - 1
@@ -114,42 +142,50 @@ class FakeDriver:
         region = self.view(arg.data, extent)
         return np.ndarray(arg.shape, arg.dtype, buffer=region, strides=arg.strides)
 
+    @_locked
     def host_alloc(self, nbytes: int) -> int:
         self.calls["host_alloc"] += 1
         mem = np.zeros(nbytes, np.uint8)
         self._host[mem.ctypes.data] = mem
         return mem.ctypes.data
 
+    @_locked
     def host_free(self, pointer: int) -> None:
         self.calls["host_free"] += 1
         if self._host.pop(pointer, None) is None:
             raise FakeDriverError(f"cuMemFreeHost of {pointer:#x}, which cuMemHostAlloc did not return")
 
+    @_locked
     def context_current(self, device: int) -> None:
         self.calls["context_current"] += 1
 
     # -- streams and events --------------------------------------------------------------------
+    @_locked
     def stream_create(self) -> int:
         self.calls["stream_create"] += 1
         handle = next(self._handles)
         self._streams[handle] = deque()
         return handle
 
+    @_locked
     def stream_destroy(self, stream: int) -> None:
         self.calls["stream_destroy"] += 1
         self._run_until(lambda: not self._streams[stream])
         del self._streams[stream]
 
+    @_locked
     def event_create(self) -> int:
         self.calls["event_create"] += 1
         handle = next(self._handles)
         self._events[handle] = [0, 0]
         return handle
 
+    @_locked
     def event_destroy(self, event: int) -> None:
         self.calls["event_destroy"] += 1
         self._events.pop(event)
 
+    @_locked
     def event_record(self, event: int, stream: int) -> None:
         self.calls["event_record"] += 1
         state = self._events[event]
@@ -160,24 +196,28 @@ class FakeDriver:
             state[1] = max(state[1], generation)
         self._queue(stream, complete, None)
 
+    @_locked
     def stream_wait_event(self, stream: int, event: int) -> None:
         self.calls["stream_wait_event"] += 1
         state = self._events[event]
         generation = state[0]
         self._queue(stream, lambda: None, lambda: state[1] >= generation)
 
+    @_locked
     def event_query(self, event: int) -> bool:
         self.calls["event_query"] += 1
         self._run_some(self._rng.randrange(4))
         state = self._events[event]
         return state[1] >= state[0]
 
+    @_locked
     def event_synchronize(self, event: int) -> None:
         self.calls["event_synchronize"] += 1
         state = self._events[event]
         target = state[0]
         self._run_until(lambda: state[1] >= target)
 
+    @_locked
     def stream_synchronize(self, stream: int) -> None:
         self.calls["stream_synchronize"] += 1
         self._run_until(lambda: not self._streams[stream])
@@ -186,6 +226,7 @@ class FakeDriver:
         """Nothing queued on any stream."""
         return not any(self._streams.values())
 
+    @_locked
     def drain(self) -> None:
         """Run everything queued (what a GPU does on its own given time)."""
         self._run_until(self.idle)
@@ -226,6 +267,7 @@ class FakeDriver:
                                       "recorded behind it, or one never recorded)")
 
     # -- copies --------------------------------------------------------------------------------------
+    @_locked
     def copy_htod(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         self.calls["copy_htod"] += 1
         target = self.view(dst, nbytes)  # checked now; the host bytes are read when it runs
@@ -234,11 +276,13 @@ class FakeDriver:
             target[:] = np.frombuffer(ctypes.string_at(src, nbytes), np.uint8)
         self._queue(stream, run, None)
 
+    @_locked
     def copy_dtoh(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         self.calls["copy_dtoh"] += 1
         source = self.view(src, nbytes)
         self._queue(stream, lambda: ctypes.memmove(dst, source.ctypes.data, nbytes), None)
 
+    @_locked
     def copy_dtod(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         self.calls["copy_dtod"] += 1
         target, source = self.view(dst, nbytes), self.view(src, nbytes)
@@ -248,12 +292,14 @@ class FakeDriver:
         self._queue(stream, run, None)
 
     # -- modules and launches ------------------------------------------------------------------------
+    @_locked
     def module_load(self, image_head: bytes) -> int:
         self.calls["module_load"] += 1
         handle = next(self._handles)
         self._modules[handle] = []
         return handle
 
+    @_locked
     def module_function(self, module: int, name: str) -> int:
         self.calls["module_function"] += 1
         kernel = next((k for k in driverpath.NAMES if k in name), None)
@@ -263,9 +309,11 @@ class FakeDriver:
         self._functions[handle] = kernel
         return handle
 
+    @_locked
     def param_count(self, function: int) -> int:
         return driverpath.param_words(self._functions[function])
 
+    @_locked
     def launch(self, function: int, grid, block, shared: int, stream: int, words) -> None:
         self.calls["launch"] += 1
         name = self._functions[function]
@@ -382,6 +430,14 @@ class FakeDriver:
         status_v[0] = int(refused[0]) if len(refused) else -1
         if len(refused):
             flag_v[0] = 1
+
+
+def installed(seed: int = 0) -> FakeDriver:
+    """The process's fake driver (the one the driver table calls), made on first use with
+    ``seed``: what ``open_device("cuda", path="driver", driver="fake")`` runs on."""
+    from .._ext.gpupath import installed_fake
+    fake = installed_fake()
+    return fake if fake is not None else FakeDriver(seed=seed)
 
 
 _R = np.uint64(0xE1 << 56)

@@ -15,7 +15,7 @@ runs on the real driver or on :class:`~pipellm.devices.fakedriver.FakeDriver`::
     >>> sealed = AESGCM(secret).encrypt(iv, b"weights!" * 4, aad)
     >>> dst = path.driver.alloc(32)
     >>> key = path.key(secret)
-    >>> path.room(32, key)
+    >>> path.room(32)
     True
     >>> position, _ = path.stage(key, iv, aad, sealed, 32)
     >>> path.commit(position, dst, position)
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._ext.gpupath import ROW, Driver, H2DPath, KeyTables
+from .._ext.gpupath import ROW, D2HSealer, Driver, H2DPath, KeyTables
 from ..kernels import driverpath
 from ..kernels.tables import CHUNK_BLOCKS, TE0, GcmKey
 
@@ -81,6 +81,8 @@ class DriverPath:
         self._te = driver.alloc(TE0.nbytes)
         driver.copy_htod(self._te, TE0.view(np.uint8), self.h2d.kernel_stream)
         self.h2d.set_te(self._te)
+        self._init = bytes(16) + (1).to_bytes(4, "little")
+        self.d2h = D2HSealer(driver, functions[:3], self.h2d.kernel_stream, self._te, staging_bytes, self._init)
         self._keys: dict[bytes, _Key] = {}
         self._retired: list[_Key] = []
 
@@ -104,16 +106,27 @@ class DriverPath:
             key = self._keys[key_id] = _Key(self, bytes(secret))
         return key.tables
 
-    def room(self, nbytes: int, tables: KeyTables) -> bool:
+    def room(self, nbytes: int) -> bool:
         """Whether the group being staged takes one more message of ``nbytes`` (if not:
-        launch it first). Grows the key's powers of H when the message needs more."""
+        launch it first)."""
+        return self.h2d.room(nbytes)
+
+    def _cover(self, tables: KeyTables, nbytes: int) -> None:
+        """Grow the key's powers of H when a message of ``nbytes`` needs more."""
         if nbytes > tables.max_bytes():
             key = next(k for k in (*self._keys.values(), *self._retired) if k.tables is tables)
             key.grow(self, -(-(4 + -(-nbytes // 16) + 1) // CHUNK_BLOCKS))
-        return self.h2d.room(nbytes, tables)
 
     def stage(self, tables: KeyTables, iv, aad, payload, nbytes: int) -> tuple[int, int]:
+        """Stage a message (ciphertext || tag in ``payload``, kept unchanged until its
+        group's copies ran): (its position in the group, its staging offset)."""
+        self._cover(tables, nbytes)
         return self.h2d.stage(tables, iv, aad, payload, nbytes)
+
+    def seal(self, tables: KeyTables, iv, aad, src: int, nbytes: int, out) -> None:
+        """Seal ``nbytes`` of device memory at ``src`` into host ``out`` (ciphertext || tag)."""
+        self._cover(tables, nbytes)
+        self.d2h.seal(tables, iv, aad, src, nbytes, out)
 
     def commit(self, position: int, destination: int, upto: int) -> None:
         self.h2d.commit(position, destination, upto)
@@ -133,6 +146,7 @@ class DriverPath:
         if h2d is None:
             return
         h2d.close()
+        self.d2h.close()
         for key in (*self._keys.values(), *self._retired):
             for address in key.addresses:
                 self.driver.free(address)

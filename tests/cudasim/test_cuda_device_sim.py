@@ -1,23 +1,39 @@
 """The cuda device end to end under Numba's CUDA simulator: the pipeline in every mode,
 the kernels verifying and decrypting, the adversary refused. Small transfers: the
-simulator runs every GPU thread as a Python thread."""
+simulator runs every GPU thread as a Python thread.
+
+With ``PIPELLM_CUDA_DEVICE=fake`` the same tests run the driver path
+(``open_device("cuda", path="driver", driver="fake")``) on the fake driver, no GPU or
+numba needed (tests/test_gpupath.py starts that run); ``=driver``: the driver path on a GPU."""
 
 import os
 
 import numpy as np
 import pytest
 
-pytest.importorskip("numba", reason="numba-cuda is not installed (pip install 'pipellm[cuda]')")
-from numba import cuda as _cuda  # noqa: E402
+PATH = os.environ.get("PIPELLM_CUDA_DEVICE", "numba")
+if PATH != "fake":
+    pytest.importorskip("numba", reason="numba-cuda is not installed (pip install 'pipellm[cuda]')")
+    from numba import cuda as _cuda  # noqa: E402
 
-if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1" and not _cuda.is_available():
-    pytest.skip("needs a CUDA GPU, or the CUDA simulator in its own process (tests/test_kernels.py starts one)",
-                allow_module_level=True)
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1" and not _cuda.is_available():
+        pytest.skip("needs a CUDA GPU, or the CUDA simulator in its own process (tests/test_kernels.py starts one)",
+                    allow_module_level=True)
 pytestmark = pytest.mark.gpu
+NUMBA = PATH == "numba"
+numba_only = pytest.mark.skipif(not NUMBA, reason="pokes the numba path's batch internals")
 
 import pipellm  # noqa: E402
 from pipellm import ChannelClosedError, IntegrityError  # noqa: E402
 from pipellm.testing import Adversary  # noqa: E402
+
+
+def open_cuda(**kw):
+    if PATH == "fake":
+        return pipellm.open_device("cuda", path="driver", driver="fake", **kw)
+    if PATH == "driver":
+        return pipellm.open_device("cuda", path="driver", **kw)
+    return pipellm.open_device("cuda", **kw)
 
 CHUNK = 256 + 13  # odd: chunks start at offsets the kernels can't use directly
 N = 600
@@ -34,13 +50,14 @@ def make(dev, mode, **kw):
 
 @pytest.fixture(scope="module")
 def dev():
-    with pipellm.open_device("cuda") as device:
+    with open_cuda() as device:
         yield device
 
 
 def test_the_device_opens_and_names_its_gpu(dev):
     simulated = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-    assert dev.kind == "cuda" and (dev.info()["name"] == "CUDA simulator") == simulated
+    assert dev.kind == "cuda" and (dev.info()["name"] == "CUDA simulator") == (simulated and NUMBA)
+    assert (dev.info()["name"] == "fake driver") == (PATH == "fake")
     buf = dev.alloc(40)
     assert not dev.read(buf).any()
     with pytest.raises(pipellm.ArgumentError, match="outside"):
@@ -84,7 +101,7 @@ class FlipFirst(Adversary):
 @pytest.mark.parametrize("direction", ["h2d", "d2h"])
 def test_a_flipped_bit_is_refused_and_nothing_lands(mode, direction):
     adv = FlipFirst(direction)
-    with pipellm.open_device("cuda", adversary=adv) as dev:
+    with open_cuda(adversary=adv) as dev:
         pipe = make(dev, mode)
         data = pipellm.array(np.full(N, 1, np.uint8))
         region = pipe.register(data)
@@ -111,7 +128,7 @@ def test_a_flipped_bit_is_refused_and_nothing_lands(mode, direction):
 
 def test_a_tampered_h2d_message_leaves_its_destination_unchanged():
     adv = FlipFirst("h2d")
-    with pipellm.open_device("cuda", adversary=adv) as dev:
+    with open_cuda(adversary=adv) as dev:
         with make(dev, "cc") as pipe:
             target = dev.alloc(N)
             before = dev.read(target).copy()
@@ -122,6 +139,7 @@ def test_a_tampered_h2d_message_leaves_its_destination_unchanged():
             assert np.array_equal(dev.read(target), before)
 
 
+@numba_only
 def test_the_gpu_benchmark_runs(tmp_path):
     """benchmarks/gpu.py end to end at tiny sizes (the figures need a GPU; the code path doesn't)."""
     import json
@@ -158,7 +176,7 @@ def test_a_refused_message_keeps_its_whole_transfer_out_of_the_batch():
         msg.payload[7] ^= 0x10
 
     adv = TamperNth({3: flip})
-    with pipellm.open_device("cuda", adversary=adv) as dev:
+    with open_cuda(adversary=adv) as dev:
         pipe = make(dev, "cc")
         data = np.arange(5 * CHUNK, dtype=np.uint8)
         target = dev.alloc(5 * CHUNK)
@@ -178,7 +196,7 @@ def test_a_transfer_longer_than_the_staging_lands_batch_by_batch():
         msg.payload[3] ^= 0x04
 
     adv = TamperNth({5: flip})
-    with pipellm.open_device("cuda", adversary=adv, staging_bytes=2 * CHUNK) as dev:
+    with open_cuda(adversary=adv, staging_bytes=2 * CHUNK) as dev:
         pipe = make(dev, "cc")
         data = np.arange(5 * CHUNK, dtype=np.uint8) | 1
         target = dev.alloc(5 * CHUNK)
@@ -190,6 +208,7 @@ def test_a_transfer_longer_than_the_staging_lands_batch_by_batch():
         assert np.array_equal(got[:4 * CHUNK], data[:4 * CHUNK]) and not got[4 * CHUNK:].any()
 
 
+@numba_only
 @pytest.mark.parametrize("refused", [None, 3])
 def test_a_transfers_chunks_are_committed_by_one_copy_cut_at_a_refused_one(refused):
     """Chunks back to back both in staging and in their destination (16-byte multiples)
@@ -198,7 +217,7 @@ def test_a_transfers_chunks_are_committed_by_one_copy_cut_at_a_refused_one(refus
         msg.payload[1] ^= 0x02
 
     adv = TamperNth({refused: flip} if refused else {})
-    with pipellm.open_device("cuda", adversary=adv) as dev:
+    with open_cuda(adversary=adv) as dev:
         runs, copy_run = [], dev._kernels._copy_run
         dev._kernels._copy_run = lambda *run: runs.append(run[1:]) or copy_run(*run)
         with pipellm.Pipeline(device=dev, mode="cc", chunk_size=256, bounce_bytes=64 << 10, timeout=60) as pipe:
@@ -225,9 +244,14 @@ def test_transfers_queued_back_to_back_are_verified_with_one_wait():
         msg.payload[3] ^= 0x40
 
     adv = TamperNth({3: flip})
-    with pipellm.open_device("cuda", adversary=adv) as dev:
-        batches, settle = [], dev._kernels.settle
-        dev._kernels.settle = lambda: batches.append(len(dev._kernels._staged)) or settle()
+    with open_cuda(adversary=adv) as dev:
+        batches = []
+        if NUMBA:
+            settle = dev._kernels.settle
+            dev._kernels.settle = lambda: batches.append(len(dev._kernels._staged)) or settle()
+        else:
+            launch = dev._path.launch
+            dev._path.launch = lambda slot: batches.append(dev._path.h2d.staged) or launch(slot)
         pipe = make(dev, "cc")
         targets = [dev.alloc(CHUNK) for _ in range(4)]
         adv.armed = True
@@ -255,7 +279,7 @@ def test_a_transfer_refused_part_way_leaves_nothing_staged_for_the_next_session(
         msg.aad[8] ^= 1
 
     adv = TamperNth({2: bad_tag, 3: other_session})
-    with pipellm.open_device("cuda", adversary=adv) as dev:
+    with open_cuda(adversary=adv) as dev:
         pipe = make(dev, "pipellm-strict")
         regions = [pipe.register(pipellm.array(np.full(3 * CHUNK, i + 1, np.uint8)), name=f"r{i}") for i in range(2)]
         for _ in range(2):
@@ -274,13 +298,16 @@ def test_a_transfer_refused_part_way_leaves_nothing_staged_for_the_next_session(
             dbuf = other.to_device(other.register(np.full(N, 5, np.uint8)))
             other.synchronize()
             assert (dev.read(dbuf) == 5).all()
-        assert dev._kernels._staged == [] and dev._kernels._commits == []
+        if NUMBA:
+            assert dev._kernels._staged == [] and dev._kernels._commits == []
+        else:
+            assert dev._path.h2d.staged == 0
         pipe.close()
 
 
 def test_keys_rotating_inside_one_batch():
     """A key per 3 messages: one transfer's batch spans several keys (one launch each)."""
-    with pipellm.open_device("cuda") as dev:
+    with open_cuda() as dev:
         with make(dev, "cc", rotate_after=3) as pipe:
             data = np.random.default_rng(9).integers(0, 256, 11 * CHUNK + 5, dtype=np.uint8)
             region = pipe.register(data)
@@ -291,9 +318,10 @@ def test_keys_rotating_inside_one_batch():
             assert pipe.stats()["key_rotations"] >= 7
 
 
+@numba_only
 @pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1", reason="the simulator's refusal")
 def test_no_torch_tensor_views_simulator_memory():
-    dev = pipellm.open_device("cuda")
+    dev = open_cuda()
     try:
         buf = dev.alloc(64)
         with pytest.raises(pipellm.DeviceError, match="simulator's memory is host memory"):
@@ -302,6 +330,7 @@ def test_no_torch_tensor_views_simulator_memory():
         dev.close()
 
 
+@numba_only
 def test_driver_copies_are_refused_clearly_on_the_simulator():
     if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         pytest.skip("on a GPU the driver copies are measured by benchmarks/gpu.py")
@@ -332,7 +361,7 @@ class DropOne(Adversary):
 @pytest.mark.parametrize("mode", ["cc", "pipellm-window"])
 def test_a_dropped_last_message_fails_the_pipeline_at_synchronize(mode):
     adv = DropOne(3)
-    with pipellm.open_device("cuda", adversary=adv) as dev:
+    with open_cuda(adversary=adv) as dev:
         pipe = make(dev, mode)
         data = np.arange(3 * CHUNK, dtype=np.uint8) | 1
         target = dev.alloc(3 * CHUNK)
@@ -349,7 +378,7 @@ def test_a_dropped_last_message_fails_the_pipeline_at_synchronize(mode):
 
 def test_a_message_another_pipeline_lost_neither_reaches_nor_holds_up_this_one():
     adv = DropOne(1)
-    with pipellm.open_device("cuda", adversary=adv) as dev:
+    with open_cuda(adversary=adv) as dev:
         lossy, intact = make(dev, "cc"), make(dev, "cc")
         a = lossy.register(np.full(CHUNK, 1, np.uint8))
         b = intact.register(np.full(CHUNK, 2, np.uint8))
