@@ -132,12 +132,15 @@ def pinned_h2d(sizes, repeats: int = 5) -> list[dict]:
 
 
 def encrypted_h2d(sizes, workers, repeats: int = 3, chunk_size: int = 4 * MiB, copies: str = "numba",
-                  modes=("cc", "pipellm"), staging_bytes: int = 64 * MiB) -> list[dict]:
+                  modes=("cc", "pipellm"), staging_bytes: int = 64 * MiB, path: str = "numba") -> list[dict]:
     """``Pipeline(mode=cc|pipellm, device="cuda")`` H2D GB/s: cc seals on the critical
-    path; pipellm is timed after ``wait_speculation()``, so its messages were sealed ahead."""
+    path; pipellm is timed after ``wait_speculation()``, so its messages were sealed ahead.
+    ``path="driver"``: the device's driver path (``open_device("cuda", path="driver")``)."""
     import pipellm
     rows = []
-    with pipellm.open_device("cuda", copies=copies, staging_bytes=staging_bytes) as dev:
+    options = {"path": "driver"} if path == "driver" else {"copies": copies}
+    copies = "driver path" if path == "driver" else copies
+    with pipellm.open_device("cuda", staging_bytes=staging_bytes, **options) as dev:
         for size in sizes:
             chunk = min(chunk_size, size)
             for mode in modes:
@@ -205,7 +208,7 @@ def plot(result: dict, path: str) -> None:
     a.legend()
     link = result.get("pinned_h2d", [])
     b.plot([r["bytes"] for r in link], [r["GBps"] for r in link], "k--", label="plain pinned h2d")
-    encrypted = result.get("encrypted_h2d", []) + result.get("driver_copies", [])
+    encrypted = result.get("encrypted_h2d", []) + result.get("driver_copies", []) + result.get("driver_path", [])
     for mode, workers, copies in sorted({(r["mode"], r["workers"], r["copies"]) for r in encrypted}):
         rows = [r for r in encrypted
                 if (r["mode"], r["workers"], r["copies"]) == (mode, workers, copies)]
@@ -258,6 +261,11 @@ def main(argv=None) -> int:
 
     section("kernels", lambda: kernels(QUICK["kernel"] if q else KERNEL_SIZES, repeats))
     section("pinned_h2d", lambda: pinned_h2d(QUICK["link"] if q else LINK_SIZES, repeats))
+    from pipellm.devices.cuda import driver_layer
+    if not config.ENABLE_CUDASIM and driver_layer() == "built":  # the new path first: GPU time is rare
+        section("driver_path", lambda: encrypted_h2d(QUICK["pipe"] if q else [4096, MiB, 16 * MiB, 256 * MiB],
+                                                     [1, 4, 8], 1 if q else 3, path="driver",
+                                                     modes=("plain", "cc", "pipellm")))
     section("encrypted_h2d", lambda: encrypted_h2d(QUICK["pipe"] if q else PIPE_SIZES,
                                                    QUICK["workers"] if q else WORKERS, 1 if q else 3))
     if not config.ENABLE_CUDASIM and not q:
@@ -270,7 +278,6 @@ def main(argv=None) -> int:
         section("staging_256MiB", lambda: [row for c in (4 * MiB, 16 * MiB)
                                            for row in encrypted_h2d([256 * MiB], [8], 3, chunk_size=c,
                                                                     modes=("pipellm",), staging_bytes=256 * MiB)])
-        from pipellm.devices.cuda import driver_layer
         if driver_layer() == "built":  # the same through the Cython cydriver layer's copies
             section("driver_copies", lambda: encrypted_h2d([16 * MiB, 256 * MiB], [8], 3, copies="driver"))
     try:

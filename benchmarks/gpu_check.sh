@@ -59,14 +59,22 @@ if [ -x /tmp/site/bin/py-spy ]; then  # carried (see above): where the copy-engi
     python3 -m pipellm.benchmarks.gpu --summarize "$out/profile.txt" | tee "$out/profile-summary.txt"
 fi
 step tests
-timeout 120 python3 -m pytest -q -p no:cacheprovider -x tests/cudasim tests/test_cudadriver.py tests/test_torch.py 2>&1 \
-    | tee "$out/tests.log"
+timeout 120 python3 -m pytest -q -p no:cacheprovider -x tests/cudasim tests/test_cudadriver.py tests/test_torch.py \
+    tests/test_gpupath.py 2>&1 | tee "$out/tests.log"
 tests=${PIPESTATUS[0]}
+step "driver path tests"
+# the cuda device's end-to-end tests again, on the driver path (C over the real driver)
+PIPELLM_CUDA_DEVICE=driver timeout 90 python3 -m pytest -q -p no:cacheprovider tests/cudasim/test_cuda_device_sim.py 2>&1 \
+    | tail -5 | tee "$out/driver-tests.log"
+[ "${PIPESTATUS[0]}" = 0 ] || tests=1
 step adversary
 # every attack of tests/test_adversary.py, against the cuda device (its kernels authenticating)
 PIPELLM_TEST_DEVICE=cuda timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_adversary.py 2>&1 \
     | tail -15 | tee "$out/adversary.log"
 adversary=${PIPESTATUS[0]}
+PIPELLM_TEST_DEVICE=cuda-driver timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_adversary.py 2>&1 \
+    | tail -5 | tee "$out/adversary-driver.log"
+[ "${PIPESTATUS[0]}" = 0 ] || adversary=1
 step done
 echo "tests rc=$tests bench rc=$bench adversary rc=$adversary"
 exit $(( tests != 0 || bench != 0 || adversary != 0 ))

@@ -35,13 +35,13 @@ def _info(args) -> int:
     return 0
 
 
-BENCHES = ("crypto", "transfer", "offload", "predictors", "tracking", "hotpath", "demo", "paper")
+BENCHES = ("crypto", "transfer", "offload", "predictors", "tracking", "hotpath", "gpu-host", "demo", "paper")
 
 
 def _bench_module(name: str):
-    from .benchmarks import crypto, demo, hotpath, offload, paper, predictors, tracking, transfer
+    from .benchmarks import crypto, demo, gpuhost, hotpath, offload, paper, predictors, tracking, transfer
     return {"crypto": crypto, "transfer": transfer, "offload": offload, "predictors": predictors,
-            "tracking": tracking, "hotpath": hotpath, "demo": demo, "paper": paper}[name]
+            "tracking": tracking, "hotpath": hotpath, "gpu-host": gpuhost, "demo": demo, "paper": paper}[name]
 
 
 def _run_bench(name: str, args) -> dict:
@@ -57,6 +57,9 @@ def _run_bench(name: str, args) -> dict:
         total = module.points(args.quick, kwargs["repeats"])
     elif name == "offload":
         kwargs.update(quick=args.quick, workers=args.workers)
+        total = module.points(args.quick, args.repeats)
+    elif name == "gpu-host":
+        kwargs.update(quick=args.quick)
         total = module.points(args.quick, args.repeats)
     elif name == "crypto":
         if args.quick:
@@ -332,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     info.set_defaults(run=_info)
 
     bench = sub.add_parser("bench", help="run benchmarks (crypto, transfer, offload, predictors, tracking, "
-                                                "hotpath, demo, paper, or all)")
+                                                "hotpath, gpu-host, demo, paper, or all)")
     bench.add_argument("which", nargs="?", choices=(*BENCHES, "all"), default="all")
     bench.add_argument("--json", action="store_true", help="print results as JSON instead of a table")
     bench.add_argument("--out", metavar="FILE", help="write the results as JSON to FILE")

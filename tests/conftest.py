@@ -31,7 +31,7 @@ def pytest_sessionstart(session):
 #: (the CUDA simulator runs GPU threads as Python threads: far slower, so it gets longer;
 #: on a GPU the kernels' first compile takes seconds)
 TIMEOUT = 60.0 if (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-                   or os.environ.get("PIPELLM_TEST_DEVICE") in ("cuda", "cuda-fake")) else 5.0
+                   or os.environ.get("PIPELLM_TEST_DEVICE") in ("cuda", "cuda-fake", "cuda-driver")) else 5.0
 
 
 @pytest.fixture

@@ -21,8 +21,9 @@ N = 3000  # bytes per transfer: one message (chunk_size 4096)
 #: the device the suite attacks: the emulated one, or (tests/test_kernels.py runs the suite
 #: again under the CUDA simulator) the cuda device, whose GPU kernels do the refusing
 DEVICE = os.environ.get("PIPELLM_TEST_DEVICE", "emulated")
-#: "cuda-fake": the cuda device's driver path on the fake driver (tests/test_gpupath.py)
-_OPEN = {"cuda-fake": ("cuda", {"path": "driver", "driver": "fake"})}
+#: "cuda-fake": the cuda device's driver path on the fake driver (tests/test_gpupath.py);
+#: "cuda-driver": the driver path on a GPU (benchmarks/gpu_check.sh)
+_OPEN = {"cuda-fake": ("cuda", {"path": "driver", "driver": "fake"}), "cuda-driver": ("cuda", {"path": "driver"})}
 
 
 def open_dev(**kw):

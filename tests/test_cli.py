@@ -132,3 +132,15 @@ def test_bench_hotpath_quick_json():
     for row in result["rows"]:
         assert set(row["us_per_request"]) == {"plain", "cc", "pipellm hit"}
         assert all(v > 0 for v in row["us_per_request"].values())
+
+
+def test_bench_gpu_host_quick_json():
+    """The driver path's host cost on the fake driver: every mode and case measured, one
+    driver call per encrypted message, none for plain copies' messages."""
+    result = json.loads(run("bench", "gpu-host", "--quick", "--repeats", "1", "--json", "--no-progress"))
+    rows = {(r["case"], r["mode"]): r for r in result["rows"]}
+    assert set(rows) == {(c, m) for c in ("4 KiB transfers", "4 MiB chunks") for m in ("plain", "cc", "pipellm")}
+    for (case, mode), row in rows.items():
+        assert row["engine_us_per_message"] > 0 and row["host_us_per_message"] <= row["engine_us_per_message"]
+        assert row["driver_calls_per_message"].get("message", 0) == (0 if mode == "plain" else 1)
+    assert rows[("4 MiB chunks", "pipellm")]["hits"] >= 1

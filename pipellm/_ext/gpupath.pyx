@@ -23,6 +23,8 @@ array ABI (per array: meminfo, parent, nitems, itemsize, data, shape..., strides
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
 from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memset
+from posix.time cimport CLOCK_THREAD_CPUTIME_ID, clock_gettime, timespec
+from threading import get_ident
 
 from pipellm._ext.drivertable cimport DriverTable, FAKE_RAISED, NOT_READY, SUCCESS
 
@@ -193,169 +195,238 @@ cdef int _fail(BaseException exc) noexcept:
     return FAKE_RAISED
 
 
+cdef inline double _cpu() noexcept nogil:
+    cdef timespec now
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now)
+    return now.tv_sec + now.tv_nsec * 1e-9
+
+
+cdef void _account(double start) noexcept:
+    # the calling thread's CPU inside the fake, trampoline included: what a benchmark of
+    # the host takes out (a real driver call costs microseconds of C instead)
+    try:
+        _fake.call_cpu_s[get_ident()] += _cpu() - start
+    except BaseException:
+        pass
+
+
 cdef int _f_error_name(int result, const char** text) noexcept nogil:
     return 1
 
 
 cdef int _f_context_current(int device) noexcept nogil:
+    cdef double start = _cpu()
     with gil:
         try:
             _fake.context_current(device)
             return SUCCESS
         except BaseException as exc:
             return _fail(exc)
+        finally:
+            _account(start)
 
 
 cdef int _f_mem_alloc(uint64_t* address, size_t nbytes) noexcept nogil:
+    cdef double start = _cpu()
     with gil:
         try:
             address[0] = _fake.mem_alloc(nbytes)
             return SUCCESS
         except BaseException as exc:
             return _fail(exc)
+        finally:
+            _account(start)
 
 
 cdef int _f_mem_free(uint64_t address) noexcept nogil:
+    cdef double start = _cpu()
     with gil:
         try:
             _fake.mem_free(address)
             return SUCCESS
         except BaseException as exc:
             return _fail(exc)
+        finally:
+            _account(start)
 
 
 cdef int _f_host_alloc(void** pointer, size_t nbytes) noexcept nogil:
+    cdef double start = _cpu()
     with gil:
         try:
             pointer[0] = <void*><uintptr_t>_fake.host_alloc(nbytes)
             return SUCCESS
         except BaseException as exc:
             return _fail(exc)
+        finally:
+            _account(start)
 
 
 cdef int _f_host_free(void* pointer) noexcept nogil:
+    cdef double start = _cpu()
     with gil:
         try:
             _fake.host_free(<uintptr_t>pointer)
             return SUCCESS
         except BaseException as exc:
             return _fail(exc)
+        finally:
+            _account(start)
 
 
 cdef int _f_stream_create(void** stream) noexcept nogil:
+    cdef double start = _cpu()
     with gil:
         try:
             stream[0] = <void*><uintptr_t>_fake.stream_create()
             return SUCCESS
         except BaseException as exc:
             return _fail(exc)
+        finally:
+            _account(start)
 
 
 cdef int _f_stream_destroy(void* stream) noexcept nogil:
+    cdef double start = _cpu()
     with gil:
         try:
             _fake.stream_destroy(<uintptr_t>stream)
             return SUCCESS
         except BaseException as exc:
             return _fail(exc)
+        finally:
+            _account(start)
 
 
 cdef int _f_stream_wait_event(void* stream, void* event) noexcept nogil:
+    cdef double start = _cpu()
     with gil:
         try:
             _fake.stream_wait_event(<uintptr_t>stream, <uintptr_t>event)
             return SUCCESS
         except BaseException as exc:
             return _fail(exc)
+        finally:
+            _account(start)
 
 
 cdef int _f_stream_synchronize(void* stream) noexcept nogil:
+    cdef double start = _cpu()
     with gil:
         try:
             _fake.stream_synchronize(<uintptr_t>stream)
             return SUCCESS
         except BaseException as exc:
             return _fail(exc)
+        finally:
+            _account(start)
 
 
 cdef int _f_event_create(void** event) noexcept nogil:
+    cdef double start = _cpu()
     with gil:
         try:
             event[0] = <void*><uintptr_t>_fake.event_create()
             return SUCCESS
         except BaseException as exc:
             return _fail(exc)
+        finally:
+            _account(start)
 
 
 cdef int _f_event_destroy(void* event) noexcept nogil:
+    cdef double start = _cpu()
     with gil:
         try:
             _fake.event_destroy(<uintptr_t>event)
             return SUCCESS
         except BaseException as exc:
             return _fail(exc)
+        finally:
+            _account(start)
 
 
 cdef int _f_event_record(void* event, void* stream) noexcept nogil:
+    cdef double start = _cpu()
     with gil:
         try:
             _fake.event_record(<uintptr_t>event, <uintptr_t>stream)
             return SUCCESS
         except BaseException as exc:
             return _fail(exc)
+        finally:
+            _account(start)
 
 
 cdef int _f_event_query(void* event) noexcept nogil:
+    cdef double start = _cpu()
     with gil:
         try:
             return SUCCESS if _fake.event_query(<uintptr_t>event) else NOT_READY
         except BaseException as exc:
             return _fail(exc)
+        finally:
+            _account(start)
 
 
 cdef int _f_event_synchronize(void* event) noexcept nogil:
+    cdef double start = _cpu()
     with gil:
         try:
             _fake.event_synchronize(<uintptr_t>event)
             return SUCCESS
         except BaseException as exc:
             return _fail(exc)
+        finally:
+            _account(start)
 
 
 cdef int _f_copy_htod(uint64_t dst, const void* src, size_t nbytes, void* stream) noexcept nogil:
+    cdef double start = _cpu()
     with gil:
         try:
             _fake.copy_htod(dst, <uintptr_t>src, nbytes, <uintptr_t>stream)
             return SUCCESS
         except BaseException as exc:
             return _fail(exc)
+        finally:
+            _account(start)
 
 
 cdef int _f_copy_dtoh(void* dst, uint64_t src, size_t nbytes, void* stream) noexcept nogil:
+    cdef double start = _cpu()
     with gil:
         try:
             _fake.copy_dtoh(<uintptr_t>dst, src, nbytes, <uintptr_t>stream)
             return SUCCESS
         except BaseException as exc:
             return _fail(exc)
+        finally:
+            _account(start)
 
 
 cdef int _f_copy_dtod(uint64_t dst, uint64_t src, size_t nbytes, void* stream) noexcept nogil:
+    cdef double start = _cpu()
     with gil:
         try:
             _fake.copy_dtod(dst, src, nbytes, <uintptr_t>stream)
             return SUCCESS
         except BaseException as exc:
             return _fail(exc)
+        finally:
+            _account(start)
 
 
 cdef int _f_module_load(void** module, const void* image) noexcept nogil:
+    cdef double start = _cpu()
     with gil:
         try:
             module[0] = <void*><uintptr_t>_fake.module_load((<const char*>image)[:64])
             return SUCCESS
         except BaseException as exc:
             return _fail(exc)
+        finally:
+            _account(start)
 
 
 cdef int _f_module_function(void** function, void* module, const char* name) noexcept nogil:
@@ -384,8 +455,12 @@ cdef int _launch_gil(void* function, unsigned int gx, unsigned int gy, unsigned 
 cdef int _f_launch(void* function, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx,
                    unsigned int by, unsigned int bz, unsigned int shared, void* stream,
                    void** params) noexcept nogil:
+    cdef double start = _cpu()
+    cdef int result
     with gil:
-        return _launch_gil(function, gx, gy, gz, bx, by, bz, shared, stream, params)
+        result = _launch_gil(function, gx, gy, gz, bx, by, bz, shared, stream, params)
+        _account(start)
+        return result
 
 
 cdef DriverTable _fake_table

@@ -16,7 +16,8 @@ relies on it, and adversarially where the driver is allowed to:
   kernel's effect computed by a reference (``cryptography`` for AES, numpy for GHASH)
   when it runs;
 - every call is counted by name (``calls``), and the time spent running queued work is
-  kept apart (``exec_s``), so a benchmark can report the host's own time.
+  kept apart (``exec_s``; ``exec_cpu_s`` by thread), so a benchmark can report the
+  host's own time.
 
 Nothing here imports numba.
 """
@@ -74,12 +75,22 @@ def _locked(method):
 
 class FakeDriver:
     """See the module docstring. ``seed`` drives the scheduling; ``eager=True`` runs
-    each queued operation at once (a plain, in-order device, for debugging)."""
+    each queued operation at once (a plain, in-order device, for debugging);
+    ``threaded=True`` runs queued work on a thread of its own, as a GPU runs beside the
+    host (the host's threads then spend no CPU on it: what a benchmark of the host's
+    own time needs; the order is then not reproducible)."""
 
-    def __init__(self, *, seed: int = 0, eager: bool = False):
+    def __init__(self, *, seed: int = 0, eager: bool = False, threaded: bool = False):
         self._lock = threading.RLock()
+        self._work = threading.Condition(self._lock)  # (threaded) work queued: the GPU thread wakes
+        self._done = threading.Condition(self._lock)  # (threaded) an event passed or a stream emptied
+        self._threaded = threaded
+        self._gpu = None
         self.calls: Counter = Counter()
-        self.exec_s = 0.0
+        self.exec_s = 0.0                    # wall seconds running queued work (the "GPU")
+        self.exec_cpu_s: Counter = Counter()  # CPU seconds of it, by the thread it ran on
+        self.call_cpu_s: Counter = Counter()  # CPU seconds in calls through the driver table
+        #                                       (trampolines included), by calling thread
         self._rng = random.Random(seed)
         self._eager = eager
         self._bases: list[int] = []          # sorted allocation addresses
@@ -194,6 +205,7 @@ class FakeDriver:
 
         def complete():
             state[1] = max(state[1], generation)
+        complete.signals = True  # (threaded) waiters look again
         self._queue(stream, complete, None)
 
     @_locked
@@ -236,7 +248,12 @@ class FakeDriver:
         if stream not in self._streams:
             raise FakeDriverError(f"stream {stream} does not exist")
         self._streams[stream].append((run, ready))
-        if self._eager:
+        if self._threaded:
+            if self._gpu is None:
+                self._gpu = threading.Thread(target=self._run_gpu, name="pipellm-fake-gpu", daemon=True)
+                self._gpu.start()
+            self._work.notify()
+        elif self._eager:
             self._run_until(lambda: not self._streams[stream])
 
     def _ready(self) -> list:
@@ -248,19 +265,47 @@ class FakeDriver:
             return False
         queue = self._rng.choice(ready)
         run, _ = queue.popleft()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
             run()
         finally:
             self.exec_s += time.perf_counter() - start
+            self.exec_cpu_s[threading.get_ident()] += time.thread_time() - cpu
         return True
 
+    def _run_gpu(self) -> None:
+        """The threaded fake's GPU: runs what is ready (outside the lock, so the host's
+        calls go on meanwhile; the op leaves its stream only once it ran), sleeps while
+        nothing is."""
+        while True:
+            with self._lock:
+                ready = self._ready()
+                while not ready:
+                    self._work.wait(0.05)
+                    ready = self._ready()
+                queue = self._rng.choice(ready)
+                run = queue[0][0]
+            start, cpu = time.perf_counter(), time.thread_time()
+            run()
+            with self._lock:
+                queue.popleft()
+                self.exec_s += time.perf_counter() - start
+                self.exec_cpu_s[threading.get_ident()] += time.thread_time() - cpu
+                if not queue or getattr(run, "signals", False):
+                    self._done.notify_all()
+
     def _run_some(self, steps: int) -> None:
+        if self._threaded:
+            return
         for _ in range(steps):
             if not self._step():
                 return
 
     def _run_until(self, done) -> None:
+        if self._threaded:
+            while not done():
+                self._done.wait(1.0)
+            return
         while not done():
             if not self._step():
                 raise FakeDriverError("deadlock: waiting for work that can never run (a wait on an event "
