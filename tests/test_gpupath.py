@@ -36,6 +36,14 @@ def _path(fake, **kw):
     return DriverPath.fake(fake, **kw)
 
 
+def _one_key(fake, seed, **kw):
+    """A seeded random source, a path, a key's secret and its device tables."""
+    rng = random.Random(seed)
+    path = _path(fake, **kw)
+    secret = rng.randbytes(32)
+    return rng, path, secret, path.key(secret)
+
+
 _KEEP = []  # staged payloads: their host memory is read when the copy runs, later
 
 
@@ -81,10 +89,7 @@ def test_groups_deliver_every_byte(fake, seed):
 
 
 def test_a_refused_message_commits_what_came_before_and_nothing_after(fake):
-    rng = random.Random(1)
-    path = _path(fake)
-    secret = rng.randbytes(32)
-    key = path.key(secret)
+    rng, path, secret, key = _one_key(fake, 1)
     plains = [rng.randbytes(1000) for _ in range(3)]
     dsts = [path.driver.alloc(1000) for _ in range(5)]
     _stage_message(path, key, secret, plains[0], rng, dsts[0])
@@ -114,10 +119,7 @@ def test_a_refused_message_commits_what_came_before_and_nothing_after(fake):
 
 
 def test_a_transfer_is_committed_all_or_nothing(fake):
-    rng = random.Random(2)
-    path = _path(fake)
-    secret = rng.randbytes(32)
-    key = path.key(secret)
+    rng, path, secret, key = _one_key(fake, 2)
     dst = path.driver.alloc(3000)
     positions = []
     for i in range(3):
@@ -138,10 +140,7 @@ def test_a_transfer_is_committed_all_or_nothing(fake):
 def test_a_slot_reused_before_its_copy_ran_is_caught(fake):
     """The fake copies host bytes when the copy runs: rewriting a staged message's memory
     before its group's ``copied`` event passed delivers other bytes, which fail the tag."""
-    rng = random.Random(3)
-    path = _path(fake)
-    secret = rng.randbytes(32)
-    key = path.key(secret)
+    rng, path, secret, key = _one_key(fake, 3)
     plain = rng.randbytes(2048)
     dst = path.driver.alloc(2048)
     iv, aad, sealed = _seal(secret, plain, rng)
@@ -197,10 +196,7 @@ def test_driver_calls_per_message_and_per_group(fake):
 
 
 def test_bad_input_is_refused_and_changes_nothing(fake):
-    rng = random.Random(5)
-    path = _path(fake)
-    secret = rng.randbytes(32)
-    key = path.key(secret)
+    rng, path, secret, key = _one_key(fake, 5)
     iv, aad, sealed = _seal(secret, b"x" * 64, rng)
     with pytest.raises(ArgumentError, match="empty group"):
         path.launch(session=0)

@@ -23,6 +23,9 @@ array ABI (per array: meminfo, parent, nitems, itemsize, data, shape..., strides
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
 from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memset
+
+cdef extern from "<string.h>" nogil:
+    size_t strnlen(const char* text, size_t most)
 from posix.time cimport CLOCK_THREAD_CPUTIME_ID, clock_gettime, timespec
 from threading import get_ident
 
@@ -210,6 +213,20 @@ cdef void _account(double start) noexcept:
         pass
 
 
+cdef int _call(str name, tuple args, double start, uint64_t* out) noexcept:
+    """Call the fake's method ``name``; its result into ``out`` where one is wanted. An
+    exception is kept for ``_check`` to raise (C callers see FAKE_RAISED)."""
+    try:
+        result = getattr(_fake, name)(*args)
+        if out != NULL:
+            out[0] = <uint64_t>result
+        return SUCCESS
+    except BaseException as exc:
+        return _fail(exc)
+    finally:
+        _account(start)
+
+
 cdef int _f_error_name(int result, const char** text) noexcept nogil:
     return 1
 
@@ -217,225 +234,119 @@ cdef int _f_error_name(int result, const char** text) noexcept nogil:
 cdef int _f_context_current(int device) noexcept nogil:
     cdef double start = _cpu()
     with gil:
-        try:
-            _fake.context_current(device)
-            return SUCCESS
-        except BaseException as exc:
-            return _fail(exc)
-        finally:
-            _account(start)
+        return _call("context_current", (device,), start, NULL)
 
 
 cdef int _f_mem_alloc(uint64_t* address, size_t nbytes) noexcept nogil:
     cdef double start = _cpu()
     with gil:
-        try:
-            address[0] = _fake.mem_alloc(nbytes)
-            return SUCCESS
-        except BaseException as exc:
-            return _fail(exc)
-        finally:
-            _account(start)
+        return _call("mem_alloc", (nbytes,), start, address)
 
 
 cdef int _f_mem_free(uint64_t address) noexcept nogil:
     cdef double start = _cpu()
     with gil:
-        try:
-            _fake.mem_free(address)
-            return SUCCESS
-        except BaseException as exc:
-            return _fail(exc)
-        finally:
-            _account(start)
+        return _call("mem_free", (address,), start, NULL)
 
 
 cdef int _f_host_alloc(void** pointer, size_t nbytes) noexcept nogil:
     cdef double start = _cpu()
     with gil:
-        try:
-            pointer[0] = <void*><uintptr_t>_fake.host_alloc(nbytes)
-            return SUCCESS
-        except BaseException as exc:
-            return _fail(exc)
-        finally:
-            _account(start)
+        return _call("host_alloc", (nbytes,), start, <uint64_t*>pointer)
 
 
 cdef int _f_host_free(void* pointer) noexcept nogil:
     cdef double start = _cpu()
     with gil:
-        try:
-            _fake.host_free(<uintptr_t>pointer)
-            return SUCCESS
-        except BaseException as exc:
-            return _fail(exc)
-        finally:
-            _account(start)
+        return _call("host_free", (<uintptr_t>pointer,), start, NULL)
 
 
 cdef int _f_stream_create(void** stream) noexcept nogil:
     cdef double start = _cpu()
     with gil:
-        try:
-            stream[0] = <void*><uintptr_t>_fake.stream_create()
-            return SUCCESS
-        except BaseException as exc:
-            return _fail(exc)
-        finally:
-            _account(start)
+        return _call("stream_create", (), start, <uint64_t*>stream)
 
 
 cdef int _f_stream_destroy(void* stream) noexcept nogil:
     cdef double start = _cpu()
     with gil:
-        try:
-            _fake.stream_destroy(<uintptr_t>stream)
-            return SUCCESS
-        except BaseException as exc:
-            return _fail(exc)
-        finally:
-            _account(start)
+        return _call("stream_destroy", (<uintptr_t>stream,), start, NULL)
 
 
 cdef int _f_stream_wait_event(void* stream, void* event) noexcept nogil:
     cdef double start = _cpu()
     with gil:
-        try:
-            _fake.stream_wait_event(<uintptr_t>stream, <uintptr_t>event)
-            return SUCCESS
-        except BaseException as exc:
-            return _fail(exc)
-        finally:
-            _account(start)
+        return _call("stream_wait_event", (<uintptr_t>stream, <uintptr_t>event), start, NULL)
 
 
 cdef int _f_stream_synchronize(void* stream) noexcept nogil:
     cdef double start = _cpu()
     with gil:
-        try:
-            _fake.stream_synchronize(<uintptr_t>stream)
-            return SUCCESS
-        except BaseException as exc:
-            return _fail(exc)
-        finally:
-            _account(start)
+        return _call("stream_synchronize", (<uintptr_t>stream,), start, NULL)
 
 
 cdef int _f_event_create(void** event) noexcept nogil:
     cdef double start = _cpu()
     with gil:
-        try:
-            event[0] = <void*><uintptr_t>_fake.event_create()
-            return SUCCESS
-        except BaseException as exc:
-            return _fail(exc)
-        finally:
-            _account(start)
+        return _call("event_create", (), start, <uint64_t*>event)
 
 
 cdef int _f_event_destroy(void* event) noexcept nogil:
     cdef double start = _cpu()
     with gil:
-        try:
-            _fake.event_destroy(<uintptr_t>event)
-            return SUCCESS
-        except BaseException as exc:
-            return _fail(exc)
-        finally:
-            _account(start)
+        return _call("event_destroy", (<uintptr_t>event,), start, NULL)
 
 
 cdef int _f_event_record(void* event, void* stream) noexcept nogil:
     cdef double start = _cpu()
     with gil:
-        try:
-            _fake.event_record(<uintptr_t>event, <uintptr_t>stream)
-            return SUCCESS
-        except BaseException as exc:
-            return _fail(exc)
-        finally:
-            _account(start)
+        return _call("event_record", (<uintptr_t>event, <uintptr_t>stream), start, NULL)
 
 
 cdef int _f_event_query(void* event) noexcept nogil:
     cdef double start = _cpu()
+    cdef uint64_t done = 0
+    cdef int result
     with gil:
-        try:
-            return SUCCESS if _fake.event_query(<uintptr_t>event) else NOT_READY
-        except BaseException as exc:
-            return _fail(exc)
-        finally:
-            _account(start)
+        result = _call("event_query", (<uintptr_t>event,), start, &done)
+    return result if result != SUCCESS else (SUCCESS if done else NOT_READY)
 
 
 cdef int _f_event_synchronize(void* event) noexcept nogil:
     cdef double start = _cpu()
     with gil:
-        try:
-            _fake.event_synchronize(<uintptr_t>event)
-            return SUCCESS
-        except BaseException as exc:
-            return _fail(exc)
-        finally:
-            _account(start)
+        return _call("event_synchronize", (<uintptr_t>event,), start, NULL)
 
 
 cdef int _f_copy_htod(uint64_t dst, const void* src, size_t nbytes, void* stream) noexcept nogil:
     cdef double start = _cpu()
     with gil:
-        try:
-            _fake.copy_htod(dst, <uintptr_t>src, nbytes, <uintptr_t>stream)
-            return SUCCESS
-        except BaseException as exc:
-            return _fail(exc)
-        finally:
-            _account(start)
+        return _call("copy_htod", (dst, <uintptr_t>src, nbytes, <uintptr_t>stream), start, NULL)
 
 
 cdef int _f_copy_dtoh(void* dst, uint64_t src, size_t nbytes, void* stream) noexcept nogil:
     cdef double start = _cpu()
     with gil:
-        try:
-            _fake.copy_dtoh(<uintptr_t>dst, src, nbytes, <uintptr_t>stream)
-            return SUCCESS
-        except BaseException as exc:
-            return _fail(exc)
-        finally:
-            _account(start)
+        return _call("copy_dtoh", (<uintptr_t>dst, src, nbytes, <uintptr_t>stream), start, NULL)
 
 
 cdef int _f_copy_dtod(uint64_t dst, uint64_t src, size_t nbytes, void* stream) noexcept nogil:
     cdef double start = _cpu()
     with gil:
-        try:
-            _fake.copy_dtod(dst, src, nbytes, <uintptr_t>stream)
-            return SUCCESS
-        except BaseException as exc:
-            return _fail(exc)
-        finally:
-            _account(start)
+        return _call("copy_dtod", (dst, src, nbytes, <uintptr_t>stream), start, NULL)
 
 
 cdef int _f_module_load(void** module, const void* image) noexcept nogil:
     cdef double start = _cpu()
+    cdef size_t n = strnlen(<const char*>image, 64)  # the image's start, no further than its end
     with gil:
-        try:
-            module[0] = <void*><uintptr_t>_fake.module_load((<const char*>image)[:64])
-            return SUCCESS
-        except BaseException as exc:
-            return _fail(exc)
-        finally:
-            _account(start)
+        return _call("module_load", ((<const char*>image)[:n],), start, <uint64_t*>module)
 
 
 cdef int _f_module_function(void** function, void* module, const char* name) noexcept nogil:
+    cdef double start = _cpu()
     with gil:
-        try:
-            function[0] = <void*><uintptr_t>_fake.module_function(<uintptr_t>module, name.decode())
-            return SUCCESS
-        except BaseException as exc:
-            return _fail(exc)
+        return _call("module_function", (<uintptr_t>module, name.decode()), start, <uint64_t*>function)
 
 
 cdef int _launch_gil(void* function, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx,
