@@ -310,3 +310,78 @@ def test_the_device_options_are_checked():
         pipellm.open_device("cuda", path="dma")
     with pytest.raises(ArgumentError, match="driver must be None"):
         pipellm.open_device("cuda", path="driver", driver="gpu0")
+
+
+def _device(fake, **kw):
+    import pipellm
+    return pipellm.open_device("cuda", path="driver", driver=fake, **kw)
+
+
+def test_groups_that_fill_up_stay_in_flight_until_the_settle(fake):
+    """A 12-message transfer verified in groups of 2: the copy engine launches each group
+    as it fills and goes on staging; the GPU is waited for only once everything of the
+    transfer was staged (at the settle), and every byte lands."""
+    import pipellm
+    staged_at_waits, paths = [], []
+    for name in ("event_synchronize", "stream_synchronize"):
+        real = getattr(fake, name)
+
+        def waiting(handle, real=real):
+            staged_at_waits.append(paths[0].calls["message"] if paths else None)
+            return real(handle)
+        setattr(fake, name, waiting)
+    with _device(fake, staging_bytes=1 << 20, group_messages=2) as dev:
+        paths.append(dev._path)
+        with pipellm.Pipeline(device=dev, mode="cc", chunk_size=1000, timeout=30) as pipe:
+            data = np.arange(12 * 1000, dtype=np.uint8) | 1
+            region = pipe.register(pipellm.array(data))
+            target = dev.alloc(len(data))
+            before, staged_at_waits[:] = dev._path.calls["message"], []
+            pipe.to_device(region, dst=target)
+            pipe.synchronize()
+            assert dev._path.calls["message"] - before == 12
+            assert dev._path.calls["group"] >= 6 * 9
+            assert staged_at_waits and all(n == before + 12 for n in staged_at_waits)
+            assert np.array_equal(dev.read(target), data)
+        paths.clear()
+
+
+def test_a_refusal_in_a_group_in_flight_keeps_everything_after_it_out(fake):
+    import pipellm
+    from pipellm.testing import Adversary
+
+    class FlipSixth(Adversary):
+        seen = 0
+
+        def on_message(self, msg):
+            if msg.direction == "h2d":
+                self.seen += 1
+                if self.seen == 6:
+                    msg.payload[2] ^= 4
+            return [msg]
+    with _device(fake, staging_bytes=1 << 20, group_messages=2, adversary=FlipSixth()) as dev:
+        with pipellm.Pipeline(device=dev, mode="cc", chunk_size=1000, timeout=30) as pipe:
+            data = np.arange(12 * 1000, dtype=np.uint8) | 1
+            target = dev.alloc(len(data))
+            pipe.to_device(pipe.register(data), dst=target)
+            with pytest.raises(pipellm.IntegrityError, match="h2d message 5 "):
+                pipe.synchronize()
+            got = dev.read(target)
+            # groups [0, 1], [2, 3] and message 4 (what authenticated of the transfer in its
+            # group) landed; message 5 was refused, and the GPU's flag kept every later group out
+            assert np.array_equal(got[:5000], data[:5000]) and not got[5000:].any()
+
+
+def test_more_groups_than_the_path_keeps_in_flight(fake):
+    import pipellm
+    from pipellm._ext.gpupath import MAX_IN_FLIGHT
+    with _device(fake, staging_bytes=1 << 20, group_messages=1) as dev:
+        with pipellm.Pipeline(device=dev, mode="cc", chunk_size=512, timeout=30) as pipe:
+            n = 3 * MAX_IN_FLIGHT
+            data = np.arange(n * 512, dtype=np.uint8) | 1
+            region = pipe.register(pipellm.array(data))
+            pipe.to_device(region)
+            pipe.synchronize()
+            assert np.array_equal(dev.read(region.device_buffer), data)
+    with pytest.raises(ArgumentError, match="group_messages"):
+        _device(fake, group_messages=0)

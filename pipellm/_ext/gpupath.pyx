@@ -57,6 +57,8 @@ def installed_fake():
     return _fake
 
 
+MAX_IN_FLIGHT = MAX_GROUPS  # groups launched whose outcome is not yet read, at most
+
 KERNELS = ("ghash_kernel", "tag_kernel", "ctr_kernel", "commit_kernel", "status_kernel")
 
 # -- driver results as exceptions, in one place ---------------------------------------------
@@ -483,7 +485,7 @@ cdef class H2DPath:
     cdef void* copies          # the copy stream (ciphertexts)
     cdef void* kernels         # the kernel stream (rows, launches, commits, status)
     cdef readonly size_t staging_bytes
-    cdef readonly int64_t max_rows, sessions, aad_bytes
+    cdef readonly int64_t max_rows, group_rows, sessions, aad_bytes
     cdef Group groups[MAX_GROUPS]
     cdef int64_t next_group
     # the ring of staging bytes: [tail, head) in ring order is live
@@ -506,7 +508,7 @@ cdef class H2DPath:
         self.status_h = NULL
 
     def __init__(self, Driver driver not None, tuple functions not None, *, size_t staging_bytes,
-                 int64_t max_rows=1024, int64_t sessions=64, int64_t aad_bytes=56):
+                 int64_t max_rows=1024, int64_t sessions=64, int64_t aad_bytes=56, int64_t group_rows=0):
         if len(functions) != 5:
             raise ArgumentError(f"H2DPath needs the handles of {KERNELS}, got {len(functions)}")
         if staging_bytes < 16 or max_rows < 1 or sessions < 1:
@@ -519,6 +521,7 @@ cdef class H2DPath:
         if not 0 <= aad_bytes <= AAD_BYTES:
             raise ArgumentError(f"aad_bytes must be 0..{AAD_BYTES}, got {aad_bytes}")
         self.staging_bytes, self.max_rows, self.sessions, self.aad_bytes = staging_bytes, max_rows, sessions, aad_bytes
+        self.group_rows = max_rows if group_rows <= 0 else min(group_rows, max_rows)  # messages per group at most
         self.cipher = driver.alloc(staging_bytes + 16)
         self.plain = driver.alloc(staging_bytes + 16)
         self.rows_d = driver.alloc(max_rows * ROW_BYTES)
@@ -652,7 +655,7 @@ cdef class H2DPath:
         cdef size_t at
         if _slot(nbytes) > self.staging_bytes:
             raise ArgumentError(f"a {nbytes}-byte message does not fit the {self.staging_bytes}-byte staging")
-        if self.runs == MAX_RUNS:
+        if self.runs == MAX_RUNS or self.count >= self.group_rows:
             return False
         if self.count >= self.max_rows - self.row_start:
             return self.count == 0 and self._restart_rows()

@@ -9,9 +9,10 @@ GPU on the same stream. With ``driver="fake"`` (or a
 :class:`~pipellm.devices.fakedriver.FakeDriver`) the whole device runs without a GPU and
 without numba: that is how CI tests the path.
 
-Not yet done (the CUDA device issue): groups left in flight across settles (today the
-copy engine waits for each group it settles), compute as a GPU kernel (``compute``
-sleeps on the copy-engine thread).
+A group that fills up is launched and left in flight; the copy engine waits for the GPU
+only when it settles (it runs out of work, a read or another session follows), where
+the ops of every group launched since finish. Not yet done (the CUDA device issue):
+compute as a GPU kernel (``compute`` sleeps on the copy-engine thread).
 
     >>> import numpy as np, pipellm
     >>> dev = pipellm.open_device("cuda", path="driver", driver="fake", staging_bytes=1 << 20)
@@ -36,6 +37,7 @@ import numpy as np
 from ..channel import Kind, Opener, Sealer
 from ..channel.cipher import open_into as cpu_open_into
 from ..errors import ArgumentError, DeviceError, PinningWarning
+from .._ext.gpupath import MAX_IN_FLIGHT
 from .base import DeviceBuffer, Op
 from .engine import CopyEngineDevice
 
@@ -104,19 +106,22 @@ class DriverCudaDevice(CopyEngineDevice):
     kind = "cuda"
 
     def __init__(self, *, device_id: int = 0, adversary=None, staging_bytes: int = 64 << 20, driver=None,
-                 seed: int = 0):
+                 seed: int = 0, group_messages: int = 1024):
         """``driver``: None (the CUDA driver), ``"fake"`` (the process's fake driver,
-        made with ``seed`` on first use) or a :class:`~pipellm.devices.fakedriver.FakeDriver`."""
+        made with ``seed`` on first use) or a :class:`~pipellm.devices.fakedriver.FakeDriver`;
+        ``group_messages``: messages verified as one group at most (1 to 1024)."""
         from .gpupath import DriverPath
         if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
             raise ArgumentError(f"device_id must be an int >= 0, got {device_id!r}")
+        if isinstance(group_messages, bool) or not isinstance(group_messages, int) or not 1 <= group_messages <= 1024:
+            raise ArgumentError(f"group_messages must be an int from 1 to 1024, got {group_messages!r}")
+        sizes = dict(staging_bytes=staging_bytes, sessions=_SESSIONS, group_rows=group_messages)
         if driver is None:
             from numba import cuda  # at open only: the compute capability, and the PTX compiled once
             cuda.select_device(device_id)
             gpu = cuda.get_current_device()
             self._name = str(gpu.name)
-            self._path = DriverPath.real(device_id, cc=gpu.compute_capability, staging_bytes=staging_bytes,
-                                         sessions=_SESSIONS)
+            self._path = DriverPath.real(device_id, cc=gpu.compute_capability, **sizes)
             self._fake = None
         else:
             from .fakedriver import FakeDriver, installed
@@ -125,7 +130,7 @@ class DriverCudaDevice(CopyEngineDevice):
             if not isinstance(driver, FakeDriver):
                 raise ArgumentError(f"driver must be None (the CUDA driver), 'fake' or a FakeDriver, got {driver!r}")
             self._name, self._fake = "fake driver", driver
-            self._path = DriverPath.fake(driver, staging_bytes=staging_bytes, sessions=_SESSIONS)
+            self._path = DriverPath.fake(driver, **sizes)
         self.device_id = device_id
         self._stream = self._path.h2d.kernel_stream
         self._context = threading.local()
@@ -133,6 +138,8 @@ class DriverCudaDevice(CopyEngineDevice):
         self._fresh: set[int] = set()            # slots whose flag is cleared before their first group
         self._free_slots = list(range(_SESSIONS))
         self._group: list[int] = []              # channel index of each staged message
+        self._inflight: list[tuple] = []         # (group id, its ops, its indices): launched, unread
+        self._refusal = None                     # a group in flight was refused: (-1, channel index)
         self._group_slot = -1
         self._pins: dict[int, int] = {}
         self.opener_class = partial(_PathOpener, device=self)
@@ -190,25 +197,38 @@ class DriverCudaDevice(CopyEngineDevice):
         return None
 
     def _make_room(self, session, nbytes: int) -> None:
+        # the group is full: launch it and go on staging; its ops finish at the next
+        # settle (the engine waits for the GPU there, not here)
         self._current()
         if not self._path.room(nbytes):
-            self._settle(session)
-            if not self._path.room(nbytes):
+            if len(self._inflight) >= MAX_IN_FLIGHT - 1:
+                self._read_oldest()  # the path keeps that many outcomes at most
+            self._inflight.append((self._launch(), self._deferred, self._group))
+            self._deferred, self._group = [], []
+            if not self._path.room(nbytes):  # (waits for the oldest group when the ring is full)
                 raise DeviceError(f"a {nbytes}-byte message does not fit the device's staging")
 
     def _abandon(self) -> None:
+        # the session failed part-way: its groups in flight are waited for and forgotten
+        # (their ops fail with the session; the GPU's flag keeps what followed a refusal out)
+        for group, _, _ in self._inflight:
+            self._path.result(group)
+        self._inflight.clear()
+        self._refusal = None
         self._path.h2d.abandon()
         self._group.clear()
 
     def _staged(self) -> int:
         return self._path.h2d.staged
 
-    def _verify_staged(self):
-        # what authenticated of a transfer still open is committed with the group (a
-        # transfer is all-or-nothing within one group, up to the staging's size)
+    def _in_flight(self) -> int:
+        return len(self._inflight)
+
+    def _launch(self) -> int:
+        """Launch the group being staged; its id. What authenticated of a transfer still
+        open is committed with it (a transfer is all-or-nothing within one group, up to
+        the staging's size)."""
         path = self._path
-        if not path.h2d.staged:
-            return None
         for session in self._sessions.values():
             for commit in session.receiver.flush():
                 mem = self._mem.get(commit.buffer)
@@ -219,9 +239,31 @@ class DriverCudaDevice(CopyEngineDevice):
         if slot in self._fresh:
             path.h2d.reset_flag(slot)
             self._fresh.discard(slot)
-        indices, self._group = self._group, []
-        refused = path.result(path.launch(slot))
-        return None if refused < 0 else (refused, indices[refused])
+        return path.launch(slot)
+
+    def _read_oldest(self) -> None:
+        """Wait for the oldest group in flight and finish its ops (those before a refused
+        message); a refusal is kept for the settle to report."""
+        group, ops, indices = self._inflight.pop(0)
+        first = self._path.result(group)
+        if self._refusal is None:
+            for owner, staged in ops:
+                if not owner.finished and (first < 0 or staged <= first):
+                    self._finish(owner)
+            if first >= 0:
+                self._refusal = (-1, indices[first])  # -1: none of the settling ops lands
+
+    def _verify_staged(self):
+        path = self._path
+        while self._inflight:  # launched when their group filled up, in order
+            self._read_oldest()
+        refused, self._refusal = self._refusal, None
+        if path.h2d.staged:
+            indices, self._group = self._group, []
+            first = path.result(self._launch())
+            if refused is None and first >= 0:
+                refused = (first, indices[first])
+        return refused
 
     def _span(self, buffer_id: int, offset: int, nbytes: int):
         mem = self._mem.get(buffer_id)

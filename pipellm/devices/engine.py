@@ -157,11 +157,16 @@ class CopyEngineDevice(Submitter, Device):
         """Messages a batching device has staged and not yet verified."""
         return 0
 
+    def _in_flight(self) -> int:
+        """Groups of messages a batching device launched whose outcome it has not read
+        (their ops finish at the next settle)."""
+        return 0
+
     def _verify_staged(self) -> tuple[int, int] | None:
         """Verify and commit, in order, what a batching device staged: None, or the
         position in the batch and the channel index of the first refused message (those
-        before it are committed). Devices that commit each message as it is received
-        have nothing here."""
+        before it are committed; position -1: a group launched earlier was refused, so none
+        of these is). Devices that commit each message as it is received have nothing here."""
         return None
 
     def _settle(self, session: Session) -> None:
@@ -331,7 +336,7 @@ class CopyEngineDevice(Submitter, Device):
                 self._receive(session, delivered)
         if op.remaining > 0 and not op.finished:
             self._undelivered[op] = msgs  # lost or held on the link: see _do_audit
-        if not (self._staged() or self._deferred):
+        if not (self._staged() or self._deferred or self._in_flight()):
             return
         if self._queue.empty() or len(self._deferred) >= _DEFERRED_MAX:
             self._settle(session)  # nothing follows right now (or the op's last message was lost)

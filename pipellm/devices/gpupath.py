@@ -66,7 +66,7 @@ class DriverPath:
     Use :meth:`real` or :meth:`fake`."""
 
     def __init__(self, driver: Driver, *, staging_bytes: int = 64 << 20, max_rows: int = 1024,
-                 sessions: int = 64, cc: tuple[int, int] | None = None):
+                 sessions: int = 64, group_rows: int = 0, cc: tuple[int, int] | None = None):
         self.driver = driver
         driver.use_context()
         if driver.kind == "fake":
@@ -75,7 +75,8 @@ class DriverPath:
             compiled = driverpath.ptx(cc)
             functions = tuple(driver.load(compiled[name][1].encode(), [compiled[name][0]])[0]
                               for name in driverpath.NAMES)
-        self.h2d = H2DPath(driver, functions, staging_bytes=staging_bytes, max_rows=max_rows, sessions=sessions)
+        self.h2d = H2DPath(driver, functions, staging_bytes=staging_bytes, max_rows=max_rows, sessions=sessions,
+                           group_rows=group_rows)
         self._zeros = bytes(max(max_rows * 16, sessions * 4))
         self.h2d.clear_device(self._zeros, self._zeros)
         self._te = driver.alloc(TE0.nbytes)
