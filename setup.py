@@ -52,8 +52,8 @@ def cuda_extension() -> list:
 CYTHON = dict(language_level=3, compiler_directives={"boundscheck": False, "wraparound": False})
 extensions = [
     Extension(f"pipellm._ext.{name}", [f"pipellm/_ext/{name}.pyx"], extra_compile_args=["-O3"])
-    for name in ("bounce", "gpupath", "locks", "memcopy", "message", "region", "request", "speculation", "submission",
-                 "tuples", "writeguard")
+    for name in ("bounce", "driver", "gpupath", "locks", "memcopy", "message", "region", "request", "sealpath",
+                 "speculation", "submission", "tuples", "writeguard")
 ]
 
 # The predictors run on every transfer: their plain Python modules are also compiled (one

@@ -480,7 +480,7 @@ class FakeDriver:
 def installed(seed: int = 0) -> FakeDriver:
     """The process's fake driver (the one the driver table calls), made on first use with
     ``seed``: what ``open_device("cuda", path="driver", driver="fake")`` runs on."""
-    from .._ext.gpupath import installed_fake
+    from .._ext.driver import installed_fake
     fake = installed_fake()
     return fake if fake is not None else FakeDriver(seed=seed)
 

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._ext.gpupath import ROW, D2HSealer, Driver, H2DPath, KeyTables
+from .._ext.driver import Driver
+from .._ext.gpupath import ROW, H2DPath, KeyTables
+from .._ext.sealpath import D2HSealer
 from ..kernels import driverpath
 from ..kernels.tables import CHUNK_BLOCKS, TE0, GcmKey
 
