@@ -1,6 +1,6 @@
 """A fake CUDA driver for the cuda device's driver path, so CI runs that C path without a GPU.
 
-``pipellm._ext.gpupath.Driver.fake(FakeDriver())`` fills the path's table of driver
+``pipellm._ext.driver.Driver.fake(FakeDriver())`` fills the path's table of driver
 calls with trampolines into this object. It behaves as the driver does where the path
 relies on it, and adversarially where the driver is allowed to:
 
