@@ -58,6 +58,12 @@ if [ -x /tmp/site/bin/py-spy ]; then  # carried (see above): where the copy-engi
         python3 -m pipellm.benchmarks.gpu --transfers-only --out "$out/profile.json" 2>&1 | grep -v Warning | tail -12
     python3 -m pipellm.benchmarks.gpu --summarize "$out/profile.txt" | tee "$out/profile-summary.txt"
 fi
+step "offload on the driver path"
+# the layer-sequential offload bench with its layers on the cuda device (driver path,
+# compute as a GPU kernel), quick sizes: plain / cc / pipellm in one run
+timeout 150 python3 -c 'from pipellm.cli import main; main()' bench offload --device cuda-driver --quick \
+    --no-progress --out "$out/offload-cuda.json" 2>&1 | tail -30 | tee "$out/offload-cuda.log"
+[ "${PIPESTATUS[0]}" = 0 ] || bench=1
 step tests
 timeout 120 python3 -m pytest -q -p no:cacheprovider -x tests/cudasim tests/test_cudadriver.py tests/test_torch.py \
     tests/test_gpupath.py 2>&1 | tee "$out/tests.log"

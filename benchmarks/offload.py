@@ -62,10 +62,10 @@ class AlwaysWrong(Predictor):
 
 def _run(mode: str, layers: int, layer_bytes: int, passes: int, compute_us: float, *, predictor=None,
          irregular: float = 0.0, iv_order: str = "strict", workers: int | None = None, seed: int = 0,
-         chunk_size: int = pipellm.pipeline.DEFAULT_CHUNK_SIZE, warmup: int = 2) -> dict:
+         chunk_size: int = pipellm.pipeline.DEFAULT_CHUNK_SIZE, warmup: int = 2, device="emulated") -> dict:
     rng = random.Random(seed)
     data = np.random.default_rng(seed).integers(0, 256, layer_bytes, dtype=np.uint8)
-    with pipellm.Pipeline(device="emulated", mode=mode, predictor=None if mode != "pipellm" else predictor,
+    with pipellm.Pipeline(device=device, mode=mode, predictor=None if mode != "pipellm" else predictor,
                           workers=workers, depth_bytes=3 * layer_bytes + 8 * chunk_size, iv_order=iv_order,
                           bounce_bytes=8 * chunk_size, chunk_size=chunk_size) as pipe:
         regions = []
@@ -85,7 +85,7 @@ def _run(mode: str, layers: int, layer_bytes: int, passes: int, compute_us: floa
         for p in range(passes):
             if p == warmup:
                 warm = pipe.stats()
-            stall0 = pipe.stats()["emulation_stall_s"]
+            stall0 = pipe.stats().get("emulation_stall_s", 0.0)  # (the emulated device's clock only)
             start = perf_counter()
             for region in regions:
                 if irregular and rng.random() < irregular:
@@ -96,7 +96,7 @@ def _run(mode: str, layers: int, layer_bytes: int, passes: int, compute_us: floa
                 pipe.synchronize(stream)
             wall = perf_counter() - start
             pass_times.append(wall)
-            pass_modelled.append(wall - (pipe.stats()["emulation_stall_s"] - stall0))
+            pass_modelled.append(wall - (pipe.stats().get("emulation_stall_s", 0.0) - stall0))
         for region in regions:
             assert np.array_equal(pipe.device.read(region.device_buffer), region.array)
         stats = pipe.stats()
@@ -213,9 +213,29 @@ def _request_path(mode: str, chunks: int, layers: int, chunk_size: int, repeats:
     return out
 
 
+#: ``--device`` names: the device the layers go to (the hit-path and idle-gap probes stay
+#: on the emulated device)
+DEVICES = {"emulated": ("emulated", {}), "cuda": ("cuda", {}), "cuda-driver": ("cuda", {"path": "driver"})}
+
+
 def run(layers: int = 8, layer_bytes: int = 64 * MiB, passes: int = 6, repeats: int = 3,
         workers: int | None = None, chunk_size: int = pipellm.pipeline.DEFAULT_CHUNK_SIZE,
-        progress=None, quick: bool = False) -> dict:
+        progress=None, quick: bool = False, device: str = "emulated") -> dict:
+    if device not in DEVICES:
+        raise pipellm.ArgumentError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    kind, options = DEVICES[device]
+    opened = pipellm.open_device(kind, **options) if device != "emulated" else None
+    try:
+        result = _scenarios(layers, layer_bytes, passes, repeats, workers, chunk_size, progress, quick,
+                            opened or "emulated")
+    finally:
+        if opened is not None:
+            opened.close()
+    result["device"] = device
+    return result
+
+
+def _scenarios(layers, layer_bytes, passes, repeats, workers, chunk_size, progress, quick, device) -> dict:
     if quick:
         layers, layer_bytes, passes, repeats = 4, 4 * MiB, 4, 1
     workers = workers or default_workers()
@@ -238,7 +258,8 @@ def run(layers: int = 8, layer_bytes: int = 64 * MiB, passes: int = 6, repeats: 
     rate = layer_rate(data)
     hot_rate = max(seal_rate(data, chunk_size, max(3, layer_bytes // chunk_size)) for _ in range(3))
     encrypt_us = layer_bytes / rate * 1e6
-    common = dict(layers=layers, layer_bytes=layer_bytes, passes=passes, workers=workers, chunk_size=chunk_size)
+    common = dict(layers=layers, layer_bytes=layer_bytes, passes=passes, workers=workers, chunk_size=chunk_size,
+                  device=device)
     scenarios = {}
 
     def tick():
@@ -366,7 +387,9 @@ def points(quick: bool = False, repeats: int = 3) -> int:
 
 
 def table(result: dict) -> str:
-    lines = [f"layer-sequential offload on the emulated device: {result['layers']} layers x "
+    where = {"emulated": "the emulated device", "cuda": "the cuda device (numba path)",
+             "cuda-driver": "the cuda device (driver path)"}[result.get("device", "emulated")]
+    lines = [f"layer-sequential offload on {where}: {result['layers']} layers x "
              f"{result['layer_bytes'] // MiB} MiB, {result['passes']} passes (first 2 excluded: learning), "
              f"{result['chunk_size'] // 1024} KiB chunks, "
              f"{result['workers']} worker(s); E = {result['encrypt_us_per_layer_1_worker']:.0f} us per layer "

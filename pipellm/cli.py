@@ -56,7 +56,7 @@ def _run_bench(name: str, args) -> dict:
                       options=_key_values(getattr(args, "pipeline_option", None), "--pipeline-option"))
         total = module.points(args.quick, kwargs["repeats"])
     elif name == "offload":
-        kwargs.update(quick=args.quick, workers=args.workers)
+        kwargs.update(quick=args.quick, workers=args.workers, device=getattr(args, "device", "emulated"))
         total = module.points(args.quick, args.repeats)
     elif name == "gpu-host":
         kwargs.update(quick=args.quick)
@@ -346,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--repeats", type=int, default=3, help="runs per point; the best counts (default 3)")
     bench.add_argument("--workers", type=int, default=None,
                        help="crypto: most worker threads (default: cores); offload: pipellm workers (default: cores - 1)")
+    bench.add_argument("--device", choices=("emulated", "cuda", "cuda-driver"), default="emulated",
+                       help="offload: the device the layers go to (cuda: the numba path; cuda-driver: the driver "
+                            "path; both need a GPU)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(run=_bench)
 

@@ -385,3 +385,39 @@ def test_more_groups_than_the_path_keeps_in_flight(fake):
             assert np.array_equal(dev.read(region.device_buffer), data)
     with pytest.raises(ArgumentError, match="group_messages"):
         _device(fake, group_messages=0)
+
+
+def test_compute_is_a_kernel_behind_the_commits_queued_before(fake):
+    """compute(us) launches spin_kernel on the kernel stream after the layer's commits and
+    waits for it: the op takes at least that long, and the weights are there."""
+    import time as clock
+
+    import pipellm
+    with _device(fake, staging_bytes=1 << 20) as dev:
+        with pipellm.Pipeline(device=dev, mode="cc", chunk_size=4096, timeout=30) as pipe:
+            stream = pipe.stream()
+            data = np.arange(10000, dtype=np.uint8)
+            region = pipe.register(pipellm.array(data))
+            launches = fake.launches["spin_kernel"]
+            pipe.to_device(region, stream=stream)
+            start = clock.perf_counter()
+            pipe.compute(30000, stream=stream)  # 30 ms
+            pipe.synchronize(stream)
+            assert clock.perf_counter() - start >= 0.03
+            assert fake.launches["spin_kernel"] == launches + 1
+            assert np.array_equal(dev.read(region.device_buffer), data)
+
+
+def test_the_offload_bench_runs_its_layers_on_the_driver_device(fake):
+    """benchmarks/offload.py's run on the cuda device's driver path (here over the fake):
+    every layer lands (it checks), compute is the GPU's spin kernel."""
+    from pipellm.benchmarks import offload
+    launches = fake.launches["spin_kernel"]
+    with _device(fake, staging_bytes=1 << 20) as dev:
+        for mode in ("plain", "cc"):
+            r = offload._run(mode, layers=3, layer_bytes=64 << 10, passes=3, compute_us=200, chunk_size=16 << 10,
+                             warmup=1, device=dev)
+            assert r["time_s"] > 0
+    assert fake.launches["spin_kernel"] == launches + 2 * 3 * 3
+    with pytest.raises(ArgumentError, match="device must be one of"):
+        offload.run(device="tpu")

@@ -38,7 +38,7 @@ DEF COMMIT_BLOCKS = 256
 AAD_BYTES = AAD_MAX
 ROW = ROW_BYTES
 MAX_IN_FLIGHT = MAX_GROUPS  # groups launched whose outcome is not yet read, at most
-KERNELS = ("ghash_kernel", "tag_kernel", "ctr_kernel", "commit_kernel", "status_kernel")
+KERNELS = ("ghash_kernel", "tag_kernel", "ctr_kernel", "commit_kernel", "status_kernel", "spin_kernel")
 
 
 cdef class KeyTables:
@@ -82,6 +82,8 @@ cdef class H2DPath:
     cdef void* ctr
     cdef void* commit_fn
     cdef void* status_fn
+    cdef void* spin_fn
+    cdef void* computed        # recorded behind a compute launch
     cdef uint64_t te, cipher, plain, rows_d, acc, ok, flags, status_d, zero_word
     cdef unsigned char* rows_h
     cdef int64_t* status_h
@@ -112,15 +114,17 @@ cdef class H2DPath:
 
     def __init__(self, Driver driver not None, tuple functions not None, *, size_t staging_bytes,
                  int64_t max_rows=1024, int64_t sessions=64, int64_t aad_bytes=56, int64_t group_rows=0):
-        if len(functions) != 5:
+        if len(functions) != len(KERNELS):
             raise ArgumentError(f"H2DPath needs the handles of {KERNELS}, got {len(functions)}")
         if staging_bytes < 16 or max_rows < 1 or sessions < 1:
             raise ArgumentError(f"staging_bytes >= 16, max_rows >= 1, sessions >= 1; got "
                                 f"{staging_bytes}, {max_rows}, {sessions}")
         self.driver, self.t = driver, driver.t
         cdef uintptr_t f0 = functions[0], f1 = functions[1], f2 = functions[2], f3 = functions[3], f4 = functions[4]
+        cdef uintptr_t f5 = functions[5]
         self.ghash, self.tag, self.ctr, self.commit_fn, self.status_fn = (<void*>f0, <void*>f1, <void*>f2,
                                                                           <void*>f3, <void*>f4)
+        self.spin_fn = <void*>f5
         if not 0 <= aad_bytes <= AAD_MAX:
             raise ArgumentError(f"aad_bytes must be 0..{AAD_MAX}, got {aad_bytes}")
         self.staging_bytes, self.max_rows, self.sessions, self.aad_bytes = staging_bytes, max_rows, sessions, aad_bytes
@@ -137,6 +141,7 @@ cdef class H2DPath:
         self.status_h = <int64_t*><uintptr_t>driver.host_alloc(MAX_GROUPS * 8)
         self.copies = <void*><uintptr_t>driver.stream()
         self.kernels = <void*><uintptr_t>driver.stream()
+        self.computed = <void*><uintptr_t>driver.event()
         for i in range(MAX_GROUPS):
             self.groups[i].copied = <void*><uintptr_t>driver.event()
             self.groups[i].done = <void*><uintptr_t>driver.event()
@@ -480,6 +485,21 @@ cdef class H2DPath:
         g.read = False
         return self.status_h[group % MAX_GROUPS]
 
+    def compute(self, int64_t ns) -> None:
+        """Keep the GPU busy for ``ns`` nanoseconds on the kernel stream, behind every
+        commit queued before, and wait for it (the GIL released): the device's compute."""
+        cdef Params p
+        cdef int result
+        if ns < 0:
+            raise ArgumentError(f"compute time must be >= 0 ns, got {ns}")
+        p.n = 0
+        scalar(&p, ns)
+        self._go(self.spin_fn, 1, 1, 1, &p, "spin_kernel")
+        check(self.t, self.t.event_record(self.computed, self.kernels), "cuEventRecord")
+        with nogil:
+            result = self.t.event_synchronize(self.computed)
+        check(self.t, result, "waiting for compute")
+
     def copied(self, int64_t group) -> bool:
         """Whether ``group``'s ciphertext copies have run (one event query, no wait): from
         then on the host memory its messages were staged from may be reused."""
@@ -525,5 +545,6 @@ cdef class H2DPath:
             for i in range(MAX_GROUPS):
                 driver.event_destroy(<uintptr_t>self.groups[i].copied)
                 driver.event_destroy(<uintptr_t>self.groups[i].done)
+            driver.event_destroy(<uintptr_t>self.computed)
             driver.stream_destroy(<uintptr_t>self.copies)
             driver.stream_destroy(<uintptr_t>self.kernels)

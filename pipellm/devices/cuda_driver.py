@@ -11,8 +11,9 @@ without numba: that is how CI tests the path.
 
 A group that fills up is launched and left in flight; the copy engine waits for the GPU
 only when it settles (it runs out of work, a read or another session follows), where
-the ops of every group launched since finish. Not yet done (the CUDA device issue):
-compute as a GPU kernel (``compute`` sleeps on the copy-engine thread).
+the ops of every group launched since finish. ``compute`` is a GPU kernel spinning on the
+GPU's timer behind the commits queued before it; the copy engine waits for it (so work
+queued after a compute op does not overlap it yet).
 
     >>> import numpy as np, pipellm
     >>> dev = pipellm.open_device("cuda", path="driver", driver="fake", staging_bytes=1 << 20)
@@ -28,7 +29,6 @@ compute as a GPU kernel (``compute`` sleeps on the copy-engine thread).
 from __future__ import annotations
 
 import threading
-import time
 import warnings
 from functools import partial
 
@@ -291,7 +291,10 @@ class DriverCudaDevice(CopyEngineDevice):
         return True
 
     def _compute(self, op: Op, seconds: float, ready: float) -> None:
-        time.sleep(seconds)  # placeholder: serializes with copies (a GPU spin kernel is to come)
+        # a kernel that keeps the GPU busy, behind the commits queued before it (the op's
+        # weights landed first), waited for: copies queued after it start once it ran
+        self._current()
+        self._path.h2d.compute(round(seconds * 1e9))
 
     # -- memory ------------------------------------------------------------------------------------
     def _allocate(self, buf: DeviceBuffer) -> None:

@@ -469,6 +469,13 @@ class FakeDriver:
     def _check_status_kernel(self, grid, block, ok, flag, status):
         pass
 
+    def _check_spin_kernel(self, grid, block, ns):
+        if ns < 0:
+            raise FakeDriverError(f"spin_kernel for {ns} ns")
+
+    def _run_spin_kernel(self, ns):
+        time.sleep(ns / 1e9)  # the GPU busy: the thread the work runs on waits that long
+
     def _run_status_kernel(self, ok, flag, status):
         ok_v, flag_v, status_v = (self._strided(a) for a in (ok, flag, status))
         refused = np.flatnonzero(ok_v == 0)

@@ -27,8 +27,10 @@ SIGNATURES: dict[str, tuple[tuple[str, int, str], ...]] = {
                    (_U8, 1, "C"), (_U32, 1, "C"), (_I64, 1, "A"), (_I64, 1, "A"), (_U32, 1, "C")),
     "commit_kernel": ((_U32, 1, "C"), (_I64, 2, "A"), (_U8, 1, "C"), (_U32, 1, "C")),
     "status_kernel": ((_U32, 1, "C"), (_U32, 1, "C"), (_I64, 1, "C")),
+    "spin_kernel": ((_I64, 0, ""),),
 }
 NAMES = tuple(SIGNATURES)  # gpupath.KERNELS, in the same order
+_MODULES = {"spin_kernel": "spin"}  # where a kernel is defined, if not in aesgcm
 
 
 def param_words(name: str) -> int:
@@ -48,7 +50,7 @@ def _numba_signature(name: str):
 def _source_digest() -> str:
     here = Path(__file__).parent
     digest = hashlib.sha256()
-    for part in ("aesgcm.py", "driverpath.py", "tables.py"):
+    for part in ("aesgcm.py", "driverpath.py", "spin.py", "tables.py"):
         digest.update((here / part).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -67,14 +69,16 @@ def ptx(cc: tuple[int, int]) -> dict[str, tuple[str, str]]:
         return {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
     except (OSError, ValueError):
         pass
+    import importlib
+
     from numba import cuda
 
-    from . import aesgcm
     from . import _device_functions_for
     out = {}
     with _device_functions_for(cc):
         for name in NAMES:
-            code, _ = cuda.compile_ptx(getattr(aesgcm, name).py_func, _numba_signature(name), cc=cc)
+            module = importlib.import_module(f"{__package__}.{_MODULES.get(name, 'aesgcm')}")
+            code, _ = cuda.compile_ptx(getattr(module, name).py_func, _numba_signature(name), cc=cc)
             out[name] = (entry_name(code), code)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
