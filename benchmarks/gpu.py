@@ -225,6 +225,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipellm.benchmarks.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu.json", help="JSON results (a .png plot beside it)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (for the simulator tests)")
+    parser.add_argument("--part", choices=("all", "new", "old"), default="all",
+                        help="new: kernels, pinned copies and the driver path; old: the numba path's figures")
     parser.add_argument("--transfers-only", action="store_true",
                         help="only pipellm 256 MiB transfers, 8 workers, 10 times (a target for a profiler)")
     parser.add_argument("--summarize", metavar="PROFILE", help="print where the copy-engine thread spent its "
@@ -259,13 +261,17 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
 
-    section("kernels", lambda: kernels(QUICK["kernel"] if q else KERNEL_SIZES, repeats))
-    section("pinned_h2d", lambda: pinned_h2d(QUICK["link"] if q else LINK_SIZES, repeats))
+    new, old = args.part in ("all", "new"), args.part in ("all", "old")
+    if new:
+        section("kernels", lambda: kernels(QUICK["kernel"] if q else KERNEL_SIZES, repeats))
+        section("pinned_h2d", lambda: pinned_h2d(QUICK["link"] if q else LINK_SIZES, repeats))
     from pipellm.devices.cuda import driver_layer
-    if not config.ENABLE_CUDASIM and driver_layer() == "built":  # the new path first: GPU time is rare
+    if new and not config.ENABLE_CUDASIM and driver_layer() == "built":  # the new path first: GPU time is rare
         section("driver_path", lambda: encrypted_h2d(QUICK["pipe"] if q else [4096, MiB, 16 * MiB, 256 * MiB],
                                                      [1, 4, 8], 1 if q else 3, path="driver",
                                                      modes=("plain", "cc", "pipellm")))
+    if not old:
+        return _finish(result, args.out)
     section("encrypted_h2d", lambda: encrypted_h2d(QUICK["pipe"] if q else PIPE_SIZES,
                                                    QUICK["workers"] if q else WORKERS, 1 if q else 3))
     if not config.ENABLE_CUDASIM and not q:
@@ -280,8 +286,12 @@ def main(argv=None) -> int:
                                                                     modes=("pipellm",), staging_bytes=256 * MiB)])
         if driver_layer() == "built":  # the same through the Cython cydriver layer's copies
             section("driver_copies", lambda: encrypted_h2d([16 * MiB, 256 * MiB], [8], 3, copies="driver"))
+    return _finish(result, args.out)
+
+
+def _finish(result: dict, out: str) -> int:
     try:
-        plot(result, os.path.splitext(args.out)[0] + ".png")
+        plot(result, os.path.splitext(out)[0] + ".png")
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
     return 1 if result["errors"] else 0
