@@ -288,12 +288,14 @@ def test_one_fake_driver_per_process_while_it_is_in_use(fake):
     DriverPath.fake(FakeDriver()).close()  # nothing of the first is left: a new one may take over
 
 
-def test_the_cuda_device_suites_run_on_the_fake_driver():
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_cuda_device_suites_run_on_the_fake_driver(seed):
     """The cuda device's end-to-end tests (every mode, odd sizes and offsets, tampering,
     losses, rotation) and the whole adversary suite, with the driver path on the fake
-    driver: the C path, its packing and the GPU-side commit, with no GPU and no numba."""
+    driver: the C path, its packing and the GPU-side commit, with no GPU and no numba,
+    under two of the fake's schedules."""
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PIPELLM_CUDA_DEVICE="fake", PIPELLM_TEST_DEVICE="cuda-fake")
+    env = dict(os.environ, PIPELLM_CUDA_DEVICE="fake", PIPELLM_TEST_DEVICE="cuda-fake", PIPELLM_FAKE_SEED=str(seed))
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           os.path.join(here, "cudasim", "test_cuda_device_sim.py"),

@@ -486,10 +486,13 @@ class FakeDriver:
 
 def installed(seed: int = 0) -> FakeDriver:
     """The process's fake driver (the one the driver table calls), made on first use with
-    ``seed``: what ``open_device("cuda", path="driver", driver="fake")`` runs on."""
+    ``seed`` (or ``$PIPELLM_FAKE_SEED``, to run a suite under other schedules): what
+    ``open_device("cuda", path="driver", driver="fake")`` runs on."""
+    import os
+
     from .._ext.driver import installed_fake
     fake = installed_fake()
-    return fake if fake is not None else FakeDriver(seed=seed)
+    return fake if fake is not None else FakeDriver(seed=int(os.environ.get("PIPELLM_FAKE_SEED", seed)))
 
 
 _R = np.uint64(0xE1 << 56)
