@@ -23,7 +23,10 @@ runs on the real driver or on :class:`~pipellm.devices.fakedriver.FakeDriver`::
     -1
     >>> bytes(fake.view(dst, 32))
     b'weights!weights!weights!weights!'
+    >>> path.driver.free(dst)
     >>> path.close()
+    >>> fake.in_use()
+    False
 """
 
 from __future__ import annotations
