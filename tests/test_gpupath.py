@@ -423,3 +423,23 @@ def test_the_offload_bench_runs_its_layers_on_the_driver_device(fake):
     assert fake.launches["spin_kernel"] == launches + 2 * 3 * 3
     with pytest.raises(ArgumentError, match="device must be one of"):
         offload.run(device="tpu")
+
+
+def test_the_real_driver_says_why_it_is_unavailable(monkeypatch):
+    """Without a GPU (or without the cydriver layer built) the real driver path refuses
+    with DeviceUnavailableError and a reason, never an ImportError or a loader's error."""
+    import sys
+
+    from pipellm._ext.driver import Driver
+    from pipellm.errors import DeviceUnavailableError
+    try:
+        Driver.real(0)
+    except DeviceUnavailableError as exc:
+        assert "cydriver layer" in str(exc) or "driver" in str(exc)
+    else:
+        pytest.skip("a CUDA driver is here")
+    import pipellm._ext
+    monkeypatch.setitem(sys.modules, "pipellm._ext.cudadriver", None)  # as where it was not built
+    monkeypatch.delattr(pipellm._ext, "cudadriver", raising=False)
+    with pytest.raises(DeviceUnavailableError, match="cydriver layer .* is not built here"):
+        Driver.real(0)

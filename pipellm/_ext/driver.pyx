@@ -55,8 +55,13 @@ cdef class Driver:
 
     @staticmethod
     def real(int device_id=0):
-        """The CUDA driver (needs pipellm._ext.cudadriver, built where the CUDA headers were)."""
-        from pipellm._ext import cudadriver
+        """The CUDA driver (needs pipellm._ext.cudadriver, built where the CUDA headers were;
+        DeviceUnavailableError, saying why, where it or the driver is missing)."""
+        try:
+            from pipellm._ext import cudadriver
+        except ImportError as exc:
+            raise DeviceUnavailableError(f"the cydriver layer (pipellm._ext.cudadriver) is not built here: {exc} "
+                                         f"(it needs cuda-bindings and the CUDA headers at build time)") from None
         capsule = cudadriver.table()
         cdef Driver d = Driver.__new__(Driver)
         d.t = <DriverTable*>PyCapsule_GetPointer(capsule, b"pipellm.DriverTable")
