@@ -48,12 +48,12 @@ def _measure(dev, fake, mode: str, chunk: int, nbytes: int, transfers: int, repe
         clock = time.pthread_getcpuclockid(engine)
         runs = []
         for _ in range(repeats):
-            fake_before = fake.exec_cpu_s[engine] + fake.call_cpu_s[engine]
+            fake_before = fake.cpu_in_fake(engine)
             calls_before = dict(dev.stats()["driver_calls"])
             cpu, wall = time.clock_gettime(clock), time.perf_counter()
             one_pass()
             cpu, wall = time.clock_gettime(clock) - cpu, time.perf_counter() - wall
-            in_fake = fake.exec_cpu_s[engine] + fake.call_cpu_s[engine] - fake_before
+            in_fake = fake.cpu_in_fake(engine) - fake_before
             messages = transfers * -(-nbytes // chunk)
             calls = {k: (v - calls_before.get(k, 0)) / messages for k, v in dev.stats()["driver_calls"].items()}
             runs.append({"engine_us": cpu * 1e6 / messages, "fake_us": in_fake * 1e6 / messages,

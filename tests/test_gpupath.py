@@ -443,3 +443,48 @@ def test_the_real_driver_says_why_it_is_unavailable(monkeypatch):
     monkeypatch.delattr(pipellm._ext, "cudadriver", raising=False)
     with pytest.raises(DeviceUnavailableError, match="cydriver layer .* is not built here"):
         Driver.real(0)
+
+
+def test_abandoning_a_group_gives_its_staging_back(fake):
+    rng, path, secret, key = _one_key(fake, 8)
+    dst = path.driver.alloc(1000)
+    _stage_message(path, key, secret, rng.randbytes(1000), rng, dst)
+    group = path.launch(session=0)  # in flight: the ring is not empty
+    offsets = []
+    for _ in range(2):
+        iv, aad, sealed = _seal(secret, rng.randbytes(1000), rng)
+        _KEEP.append(sealed)
+        assert path.room(1000)
+        offsets.append(path.stage(key, iv, aad, sealed, 1000)[1])
+    path.h2d.abandon()
+    assert path.h2d.staged == 0
+    iv, aad, sealed = _seal(secret, rng.randbytes(1000), rng)
+    _KEEP.append(sealed)
+    assert path.room(1000)
+    assert path.stage(key, iv, aad, sealed, 1000)[1] == offsets[0]
+    assert path.result(group) == -1
+    path.close()
+
+
+def test_a_message_the_keys_powers_do_not_cover_is_refused_before_anything_is_queued(fake):
+    rng, path, secret, key = _one_key(fake, 9)
+    n = key.max_bytes() + 16
+    iv, aad, sealed = _seal(secret, rng.randbytes(n), rng)
+    copies = fake.calls["copy_htod"]
+    assert path.room(n)
+    with pytest.raises(DeviceError, match="powers grown first"):
+        path.h2d.stage(key, iv, aad, sealed, n)
+    assert path.h2d.staged == 0 and fake.calls["copy_htod"] == copies
+    _KEEP.append(sealed)
+    assert path.stage(key, iv, aad, sealed, n)[0] == 0  # DriverPath grows them first
+    path.close()
+
+
+def test_tables_of_keys_no_longer_kept_are_freed_once_nothing_can_read_them(fake):
+    path = _path(fake)
+    frees = fake.calls["mem_free"]
+    for i in range(12):  # the path keeps 8 keys' tables; the older ones go once the path is idle
+        path.key(bytes([i]) * 32)
+    assert fake.calls["mem_free"] - frees >= 3 * 3  # round keys, H's table, powers of 3+ keys
+    path.close()
+    assert not fake.in_use()  # and close freed the rest

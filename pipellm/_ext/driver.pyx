@@ -13,6 +13,7 @@ from libc.string cimport memset
 from posix.time cimport CLOCK_THREAD_CPUTIME_ID, clock_gettime, timespec
 
 from pipellm._ext.drivertable cimport DriverTable, FAKE_RAISED, NOT_READY, SUCCESS
+from pipellm._ext.kernelparams cimport Params
 
 from threading import get_ident
 
@@ -44,6 +45,24 @@ cdef int check(DriverTable* t, int result, str what) except -1:
     if result in (100, 34, 46, 3):  # no device, stub library, device unavailable, not initialised
         raise DeviceUnavailableError(f"{what} failed: {name}")
     raise DeviceError(f"{what} failed: {name}")
+
+
+cdef int launch(DriverTable* t, void* function, int64_t gx, int64_t gy, int64_t bx, Params* p, void* stream,
+                str what) except -1:
+    """Launch ``function`` on a (gx, gy) grid of bx-thread blocks with the packed block ``p``."""
+    for i in range(p.n):
+        p.slot[i] = &p.value[i]
+    return check(t, t.launch(function, <unsigned int>gx, <unsigned int>gy, 1, <unsigned int>bx, 1, 1, 0, stream,
+                             p.slot), f"cuLaunchKernel({what})")
+
+
+cdef int record_and_wait(DriverTable* t, void* event, void* stream, str what) except -1:
+    """Record ``event`` behind the work queued on ``stream`` and wait for it (GIL released)."""
+    cdef int result
+    check(t, t.event_record(event, stream), "cuEventRecord")
+    with nogil:
+        result = t.event_synchronize(event)
+    return check(t, result, what)
 
 
 cdef class Driver:
@@ -83,13 +102,10 @@ cdef class Driver:
         d._owner, d.kind, d.device = fake, "fake", 0
         return d
 
-    cdef int current(self) except -1:
-        return check(self.t, self.t.context_current(self.device), "cuCtxSetCurrent")
-
     # set-up calls (not on the per-message path)
     def use_context(self) -> None:
         """Make the device's primary context current on the calling thread."""
-        self.current()
+        check(self.t, self.t.context_current(self.device), "cuCtxSetCurrent")
 
     def alloc(self, size_t nbytes) -> int:
         cdef uint64_t address = 0
@@ -181,7 +197,7 @@ cdef void _account(double start) noexcept:
 
 cdef int _call(str name, tuple args, double start, uint64_t* out) noexcept:
     """Call the fake's method ``name``; its result into ``out`` where one is wanted. An
-    exception is kept for ``_check`` to raise (C callers see FAKE_RAISED)."""
+    exception is kept for :func:`check` to raise (C callers see FAKE_RAISED)."""
     try:
         result = getattr(_fake, name)(*args)
         if out != NULL:
@@ -315,29 +331,21 @@ cdef int _f_module_function(void** function, void* module, const char* name) noe
         return _call("module_function", (<uintptr_t>module, name.decode()), start, <uint64_t*>function)
 
 
-cdef int _launch_gil(void* function, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx,
-                     unsigned int by, unsigned int bz, unsigned int shared, void* stream,
-                     void** params) noexcept:
-    cdef int i
-    try:
-        # the parameter block is read now, as the driver does: it may be reused on return
-        count = _fake.param_count(<uintptr_t>function)
-        values = [(<int64_t*>params[i])[0] for i in range(count)]
-        _fake.launch(<uintptr_t>function, (gx, gy, gz), (bx, by, bz), shared, <uintptr_t>stream, values)
-        return SUCCESS
-    except BaseException as exc:
-        return _fail(exc)
-
-
 cdef int _f_launch(void* function, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx,
                    unsigned int by, unsigned int bz, unsigned int shared, void* stream,
                    void** params) noexcept nogil:
     cdef double start = _cpu()
-    cdef int result
+    cdef uint64_t count = 0
+    cdef int result, i
     with gil:
-        result = _launch_gil(function, gx, gy, gz, bx, by, bz, shared, stream, params)
-        _account(start)
-        return result
+        result = _call("param_count", (<uintptr_t>function,), start, &count)
+        if result != SUCCESS:
+            return result
+        start = _cpu()
+        # the parameter block is read now, as the driver does: it may be reused on return
+        values = [(<int64_t*>params[i])[0] for i in range(count)]
+        return _call("launch", (<uintptr_t>function, (gx, gy, gz), (bx, by, bz), shared, <uintptr_t>stream, values),
+                     start, NULL)
 
 
 cdef DriverTable _fake_table

@@ -23,11 +23,11 @@ The kernels are numba-cuda's, loaded as PTX; their parameter blocks are packed i
 from libc.stdint cimport int64_t, uint64_t, uintptr_t
 from libc.string cimport memset
 
-from pipellm._ext.driver cimport Driver, check
+from pipellm._ext.driver cimport Driver, check, launch, record_and_wait
 from pipellm._ext.drivertable cimport DriverTable, NOT_READY
 from pipellm._ext.kernelparams cimport (AAD_MAX, CHUNK_BLOCKS, ROW_AAD, ROW_BYTES, ROW_DST, ROW_IV, ROW_LEN,
                                         ROW_OFF, ROW_TAG, ROW_UPTO, THREADS, Params, array1, array2,
-                                        be_words, scalar)
+                                        be_words, chunks_for, ctr_params, ghash_params, scalar, tag_params)
 
 from pipellm.errors import ArgumentError, DeviceError
 
@@ -39,6 +39,12 @@ AAD_BYTES = AAD_MAX
 ROW = ROW_BYTES
 MAX_IN_FLIGHT = MAX_GROUPS  # groups launched whose outcome is not yet read, at most
 KERNELS = ("ghash_kernel", "tag_kernel", "ctr_kernel", "commit_kernel", "status_kernel", "spin_kernel")
+
+
+def chunks_needed(int64_t nbytes) -> int:
+    """GHASH chunks a message of ``nbytes`` needs the key's powers of H to cover (with the
+    longest AAD the rows hold)."""
+    return chunks_for(AAD_MAX, nbytes)
 
 
 cdef class KeyTables:
@@ -53,8 +59,9 @@ cdef class KeyTables:
         self.powers, self.chunks = powers, chunks
 
     def max_bytes(self) -> int:
-        """The longest message (ciphertext bytes) the powers cover with a 64-byte AAD."""
-        return max(0, (self.chunks * CHUNK_BLOCKS - 4 - 1) * 16)
+        """The longest message (ciphertext bytes) the powers cover (the inverse of
+        :func:`chunks_needed`)."""
+        return max(0, (self.chunks * CHUNK_BLOCKS - AAD_MAX // 16 - 1) * 16)
 
 
 cdef struct Group:
@@ -180,6 +187,11 @@ cdef class H2DPath:
         return <uintptr_t>self.copies
 
     @property
+    def idle(self) -> bool:
+        """Nothing staged and no group whose ring space is not yet reclaimed."""
+        return self.count == 0 and self.live_groups == 0
+
+    @property
     def staged(self) -> int:
         """Messages staged in the group not yet launched."""
         return self.count
@@ -216,27 +228,31 @@ cdef class H2DPath:
             self.wrap_at = self.head
         self.head = at + n
 
-    cdef int _retire_oldest(self, bint block) except -1:
-        """Reclaim the oldest live group's ring space once its done event passed; with
-        ``block`` wait for it (GIL released). Returns 1 if one was retired."""
-        cdef Group* g
-        cdef int result
-        cdef int64_t oldest = -1, i
-        cdef size_t end
-        for i in range(MAX_GROUPS):
-            if self.groups[i].live and (oldest < 0 or self.groups[i].id < self.groups[oldest].id):
-                oldest = i
-        if oldest < 0:
-            return 0
-        g = &self.groups[oldest]
-        result = self.t.event_query(g.done)
+    cdef int _passed(self, void* event, bint block, str what) except -1:
+        """1 once the work before ``event`` has run; 0 while it has not and ``block`` is
+        false; with ``block``, waits for it (GIL released, counted)."""
+        cdef int result = self.t.event_query(event)
         if result == NOT_READY:
             if not block:
                 return 0
             self.calls_wait += 1
             with nogil:
-                result = self.t.event_synchronize(g.done)
-        check(self.t, result, "waiting for a group")
+                result = self.t.event_synchronize(event)
+        check(self.t, result, what)
+        return 1
+
+    cdef int _retire_oldest(self, bint block) except -1:
+        """Reclaim the oldest live group's ring space once its done event passed; with
+        ``block`` wait for it (GIL released). Returns 1 if one was retired."""
+        cdef Group* g
+        cdef int64_t oldest = -1, i
+        cdef size_t end
+        for i in range(MAX_GROUPS):
+            if self.groups[i].live and (oldest < 0 or self.groups[i].id < self.groups[oldest].id):
+                oldest = i
+        if oldest < 0 or not self._passed(self.groups[oldest].done, block, "waiting for a group"):
+            return 0
+        g = &self.groups[oldest]
         g.live = False
         self.live_groups -= 1
         end = g.byte_end
@@ -306,6 +322,11 @@ cdef class H2DPath:
                                 f"({nbytes + 16} bytes, got {payload.shape[0]})")
         if not self._fits_ring(_slot(nbytes), &at) or self.row_start + position >= self.max_rows:
             raise DeviceError("stage() without room(): launch the group first")
+        if nbytes > key.max_bytes():
+            raise DeviceError(f"a {nbytes}-byte message needs the key's powers grown first "
+                              f"(they cover {key.max_bytes()} bytes)")
+        if self.runs == MAX_RUNS and key is not self.run_keys[self.runs - 1]:
+            raise DeviceError("stage() without room(): too many keys in the group")
         if nbytes:
             check(self.t, self.t.copy_htod(self.cipher + at, &payload[0], nbytes, self.copies), "cuMemcpyHtoDAsync")
             self.calls_message += 1
@@ -320,12 +341,7 @@ cdef class H2DPath:
         be_words(row + ROW_TAG, &payload[nbytes], 16)
         (<int64_t*>(row + ROW_OFF))[0] = at
         (<int64_t*>(row + ROW_LEN))[0] = nbytes
-        if nbytes > key.max_bytes():
-            raise DeviceError(f"a {nbytes}-byte message needs the key's powers grown first "
-                              f"(they cover {key.max_bytes()} bytes)")
         if self.runs == 0 or key is not self.run_keys[self.runs - 1]:
-            if self.runs == MAX_RUNS:
-                raise DeviceError("stage() without room(): too many keys in the group")
             self.run_keys.append(key)
             self.run_start[self.runs] = position
             self.run_max[self.runs] = 0
@@ -345,15 +361,12 @@ cdef class H2DPath:
         (<int64_t*>(row + ROW_DST))[0] = <int64_t>destination
         (<int64_t*>(row + ROW_UPTO))[0] = upto
 
-    def offset_of(self, int64_t position) -> int:
-        return (<int64_t*>(self.rows_h + (self.row_start + position) * ROW_BYTES + ROW_OFF))[0]
-
     def launch(self, int64_t session) -> int:
         """Queue the group's verification, decryption, commits and status (see the
         module docstring); returns its id for :meth:`result`. Nothing is waited for."""
         cdef Group* g
         cdef Params p
-        cdef int64_t n = self.count, a, b, r, slot, chunks, blocks
+        cdef int64_t n = self.count, a, b, r, slot, blocks
         cdef uint64_t rows = self.rows_d + self.row_start * ROW_BYTES
         cdef uint64_t acc = self.acc + self.row_start * 16, ok = self.ok + self.row_start * 4
         cdef KeyTables key
@@ -385,13 +398,13 @@ cdef class H2DPath:
         array1(&p, self.plain, self.staging_bytes + 16, 1, 1)
         array1(&p, self.flags + session * 4, 1, 4, 4)
         blocks = max(1, min(COMMIT_BLOCKS, (self._group_max() + THREADS - 1) // THREADS))
-        self._go(self.commit_fn, blocks, n, THREADS, &p, "commit_kernel")
+        launch(self.t, self.commit_fn, blocks, n, THREADS, &p, self.kernels, "commit_kernel")
         # status: the first refused message (-1: none), which raises the session's flag
         p.n = 0
         array1(&p, ok, n, 4, 4)
         array1(&p, self.flags + session * 4, 1, 4, 4)
         array1(&p, self.status_d + slot * 8, 1, 8, 8)
-        self._go(self.status_fn, 1, 1, 1, &p, "status_kernel")
+        launch(self.t, self.status_fn, 1, 1, 1, &p, self.kernels, "status_kernel")
         check(t, t.copy_dtoh(&self.status_h[slot], self.status_d + slot * 8, 8, self.kernels), "cuMemcpyDtoHAsync")
         check(t, t.event_record(g.done, self.kernels), "cuEventRecord")
         g.id, g.row_start, g.rows, g.byte_end, g.live, g.read = self.next_group, self.row_start, n, self.head, True, True
@@ -400,10 +413,14 @@ cdef class H2DPath:
         self.row_start += n
         if self.row_start >= self.max_rows:
             self.row_start = 0
+        self._forget_group()
+        return g.id
+
+    cdef void _forget_group(self) noexcept:
+        """No group being staged any more (launched, or abandoned)."""
         self.count = 0
         self.runs = 0
         self.run_keys = []
-        return g.id
 
     cdef int64_t _group_max(self):
         cdef int64_t m = 0
@@ -415,51 +432,18 @@ cdef class H2DPath:
     cdef int _launch_run(self, KeyTables key, uint64_t rows, uint64_t acc, uint64_t ok, int64_t n,
                          int64_t longest) except -1:
         cdef Params p
-        cdef int64_t chunks = ((self.aad_bytes + 15) // 16 + (longest + 15) // 16 + 1 + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
-        cdef int64_t ctr_blocks = max(1, ((longest + 15) // 16 + THREADS - 1) // THREADS)
+        cdef int64_t chunks = chunks_for(self.aad_bytes, longest)
+        cdef int64_t buffer = self.staging_bytes + 16
         if chunks > key.chunks:
             raise DeviceError(f"the key's powers cover {key.chunks} chunks, the group needs {chunks}")
-        # ghash_kernel(h_table, powers, data32, offs, lens, aad32, aad_len, acc)
-        p.n = 0
-        array1(&p, key.h_table, 2048, 4, 4)
-        array2(&p, key.powers, key.chunks, 4, 4, 16)
-        array1(&p, self.cipher, (self.staging_bytes + 16) // 4, 4, 4)
-        array1(&p, rows + ROW_OFF, n, 8, ROW_BYTES)
-        array1(&p, rows + ROW_LEN, n, 8, ROW_BYTES)
-        array2(&p, rows + ROW_AAD, n, AAD_MAX // 4, 4, ROW_BYTES)
-        scalar(&p, self.aad_bytes)
-        array2(&p, acc, n, 4, 4, 16)
-        self._go(self.ghash, (chunks + THREADS - 1) // THREADS, n, THREADS, &p, "ghash_kernel")
-        # tag_kernel(te, rk, ivs, acc, tags, ok, check=1)
-        p.n = 0
-        array1(&p, self.te, 256, 4, 4)
-        array1(&p, key.round_keys, 60, 4, 4)
-        array2(&p, rows + ROW_IV, n, 3, 4, ROW_BYTES)
-        array2(&p, acc, n, 4, 4, 16)
-        array2(&p, rows + ROW_TAG, n, 4, 4, ROW_BYTES)
-        array1(&p, ok, n, 4, 4)
-        scalar(&p, 1)
-        self._go(self.tag, (n + THREADS - 1) // THREADS, 1, THREADS, &p, "tag_kernel")
-        # ctr_kernel(te, rk, ivs, src32, src_offs, dst8, dst32, dst_offs, lens, ok)
-        p.n = 0
-        array1(&p, self.te, 256, 4, 4)
-        array1(&p, key.round_keys, 60, 4, 4)
-        array2(&p, rows + ROW_IV, n, 3, 4, ROW_BYTES)
-        array1(&p, self.cipher, (self.staging_bytes + 16) // 4, 4, 4)
-        array1(&p, rows + ROW_OFF, n, 8, ROW_BYTES)
-        array1(&p, self.plain, self.staging_bytes + 16, 1, 1)
-        array1(&p, self.plain, (self.staging_bytes + 16) // 4, 4, 4)
-        array1(&p, rows + ROW_OFF, n, 8, ROW_BYTES)
-        array1(&p, rows + ROW_LEN, n, 8, ROW_BYTES)
-        array1(&p, ok, n, 4, 4)
-        self._go(self.ctr, ctr_blocks, n, THREADS, &p, "ctr_kernel")
+        ghash_params(&p, key.h_table, key.powers, key.chunks, self.cipher, buffer, rows, n, self.aad_bytes, acc)
+        launch(self.t, self.ghash, (chunks + THREADS - 1) // THREADS, n, THREADS, &p, self.kernels, "ghash_kernel")
+        tag_params(&p, self.te, key.round_keys, rows, n, acc, ok, 1)
+        launch(self.t, self.tag, (n + THREADS - 1) // THREADS, 1, THREADS, &p, self.kernels, "tag_kernel")
+        ctr_params(&p, self.te, key.round_keys, rows, n, self.cipher, self.plain, buffer, ok)
+        launch(self.t, self.ctr, max(1, ((longest + 15) // 16 + THREADS - 1) // THREADS), n, THREADS, &p,
+               self.kernels, "ctr_kernel")
         return 0
-
-    cdef int _go(self, void* function, int64_t gx, int64_t gy, int64_t bx, Params* p, str what) except -1:
-        for i in range(p.n):
-            p.slot[i] = &p.value[i]
-        return check(self.t, self.t.launch(function, <unsigned int>gx, <unsigned int>gy, 1, <unsigned int>bx, 1, 1,
-                                            0, self.kernels, p.slot), f"cuLaunchKernel({what})")
 
     def result(self, int64_t group, bint block=True):
         """The outcome of ``group`` once its done event passed: -1 (every message
@@ -467,18 +451,11 @@ cdef class H2DPath:
         refused message (those before it committed as the contract says, nothing after);
         None if it has not finished and ``block`` is false. Outcomes are read in order."""
         cdef Group* g = &self.groups[group % MAX_GROUPS]
-        cdef int result
         if g.id != group or not g.read:
             raise ArgumentError(f"group {group} is not awaiting its outcome")
         if g.live:
-            result = self.t.event_query(g.done)
-            if result == NOT_READY:
-                if not block:
-                    return None
-                self.calls_wait += 1
-                with nogil:
-                    result = self.t.event_synchronize(g.done)
-            check(self.t, result, "waiting for a group")
+            if not self._passed(g.done, block, "waiting for a group"):
+                return None
             # its space comes back in ring order: retire the older ones (done before it)
             while g.live:
                 self._retire_oldest(True)
@@ -489,29 +466,20 @@ cdef class H2DPath:
         """Keep the GPU busy for ``ns`` nanoseconds on the kernel stream, behind every
         commit queued before, and wait for it (the GIL released): the device's compute."""
         cdef Params p
-        cdef int result
         if ns < 0:
             raise ArgumentError(f"compute time must be >= 0 ns, got {ns}")
         p.n = 0
         scalar(&p, ns)
-        self._go(self.spin_fn, 1, 1, 1, &p, "spin_kernel")
-        check(self.t, self.t.event_record(self.computed, self.kernels), "cuEventRecord")
-        with nogil:
-            result = self.t.event_synchronize(self.computed)
-        check(self.t, result, "waiting for compute")
+        launch(self.t, self.spin_fn, 1, 1, 1, &p, self.kernels, "spin_kernel")
+        record_and_wait(self.t, self.computed, self.kernels, "waiting for compute")
 
     def copied(self, int64_t group) -> bool:
         """Whether ``group``'s ciphertext copies have run (one event query, no wait): from
         then on the host memory its messages were staged from may be reused."""
         cdef Group* g = &self.groups[group % MAX_GROUPS]
-        cdef int result
         if g.id != group:
             return True  # long done: its slot was reused by a later group
-        result = self.t.event_query(g.copied)
-        if result == NOT_READY:
-            return False
-        check(self.t, result, "cuEventQuery")
-        return True
+        return self._passed(g.copied, False, "cuEventQuery") == 1
 
     def abandon(self) -> None:
         """Forget the group being staged (its copies may still read their slots: the copy
@@ -520,12 +488,9 @@ cdef class H2DPath:
         with nogil:
             result = self.t.stream_synchronize(self.copies)
         check(self.t, result, "cuStreamSynchronize")
-        self.count = 0
-        self.runs = 0
-        self.run_keys = []
-        if self.count:
+        if self.count:  # its staging space comes back
             self.head, self.wrapped, self.wrap_at = self.saved_head, self.saved_wrapped, self.saved_wrap_at
-        self.count = 0
+        self._forget_group()
 
     def close(self) -> None:
         """Wait for everything queued, free the path's memory (idempotent)."""

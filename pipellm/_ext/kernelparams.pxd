@@ -68,3 +68,58 @@ cdef inline void be_words(unsigned char* out, const unsigned char* data, Py_ssiz
             if i + j < n:
                 word |= data[i + j]
         memcpy(out + i, &word, 4)
+
+
+cdef inline int64_t chunks_for(int64_t aad_bytes, int64_t nbytes) noexcept nogil:
+    """GHASH chunks (CHUNK_BLOCKS blocks each) of a message: its AAD, its ciphertext and
+    the length block; the key's powers of H must cover that many."""
+    return ((aad_bytes + 15) // 16 + (nbytes + 15) // 16 + 1 + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
+
+
+# The three AES-GCM kernels' blocks over ``n`` messages whose rows start at ``rows``
+# (device memory laid out as above): the fields are strided views of the rows.
+
+cdef inline void ghash_params(Params* p, uint64_t h_table, uint64_t powers, int64_t chunks, uint64_t data,
+                              int64_t data_bytes, uint64_t rows, int64_t n, int64_t aad_bytes,
+                              uint64_t acc) noexcept nogil:
+    """ghash_kernel(h_table, powers, data32, offs, lens, aad32, aad_len, acc)"""
+    p.n = 0
+    array1(p, h_table, 2048, 4, 4)
+    array2(p, powers, chunks, 4, 4, 16)
+    array1(p, data, data_bytes // 4, 4, 4)
+    array1(p, rows + ROW_OFF, n, 8, ROW_BYTES)
+    array1(p, rows + ROW_LEN, n, 8, ROW_BYTES)
+    array2(p, rows + ROW_AAD, n, AAD_MAX // 4, 4, ROW_BYTES)
+    scalar(p, aad_bytes)
+    array2(p, acc, n, 4, 4, 16)
+
+
+cdef inline void tag_params(Params* p, uint64_t te, uint64_t round_keys, uint64_t rows, int64_t n, uint64_t acc,
+                            uint64_t ok, int64_t verify) noexcept nogil:
+    """tag_kernel(te, rk, ivs, acc, tags, ok, check): ``verify`` compares with the rows'
+    tags into ``ok``, else writes the tags there"""
+    p.n = 0
+    array1(p, te, 256, 4, 4)
+    array1(p, round_keys, 60, 4, 4)
+    array2(p, rows + ROW_IV, n, 3, 4, ROW_BYTES)
+    array2(p, acc, n, 4, 4, 16)
+    array2(p, rows + ROW_TAG, n, 4, 4, ROW_BYTES)
+    array1(p, ok, n, 4, 4)
+    scalar(p, verify)
+
+
+cdef inline void ctr_params(Params* p, uint64_t te, uint64_t round_keys, uint64_t rows, int64_t n, uint64_t src,
+                            uint64_t dst, int64_t buffer_bytes, uint64_t ok) noexcept nogil:
+    """ctr_kernel(te, rk, ivs, src32, src_offs, dst8, dst32, dst_offs, lens, ok): each
+    message from ``src`` to ``dst`` at its row's offset (both ``buffer_bytes`` long)"""
+    p.n = 0
+    array1(p, te, 256, 4, 4)
+    array1(p, round_keys, 60, 4, 4)
+    array2(p, rows + ROW_IV, n, 3, 4, ROW_BYTES)
+    array1(p, src, buffer_bytes // 4, 4, 4)
+    array1(p, rows + ROW_OFF, n, 8, ROW_BYTES)
+    array1(p, dst, buffer_bytes, 1, 1)
+    array1(p, dst, buffer_bytes // 4, 4, 4)
+    array1(p, rows + ROW_OFF, n, 8, ROW_BYTES)
+    array1(p, rows + ROW_LEN, n, 8, ROW_BYTES)
+    array1(p, ok, n, 4, 4)

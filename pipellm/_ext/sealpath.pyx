@@ -5,11 +5,11 @@ host, over the same table of driver calls and kernels as the host-to-device path
 from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memset
 
-from pipellm._ext.driver cimport Driver, check
+from pipellm._ext.driver cimport Driver, check, launch, record_and_wait
 from pipellm._ext.drivertable cimport DriverTable
 from pipellm._ext.gpupath cimport KeyTables
-from pipellm._ext.kernelparams cimport (AAD_MAX, CHUNK_BLOCKS, ROW_AAD, ROW_BYTES, ROW_IV, ROW_LEN, ROW_OFF,
-                                        ROW_TAG, THREADS, Params, array1, array2, be_words, scalar)
+from pipellm._ext.kernelparams cimport (AAD_MAX, ROW_AAD, ROW_BYTES, ROW_IV, ROW_LEN, ROW_TAG, THREADS, Params,
+                                        be_words, chunks_for, ctr_params, ghash_params, tag_params)
 
 from pipellm.errors import ArgumentError, DeviceError
 
@@ -31,7 +31,6 @@ cdef class D2HSealer:
     cdef uint64_t te, plain, sealed, row_d, acc, ones
     cdef unsigned char* row_h
     cdef readonly size_t capacity
-    cdef int64_t calls
 
     def __cinit__(self):
         self.t = NULL
@@ -56,19 +55,13 @@ cdef class D2HSealer:
         self.done = <void*><uintptr_t>driver.event()
         check(self.t, self.t.copy_htod(self.acc, <const char*>init, 16, self.stream), "cuMemcpyHtoDAsync")
         check(self.t, self.t.copy_htod(self.ones, (<const char*>init) + 16, 4, self.stream), "cuMemcpyHtoDAsync")
-        self.calls = 0
-
-    @property
-    def calls_made(self) -> int:
-        return self.calls
 
     def seal(self, KeyTables key not None, const unsigned char[::1] iv not None,
              const unsigned char[::1] aad not None, uint64_t src, size_t nbytes,
              unsigned char[::1] out not None) -> None:
         """Seal ``nbytes`` of device memory at ``src`` into ``out`` (ciphertext || tag)."""
         cdef Params p
-        cdef int result
-        cdef int64_t chunks = (AAD_MAX // 16 + (<int64_t>nbytes + 15) // 16 + 1 + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
+        cdef int64_t chunks = chunks_for(AAD_MAX, nbytes), buffer = self.capacity + 16
         cdef uint32_t word
         cdef int i
         if iv.shape[0] != 12 or aad.shape[0] > AAD_MAX or <size_t>out.shape[0] != nbytes + 16:
@@ -88,57 +81,24 @@ cdef class D2HSealer:
         if nbytes:
             check(t, t.copy_dtod(self.plain, src, nbytes, self.stream), "cuMemcpyDtoDAsync")
         check(t, t.copy_htod(self.row_d, self.row_h, ROW_BYTES, self.stream), "cuMemcpyHtoDAsync")
-        p.n = 0
-        array1(&p, self.te, 256, 4, 4)
-        array1(&p, key.round_keys, 60, 4, 4)
-        array2(&p, self.row_d + ROW_IV, 1, 3, 4, ROW_BYTES)
-        array1(&p, self.plain, (self.capacity + 16) // 4, 4, 4)
-        array1(&p, self.row_d + ROW_OFF, 1, 8, ROW_BYTES)
-        array1(&p, self.sealed, self.capacity + 16, 1, 1)
-        array1(&p, self.sealed, (self.capacity + 16) // 4, 4, 4)
-        array1(&p, self.row_d + ROW_OFF, 1, 8, ROW_BYTES)
-        array1(&p, self.row_d + ROW_LEN, 1, 8, ROW_BYTES)
-        array1(&p, self.ones, 1, 4, 4)
-        self._go(self.ctr, max(1, ((<int64_t>nbytes + 15) // 16 + THREADS - 1) // THREADS), THREADS, &p, "ctr_kernel")
-        p.n = 0
-        array1(&p, key.h_table, 2048, 4, 4)
-        array2(&p, key.powers, key.chunks, 4, 4, 16)
-        array1(&p, self.sealed, (self.capacity + 16) // 4, 4, 4)
-        array1(&p, self.row_d + ROW_OFF, 1, 8, ROW_BYTES)
-        array1(&p, self.row_d + ROW_LEN, 1, 8, ROW_BYTES)
-        array2(&p, self.row_d + ROW_AAD, 1, AAD_MAX // 4, 4, ROW_BYTES)
-        scalar(&p, aad.shape[0])
-        array2(&p, self.acc, 1, 4, 4, 16)
-        self._go(self.ghash, (chunks + THREADS - 1) // THREADS, THREADS, &p, "ghash_kernel")
-        p.n = 0
-        array1(&p, self.te, 256, 4, 4)
-        array1(&p, key.round_keys, 60, 4, 4)
-        array2(&p, self.row_d + ROW_IV, 1, 3, 4, ROW_BYTES)
-        array2(&p, self.acc, 1, 4, 4, 16)
-        array2(&p, self.row_d + ROW_TAG, 1, 4, 4, ROW_BYTES)
-        array1(&p, self.ones, 1, 4, 4)
-        scalar(&p, 0)
-        self._go(self.tag, 1, THREADS, &p, "tag_kernel")
+        ctr_params(&p, self.te, key.round_keys, self.row_d, 1, self.plain, self.sealed, buffer, self.ones)
+        launch(t, self.ctr, max(1, ((<int64_t>nbytes + 15) // 16 + THREADS - 1) // THREADS), 1, THREADS, &p,
+               self.stream, "ctr_kernel")
+        ghash_params(&p, key.h_table, key.powers, key.chunks, self.sealed, buffer, self.row_d, 1, aad.shape[0],
+                     self.acc)
+        launch(t, self.ghash, (chunks + THREADS - 1) // THREADS, 1, THREADS, &p, self.stream, "ghash_kernel")
+        tag_params(&p, self.te, key.round_keys, self.row_d, 1, self.acc, self.ones, 0)
+        launch(t, self.tag, 1, 1, THREADS, &p, self.stream, "tag_kernel")
         if nbytes:
             check(t, t.copy_dtoh(&out[0], self.sealed, nbytes, self.stream), "cuMemcpyDtoHAsync")
         check(t, t.copy_dtoh(self.row_h + ROW_TAG, self.row_d + ROW_TAG, 16, self.stream), "cuMemcpyDtoHAsync")
-        check(t, t.event_record(self.done, self.stream), "cuEventRecord")
-        self.calls += 9 if nbytes else 7
-        with nogil:
-            result = t.event_synchronize(self.done)
-        check(t, result, "waiting for a sealed read")
+        record_and_wait(t, self.done, self.stream, "waiting for a sealed read")
         for i in range(4):  # the tag's words, big-endian on the wire
             memcpy(&word, self.row_h + ROW_TAG + 4 * i, 4)
             out[nbytes + 4 * i] = (word >> 24) & 0xFF
             out[nbytes + 4 * i + 1] = (word >> 16) & 0xFF
             out[nbytes + 4 * i + 2] = (word >> 8) & 0xFF
             out[nbytes + 4 * i + 3] = word & 0xFF
-
-    cdef int _go(self, void* function, int64_t gx, int64_t bx, Params* p, str what) except -1:
-        for i in range(p.n):
-            p.slot[i] = &p.value[i]
-        return check(self.t, self.t.launch(function, <unsigned int>gx, 1, 1, <unsigned int>bx, 1, 1, 0,
-                                            self.stream, p.slot), f"cuLaunchKernel({what})")
 
     def close(self) -> None:
         if self.t == NULL:

@@ -188,12 +188,17 @@ class DriverCudaDevice(CopyEngineDevice):
     def _staging(self, session, nbytes: int):
         return _Span(0, self._path.h2d.staging_bytes)
 
+    def _address(self, buffer_id: int, offset: int, nbytes: int) -> int | None:
+        """The device address of ``[offset, offset + nbytes)`` of a buffer (None where the
+        buffer is not allocated or does not hold those bytes: see ``_fits``)."""
+        return self._mem[buffer_id].address + offset if self._fits(buffer_id, offset, nbytes) else None
+
     def _write(self, buffer_id: int, offset: int, plaintext) -> str | None:
-        mem = self._mem.get(buffer_id)
-        if mem is None or offset + len(plaintext) > mem.size:
+        address = self._address(buffer_id, offset, len(plaintext))
+        if address is None:
             return "which is not allocated"
         if len(plaintext):
-            self._path.commit(plaintext.position, mem.address + offset, self._path.h2d.staged - 1)
+            self._path.commit(plaintext.position, address, self._path.h2d.staged - 1)
         return None
 
     def _make_room(self, session, nbytes: int) -> None:
@@ -231,10 +236,10 @@ class DriverCudaDevice(CopyEngineDevice):
         path = self._path
         for session in self._sessions.values():
             for commit in session.receiver.flush():
-                mem = self._mem.get(commit.buffer)
                 span = commit.plaintext
-                if mem is not None and commit.offset + len(span) <= mem.size and len(span):
-                    path.commit(span.position, mem.address + commit.offset, span.position)
+                address = self._address(commit.buffer, commit.offset, len(span))
+                if address is not None and len(span):
+                    path.commit(span.position, address, span.position)
         slot = self._group_slot
         if slot in self._fresh:
             path.h2d.reset_flag(slot)
@@ -266,27 +271,27 @@ class DriverCudaDevice(CopyEngineDevice):
         return refused
 
     def _span(self, buffer_id: int, offset: int, nbytes: int):
-        mem = self._mem.get(buffer_id)
-        if mem is None or offset + nbytes > mem.size:
+        address = self._address(buffer_id, offset, nbytes)
+        if address is None:
             return None
         self._current()
-        return _Span(0, nbytes, -1, mem.address + offset)
+        return _Span(0, nbytes, -1, address)
 
     def _copy_in(self, src, buffer_id: int, offset: int) -> bool:
-        mem = self._mem.get(buffer_id)
-        if mem is None or offset + len(src) > mem.size:
+        address = self._address(buffer_id, offset, len(src))
+        if address is None:
             return False
         self._current()
-        self._path.driver.copy_htod(mem.address + offset, np.frombuffer(src, np.uint8), self._stream)
+        self._path.driver.copy_htod(address, np.frombuffer(src, np.uint8), self._stream)
         self._path.driver.synchronize(self._stream)  # the host may reuse ``src`` once the op is done
         return True
 
     def _copy_out(self, buffer_id: int, offset: int, dst) -> bool:
-        mem = self._mem.get(buffer_id)
-        if mem is None or offset + len(dst) > mem.size:
+        address = self._address(buffer_id, offset, len(dst))
+        if address is None:
             return False
         self._current()
-        self._path.driver.copy_dtoh(np.frombuffer(dst, np.uint8), mem.address + offset, self._stream)
+        self._path.driver.copy_dtoh(np.frombuffer(dst, np.uint8), address, self._stream)
         self._path.driver.synchronize(self._stream)
         return True
 

@@ -34,10 +34,10 @@ from __future__ import annotations
 import numpy as np
 
 from .._ext.driver import Driver
-from .._ext.gpupath import ROW, H2DPath, KeyTables
+from .._ext.gpupath import ROW, H2DPath, KeyTables, chunks_needed
 from .._ext.sealpath import D2HSealer
 from ..kernels import driverpath
-from ..kernels.tables import CHUNK_BLOCKS, TE0, GcmKey
+from ..kernels.tables import TE0, GcmKey
 
 _KEYS_KEPT = 8  # keys' tables kept on the device (epochs in flight)
 
@@ -108,9 +108,17 @@ class DriverPath:
         key = self._keys.get(key_id)
         if key is None:
             if len(self._keys) >= _KEYS_KEPT:
-                self._retired.append(self._keys.pop(next(iter(self._keys))))  # freed at close
+                self._retired.append(self._keys.pop(next(iter(self._keys))))
+            if self.h2d.idle:  # no group left that could read a retired key's tables
+                self._free(self._retired)
             key = self._keys[key_id] = _Key(self, bytes(secret))
         return key.tables
+
+    def _free(self, keys: list) -> None:
+        for key in keys:
+            for address in key.addresses:
+                self.driver.free(address)
+        keys.clear()
 
     def room(self, nbytes: int) -> bool:
         """Whether the group being staged takes one more message of ``nbytes`` (if not:
@@ -121,7 +129,7 @@ class DriverPath:
         """Grow the key's powers of H when a message of ``nbytes`` needs more."""
         if nbytes > tables.max_bytes():
             key = next(k for k in (*self._keys.values(), *self._retired) if k.tables is tables)
-            key.grow(self, -(-(4 + -(-nbytes // 16) + 1) // CHUNK_BLOCKS))
+            key.grow(self, chunks_needed(nbytes))
 
     def stage(self, tables: KeyTables, iv, aad, payload, nbytes: int) -> tuple[int, int]:
         """Stage a message (ciphertext || tag in ``payload``, kept unchanged until its
@@ -153,12 +161,10 @@ class DriverPath:
             return
         h2d.close()
         self.d2h.close()
-        for key in (*self._keys.values(), *self._retired):
-            for address in key.addresses:
-                self.driver.free(address)
-        self.driver.free(self._te)
+        self._free([*self._keys.values(), *self._retired])
         self._keys.clear()
         self._retired.clear()
+        self.driver.free(self._te)
 
 
 __all__ = ["DriverPath", "ROW"]
