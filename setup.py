@@ -53,7 +53,7 @@ CYTHON = dict(language_level=3, compiler_directives={"boundscheck": False, "wrap
 extensions = [
     Extension(f"pipellm._ext.{name}", [f"pipellm/_ext/{name}.pyx"], extra_compile_args=["-O3"])
     for name in ("bounce", "driver", "gpupath", "locks", "memcopy", "message", "region", "request", "sealpath",
-                 "speculation", "submission", "tuples", "writeguard")
+                 "speculation", "submission", "writeguard")
 ]
 
 # The predictors run on every transfer: their plain Python modules are also compiled (one

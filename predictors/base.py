@@ -9,9 +9,10 @@ from typing import NamedTuple
 
 from pipellm.errors import ArgumentError
 
-# ``_new_tuple(Prediction, key)`` makes a NamedTuple from a tuple of its fields in C: a
-# NamedTuple's own ``__new__`` and ``_make`` are Python frames, on the planning path
-from pipellm._ext.tuples import new_tuple as _new_tuple
+# ``_new_tuple(Prediction, key)`` makes a NamedTuple from a tuple of its fields without a
+# Python frame (a NamedTuple's own ``__new__`` and ``_make`` are Python functions, on the
+# planning path)
+_new_tuple = tuple.__new__
 
 
 class TransferEvent(NamedTuple):

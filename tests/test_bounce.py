@@ -164,3 +164,24 @@ def test_refused_mlock_warns_once_and_goes_on_unpinned():
                          cwd="/", env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "[False,", "False,", "False]", "True", "b'ok!!'"]
+
+
+def test_views_in_garbage_cycles_are_collected_safely():
+    """A view of a slot (or of bytes within one) caught in a reference cycle with its slot:
+    the collector may clear the slot before it releases the view, and the release must
+    still find the pool (it crashed the interpreter when the span's fields were cleared
+    first). The pool's memory stays mapped while any view is alive, and unmaps after."""
+    import gc
+    pool = BouncePool(8 * PAGE_BYTES)
+    for i in range(200):
+        slot = pool.acquire(PAGE_BYTES)
+        box = [slot.view(100 + i), slot, slot.view(PAGE_BYTES)]
+        box.append(box)
+        pool.release(slot)  # (the views keep the memory mapped, not the slot)
+        del slot, box
+        if i % 20 == 0:
+            gc.collect()
+    gc.collect()
+    pool.close()  # every view was released: close() unmaps at once
+    with pytest.raises(ChannelClosedError):
+        pool.acquire(PAGE_BYTES)

@@ -134,6 +134,8 @@ def test_bench_hotpath_quick_json():
     for row in result["rows"]:
         assert set(row["us_per_request"]) == {"plain", "cc", "pipellm hit"}
         assert all(v > 0 for v in row["us_per_request"].values())
+    assert set(result["lock_round_trip_ns"]) == {"pipellm", "pythread"}
+    assert all(v > 0 for v in result["lock_round_trip_ns"].values())
 
 
 def test_bench_gpu_host_quick_json():

@@ -526,29 +526,26 @@ def test_learned_takes_its_weights_as_any_sequence():
     assert len(records) > 50
 
 
-def test_new_tuple_builds_what_tuple_new_builds():
-    """The planning path's C constructor of predictions and events: the same instances
-    as ``tuple.__new__`` (type, fields, hash, equality), an iterable copied as there, a
-    class that is not a tuple refused as there, and no reference kept or lost."""
-    from pipellm._ext.tuples import new_tuple
-    from pipellm.predictors.base import Prediction, TransferEvent
-    name = "layer7-" + str(id(object()))  # (not interned: its count moves only with ours)
-    fields = (name, 4096, 65536)
-    before = sys.getrefcount(name)
-    made = [new_tuple(Prediction, fields) for _ in range(100)]
-    assert sys.getrefcount(name) == before + 100
-    del made
-    assert sys.getrefcount(name) == before
-    p = new_tuple(Prediction, fields)
-    assert type(p) is Prediction and p == tuple.__new__(Prediction, fields) and hash(p) == hash(fields)
-    assert (p.region, p.offset, p.nbytes) == fields
-    event = new_tuple(TransferEvent, (name, 0, 10, "d2h", 3, 1.5))
-    assert event.direction == "d2h" and event.stream == 3 and event.key == (name, 0, 10)
-    assert new_tuple(Prediction, [name, 1, 2]) == (name, 1, 2)  # an iterable, copied
-    with pytest.raises(TypeError):
-        new_tuple(int, (1,))
-    with pytest.raises(TypeError):
-        new_tuple(Prediction, 5)
+@pytest.mark.parametrize("name", ["layerwise", "kvswap", "lru", "sequence", "oracle"])
+def test_predictions_are_the_named_tuples_they_say(name):
+    """The planning path builds predictions from tuples of fields without a Python frame:
+    what it returns is a Prediction (type, fields, equality and hash of a tuple), never a
+    bare tuple or a half-made one."""
+    from pipellm.predictors.base import Prediction
+    trace = generate.vllm_swap(requests=4) if name in ("kvswap", "lru") else generate.moe(seed=2, tokens=4, weight_budget=4 << 20)
+    records = [r for r in trace.records if r.op in ("h2d", "d2h")]
+    cls = pipellm.predictors.BUILTIN[name]
+    predictor = (cls(future=[(r.region, r.offset, r.nbytes) for r in records if r.op == "h2d"])
+                 if name == "oracle" else cls())
+    seen = 0
+    for r in records:
+        for p in predictor.predict(4):
+            assert type(p) is Prediction
+            assert p == Prediction(p.region, p.offset, p.nbytes) and hash(p) == hash(tuple(p))
+            assert isinstance(p.region, str) and isinstance(p.offset, int) and isinstance(p.nbytes, int)
+            seen += 1
+        predictor.observe(TransferEvent(r.region, r.offset, r.nbytes, r.op))
+    assert seen > 20
 
 
 # -- scikit-learn's conventions and the conformance battery ---------------------------------

@@ -32,7 +32,8 @@ cdef class BouncePool:
     cdef object _take(self, size_t pages)
     cdef _retire(self, slots, fence)
     cdef _check_slot(self, Slot slot)
-    cdef int _export(self, Slot slot, Py_buffer* buffer, int flags) except -1
+    cdef int _export(self, object owner, size_t offset, Py_ssize_t nbytes, Py_buffer* buffer,
+                     int flags) except -1
 
 
 cdef class Slot:
@@ -41,6 +42,10 @@ cdef class Slot:
     cdef readonly size_t pages
     cdef readonly size_t capacity
     cdef readonly bint live
-    cdef Py_ssize_t _start, _stop  # the bytes the next buffer export covers (_view's; else all)
 
     cdef object _view(self, Py_ssize_t start, Py_ssize_t stop)
+
+
+cdef class _Span:
+    cdef Slot slot                 # (keeps the slot, and with it the pool, alive)
+    cdef Py_ssize_t start, stop    # the bytes of the slot its buffer covers

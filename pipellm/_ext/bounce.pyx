@@ -16,6 +16,7 @@ import warnings
 from collections import deque
 from time import monotonic
 
+cimport cython
 from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.memoryview cimport PyMemoryView_FromObject
 from libc.errno cimport errno
@@ -197,7 +198,6 @@ cdef class BouncePool:
         slot.pages = pages
         slot.capacity = pages * PAGE
         slot.live = True
-        slot._start, slot._stop = 0, slot.capacity
         return slot
 
     # -- taking and giving back ----------------------------------------------------------
@@ -350,15 +350,18 @@ cdef class BouncePool:
     def __getbuffer__(self, Py_buffer* buffer, int flags):
         raise BufferError("take views of slots, not of the whole pool")
 
-    cdef int _export(self, Slot slot, Py_buffer* buffer, int flags) except -1:
+    cdef int _export(self, object owner, size_t offset, Py_ssize_t nbytes, Py_buffer* buffer,
+                     int flags) except -1:
+        """Export ``nbytes`` at byte ``offset`` of the pool as ``owner``'s buffer (a slot,
+        or a span of one): the memory stays mapped until every export is released."""
         if self._base == NULL:
             raise BufferError("bounce pool memory is unmapped")
-        PyBuffer_FillInfo(buffer, slot, self._base + slot.first * PAGE + slot._start,
-                          slot._stop - slot._start, 0, flags)
+        PyBuffer_FillInfo(buffer, owner, self._base + offset, nbytes, 0, flags)
         self._exports += 1
         return 0
 
 
+@cython.no_gc_clear  # (a view of it may be released by the collector after a cycle's clear)
 cdef class Slot:
     """Whole pages of a bounce pool. ``view(n)`` is a writable memoryview of the first
     ``n`` bytes. (Its fields are declared in ``bounce.pxd``.)"""
@@ -371,23 +374,38 @@ cdef class Slot:
 
     cdef object _view(self, Py_ssize_t start, Py_ssize_t stop):
         """Bytes ``start:stop`` (``view``, and in C a speculative hit's GO command after
-        its chunk)."""
+        its chunk): one memoryview of a span of the slot (slicing a view of the whole
+        slot would make two)."""
         if not self.live:
             raise ArgumentError(f"the slot at page {self.first} was given back to its pool")
         if start < 0 or stop < start or <size_t>stop > self.capacity:
             raise ArgumentError(f"a slot holds 0..{self.capacity} bytes, asked for bytes {start}..{stop}")
-        # one memoryview of just those bytes (slicing a view of the whole slot makes two)
-        self._start, self._stop = start, stop
-        try:
-            return PyMemoryView_FromObject(self)
-        finally:
-            self._start, self._stop = 0, self.capacity
+        cdef _Span span = _Span.__new__(_Span)
+        span.slot, span.start, span.stop = self, start, stop
+        return PyMemoryView_FromObject(span)
 
     def __getbuffer__(self, Py_buffer* buffer, int flags):
-        self.pool._export(self, buffer, flags)
+        self.pool._export(self, self.first * PAGE, self.capacity, buffer, flags)
 
     def __releasebuffer__(self, Py_buffer* buffer):
-        self.pool._exports -= 1
+        if self.pool is not None:
+            self.pool._exports -= 1
 
     def __repr__(self):
         return f"<Slot pages {self.first}+{self.pages}{'' if self.live else ' (returned)'}>"
+
+
+@cython.no_gc_clear  # (its buffer may be released by the collector after a cycle's clear)
+cdef class _Span:
+    """Bytes ``start:stop`` of a slot, as a buffer (what :meth:`Slot.view` returns a
+    memoryview of)."""
+
+    def __init__(self):
+        raise ArgumentTypeError("spans come from Slot.view()")
+
+    def __getbuffer__(self, Py_buffer* buffer, int flags):
+        self.slot.pool._export(self, self.slot.first * PAGE + self.start, self.stop - self.start, buffer, flags)
+
+    def __releasebuffer__(self, Py_buffer* buffer):
+        if self.slot is not None:
+            self.slot.pool._exports -= 1

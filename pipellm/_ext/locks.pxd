@@ -1,11 +1,16 @@
-from cpython.pythread cimport PyThread_type_lock
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_mutexattr_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t*, const pthread_mutexattr_t*)
+    int pthread_mutex_destroy(pthread_mutex_t*)
+    int pthread_mutex_trylock(pthread_mutex_t*)
+    int pthread_mutex_unlock(pthread_mutex_t*)
 
 
 cdef class Lock:
-    cdef PyThread_type_lock _wake  # waiters block on it; an exit releases it for them
-    cdef bint _held                # the lock's state (the GIL guards it)
-    cdef bint _signalled           # _wake is free: a waiter has yet to take the news
-    cdef Py_ssize_t _waiters
+    cdef pthread_mutex_t _mutex  # the lock's whole state
     cdef int enter(self) except -1
     cdef bint try_enter(self) noexcept
     cdef void exit(self) noexcept

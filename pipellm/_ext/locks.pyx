@@ -3,35 +3,55 @@
 
 It behaves as ``threading.Lock`` for Python code (``with``, ``acquire(blocking,
 timeout)``, ``release``, ``locked``; ``threading.Condition`` accepts it), and the
-extensions call its ``enter``/``exit`` directly. A ``with`` block on a
+extensions call its ``enter``/``try_enter``/``exit`` directly: a ``with`` block on a
 ``threading.Lock`` in Cython looks up ``__enter__`` and ``__exit__`` and calls them
-(bound methods made and freed, argument parsing), and a speculative hit takes five
-locks (figures in docs/figures.md).
+(bound methods made and freed, argument parsing) on every hit.
 
-Every caller holds the GIL (the extensions' C and Python code alike), so the lock's
-state is a flag the GIL protects: taking a free lock is a test and a store, less than
-an OS lock's try-acquire, five times per hit. Only a thread that
-finds it taken waits, without the GIL, on an OS lock used as a wake-up signal. (A
-free-threaded Python build would need atomics here; pipellm targets GIL builds. On a
-free-threaded build importing pipellm's extensions turns the GIL back on, as for any
-extension that does not declare itself free-threading compatible; one forced off with
-``PYTHON_GIL=0`` or ``-X gil=0`` is refused at import: see :func:`_require_gil`.)
+The lock is a POSIX mutex: taking a free one is a try-lock, and a thread that finds it
+taken waits without the GIL. (Python's own ``PyThread`` lock is a semaphore on Linux,
+several times the cost of a mutex per round trip: :func:`round_trip_ns`.) As a mutex it
+is given back by the thread that took it. It excludes threads whether or not a GIL
+runs, but the request path's other C state still counts on the GIL: on a free-threaded build importing pipellm's extensions turns the GIL back on
+(none declares itself free-threading compatible), and a GIL forced off with
+``PYTHON_GIL=0`` or ``-X gil=0`` is refused at import (:func:`_require_gil`).
 """
 
 from cpython.exc cimport PyErr_CheckSignals
-from cpython.pythread cimport (NOWAIT_LOCK, PY_LOCK_ACQUIRED, PyLockStatus, PyThread_acquire_lock,
-                               PyThread_allocate_lock, PyThread_free_lock, PyThread_release_lock)
+from cpython.pythread cimport (NOWAIT_LOCK, PyThread_acquire_lock, PyThread_allocate_lock, PyThread_free_lock,
+                               PyThread_release_lock, PyThread_type_lock)
 import sys
-from time import monotonic
+from time import monotonic, perf_counter
 
-cdef extern from "pythread.h":
-    PyLockStatus PyThread_acquire_lock_timed(PyThread_type_lock, long long microseconds, int intr_flag) nogil
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <time.h>
+    /* Wait up to `us` microseconds for `m`: 0 once taken, else ETIMEDOUT. (macOS has no
+       pthread_mutex_timedlock: there a waiter retries every 50 us.) */
+    static int pl_mutex_wait(pthread_mutex_t *m, long long us) {
+    #if defined(__APPLE__)
+        struct timespec nap = {0, 50000};
+        for (long long waited = 0; pthread_mutex_trylock(m) != 0; waited += 50) {
+            if (waited >= us) return ETIMEDOUT;
+            nanosleep(&nap, NULL);
+        }
+        return 0;
+    #else
+        struct timespec t;
+        clock_gettime(CLOCK_REALTIME, &t);
+        t.tv_sec += us / 1000000;
+        t.tv_nsec += (us % 1000000) * 1000;
+        if (t.tv_nsec >= 1000000000) { t.tv_sec += 1; t.tv_nsec -= 1000000000; }
+        return pthread_mutex_timedlock(m, &t);
+    #endif
+    }
+    """
+    int pl_mutex_wait(pthread_mutex_t* m, long long us) nogil
 
 
 def _require_gil():
-    """Refuse to run without the GIL: this lock, and the C fields of the request path it
-    guards, rely on it (without it two threads could take one lock, and an IV be sealed
-    twice)."""
+    """Refuse to run without the GIL: the C fields of the request path rely on it
+    (without it two threads could take one IV, and seal it twice)."""
     gil_enabled = getattr(sys, "_is_gil_enabled", None)  # (3.13+)
     if gil_enabled is not None and not gil_enabled():
         raise ImportError("pipellm needs the GIL, and this free-threaded Python runs without it "
@@ -59,84 +79,69 @@ cdef class Lock:
     """
 
     def __cinit__(self):
-        # the wake-up signal: held, except from an exit that had waiters until one of
-        # them takes it (``_signalled``)
-        self._wake = PyThread_allocate_lock()
-        if self._wake is NULL:
-            raise MemoryError("could not allocate a lock")
-        PyThread_acquire_lock(self._wake, NOWAIT_LOCK)
+        if pthread_mutex_init(&self._mutex, NULL) != 0:
+            raise MemoryError("could not initialise a mutex")
 
     def __dealloc__(self):
-        if self._wake is not NULL:
-            if not self._signalled:  # (freeing a held lock is undefined on some platforms)
-                PyThread_release_lock(self._wake)
-            PyThread_free_lock(self._wake)
+        # destroyed unlocked (destroying a held mutex is undefined): taken here if it
+        # was free, then given back either way
+        pthread_mutex_trylock(&self._mutex)
+        pthread_mutex_unlock(&self._mutex)
+        pthread_mutex_destroy(&self._mutex)
 
     cdef int enter(self) except -1:
         """Take the lock, waiting as long as it takes (GIL released while waiting)."""
-        if self._held:
+        if pthread_mutex_trylock(&self._mutex) != 0:
             self._acquire_blocking(-1.0)
-        self._held = True
         return 0
 
     cdef bint try_enter(self) noexcept:
         """Take the lock if it is free; False (not taken) otherwise."""
-        if self._held:
-            return False
-        self._held = True
-        return True
+        return pthread_mutex_trylock(&self._mutex) == 0
 
     cdef void exit(self) noexcept:
-        self._held = False
-        if self._waiters and not self._signalled:
-            self._signalled = True
-            PyThread_release_lock(self._wake)
+        pthread_mutex_unlock(&self._mutex)
 
     cdef bint _acquire_blocking(self, double timeout) except -1:
         """Wait for the lock without the GIL, in slices between which signal handlers
-        run (and may raise); True once it is free (the caller takes it, GIL held all the
-        way), False once ``timeout`` seconds (>= 0) have passed."""
+        run (and may raise); True once taken, False once ``timeout`` seconds (>= 0) have
+        passed."""
         cdef long long wait_us
-        cdef PyLockStatus status
+        cdef int status
         cdef double deadline = monotonic() + timeout if timeout >= 0 else 0.0
-        self._waiters += 1
-        try:
-            while self._held:
-                wait_us = _SLICE_US
-                if timeout >= 0:
-                    wait_us = min(wait_us, max(0, <long long>((deadline - monotonic()) * 1e6)))
-                with nogil:
-                    status = PyThread_acquire_lock_timed(self._wake, wait_us, 0)
-                if status == PY_LOCK_ACQUIRED:
-                    self._signalled = False
-                if not self._held:
-                    return True
-                PyErr_CheckSignals()
-                if timeout >= 0 and monotonic() >= deadline:
-                    return False
-            return True
-        finally:
-            self._waiters -= 1
+        while True:
+            wait_us = _SLICE_US
+            if timeout >= 0:
+                wait_us = min(wait_us, max(0, <long long>((deadline - monotonic()) * 1e6)))
+            with nogil:
+                status = pl_mutex_wait(&self._mutex, wait_us)
+            if status == 0:
+                return True
+            PyErr_CheckSignals()
+            if timeout >= 0 and monotonic() >= deadline:
+                return False
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         """Take the lock; as ``threading.Lock.acquire``: False if ``blocking`` is false
         and it is taken, or once ``timeout`` seconds (-1: none) have passed."""
         if timeout != -1 and (not blocking or timeout < 0):
             raise ValueError("timeout must be -1 (none) or >= 0, and needs blocking=True")
-        if self._held:
-            if not blocking or not self._acquire_blocking(timeout):
-                return False
-        self._held = True
-        return True
+        if pthread_mutex_trylock(&self._mutex) == 0:
+            return True
+        return bool(blocking) and self._acquire_blocking(timeout)
 
     def release(self) -> None:
         """Give the lock back; RuntimeError if it is not taken."""
-        if not self._held:
+        if pthread_mutex_trylock(&self._mutex) == 0:  # it was free
+            pthread_mutex_unlock(&self._mutex)
             raise RuntimeError("release unlocked lock")
-        self.exit()
+        pthread_mutex_unlock(&self._mutex)
 
     def locked(self) -> bool:
-        return self._held
+        if pthread_mutex_trylock(&self._mutex) == 0:
+            pthread_mutex_unlock(&self._mutex)
+            return False
+        return True
 
     def __enter__(self):
         self.enter()
@@ -146,4 +151,33 @@ cdef class Lock:
         self.exit()
 
     def __repr__(self):
-        return f"<{'locked' if self._held else 'unlocked'} pipellm Lock>"
+        return f"<{'locked' if self.locked() else 'unlocked'} pipellm Lock>"
+
+
+def round_trip_ns(int n=1_000_000) -> dict:
+    """Nanoseconds per uncontended take-and-give-back, in C: this lock's mutex and
+    Python's own lock (``PyThread``, a semaphore on Linux), the reason for the first
+    (a speculative hit takes about six). ``pipellm bench hotpath`` reports it.
+
+    >>> sorted(round_trip_ns(1000))
+    ['pipellm', 'pythread']
+    """
+    cdef Lock lock = Lock()
+    cdef PyThread_type_lock other = PyThread_allocate_lock()
+    cdef int i
+    if other is NULL:
+        raise MemoryError("could not allocate a lock")
+    try:
+        start = perf_counter()
+        for i in range(n):
+            lock.enter()
+            lock.exit()
+        mine = perf_counter() - start
+        start = perf_counter()
+        for i in range(n):
+            PyThread_acquire_lock(other, NOWAIT_LOCK)
+            PyThread_release_lock(other)
+        theirs = perf_counter() - start
+    finally:
+        PyThread_free_lock(other)
+    return {"pipellm": mine / n * 1e9, "pythread": theirs / n * 1e9}
