@@ -51,9 +51,11 @@ def cuda_extension() -> list:
 
 CYTHON = dict(language_level=3, compiler_directives={"boundscheck": False, "wraparound": False})
 extensions = [
-    Extension(f"pipellm._ext.{name}", [f"pipellm/_ext/{name}.pyx"], extra_compile_args=["-O3"])
-    for name in ("bounce", "driver", "gpupath", "locks", "memcopy", "message", "region", "request", "sealpath",
-                 "speculation", "submission", "writeguard")
+    Extension(f"pipellm.{name.replace('/', '.')}", [f"pipellm/{name}.pyx"], extra_compile_args=["-O3"])
+    # the low-level mechanisms (_ext), then each part's own hot path beside its Python
+    for name in ("_ext/bounce", "_ext/driver", "_ext/fence", "_ext/gpupath", "_ext/locks", "_ext/memcopy",
+                 "_ext/sealpath", "_ext/writeguard", "channel/_message", "devices/_submission",
+                 "pipeline/_region", "pipeline/_request", "pipeline/_speculation")
 ]
 
 # The predictors run on every transfer: their plain Python modules are also compiled (one

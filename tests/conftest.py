@@ -14,15 +14,20 @@ def pytest_sessionstart(session):
     """Compiled modules win the import over their sources: the predictors' .py files and
     the datapath's .pyx files (setup.py). An edit runs only after a rebuild, so tests of
     a stale build would test the old code."""
-    import pipellm._ext.message
-    import pipellm._ext.request
-    import pipellm._ext.speculation
-    import pipellm._ext.submission
+    import pipellm._ext.fence
+    import pipellm._ext.locks
+    import pipellm._ext.writeguard
+    import pipellm.channel._message
+    import pipellm.devices._submission
+    import pipellm.pipeline._region
+    import pipellm.pipeline._request
+    import pipellm.pipeline._speculation
     for module in (pipellm.predictors._core, pipellm.predictors.rules, pipellm.predictors.learned,
-                   pipellm.predictors.simple, pipellm._ext.bounce, pipellm._ext.message,
-                   pipellm._ext.request, pipellm._ext.speculation, pipellm._ext.submission, pipellm._ext.writeguard):
+                   pipellm.predictors.simple, pipellm._ext.bounce, pipellm._ext.fence, pipellm._ext.locks,
+                   pipellm._ext.writeguard, pipellm.channel._message, pipellm.devices._submission,
+                   pipellm.pipeline._region, pipellm.pipeline._request, pipellm.pipeline._speculation):
         stem = os.path.join(os.path.dirname(module.__file__), module.__name__.rsplit(".", 1)[1])
-        source = stem + (".pyx" if module.__name__.startswith("pipellm._ext.") else ".py")
+        source = stem + ".pyx" if os.path.exists(stem + ".pyx") else stem + ".py"
         if not module.__file__.endswith(".py") and os.path.getmtime(source) > os.path.getmtime(module.__file__):
             raise pytest.UsageError(f"{source} is newer than its compiled module {module.__file__}: rebuild it "
                                     "(pip install -e . --no-build-isolation) or delete the .so")

@@ -662,7 +662,7 @@ def test_a_hit_lands_at_any_destination(iv_order):
 def test_items_sent_by_hits_are_freed_by_workers_and_never_pile_up():
     import weakref
 
-    from pipellm._ext.speculation import MAX_SPENT
+    from pipellm.pipeline._speculation import MAX_SPENT
 
     class Spent:  # stands for items hits sent earlier
         pass

@@ -1,5 +1,9 @@
-"""Compiled parts of the datapath (Cython): bounce buffers, GIL-free copies, the
-speculative queue's request path, the devices' op submission and the channel's messages."""
+"""The datapath's low-level mechanisms (Cython): bounce buffers and their fences, GIL-free
+copies, the mutex taken in C, the write guard, the CUDA driver layer and the cuda device's
+hot path over it. Nothing here imports the parts above it (channel, devices, pipeline,
+predictors); their own C code lives beside them (``channel/_message.pyx``,
+``devices/_submission.pyx``, ``pipeline/_request.pyx``, ``_region.pyx``,
+``_speculation.pyx``)."""
 
 from .bounce import PAGE_BYTES, BouncePool, Slot
 from .memcopy import copy_into

@@ -25,7 +25,7 @@ from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_
 from posix.unistd cimport sysconf, _SC_PAGESIZE
 
 from pipellm._ext.locks cimport Lock
-from pipellm._ext.submission cimport Op
+from pipellm._ext.fence cimport Fence
 from pipellm.errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -168,15 +168,15 @@ cdef class BouncePool:
         self._free_len[start] = pages
 
     cdef _reap(self):
-        # the device's ops are asked in C; another fence whose ``finished`` is False is
+        # fences (a device's ops) are asked in C; another fence whose ``finished`` is False is
         # not done: read without calling done() (a Python call on every acquire, while
         # the head of the queue is in flight)
         inflight = self._inflight
         while inflight:
             entry = inflight[0]
             fence = entry[2]
-            if isinstance(fence, Op):
-                if not (<Op>fence).done():
+            if isinstance(fence, Fence):
+                if not (<Fence>fence).done():
                     return
             elif not getattr(fence, "finished", True) or not fence.done():
                 return

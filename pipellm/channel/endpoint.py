@@ -12,9 +12,9 @@ from typing import NamedTuple
 
 from .. import timeline
 from .._ext.locks import Lock
-from .._ext.message import Endpoint, Message, Ticket, publish, shared_write_observers  # noqa: F401 - re-exported
-from .._ext.message import expose as _expose
-from .._ext.message import reserve_run as _reserve_run
+from ._message import Endpoint, Message, Ticket, publish, shared_write_observers  # noqa: F401 - re-exported
+from ._message import expose as _expose
+from ._message import reserve_run as _reserve_run
 from ..errors import ArgumentError, ChannelClosedError, IntegrityError
 from .cipher import open_into, seal_into
 from .keys import EpochKey, SessionKeys

@@ -15,7 +15,7 @@ from time import perf_counter
 import numpy as np
 
 from .. import _fork
-from .._ext.submission import Op, Stream  # (C: made and submitted on every transfer's request path)
+from ._submission import Op, Stream  # (C: made and submitted on every transfer's request path)
 from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, DeviceError, TransferTimeoutError
 
 

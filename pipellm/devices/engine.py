@@ -28,7 +28,7 @@ from ..errors import ArgumentError, ChannelClosedError, DeviceError, IntegrityEr
 from .. import timeline
 from .._ext import writeguard
 from .._ext.locks import Lock
-from .._ext.submission import SessionBase, Submitter
+from ._submission import SessionBase, Submitter
 from .base import Device, DeviceBuffer, Op, Stream
 
 

@@ -24,7 +24,7 @@ from .._ext.locks import Lock
 from ..channel import Direction, KeyAgreement, Kind, Opener, Sealer
 from ..channel.protocol import ABANDON, FIRST, LAST, TAG_BYTES
 from ..errors import ArgumentError, ChannelClosedError, DeviceError, IntegrityError, TransferTimeoutError
-from .._ext.request import Engine
+from ._request import Engine
 from .transfer import Transfer
 
 

@@ -22,7 +22,7 @@ from .. import timeline
 from ..channel import Kind
 from ..errors import TransferTimeoutError
 from ..channel.protocol import ABANDON, FIRST, LAST, TAG_BYTES
-from .._ext.speculation import ENCRYPTING, FAILED, PENDING, READY
+from ._speculation import ENCRYPTING, FAILED, PENDING, READY
 
 #: the least piece: a message costs ~2 us of the library's own work on each side, and
 #: 256 KiB of AES ~15-25 us on one core here

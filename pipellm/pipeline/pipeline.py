@@ -8,7 +8,7 @@ import threading
 from time import perf_counter
 
 from .. import _fork
-from .._ext.request import Requests
+from ._request import Requests
 from ..channel.protocol import DEFAULT_ROTATE_AFTER, check_rotate_after
 from ..devices import Device, DeviceBuffer, Stream, open_device
 from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, DeviceError, IntegrityError, TransferTimeoutError
@@ -235,7 +235,7 @@ class Pipeline(Requests):
             raise UnknownRegionError(f"no region named {name!r} is registered") from None
 
     # -- transfers ---------------------------------------------------------------------------------
-    # the transfers' checks are C (pipellm/_ext/request.pyx): every request starts there
+    # the transfers' checks are C (pipellm/pipeline/_request.pyx): every request starts there
     to_device = Requests.to_device
     to_host = Requests.to_host
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._ext.request import Engine
+from ._request import Engine
 from .transfer import Transfer
 
 

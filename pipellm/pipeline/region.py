@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from .._ext import writeguard
-from .._ext.region import RegionBase
+from ._region import RegionBase
 from ..errors import ArgumentError, ArgumentTypeError, UnknownRegionError
 from ..hostmem import owning_buffer
 

@@ -22,7 +22,7 @@ as they arrive; waiting on the transfer, reading the region or synchronizing wai
 (or does) the rest.
 
 The queue, its items and chunks, and the request path (``to_device`` and a hit) are C:
-the engine derives from ``pipellm/_ext/speculation.pyx``'s ``Queue``; this module holds
+the engine derives from ``pipellm/pipeline/_speculation.pyx``'s ``Queue``; this module holds
 everything else (claims that are not a plain hit, relinquishing, planning, the workers).
 """
 
@@ -41,7 +41,7 @@ from ..channel.protocol import FIRST, GO_BODY, LAST, SKIP_BODY, TAG_BYTES
 from ..errors import ChannelClosedError, DepthWarning, PredictorWarning, TransferTimeoutError
 from ..predictors import Predictor
 from .._ext.locks import Lock
-from .._ext.speculation import (  # noqa: F401 - the policy's constants, re-exported
+from ._speculation import (  # noqa: F401 - the policy's constants, re-exported
     _RECEIVE, _REPLENISH, ACCURACY_ALPHA, ACCURACY_FLOOR, ENCRYPTING, FAILED, FRUITLESS_PLANS, GO_MESSAGE_BYTES,
     INLINE_PLANNING_BELOW, MAX_PLAN_SKIP, MAX_UNHEARD_EVENTS, NAP_WINDOW_S, PENDING, READY, STEAL_PLAN_BELOW, STRICT_MIN_DEPTH, Chunk,
     Item, Queue)

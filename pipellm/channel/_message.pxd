@@ -1,4 +1,4 @@
-# The C interface of message.pyx, for the other extensions' request paths (a submission
+# The C interface of _message.pyx, for the other extensions' request paths (a submission
 # sizes and owns its messages without a Python call).
 
 from pipellm._ext.locks cimport Lock

@@ -10,9 +10,9 @@ helpers (``Pipeline._check``, ``region.check_region``, ``check_span``, ``check_i
 which raise the precise error.
 """
 
-from pipellm._ext.message cimport Endpoint
-from pipellm._ext.region cimport RegionBase
-from pipellm._ext.submission cimport SessionBase, Submitter, _forked_since
+from pipellm.channel._message cimport Endpoint
+from pipellm.pipeline._region cimport RegionBase
+from pipellm.devices._submission cimport SessionBase, Submitter, _forked_since
 from pipellm.errors import ArgumentError
 from pipellm.pipeline.region import Region, check_int, check_region, check_span
 

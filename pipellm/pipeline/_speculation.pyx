@@ -19,10 +19,10 @@ from pipellm.channel import Kind
 from pipellm import timeline
 from pipellm._ext.bounce cimport BouncePool, Slot
 from pipellm._ext.locks cimport Lock
-from pipellm._ext.region cimport RegionBase
-from pipellm._ext.request cimport Engine
-from pipellm._ext.message cimport Endpoint, Message, Ticket, _expose, _expose_into, _exposed, _reserve_run
-from pipellm._ext.submission cimport Stream, Submitter, _perf_counter
+from pipellm.pipeline._region cimport RegionBase
+from pipellm.pipeline._request cimport Engine
+from pipellm.channel._message cimport Endpoint, Message, Ticket, _expose, _expose_into, _exposed, _reserve_run
+from pipellm.devices._submission cimport Stream, Submitter, _perf_counter
 from pipellm._ext.writeguard cimport token as _token, unchanged as _unchanged
 from pipellm.predictors.base import Prediction, TransferEvent, _new_tuple
 

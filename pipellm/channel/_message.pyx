@@ -7,7 +7,7 @@ privately sealed message.
 speculative hit builds and exposes a message on the request path (``Sealer.expose`` is
 :func:`expose`), every sealed chunk is a message, and every predicted transfer reserves
 its tickets when it is planned (``Sealer.reserve_run`` is :func:`reserve_run`, over
-:func:`ticket_run`). ``message.pxd`` is their C interface for the other extensions.
+:func:`ticket_run`). ``_message.pxd`` is their C interface for the other extensions.
 """
 
 from pipellm.errors import ArgumentError
@@ -24,7 +24,7 @@ cdef class Message:
     ``aad`` the header (writable ``bytearray``); ``payload`` a writable memoryview of
     ciphertext + tag; ``dst`` the destination parsed from the header (settable, which
     rewrites the header). An adversary may change any of them; the receiver refuses.
-    (Its fields are declared in ``message.pxd``.)
+    (Its fields are declared in ``_message.pxd``.)
     """
 
     def __init__(self, direction: str, iv: bytes, aad: bytearray, payload: memoryview, owner=None):
@@ -61,7 +61,7 @@ cdef class Message:
 
 cdef class Ticket:
     """A reserved message index: the IV one message will carry. Sealed at most once.
-    (Its fields are declared in ``message.pxd``.)"""
+    (Its fields are declared in ``_message.pxd``.)"""
 
     def __init__(self, long long index, long long epoch, long long counter, key):
         self._set(index, epoch, counter, key)
@@ -76,7 +76,7 @@ cdef class Ticket:
 
 cdef class Endpoint:
     """The fields of a sealer or opener that the request path reads, in C
-    (``channel/endpoint.py``'s endpoints derive from it; declared in ``message.pxd``):
+    (``channel/endpoint.py``'s endpoints derive from it; declared in ``_message.pxd``):
     ``label``, ``failure`` (why the channel closed, or None), ``_lock``, ``messages``
     (sent or received), ``_next`` (the sealer's next index; the opener's next expected),
     ``rotate_after``, ``_run_key`` (see ``ticket_run``)."""

@@ -2,8 +2,8 @@
 """The fields of a registered region that every request reads, in C.
 
 ``pipeline/region.py``'s ``Region`` derives from :class:`RegionBase` (its ``__init__``
-sets the fields; they are declared in ``region.pxd``), so the request path in
-``request.pyx`` and ``speculation.pyx`` reads them as struct members: a request reads
+sets the fields; they are declared in ``_region.pxd``), so the request path in
+``_request.pyx`` and ``_speculation.pyx`` reads them as struct members: a request reads
 about ten of them, each a type lookup and a descriptor call from C otherwise.
 """
 

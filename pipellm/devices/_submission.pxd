@@ -1,6 +1,7 @@
-# The C interface of submission.pyx, for the other extensions' request paths (a speculative
+# The C interface of _submission.pyx, for the other extensions' request paths (a speculative
 # hit submits its messages, a pool reaps finished ops, without a Python call).
 
+from pipellm._ext.fence cimport Fence
 from pipellm._ext.locks cimport Lock
 
 cdef double _perf_counter() except? -1  # time.perf_counter(), without a Python call on Linux
@@ -20,14 +21,13 @@ cdef class SessionBase:
     cdef public object failure         # why the session failed, or None
 
 
-cdef class Op:
+cdef class Op(Fence):
     cdef public object device, kind, stream, session, prev, error, args, on_delivered
     cdef public long long seq
     cdef public Py_ssize_t nbytes
     cdef public Py_ssize_t remaining  # messages of it not yet committed
     cdef public double submit_t
     cdef public double end            # modelled completion time (on the device's clock)
-    cdef public bint finished         # the device really finished (or failed) it
 
     cdef _set(self, device, kind, stream, Py_ssize_t nbytes, session, tuple args, on_delivered)
     cpdef bint done(self) except -1

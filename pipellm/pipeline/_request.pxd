@@ -1,4 +1,4 @@
-# The C interface of request.pyx: the engines' base, whose host-to-device entry a request
+# The C interface of _request.pyx: the engines' base, whose host-to-device entry a request
 # calls in C (the speculative engine's queue overrides it).
 
 

@@ -16,7 +16,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from pipellm import _fork
 from pipellm._ext.locks cimport Lock
-from pipellm._ext.message cimport Message
+from pipellm.channel._message cimport Message
 from pipellm.channel.protocol import TAG_BYTES as _TAG_BYTES
 from pipellm.errors import ChannelClosedError, TransferTimeoutError
 
@@ -53,7 +53,7 @@ cdef inline double _now_of(device) except? -1:
 cdef class Stream:
     """An ordered queue of device work. Work on one stream completes in order; work on
     different streams may overlap. Comes from :meth:`Device.create_stream`. (Its fields
-    are declared in ``submission.pxd``: every submission reads them in C.)"""
+    are declared in ``_submission.pxd``: every submission reads them in C.)"""
 
     def __init__(self, device, Py_ssize_t id):
         self.device, self.id = device, id
@@ -77,12 +77,12 @@ cdef class SessionBase:
         self.failure = None
 
 
-cdef class Op:
+cdef class Op(Fence):
     """Completion handle of one piece of device work (a message, a copy, a compute).
 
     It is *done* once the device has really finished it (or failed it) and the modelled
     hardware time of it has passed. ``error`` is set when it failed. (Its fields are
-    declared in ``submission.pxd``.)
+    declared in ``_submission.pxd``; ``finished`` in ``Fence``'s.)
     """
 
     def __init__(self, device, kind: str, stream, Py_ssize_t nbytes=0, session=None, tuple args=(),
@@ -120,7 +120,7 @@ cdef class Op:
 
 cdef class Submitter:
     """Orders submitted ops: numbered, chained on their stream, queued for the copy
-    engine. The device sets the fields (declared in ``submission.pxd``) in its ``__init__``."""
+    engine. The device sets the fields (declared in ``_submission.pxd``) in its ``__init__``."""
 
     def __cinit__(self, *args, **kwargs):
         self._clock = (None, 0.0)

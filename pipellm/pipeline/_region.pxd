@@ -1,4 +1,4 @@
-# The C interface of region.pyx: a registered region's fields that every request reads.
+# The C interface of _region.pyx: a registered region's fields that every request reads.
 
 cdef class RegionBase:
     cdef public object name, owner, incoming, device_buffer, guard, tracking

@@ -1,0 +1,40 @@
+"""The layout shows the layers: ``pipellm/_ext`` holds the low-level mechanisms, and
+nothing in it imports a part above it (channel, devices, pipeline, predictors, ...)."""
+
+import pathlib
+import re
+
+import pipellm
+
+EXT = pathlib.Path(pipellm.__file__).parent / "_ext"
+ALLOWED = ("pipellm._ext", "pipellm.errors")
+# import / cimport statements naming a pipellm module, absolute or relative
+IMPORT = re.compile(r"^\s*(?:from\s+(\S+)\s+c?import|c?import\s+(\S+))", re.M)
+
+
+def imports_of(path: pathlib.Path) -> list[str]:
+    names = []
+    for m in IMPORT.finditer(path.read_text()):
+        name = m.group(1) or m.group(2)
+        if name.startswith(".."):
+            name = "pipellm." + name[2:]
+        elif name.startswith("."):
+            name = "pipellm._ext." + name[1:]
+        if name.startswith("pipellm"):
+            names.append(name)
+    return names
+
+
+def test_nothing_in_ext_imports_a_higher_layer():
+    sources = sorted(p for p in EXT.iterdir() if p.suffix in (".py", ".pyx", ".pxd"))
+    assert len(sources) >= 10
+    upward = {p.name: [n for n in imports_of(p) if not n.startswith(ALLOWED)] for p in sources}
+    assert not {k: v for k, v in upward.items() if v}
+
+
+def test_the_checker_sees_upward_imports(tmp_path):
+    """(The check above can fail: an upward import, absolute or relative, is found.)"""
+    source = tmp_path / "x.pyx"
+    source.write_text("from pipellm.pipeline.region import Region\nfrom ..channel import Kind\n"
+                      "from pipellm._ext.locks cimport Lock\n    from pipellm import timeline\n")
+    assert imports_of(source) == ["pipellm.pipeline.region", "pipellm.channel", "pipellm._ext.locks", "pipellm"]
