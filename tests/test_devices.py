@@ -148,3 +148,18 @@ def test_a_pipeline_gives_its_bounce_pools_to_the_device_to_pin_and_takes_them_b
         assert dev.pinned == {p.address: p.cap_bytes for p in pools}
         pipe.close()
         assert dev.pinned == {} and dev.log.count("unpin") == len(pools)
+
+
+def test_every_device_says_what_it_can_do_through_the_interface():
+    """The pipeline asks a device's capabilities through properties and methods every
+    device has (no probing for attributes): a device with none of the copy engine's
+    counters or limits answers with the base's defaults."""
+    from pipellm.devices.base import Device
+
+    for name in ("max_message_bytes", "stats", "clock_held", "info"):
+        assert hasattr(Device, name), name
+    with pipellm.open_device("emulated") as dev:  # (its clock_held: the test below)
+        assert dev.max_message_bytes > 0 and "emulation_stall_s" in dev.stats()
+    assert Device.max_message_bytes is None and Device.stats(None) == {}
+    with Device.clock_held(None):
+        pass

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-MODULES = ["pipellm", "pipellm.hostmem", "pipellm.channel.keys", "pipellm.devices", "pipellm.devices.emulated",
+MODULES = ["pipellm", "pipellm.hostmem", "pipellm.channel.keys", "pipellm.devices", "pipellm.devices.base", "pipellm.devices.emulated",
            "pipellm.devices.gpupath", "pipellm.devices.cuda_driver",
            "pipellm.pipeline.pipeline", "pipellm.testing", "pipellm.predictors.simple", "pipellm._ext.memcopy",
            "pipellm._ext.bounce", "pipellm._ext.fence", "pipellm._ext.locks", "pipellm.benchmarks.offload",

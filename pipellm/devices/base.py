@@ -9,6 +9,7 @@ speculation. ``emulated`` and ``cuda`` both implement :class:`Device`.
 from __future__ import annotations
 
 import abc
+import contextlib
 import threading
 from time import perf_counter
 
@@ -52,6 +53,9 @@ class Device(abc.ABC):
     """What every device offers the pipeline. Use :func:`pipellm.open_device`."""
 
     kind: str = "?"
+    #: the largest message (ciphertext and tag) it takes in one piece, or None: no limit
+    #: (the pipeline refuses a chunk size above it)
+    max_message_bytes: int | None = None
 
     def __init__(self) -> None:
         self._fork_generation = _fork.generation
@@ -96,6 +100,17 @@ class Device(abc.ABC):
     def hold(self, seconds: float) -> None:
         """Wait ``seconds`` on the device clock: a host worker whose task ran while the
         clock stood still (see the emulated device); a no-op where it never does."""
+
+    def clock_held(self) -> contextlib.AbstractContextManager:
+        """A context inside which the device clock stands still, for tools whose own
+        work must not count as device time (the trace replayer's bookkeeping); on a device
+        whose clock is the wall clock it changes nothing.
+
+        >>> import pipellm
+        >>> with pipellm.open_device("emulated") as dev, dev.clock_held():
+        ...     pass
+        """
+        return contextlib.nullcontext()
 
     def _check_open(self) -> None:
         if self._fork_generation != _fork.generation:
@@ -260,4 +275,10 @@ class Device(abc.ABC):
         """Forget host memory given to :meth:`pin_host`."""
 
     def info(self) -> dict:
+        """What the device is (kind, and its model or hardware where it has one)."""
         return {"kind": self.kind}
+
+    def stats(self) -> dict:
+        """The device's own counters (none here; the copy-engine devices count their
+        work), merged into :meth:`pipellm.Pipeline.stats`."""
+        return {}

@@ -121,7 +121,7 @@ class Pipeline(Requests):
             raise ArgumentError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         self._owns_device = not isinstance(device, Device)
         self.device = open_device(device)
-        limit = getattr(self.device, "max_message_bytes", None)
+        limit = self.device.max_message_bytes
         if limit is not None and chunk_size > limit:
             if self._owns_device:
                 self.device.close()
@@ -312,8 +312,7 @@ class Pipeline(Requests):
         out = {"mode": self.mode, "device": self.device.kind, "chunk_size": self.chunk_size,
                "uptime_s": perf_counter() - self._started}
         out.update(self._engine.stats())
-        if hasattr(self.device, "stats"):
-            out.update(self.device.stats())
+        out.update(self.device.stats())
         return out
 
     @property

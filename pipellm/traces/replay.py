@@ -117,7 +117,7 @@ def _run(pipe: Pipeline, trace: Trace, explain: bool = False) -> dict:
         return r.device_buffer is None or np.array_equal(pipe.device.read(r.device_buffer), model[rid])
 
     # the replayer's own bookkeeping is not modelled time: the device clock stands still
-    clock_held = getattr(pipe.device, "clock_held", contextlib.nullcontext)
+    clock_held = pipe.device.clock_held
     if explain:
         @contextlib.contextmanager
         def held():
