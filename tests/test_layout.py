@@ -38,3 +38,35 @@ def test_the_checker_sees_upward_imports(tmp_path):
     source.write_text("from pipellm.pipeline.region import Region\nfrom ..channel import Kind\n"
                       "from pipellm._ext.locks cimport Lock\n    from pipellm import timeline\n")
     assert imports_of(source) == ["pipellm.pipeline.region", "pipellm.channel", "pipellm._ext.locks", "pipellm"]
+
+
+def _public(names) -> set[str]:
+    return {n for n in names if not n.startswith("_")}
+
+
+def test_the_extensions_stubs_name_what_the_compiled_modules_have():
+    """Each ``.pyi`` beside a compiled mechanism (what type checkers and editors read)
+    names exactly the module's public classes, functions and constants, and each class's
+    public members."""
+    import ast
+    import importlib
+    stubs = sorted(EXT.glob("*.pyi"))
+    assert {p.stem for p in stubs} >= {"bounce", "fence", "locks", "memcopy", "writeguard"}
+    for stub in stubs:
+        module = importlib.import_module(f"pipellm._ext.{stub.stem}")
+        tree = ast.parse(stub.read_text())
+        declared = {}
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef):
+                declared[node.name] = _public(n.name if isinstance(n, ast.FunctionDef) else n.target.id
+                                              for n in node.body if isinstance(n, (ast.FunctionDef, ast.AnnAssign)))
+            elif isinstance(node, ast.FunctionDef):
+                declared[node.name] = None
+            elif isinstance(node, ast.AnnAssign):
+                declared[node.target.id] = None
+        real = {n for n in _public(vars(module)) if getattr(getattr(module, n), "__module__", module.__name__)
+                == module.__name__ and not isinstance(getattr(module, n), type(module))}
+        assert _public(declared) == real, stub.name
+        for name, members in declared.items():
+            if members is not None and not name.startswith("_"):
+                assert members == _public(vars(getattr(module, name))), f"{stub.name}: {name}"

@@ -1,0 +1,3 @@
+class Fence:
+    finished: bool
+    def done(self) -> bool: ...
