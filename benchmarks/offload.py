@@ -240,8 +240,8 @@ def _scenarios(layers, layer_bytes, passes, repeats, workers, chunk_size, progre
         layers, layer_bytes, passes, repeats = 4, 4 * MiB, 4, 1
     workers = workers or default_workers()
     # E is measured on the run's kind of memory: library-owned host memory (4 KiB pages,
-    # as shared memory gets no transparent huge pages here) reads 1.04-1.11x slower than
-    # a large numpy array (huge pages) in a seal loop on a 2-vCPU VM
+    # as shared memory gets no transparent huge pages) reads slower than a large numpy
+    # array (huge pages) in a seal loop
     data = pipellm.empty(2 * layer_bytes, np.uint8)
     data[:] = np.random.default_rng(1).integers(0, 256, 2 * layer_bytes, dtype=np.uint8)
     data = memoryview(data)
@@ -252,7 +252,7 @@ def _scenarios(layers, layer_bytes, passes, repeats, workers, chunk_size, progre
     def layer_rate(data: memoryview) -> float:
         """One worker's rate on the pipeline's access pattern: the layers in ``data``
         read chunk by chunk, sealed into a ring of slots of the run's depth (a cache-hot
-        seal of one chunk into one slot is 1.2-1.7x faster on a 2-vCPU Intel VM)."""
+        seal of one chunk into one slot is faster, and not what a run does)."""
         return seal_rate(data, chunk_size, len(data) // chunk_size, ring_bytes=ring_bytes, repeats=5)
 
     rate = layer_rate(data)

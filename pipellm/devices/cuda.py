@@ -65,7 +65,7 @@ def unavailable_reason() -> str | None:
 class _Span:
     """``nbytes`` of the staging plaintext at ``offset``: where a staged message's
     plaintext will be once verified. Stands in for device-array slices on the per-message
-    path, where numba's slicing costs 40-80 us each (H100 profile); the receiver takes
+    path, where numba's slicing is costly (docs/figures.md, the H100 profile); the receiver takes
     ``staging[:length]`` of it like of memory."""
 
     __slots__ = ("offset", "nbytes")

@@ -24,8 +24,8 @@ from ..errors import TransferTimeoutError
 from ..channel.protocol import ABANDON, FIRST, LAST, TAG_BYTES
 from ._speculation import ENCRYPTING, FAILED, PENDING, READY
 
-#: the least piece: a message costs ~2 us of the library's own work on each side, and
-#: 256 KiB of AES ~15-25 us on one core here
+#: the least piece: each message has a fixed cost of the library's own work on each
+#: side, which a piece must be large enough to dwarf with its AES
 MIN_PIECE = 256 << 10
 
 

@@ -18,11 +18,10 @@ from .speculative import SpeculativeEngine, default_workers
 from .region import Region, as_host_array, check_int, check_region, tracking_for
 
 MODES = ("plain", "cc", "pipellm")
-#: 4 MiB chunks (one IV each). Measured here (docs/design.md): AES-GCM through the
-#: library runs at the same ~10 GB/s per core from 256 KiB to 16 MiB messages and two
-#: workers scale 1.95x at 4 MiB; each message costs ~10-15 us of Python on each side, so
-#: 4 MiB messages amortize it 4x better than 1 MiB (transfer-bound offload: 1.13x vs
-#: 1.28x the worker bound).
+#: 4 MiB chunks (one IV each): AES-GCM through the library runs at the same rate per
+#: core from 256 KiB to 16 MiB messages, while each message has a fixed cost on each
+#: side, which 4 MiB messages amortize better than 1 MiB (figures: docs/figures.md,
+#: `pipellm bench crypto` and `bench offload`).
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_BOUNCE_BYTES = 32 << 20
 DEFAULT_TIMEOUT = 60.0

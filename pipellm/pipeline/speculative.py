@@ -50,7 +50,8 @@ from .payoff import Payoff
 from .cc import CCEngine, slot_bytes_for
 
 #: a worker pays back emulated-clock time its tasks ran during emulation stall (see
-#: EmulatedDevice.hold) once it owes this much: a sleep overshoots by ~70 us on a VM
+#: EmulatedDevice.hold) once it owes this much: shorter sleeps are mostly the OS's
+#: overshoot
 HOLD_MIN_S = 2e-4
 
 
@@ -659,8 +660,8 @@ class SpeculativeEngine(CCEngine, Queue):
 
     # -- lifetime -------------------------------------------------------------------------------
     def adopt(self, region) -> None:
-        """Write-protect library-owned regions now (mprotect costs ~20 us per MiB here),
-        not on the first speculation, which would put that cost on a request."""
+        """Write-protect library-owned regions now (mprotect's cost grows with the
+        region), not on the first speculation, which would put that cost on a request."""
         if region.tracking == "protect":
             region.token()
 
