@@ -1,5 +1,7 @@
 """Bad input gets a specific exception and message, and changes nothing."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -125,3 +127,21 @@ def test_freed_buffer_is_refused(device):
         device.free(dst)
         with pytest.raises(ArgumentError, match="was freed"):
             pipe.to_device(region, dst=dst)
+
+
+@pytest.mark.parametrize("path, name, factory", [
+    ("pipellm.channel._message", "Endpoint", "Sealer and Opener"),
+    ("pipellm.pipeline._speculation", "Queue", "Pipeline(mode="),
+    ("pipellm.devices._submission", "SessionBase", "open_session"),
+    ("pipellm.devices._submission", "Submitter", "open_device"),
+    ("pipellm.pipeline._request", "Engine", "a Pipeline makes"),
+    ("pipellm.pipeline._request", "Requests", "pipellm.Pipeline"),
+    ("pipellm.pipeline._region", "RegionBase", "Pipeline.register"),
+])
+def test_the_c_bases_are_not_made_on_their_own(path, name, factory):
+    """The C halves of the library's objects hold fields their Python classes set: made
+    alone, they would be half an object. Refused, naming what makes the real one."""
+    import importlib
+    cls = getattr(importlib.import_module(path), name)
+    with pytest.raises(pipellm.ArgumentTypeError, match=f"{name} is the C base .*{re.escape(factory)}"):
+        cls()

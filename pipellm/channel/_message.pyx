@@ -10,7 +10,7 @@ its tickets when it is planned (``Sealer.reserve_run`` is :func:`reserve_run`, o
 :func:`ticket_run`). ``_message.pxd`` is their C interface for the other extensions.
 """
 
-from pipellm.errors import ArgumentError
+from pipellm.errors import ArgumentError, ArgumentTypeError
 
 #: Called as ``observer(msg, key_id, epoch, counter)`` whenever ciphertext is written into
 #: shared (attacker-visible) memory; :class:`pipellm.testing.IVLedger` uses it.
@@ -80,6 +80,10 @@ cdef class Endpoint:
     ``label``, ``failure`` (why the channel closed, or None), ``_lock``, ``messages``
     (sent or received), ``_next`` (the sealer's next index; the opener's next expected),
     ``rotate_after``, ``_run_key`` (see ``ticket_run``)."""
+
+    def __cinit__(self, *args, **kwargs):
+        if type(self) is Endpoint:
+            raise ArgumentTypeError("Endpoint is the C base of the channel's Sealer and Opener: a Pipeline or a device makes them")
 
 
 def ticket_run(long long first, Py_ssize_t count, long long rotate_after, key_at, list cache) -> list:

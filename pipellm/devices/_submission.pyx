@@ -18,7 +18,7 @@ from pipellm import _fork
 from pipellm._ext.locks cimport Lock
 from pipellm.channel._message cimport Message
 from pipellm.channel.protocol import TAG_BYTES as _TAG_BYTES
-from pipellm.errors import ChannelClosedError, TransferTimeoutError
+from pipellm.errors import ArgumentTypeError, ChannelClosedError, TransferTimeoutError
 
 cdef Py_ssize_t TAG_BYTES = _TAG_BYTES
 cdef dict _FORK = vars(_fork)  # (its live ``generation``, read without a module lookup)
@@ -72,6 +72,10 @@ cdef class SessionBase:
     """The fields of a device's end of a channel (``devices/engine.py``'s ``Session``)
     that every submission and request reads, in C."""
 
+    def __cinit__(self, *args, **kwargs):
+        if type(self) is SessionBase:
+            raise ArgumentTypeError("SessionBase is the C base of a device's end of a channel: Device.open_session makes it")
+
     def __init__(self):
         self.pending = set()
         self.failure = None
@@ -123,6 +127,8 @@ cdef class Submitter:
     engine. The device sets the fields (declared in ``_submission.pxd``) in its ``__init__``."""
 
     def __cinit__(self, *args, **kwargs):
+        if type(self) is Submitter:
+            raise ArgumentTypeError("Submitter is the C base of the copy-engine devices: use pipellm.open_device")
         self._clock = (None, 0.0)
 
     cpdef double now(self) except? -1:

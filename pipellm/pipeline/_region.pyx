@@ -7,6 +7,12 @@ sets the fields; they are declared in ``_region.pxd``), so the request path in
 about ten of them, each a type lookup and a descriptor call from C otherwise.
 """
 
+from pipellm.errors import ArgumentTypeError
+
 
 cdef class RegionBase:
     """Base of :class:`pipellm.Region`; not made on its own."""
+
+    def __cinit__(self, *args, **kwargs):
+        if type(self) is RegionBase:
+            raise ArgumentTypeError("RegionBase is the C base of Region: use Pipeline.register")

@@ -13,7 +13,7 @@ which raise the precise error.
 from pipellm.channel._message cimport Endpoint
 from pipellm.pipeline._region cimport RegionBase
 from pipellm.devices._submission cimport SessionBase, Submitter, _forked_since
-from pipellm.errors import ArgumentError
+from pipellm.errors import ArgumentError, ArgumentTypeError
 from pipellm.pipeline.region import Region, check_int, check_region, check_span
 
 
@@ -24,6 +24,10 @@ cdef class Engine:
     overrides it in C (the speculative queue does: a hit has no Python call in it).
     It keeps the transfer counters every mode reports."""
 
+    def __cinit__(self, *args, **kwargs):
+        if type(self) is Engine:
+            raise ArgumentTypeError("Engine is the C base of the modes' engines: a Pipeline makes its engine")
+
     cdef int _to_device(self, region, Py_ssize_t offset, Py_ssize_t nbytes, dst, Py_ssize_t dst_offset,
                         stream) except -1:
         self.to_device(region, offset, nbytes, dst, dst_offset, stream)
@@ -31,6 +35,10 @@ cdef class Engine:
 
 
 cdef class Requests:
+
+    def __cinit__(self, *args, **kwargs):
+        if type(self) is Requests:
+            raise ArgumentTypeError("Requests is the C base of Pipeline: use pipellm.Pipeline")
     cdef public object device, _engine, _recorder, _fork_generation
     cdef public bint _closed
 

@@ -17,6 +17,7 @@ from pipellm.channel.protocol import GO_BODY, TAG_BYTES as _TAG_BYTES
 
 from pipellm.channel import Kind
 from pipellm import timeline
+from pipellm.errors import ArgumentTypeError
 from pipellm._ext.bounce cimport BouncePool, Slot
 from pipellm._ext.locks cimport Lock
 from pipellm.pipeline._region cimport RegionBase
@@ -157,6 +158,10 @@ cdef class Item:
 cdef class Queue(Engine):
     """The queue of items, in index order, and the channel position it depends on.
     ``SpeculativeEngine`` derives from it and sets the fields in its ``__init__``."""
+
+    def __cinit__(self, *args, **kwargs):
+        if type(self) is Queue:
+            raise ArgumentTypeError("Queue is the C base of the pipellm mode's engine: Pipeline(mode=\"pipellm\") makes it")
 
     cdef public object _items           # deque of Items, in index order
     cdef public dict _by_key            # key -> Item
