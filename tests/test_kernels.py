@@ -34,8 +34,25 @@ def test_h_is_aes_of_zero():
 @settings(max_examples=50, deadline=None)
 @given(x=st.integers(0, (1 << 128) - 1))
 def test_the_table_multiplies_like_the_field(x):
+    """The kernels' nibble table and the host's byte tables (built from single-bit
+    products, not a bit loop per entry) both multiply as the field does."""
+    from pipellm.kernels.tables import _digit_products, _mul_bytes
     key = GcmKey(b"k" * 32)
     assert mul_by_table(key.h_table, x) == gf_mul(x, key.h)
+    assert _mul_bytes(_digit_products(key.h, 8), x) == gf_mul(x, key.h)
+    assert _mul_bytes(_digit_products(x | 1, 8), key.h) == gf_mul(key.h, x | 1)
+
+
+def test_the_chunk_powers_are_powers_of_h():
+    key = GcmKey(os.urandom(32))
+    powers = key.ensure_chunks(5)
+    step = 1 << 127
+    for _ in range(CHUNK_BLOCKS):
+        step = gf_mul(step, key.h)
+    expected = 1 << 127
+    for k in range(5):
+        assert from_words(powers[k]) == expected
+        expected = gf_mul(expected, step)
 
 
 def _blocks(b):

@@ -89,14 +89,38 @@ def gf_mul(x: int, y: int) -> int:
     return z
 
 
+def _bit_products(h: int) -> list[int]:
+    """``h`` times each single bit, in GCM order: entry k is ``h * x^k`` (the product of
+    ``h`` and the element whose bit 127 - k alone is set), as gf_mul's loop steps ``v``."""
+    out, v = [], h
+    for _ in range(128):
+        out.append(v)
+        v = (v >> 1) ^ _R if v & 1 else v >> 1
+    return out
+
+
+def _digit_products(h: int, bits: int) -> list[list[int]]:
+    """``t[j][n] = (n at digit j) * h`` for ``bits``-bit digits (digit 0 the most
+    significant), each entry the XOR of the single-bit products of n's bits (the field
+    multiplication is linear): a few thousand XORs, not a bit loop per entry."""
+    single = _bit_products(h)
+    digits = 128 // bits
+    table = []
+    for j in range(digits):
+        row = [0] * (1 << bits)
+        base = bits * (digits - 1 - j)  # the digit's lowest bit position in x
+        for n in range(1, 1 << bits):
+            low = n & -n
+            row[n] = row[n ^ low] ^ single[127 - base - (low.bit_length() - 1)]
+        table.append(row)
+    return table
+
+
 def mul_table(h: int) -> np.ndarray:
     """``t[j, n] = (n at nibble j) * h`` as 4 words, so ``x * h`` is the XOR over the 32
-    nibbles of x of ``t[j, nibble_j(x)]`` (nibble 0 is the most significant)."""
-    table = np.zeros((32, 16, 4), dtype=np.uint32)
-    for j in range(32):
-        for n in range(1, 16):
-            table[j, n] = to_words(gf_mul(n << (4 * (31 - j)), h))
-    return table
+    nibbles of x of ``t[j, nibble_j(x)]`` (nibble 0 is the most significant): the table
+    the kernels read."""
+    return np.array([[to_words(v) for v in row] for row in _digit_products(h, 4)], dtype=np.uint32)
 
 
 def mul_by_table(table: np.ndarray, x: int) -> int:
@@ -104,6 +128,15 @@ def mul_by_table(table: np.ndarray, x: int) -> int:
     z = 0
     for j in range(32):
         z ^= from_words(table[j, (x >> (4 * (31 - j))) & 0xF])
+    return z
+
+
+def _mul_bytes(table: list[list[int]], x: int) -> int:
+    """x * h through ``_digit_products(h, 8)``: the host's own multiplication (16 lookups
+    of Python ints, where the kernels' numpy table costs a conversion per lookup)."""
+    z = 0
+    for j in range(16):
+        z ^= table[j][(x >> (8 * (15 - j))) & 0xFF]
     return z
 
 
@@ -124,17 +157,18 @@ class GcmKey:
         encryptor = Cipher(algorithms.AES(bytes(key)), modes.ECB()).encryptor()
         self.h = int.from_bytes(encryptor.update(bytes(16)) + encryptor.finalize(), "big")
         self.h_table = mul_table(self.h)
+        by_h = _digit_products(self.h, 8)
         hl = self.h
         for _ in range(CHUNK_BLOCKS - 1):
-            hl = mul_by_table(self.h_table, hl)
-        self._hl_table = mul_table(hl)  # multiplies by H^CHUNK_BLOCKS
-        self._powers = [1 << 127]       # H^0 = 1 (GCM order: the top bit)
+            hl = _mul_bytes(by_h, hl)
+        self._by_hl = _digit_products(hl, 8)  # multiplies by H^CHUNK_BLOCKS
+        self._powers = [1 << 127]             # H^0 = 1 (GCM order: the top bit)
         self.chunk_powers = np.array([to_words(1 << 127)], dtype=np.uint32)
 
     def ensure_chunks(self, chunks: int) -> np.ndarray:
         """Powers H^(k*CHUNK_BLOCKS) for k < ``chunks`` as a (chunks, 4) uint32 array."""
         if chunks > len(self._powers):
             while len(self._powers) < chunks:
-                self._powers.append(mul_by_table(self._hl_table, self._powers[-1]))
+                self._powers.append(_mul_bytes(self._by_hl, self._powers[-1]))
             self.chunk_powers = np.array([to_words(p) for p in self._powers], dtype=np.uint32)
         return self.chunk_powers
