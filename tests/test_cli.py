@@ -148,3 +148,5 @@ def test_bench_gpu_host_quick_json():
         assert row["engine_us_per_message"] > 0 and row["host_us_per_message"] <= row["engine_us_per_message"]
         assert row["driver_calls_per_message"].get("message", 0) == (0 if mode == "plain" else 1)
     assert rows[("4 MiB chunks", "pipellm")]["hits"] >= 1
+    key = result["key_setup"]
+    assert key["tables_ms"] > 0 and key["powers_ms"] > 0 and key["message_bytes"] == 4 << 20
