@@ -16,6 +16,7 @@ from .errors import (
     ChannelClosedError,
     DeviceError,
     DeviceUnavailableError,
+    ForkedError,
     IntegrityError,
     KeyExhaustedError,
     NotFittedError,
@@ -26,6 +27,7 @@ from .errors import (
     TraceError,
     TransferTimeoutError,
     UnknownRegionError,
+    UnknownSessionError,
 )
 from .hostmem import array, empty, zeros
 from .pipeline import Pipeline, Region, Transfer
@@ -34,7 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArgumentError", "ArgumentTypeError", "ChannelClosedError", "Device", "DeviceBuffer",
-    "DeviceError", "DeviceUnavailableError", "IntegrityError", "KeyExhaustedError", "LinkModel",
+    "DeviceError", "DeviceUnavailableError", "ForkedError", "IntegrityError", "KeyExhaustedError", "LinkModel",
     "NotFittedError", "DepthWarning", "Pipeline", "PinningWarning", "PredictorWarning", "PipellmError", "Region", "Stream", "TraceError", "Transfer",
-    "TransferTimeoutError", "UnknownRegionError", "array", "empty", "open_device", "zeros", "__version__",
+    "TransferTimeoutError", "UnknownRegionError", "UnknownSessionError", "array", "empty", "open_device", "zeros", "__version__",
 ]

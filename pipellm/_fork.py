@@ -17,8 +17,8 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def check(created_in: int, what: str) -> None:
-    from .errors import ChannelClosedError
+    from .errors import ForkedError
 
     if created_in != generation:
-        raise ChannelClosedError(f"this {what} was created before os.fork(); its threads do not exist in the "
+        raise ForkedError(f"this {what} was created before os.fork(); its threads do not exist in the "
                                  f"child process: create a new one in the child")

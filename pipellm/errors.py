@@ -34,7 +34,17 @@ class IntegrityError(PipellmError):
 
 
 class ChannelClosedError(PipellmError):
-    """The confidential channel (or the pipeline, or the device) is closed."""
+    """The confidential channel (or the pipeline, the device, a bounce pool) is closed."""
+
+
+class ForkedError(ChannelClosedError):
+    """The object was made before ``os.fork()``: in the child its threads do not exist.
+    Make a new one in the child (the parent's goes on unharmed)."""
+
+
+class UnknownSessionError(ChannelClosedError):
+    """A device was asked for a channel session it does not have open (never opened, or
+    closed since)."""
 
 
 class DeviceError(PipellmError):

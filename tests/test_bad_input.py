@@ -145,3 +145,14 @@ def test_the_c_bases_are_not_made_on_their_own(path, name, factory):
     cls = getattr(importlib.import_module(path), name)
     with pytest.raises(pipellm.ArgumentTypeError, match=f"{name} is the C base .*{re.escape(factory)}"):
         cls()
+
+
+def test_an_unknown_session_is_refused_as_such():
+    """A device asked for a session it never opened (or closed): UnknownSessionError, a
+    ChannelClosedError, naming the session; nothing is submitted."""
+    with pipellm.open_device("emulated") as dev:
+        stream = dev.default_stream
+        with pytest.raises(pipellm.UnknownSessionError, match="no open session 12345") as info:
+            dev.submit_messages(stream, 12345, [])
+        assert isinstance(info.value, ChannelClosedError)
+        assert not stream._pending or all(op.finished for op in stream._pending)

@@ -18,7 +18,7 @@ from pipellm import _fork
 from pipellm._ext.locks cimport Lock
 from pipellm.channel._message cimport Message
 from pipellm.channel.protocol import TAG_BYTES as _TAG_BYTES
-from pipellm.errors import ArgumentTypeError, ChannelClosedError, TransferTimeoutError
+from pipellm.errors import ArgumentTypeError, TransferTimeoutError, UnknownSessionError
 
 cdef Py_ssize_t TAG_BYTES = _TAG_BYTES
 cdef dict _FORK = vars(_fork)  # (its live ``generation``, read without a module lookup)
@@ -175,7 +175,7 @@ cdef class Submitter:
     cpdef _session(self, session):
         s = self._sessions.get(session)
         if s is None:
-            raise ChannelClosedError(f"no open session {session} on this device")
+            raise UnknownSessionError(f"no open session {session} on this device")
         return s
 
     cpdef Op submit_messages(self, stream, session, msgs):
