@@ -53,10 +53,35 @@ def test_a_waiter_gets_it_once_the_holder_lets_go():
     t = threading.Thread(target=lambda: (lock.acquire(), got.set()))
     t.start()
     assert not got.wait(0.1)
-    lock.release()  # (released by another thread than the one that will hold it: allowed)
+    lock.release()  # (by its holder, while another thread waits for it)
     assert got.wait(5)
     t.join()
     assert lock.locked()
+
+
+def test_only_its_holder_gives_it_back():
+    """A mutex's rule: another thread's release() is refused and its exit() (a with block
+    whose re-acquire a signal interrupted, as in Condition.wait) leaves the lock held;
+    the holder's release works."""
+    lock, taken, done = Lock(), threading.Event(), threading.Event()
+
+    def hold():
+        lock.acquire()
+        taken.set()
+        done.wait(5)
+        lock.release()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert taken.wait(5)
+    with pytest.raises(RuntimeError, match="another thread holds"):
+        lock.release()
+    lock.__exit__(None, None, None)
+    assert lock.locked() and not lock.acquire(blocking=False)
+    done.set()
+    t.join()
+    assert not lock.locked() and lock.acquire(blocking=False)
+    lock.release()
 
 
 def test_a_condition_works_over_it():

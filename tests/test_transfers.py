@@ -212,6 +212,27 @@ def test_pipeline_leaves_a_shared_device_open(device):
         assert (device.read(dbuf) == 3).all()
 
 
+def test_a_device_inherited_by_a_forked_child_refuses_to_wait():
+    """A stream's lock may be held by a parent thread that does not exist in the child:
+    synchronize() there raises ForkedError rather than wait on it."""
+    import os
+    with pipellm.open_device("emulated") as dev:
+        dev.synchronize()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                try:
+                    dev.synchronize(timeout=1)
+                except pipellm.ForkedError:
+                    code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        dev.synchronize()  # the parent's goes on
+
+
 def test_fork_with_a_live_pipeline():
     """Serving stacks fork workers: in the child the parent's pipeline refuses clearly (its
     threads are not there) and a new one works; the parent goes on unharmed."""

@@ -7,10 +7,17 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_destroy(pthread_mutex_t*)
     int pthread_mutex_trylock(pthread_mutex_t*)
     int pthread_mutex_unlock(pthread_mutex_t*)
+    ctypedef unsigned long pthread_t  # (opaque: only stored, and compared with pthread_equal)
+    pthread_t pthread_self()
+    int pthread_equal(pthread_t, pthread_t)
 
 
 cdef class Lock:
-    cdef pthread_mutex_t _mutex  # the lock's whole state
+    cdef pthread_mutex_t _mutex  # the lock itself
+    cdef pthread_t _owner        # the thread holding it, while _owned (set by that thread)
+    cdef bint _owned
+    cdef void _took(self) noexcept
+    cdef bint _mine(self) noexcept
     cdef int enter(self) except -1
     cdef bint try_enter(self) noexcept
     cdef void exit(self) noexcept

@@ -10,7 +10,7 @@ extensions call its ``enter``/``try_enter``/``exit`` directly: a ``with`` block 
 The lock is a POSIX mutex: taking a free one is a try-lock, and a thread that finds it
 taken waits without the GIL. (Python's own ``PyThread`` lock is a semaphore on Linux,
 several times the cost of a mutex per round trip: :func:`round_trip_ns`.) As a mutex it
-is given back by the thread that took it. It excludes threads whether or not a GIL
+is given back only by the thread that took it. It excludes threads whether or not a GIL
 runs, but the request path's other C state still counts on the GIL: on a free-threaded build importing pipellm's extensions turns the GIL back on
 (none declares itself free-threading compatible), and a GIL forced off with
 ``PYTHON_GIL=0`` or ``-X gil=0`` is refused at import (:func:`_require_gil`).
@@ -66,7 +66,10 @@ cdef long long _SLICE_US = 50_000
 
 
 cdef class Lock:
-    """A non-reentrant mutex, as ``threading.Lock``.
+    """A non-reentrant mutex, as ``threading.Lock``, except that only the thread holding
+    it gives it back (a mutex's rule): ``release()`` elsewhere raises, and ``exit()``
+    elsewhere does nothing (a ``with`` block whose re-acquire a signal interrupted, as in
+    ``Condition.wait``, must not unlock a lock another thread holds).
 
     >>> lock = Lock()
     >>> with lock:
@@ -83,24 +86,40 @@ cdef class Lock:
             raise MemoryError("could not initialise a mutex")
 
     def __dealloc__(self):
-        # destroyed unlocked (destroying a held mutex is undefined): taken here if it
-        # was free, then given back either way
-        pthread_mutex_trylock(&self._mutex)
-        pthread_mutex_unlock(&self._mutex)
-        pthread_mutex_destroy(&self._mutex)
+        # destroyed only unlocked (destroying a held mutex is undefined, and only its
+        # holder may unlock it): one a thread died holding, or a forked child inherited
+        # held, is left as it is (a process-private mutex holds no other resource)
+        if pthread_mutex_trylock(&self._mutex) == 0:
+            pthread_mutex_unlock(&self._mutex)
+            pthread_mutex_destroy(&self._mutex)
+
+    cdef void _took(self) noexcept:
+        self._owner = pthread_self()
+        self._owned = True
+
+    cdef bint _mine(self) noexcept:
+        return self._owned and pthread_equal(self._owner, pthread_self())
 
     cdef int enter(self) except -1:
         """Take the lock, waiting as long as it takes (GIL released while waiting)."""
-        if pthread_mutex_trylock(&self._mutex) != 0:
+        if pthread_mutex_trylock(&self._mutex) == 0:
+            self._took()
+        else:
             self._acquire_blocking(-1.0)
         return 0
 
     cdef bint try_enter(self) noexcept:
         """Take the lock if it is free; False (not taken) otherwise."""
-        return pthread_mutex_trylock(&self._mutex) == 0
+        if pthread_mutex_trylock(&self._mutex) != 0:
+            return False
+        self._took()
+        return True
 
     cdef void exit(self) noexcept:
-        pthread_mutex_unlock(&self._mutex)
+        """Give the lock back if this thread holds it (else nothing: see the class)."""
+        if self._mine():
+            self._owned = False
+            pthread_mutex_unlock(&self._mutex)
 
     cdef bint _acquire_blocking(self, double timeout) except -1:
         """Wait for the lock without the GIL, in slices between which signal handlers
@@ -116,6 +135,7 @@ cdef class Lock:
             with nogil:
                 status = pl_mutex_wait(&self._mutex, wait_us)
             if status == 0:
+                self._took()
                 return True
             PyErr_CheckSignals()
             if timeout >= 0 and monotonic() >= deadline:
@@ -126,16 +146,16 @@ cdef class Lock:
         and it is taken, or once ``timeout`` seconds (-1: none) have passed."""
         if timeout != -1 and (not blocking or timeout < 0):
             raise ValueError("timeout must be -1 (none) or >= 0, and needs blocking=True")
-        if pthread_mutex_trylock(&self._mutex) == 0:
+        if self.try_enter():
             return True
         return bool(blocking) and self._acquire_blocking(timeout)
 
     def release(self) -> None:
-        """Give the lock back; RuntimeError if it is not taken."""
-        if pthread_mutex_trylock(&self._mutex) == 0:  # it was free
-            pthread_mutex_unlock(&self._mutex)
-            raise RuntimeError("release unlocked lock")
-        pthread_mutex_unlock(&self._mutex)
+        """Give the lock back; RuntimeError if this thread does not hold it."""
+        if not self._mine():
+            raise RuntimeError("release unlocked lock" if not self.locked() else
+                               "release of a lock another thread holds (only its holder gives it back)")
+        self.exit()
 
     def locked(self) -> bool:
         if pthread_mutex_trylock(&self._mutex) == 0:

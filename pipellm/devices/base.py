@@ -184,6 +184,8 @@ class Device(abc.ABC):
         streams neither wait for nor see each other's lost or refused messages. For an open session
         the device also checks that every message sent before the call arrived (see
         ``audit``): a message lost on the link fails the session instead of a wait."""
+        if self._fork_generation != _fork.generation:  # (a parent thread may hold a stream's lock)
+            _fork.check(self._fork_generation, f"{self.kind} device")
         streams = list(self._streams) if stream is None else [self.check_stream(stream)]
         if session is not ANY_SESSION and session is not None:
             try:
