@@ -1,3 +1,5 @@
+cimport cython
+
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_mutex_t:
         pass
@@ -12,6 +14,7 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_equal(pthread_t, pthread_t)
 
 
+@cython.final  # (its methods called directly from C, not through a table)
 cdef class Lock:
     cdef pthread_mutex_t _mutex  # the lock itself
     cdef pthread_t _owner        # the thread holding it, while _owned (set by that thread)

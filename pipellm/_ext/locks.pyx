@@ -65,6 +65,10 @@ _require_gil()
 cdef long long _SLICE_US = 50_000
 
 
+cimport cython
+
+
+@cython.final
 cdef class Lock:
     """A non-reentrant mutex, as ``threading.Lock``, except that only the thread holding
     it gives it back (a mutex's rule): ``release()`` elsewhere raises, and ``exit()``
