@@ -73,8 +73,9 @@ def key_setup_ms(message_bytes: int = 4 << 20, repeats: int = 3) -> dict:
     of ``message_bytes`` (best of ``repeats``)."""
     import os
 
-    from pipellm.kernels.tables import CHUNK_BLOCKS, GcmKey
-    chunks = -(-(message_bytes // 16 + 8) // CHUNK_BLOCKS)
+    from pipellm._ext.gpupath import chunks_needed
+    from pipellm.kernels.tables import GcmKey
+    chunks = chunks_needed(message_bytes)  # (what the driver path grows a key to)
     init = powers = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

@@ -11,11 +11,13 @@ The lock is a POSIX mutex: taking a free one is a try-lock, and a thread that fi
 taken waits without the GIL. (Python's own ``PyThread`` lock is a semaphore on Linux,
 several times the cost of a mutex per round trip: :func:`round_trip_ns`.) As a mutex it
 is given back only by the thread that took it. It excludes threads whether or not a GIL
-runs, but the request path's other C state still counts on the GIL: on a free-threaded build importing pipellm's extensions turns the GIL back on
-(none declares itself free-threading compatible), and a GIL forced off with
-``PYTHON_GIL=0`` or ``-X gil=0`` is refused at import (:func:`_require_gil`).
+runs, but the request path's other C state still counts on the GIL: on a free-threaded
+build importing pipellm's extensions turns the GIL back on (none declares itself
+free-threading compatible), and a GIL forced off with ``PYTHON_GIL=0`` or ``-X gil=0``
+is refused at import (:func:`_require_gil`).
 """
 
+cimport cython
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.pythread cimport (NOWAIT_LOCK, PyThread_acquire_lock, PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_release_lock, PyThread_type_lock)
@@ -65,9 +67,6 @@ _require_gil()
 cdef long long _SLICE_US = 50_000
 
 
-cimport cython
-
-
 @cython.final
 cdef class Lock:
     """A non-reentrant mutex, as ``threading.Lock``, except that only the thread holding
@@ -106,9 +105,7 @@ cdef class Lock:
 
     cdef int enter(self) except -1:
         """Take the lock, waiting as long as it takes (GIL released while waiting)."""
-        if pthread_mutex_trylock(&self._mutex) == 0:
-            self._took()
-        else:
+        if not self.try_enter():
             self._acquire_blocking(-1.0)
         return 0
 

@@ -112,9 +112,14 @@ class Device(abc.ABC):
         """
         return contextlib.nullcontext()
 
-    def _check_open(self) -> None:
+    def _check_not_forked(self) -> None:
+        """ForkedError in a child forked after the device was opened: its threads, and
+        the locks they held, are the parent's."""
         if self._fork_generation != _fork.generation:
             _fork.check(self._fork_generation, f"{self.kind} device")
+
+    def _check_open(self) -> None:
+        self._check_not_forked()
         if self._closed:
             raise ChannelClosedError(f"the {self.kind} device is closed")
         if self.failure is not None:
@@ -184,8 +189,7 @@ class Device(abc.ABC):
         streams neither wait for nor see each other's lost or refused messages. For an open session
         the device also checks that every message sent before the call arrived (see
         ``audit``): a message lost on the link fails the session instead of a wait."""
-        if self._fork_generation != _fork.generation:  # (a parent thread may hold a stream's lock)
-            _fork.check(self._fork_generation, f"{self.kind} device")
+        self._check_not_forked()  # (a parent thread may hold a stream's lock)
         streams = list(self._streams) if stream is None else [self.check_stream(stream)]
         if session is not ANY_SESSION and session is not None:
             try:
