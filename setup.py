@@ -53,7 +53,7 @@ CYTHON = dict(language_level=3, compiler_directives={"boundscheck": False, "wrap
 extensions = [
     Extension(f"pipellm.{name.replace('/', '.')}", [f"pipellm/{name}.pyx"], extra_compile_args=["-O3"])
     # the low-level mechanisms (_ext), then each part's own hot path beside its Python
-    for name in ("_ext/bounce", "_ext/driver", "_ext/fence", "_ext/gpupath", "_ext/locks", "_ext/memcopy",
+    for name in ("_ext/bounce", "_ext/driver", "_ext/fence", "_ext/gpupath", "_ext/intmap", "_ext/locks", "_ext/memcopy",
                  "_ext/sealpath", "_ext/writeguard", "channel/_message", "devices/_submission",
                  "pipeline/_region", "pipeline/_request", "pipeline/_speculation")
 ]
@@ -66,7 +66,7 @@ extensions = [
 # failure leaves the .py modules in use, which need no Cython at run time
 # (predictors/_nocython.py stands in for the declarations).
 PREDICTORS = [Extension(f"pipellm.predictors.{name}", [f"predictors/{name}.py"], extra_compile_args=["-O2"],
-                        optional=True) for name in ("_core", "rules", "learned", "simple")]
+                        optional=True) for name in ("_layerwise", "_history", "rules", "learned", "simple")]
 
 if __name__ == "__main__":  # (tests/test_cudadriver.py imports cuda_extension from here)
     setup(cmdclass={"build_ext": ParallelBuildExt}, ext_modules=cythonize(extensions, **CYTHON) + cythonize(

@@ -31,7 +31,7 @@ import os
 
 from pipellm.errors import ArgumentError, NotFittedError
 
-from ._core import RECENT, _History
+from ._history import RECENT, _History
 from .base import Prediction, Predictor, TransferEvent
 from .rules import KVSwapPredictor, LayerwisePredictor
 

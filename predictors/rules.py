@@ -8,7 +8,7 @@ from collections import OrderedDict, deque
 
 from pipellm.errors import ArgumentError
 
-from ._core import MAX_ORDER, _LayerwiseCore
+from ._layerwise import MAX_ORDER, _LayerwiseCore
 from .base import Prediction, Predictor, TransferEvent, _new_tuple
 
 

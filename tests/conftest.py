@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import pipellm
-import pipellm.predictors._core
+import pipellm.predictors._history
+import pipellm.predictors._layerwise
 import pipellm.predictors.learned
 import pipellm.predictors.rules
 import pipellm.predictors.simple
@@ -15,6 +16,7 @@ def pytest_sessionstart(session):
     the datapath's .pyx files (setup.py). An edit runs only after a rebuild, so tests of
     a stale build would test the old code."""
     import pipellm._ext.fence
+    import pipellm._ext.intmap
     import pipellm._ext.locks
     import pipellm._ext.writeguard
     import pipellm.channel._message
@@ -22,8 +24,8 @@ def pytest_sessionstart(session):
     import pipellm.pipeline._region
     import pipellm.pipeline._request
     import pipellm.pipeline._speculation
-    for module in (pipellm.predictors._core, pipellm.predictors.rules, pipellm.predictors.learned,
-                   pipellm.predictors.simple, pipellm._ext.bounce, pipellm._ext.fence, pipellm._ext.locks,
+    for module in (pipellm.predictors._layerwise, pipellm.predictors._history, pipellm.predictors.rules, pipellm.predictors.learned,
+                   pipellm.predictors.simple, pipellm._ext.bounce, pipellm._ext.fence, pipellm._ext.intmap, pipellm._ext.locks,
                    pipellm._ext.writeguard, pipellm.channel._message, pipellm.devices._submission,
                    pipellm.pipeline._region, pipellm.pipeline._request, pipellm.pipeline._speculation):
         stem = os.path.join(os.path.dirname(module.__file__), module.__name__.rsplit(".", 1)[1])

@@ -415,7 +415,7 @@ def test_learned_model_files_are_checked_and_never_executed(tmp_path, content, m
 
 
 def plain_predictor_modules(monkeypatch, cython_installed=True):
-    """_core.py, rules.py and learned.py loaded as plain Python (the fallback where no compiler
+    """_layerwise.py, _history.py, rules.py and learned.py loaded as plain Python (the fallback where no compiler
     built them), under a throw-away package name, beside the compiled ones; without
     Cython installed they read their declarations through predictors/_nocython.py."""
     import importlib.util
@@ -429,7 +429,7 @@ def plain_predictor_modules(monkeypatch, cython_installed=True):
     package.__path__ = []
     monkeypatch.setitem(sys.modules, "plain_predictors", package)
     modules = {}
-    for name in ("_nocython", "base", "_core", "rules", "learned"):
+    for name in ("_nocython", "base", "_layerwise", "_history", "rules", "learned"):
         spec = importlib.util.spec_from_file_location(f"plain_predictors.{name}", os.path.join(folder, f"{name}.py"))
         modules[name] = importlib.util.module_from_spec(spec)
         monkeypatch.setitem(sys.modules, spec.name, modules[name])
@@ -440,10 +440,12 @@ def plain_predictor_modules(monkeypatch, cython_installed=True):
 def compiled_or_skip():
     import importlib.machinery
 
-    import pipellm.predictors._core
+    import pipellm.predictors._history
+    import pipellm.predictors._layerwise
     import pipellm.predictors.learned
     import pipellm.predictors.rules
-    for module in (pipellm.predictors._core, pipellm.predictors.rules, pipellm.predictors.learned):
+    for module in (pipellm.predictors._layerwise, pipellm.predictors._history, pipellm.predictors.rules,
+                   pipellm.predictors.learned):
         if not module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
             pytest.skip(f"{module.__name__} was not compiled here ({module.__file__}): nothing to compare")
 
@@ -459,8 +461,8 @@ def test_compiled_predictors_predict_what_the_plain_modules_do(monkeypatch, work
     from pipellm.predictors.learned import FEATURES
     compiled_or_skip()
     plain = plain_predictor_modules(monkeypatch, cython_installed)
-    assert plain["_core"].__file__.endswith(".py") and plain["rules"].__file__.endswith(".py")
-    assert (plain["_core"].cython.__name__ == "cython") == cython_installed
+    assert all(plain[m].__file__.endswith(".py") for m in ("_layerwise", "_history", "rules", "learned"))
+    assert (plain["_layerwise"].cython.__name__ == "cython") == cython_installed
     rnd = random.Random(2)
     coef, intercept = [rnd.uniform(-3, 3) for _ in FEATURES], rnd.uniform(-2, 2)
     pairs = [(LayerwisePredictor(), plain["rules"].LayerwisePredictor()),
@@ -486,7 +488,7 @@ def test_layerwise_chain_past_its_walk_keys_still_matches_recomputation(monkeypa
     is passed often: the bookkeeping must hold up and the kept chain still equal a
     recomputation on random walks."""
     plain = plain_predictor_modules(monkeypatch)
-    monkeypatch.setattr(plain["_core"], "_WALKED", 2)
+    monkeypatch.setattr(plain["_layerwise"], "_WALKED", 2)
     overflowed = 0
     for seed in range(300):
         rnd = random.Random(seed)
