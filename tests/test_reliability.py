@@ -110,7 +110,7 @@ def test_close_during_traffic(mode):
     assert all(isinstance(e, pipellm.PipellmError) for e in outcomes), outcomes
     assert pipe.closed and pipe.device.closed
     if mode == "pipellm":
-        assert not any(t.is_alive() for t in pipe._engine._workers)
+        assert not any(t.is_alive() for t in pipe._engine.workers.threads)
 
 
 def test_open_file_descriptors_stay_flat():
@@ -170,7 +170,7 @@ def test_a_device_error_mid_transfer(mode, direction):
     pipe.close()  # the failure was reported: close does not raise it again
     assert pipe.closed
     if mode == "pipellm":
-        assert not any(t.is_alive() for t in pipe._engine._workers)
+        assert not any(t.is_alive() for t in pipe._engine.workers.threads)
     dev.close()
 
     with make_pipe(mode) as fresh:  # a new device and session recover
@@ -315,10 +315,10 @@ def test_a_plan_that_meets_a_closed_channel_leaves_the_worker_alive():
         engine.sealer.close(error)
         engine._plan_later()
         deadline = time.monotonic() + TIMEOUT  # (wait_speculation() raises: the pipeline failed)
-        while (engine._replenish_pending or engine._active) and time.monotonic() < deadline:
+        while (engine._replenish_pending or engine.workers.active) and time.monotonic() < deadline:
             time.sleep(0.001)
-        assert not engine._replenish_pending and not engine._active, "no worker ran the plan"
-        assert all(t.is_alive() for t in engine._workers)
+        assert not engine._replenish_pending and not engine.workers.active, "no worker ran the plan"
+        assert all(t.is_alive() for t in engine.workers.threads)
         assert len(engine._items) == 0
         with pytest.raises(pipellm.ChannelClosedError) as caught:
             pipe.to_device(regions[0])

@@ -487,7 +487,7 @@ def test_close_stops_workers():
     regions = layers(pipe)
     for r in regions * 2:
         pipe.to_device(r)
-    workers = pipe._engine._workers
+    workers = pipe._engine.workers.threads
     assert all(t.is_alive() for t in workers)
     pipe.close()
     assert not any(t.is_alive() for t in workers)
@@ -728,7 +728,7 @@ def test_an_idle_worker_naps_and_takes_work_without_a_wake_then_blocks():
         engine.nap_window_s = 600.0
         settled_passes(pipe, regions, n=2)
         assert _eventually(lambda: engine._napping == 1 and engine._idle == 2)
-        workers = engine._workers
+        workers = engine.workers.threads
     # (close joins for up to 30 s: a napper that missed the news would still be alive)
     assert not any(t.is_alive() for t in workers)
 

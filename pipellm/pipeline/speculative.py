@@ -22,8 +22,10 @@ as they arrive; waiting on the transfer, reading the region or synchronizing wai
 (or does) the rest.
 
 The queue, its items and chunks, and the request path (``to_device`` and a hit) are C:
-the engine derives from ``pipellm/pipeline/_speculation.pyx``'s ``Queue``; this module holds
-everything else (claims that are not a plain hit, relinquishing, planning, the workers).
+the engine derives from ``pipellm/pipeline/_speculation.pyx``'s ``Queue``; its worker threads
+are a part of their own (``workers.py``), misses sealed in pieces another (``ondemand.py``);
+this module holds the rest (claims that are not a plain hit, relinquishing, planning,
+receiving device-to-host data).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import queue
 import threading
 import warnings
 from collections import OrderedDict, deque
-from time import perf_counter, thread_time
+from time import perf_counter
 
 from .. import timeline
 from ..channel import Kind
@@ -48,12 +50,7 @@ from ._speculation import (  # noqa: F401 - the policy's constants, re-exported
 from . import ondemand
 from .payoff import Payoff
 from .cc import CCEngine, slot_bytes_for
-
-#: a worker pays back emulated-clock time its tasks ran during emulation stall (see
-#: EmulatedDevice.hold) once it owes this much: shorter sleeps are mostly the OS's
-#: overshoot
-HOLD_MIN_S = 2e-4
-
+from .workers import Workers
 
 def _may_overlap(incoming, region, offset: int, nbytes: int) -> bool:
     """Whether device-to-host data still coming into ``region`` may land in its bytes
@@ -107,7 +104,6 @@ class SpeculativeEngine(CCEngine, Queue):
         self._napping = 0                              # workers napping before they block
         self._news = 0                                 # bumped when workers get new tasks
         self.nap_window_s = NAP_WINDOW_S
-        self._active = 0                               # tasks workers are running now
         self._queued_messages = 0
         self._high = -1                                # highest h2d index sent
         self._expect = 0                               # strict: the index the device expects next
@@ -115,7 +111,6 @@ class SpeculativeEngine(CCEngine, Queue):
         self._events: deque[tuple] = deque()  # transfers the predictor has not heard of yet
         self._dropped: OrderedDict[tuple, int] = OrderedDict()  # keys whose speculation was lost
         self._spent: list = []  # items hits sent, freed by the worker that plans next
-        self._stopping = False
         self._replenish_pending = False
         self._receive_pending = False
         self.counts = dict.fromkeys(
@@ -132,17 +127,10 @@ class SpeculativeEngine(CCEngine, Queue):
         # until its guesses hit again (set by _score)
         self._throttle = False
         self._shadow = None    # throttled: the predictor's first guess for the next request
-        self.worker_busy_s = 0.0
-        # the CPU seconds of the same tasks (busy time less waits for the GIL or a core):
-        # the least time the workers could have done this work in, on this machine as
-        # loaded (cores shared with the emulated device's decryption, for one)
-        self.worker_cpu_s = 0.0
         self.hit_wait_s = 0.0  # requests waiting for a worker to finish their chunks
         self.predictor_s = 0.0  # CPU seconds in the predictor (see Queue)
-        self._workers = [threading.Thread(target=self._work, name=f"pipellm-worker-{i}", daemon=True)
-                         for i in range(workers)]
-        for t in self._workers:
-            t.start()
+        self.workers = Workers(self, workers)
+        self.workers.start()
 
     # -- host to device ----------------------------------------------------------------------
     # the request path (the queue's, in C: a hit is sent without a Python frame); it
@@ -241,7 +229,7 @@ class SpeculativeEngine(CCEngine, Queue):
         if nbytes >= 2 * ondemand.MIN_PIECE and self.help_on_demand and self.speculating:
             with self._lock:
                 if not self._tasks:
-                    helpers = min(self._idle + self._napping, len(self._workers))
+                    helpers = min(self._idle + self._napping, len(self.workers))
         if helpers:
             ondemand.send(self, region, offset, nbytes, dst, dst_offset, stream, helpers)
         else:
@@ -428,110 +416,6 @@ class SpeculativeEngine(CCEngine, Queue):
             self.counts["expired"] += 1
             self._drop(self._items[0])
 
-    # -- workers ------------------------------------------------------------------------------
-    def _work(self) -> None:
-        device = self.device
-        gate = device.gate
-        busy, cpu, took = 0.0, 0.0, False
-        owed = 0.0  # emulated clock time this worker's tasks ran while it stood still, not yet waited
-        while True:
-            if timeline.recording and not gate.is_set():
-                gated = perf_counter()
-                gate.wait()
-                timeline.span("gated", gated, perf_counter())
-            else:
-                gate.wait()  # no progress while the emulated device's clock stands still
-            with self._cond:
-                self.worker_busy_s += busy
-                self.worker_cpu_s += cpu
-                busy = cpu = 0.0
-                if took and not self._tasks:
-                    # this worker skipped the last task: wake wait_speculation() (after a
-                    # task it ran, the notify below did)
-                    self._cond.notify_all()
-                took = False
-                if not self._tasks and self._extend_due():
-                    # idle, and the last plan queued more: plan further ahead now, while
-                    # the cores are free (a request would plan only a few items past it)
-                    self._replenish_pending = True
-                    self._tasks.append(_REPLENISH)
-                    self.counts["idle_plans"] += 1
-                nap_until = self._nap_until()
-                while not self._tasks and not self._stopping:
-                    if self._nap(nap_until):
-                        continue  # news, or the nap is over: look again
-                    self._idle += 1  # a producer takes it back when it puts our token
-                    self._lock.release()
-                    try:
-                        self._wake.get()
-                    finally:
-                        self._lock.acquire()
-                if self._stopping:
-                    return
-                task = self._tasks.popleft()
-                took = True
-                chunk = None
-                if task is _REPLENISH:
-                    self._replenish_pending = False
-                elif type(task) is ondemand.Piece:
-                    if task.state != PENDING:
-                        continue  # the requesting thread sealed it itself
-                    task.state, task.helped = ENCRYPTING, True
-                elif task is not _RECEIVE:
-                    item, chunk = task
-                    if chunk is None:  # the GO command, ahead, into private memory
-                        if item.dead or item.claimed:
-                            continue
-                        item.go_busy = True
-                    elif chunk.state != PENDING:
-                        continue
-                    elif item.dead:
-                        self._release(chunk)
-                        continue
-                    else:
-                        chunk.state = ENCRYPTING
-                self._active += 1  # wait_speculation() waits for it (a plan queues its items late)
-            frozen = device.frozen_s()
-            start, cpu_start = perf_counter(), thread_time()
-            try:
-                if task is _REPLENISH:
-                    self._spent.clear()  # (off the request path: see Queue._hit)
-                    with self._h2d_lock:
-                        try:
-                            self._replenish()
-                        except ChannelClosedError:  # the channel or pool closed under the plan:
-                            pass                    # the next request raises it (never a worker)
-                elif task is _RECEIVE:
-                    self._receive_async()
-                elif type(task) is ondemand.Piece:
-                    ondemand.seal(self, task)
-                elif chunk is None:
-                    self._seal_go_ahead(item)
-                else:
-                    self._encrypt(item, chunk)
-            finally:
-                with self._cond:
-                    self._active -= 1
-                    if not self._active:
-                        self._cond.notify_all()
-            took = False
-            end = perf_counter()
-            busy, cpu = end - start, thread_time() - cpu_start
-            if timeline.recording:
-                what = "plan" if task is _REPLENISH else "receive" if task is _RECEIVE else \
-                    "encrypt" if chunk is not None or type(task) is ondemand.Piece else "seal-go"
-                timeline.span("task:" + what, start, end, cpu)
-            owed += device.frozen_s() - frozen  # the emulated clock stood still under this task
-            if owed > HOLD_MIN_S:  # pay it back on the clock; a sleep's overshoot is credited
-                held_from = device.now()
-                if timeline.recording:
-                    wall = perf_counter()
-                    device.hold(owed)
-                    timeline.span("gated", wall, perf_counter())
-                else:
-                    device.hold(owed)
-                owed -= device.now() - held_from
-
     def _replenish(self):
         # (every plan, the requesting thread's too: whether it queued more is what lets an
         # idle worker plan on)
@@ -562,7 +446,7 @@ class SpeculativeEngine(CCEngine, Queue):
         """An idle worker plans further ahead (engine lock held) while the last plan grew
         the queue, the queue is short of the lookahead, and nothing else is pending."""
         return (self.plan_when_idle and self._grew and not self._replenish_pending and not self._throttle
-                and not self._stopping and len(self._items) < self.lookahead)
+                and not self.workers.stopping and len(self._items) < self.lookahead)
 
     def _encrypt(self, item: Item, chunk: Chunk) -> None:
         """Seal one speculative chunk into its slot, unless the region changed since its token."""
@@ -593,25 +477,9 @@ class SpeculativeEngine(CCEngine, Queue):
                 self._release(chunk)
             self._cond.notify_all()
 
-    def _seal_go_ahead(self, item: Item) -> None:
-        msg = None
-        try:
-            body = GO_BODY.pack(*item.go_dst, len(item.chunks), item.nbytes)
-            msg = self.sealer.seal_into(item.go, Kind.GO, 0, 0, body, memoryview(bytearray(len(body) + TAG_BYTES)),
-                                        shared=False)
-        except Exception:  # noqa: BLE001 - counted; the GO is then sealed at request time
-            with self._cond:
-                self.counts["worker_errors"] += 1
-        with self._cond:
-            self._go_sealed(item, msg)
-            self._cond.notify_all()
-
     def wait_speculation(self, timeout=None) -> bool:
         """Block until the workers have nothing left to do (planning and encryption)."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._tasks and not self._replenish_pending and not self._active
-                                       and not any(c.state == ENCRYPTING for i in self._items for c in i.chunks),
-                                       timeout)
+        return self.workers.wait_idle(timeout)
 
     # -- device to host: decrypted in the background --------------------------------------------
     def delivered(self, msg) -> None:
@@ -671,12 +539,7 @@ class SpeculativeEngine(CCEngine, Queue):
                 self._drop(item)
 
     def close(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-            self._wake_workers(len(self._workers))
-        for t in self._workers:
-            t.join(timeout=30)
+        self.workers.stop()
         with self._cond:
             for item in list(self._items):
                 self._drop(item)
@@ -690,8 +553,8 @@ class SpeculativeEngine(CCEngine, Queue):
         counts = {"hits": self.hits, **self.counts}
         requests = counts["hits"] + counts["misses"]
         counts["hit_rate"] = counts["hits"] / requests if requests else 0.0
-        counts["worker_busy_s"] = self.worker_busy_s
-        counts["worker_cpu_s"] = self.worker_cpu_s
+        counts["worker_busy_s"] = self.workers.busy_s
+        counts["worker_cpu_s"] = self.workers.cpu_s
         counts["hit_wait_s"] = self.hit_wait_s
         counts["predictor_s"] = self.predictor_s
         counts["min_speculative_bytes"] = self.min_speculative_bytes
@@ -699,7 +562,7 @@ class SpeculativeEngine(CCEngine, Queue):
             counts["speculating"] = self._payoff.speculating
             counts["payoff_switches"] = self._payoff.switches
             counts["payoff_rates"] = dict(on=self._payoff.rates[True], off=self._payoff.rates[False])
-        counts["workers"] = len(self._workers)
+        counts["workers"] = len(self.workers)
         counts["iv_order"] = "window" if self.window else "strict"
         counts["queued_items"] = len(self._items)
         counts["prediction_accuracy"] = self._accuracy
