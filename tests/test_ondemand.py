@@ -27,7 +27,7 @@ def settle(pipe):
     """Let every worker go idle and block (a miss is shared only with idle workers; one
     between its nap and blocking counts as neither for a moment)."""
     deadline = time.monotonic() + 5
-    while pipe._engine._idle < len(pipe._engine.workers) and time.monotonic() < deadline:
+    while pipe._engine.board.idle < len(pipe._engine.workers) and time.monotonic() < deadline:
         time.sleep(0.005)
 
 

@@ -707,12 +707,12 @@ def test_an_idle_worker_naps_and_takes_work_without_a_wake_then_blocks():
     regions = layers(pipe, n=4, nbytes=CHUNK)
     learn(pipe, regions)
     for window in (600.0, 0.0):
-        engine.nap_window_s = window
+        engine.board.nap_window_s = window
         settled_passes(pipe, regions, n=1)  # the worker ran tasks since: idle under this window
         if window:
-            assert _eventually(lambda: engine._napping == 1) and engine._idle == 0  # napping
+            assert _eventually(lambda: engine.board.napping == 1) and engine.board.idle == 0  # napping
         else:
-            assert _eventually(lambda: engine._idle == 1) and engine._napping == 0  # blocked
+            assert _eventually(lambda: engine.board.idle == 1) and engine.board.napping == 0  # blocked
         before = pipe.stats()
         pipe.to_device(regions[0])  # a hit: the worker is handed the next plan
         pipe.wait_speculation(TIMEOUT)
@@ -725,9 +725,9 @@ def test_an_idle_worker_naps_and_takes_work_without_a_wake_then_blocks():
     with spec_pipe(workers=3) as pipe:  # one worker naps at a time, the others block
         engine = pipe._engine
         regions = layers(pipe, n=4, nbytes=CHUNK)
-        engine.nap_window_s = 600.0
+        engine.board.nap_window_s = 600.0
         settled_passes(pipe, regions, n=2)
-        assert _eventually(lambda: engine._napping == 1 and engine._idle == 2)
+        assert _eventually(lambda: engine.board.napping == 1 and engine.board.idle == 2)
         workers = engine.workers.threads
     # (close joins for up to 30 s: a napper that missed the news would still be alive)
     assert not any(t.is_alive() for t in workers)

@@ -11,8 +11,6 @@ glue around the AES (docs/figures.md).
 
 from time import perf_counter, thread_time
 
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, nanosleep, timespec
-
 from pipellm.channel.protocol import GO_BODY, TAG_BYTES as _TAG_BYTES
 
 from pipellm.channel import Kind
@@ -22,6 +20,8 @@ from pipellm._ext.bounce cimport BouncePool, Slot
 from pipellm._ext.locks cimport Lock
 from pipellm.pipeline._region cimport RegionBase
 from pipellm.pipeline._request cimport Engine
+from pipellm.pipeline._tasks cimport TaskBoard
+from pipellm.pipeline._tasks import REPLENISH
 from pipellm.channel._message cimport Endpoint, Message, Ticket, _expose, _expose_into, _exposed, _reserve_run
 from pipellm.devices._submission cimport Stream, Submitter, _perf_counter
 from pipellm._ext.writeguard cimport token as _token, unchanged as _unchanged
@@ -66,34 +66,6 @@ cdef object _go_view(Chunk first):
     """Where an item's GO command goes: in its first chunk's slot, after the chunk."""
     cdef Py_ssize_t at = first.nbytes + TAG_BYTES
     return (<Slot?>first.slot)._view(at, at + _GO_MESSAGE_BYTES)
-
-
-#: a worker with nothing to do naps (NAP_US at a time, without the GIL) for up to
-#: NAP_WINDOW_S after its last task before it blocks: a request then hands it work by
-#: setting a field, where waking a blocked thread is a system call (and, in a VM, an
-#: interrupt to an idle core) on the request path, every hit with gaps between requests.
-#: One worker naps at a time (the others block): napping costs ~4.5% of a core on the
-#: 2-vCPU dev VM (docs/design.md)
-NAP_US = 200
-NAP_WINDOW_S = 0.02
-cdef long _NAP_NS = NAP_US * 1000
-
-
-cdef extern from *:
-    """
-    static inline long long pl_load_news(long long *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
-    """
-    long long pl_load_news(long long *p) nogil
-
-
-cdef double _now() noexcept nogil:
-    cdef timespec t
-    clock_gettime(CLOCK_MONOTONIC, &t)
-    return t.tv_sec + t.tv_nsec * 1e-9
-
-
-_RECEIVE = object()    # worker task: receive the oldest device-to-host chunk
-_REPLENISH = object()  # worker task: ask the predictor and queue new speculation
 
 
 cdef class Chunk:
@@ -175,12 +147,7 @@ cdef class Queue(Engine):
     cdef public long long window        # 0: strict order
     cdef public bint _throttle          # the predictor is wrong lately: speculate nothing
     cdef public double _accuracy        # recent hit ratio of requests that met queued speculation
-    cdef public object _tasks           # deque: what the workers do next
-    cdef public object _wake            # SimpleQueue: a token wakes one idle worker (in C)
-    cdef public Py_ssize_t _idle        # workers waiting for a token
-    cdef public Py_ssize_t _napping     # workers napping (see _nap)
-    cdef public long long _news         # bumped whenever workers have new tasks
-    cdef public double nap_window_s     # how long an idle worker naps before it blocks
+    cdef public TaskBoard board         # what the workers do next (see _tasks.pyx)
     cdef public bint _replenish_pending # a planning task is queued
     cdef public Py_ssize_t _plan_skip   # chances to plan still to skip (see _note_plan)
     cdef public Lock _h2d_lock          # one request at a time in the host-to-device channel
@@ -555,12 +522,12 @@ cdef class Queue(Engine):
             self._items.append(item)
             self._by_key[key] = item
             self._queued_messages += n + 1
-            tasks = self._tasks
+            tasks = self.board.tasks
             for c in chunks:
                 tasks.append((item, c))
             if item.go_dst is not None:
                 tasks.append((item, None))
-            self._wake_workers(n + 1)
+            self.board.wake(n + 1)
         finally:
             self._lock.exit()
         return True
@@ -574,8 +541,8 @@ cdef class Queue(Engine):
         try:
             if not self._replenish_pending and self._plan_due():
                 self._replenish_pending = True
-                self._tasks.appendleft(_REPLENISH)
-                self._wake_workers(1)
+                self.board.tasks.appendleft(REPLENISH)
+                self.board.wake(1)
         finally:
             self._lock.exit()
 
@@ -586,39 +553,3 @@ cdef class Queue(Engine):
             self.counts["skipped_plans"] += 1
             return False
         return True
-
-    cpdef _wake_workers(self, Py_ssize_t n):
-        """Wake up to ``n`` idle workers for new tasks (engine lock held): napping ones
-        see the news, blocked ones are woken."""
-        self._news += 1
-        n -= self._napping
-        while n > 0 and self._idle:
-            self._idle -= 1
-            n -= 1
-            self._wake.put(None)
-
-    def _nap_until(self) -> float:
-        """When a worker that has just run out of tasks stops napping (see _nap)."""
-        return _now() + self.nap_window_s
-
-    def _nap(self, double until) -> bool:
-        """A worker with nothing to do naps until there is news for workers or the
-        monotonic clock passes ``until`` (engine lock held; released while napping,
-        and the GIL too). False, without napping, once ``until`` has passed or while
-        another worker naps: block."""
-        cdef long long seen = self._news
-        cdef timespec nap
-        if self._napping or _now() >= until:
-            return False
-        nap.tv_sec, nap.tv_nsec = 0, _NAP_NS
-        self._napping += 1
-        self._lock.exit()
-        try:
-            with nogil:
-                while pl_load_news(&self._news) == seen and _now() < until:
-                    nanosleep(&nap, NULL)
-        finally:
-            self._lock.enter()
-            self._napping -= 1
-        return True
-

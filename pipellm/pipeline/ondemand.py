@@ -102,8 +102,8 @@ def send(engine, region, offset: int, nbytes: int, dst, dst_offset: int, stream,
             work.append(Piece(ticket, dst.id, dst_offset + pos, source[offset + pos:offset + pos + n],
                               slot.view(n + TAG_BYTES), order, flags))
         with engine._cond:
-            engine._tasks.extendleft(reversed(work[1:]))  # ahead of speculation: a request waits
-            engine._wake_workers(len(work) - 1)
+            engine.board.tasks.extendleft(reversed(work[1:]))  # ahead of speculation: a request waits
+            engine.board.wake(len(work) - 1)
         for piece in work:  # the first, and any no worker has started
             with engine._cond:
                 mine = piece.state == PENDING

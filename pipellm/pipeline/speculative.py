@@ -31,7 +31,6 @@ receiving device-to-host data).
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import warnings
 from collections import OrderedDict, deque
@@ -44,11 +43,12 @@ from ..errors import ChannelClosedError, DepthWarning, PredictorWarning, Transfe
 from ..predictors import Predictor
 from .._ext.locks import Lock
 from ._speculation import (  # noqa: F401 - the policy's constants, re-exported
-    _RECEIVE, _REPLENISH, ACCURACY_ALPHA, ACCURACY_FLOOR, ENCRYPTING, FAILED, FRUITLESS_PLANS, GO_MESSAGE_BYTES,
-    INLINE_PLANNING_BELOW, MAX_PLAN_SKIP, MAX_UNHEARD_EVENTS, NAP_WINDOW_S, PENDING, READY, STEAL_PLAN_BELOW, STRICT_MIN_DEPTH, Chunk,
+    ACCURACY_ALPHA, ACCURACY_FLOOR, ENCRYPTING, FAILED, FRUITLESS_PLANS, GO_MESSAGE_BYTES,
+    INLINE_PLANNING_BELOW, MAX_PLAN_SKIP, MAX_UNHEARD_EVENTS, PENDING, READY, STEAL_PLAN_BELOW, STRICT_MIN_DEPTH, Chunk,
     Item, Queue)
 from . import ondemand
 from .payoff import Payoff
+from ._tasks import RECEIVE, REPLENISH, TaskBoard
 from .cc import CCEngine, slot_bytes_for
 from .workers import Workers
 
@@ -96,14 +96,9 @@ class SpeculativeEngine(CCEngine, Queue):
         self._cond = threading.Condition(self._lock)
         self._items: deque[Item] = deque()          # in index order
         self._by_key: dict[tuple, Item] = {}
-        self._tasks: deque = deque()                   # (item, chunk) to encrypt, or _RECEIVE
-        # idle workers block on _wake, not on _cond: a token put by the requesting thread
-        # wakes one in C (Condition.notify is several Python frames on the request path)
-        self._wake: queue.SimpleQueue = queue.SimpleQueue()
-        self._idle = 0                                 # workers waiting for a token
-        self._napping = 0                              # workers napping before they block
-        self._news = 0                                 # bumped when workers get new tasks
-        self.nap_window_s = NAP_WINDOW_S
+        # what the workers do next; idle ones nap or block on a token there, not on _cond
+        # (Condition.notify is several Python frames on the request path)
+        self.board = TaskBoard(self._lock)
         self._queued_messages = 0
         self._high = -1                                # highest h2d index sent
         self._expect = 0                               # strict: the index the device expects next
@@ -228,8 +223,8 @@ class SpeculativeEngine(CCEngine, Queue):
         helpers = 0
         if nbytes >= 2 * ondemand.MIN_PIECE and self.help_on_demand and self.speculating:
             with self._lock:
-                if not self._tasks:
-                    helpers = min(self._idle + self._napping, len(self.workers))
+                if not self.board.tasks:
+                    helpers = min(self.board.idle + self.board.napping, len(self.workers))
         if helpers:
             ondemand.send(self, region, offset, nbytes, dst, dst_offset, stream, helpers)
         else:
@@ -330,7 +325,7 @@ class SpeculativeEngine(CCEngine, Queue):
             if not self._replenish_pending:
                 return False
             self._replenish_pending = False
-            self._tasks.remove(_REPLENISH)
+            self.board.tasks.remove(REPLENISH)
             self.counts["stolen_plans"] += 1
             return True
 
@@ -496,8 +491,8 @@ class SpeculativeEngine(CCEngine, Queue):
         with self._cond:
             if not self._receive_pending:
                 self._receive_pending = True
-                self._tasks.appendleft(_RECEIVE)
-                self._wake_workers(1)
+                self.board.tasks.appendleft(RECEIVE)
+                self.board.wake(1)
 
     def _receive_async(self) -> None:
         """Receive what has been delivered, chunk by chunk: claim the next one, hand what

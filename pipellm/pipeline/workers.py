@@ -1,11 +1,11 @@
 """The speculative engine's worker threads.
 
-Each takes the next task from the engine's queue (``engine._tasks``, filled by plans and
-by the request path in C) and runs it: seal a predicted chunk into its bounce slot, seal
-an item's GO command ahead into private memory, plan (``_REPLENISH``), receive
-device-to-host data (``_RECEIVE``), or seal a piece of a transfer encrypted on demand
-(``ondemand.Piece``). An idle worker naps for ``nap_window_s`` (news wake it without a
-futex), then blocks until the request path puts a token in ``engine._wake``.
+Each takes the next task from the engine's task board (``engine.board``, see
+``_tasks.pyx``: filled by plans and by the request path in C) and runs it: seal a
+predicted chunk into its bounce slot, seal an item's GO command ahead into private
+memory, plan (``REPLENISH``), receive device-to-host data (``RECEIVE``), or seal a piece
+of a transfer encrypted on demand (``ondemand.Piece``). An idle worker naps, then blocks
+on the board until it has news.
 
 ``Workers`` owns the threads, whether they are stopping, how many tasks run now, and
 what the tasks cost (wall and CPU seconds). What a task does is the engine's.
@@ -21,7 +21,8 @@ from ..channel import Kind
 from ..channel.protocol import GO_BODY, TAG_BYTES
 from ..errors import ChannelClosedError
 from . import ondemand
-from ._speculation import _RECEIVE, _REPLENISH, ENCRYPTING, PENDING
+from ._speculation import ENCRYPTING, PENDING
+from ._tasks import RECEIVE, REPLENISH
 
 #: a worker pays back emulated-clock time its tasks ran during emulation stall (see
 #: EmulatedDevice.hold) once it owes this much: shorter sleeps are mostly the OS's
@@ -55,43 +56,37 @@ class Workers:
     def _next(self, took: bool, busy: float, cpu: float):
         """The next task to run (engine lock held), or None once stopping. ``took``: the
         last task this worker took it skipped; ``busy``, ``cpu``: what the last it ran cost."""
-        engine = self.engine
+        engine, board = self.engine, self.engine.board
         self.busy_s += busy
         self.cpu_s += cpu
-        if took and not engine._tasks:
+        if took and not board.tasks:
             # this worker skipped the last task: wake wait_idle() (after a task it ran,
             # the notify at its end did)
             engine._cond.notify_all()
-        if not engine._tasks and engine._extend_due():
+        if not board.tasks and engine._extend_due():
             # idle, and the last plan queued more: plan further ahead now, while the
             # cores are free (a request would plan only a few items past it)
             engine._replenish_pending = True
-            engine._tasks.append(_REPLENISH)
+            board.tasks.append(REPLENISH)
             engine.counts["idle_plans"] += 1
-        nap_until = engine._nap_until()
-        while not engine._tasks and not self.stopping:
-            if engine._nap(nap_until):
-                continue  # news, or the nap is over: look again
-            engine._idle += 1  # a producer takes it back when it puts our token
-            engine._lock.release()
-            try:
-                engine._wake.get()
-            finally:
-                engine._lock.acquire()
+        nap_until = board.nap_until()
+        while not board.tasks and not self.stopping:
+            if not board.nap(nap_until):  # (True: news, or the nap is over: look again)
+                board.block()
         if self.stopping:
             return None
-        return engine._tasks.popleft()
+        return board.tasks.popleft()
 
     def _claim(self, task) -> bool:
         """Mark the task taken (engine lock held); False if it needs doing no more."""
         engine = self.engine
-        if task is _REPLENISH:
+        if task is REPLENISH:
             engine._replenish_pending = False
         elif type(task) is ondemand.Piece:
             if task.state != PENDING:
                 return False  # the requesting thread sealed it itself
             task.state, task.helped = ENCRYPTING, True
-        elif task is not _RECEIVE:
+        elif task is not RECEIVE:
             item, chunk = task
             if chunk is None:  # the GO command, ahead, into private memory
                 if item.dead or item.claimed:
@@ -110,7 +105,7 @@ class Workers:
     def _do(self, task) -> str:
         """Run a claimed task (no lock held); what it was, for the timeline."""
         engine = self.engine
-        if task is _REPLENISH:
+        if task is REPLENISH:
             engine._spent.clear()  # (off the request path: see Queue._hit)
             with engine._h2d_lock:
                 try:
@@ -118,7 +113,7 @@ class Workers:
                 except ChannelClosedError:  # the channel or pool closed under the plan:
                     pass                    # the next request raises it (never a worker)
             return "plan"
-        if task is _RECEIVE:
+        if task is RECEIVE:
             engine._receive_async()
             return "receive"
         if type(task) is ondemand.Piece:
@@ -196,7 +191,7 @@ class Workers:
         engine = self.engine
         with engine._cond:
             return engine._cond.wait_for(
-                lambda: not engine._tasks and not engine._replenish_pending and not self.active
+                lambda: not engine.board.tasks and not engine._replenish_pending and not self.active
                 and not any(c.state == ENCRYPTING for i in engine._items for c in i.chunks), timeout)
 
     def stop(self) -> None:
@@ -205,6 +200,6 @@ class Workers:
         with engine._cond:
             self.stopping = True
             engine._cond.notify_all()
-            engine._wake_workers(len(self.threads))
+            engine.board.wake(len(self.threads))
         for t in self.threads:
             t.join(timeout=30)
