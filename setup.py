@@ -55,7 +55,7 @@ extensions = [
     # the low-level mechanisms (_ext), then each part's own hot path beside its Python
     for name in ("_ext/bounce", "_ext/driver", "_ext/fence", "_ext/gpupath", "_ext/intmap", "_ext/locks", "_ext/memcopy",
                  "_ext/sealpath", "_ext/writeguard", "channel/_message", "devices/_submission",
-                 "pipeline/_region", "pipeline/_request", "pipeline/_speculation", "pipeline/_tasks")
+                 "pipeline/_region", "pipeline/_request", "pipeline/_sender", "pipeline/_speculation", "pipeline/_tasks")
 ]
 
 # The predictors run on every transfer: their plain Python modules are also compiled (one

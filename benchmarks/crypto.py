@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pipellm._ext import PAGE_BYTES, BouncePool
 from pipellm.channel import Direction, KeyAgreement, Kind, Sealer
 from pipellm.channel.protocol import TAG_BYTES
-from pipellm.pipeline.cc import slot_bytes_for
+from pipellm.pipeline.secure import slot_bytes_for
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = [4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB]

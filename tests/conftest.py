@@ -23,12 +23,14 @@ def pytest_sessionstart(session):
     import pipellm.devices._submission
     import pipellm.pipeline._region
     import pipellm.pipeline._request
+    import pipellm.pipeline._sender
     import pipellm.pipeline._speculation
     import pipellm.pipeline._tasks
     for module in (pipellm.predictors._layerwise, pipellm.predictors._history, pipellm.predictors.rules, pipellm.predictors.learned,
                    pipellm.predictors.simple, pipellm._ext.bounce, pipellm._ext.fence, pipellm._ext.intmap, pipellm._ext.locks,
                    pipellm._ext.writeguard, pipellm.channel._message, pipellm.devices._submission,
-                   pipellm.pipeline._region, pipellm.pipeline._request, pipellm.pipeline._speculation, pipellm.pipeline._tasks):
+                   pipellm.pipeline._region, pipellm.pipeline._request, pipellm.pipeline._sender, pipellm.pipeline._speculation,
+                   pipellm.pipeline._tasks):
         stem = os.path.join(os.path.dirname(module.__file__), module.__name__.rsplit(".", 1)[1])
         source = stem + ".pyx" if os.path.exists(stem + ".pyx") else stem + ".py"
         if not module.__file__.endswith(".py") and os.path.getmtime(source) > os.path.getmtime(module.__file__):

@@ -144,7 +144,7 @@ def test_a_pipeline_gives_its_bounce_pools_to_the_device_to_pin_and_takes_them_b
 
     with Recording() as dev:
         pipe = pipellm.Pipeline(device=dev, mode=mode)
-        pools = [pipe._engine.pool] + ([pipe._engine.spec_pool, pipe._engine.cmd_pool] if mode == "pipellm" else [])
+        pools = [(pipe._engine.cc if mode == "pipellm" else pipe._engine).pool] + ([pipe._engine.spec_pool, pipe._engine.cmd_pool] if mode == "pipellm" else [])
         assert dev.pinned == {p.address: p.cap_bytes for p in pools}
         pipe.close()
         assert dev.pinned == {} and dev.log.count("unpin") == len(pools)

@@ -283,9 +283,9 @@ def test_a_failure_of_any_part_of_the_channel_stops_the_next_request(mode, sourc
         if source == "device":
             device.failure = error
         elif source == "device session":
-            device._fail_session(engine._device_session, error)
+            device._fail_session(engine.channel.device_end, error)
         else:
-            getattr(engine, source).close(error)
+            getattr(engine.channel, source).close(error)
         region.array[:] = 2
         for request in (lambda: pipe.to_device(region), lambda: pipe.to_host(region.device_buffer, region)):
             with pytest.raises((pipellm.DeviceError, pipellm.IntegrityError, pipellm.ChannelClosedError)) as caught:
@@ -312,7 +312,7 @@ def test_a_plan_that_meets_a_closed_channel_leaves_the_worker_alive():
             while engine._items:
                 engine._drop(engine._items[0])
         error = pipellm.IntegrityError("the sealer failed")
-        engine.sealer.close(error)
+        engine.channel.sealer.close(error)
         engine._plan_later()
         deadline = time.monotonic() + TIMEOUT  # (wait_speculation() raises: the pipeline failed)
         while (engine._replenish_pending or engine.workers.active) and time.monotonic() < deadline:

@@ -146,7 +146,7 @@ class Order(Predictor):
 def test_a_worker_failure_falls_back_to_on_demand():
     with spec_pipe() as pipe:
         regions = layers(pipe, n=3)
-        sealer = pipe._engine.sealer
+        sealer = pipe._engine.channel.sealer
         real = sealer.seal_into
         failed = []
 
@@ -795,7 +795,7 @@ def test_a_worker_encrypts_beside_data_landing_elsewhere_in_the_region_without_r
         pipe.to_host(dbuf, kv, src_offset=0, offset=0, nbytes=4096)  # lands in block 0, not waited for
         pipe.wait_speculation(TIMEOUT)
         assert pipe.stats()["queued_items"] == 1
-        assert pipe._engine._expected, "the worker received the device-to-host data itself"
+        assert pipe._engine.receiver.expected, "the worker received the device-to-host data itself"
         hits = pipe.stats()["hits"]
         pipe.to_device(kv, block, block, dst=dbuf, dst_offset=block)
         pipe.synchronize()

@@ -28,6 +28,11 @@ cdef class Engine:
         if type(self) is Engine:
             raise ArgumentTypeError("Engine is the C base of the modes' engines: a Pipeline makes its engine")
 
+    def __init__(self, tuple failure_sources):
+        """``failure_sources``: what the engine's ``failure()`` reads, each with a
+        ``failure`` that is None while all is well (a request reads them in C)."""
+        self.failure_sources = failure_sources
+
     cdef int _to_device(self, region, Py_ssize_t offset, Py_ssize_t nbytes, dst, Py_ssize_t dst_offset,
                         stream) except -1:
         self.to_device(region, offset, nbytes, dst, dst_offset, stream)

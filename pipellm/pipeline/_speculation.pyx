@@ -1,14 +1,17 @@
 # cython: language_level=3
 """The speculative engine's hot state in C: predicted transfers (items), their chunks,
-the queue of them, and what a hit does with them.
+the queue of them and its books, and what a hit does with them.
 
 ``pipeline/speculative.py`` is the engine; its class derives from :class:`Queue`, so the
 request path reads the queue's fields and the items' as C struct members, and runs the
 hit (check the head, claim it, expose its GO command, submit) without a Python frame.
+The queue's fields are set by its own ``__init__``; the channel's order and lock are the
+cc sender's (``_sender.pyx``), which it holds typed.
 In Python, the same hit cost 3.3x a plain request on the requesting thread, all of it
 glue around the AES (docs/figures.md).
 """
 
+from collections import OrderedDict, deque
 from time import perf_counter, thread_time
 
 from pipellm.channel.protocol import GO_BODY, TAG_BYTES as _TAG_BYTES
@@ -20,6 +23,7 @@ from pipellm._ext.bounce cimport BouncePool, Slot
 from pipellm._ext.locks cimport Lock
 from pipellm.pipeline._region cimport RegionBase
 from pipellm.pipeline._request cimport Engine
+from pipellm.pipeline._sender cimport Sender
 from pipellm.pipeline._tasks cimport TaskBoard
 from pipellm.pipeline._tasks import REPLENISH
 from pipellm.channel._message cimport Endpoint, Message, Ticket, _expose, _expose_into, _exposed, _reserve_run
@@ -127,13 +131,43 @@ cdef class Item:
         return self._go_dst_offset == dst_offset and self._go_dst_id >= 0 and self._go_dst_id == dst.id
 
 
+#: the engine's counts (``stats()``): what happened to requests and to speculation
+COUNTS = ("misses", "stale", "nops", "skipped_messages", "relinquishes", "reencrypted_bytes", "wasted_bytes",
+          "speculative_bytes", "stolen_chunks", "worker_errors", "async_decrypted_bytes", "expired", "shadow_hits",
+          "held_places", "evicted", "inline_plans", "stolen_plans", "skipped_plans", "idle_plans", "helped_pieces",
+          "predictor_errors", "oversized_predictions")
+
+
 cdef class Queue(Engine):
-    """The queue of items, in index order, and the channel position it depends on.
-    ``SpeculativeEngine`` derives from it and sets the fields in its ``__init__``."""
+    """The queue of items, in index order, and its books: the channel position it depends
+    on, the predictor's state, the counts. ``SpeculativeEngine`` derives from it; the
+    fields are the queue's, set here."""
 
     def __cinit__(self, *args, **kwargs):
         if type(self) is Queue:
-            raise ArgumentTypeError("Queue is the C base of the pipellm mode's engine: Pipeline(mode=\"pipellm\") makes it")
+            raise ArgumentTypeError("Queue is the C base of the pipellm mode's engine: "
+                                    "Pipeline(mode=\"pipellm\") makes it")
+
+    def __init__(self, failure_sources, Sender sender not None, spec_pool, *, predictor, dict regions,
+                 Py_ssize_t depth_messages, Py_ssize_t lookahead, Py_ssize_t min_speculative_bytes):
+        Engine.__init__(self, failure_sources)
+        self.sender, self.spec_pool, self.depth_messages = sender, spec_pool, depth_messages
+        self.predictor, self._regions = predictor, regions
+        self.lookahead, self.min_speculative_bytes = lookahead, min_speculative_bytes
+        self._lock = Lock()
+        self.board = TaskBoard(self._lock)
+        self._items, self._by_key, self._go_tickets = deque(), {}, {}
+        self._queued_messages = 0
+        self._expect, self._high = 0, -1
+        self._events = deque()
+        self._dropped = OrderedDict()
+        self._spent = []
+        self._replenish_pending = False
+        self.counts = dict.fromkeys(COUNTS, 0)
+        self.hits = 0
+        self._fruitless = self._plan_skip = 0
+        self._accuracy, self._throttle, self._shadow = 1.0, False, None
+        self.predictor_s = 0.0
 
     cdef public object _items           # deque of Items, in index order
     cdef public dict _by_key            # key -> Item
@@ -144,14 +178,11 @@ cdef class Queue(Engine):
     cdef public Py_ssize_t _queued_messages
     cdef public long long _expect       # strict: the index the device expects next
     cdef public long long _high         # highest h2d index sent
-    cdef public long long window        # 0: strict order
     cdef public bint _throttle          # the predictor is wrong lately: speculate nothing
     cdef public double _accuracy        # recent hit ratio of requests that met queued speculation
     cdef public TaskBoard board         # what the workers do next (see _tasks.pyx)
     cdef public bint _replenish_pending # a planning task is queued
     cdef public Py_ssize_t _plan_skip   # chances to plan still to skip (see _note_plan)
-    cdef public Lock _h2d_lock          # one request at a time in the host-to-device channel
-    cdef public long long order         # the number of the current host-to-device request
     cdef public object _events          # deque: transfers the predictor has not heard of yet
     cdef public object _shadow          # throttled: the predictor's first guess for the next request
     cdef public Py_ssize_t lookahead
@@ -164,9 +195,9 @@ cdef class Queue(Engine):
     # CPU seconds in the predictor's observe and predict (thread time: waiting for the
     # GIL or for a core on a busy machine is not the predictor's cost)
     cdef public double predictor_s
-    # the engine's own, set by its __init__; here so the request path reads them in C
-    cdef public object sealer, session, device, spec_pool
-    cdef public Py_ssize_t chunk_size, depth_messages
+    cdef public Sender sender           # the host-to-device channel (the cc engine's): order, lock
+    cdef public object spec_pool        # the bounce slots speculation seals into
+    cdef public Py_ssize_t depth_messages
 
     def to_device(self, region, Py_ssize_t offset, Py_ssize_t nbytes, dst, Py_ssize_t dst_offset, stream) -> None:
         """Send ``region[offset:offset+nbytes]`` to ``dst`` at ``dst_offset`` on ``stream``:
@@ -178,9 +209,9 @@ cdef class Queue(Engine):
         cdef Py_ssize_t queued
         cdef bint claimed, throttled, due
         name = (<RegionBase?>region).name
-        self._h2d_lock.enter()
+        self.sender.lock.enter()
         try:
-            self.order += 1
+            self.sender.order += 1
             self._queue_event((name, offset, nbytes, "h2d", (<Stream?>stream).id, _perf_counter()))
             claimed = self._shadow is None and self._hit(region, offset, nbytes, dst, dst_offset, stream)
             if claimed:
@@ -203,7 +234,7 @@ cdef class Queue(Engine):
                     self._replenish()  # the queue runs dry, or the workers lag (bursts): plan now
                 return 0
         finally:
-            self._h2d_lock.exit()
+            self.sender.lock.exit()
         # otherwise planning is a worker's job, off the requesting thread, and only once
         # the queue has drained to half the lookahead: planning in batches costs less.
         # (Planning only at half of what the last plan left woke the worker less often,
@@ -311,7 +342,7 @@ cdef class Queue(Engine):
         """Messages up to index ``last`` are on their way."""
         if last > self._high:
             self._high = last
-        if not self.window:
+        if not self.sender.window:
             self._expect = last + 1
 
     cpdef _send_go(self, Item item, Message private, dst, Py_ssize_t dst_offset, stream):
@@ -329,28 +360,28 @@ cdef class Queue(Engine):
         msgs = [None]
         for c in chunks:
             msgs.append(c.msg)
-        device = self.device
+        device = self.sender.device
         try:
             if private is not None:
                 public = item.go_public  # (made by the worker that sealed it: see _go_sealed)
                 if public is None:
-                    public = _exposed(<Endpoint?>self.sealer, private, _go_view(chunks[0]))
-                _expose_into(<Endpoint?>self.sealer, go, private, public)  # (Sealer.expose)
+                    public = _exposed(<Endpoint?>self.sender.sealer, private, _go_view(chunks[0]))
+                _expose_into(<Endpoint?>self.sender.sealer, go, private, public)  # (Sealer.expose)
                 msgs[0] = public
             else:
                 body = GO_BODY.pack(dst.id, dst_offset, len(chunks), item.nbytes)
-                msgs[0] = self.sealer.seal_into(go, Kind.GO, 0, 0, body, _go_view(chunks[0]), order=self.order,
-                                                flags=self.abandon)
+                msgs[0] = self.sender.sealer.seal_into(go, Kind.GO, 0, 0, body, _go_view(chunks[0]),
+                                                       order=self.sender.order, flags=self.sender.abandon)
             if isinstance(device, Submitter):  # (every device of ours: in C)
-                op = (<Submitter>device).submit_messages(stream, self.session, msgs)
+                op = (<Submitter>device).submit_messages(stream, self.sender.session, msgs)
             else:
-                op = device.submit_messages(stream, self.session, msgs)
+                op = device.submit_messages(stream, self.sender.session, msgs)
         except BaseException:
             self._keep_or_fail(go)  # (the slots go back with the item, discarded by the caller)
             raise
         (<BouncePool?>self.spec_pool)._retire(item.slots, op)
-        if private is None and self.window:
-            self.abandon = 0  # (said by the GO now on its way, if it was owed)
+        if private is None and self.sender.window:
+            self.sender.abandon = 0  # (said by the GO now on its way, if it was owed)
         self._sent((<Chunk>chunks[len(chunks) - 1]).ticket.index)  # (no wraparound here)
         self.hits += 1
 
@@ -359,7 +390,7 @@ cdef class Queue(Engine):
         message it becomes once exposed is made now, off the request path."""
         item.go_private, item.go_busy = private, False
         if private is not None and not item.dead:
-            item.go_public = _exposed(<Endpoint?>self.sealer, private, _go_view(item.chunks[0]))
+            item.go_public = _exposed(<Endpoint?>self.sender.sealer, private, _go_view(item.chunks[0]))
 
     cpdef _count_reencrypted(self, key):
         """A transfer whose speculation was lost is encrypted again: count its bytes."""
@@ -398,7 +429,7 @@ cdef class Queue(Engine):
 
     cpdef _replenish(self):
         """Admit predicted transfers: reserve their indices and slots, queue their chunks."""
-        cdef Py_ssize_t limit, offset, nbytes, chunk_size = self.chunk_size
+        cdef Py_ssize_t limit, offset, nbytes, chunk_size = self.sender.chunk_size
         cdef Py_ssize_t small_below = self.min_speculative_bytes
         cdef bint small, ahead, beside = False
         cdef list plan = []  # (key, region, encrypt ahead?) of the valid predictions
@@ -410,7 +441,7 @@ cdef class Queue(Engine):
             return
         # each request consumes about one queued item: look a little past the queue
         limit = min(self.lookahead, len(self._items) + 4)
-        if not self.window:
+        if not self.sender.window:
             # strict order loses everything queued before a request that skips it, so
             # speculate about as far as the predictor's run of hits is expected to last
             # (1 / miss rate): a 70% predictor gets ~3 items, not the whole lookahead
@@ -479,7 +510,7 @@ cdef class Queue(Engine):
         full), its indices (the GO's first), its chunks as worker tasks. False, with
         nothing taken, if there is no room. (In C: a plan admits an item for each
         request, and a plan on the requesting thread costs it as much as a hit.)"""
-        cdef Py_ssize_t chunk_size = self.chunk_size, n, i
+        cdef Py_ssize_t chunk_size = self.sender.chunk_size, n, i
         cdef list sizes, chunks
         cdef Chunk c
         cdef Item item
@@ -499,7 +530,7 @@ cdef class Queue(Engine):
                 return False
         try:
             token = _token(region.guard, region.tracking)  # (region.token())
-            tickets = _reserve_run(<Endpoint?>self.sealer, n + 1)  # (Sealer.reserve_run)
+            tickets = _reserve_run(<Endpoint?>self.sender.sealer, n + 1)  # (Sealer.reserve_run)
         except BaseException:
             for slot in slots:
                 pool.release(slot)
@@ -515,7 +546,7 @@ cdef class Queue(Engine):
         item = Item.__new__(Item)
         # the GO command for the likely destination is sealed ahead (strict order only)
         item._set(key, region, offset, nbytes, token, go, chunks,
-                  None if dbuf is None or dbuf.freed or self.window else (dbuf.id, offset))
+                  None if dbuf is None or dbuf.freed or self.sender.window else (dbuf.id, offset))
         self._count_reencrypted(key)
         self._lock.enter()
         try:

@@ -61,7 +61,7 @@ def seal(engine, piece: Piece) -> None:
     """Seal ``piece`` (its state is ENCRYPTING, set by whoever took it) and publish the result."""
     state = FAILED
     try:
-        piece.msg = engine.sealer.seal_into(piece.ticket, Kind.DATA, piece.buffer, piece.offset, piece.source,
+        piece.msg = engine.channel.sealer.seal_into(piece.ticket, Kind.DATA, piece.buffer, piece.offset, piece.source,
                                             piece.out, order=piece.order, flags=piece.flags)
         state = READY
     except BaseException as exc:  # the sealer has closed the channel; the request raises it
@@ -76,7 +76,8 @@ def send(engine, region, offset: int, nbytes: int, dst, dst_offset: int, stream,
     help and send it (h2d lock held). Batches of pieces fit half the bounce pool, so a
     batch never waits for slots only its own submission would free."""
     parts = pieces(nbytes, engine.chunk_size, helpers)
-    pool, source, order = engine.pool, region.view, engine.order
+    sender = engine.sender
+    pool, source, order = sender.pool, region.view, sender.order
     batch_bytes = max(parts[0][1], pool.cap_bytes // 2)
     first = 0
     while first < len(parts):
@@ -93,12 +94,12 @@ def send(engine, region, offset: int, nbytes: int, dst, dst_offset: int, stream,
             for slot in slots:
                 pool.release(slot)
             if first:  # the device holds the first part, uncommitted: the next transfer discards it
-                engine.abandon = ABANDON if engine.window else 0
+                sender.abandon = ABANDON if sender.window else 0
             raise
-        tickets = engine.sealer.reserve_run(len(batch))
+        tickets = sender.sealer.reserve_run(len(batch))
         work = []
         for (pos, n), ticket, slot in zip(batch, tickets, slots):
-            flags = (FIRST | engine.abandon if pos == 0 else 0) | (LAST if pos + n == nbytes else 0)
+            flags = (FIRST | sender.abandon if pos == 0 else 0) | (LAST if pos + n == nbytes else 0)
             work.append(Piece(ticket, dst.id, dst_offset + pos, source[offset + pos:offset + pos + n],
                               slot.view(n + TAG_BYTES), order, flags))
         with engine._cond:
@@ -131,6 +132,6 @@ def send(engine, region, offset: int, nbytes: int, dst, dst_offset: int, stream,
         for slot in slots:
             pool.retire(slot, op)
         if first == 0:
-            engine.abandon = 0  # (said, by the message now on its way)
+            sender.abandon = 0  # (said, by the message now on its way)
         engine.counts["helped_pieces"] += sum(1 for p in work if p.helped)
         first = last

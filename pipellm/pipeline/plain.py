@@ -12,8 +12,8 @@ class PlainEngine(Engine):
     failure_reported = False
 
     def __init__(self, device, *, timeout: float | None, **_):
+        super().__init__((device,))  # what failure() reads
         self.device, self.timeout = device, timeout
-        self.failure_sources = (device,)  # what failure() reads (see CCEngine's)
 
     def to_device(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
         region.outgoing = self.device.submit_copy_in(stream, region.view[offset:offset + nbytes], dst, dst_offset)

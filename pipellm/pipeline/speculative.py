@@ -21,11 +21,14 @@ Device to host: chunks are authenticated and decrypted by the workers in the bac
 as they arrive; waiting on the transfer, reading the region or synchronizing waits for
 (or does) the rest.
 
-The queue, its items and chunks, and the request path (``to_device`` and a hit) are C:
-the engine derives from ``pipellm/pipeline/_speculation.pyx``'s ``Queue``; its worker threads
-are a part of their own (``workers.py``), misses sealed in pieces another (``ondemand.py``);
-this module holds the rest (claims that are not a plain hit, relinquishing, planning,
-receiving device-to-host data).
+The engine is parts with one job each. The queue, its items and chunks, its books and
+the request path (``to_device`` and a hit) are C: the engine derives from
+``_speculation.pyx``'s ``Queue``. What is not encrypted ahead goes as cc sends and
+receives it: the cc engine is a member (``self.cc``: its secure channel, sender and
+receiver). The workers are ``workers.py`` (their task board ``_tasks.pyx``), misses sealed
+in pieces ``ondemand.py``, the payoff controller ``payoff.py``. This module holds the
+rest: claims that are not a plain hit, relinquishing, the planner's policy, background
+receiving.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections import OrderedDict, deque
 from time import perf_counter
 
 from .. import timeline
@@ -41,15 +43,15 @@ from ..channel import Kind
 from ..channel.protocol import FIRST, GO_BODY, LAST, SKIP_BODY, TAG_BYTES
 from ..errors import ChannelClosedError, DepthWarning, PredictorWarning, TransferTimeoutError
 from ..predictors import Predictor
-from .._ext.locks import Lock
 from ._speculation import (  # noqa: F401 - the policy's constants, re-exported
     ACCURACY_ALPHA, ACCURACY_FLOOR, ENCRYPTING, FAILED, FRUITLESS_PLANS, GO_MESSAGE_BYTES,
     INLINE_PLANNING_BELOW, MAX_PLAN_SKIP, MAX_UNHEARD_EVENTS, PENDING, READY, STEAL_PLAN_BELOW, STRICT_MIN_DEPTH, Chunk,
     Item, Queue)
 from . import ondemand
 from .payoff import Payoff
-from ._tasks import RECEIVE, REPLENISH, TaskBoard
-from .cc import CCEngine, slot_bytes_for
+from ._tasks import RECEIVE, REPLENISH
+from .cc import CCEngine
+from .secure import slot_bytes_for
 from .workers import Workers
 
 def _may_overlap(incoming, region, offset: int, nbytes: int) -> bool:
@@ -68,7 +70,11 @@ def default_workers() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-class SpeculativeEngine(CCEngine, Queue):
+class SpeculativeEngine(Queue):
+    """The pipellm engine: the queue (its C base, with the request path), the cc engine
+    as a member (its secure channel, sender and receiver: what is not encrypted ahead is
+    sent and received as cc does), the planner's policy and the workers (``workers.py``)."""
+
     mode = "pipellm"
     #: an idle worker plans further ahead while plans keep queueing more (see _extend_due)
     plan_when_idle = True
@@ -79,59 +85,47 @@ class SpeculativeEngine(CCEngine, Queue):
                  regions: dict, workers: int, depth_bytes: int, depth_messages: int, iv_order: str,
                  iv_window: int, lookahead: int, min_speculative_bytes: int, adaptive: bool = True):
         window = iv_window if iv_order == "window" else 0
-        super().__init__(device, timeout=timeout, chunk_size=chunk_size, bounce_bytes=bounce_bytes,
-                         rotate_after=rotate_after, window=window)
-        self.predictor = predictor
-        self._regions = regions  # name -> Region, the pipeline's live table
-        self.depth_messages = depth_messages
-        self.lookahead = lookahead
-        self.min_speculative_bytes = min_speculative_bytes
-        self.spec_pool = self.pinned_pool("depth_bytes", depth_bytes, chunk_size + TAG_BYTES + GO_MESSAGE_BYTES,
-                                          minimum=1)
+        self.cc = CCEngine(device, timeout=timeout, chunk_size=chunk_size, bounce_bytes=bounce_bytes,
+                           rotate_after=rotate_after, window=window)
+        channel = self.channel = self.cc.channel
+        self.device, self.timeout, self.chunk_size = device, timeout, chunk_size
+        spec_pool = channel.pinned_pool("depth_bytes", depth_bytes, chunk_size + TAG_BYTES + GO_MESSAGE_BYTES,
+                                        minimum=1)
+        super().__init__(channel.sources, self.cc.sender, spec_pool, predictor=predictor, regions=regions,
+                         depth_messages=depth_messages, lookahead=lookahead,
+                         min_speculative_bytes=min_speculative_bytes)
         # SKIP commands (GO commands ride in their item's first slot)
-        self.cmd_pool = self.pinned_pool("command slots", 16 * slot_bytes_for(GO_BODY.size), GO_BODY.size + TAG_BYTES)
-        # the engine's lock; sections that neither wait nor notify take it directly
-        # (a Condition's __enter__ and __exit__ are Python frames, the lock's are not)
-        self._lock = Lock()  # (taken in C by the request path)
+        self.cmd_pool = channel.pinned_pool("command slots", 16 * slot_bytes_for(GO_BODY.size),
+                                            GO_BODY.size + TAG_BYTES)
+        # sections of the engine's lock that neither wait nor notify take it directly (a
+        # Condition's __enter__ and __exit__ are Python frames, the lock's are not)
         self._cond = threading.Condition(self._lock)
-        self._items: deque[Item] = deque()          # in index order
-        self._by_key: dict[tuple, Item] = {}
-        # what the workers do next; idle ones nap or block on a token there, not on _cond
-        # (Condition.notify is several Python frames on the request path)
-        self.board = TaskBoard(self._lock)
-        self._queued_messages = 0
-        self._high = -1                                # highest h2d index sent
-        self._expect = 0                               # strict: the index the device expects next
-        self._go_tickets: dict[int, object] = {}       # GO indices reserved, never sealed
-        self._events: deque[tuple] = deque()  # transfers the predictor has not heard of yet
-        self._dropped: OrderedDict[tuple, int] = OrderedDict()  # keys whose speculation was lost
-        self._spent: list = []  # items hits sent, freed by the worker that plans next
-        self._replenish_pending = False
+        self.receiver = self.cc.receiver
+        self.receiver.on_delivered = self._delivered
         self._receive_pending = False
-        self.counts = dict.fromkeys(
-            ("misses", "stale", "nops", "skipped_messages", "relinquishes", "reencrypted_bytes",
-             "wasted_bytes", "speculative_bytes", "stolen_chunks", "worker_errors", "async_decrypted_bytes",
-             "expired", "shadow_hits", "held_places", "evicted", "inline_plans", "stolen_plans", "skipped_plans",
-             "idle_plans", "helped_pieces", "predictor_errors", "oversized_predictions"), 0)
         self._grew = False     # the last plan queued something (an idle worker may plan on)
         self._payoff = Payoff() if adaptive else None  # speculation on only while it pays
-        self._fruitless = 0    # plans in a row that named transfers but queued nothing
-        self._plan_skip = 0    # chances to plan still to skip (backing off from those)
-        self._accuracy = 1.0   # recent hit ratio of requests that met queued speculation
-        # the predictor has been wrong lately (accuracy under the floor): speculate nothing
-        # until its guesses hit again (set by _score)
-        self._throttle = False
-        self._shadow = None    # throttled: the predictor's first guess for the next request
         self.hit_wait_s = 0.0  # requests waiting for a worker to finish their chunks
-        self.predictor_s = 0.0  # CPU seconds in the predictor (see Queue)
         self.workers = Workers(self, workers)
         self.workers.start()
 
+    @property
+    def session(self):
+        """The channel's session id (what the device's calls take)."""
+        return self.channel.session
+
+    @property
+    def failure_reported(self) -> bool:
+        """Has a caller seen the channel's error raised?"""
+        return self.channel.reported
+
+    @failure_reported.setter
+    def failure_reported(self, value: bool) -> None:
+        self.channel.reported = value
+
     # -- host to device ----------------------------------------------------------------------
-    # the request path (the queue's, in C: a hit is sent without a Python frame); it
-    # calls _request below for everything but a hit (CCEngine's to_device would come
-    # first in the method order, hence the name given here)
-    to_device = Queue.to_device
+    # the request path is the queue's (to_device, in C: a hit is sent without a Python
+    # frame); it calls _request below for everything but a hit
 
     def _request(self, key, region, offset, nbytes, dst, dst_offset, stream) -> tuple[bool, bool]:
         """A request that is not a plain hit (h2d lock held): claim what speculation has
@@ -170,7 +164,7 @@ class SpeculativeEngine(CCEngine, Queue):
     def _claim(self, key) -> Item | None:
         """The queued item for ``key`` if it can be sent; drops what the request makes useless."""
         with self._lock:
-            if self.window:
+            if self.sender.window:
                 self._expire()
             item = self._by_key.get(key)
             if item is None:
@@ -179,7 +173,7 @@ class SpeculativeEngine(CCEngine, Queue):
                 self.counts["stale"] += 1
                 self._drop(item)
                 return None
-            if not self.window:  # strict order: everything queued before it is lost
+            if not self.sender.window:  # strict order: everything queued before it is lost
                 while self._items[0] is not item:
                     self._drop(self._items[0])
             self._remove(item)
@@ -190,7 +184,7 @@ class SpeculativeEngine(CCEngine, Queue):
         """Strict order: make the device expect ``target`` next with one SKIP command, sealed
         under the index it expects now (always an unexposed GO index: GO commands are
         sealed only when their transfer is requested)."""
-        if self.window or self._expect >= target:
+        if self.sender.window or self._expect >= target:
             return
         ticket = self._go_tickets.pop(self._expect)
         try:
@@ -205,17 +199,17 @@ class SpeculativeEngine(CCEngine, Queue):
             del self._go_tickets[index]
 
     def _send_on_demand(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
-        if not self.window:
+        if not self.sender.window:
             with self._cond:
                 if self._items:
                     self.counts["relinquishes"] += 1
                 while self._items:
                     self._drop(self._items[0])
-            self._skip_to(self.sealer.next_index)
+            self._skip_to(self.channel.sealer.next_index)
         try:
             self.send_data(region, offset, nbytes, dst, dst_offset, stream)
         finally:  # also after a failure part-way: whatever was sealed is on its way
-            self._sent(self.sealer.next_index - 1)
+            self._sent(self.channel.sealer.next_index - 1)
 
     def send_data(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
         """Encrypt on demand (h2d lock held): with idle workers' help where the transfer
@@ -228,7 +222,7 @@ class SpeculativeEngine(CCEngine, Queue):
         if helpers:
             ondemand.send(self, region, offset, nbytes, dst, dst_offset, stream, helpers)
         else:
-            CCEngine.send_data(self, region, offset, nbytes, dst, dst_offset, stream)
+            self.sender.send_data(region, offset, nbytes, dst, dst_offset, stream)
 
     def _keep_or_fail(self, ticket) -> None:
         """A send under ``ticket`` failed. Unused, the ticket stays available (strict order
@@ -238,24 +232,25 @@ class SpeculativeEngine(CCEngine, Queue):
         index never delivered."""
         if not ticket.used:
             self._go_tickets[ticket.index] = ticket
-        elif not self.window and self.sealer.failure is None:  # (else it is closed, with its cause)
-            self._fail(ChannelClosedError(f"h2d message {ticket.index} was sealed but could not be sent: "
-                                          f"strict order cannot pass it, the channel is closed"))
+        elif not self.sender.window and self.channel.sealer.failure is None:  # (else closed, with its cause)
+            self.channel.fail(ChannelClosedError(f"h2d message {ticket.index} was sealed but could not be sent: "
+                                                 f"strict order cannot pass it, the channel is closed"))
 
     def _send_item(self, item: Item, dst, dst_offset, stream) -> None:
         try:
-            if not self.window and self._expect < item.go.index:
+            if not self.sender.window and self._expect < item.go.index:
                 self._skip_to(item.go.index)
             if not item.chunks:  # a held place: seal the data now, under the index kept for it
                 ticket = self._go_tickets.pop(item.go.index)
+                sender, data = self.sender, item.region.view[item.offset:item.offset + item.nbytes]
                 try:
-                    self.send_sealed(self.pool, item.nbytes, stream, lambda out: self.sealer.seal_into(
-                        ticket, Kind.DATA, dst.id, dst_offset, item.region.view[item.offset:item.offset + item.nbytes],
-                        out, order=self.order, flags=FIRST | LAST | self.abandon))
+                    sender.send_sealed(sender.pool, item.nbytes, stream, lambda out: sender.sealer.seal_into(
+                        ticket, Kind.DATA, dst.id, dst_offset, data, out, order=sender.order,
+                        flags=FIRST | LAST | sender.abandon))
                 except BaseException:
                     self._keep_or_fail(ticket)
                     raise
-                self.abandon = 0
+                self.sender.abandon = 0
                 self._sent(ticket.index)
                 self.hits += 1
                 self.counts["held_places"] += 1
@@ -306,14 +301,16 @@ class SpeculativeEngine(CCEngine, Queue):
             self._encrypt(item, chunk)
 
     def _command(self, ticket, kind, body: bytes, stream) -> None:
-        self.send_sealed(self.cmd_pool, len(body), stream or self.device.default_stream,
-                         lambda out: self.sealer.seal_into(ticket, kind, 0, 0, body, out))
+        self.sender.send_sealed(self.cmd_pool, len(body), stream or self.device.default_stream,
+                                lambda out: self.channel.sealer.seal_into(ticket, kind, 0, 0, body, out))
         self._high = max(self._high, ticket.index)
 
     def to_host(self, src, src_offset, region, offset, nbytes, stream):
-        transfer = super().to_host(src, src_offset, region, offset, nbytes, stream)
+        transfer = self.receiver.to_host(src, src_offset, region, offset, nbytes, stream)
+        self.transfers_d2h += 1
+        self.bytes_d2h += nbytes
         if getattr(self.predictor, "uses_d2h", True):
-            with self._h2d_lock:  # the predictor is told every transfer, in order
+            with self.sender.lock:  # the predictor is told every transfer, in order
                 self._tell((region.name, offset, nbytes, "d2h", stream.id, perf_counter()))
             self._plan_later()
         return transfer
@@ -365,7 +362,7 @@ class SpeculativeEngine(CCEngine, Queue):
         for it, and nothing of it is exposed before the request."""
         if self._queued_messages + 1 > self.depth_messages:
             return
-        (ticket,) = self.sealer.reserve_run(1)
+        (ticket,) = self.channel.sealer.reserve_run(1)
         self._go_tickets[ticket.index] = ticket
         item = Item(key, region, key[1], key[2], None, ticket, [], None)
         with self._cond:
@@ -386,7 +383,7 @@ class SpeculativeEngine(CCEngine, Queue):
         if item.dead:
             return
         item.dead = True
-        if self.window:  # nothing will ever skip past it: forget its GO index now
+        if self.sender.window:  # nothing will ever skip past it: forget its GO index now
             self._go_tickets.pop(item.go.index, None)
         self._dropped[item.key] = item.nbytes
         while len(self._dropped) > 4096:
@@ -404,9 +401,9 @@ class SpeculativeEngine(CCEngine, Queue):
 
     def _expire(self) -> None:
         """Window order: drop items whose indices fell out of the receiver's window."""
-        if not self.window:
+        if not self.sender.window:
             return
-        floor = self._high - self.window + 1
+        floor = self._high - self.sender.window + 1
         while self._items and self._items[0].go.index < floor:
             self.counts["expired"] += 1
             self._drop(self._items[0])
@@ -454,9 +451,9 @@ class SpeculativeEngine(CCEngine, Queue):
             chunk.lib_seq = region.lib_seq
             if region.unchanged_since(item.token):
                 start = item.offset + chunk.offset
-                msg = self.sealer.seal_into(chunk.ticket, Kind.SPEC, 0, chunk.offset,
-                                            region.view[start:start + chunk.nbytes],
-                                            chunk.slot.view(chunk.nbytes + TAG_BYTES), recoverable=True)
+                msg = self.channel.sealer.seal_into(chunk.ticket, Kind.SPEC, 0, chunk.offset,
+                                                    region.view[start:start + chunk.nbytes],
+                                                    chunk.slot.view(chunk.nbytes + TAG_BYTES), recoverable=True)
                 state = READY
         except Exception:  # noqa: BLE001 - counted; the request falls back to on-demand
             with self._cond:
@@ -477,8 +474,8 @@ class SpeculativeEngine(CCEngine, Queue):
         return self.workers.wait_idle(timeout)
 
     # -- device to host: decrypted in the background --------------------------------------------
-    def delivered(self, msg) -> None:
-        super().delivered(msg)
+    def _delivered(self, msg) -> None:
+        """The receiver's hook: the link delivered ``msg`` (device thread)."""
         if len(msg.payload) - TAG_BYTES < self.min_speculative_bytes or not self.speculating:
             # small: its AES costs less than handing it to a worker; it is received when
             # needed (a wait, a read of the region, a bounce slot to reuse) or by the
@@ -499,29 +496,38 @@ class SpeculativeEngine(CCEngine, Queue):
         is left to another worker (so several decrypt at once), decrypt, commit in channel
         order. Stops when a thread comes to wait for a chunk: it claims the next ones
         itself (on a small machine the waiting thread has the core)."""
+        receiver = self.receiver
         with self._cond:
             self._receive_pending = False
-        while not self._recv_waiters:
-            with self._recv_lock:
-                if not (self._expected and self._inbox):
+        while not receiver.waiters:
+            with receiver.lock:
+                if not (receiver.expected and receiver.inbox):
                     return
-                if not self._expected[0].op.finished:
+                if not receiver.expected[0].op.finished:
                     # never hold the receive lock across a wait for the device: a thread
                     # that comes to wait would wait behind it (the next delivery's task,
                     # or that thread, receives it)
                     return
-                chunk = self._claim_head(self.timeout)
+                chunk = receiver.claim_head(self.timeout)
                 if chunk is None:
                     return
-                more = bool(self._expected and self._inbox)
+                more = bool(receiver.expected and receiver.inbox)
             if more:
                 self._schedule_receive()
-            with self._recv_lock:
-                self._decrypt_claimed(chunk)
+            with receiver.lock:
+                receiver.decrypt_claimed(chunk)
                 if chunk.outcome is True:
                     self.counts["async_decrypted_bytes"] += chunk.nbytes
 
     # -- lifetime -------------------------------------------------------------------------------
+    def failure(self) -> BaseException | None:
+        """The error that closed the channel, on either side, if any."""
+        return self.channel.failure()
+
+    def drain(self, timeout) -> None:
+        """Receive every expected device-to-host chunk."""
+        self.receiver.drain(timeout)
+
     def adopt(self, region) -> None:
         """Write-protect library-owned regions now (mprotect's cost grows with the
         region), not on the first speculation, which would put that cost on a request."""
@@ -539,12 +545,14 @@ class SpeculativeEngine(CCEngine, Queue):
             for item in list(self._items):
                 self._drop(item)
             self._spent.clear()  # (their messages' views of the pools: the pools unmap now)
-        super().close()
+        self.cc.close()
         self.spec_pool.close()
         self.cmd_pool.close()
 
     def stats(self) -> dict:
-        out = super().stats()
+        out = self.cc.stats()  # (the channel's and the bounce pool's; the requests were this engine's)
+        out.update(transfers_h2d=self.transfers_h2d, transfers_d2h=self.transfers_d2h, bytes_h2d=self.bytes_h2d,
+                   bytes_d2h=self.bytes_d2h)
         counts = {"hits": self.hits, **self.counts}
         requests = counts["hits"] + counts["misses"]
         counts["hit_rate"] = counts["hits"] / requests if requests else 0.0
@@ -558,7 +566,7 @@ class SpeculativeEngine(CCEngine, Queue):
             counts["payoff_switches"] = self._payoff.switches
             counts["payoff_rates"] = dict(on=self._payoff.rates[True], off=self._payoff.rates[False])
         counts["workers"] = len(self.workers)
-        counts["iv_order"] = "window" if self.window else "strict"
+        counts["iv_order"] = "window" if self.sender.window else "strict"
         counts["queued_items"] = len(self._items)
         counts["prediction_accuracy"] = self._accuracy
         out.update(counts)

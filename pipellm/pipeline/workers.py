@@ -107,7 +107,7 @@ class Workers:
         engine = self.engine
         if task is REPLENISH:
             engine._spent.clear()  # (off the request path: see Queue._hit)
-            with engine._h2d_lock:
+            with engine.sender.lock:
                 try:
                     engine._replenish()
                 except ChannelClosedError:  # the channel or pool closed under the plan:
@@ -177,8 +177,8 @@ class Workers:
         msg = None
         try:
             body = GO_BODY.pack(*item.go_dst, len(item.chunks), item.nbytes)
-            msg = engine.sealer.seal_into(item.go, Kind.GO, 0, 0, body, memoryview(bytearray(len(body) + TAG_BYTES)),
-                                          shared=False)
+            msg = engine.channel.sealer.seal_into(item.go, Kind.GO, 0, 0, body,
+                                                  memoryview(bytearray(len(body) + TAG_BYTES)), shared=False)
         except Exception:  # noqa: BLE001 - counted; the GO is then sealed at request time
             with engine._cond:
                 engine.counts["worker_errors"] += 1
