@@ -250,8 +250,7 @@ class Pipeline(Requests):
         """``pipellm`` mode: block until the workers have planned and encrypted everything
         the predictor named so far (for tests and benchmarks; requests never need it)."""
         self._check()
-        wait = getattr(self._engine, "wait_speculation", None)
-        if wait is not None and not wait(self.timeout if timeout is None else timeout):
+        if not self._engine.wait_speculation(self.timeout if timeout is None else timeout):
             raise TransferTimeoutError(f"speculation did not settle within {timeout} s")
 
     def record(self, path, *, workload: str = "", meta: dict | None = None):
@@ -278,7 +277,7 @@ class Pipeline(Requests):
         if self._recorder is not None:
             self._recorder.sync(stream)
         try:
-            self.device.synchronize(stream, timeout=self.timeout, session=getattr(self._engine, "session", None))
+            self.device.synchronize(stream, timeout=self.timeout, session=self._engine.session)
             self._engine.drain(self.timeout)
         except (IntegrityError, DeviceError):
             self._engine.failure_reported = True
@@ -329,7 +328,7 @@ class Pipeline(Requests):
             self._closed = True
             return
         try:
-            self.device.synchronize(timeout=self.timeout, session=getattr(self._engine, "session", None))
+            self.device.synchronize(timeout=self.timeout, session=self._engine.session)
             self._engine.drain(self.timeout)
         except Exception:
             pass  # reported below if it was an integrity failure; close goes on regardless

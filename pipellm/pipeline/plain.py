@@ -8,7 +8,7 @@ from .transfer import Transfer
 
 class PlainEngine(Engine):
     mode = "plain"
-
+    session = None  # (no secure channel)
     failure_reported = False
 
     def __init__(self, device, *, timeout: float | None, **_):
@@ -30,6 +30,9 @@ class PlainEngine(Engine):
 
     def drain(self, timeout) -> None:
         pass
+
+    def wait_speculation(self, timeout=None) -> bool:
+        return True  # (nothing is encrypted ahead)
 
     def failure(self):
         return self.device.failure

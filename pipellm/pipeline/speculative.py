@@ -109,19 +109,9 @@ class SpeculativeEngine(Queue):
         self.workers = Workers(self, workers)
         self.workers.start()
 
-    @property
-    def session(self):
-        """The channel's session id (what the device's calls take)."""
-        return self.channel.session
-
-    @property
-    def failure_reported(self) -> bool:
-        """Has a caller seen the channel's error raised?"""
-        return self.channel.reported
-
-    @failure_reported.setter
-    def failure_reported(self, value: bool) -> None:
-        self.channel.reported = value
+    # (both read the engine's channel, as the cc engine's do)
+    session = CCEngine.session
+    failure_reported = CCEngine.failure_reported
 
     # -- host to device ----------------------------------------------------------------------
     # the request path is the queue's (to_device, in C: a hit is sent without a Python
