@@ -54,7 +54,7 @@ extensions = [
     Extension(f"pipellm.{name.replace('/', '.')}", [f"pipellm/{name}.pyx"], extra_compile_args=["-O3"])
     # the low-level mechanisms (_ext), then each part's own hot path beside its Python
     for name in ("_ext/bounce", "_ext/driver", "_ext/fence", "_ext/gpupath", "_ext/intmap", "_ext/locks", "_ext/memcopy",
-                 "_ext/sealpath", "_ext/writeguard", "channel/_message", "devices/_submission",
+                 "_ext/sealpath", "_ext/writeguard", "channel/_message", "devices/_clock", "devices/_submission",
                  "pipeline/_region", "pipeline/_request", "pipeline/_sender", "pipeline/_speculation", "pipeline/_tasks")
 ]
 

@@ -20,6 +20,7 @@ def pytest_sessionstart(session):
     import pipellm._ext.locks
     import pipellm._ext.writeguard
     import pipellm.channel._message
+    import pipellm.devices._clock
     import pipellm.devices._submission
     import pipellm.pipeline._region
     import pipellm.pipeline._request
@@ -28,7 +29,7 @@ def pytest_sessionstart(session):
     import pipellm.pipeline._tasks
     for module in (pipellm.predictors._layerwise, pipellm.predictors._history, pipellm.predictors.rules, pipellm.predictors.learned,
                    pipellm.predictors.simple, pipellm._ext.bounce, pipellm._ext.fence, pipellm._ext.intmap, pipellm._ext.locks,
-                   pipellm._ext.writeguard, pipellm.channel._message, pipellm.devices._submission,
+                   pipellm._ext.writeguard, pipellm.channel._message, pipellm.devices._clock, pipellm.devices._submission,
                    pipellm.pipeline._region, pipellm.pipeline._request, pipellm.pipeline._sender, pipellm.pipeline._speculation,
                    pipellm.pipeline._tasks):
         stem = os.path.join(os.path.dirname(module.__file__), module.__name__.rsplit(".", 1)[1])

@@ -163,3 +163,40 @@ def test_every_device_says_what_it_can_do_through_the_interface():
     assert Device.max_message_bytes is None and Device.stats(None) == {}
     with Device.clock_held(None):
         pass
+
+
+def test_the_device_clock_stands_still_while_any_stall_lasts():
+    """The clock (devices/_clock.pyx) is its own object: it stops while any thread
+    stalls (nested stalls count), shuts the gate meanwhile, and its frozen time is the
+    sum of the stalls; running, it keeps step with perf_counter."""
+    import time
+    from time import perf_counter
+
+    from pipellm.devices._clock import DeviceClock
+    clock = DeviceClock()
+    assert abs(clock.now() - perf_counter()) < 1e-3 and clock.frozen_s() == 0.0 and clock.gate.is_set()
+    clock.stall(True)
+    clock.stall(True)   # a second thread stalls too
+    stopped = clock.now()
+    time.sleep(0.02)
+    assert clock.now() == stopped and not clock.gate.is_set()
+    clock.stall(False)  # one still stalls: the clock stays stopped
+    assert clock.now() == stopped and not clock.gate.is_set()
+    clock.stall(False)
+    assert clock.gate.is_set() and clock.frozen_s() >= 0.02
+    before = clock.now()
+    time.sleep(0.01)
+    assert clock.now() - before >= 0.01 and abs(perf_counter() - clock.frozen_s() - clock.now()) < 1e-3
+    with clock.held():
+        assert not clock.gate.is_set()
+    assert clock.gate.is_set()
+
+
+def test_every_device_reads_time_from_its_own_clock(device):
+    """now(), frozen_s() and the gate are the device's clock's; the emulated device's
+    stalls are the clock's (counted in stats())."""
+    assert device.gate is device.clock.gate
+    with device.clock_held():
+        frozen = device.now()
+        assert device.now() == frozen and not device.gate.is_set()
+    assert device.stats()["emulation_stall_s"] == pytest.approx(device.clock.frozen_s(), abs=1e-3)

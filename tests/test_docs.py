@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODULES = ["pipellm", "pipellm.hostmem", "pipellm.channel.keys", "pipellm.devices", "pipellm.devices.base", "pipellm.devices.emulated",
            "pipellm.devices.gpupath", "pipellm.devices.cuda_driver",
            "pipellm.pipeline.pipeline", "pipellm.testing", "pipellm.predictors.simple", "pipellm._ext.memcopy",
-           "pipellm._ext.bounce", "pipellm._ext.fence", "pipellm._ext.intmap", "pipellm._ext.locks", "pipellm.benchmarks.offload",
+           "pipellm._ext.bounce", "pipellm._ext.fence", "pipellm._ext.intmap", "pipellm.devices._clock", "pipellm._ext.locks", "pipellm.benchmarks.offload",
            "pipellm.traces.summary", "pipellm.timeline", "pipellm.traces.intervals", "pipellm.traces.explain",
            "pipellm.traces.model", "pipellm.pipeline.threshold", "pipellm.pipeline.payoff", "pipellm.pipeline.ondemand"]
 

@@ -2,9 +2,9 @@
 # hit submits its messages, a pool reaps finished ops, without a Python call).
 
 from pipellm._ext.fence cimport Fence
+from pipellm.devices._clock cimport DeviceClock
 from pipellm._ext.locks cimport Lock
 
-cdef double _perf_counter() except? -1  # time.perf_counter(), without a Python call on Linux
 cdef bint _forked_since(generation) except -1  # generation != _fork.generation, in C
 
 
@@ -42,10 +42,7 @@ cdef class Submitter:
     cdef public bint _closed           # (Device's state, read here without a Python call)
     cdef public object failure
     cdef public object _fork_generation
-    # (stalled since, or None; seconds stalled before): the emulated device's clock
-    # stands still while the emulator lags its model (a real device's never does);
-    # replaced whole under the device's stall lock, read without it
-    cdef public tuple _clock
+    cdef readonly DeviceClock clock    # the device's clock (its stalls: the emulated device's)
 
     cpdef double now(self) except? -1
     cpdef double frozen_s(self) except? -1

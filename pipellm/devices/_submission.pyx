@@ -10,11 +10,9 @@ the requesting thread: ``pipellm bench hotpath``, figures in docs/figures.md).
 """
 
 from collections import deque
-from time import perf_counter
-
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from pipellm import _fork
+from pipellm.devices._clock cimport DeviceClock
 from pipellm._ext.locks cimport Lock
 from pipellm.channel._message cimport Message
 from pipellm.channel.protocol import TAG_BYTES as _TAG_BYTES
@@ -29,20 +27,6 @@ cdef bint _forked_since(generation) except -1:
     before an ``os.fork()`` of this process (read in C on every request)."""
     return generation != _FORK["generation"]
 cdef Py_ssize_t PRUNE_ABOVE = 64  # a stream's pending ops before finished ones are dropped
-
-
-cdef double _monotonic() noexcept:
-    cdef timespec t
-    clock_gettime(CLOCK_MONOTONIC, &t)
-    return t.tv_sec + t.tv_nsec * 1e-9
-
-
-# ``time.perf_counter()`` without its Python call where it is this clock (Linux)
-cdef bint _PERF_IS_MONOTONIC = abs(perf_counter() - _monotonic()) < 1e-3
-
-
-cdef double _perf_counter() except? -1:
-    return _monotonic() if _PERF_IS_MONOTONIC else perf_counter()
 
 
 cdef inline double _now_of(device) except? -1:
@@ -129,20 +113,18 @@ cdef class Submitter:
     def __cinit__(self, *args, **kwargs):
         if type(self) is Submitter:
             raise ArgumentTypeError("Submitter is the C base of the copy-engine devices: use pipellm.open_device")
-        self._clock = (None, 0.0)
+        self.clock = DeviceClock()
 
     cpdef double now(self) except? -1:
         """The device's clock (seconds), on which ``Op.end`` times are given: wall time
-        less the emulation stall. (In C: every op reads it, and a pool reaping slots
-        reads it once per finished op.)"""
-        since, stalled = self._clock
-        return (_perf_counter() if since is None else <double>since) - <double>stalled
+        less the emulation stall (see ``_clock.pyx``). (In C: every op reads it, and a
+        pool reaping slots reads it once per finished op.)"""
+        return self.clock.now()
 
     cpdef double frozen_s(self) except? -1:
         """Seconds the device clock has stood still so far (the emulated device's
         emulation stall, the current one included; 0 on real hardware)."""
-        since, stalled = self._clock
-        return <double>stalled + (0.0 if since is None else _perf_counter() - <double>since)
+        return self.clock.frozen_s()
 
     cpdef Op _submit(self, Op op):
         if self._closed or self.failure is not None or _forked_since(self._fork_generation):

@@ -11,11 +11,11 @@ from __future__ import annotations
 import abc
 import contextlib
 import threading
-from time import perf_counter
 
 import numpy as np
 
 from .. import _fork
+from ._clock import DeviceClock
 from ._submission import Op, Stream  # (C: made and submitted on every transfer's request path)
 from ..errors import ArgumentError, ArgumentTypeError, ChannelClosedError, DeviceError, TransferTimeoutError
 
@@ -67,10 +67,6 @@ class Device(abc.ABC):
         self._next_buffer = 1
         self._streams: list[Stream] = []
         self._alloc_lock = threading.Lock()
-        #: set while host work may proceed in step with the device clock (see the
-        #: emulated device: shut while the emulator lags its model)
-        self.gate = threading.Event()
-        self.gate.set()
         self.default_stream = self.create_stream()
 
     # -- lifetime -------------------------------------------------------------------------
@@ -88,14 +84,24 @@ class Device(abc.ABC):
     def __exit__(self, *exc) -> None:
         self.close()
 
+    #: the device's clock (``devices/_clock.pyx``: every device of ours has one, from
+    #: its C base), on which ``Op.end`` times are given
+    clock: DeviceClock
+
     def now(self) -> float:
         """The device's clock (seconds), on which ``Op.end`` times are given."""
-        return perf_counter()
+        return self.clock.now()
 
     def frozen_s(self) -> float:
         """Seconds the device clock has stood still so far (the emulated device's
         emulation stall, the current one included; 0 on real hardware)."""
-        return 0.0
+        return self.clock.frozen_s()
+
+    @property
+    def gate(self) -> threading.Event:
+        """Set while host work may proceed in step with the device clock (the emulated
+        device shuts it while the emulator lags its model)."""
+        return self.clock.gate
 
     def hold(self, seconds: float) -> None:
         """Wait ``seconds`` on the device clock: a host worker whose task ran while the

@@ -26,7 +26,6 @@ worker's bound on a 2-vCPU VM, faster than the worker can encrypt).
 
 from __future__ import annotations
 
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -120,8 +119,6 @@ class EmulatedDevice(CopyEngineDevice):
         self._staging_block = min(staging_bytes, 8 << 20)
         self._link_free = [0.0, 0.0]  # per Direction
         self._compute_free = 0.0
-        self._stalling = 0           # host threads stalled right now
-        self._stall_lock = threading.Lock()
         super().__init__(adversary=adversary, staging_bytes=staging_bytes)
 
     # -- memory ---------------------------------------------------------------------------------
@@ -219,31 +216,8 @@ class EmulatedDevice(CopyEngineDevice):
         """The device clock stands still (and host workers are held at the gate) inside:
         for tools whose own work must not count as modelled time (the trace replayer's
         bookkeeping). Counted with the emulation stall."""
-        self._stall(begin=True)
-        try:
+        with self.clock.held():
             yield
-        finally:
-            self._stall(begin=False)
-
-    def _stall(self, begin: bool) -> None:
-        """A host thread starts / stops waiting only because the emulator lags the model.
-        While any does, the device clock stands still and the gate is shut, so host
-        workers (which check it) make no progress the model would not allow."""
-        with self._stall_lock:
-            if begin:
-                if self._stalling == 0:
-                    self._clock = (perf_counter(), self._clock[1])
-                    self.gate.clear()
-                self._stalling += 1
-            else:
-                self._stalling -= 1
-                if self._stalling == 0:
-                    since, stalled = self._clock
-                    now = perf_counter()
-                    self._clock = (None, stalled + now - since)
-                    self.gate.set()
-                    if timeline.recording:
-                        timeline.span("stall", since, now)
 
     def _wait_op(self, op: Op, timeout: float | None) -> bool:
         if not timeline.recording:
@@ -263,7 +237,7 @@ class EmulatedDevice(CopyEngineDevice):
                 # op.end is 0 until the copy engine has handled the op: the emulator is behind
                 running = op.end > 0 and now < op.end
                 if running == stalled:  # in the model the op is still on the link: no stall
-                    self._stall(begin=not running)
+                    self.clock.stall(not running)
                     stalled = not running
                 wait = op.end - now if running else 0.002
                 if deadline is not None:
@@ -276,14 +250,14 @@ class EmulatedDevice(CopyEngineDevice):
                         self._cond.wait(wait)
         finally:
             if stalled:
-                self._stall(begin=False)
+                self.clock.stall(False)
         if op.end > self.now():
             sleep_until(self.now, op.end)
         return True
 
     def stats(self) -> dict:
         """Copy-engine CPU time and emulation stall (see the module docstring)."""
-        return {"device_busy_s": self._busy_s, "emulation_stall_s": self._clock[1],
+        return {"device_busy_s": self._busy_s, "emulation_stall_s": self.clock.frozen_s(),
                 "device_bytes_allocated": self._allocated,
                 **{"device_" + k: v for k, v in self.work.items()}}
 
