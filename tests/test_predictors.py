@@ -327,7 +327,8 @@ def test_learned_predictor_without_a_model_file_uses_the_shipped_model_and_bad_f
     from pipellm.predictors import LearnedPredictor
     from pipellm.predictors.learned import DEFAULT_MODEL
 
-    shipped = json.loads(open(DEFAULT_MODEL).read())
+    with open(DEFAULT_MODEL) as f:
+        shipped = json.load(f)
     with pipellm.Pipeline(device="emulated", predictor="learned") as pipe:
         assert pipe.predictor.coef_ == shipped["coef"] and pipe.predictor.intercept_ == shipped["intercept"]
     p = LearnedPredictor()

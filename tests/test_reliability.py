@@ -4,6 +4,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -323,3 +324,37 @@ def test_a_plan_that_meets_a_closed_channel_leaves_the_worker_alive():
         with pytest.raises(pipellm.ChannelClosedError) as caught:
             pipe.to_device(regions[0])
         assert caught.value.__cause__ is error
+
+
+def test_a_pipeline_dropped_without_close_is_released_with_a_warning():
+    """A pipeline is collectable once dropped (its regions and its engine's workers hold
+    no strong reference to it): its finalizer warns (ResourceWarning) and releases its
+    workers, its session and the device it opened; its regions are unregistered."""
+    import gc
+    import weakref as weakref_
+
+    def dropped():
+        pipe = pipellm.Pipeline(device="emulated", mode="pipellm")
+        region = pipe.register(pipellm.array(np.zeros(1 << 20, np.uint8)))
+        pipe.to_device(region)
+        return weakref_.ref(pipe), region, pipe._engine.workers.threads, pipe.device
+
+    with pytest.warns(ResourceWarning, match="never closed"):
+        ref, region, workers, device = dropped()
+        gc.collect()
+    assert ref() is None and region.owner is None and not region.registered
+    for t in workers:
+        t.join(10)
+    assert not any(t.is_alive() for t in workers) and device.closed
+
+
+def test_a_closed_pipeline_is_not_released_again():
+    """close() detaches the finalizer: collecting a closed pipeline warns of nothing."""
+    import gc
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pipe = pipellm.Pipeline(device="emulated", mode="cc")
+        pipe.close()
+        del pipe
+        gc.collect()
+    assert not [w for w in seen if issubclass(w.category, ResourceWarning)]

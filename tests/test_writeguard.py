@@ -149,8 +149,12 @@ def test_a_dropped_region_gives_its_guard_entry_back():
     from pipellm.pipeline.region import Region
 
     gc.collect()  # regions earlier tests left in cycles give their entries back first
+    class Owner:  # (a region holds its pipeline weakly: any object that allows it)
+        pass
+
     array = pipellm.empty(4096, np.uint8)
-    region = Region(None, 1, "r", array, "protect")
+    owner = Owner()
+    region = Region(owner, 1, "r", array, "protect")
     index = region.guard
     del region
     gc.collect()

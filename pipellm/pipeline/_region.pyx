@@ -16,3 +16,8 @@ cdef class RegionBase:
     def __cinit__(self, *args, **kwargs):
         if type(self) is RegionBase:
             raise ArgumentTypeError("RegionBase is the C base of Region: use Pipeline.register")
+
+    @property
+    def owner(self):
+        """The pipeline the region was registered with; None once that was collected."""
+        return self._owner()

@@ -10,6 +10,9 @@ helpers (``Pipeline._check``, ``region.check_region``, ``check_span``, ``check_i
 which raise the precise error.
 """
 
+from cpython.object cimport PyObject
+from cpython.weakref cimport PyWeakref_GetObject
+
 from pipellm.channel._message cimport Endpoint
 from pipellm.pipeline._region cimport RegionBase
 from pipellm.devices._submission cimport SessionBase, Submitter, _forked_since
@@ -52,7 +55,7 @@ cdef class Requests:
         Python helpers raise the error that fits)."""
         if self._closed or _forked_since(self._fork_generation) or _failed(<Engine?>self._engine):
             self._check()
-        if not (isinstance(region, Region) and (<RegionBase>region).owner is self
+        if not (isinstance(region, Region) and PyWeakref_GetObject((<RegionBase>region)._owner) == <PyObject*>self
                 and (<RegionBase>region).registered):
             check_region(self, region)
 

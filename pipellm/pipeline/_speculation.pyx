@@ -27,7 +27,8 @@ from pipellm.pipeline._sender cimport Sender
 from pipellm.pipeline._tasks cimport TaskBoard
 from pipellm.pipeline._tasks import REPLENISH
 from pipellm.channel._message cimport Endpoint, Message, Ticket, _expose, _expose_into, _exposed, _reserve_run
-from pipellm.devices._submission cimport Stream, Submitter, _perf_counter
+from pipellm.devices._clock cimport _perf_counter
+from pipellm.devices._submission cimport Stream, Submitter
 from pipellm._ext.writeguard cimport token as _token, unchanged as _unchanged
 from pipellm.predictors.base import Prediction, TransferEvent, _new_tuple
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import bisect
 import itertools
 import threading
+import warnings
+import weakref
 from time import perf_counter
 
 from .. import _fork
@@ -40,6 +42,40 @@ DEFAULT_IV_WINDOW = 4096
 #: same reason device-to-host messages smaller than this are decrypted when needed, not
 #: handed to a worker
 DEFAULT_MIN_SPECULATIVE_BYTES = "auto"
+
+
+def _release(engine, regions: dict, device, owns_device: bool) -> None:
+    """Close the engine, unregister the regions (their device copies freed), close the
+    device if the pipeline opened it: what closing a pipeline releases."""
+    engine.close()
+    for region in regions.values():
+        if region.device_buffer is not None and not region.device_buffer.freed and not device.closed:
+            device.free(region.device_buffer)
+        region.registered = False
+        region.release()
+    regions.clear()
+    if owns_device:
+        device.close()
+
+
+def _abandoned(engine, regions: dict, device, owns_device: bool) -> None:
+    """A pipeline collected, or still open at exit, without close(): warn (as an unclosed
+    file does) and release what it held, without waiting for its transfers. On a thread
+    of its own: the collection may run on a thread that holds the engine's locks (a
+    worker); the main thread waits for it (at exit, before the interpreter goes)."""
+    warnings.warn("a pipellm Pipeline was never closed: its threads, session and memory are released now "
+                  "(use close() or a with block)", ResourceWarning, stacklevel=2)
+
+    def release():
+        try:
+            _release(engine, regions, device, owns_device)
+        except Exception:  # noqa: BLE001 - nobody is left to raise it to
+            pass
+
+    closer = threading.Thread(target=release, name="pipellm-closer", daemon=True)
+    closer.start()
+    if threading.current_thread() is threading.main_thread():
+        closer.join(60)
 
 
 class Pipeline(Requests):
@@ -155,6 +191,10 @@ class Pipeline(Requests):
             if self._owns_device:
                 self.device.close()
             raise
+        # a pipeline dropped without close() (collected, or still open at exit) releases
+        # what it holds all the same (its arguments hold nothing that holds the pipeline)
+        self._finalizer = weakref.finalize(self, _abandoned, self._engine, self._regions, self.device,
+                                           self._owns_device)
         self._started = perf_counter()
 
     # -- regions ---------------------------------------------------------------------------------
@@ -326,6 +366,7 @@ class Pipeline(Requests):
             return
         if self._fork_generation != _fork.generation:  # a forked child: the threads are the parent's
             self._closed = True
+            self._finalizer.detach()
             return
         try:
             self.device.synchronize(timeout=self.timeout, session=self._engine.session)
@@ -334,19 +375,12 @@ class Pipeline(Requests):
             pass  # reported below if it was an integrity failure; close goes on regardless
         finally:
             self._closed = True
+            self._finalizer.detach()
             if self._recorder is not None:
                 self._recorder.close()
             failure = self._engine.failure()
-            self._engine.close()
-            for region in self._regions.values():
-                if region.device_buffer is not None and not region.device_buffer.freed and not self.device.closed:
-                    self.device.free(region.device_buffer)
-                region.registered = False
-                region.release()
-            self._regions.clear()
+            _release(self._engine, self._regions, self.device, self._owns_device)
             self._names.clear()
-            if self._owns_device:
-                self.device.close()
         if failure is not None and not self._engine.failure_reported:
             self._engine.failure_reported = True
             raise failure

@@ -42,7 +42,9 @@ class Region(RegionBase):
                  "overlaps", "_finalizer", "__weakref__")
 
     def __init__(self, owner, id: int, name: str, array: np.ndarray, tracking: str):
-        self.owner, self.id, self.name = owner, id, name
+        # weak: the pipeline's engine (its worker threads) holds its regions, and a pipeline
+        # dropped unclosed must still be collectable (its finalizer then closes it)
+        self._owner, self.id, self.name = weakref.ref(owner), id, name
         self._array = array
         flat = array.reshape(-1).view(np.uint8)
         self.view = memoryview(flat)  # flat bytes, zero-copy
