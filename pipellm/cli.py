@@ -69,6 +69,8 @@ def _run_bench(name: str, args) -> dict:
     else:
         if args.quick:
             kwargs["sizes"] = module.QUICK_SIZES
+        if name == "hotpath" and getattr(args, "instructions", False):
+            kwargs["instructions"] = True
         total = module.points(kwargs.get("sizes"), args.repeats)
     with tqdm(total=total, desc=f"bench {name}", unit="point", disable=args.no_progress,
               file=sys.stderr, leave=False) as bar:
@@ -349,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", choices=("emulated", "cuda", "cuda-driver"), default="emulated",
                        help="offload: the device the layers go to (cuda: the numba path; cuda-driver: the driver "
                             "path; both need a GPU)")
+    bench.add_argument("--instructions", action="store_true",
+                       help="hotpath: also count instructions per request under valgrind's callgrind (minutes)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(run=_bench)
 

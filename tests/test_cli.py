@@ -1,6 +1,7 @@
 """The pipellm command: info and quick benchmark runs produce well-formed results."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -150,3 +151,21 @@ def test_bench_gpu_host_quick_json():
     assert rows[("4 MiB chunks", "pipellm")]["hits"] >= 1
     key = result["key_setup"]
     assert key["tables_ms"] > 0 and key["powers_ms"] > 0 and key["message_bytes"] == 4 << 20
+
+
+def test_hotpath_counted_child_makes_its_requests_and_they_hit():
+    """The child that callgrind counts (bench hotpath --instructions): its passes make the
+    requests it says, and every pipellm request of them hits (else nothing is counted)."""
+    from pipellm.benchmarks.hotpath import _requests
+    assert _requests("pipellm", 4096, 4, 2) == {"requests": 8, "hits": 8}
+    assert _requests("cc", 4096, 4, 3) == {"requests": 12, "hits": 0}
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="counting instructions needs valgrind")
+def test_hotpath_counts_instructions_that_grow_with_the_requests():
+    """Under callgrind the requesting thread's count grows with the passes made, by a
+    plausible number of instructions per plain request."""
+    from pipellm.benchmarks.hotpath import _callgrind
+    few, more = (_callgrind("plain", "*Requests*to_device*", 4096, 4, n) for n in (1, 3))
+    per_request = (more - few) / (2 * 4)
+    assert 1_000 < per_request < 200_000, per_request
