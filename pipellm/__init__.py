@@ -28,6 +28,7 @@ from .errors import (
     TransferTimeoutError,
     UnknownRegionError,
     UnknownSessionError,
+    UsageError,
 )
 from .hostmem import array, empty, zeros
 from .pipeline import Pipeline, Region, Transfer
@@ -38,5 +39,5 @@ __all__ = [
     "ArgumentError", "ArgumentTypeError", "ChannelClosedError", "Device", "DeviceBuffer",
     "DeviceError", "DeviceUnavailableError", "ForkedError", "IntegrityError", "KeyExhaustedError", "LinkModel",
     "NotFittedError", "DepthWarning", "Pipeline", "PinningWarning", "PredictorWarning", "PipellmError", "Region", "Stream", "TraceError", "Transfer",
-    "TransferTimeoutError", "UnknownRegionError", "UnknownSessionError", "array", "empty", "open_device", "zeros", "__version__",
+    "TransferTimeoutError", "UnknownRegionError", "UnknownSessionError", "UsageError", "array", "empty", "open_device", "zeros", "__version__",
 ]

@@ -59,6 +59,11 @@ class TransferTimeoutError(PipellmError, TimeoutError):
     """A wait ran past its timeout (a lost message, a stalled device, a full pool)."""
 
 
+class UsageError(PipellmError, RuntimeError):
+    """An operation the object's state does not allow now (a lock released by a thread
+    that does not hold it, a second timeline recorded at once)."""
+
+
 class KeyExhaustedError(PipellmError):
     """No more key epochs can be derived for a direction (after 2**32 rotations)."""
 

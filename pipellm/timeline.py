@@ -30,6 +30,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from threading import get_ident
 
+from .errors import UsageError
+
 #: the thread field of spans on the emulated device's modelled clock
 MODEL = 0
 
@@ -53,7 +55,7 @@ def recorded():
     """Record spans inside the block; yields the list they go to (one recording at a time)."""
     global recording, _spans
     if recording:
-        raise RuntimeError("a timeline is already being recorded")
+        raise UsageError("a timeline is already being recorded: one recording at a time")
     _spans = out = []
     recording = True
     try:

@@ -17,7 +17,7 @@ from pipellm._ext.kernelparams cimport Params
 
 from threading import get_ident
 
-from pipellm.errors import DeviceError, DeviceUnavailableError
+from pipellm.errors import ArgumentTypeError, DeviceError, DeviceUnavailableError
 
 cdef extern from "<string.h>" nogil:
     size_t strnlen(const char* text, size_t most)
@@ -70,7 +70,7 @@ cdef class Driver:
     :meth:`fake`; the constructor is refused."""
 
     def __init__(self, *args, **kw):
-        raise TypeError("Driver is made by Driver.real(device_id) or Driver.fake(fake)")
+        raise ArgumentTypeError("Driver is made by Driver.real(device_id) or Driver.fake(fake)")
 
     @staticmethod
     def real(int device_id=0):

@@ -10,6 +10,8 @@ cimport cython
 
 import numpy as np
 
+from pipellm.errors import ArgumentError
+
 
 @cython.final
 cdef class IntMap:
@@ -23,7 +25,7 @@ cdef class IntMap:
 
     def __init__(self, Py_ssize_t capacity=64):
         if capacity < 2 or capacity & (capacity - 1):
-            raise ValueError(f"IntMap capacity must be a power of two >= 2, not {capacity}")
+            raise ArgumentError(f"IntMap capacity must be a power of two >= 2, not {capacity}")
         self._array = np.zeros(2 * capacity, np.int64)
         self._slots = self._array
         self.mask, self.size = capacity - 1, 0

@@ -24,6 +24,8 @@ from cpython.pythread cimport (NOWAIT_LOCK, PyThread_acquire_lock, PyThread_allo
 import sys
 from time import monotonic, perf_counter
 
+from pipellm.errors import ArgumentError, UsageError
+
 cdef extern from *:
     """
     #include <errno.h>
@@ -146,15 +148,16 @@ cdef class Lock:
         """Take the lock; as ``threading.Lock.acquire``: False if ``blocking`` is false
         and it is taken, or once ``timeout`` seconds (-1: none) have passed."""
         if timeout != -1 and (not blocking or timeout < 0):
-            raise ValueError("timeout must be -1 (none) or >= 0, and needs blocking=True")
+            raise ArgumentError("timeout must be -1 (none) or >= 0, and needs blocking=True")
         if self.try_enter():
             return True
         return bool(blocking) and self._acquire_blocking(timeout)
 
     def release(self) -> None:
-        """Give the lock back; RuntimeError if this thread does not hold it."""
+        """Give the lock back; UsageError (a RuntimeError, as ``threading.Lock`` raises)
+        if this thread does not hold it."""
         if not self._mine():
-            raise RuntimeError("release unlocked lock" if not self.locked() else
+            raise UsageError("release unlocked lock" if not self.locked() else
                                "release of a lock another thread holds (only its holder gives it back)")
         self.exit()
 

@@ -18,7 +18,7 @@ from pipellm.channel.protocol import GO_BODY, TAG_BYTES as _TAG_BYTES
 
 from pipellm.channel import Kind
 from pipellm import timeline
-from pipellm.errors import ArgumentTypeError
+from pipellm.errors import ArgumentTypeError, UsageError
 from pipellm._ext.bounce cimport BouncePool, Slot
 from pipellm._ext.locks cimport Lock
 from pipellm.pipeline._region cimport RegionBase
@@ -356,7 +356,7 @@ cdef class Queue(Engine):
         cdef Message public
         cdef list chunks = item.chunks
         if not chunks:  # (no bounds checks here: a held place has no chunk to carry its GO)
-            raise ValueError(f"{item.key} holds a place only: it has no chunks to send")
+            raise UsageError(f"{item.key} holds a place only: it has no chunks to send")
         go = self._go_tickets.pop(item.go.index)
         msgs = [None]
         for c in chunks:
