@@ -27,7 +27,7 @@ import sys
 import tempfile
 
 from pipellm._ext.locks import round_trip_ns
-from pipellm.traces.explain import request_costs
+from pipellm.traces.explain import request_costs, request_passes
 
 #: what callgrind counts in, per kind of request: (mode, the C functions that switch counting on)
 COUNTED = {"plain": ("plain", "*Requests*to_device*"), "cc (AES included)": ("cc", "*Requests*to_device*"),
@@ -90,31 +90,10 @@ def _callgrind(mode: str, toggle: str, size: int, layers: int, passes: int) -> i
 
 
 def _requests(mode: str, size: int, layers: int, passes: int) -> dict:
-    """The counted child: ``layers`` regions requested in turn, two passes to learn,
-    then ``passes`` passes with the copy engine paused (a pipellm pass once speculation
-    has settled); how many requests were made and how many hit."""
-    import numpy as np
-
-    from pipellm import hostmem
-    from pipellm.pipeline import Pipeline
-
-    options = {"min_speculative_bytes": 0, "depth_bytes": 4 * layers * (size + (8 << 10)), "adaptive": False} \
-        if mode == "pipellm" else {"bounce_bytes": (layers + 4) * (size + (8 << 10))}
-    hits = 0
-    with Pipeline(device="emulated", mode=mode, chunk_size=size, **options) as pipe:
-        regions = [pipe.register(hostmem.empty(size, np.uint8), name=f"layer{i}") for i in range(layers)]
-        for r in regions:
-            r.array[:] = 1
-        for attempt in range(2 + passes):
-            if mode == "pipellm":
-                pipe.wait_speculation(600)  # (under valgrind the workers are slow too)
-            before = pipe.stats().get("hits", 0)
-            with pipe.device.paused():
-                for r in regions:
-                    pipe.to_device(r)
-            if attempt >= 2:
-                hits += pipe.stats().get("hits", 0) - before
-            pipe.synchronize()
+    """The counted child: :func:`~pipellm.traces.explain.request_passes` (under valgrind
+    the workers are slow too: speculation is given long to settle); how many requests the
+    counted passes made and how many hit."""
+    hits = sum(h for _, _, h in request_passes(mode, layers, size, passes, settle_s=600.0))
     return {"requests": passes * layers, "hits": hits}
 
 

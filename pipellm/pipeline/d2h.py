@@ -190,9 +190,9 @@ class Receiver:
             return None
         self.expected.popleft()
         self._claimed.append(head)
-        opener, error = self.channel.opener, self.channel.error
-        if error is not None:
-            head.outcome = error
+        opener, closed_by = self.channel.opener, self.channel.error
+        if closed_by is not None:
+            head.outcome = closed_by
         elif head.op.error is not None:
             head.outcome = head.op.error
         elif not self.inbox:

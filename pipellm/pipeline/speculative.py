@@ -54,6 +54,7 @@ from .cc import CCEngine
 from .secure import slot_bytes_for
 from .workers import Workers
 
+
 def _may_overlap(incoming, region, offset: int, nbytes: int) -> bool:
     """Whether device-to-host data still coming into ``region`` may land in its bytes
     ``[offset, offset + nbytes)``. Only the last transfer's range is known (and only in

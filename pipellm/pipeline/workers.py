@@ -54,8 +54,9 @@ class Workers:
         return len(self.threads)
 
     def _next(self, took: bool, busy: float, cpu: float):
-        """The next task to run (engine lock held), or None once stopping. ``took``: the
-        last task this worker took it skipped; ``busy``, ``cpu``: what the last it ran cost."""
+        """The next task to run (engine lock held), or None once stopping. ``took``: this
+        worker skipped the last task it took; ``busy``, ``cpu``: what the last task it ran
+        cost."""
         engine, board = self.engine, self.engine.board
         self.busy_s += busy
         self.cpu_s += cpu

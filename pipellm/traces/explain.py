@@ -167,46 +167,53 @@ def _aggregate(op, n: int, nbytes: int, threads: int, passes: int = 3) -> float:
     return best
 
 
+def request_passes(mode: str, layers: int, nbytes: int, passes: int, settle_s: float = 10.0):
+    """``layers`` regions of ``nbytes`` requested in turn by a pipeline in ``mode``: two
+    passes to learn (and allocate the device's copies), then ``passes`` passes with the
+    emulated copy engine paused (its thread competes for neither a core nor the GIL), a
+    pipellm pass once speculation has settled (within ``settle_s``). Yields each of those
+    passes' (seconds on the requesting thread, AES seconds the pipeline counted, hits)."""
+    from .. import hostmem
+    from ..pipeline import Pipeline
+
+    options = {"min_speculative_bytes": 0, "depth_bytes": 4 * layers * (nbytes + (8 << 10)), "adaptive": False} \
+        if mode == "pipellm" else {"bounce_bytes": (layers + 4) * (nbytes + (8 << 10))}
+    with Pipeline(device="emulated", mode=mode, chunk_size=nbytes, **options) as pipe:
+        regions = [pipe.register(hostmem.empty(nbytes, np.uint8), name=f"layer{i}") for i in range(layers)]
+        for r in regions:
+            r.array[:] = 1
+        for attempt in range(passes + 2):
+            if mode == "pipellm":
+                pipe.wait_speculation(settle_s)
+            before = pipe.stats()
+            with pipe.device.paused():
+                start = perf_counter()
+                for r in regions:
+                    pipe.to_device(r)
+                elapsed = perf_counter() - start
+            after = pipe.stats()
+            pipe.synchronize()
+            if attempt >= 2:
+                yield (elapsed, after.get("encrypt_s", 0.0) - before.get("encrypt_s", 0.0),
+                       after.get("hits", 0) - before.get("hits", 0))
+
+
 def request_costs(layers: int = 8, nbytes: int = 64 << 10, passes: int = 20) -> dict:
     """The host's own cost per request, less its AES, with the emulated copy engine
-    paused (its thread competes for neither a core nor the GIL): a plain copy, a cc
-    request (encrypted on demand), and a pipellm hit (its chunk encrypted ahead; the GO
-    command and the submission are what is left). ``layers`` regions of ``nbytes``
-    requested in turn, the best of ``passes`` passes.
+    paused: a plain copy, a cc request (encrypted on demand), and a pipellm hit (its
+    chunk encrypted ahead; the GO command and the submission are what is left): the best
+    of ``passes`` passes of :func:`request_passes` (pipellm: those whose requests all hit).
 
     >>> c = request_costs(layers=2, passes=1)
     >>> sorted(c)
     ['cc_library_per_transfer_s', 'hit_library_per_transfer_s', 'library_per_transfer_s']
     """
-    from .. import hostmem
-    from ..pipeline import Pipeline
-
     out = {}
     for mode, key in (("plain", "library_per_transfer_s"), ("cc", "cc_library_per_transfer_s"),
                       ("pipellm", "hit_library_per_transfer_s")):
-        options = {"min_speculative_bytes": 0, "depth_bytes": 4 * layers * (nbytes + (8 << 10)), "adaptive": False} \
-            if mode == "pipellm" else {"bounce_bytes": (layers + 4) * (nbytes + (8 << 10))}
-        best = float("inf")
-        with Pipeline(device="emulated", mode=mode, chunk_size=nbytes, **options) as pipe:
-            regions = [pipe.register(hostmem.empty(nbytes, np.uint8), name=f"layer{i}") for i in range(layers)]
-            for r in regions:
-                r.array[:] = 1
-            for attempt in range(passes + 2):  # two passes to learn (and allocate the device's copies)
-                if mode == "pipellm":
-                    pipe.wait_speculation(10)
-                before = pipe.stats()
-                with pipe.device.paused():
-                    start = perf_counter()
-                    for r in regions:
-                        pipe.to_device(r)
-                    elapsed = perf_counter() - start
-                after = pipe.stats()
-                pipe.synchronize()
-                if attempt < 2 or (mode == "pipellm" and after["hits"] - before["hits"] < layers):
-                    continue
-                aes = after.get("encrypt_s", 0.0) - before.get("encrypt_s", 0.0)
-                best = min(best, (elapsed - aes) / layers)
-        out[key] = best if best != float("inf") else float("nan")
+        best = min(((elapsed - aes) / layers for elapsed, aes, hits in request_passes(mode, layers, nbytes, passes)
+                    if mode != "pipellm" or hits >= layers), default=float("nan"))
+        out[key] = best
     return out
 
 
