@@ -222,3 +222,35 @@ def test_a_worker_encrypts_beside_data_landing_elsewhere_in_the_region_without_r
         pipe.synchronize()
         assert pipe.stats()["hits"] == hits + 1
         assert np.array_equal(pipe.device.read(dbuf), data)
+
+
+def test_a_worker_waits_for_every_transfer_still_landing_in_its_chunk_not_only_the_last():
+    """Two device-to-host reads are pending into a region: the first into the block a
+    worker is about to encrypt ahead, the second (the region's last) elsewhere. The
+    worker waits for the block's own data: encrypting the bytes the first read is about
+    to replace would make the item stale, and in strict order a stale head costs every
+    item queued behind it."""
+    block = 16 * 1024
+    predictor = _Fixed(("kv", block, block))
+    with spec_pipe(predictor=predictor, min_speculative_bytes=8192, chunk_size=block, adaptive=False,
+                   iv_order="strict") as pipe:
+        data = np.random.default_rng(6).integers(0, 256, 2 * block, dtype=np.uint8)
+        kv = pipe.register(pipellm.array(data), name="kv")
+        scratch = pipe.register(pipellm.array(np.zeros(4096, np.uint8)), name="scratch")
+        dbuf = pipe.to_device(kv)
+        pipe.synchronize()
+        pipe.to_host(dbuf, kv, src_offset=0, offset=block, nbytes=4096)  # into the predicted block
+        pipe.to_host(dbuf, kv, src_offset=block, offset=0, nbytes=4096)  # the region's last, elsewhere
+        predictor.armed = True
+        pipe.to_host(dbuf, scratch, nbytes=4096)  # a plan, with both reads into kv still pending
+        pipe.wait_speculation(TIMEOUT)
+        before = pipe.stats()
+        pipe.to_device(kv, block, block, dst=dbuf, dst_offset=block)
+        pipe.synchronize()
+        after = pipe.stats()
+        assert (after["hits"] - before["hits"], after["stale"] - before["stale"]) == (1, 0)
+        expected = data.copy()
+        expected[block:block + 4096] = data[:4096]
+        expected[:4096] = data[block:block + 4096]
+        assert np.array_equal(np.asarray(kv), expected)
+        assert np.array_equal(pipe.device.read(dbuf)[block:], expected[block:])

@@ -28,13 +28,24 @@ class _Landing:
     (a refused chunk leaves it untouched, and so does a transfer the host gave up
     part-way: ``abandoned``)."""
 
-    __slots__ = ("region", "offset", "nbytes", "last", "abandoned", "staging")
+    __slots__ = ("region", "offset", "nbytes", "last", "abandoned", "staging", "pending")
 
-    def __init__(self, region, offset, nbytes):
+    def __init__(self, region, offset, nbytes, before=None):
         self.region, self.offset, self.nbytes = region, offset, nbytes
         self.last = None
         self.abandoned = False
         self.staging: memoryview | None = None
+        # (lo, hi): the region's bytes this transfer, and those still pending into the
+        # region when it was issued (``before``: the region's last incoming chunk), may
+        # yet write. Chunks land in channel order, so the last one's span covers all.
+        lo, hi = offset, offset + nbytes
+        if before is not None and not before.done():
+            other = getattr(before, "landing", None)
+            if other is not None and other.region is region:
+                lo, hi = min(lo, other.pending[0]), max(hi, other.pending[1])
+            else:  # (a copy into an overlapping registration: its range is not ours)
+                lo, hi = 0, region.nbytes
+        self.pending = (lo, hi)
 
     def ends_with(self, chunk: _Incoming) -> bool:
         # by position, not by ``last``: a chunk can be received while the chunks after it
@@ -95,8 +106,8 @@ class Receiver:
         ``region[offset:offset+nbytes]``, chunk by chunk; the transfer to wait on."""
         pool, chunk, device, session = self.pool, self.chunk_size, self.channel.device, self.channel.session
         chunks: list[_Incoming] = []
-        landing = _Landing(region, offset, nbytes)
         with self._submit_lock:
+            landing = _Landing(region, offset, nbytes, region.incoming)
             for pos in range(0, nbytes, chunk):
                 n = min(chunk, nbytes - pos)
                 try:

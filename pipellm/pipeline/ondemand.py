@@ -66,9 +66,9 @@ def seal(engine, piece: Piece) -> None:
         state = READY
     except BaseException as exc:  # the sealer has closed the channel; the request raises it
         piece.error = exc
-    with engine._cond:
+    with engine._lock:
         piece.state = state
-        engine._cond.notify_all()
+        engine._notify()
 
 
 def send(engine, region, offset: int, nbytes: int, dst, dst_offset: int, stream, helpers: int) -> None:
@@ -114,7 +114,7 @@ def send(engine, region, offset: int, nbytes: int, dst, dst_offset: int, stream,
                 seal(engine, piece)
         waited = perf_counter()
         with engine._cond:
-            done = engine._cond.wait_for(lambda: all(p.state in (READY, FAILED) for p in work), engine.timeout)
+            done = engine._wait_for(lambda: all(p.state in (READY, FAILED) for p in work), engine.timeout)
         if timeline.recording:
             timeline.span("wait-worker", waited, perf_counter())
         failed = next((p.error for p in work if p.state == FAILED), None)

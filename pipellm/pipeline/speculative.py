@@ -56,15 +56,18 @@ from .workers import Workers
 
 
 def _may_overlap(incoming, region, offset: int, nbytes: int) -> bool:
-    """Whether device-to-host data still coming into ``region`` may land in its bytes
-    ``[offset, offset + nbytes)``. Only the last transfer's range is known (and only in
-    the region's own offsets when it is the destination), so anything else may. A chunk
-    encrypted beside a landing elsewhere in the region stays valid (library writes are
-    logged by range: one into its bytes makes it stale, and it is sent on demand)."""
+    """Whether device-to-host data still coming into ``region`` (its last pending chunk
+    ``incoming``) may land in its bytes ``[offset, offset + nbytes)``: within the span of
+    the transfers pending into the region (``_Landing.pending``; only known in the
+    region's own offsets when it is the destination, so anything else may). A chunk
+    encrypted beside landings elsewhere in the region stays valid (library writes are
+    logged by range: one into its bytes makes it stale, and it is sent on demand; a stale
+    head costs strict order every item queued behind it)."""
     landing = getattr(incoming, "landing", None)
     if landing is None or landing.region is not region:
         return True
-    return offset < landing.offset + landing.nbytes and landing.offset < offset + nbytes
+    lo, hi = landing.pending
+    return offset < hi and lo < offset + nbytes
 
 
 def default_workers() -> int:
@@ -101,6 +104,7 @@ class SpeculativeEngine(Queue):
         # sections of the engine's lock that neither wait nor notify take it directly (a
         # Condition's __enter__ and __exit__ are Python frames, the lock's are not)
         self._cond = threading.Condition(self._lock)
+        self._waiting = 0  # threads in _wait_for: a notification with none is skipped
         self.receiver = self.cc.receiver
         self.receiver.on_delivered = self._delivered
         self._receive_pending = False
@@ -256,8 +260,8 @@ class SpeculativeEngine(Queue):
         chunks = item.chunks
         with self._cond:
             waiting = [c for c in chunks if c.state != READY]
-            while item.go_busy:  # a worker is sealing the GO ahead: it takes microseconds
-                self._cond.wait()
+            if item.go_busy:  # a worker is sealing the GO ahead: it takes microseconds
+                self._wait_for(lambda: not item.go_busy)
             private = item.go_private if item.go_dst == (dst.id, dst_offset) else None
         if waiting:
             for chunk in waiting:
@@ -282,7 +286,7 @@ class SpeculativeEngine(Queue):
             else:
                 mine = False
                 start = perf_counter()
-                if not self._cond.wait_for(lambda: chunk.state in (READY, FAILED), self.timeout):
+                if not self._wait_for(lambda: chunk.state in (READY, FAILED), self.timeout):
                     raise TransferTimeoutError(f"a worker did not finish encrypting a chunk within {self.timeout} s")
                 end = perf_counter()
                 self.hit_wait_s += end - start
@@ -447,9 +451,9 @@ class SpeculativeEngine(Queue):
                                                     chunk.slot.view(chunk.nbytes + TAG_BYTES), recoverable=True)
                 state = READY
         except Exception:  # noqa: BLE001 - counted; the request falls back to on-demand
-            with self._cond:
+            with self._lock:
                 self.counts["worker_errors"] += 1
-        with self._cond:
+        with self._lock:
             chunk.msg, chunk.state = msg, state
             if state == FAILED:
                 item.failed = True
@@ -458,6 +462,20 @@ class SpeculativeEngine(Queue):
                 self.counts["speculative_bytes"] += chunk.nbytes
             if item.dead:
                 self._release(chunk)
+            self._notify()
+
+    def _wait_for(self, predicate, timeout=None) -> bool:
+        """``self._cond.wait_for`` (engine lock held), counted: see _notify."""
+        self._waiting += 1
+        try:
+            return self._cond.wait_for(predicate, timeout)
+        finally:
+            self._waiting -= 1
+
+    def _notify(self) -> None:
+        """Wake the threads in _wait_for (engine lock held). Most tasks end with none
+        waiting, and a Condition's notify_all is several Python frames."""
+        if self._waiting:
             self._cond.notify_all()
 
     def wait_speculation(self, timeout=None) -> bool:

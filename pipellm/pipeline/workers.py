@@ -63,7 +63,7 @@ class Workers:
         if took and not board.tasks:
             # this worker skipped the last task: wake wait_idle() (after a task it ran,
             # the notify at its end did)
-            engine._cond.notify_all()
+            engine._notify()
         if not board.tasks and engine._extend_due():
             # idle, and the last plan queued more: plan further ahead now, while the
             # cores are free (a request would plan only a few items past it)
@@ -134,13 +134,12 @@ class Workers:
         busy, cpu, took = 0.0, 0.0, False
         owed = 0.0  # emulated clock time this worker's tasks ran while it stood still, not yet waited
         while True:
-            if timeline.recording and not gate.is_set():
+            if not gate.is_set():  # no progress while the emulated device's clock stands still
                 gated = perf_counter()
                 gate.wait()
-                timeline.span("gated", gated, perf_counter())
-            else:
-                gate.wait()  # no progress while the emulated device's clock stands still
-            with engine._cond:
+                if timeline.recording:
+                    timeline.span("gated", gated, perf_counter())
+            with engine._lock:
                 task = self._next(took, busy, cpu)
                 busy = cpu = 0.0
                 if task is None:
@@ -153,10 +152,10 @@ class Workers:
             try:
                 what = self._do(task)
             finally:
-                with engine._cond:
+                with engine._lock:
                     self.active -= 1
                     if not self.active:
-                        engine._cond.notify_all()
+                        engine._notify()
             took = False
             end = perf_counter()
             busy, cpu = end - start, thread_time() - cpu_start
@@ -181,17 +180,17 @@ class Workers:
             msg = engine.channel.sealer.seal_into(item.go, Kind.GO, 0, 0, body,
                                                   memoryview(bytearray(len(body) + TAG_BYTES)), shared=False)
         except Exception:  # noqa: BLE001 - counted; the GO is then sealed at request time
-            with engine._cond:
+            with engine._lock:
                 engine.counts["worker_errors"] += 1
-        with engine._cond:
+        with engine._lock:
             engine._go_sealed(item, msg)
-            engine._cond.notify_all()
+            engine._notify()
 
     def wait_idle(self, timeout=None) -> bool:
         """Block until the workers have nothing left to do (planning and encryption)."""
         engine = self.engine
         with engine._cond:
-            return engine._cond.wait_for(
+            return engine._wait_for(
                 lambda: not engine.board.tasks and not engine._replenish_pending and not self.active
                 and not any(c.state == ENCRYPTING for i in engine._items for c in i.chunks), timeout)
 
