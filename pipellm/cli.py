@@ -53,7 +53,7 @@ def _run_bench(name: str, args) -> dict:
     elif name == "demo":  # (bench's --repeats is per point: the demo runs once there)
         kwargs.update(quick=args.quick, repeats=args.repeats if args.command == "demo" else 1,
                       adaptive=not getattr(args, "no_adaptive", False),
-                      options=_key_values(getattr(args, "pipeline_option", None), "--pipeline-option"))
+                      options=_pipeline_options(getattr(args, "pipeline_option", None)))
         total = module.points(args.quick, kwargs["repeats"])
     elif name == "offload":
         kwargs.update(quick=args.quick, workers=args.workers, device=getattr(args, "device", "emulated"))
@@ -191,6 +191,19 @@ def _key_values(items, flag: str) -> dict:
     return out
 
 
+def _pipeline_options(items) -> dict:
+    """``--pipeline-option`` arguments, refused where Pipeline has no such option."""
+    import inspect
+
+    from .pipeline import Pipeline
+    out = _key_values(items, "--pipeline-option")
+    known = set(inspect.signature(Pipeline).parameters) - {"device", "mode", "predictor"}
+    for key in out:
+        if key not in known:
+            raise SystemExit(f"--pipeline-option: Pipeline has no option {key!r}; it takes {', '.join(sorted(known))}")
+    return out
+
+
 def _replay(args) -> int:
     from .traces import read, replay_many
 
@@ -204,6 +217,7 @@ def _replay(args) -> int:
         options["min_speculative_bytes"] = args.min_speculative_bytes
     if args.no_adaptive:
         options["adaptive"] = False
+    options.update(_pipeline_options(args.pipeline_option))
     options["predictor_options"] = _key_values(args.predictor_option, "--predictor-option")
     total = len(traces) * sum(len(predictors) if m.startswith("pipellm") else 1 for m in modes)
     if args.cores is not None and args.cores < 1:
@@ -395,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="an option for the predictors that take it (e.g. width=3 for learned)")
     replay.add_argument("--no-adaptive", action="store_true",
                         help="pipellm: speculate always, not only while it pays (see pipellm.pipeline.payoff)")
+    replay.add_argument("--pipeline-option", action="append", metavar="KEY=VALUE",
+                        help="an option of every mode's Pipeline (e.g. lookahead=400)")
     replay.add_argument("--explain", action="store_true",
                         help="where each run's time goes, per-thread CPU, and the bounds (see pipellm.traces.explain)")
     replay.add_argument("--plot", metavar="PNG", help="the timeline of one pass of the first trace, per mode (implies --explain)")

@@ -165,3 +165,16 @@ def test_cli_refuses_zero_cores(tmp_path):
     write(path, "layers", layers(passes=1).records)
     with pytest.raises(SystemExit, match="--cores must be >= 1"):
         main(["replay", str(path), "--cores", "0", "--no-progress"])
+
+
+def test_cli_pipeline_options_reach_every_mode_and_unknown_ones_are_refused(tmp_path, capsys):
+    path = tmp_path / "t.jsonl"
+    write(path, "layers", layers(passes=1).records)
+    messages = {}
+    for option in ([], ["--pipeline-option", "chunk_size=65536"]):
+        assert main(["replay", str(path), "--modes", "cc,pipellm", "--json", "--no-progress", *option]) == 0
+        messages[bool(option)] = [r["messages_h2d"] for r in json.loads(capsys.readouterr().out)]
+    # 2 MiB layers: one 4 MiB chunk each by default, 32 of 64 KiB with the option
+    assert all(small >= 16 * big for big, small in zip(messages[False], messages[True]))
+    with pytest.raises(SystemExit, match="Pipeline has no option 'bogus'"):
+        main(["replay", str(path), "--pipeline-option", "bogus=3", "--no-progress"])
