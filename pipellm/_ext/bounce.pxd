@@ -32,6 +32,8 @@ cdef class BouncePool:
     cdef object _take(self, size_t pages)
     cdef _retire(self, slots, fence)
     cdef _check_slot(self, Slot slot)
+    cpdef bint could_hold(self, sizes) except -1
+    cpdef list try_acquire_many(self, sizes)
     cdef int _export(self, object owner, size_t offset, Py_ssize_t nbytes, Py_buffer* buffer,
                      int flags) except -1
 

@@ -218,7 +218,7 @@ cdef class BouncePool:
         finally:
             self._lock.exit()
 
-    def could_hold(self, sizes) -> bool:
+    cpdef bint could_hold(self, sizes) except -1:  # (C: a plan asks for every predicted transfer)
         """Whether slots for all of ``sizes`` fit this pool when nothing else is taken."""
         cdef size_t total = 0
         try:
@@ -228,7 +228,7 @@ cdef class BouncePool:
             return False
         return total <= self.pages
 
-    def try_acquire_many(self, sizes):
+    cpdef list try_acquire_many(self, sizes):
         """Slots for all of ``sizes`` now, or None and nothing taken (never waits)."""
         need = [self._pages_for(n) for n in sizes]
         self._lock.enter()

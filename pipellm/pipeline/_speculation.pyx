@@ -197,7 +197,7 @@ cdef class Queue(Engine):
     # GIL or for a core on a busy machine is not the predictor's cost)
     cdef public double predictor_s
     cdef public Sender sender           # the host-to-device channel (the cc engine's): order, lock
-    cdef public object spec_pool        # the bounce slots speculation seals into
+    cdef public BouncePool spec_pool    # the bounce slots speculation seals into
     cdef public Py_ssize_t depth_messages
 
     def to_device(self, region, Py_ssize_t offset, Py_ssize_t nbytes, dst, Py_ssize_t dst_offset, stream) -> None:
@@ -463,11 +463,11 @@ cdef class Queue(Engine):
             except (AttributeError, TypeError, OverflowError) as exc:  # not a Prediction: a bug
                 self._predictor_failed(exc)
                 continue
-            if region is None or nbytes <= 0 or offset < 0 or offset + nbytes > region.nbytes:
+            if region is None or nbytes <= 0 or offset < 0 or offset + nbytes > (<RegionBase?>region).nbytes:
                 continue  # a wrong guess, not a bug
             small = nbytes < small_below and nbytes <= chunk_size
             ahead = not small
-            if small or region.guard is not None:  # untracked memory is never encrypted ahead
+            if small or (<RegionBase?>region).guard is not None:  # untracked memory is never encrypted ahead
                 key = (name, offset, nbytes)
                 plan.append((key, region, ahead))
                 wanted.add(key)
@@ -515,10 +515,11 @@ cdef class Queue(Engine):
         cdef list sizes, chunks
         cdef Chunk c
         cdef Item item
+        cdef RegionBase r = region
+        cdef BouncePool pool = self.spec_pool
         n = (nbytes + chunk_size - 1) // chunk_size
         sizes = [min(chunk_size, nbytes - i * chunk_size) + TAG_BYTES for i in range(n)]
         sizes[0] += _GO_MESSAGE_BYTES  # the GO command rides in the first chunk's slot
-        pool = self.spec_pool
         if n + 1 > self.depth_messages or not pool.could_hold(sizes):
             self._oversized(key, nbytes)  # it never fits: evicting the queue for it would only lose work
             return False
@@ -530,7 +531,7 @@ cdef class Queue(Engine):
             if not self._evict(wanted):
                 return False
         try:
-            token = _token(region.guard, region.tracking)  # (region.token())
+            token = _token(r.guard, r.tracking)  # (region.token())
             tickets = _reserve_run(<Endpoint?>self.sender.sealer, n + 1)  # (Sealer.reserve_run)
         except BaseException:
             for slot in slots:
@@ -543,7 +544,7 @@ cdef class Queue(Engine):
             c = Chunk.__new__(Chunk)
             c._set(tickets[i + 1], slots[i], i * chunk_size, min(chunk_size, nbytes - i * chunk_size))
             chunks.append(c)
-        dbuf = region.device_buffer
+        dbuf = r.device_buffer
         item = Item.__new__(Item)
         # the GO command for the likely destination is sealed ahead (strict order only)
         item._set(key, region, offset, nbytes, token, go, chunks,
