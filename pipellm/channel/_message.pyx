@@ -77,13 +77,18 @@ cdef class Ticket:
 cdef class Endpoint:
     """The fields of a sealer or opener that the request path reads, in C
     (``channel/endpoint.py``'s endpoints derive from it; declared in ``_message.pxd``):
-    ``label``, ``failure`` (why the channel closed, or None), ``_lock``, ``messages``
-    (sent or received), ``_next`` (the sealer's next index; the opener's next expected),
-    ``rotate_after``, ``_run_key`` (see ``ticket_run``)."""
+    ``label`` (the direction's), ``failure`` (why the channel closed, or None), ``_lock``,
+    ``messages`` (sent or received), ``_next`` (the sealer's next index; the opener's next
+    expected), ``rotate_after`` (messages per key epoch), ``_run_key`` (see ``ticket_run``)."""
 
     def __cinit__(self, *args, **kwargs):
         if type(self) is Endpoint:
             raise ArgumentTypeError("Endpoint is the C base of the channel's Sealer and Opener: a Pipeline or a device makes them")
+
+    def __init__(self, label, long long rotate_after):
+        self.label, self.rotate_after = label, rotate_after
+        self.failure, self._lock, self.messages, self._next = None, Lock(), 0, 0
+        self._run_key = [None]
 
 
 def ticket_run(long long first, Py_ssize_t count, long long rotate_after, key_at, list cache) -> list:

@@ -11,7 +11,6 @@ from time import perf_counter
 from typing import NamedTuple
 
 from .. import timeline
-from .._ext.locks import Lock
 from ._message import Endpoint, Message, Ticket, publish, shared_write_observers  # noqa: F401 - re-exported
 from ._message import expose as _expose
 from ._message import reserve_run as _reserve_run
@@ -56,18 +55,12 @@ class _Endpoint(Endpoint):
     to its (epoch, counter), so rotation is implicit."""
 
     def __init__(self, keys: SessionKeys, direction: Direction, rotate_after: int):
-        self._keys = keys
         self.direction = Direction(direction)
-        self.label = self.direction.label
+        super().__init__(self.direction.label, rotate_after)  # (the fields the extensions read)
+        self._keys = keys
         self.session = keys.session
-        self.rotate_after = rotate_after
-        self._next = 0  # sealer: next index to hand out; opener (strict): next index expected
-        self.messages = 0
         self.aes_s = 0.0  # time spent inside the AES-GCM calls
         self.bytes = 0    # plaintext bytes through them
-        self.failure: BaseException | None = None
-        self._lock = Lock()  # (taken in C by the extensions)
-        self._run_key = [None]  # [(epoch, EpochKey)] of the last ticket run (see ticket_run)
 
     def _key_at(self, index: int) -> tuple[int, int, EpochKey]:
         epoch, counter = position(index, self.rotate_after)

@@ -10,6 +10,7 @@ the requesting thread: ``pipellm bench hotpath``, figures in docs/figures.md).
 """
 
 from collections import deque
+from queue import SimpleQueue
 
 from pipellm import _fork
 from pipellm.devices._clock cimport DeviceClock
@@ -107,13 +108,22 @@ cdef class Op(Fence):
 
 
 cdef class Submitter:
-    """Orders submitted ops: numbered, chained on their stream, queued for the copy
-    engine. The device sets the fields (declared in ``_submission.pxd``) in its ``__init__``."""
+    """Orders submitted ops: numbered (``_seq``, under ``_submit_lock``), chained on their
+    stream, queued for the copy engine (``_queue``; ``_put``, its put bound once); the
+    device's end of each session (``_sessions``) and its ``clock``. ``_closed``,
+    ``failure`` and ``_fork_generation`` are the ``Device``'s, initialised there and
+    stored here so that a submission reads them in C."""
 
     def __cinit__(self, *args, **kwargs):
         if type(self) is Submitter:
             raise ArgumentTypeError("Submitter is the C base of the copy-engine devices: use pipellm.open_device")
         self.clock = DeviceClock()
+
+    def __init__(self):
+        self._queue = SimpleQueue()
+        self._put = self._queue.put
+        self._submit_lock = Lock()
+        self._sessions, self._seq = {}, 0
 
     cpdef double now(self) except? -1:
         """The device's clock (seconds), on which ``Op.end`` times are given: wall time

@@ -15,7 +15,6 @@ emulated device adds its link and time model through ``_book``.
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
 from contextlib import contextmanager
 from time import perf_counter, thread_time
@@ -27,7 +26,6 @@ from ..channel.protocol import TAG_BYTES, check_rotate_after, unpack_header
 from ..errors import ArgumentError, ChannelClosedError, DeviceError, IntegrityError
 from .. import timeline
 from .._ext import writeguard
-from .._ext.locks import Lock
 from ._submission import SessionBase, Submitter
 from .base import Device, DeviceBuffer, Op, Stream
 
@@ -78,22 +76,18 @@ class CopyEngineDevice(Submitter, Device):
     def __init__(self, *, adversary=None, staging_bytes: int = 64 << 20):
         if adversary is not None and not callable(getattr(adversary, "on_message", None)):
             raise ArgumentError("adversary must have an on_message(msg) method (see pipellm.testing.Adversary)")
+        Submitter.__init__(self)  # (its queue, numbering and sessions: the submission path's, in C)
         self.adversary = adversary
         self._deferred: list[tuple[Op, int]] = []  # (op, messages staged through its last): see _settle
         self._open_batch: Session | None = None    # whose staged messages wait for more of theirs
         self._mem: dict[int, object] = {}  # buffer id -> its memory (an array of the device's kind)
         self._allocated = 0
-        self._sessions: dict[int, Session] = {}
         self._session_ids = itertools.count(1)
         self.max_message_bytes = staging_bytes
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._put = self._queue.put
         self._running = threading.Event()
         self._running.set()
         self._parked = threading.Event()
-        self._submit_lock = Lock()  # (taken in C by every submission)
         self._cond = threading.Condition(threading.Lock())
-        self._seq = 0
         self._handled = 0
         self._busy_s = 0.0
         # the copy engine's work, by what it costs: AES bytes (h2d opened, d2h sealed),
@@ -101,7 +95,7 @@ class CopyEngineDevice(Submitter, Device):
         self.work = {"aes_bytes": 0, "copy_bytes": 0, "ops": 0}
         self._fault: tuple[int, str] | None = None  # (units of work left, reason): inject_fault
         self._undelivered: dict[Op, tuple] = {}  # h2d ops handled with messages not yet received
-        super().__init__()
+        Device.__init__(self)
         self._thread = threading.Thread(target=self._run, name=f"pipellm-{self.kind}-copy-engine", daemon=True)
         self._thread.start()
 

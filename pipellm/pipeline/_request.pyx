@@ -2,8 +2,8 @@
 """The pipeline's transfer requests in C: :class:`Requests` checks the arguments of
 ``to_device`` and ``to_host`` and hands the request to the mode's engine.
 
-``pipeline/pipeline.py``'s ``Pipeline`` derives from :class:`Requests` (its ``__init__``
-sets the fields). Every request of every mode starts here, and in Python the same checks
+``pipeline/pipeline.py``'s ``Pipeline`` derives from :class:`Requests`, which owns the
+fields a request reads. Every request of every mode starts here, and in Python the same checks
 were most of a plain request's cost on the requesting thread (``pipellm bench hotpath``;
 figures in docs/figures.md). Anything that is not the common case goes to the Python
 helpers (``Pipeline._check``, ``region.check_region``, ``check_span``, ``check_int``),
@@ -16,6 +16,7 @@ from cpython.weakref cimport PyWeakref_GetObject
 from pipellm.channel._message cimport Endpoint
 from pipellm.pipeline._region cimport RegionBase
 from pipellm.devices._submission cimport SessionBase, Submitter, _forked_since
+from pipellm import _fork
 from pipellm.errors import ArgumentError, ArgumentTypeError
 from pipellm.pipeline.region import Region, check_int, check_region, check_span
 
@@ -43,10 +44,18 @@ cdef class Engine:
 
 
 cdef class Requests:
+    """What a request reads, in C: the ``device``, the mode's ``_engine`` (set once the
+    Pipeline has built it), the trace ``_recorder`` (None unless recording), the fork
+    generation the pipeline was made in, and whether it was closed."""
 
     def __cinit__(self, *args, **kwargs):
         if type(self) is Requests:
             raise ArgumentTypeError("Requests is the C base of Pipeline: use pipellm.Pipeline")
+
+    def __init__(self, device):
+        self.device, self._engine, self._recorder = device, None, None
+        self._fork_generation, self._closed = _fork.generation, False
+
     cdef public object device, _engine, _recorder, _fork_generation
     cdef public bint _closed
 

@@ -155,7 +155,7 @@ class Pipeline(Requests):
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ArgumentError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         self._owns_device = not isinstance(device, Device)
-        self.device = open_device(device)
+        super().__init__(open_device(device))
         limit = self.device.max_message_bytes
         if limit is not None and chunk_size > limit:
             if self._owns_device:
@@ -165,9 +165,6 @@ class Pipeline(Requests):
         self.predictor = predictor
         self.timeout = timeout
         self.chunk_size = chunk_size
-        self._closed = False
-        self._fork_generation = _fork.generation
-        self._recorder = None
         self._regions: dict[int, Region] = {}
         self._spans: list[tuple[int, int]] = []  # (address, region id), sorted: see _link_overlaps
         self._longest = 0

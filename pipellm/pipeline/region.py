@@ -36,31 +36,22 @@ class Region(RegionBase):
       mode encrypts it on demand, like ``cc``).
     """
 
-    # (name, owner, nbytes, registered, readonly, incoming, device_buffer, guard,
-    # tracking and lib_seq are RegionBase's C fields: every request reads them)
+    # (the fields every request reads are RegionBase's, in C: see _region.pyx)
     __slots__ = ("id", "_array", "view", "dtype", "shape", "outgoing", "_alias", "_lib_log", "kind",
                  "overlaps", "_finalizer", "__weakref__")
 
     def __init__(self, owner, id: int, name: str, array: np.ndarray, tracking: str):
-        # weak: the pipeline's engine (its worker threads) holds its regions, and a pipeline
-        # dropped unclosed must still be collectable (its finalizer then closes it)
-        self._owner, self.id, self.name = weakref.ref(owner), id, name
+        self.id = id
         self._array = array
         flat = array.reshape(-1).view(np.uint8)
         self.view = memoryview(flat)  # flat bytes, zero-copy
-        self.nbytes = array.nbytes
         self.dtype, self.shape = array.dtype, array.shape
-        self.readonly = not array.flags.writeable
-        self.device_buffer = None
-        self.registered = True
-        self.tracking = tracking
-        self.guard = None if tracking == "none" else writeguard.acquire_entry(
-            self.view_address(), self.nbytes, tracking == "protect")
+        guard = None if tracking == "none" else writeguard.acquire_entry(
+            self.view_address(), array.nbytes, tracking == "protect")
+        super().__init__(owner, name, array.nbytes, not array.flags.writeable, tracking, guard)
         # a region dropped without unregister() must not leave its guard entry behind (the
         # handler would unprotect whatever is later mapped at those addresses)
-        self._finalizer = None if self.guard is None else weakref.finalize(
-            self, writeguard.release_entry, self.guard)
-        self.incoming = None  # the last pending device-to-host chunk into this region
+        self._finalizer = None if guard is None else weakref.finalize(self, writeguard.release_entry, guard)
         # the pipeline's other registrations sharing bytes with this one (see Pipeline.register)
         self.overlaps: list[Region] = []
         self.outgoing = None  # plain mode: the last copy still reading this region
@@ -72,7 +63,6 @@ class Region(RegionBase):
         if alias is not None:
             start = self.view_address() - buffer.address
             self._alias = alias[start:start + self.nbytes]
-        self.lib_seq = 0
         self._lib_log: deque = deque(maxlen=LIBRARY_LOG)
         self.kind = "other"
 
