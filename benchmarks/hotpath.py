@@ -13,7 +13,9 @@ callgrind, which do not move with the machine's load as times do: a plain reques
 request (its AES included), a pipellm request (planning on the requesting thread
 included, which depends on the threads' timing: the median of ``runs``) and the hit
 itself (``Queue._hit``: claim, GO, submission). Each is the difference between runs of
-``passes[1]`` and ``passes[0]`` passes, per request: setup and learning cancel out.
+``passes[1]`` and ``passes[0]`` passes, per request: setup and learning cancel out. And
+a plan (``Queue._replenish``: the predictor told and asked, what it names admitted), on
+whichever thread made it: the same difference per plan made.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ from pipellm.traces.explain import request_costs, request_passes
 
 #: what callgrind counts in, per kind of request: (mode, the C functions that switch counting on)
 COUNTED = {"plain": ("plain", "*Requests*to_device*"), "cc (AES included)": ("cc", "*Requests*to_device*"),
-           "pipellm request": ("pipellm", "*Requests*to_device*"), "pipellm hit": ("pipellm", "*5Queue__hit")}
+           "pipellm request": ("pipellm", "*Requests*to_device*"), "pipellm hit": ("pipellm", "*5Queue__hit"),
+           "pipellm plan": ("pipellm", "*5Queue__replenish")}
+#: what is counted per plan, not per request, and on every thread (plans run on workers too)
+PER_PLAN = ("pipellm plan",)
 
 SIZES = [4096, 64 << 10, 1 << 20]
 QUICK_SIZES = [4096, 64 << 10]
@@ -58,22 +63,29 @@ def run(sizes=None, repeats: int = 3, progress=lambda n=1: None, instructions: b
 
 
 def count_instructions(size: int, layers: int = 8, passes=(2, 8), runs: int = 3) -> dict:
-    """Instructions per request on the requesting thread (see the module docstring), by
-    kind of request: {kind: {"median": n, "runs": [...]}}."""
+    """Instructions per request on the requesting thread, and per plan (see the module
+    docstring), by kind: {kind: {"median": n, "runs": [...]}}."""
     if shutil.which("valgrind") is None:
         raise FileNotFoundError("counting instructions needs valgrind (e.g. apt install valgrind)")
     out = {}
     for kind, (mode, toggle) in COUNTED.items():
         per = []
         for _ in range(runs if mode == "pipellm" else 1):
-            totals = [_callgrind(mode, toggle, size, layers, n) for n in passes]
-            per.append((totals[1] - totals[0]) / ((passes[1] - passes[0]) * layers))
+            if kind in PER_PLAN:
+                (few, a), (more, b) = (_callgrind(mode, toggle, size, layers, n, every_thread=True, plans=True)
+                                       for n in passes)
+                per.append((more - few) / max(1, b - a))
+            else:
+                totals = [_callgrind(mode, toggle, size, layers, n) for n in passes]
+                per.append((totals[1] - totals[0]) / ((passes[1] - passes[0]) * layers))
         out[kind] = {"median": statistics.median(per), "runs": per}
     return out
 
 
-def _callgrind(mode: str, toggle: str, size: int, layers: int, passes: int) -> int:
-    """The instructions callgrind counts on the main thread of one child run."""
+def _callgrind(mode: str, toggle: str, size: int, layers: int, passes: int, every_thread: bool = False,
+               plans: bool = False):
+    """The instructions callgrind counts on the main thread of one child run (or on all
+    its threads); with ``plans``, also the plans the run made: (instructions, plans)."""
     with tempfile.TemporaryDirectory() as folder:
         cmd = ["valgrind", "--tool=callgrind", "--separate-threads=yes", f"--toggle-collect={toggle}",
                f"--callgrind-out-file={os.path.join(folder, 'cg.%p')}", sys.executable, "-m",
@@ -84,17 +96,22 @@ def _callgrind(mode: str, toggle: str, size: int, layers: int, passes: int) -> i
         counted = json.loads(done.stdout.strip().splitlines()[-1])
         if mode == "pipellm" and counted["hits"] != counted["requests"]:
             raise RuntimeError(f"only {counted['hits']} of {counted['requests']} pipellm requests hit: not counted")
-        main = next(f for f in os.listdir(folder) if f.endswith("-01"))  # (thread 1: the main thread)
-        with open(os.path.join(folder, main)) as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("totals:"))
+        files = [f for f in os.listdir(folder) if "-" in f and (every_thread or f.endswith("-01"))]  # (-01: main)
+        total = 0
+        for name in files:
+            with open(os.path.join(folder, name)) as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("totals:"))
+        return (total, counted["plans"]) if plans else total
 
 
 def _requests(mode: str, size: int, layers: int, passes: int) -> dict:
     """The counted child: :func:`~pipellm.traces.explain.request_passes` (under valgrind
     the workers are slow too: speculation is given long to settle); how many requests the
-    counted passes made and how many hit."""
-    hits = sum(h for _, _, h in request_passes(mode, layers, size, passes, settle_s=600.0))
-    return {"requests": passes * layers, "hits": hits}
+    counted passes made, how many hit, and how many plans the run made."""
+    hits, stats = 0, {}
+    for _, _, h, stats in request_passes(mode, layers, size, passes, settle_s=600.0):
+        hits += h
+    return {"requests": passes * layers, "hits": hits, "plans": stats.get("plans", 0)}
 
 
 def table(result: dict) -> str:
@@ -102,7 +119,8 @@ def table(result: dict) -> str:
     for row in result["rows"]:
         lines.append(f"{row['size']:>9} " + " ".join(f"{row['us_per_request'][m]:>15.2f}" for m in MODES))
     if any("instructions_per_request" in row for row in result["rows"]):
-        lines.append(f"{'size':>9} " + " ".join(f"{k:>18}" for k in COUNTED) + "   (instructions per request)")
+        lines.append(f"{'size':>9} " + " ".join(f"{k:>18}" for k in COUNTED) + "   (instructions per request; "
+                     "per plan for the plan)")
         for row in result["rows"]:
             counted = row.get("instructions_per_request", {})
             lines.append(f"{row['size']:>9} " + " ".join(

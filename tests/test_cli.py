@@ -157,8 +157,9 @@ def test_hotpath_counted_child_makes_its_requests_and_they_hit():
     """The child that callgrind counts (bench hotpath --instructions): its passes make the
     requests it says, and every pipellm request of them hits (else nothing is counted)."""
     from pipellm.benchmarks.hotpath import _requests
-    assert _requests("pipellm", 4096, 4, 2) == {"requests": 8, "hits": 8}
-    assert _requests("cc", 4096, 4, 3) == {"requests": 12, "hits": 0}
+    spec = _requests("pipellm", 4096, 4, 2)
+    assert (spec["requests"], spec["hits"]) == (8, 8) and spec["plans"] > 0
+    assert _requests("cc", 4096, 4, 3) == {"requests": 12, "hits": 0, "plans": 0}
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="counting instructions needs valgrind")
@@ -169,3 +170,6 @@ def test_hotpath_counts_instructions_that_grow_with_the_requests():
     few, more = (_callgrind("plain", "*Requests*to_device*", 4096, 4, n) for n in (1, 3))
     per_request = (more - few) / (2 * 4)
     assert 1_000 < per_request < 200_000, per_request
+    (few, a), (more, b) = (_callgrind("pipellm", "*5Queue__replenish", 4096, 4, n, every_thread=True, plans=True)
+                           for n in (1, 3))
+    assert b > a and 1_000 < (more - few) / (b - a) < 1_000_000

@@ -358,3 +358,30 @@ def test_a_closed_pipeline_is_not_released_again():
         del pipe
         gc.collect()
     assert not [w for w in seen if issubclass(w.category, ResourceWarning)]
+
+
+def test_a_device_dropped_without_close_is_collected_and_its_thread_ends():
+    """The copy engine's thread holds its device only while doing an op: a device opened
+    directly and dropped unclosed is collected, with a warning, and the thread ends; a
+    closed one warns of nothing."""
+    import gc
+    import weakref as weakref_
+
+    def dropped():
+        device = pipellm.open_device("emulated")
+        device.alloc(1 << 16)
+        device.compute(10.0).wait()  # (an op handled: the thread has held the device)
+        return weakref_.ref(device), device._thread
+
+    with pytest.warns(ResourceWarning, match="emulated device was never closed"):
+        ref, thread = dropped()
+        gc.collect()
+    thread.join(10)
+    assert ref() is None and not thread.is_alive()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        device = pipellm.open_device("emulated")
+        device.close()
+        del device
+        gc.collect()
+    assert not [w for w in seen if issubclass(w.category, ResourceWarning)]

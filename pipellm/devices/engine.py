@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import itertools
 import threading
+import warnings
+import weakref
 from contextlib import contextmanager
 from time import perf_counter, thread_time
 
@@ -96,8 +98,13 @@ class CopyEngineDevice(Submitter, Device):
         self._fault: tuple[int, str] | None = None  # (units of work left, reason): inject_fault
         self._undelivered: dict[Op, tuple] = {}  # h2d ops handled with messages not yet received
         Device.__init__(self)
-        self._thread = threading.Thread(target=self._run, name=f"pipellm-{self.kind}-copy-engine", daemon=True)
+        # the thread holds the device weakly between ops: a device dropped without close()
+        # is collected, and its finalizer stops the thread (and says so: ResourceWarning)
+        self._thread = threading.Thread(target=_copy_engine, args=(weakref.ref(self), self._queue, self._running,
+                                                                   self._parked),
+                                        name=f"pipellm-{self.kind}-copy-engine", daemon=True)
         self._thread.start()
+        self._finalizer = weakref.finalize(self, _abandoned, self.kind, self._queue)
 
     # -- what a device adds ----------------------------------------------------------------------
     def _fetch(self, buffer_id: int, offset: int, nbytes: int) -> np.ndarray:
@@ -255,49 +262,37 @@ class CopyEngineDevice(Submitter, Device):
             self._cond.wait_for(lambda: self._handled >= target or self._closed)
 
     # -- the copy engine ---------------------------------------------------------------------------
-    def _run(self) -> None:
-        handlers = {"h2d message": self._do_message, "d2h message": self._do_sealed_read,
-                    "h2d copy": self._do_copy_in, "d2h copy": self._do_copy_out,
-                    "compute": self._do_compute, "audit": self._do_audit}
-        while True:
-            op = self._queue.get()
-            if op is None:
-                self._settle_before(None)
-                return
-            if op is _PARK:
-                self._parked.set()
-                self._running.wait()
-                continue
-            self._running.wait()
-            self._settle_before(op)
-            start = perf_counter()
-            traced = timeline.recording
-            if traced:
-                cpu = thread_time()
-            ready = op.prev.end if op.prev is not None else 0.0
-            op.prev = None  # history is not kept alive through the chain
-            try:
-                if self.failure is not None:
-                    raise _Failed
-                handlers[op.kind](op, max(op.submit_t, ready))
-            except _Failed:
-                self._fail_device(op)
-            except Exception as exc:  # a bug or a misbehaving adversary: fail the op, keep going
-                error = DeviceError(f"{self.kind} device failed {op.kind}: {exc!r}")
-                if op.session is not None:
-                    # fail the session, rather than refuse its next message as forged
-                    self._fail_batch(op.session, error)
-                if not op.finished:
-                    self._finish(op, error)
-            op.args = ()
-            end = perf_counter()
-            self._busy_s += end - start
-            self.work["ops"] += 1
-            if traced:
-                timeline.span("device:" + op.kind, start, end, thread_time() - cpu)
-            with self._cond:
-                self._handled = op.seq
-                self._cond.notify_all()
+    def _handle(self, op: Op) -> None:
+        """Do one op (the copy engine's thread, see _copy_engine)."""
+        self._settle_before(op)
+        start = perf_counter()
+        traced = timeline.recording
+        if traced:
+            cpu = thread_time()
+        ready = op.prev.end if op.prev is not None else 0.0
+        op.prev = None  # history is not kept alive through the chain
+        try:
+            if self.failure is not None:
+                raise _Failed
+            getattr(self, _HANDLERS[op.kind])(op, max(op.submit_t, ready))
+        except _Failed:
+            self._fail_device(op)
+        except Exception as exc:  # a bug or a misbehaving adversary: fail the op, keep going
+            error = DeviceError(f"{self.kind} device failed {op.kind}: {exc!r}")
+            if op.session is not None:
+                # fail the session, rather than refuse its next message as forged
+                self._fail_batch(op.session, error)
+            if not op.finished:
+                self._finish(op, error)
+        op.args = ()
+        end = perf_counter()
+        self._busy_s += end - start
+        self.work["ops"] += 1
+        if traced:
+            timeline.span("device:" + op.kind, start, end, thread_time() - cpu)
+        with self._cond:
+            self._handled = op.seq
+            self._cond.notify_all()
 
     def _finish(self, op: Op, error: BaseException | None = None) -> None:
         op.error = error
@@ -533,6 +528,7 @@ class CopyEngineDevice(Submitter, Device):
         if self.forked_away:  # the copy engine thread lives in the parent only
             self._closed = True
             return
+        self._finalizer.detach()
         with self._submit_lock:
             self._closed = True
             self._queue.put(None)
@@ -553,6 +549,41 @@ class CopyEngineDevice(Submitter, Device):
     def _release_all(self) -> None:
         """Free every allocation (the device is closed)."""
         self._mem.clear()
+
+
+#: the copy engine's method for each kind of op
+_HANDLERS = {"h2d message": "_do_message", "d2h message": "_do_sealed_read", "h2d copy": "_do_copy_in",
+             "d2h copy": "_do_copy_out", "compute": "_do_compute", "audit": "_do_audit"}
+
+
+def _copy_engine(device_ref, ops, running: threading.Event, parked: threading.Event) -> None:
+    """The copy engine's thread: takes ops in submission order and has the device do
+    each. It holds the device only while it does one (a weak reference otherwise), so a
+    device nobody holds is collected; ``None`` (close, or the finalizer) ends it."""
+    while True:
+        op = ops.get()
+        if op is None:
+            device = device_ref()
+            if device is not None:
+                device._settle_before(None)
+            return
+        if op is _PARK:
+            parked.set()
+            running.wait()
+            continue
+        running.wait()
+        device = device_ref()
+        if device is None:  # (an op holds its device: not while one is queued)
+            return
+        device._handle(op)
+        del device, op
+
+
+def _abandoned(kind: str, ops) -> None:
+    """A copy-engine device was collected without close(): stop its thread."""
+    warnings.warn(f"an {kind} device was never closed (close it, or open it with 'with')", ResourceWarning,
+                  stacklevel=2)
+    ops.put(None)
 
 
 __all__ = ["CopyEngineDevice", "DeviceBuffer", "Session"]

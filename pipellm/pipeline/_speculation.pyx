@@ -135,7 +135,8 @@ cdef class Item:
 #: the engine's counts (``stats()``): what happened to requests and to speculation
 COUNTS = ("misses", "stale", "nops", "skipped_messages", "relinquishes", "reencrypted_bytes", "wasted_bytes",
           "speculative_bytes", "stolen_chunks", "worker_errors", "async_decrypted_bytes", "expired", "shadow_hits",
-          "held_places", "evicted", "inline_plans", "stolen_plans", "skipped_plans", "idle_plans", "helped_pieces",
+          "held_places", "evicted", "plans", "inline_plans", "stolen_plans", "skipped_plans", "idle_plans",
+          "helped_pieces",
           "predictor_errors", "oversized_predictions")
 
 

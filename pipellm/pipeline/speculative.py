@@ -410,6 +410,7 @@ class SpeculativeEngine(Queue):
             self._grew = False
             return
         before = len(self._items)
+        self.counts["plans"] += 1
         Queue._replenish(self)
         self._grew = len(self._items) > before
 

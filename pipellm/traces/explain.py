@@ -172,7 +172,8 @@ def request_passes(mode: str, layers: int, nbytes: int, passes: int, settle_s: f
     passes to learn (and allocate the device's copies), then ``passes`` passes with the
     emulated copy engine paused (its thread competes for neither a core nor the GIL), a
     pipellm pass once speculation has settled (within ``settle_s``). Yields each of those
-    passes' (seconds on the requesting thread, AES seconds the pipeline counted, hits)."""
+    passes' (seconds on the requesting thread, AES seconds the pipeline counted, hits,
+    the pipeline's stats after it)."""
     from .. import hostmem
     from ..pipeline import Pipeline
 
@@ -195,7 +196,7 @@ def request_passes(mode: str, layers: int, nbytes: int, passes: int, settle_s: f
             pipe.synchronize()
             if attempt >= 2:
                 yield (elapsed, after.get("encrypt_s", 0.0) - before.get("encrypt_s", 0.0),
-                       after.get("hits", 0) - before.get("hits", 0))
+                       after.get("hits", 0) - before.get("hits", 0), after)
 
 
 def request_costs(layers: int = 8, nbytes: int = 64 << 10, passes: int = 20) -> dict:
@@ -211,7 +212,7 @@ def request_costs(layers: int = 8, nbytes: int = 64 << 10, passes: int = 20) -> 
     out = {}
     for mode, key in (("plain", "library_per_transfer_s"), ("cc", "cc_library_per_transfer_s"),
                       ("pipellm", "hit_library_per_transfer_s")):
-        best = min(((elapsed - aes) / layers for elapsed, aes, hits in request_passes(mode, layers, nbytes, passes)
+        best = min(((elapsed - aes) / layers for elapsed, aes, hits, _ in request_passes(mode, layers, nbytes, passes)
                     if mode != "pipellm" or hits >= layers), default=float("nan"))
         out[key] = best
     return out
