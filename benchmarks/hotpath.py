@@ -72,8 +72,7 @@ def count_instructions(size: int, layers: int = 8, passes=(2, 8), runs: int = 3)
         per = []
         for _ in range(runs if mode == "pipellm" else 1):
             if kind in PER_PLAN:
-                (few, a), (more, b) = (_callgrind(mode, toggle, size, layers, n, every_thread=True, plans=True)
-                                       for n in passes)
+                (few, a), (more, b) = (_callgrind(mode, toggle, size, layers, n, per_plan=True) for n in passes)
                 per.append((more - few) / max(1, b - a))
             else:
                 totals = [_callgrind(mode, toggle, size, layers, n) for n in passes]
@@ -82,10 +81,10 @@ def count_instructions(size: int, layers: int = 8, passes=(2, 8), runs: int = 3)
     return out
 
 
-def _callgrind(mode: str, toggle: str, size: int, layers: int, passes: int, every_thread: bool = False,
-               plans: bool = False):
-    """The instructions callgrind counts on the main thread of one child run (or on all
-    its threads); with ``plans``, also the plans the run made: (instructions, plans)."""
+def _callgrind(mode: str, toggle: str, size: int, layers: int, passes: int, per_plan: bool = False):
+    """The instructions callgrind counts on the main thread of one child run; with
+    ``per_plan``, on all its threads (plans run on workers too), and the plans the run
+    made: (instructions, plans)."""
     with tempfile.TemporaryDirectory() as folder:
         cmd = ["valgrind", "--tool=callgrind", "--separate-threads=yes", f"--toggle-collect={toggle}",
                f"--callgrind-out-file={os.path.join(folder, 'cg.%p')}", sys.executable, "-m",
@@ -96,12 +95,12 @@ def _callgrind(mode: str, toggle: str, size: int, layers: int, passes: int, ever
         counted = json.loads(done.stdout.strip().splitlines()[-1])
         if mode == "pipellm" and counted["hits"] != counted["requests"]:
             raise RuntimeError(f"only {counted['hits']} of {counted['requests']} pipellm requests hit: not counted")
-        files = [f for f in os.listdir(folder) if "-" in f and (every_thread or f.endswith("-01"))]  # (-01: main)
+        files = [f for f in os.listdir(folder) if "-" in f and (per_plan or f.endswith("-01"))]  # (-01: main)
         total = 0
         for name in files:
             with open(os.path.join(folder, name)) as f:
                 total += next(int(line.split()[1]) for line in f if line.startswith("totals:"))
-        return (total, counted["plans"]) if plans else total
+        return (total, counted["plans"]) if per_plan else total
 
 
 def _requests(mode: str, size: int, layers: int, passes: int) -> dict:

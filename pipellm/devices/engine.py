@@ -581,7 +581,7 @@ def _copy_engine(device_ref, ops, running: threading.Event, parked: threading.Ev
 
 def _abandoned(kind: str, ops) -> None:
     """A copy-engine device was collected without close(): stop its thread."""
-    warnings.warn(f"an {kind} device was never closed (close it, or open it with 'with')", ResourceWarning,
+    warnings.warn(f"the {kind} device was never closed (close it, or open it with 'with')", ResourceWarning,
                   stacklevel=2)
     ops.put(None)
 
