@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from pipellm import timeline
 from pipellm.cli import main
 from pipellm.traces import Record, Trace, replay_many, write
-from pipellm.traces.explain import CAUSES, bound
+from pipellm.traces.explain import CAUSES, bound, breakdown
 from pipellm.traces.intervals import Union
 from pipellm.traces.model import simulate
 from pipellm.traces.replay import ALWAYS
@@ -59,10 +59,21 @@ def test_recording_is_off_outside_and_one_at_a_time():
 
 
 def test_bound_takes_the_largest_of_the_floor_the_host_threads_and_the_cores():
-    assert bound(1.0, host=0.5, device=0.0, stall=0.0, cores=2, threads=2) == 1.0
-    assert bound(0.1, host=4.0, device=0.0, stall=0.0, cores=2, threads=1) == 4.0   # one thread does it all
-    assert bound(0.1, host=4.0, device=0.0, stall=0.0, cores=2, threads=4) == 2.0   # the cores do
-    assert bound(0.1, host=2.0, device=4.0, stall=1.0, cores=2, threads=4) == 2.5   # the device shares them
+    assert bound(1.0, host=0.5, device=0.0, cores=2, threads=2) == 1.0
+    assert bound(0.1, host=4.0, device=0.0, cores=2, threads=1) == 4.0   # one thread does it all
+    assert bound(0.1, host=4.0, device=0.0, cores=2, threads=4) == 2.0   # the cores do
+    assert bound(0.1, host=2.0, device=3.0, cores=2, threads=4) == 2.5   # the device shares them
+    assert bound(0.1, host=2.0, device=0.0, cores=2, threads=4, machine=3.0) == 3.0  # the memory bandwidth
+
+
+def test_only_the_device_work_the_modelled_clock_saw_shares_the_cores():
+    # one device op of 1 s wall and 0.8 s CPU, the clock stopped for its second half (a
+    # host thread waiting on the emulator): half its CPU was inside modelled time
+    spans = [(7, "device:open", 0.0, 1.0, 0.8), (1, "stall", 0.5, 1.0, 0.0), (7, "device:copy", 1.5, 1.5, 0.0)]
+    ex = breakdown(spans, 1, {}, {}, (0.0, 2.0))
+    assert ex["run_device_cpu_s"] == pytest.approx(0.8)
+    assert ex["run_device_cpu_modelled_s"] == pytest.approx(0.4)
+    assert ex["clock_stopped_s"] == pytest.approx(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +110,8 @@ def test_bounds_are_at_least_plain_and_price_the_runs_work(explained):
         assert b["bound_alone_s"] >= plain and b["bound_run_s"] >= plain
         assert b["hardware_bound_s"]["16"] >= plain
         assert b["work_alone_s"]["host"] > 0 and b["work_alone_s"]["device"] > 0
+        assert 0 <= b["work_run_s"]["device_modelled"] <= b["work_run_s"]["device"]
+        assert 0 <= b["device_share_modelled"] <= 1
     cc = explained[1]["bounds"]
     # cc's host work is at least its bytes at the measured AES rate
     assert cc["work_alone_s"]["host"] >= explained[1]["encrypt_bytes"] / explained[1]["costs_alone"]["seal_bytes_per_s"]

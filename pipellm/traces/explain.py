@@ -24,18 +24,21 @@ copy engine's CPU work beyond the model: not modelled time, shown for what it co
 
 **Bounds.** The run had work to do: host AES (bytes and messages), the library's cost
 per transfer, the predictor, and the emulated device's own CPU work (its AES, its copies,
-its cost per op). With ``C`` cores, ``n`` host threads able to do the host work (the
-requesting thread and the workers), the run's emulation stall ``S`` (device work the
-model excludes) and plain's time on the same trace ``P``::
+its cost per op). The modelled clock stands still while a host thread waits for the
+emulator beyond the model (and for the replayer's bookkeeping), so only the device work
+done while it ran competed with the host for the cores in modelled time: ``device`` is
+that share (each device op's CPU in proportion to its wall time outside the clock's
+stops). With ``C`` cores, ``n`` host threads able to do the host work (the requesting
+thread and the workers) and plain's time on the same trace ``P``::
 
-    bound = max(P, host / min(C, n), (host + device - S) / C, machine - S)
+    bound = max(P, host / min(C, n), (host + device) / C, machine)
 
 computed twice: from each operation's cost measured alone on an idle machine
-(:func:`measure_costs`), and from the CPU times the run's threads spent on the same work
-(the gap is contention: shared cores, memory bandwidth). ``machine`` (costs alone only)
-is the work at the rates every core of this machine reaches at once: streaming AES and
-copies share the memory bandwidth, and on a small VM two threads at once may move fewer
-bytes than one alone. ``hardware`` bounds take the
+(:func:`measure_costs`; the device's share inside the model as the run had it), and from
+the CPU times the run's threads spent on the same work (the gap is contention: shared
+cores, memory bandwidth). ``machine`` (costs alone only) is the work at the rates every
+core of this machine reaches at once: streaming AES and copies share the memory
+bandwidth, and on a small VM two threads at once may move fewer bytes than one alone. ``hardware`` bounds take the
 device side as an H100's (its copy engine decrypts at link rate: no device CPU work, no
 stall) and the workers a host of ``C`` cores has (``C - 1``): ``max(P, host / C)``.
 """
@@ -306,10 +309,15 @@ def breakdown(spans: list, main: int, cpu_before: dict, cpu_after: dict, run: tu
     main_cpu = threads.get("requesting (replay)", 0.0)
     held_wall = held.total
     host_cpu = max(0.0, main_cpu - held_wall - wait_cpu) + task_cpu
-    device_cpu = sum(s[4] for s in inside if s[1].startswith("device:"))
+    device = [s for s in inside if s[1].startswith("device:")]
+    device_cpu = sum(s[4] for s in device)
+    # what the modelled clock saw of it: each op's CPU in proportion to its wall time
+    # outside the clock's stops (device work inside them is excluded from modelled time)
+    device_modelled = sum(s[4] * (1.0 - stall.overlap(s[2], s[3]) / (s[3] - s[2])) for s in device if s[3] > s[2])
     return {"causes_s": causes, "emulated_device_stall_s": device_stall,
             "worker_cpu_share": worker_share, "thread_cpu_s": threads,
             "run_host_cpu_s": host_cpu, "run_device_cpu_s": device_cpu,
+            "run_device_cpu_modelled_s": device_modelled,
             "stall_s": stall.total - held_wall, "bookkeeping_s": held_wall, "clock_stopped_s": stall.total}
 
 
@@ -345,10 +353,14 @@ _LIBRARY = {"plain": "library_per_transfer_s", "cc": "cc_library_per_transfer_s"
             "pipellm": "hit_library_per_transfer_s"}
 
 
-def bound(plain_s: float, host: float, device: float, stall: float, cores: int, threads: int,
-          machine: float = 0.0) -> float:
-    """The least modelled time: see the module docstring."""
-    return max(plain_s, host / max(1, min(cores, threads)), (host + device - stall) / cores, machine - stall)
+def bound(plain_s: float, host: float, device: float, cores: int, threads: int, machine: float = 0.0) -> float:
+    """The least modelled time (see the module docstring): ``device`` is the device's CPU
+    work inside modelled time.
+
+    >>> bound(0.1, host=2.0, device=1.0, cores=2, threads=4)   # the device shares the cores
+    1.5
+    """
+    return max(plain_s, host / max(1, min(cores, threads)), (host + device) / cores, machine)
 
 
 def bounds(row: dict, plain_s: float, costs: dict, cores: int, hardware_cores=(16,)) -> dict:
@@ -357,11 +369,15 @@ def bounds(row: dict, plain_s: float, costs: dict, cores: int, hardware_cores=(1
     speculative = row["mode"].startswith("pipellm")
     threads = 1 + row.get("workers", 0) if speculative else 1
     work = work_alone(row, costs)
-    stopped = ex["clock_stopped_s"]
+    # the share of the device's work the modelled clock saw, as this run had it
+    seen = ex["run_device_cpu_modelled_s"] / ex["run_device_cpu_s"] if ex["run_device_cpu_s"] else 0.0
+    machine = work["machine_host"] + (work["machine"] - work["machine_host"]) * seen
     out = {"plain_s": plain_s, "cores": cores, "host_threads": threads, "work_alone_s": work,
-           "work_run_s": {"host": ex["run_host_cpu_s"], "device": ex["run_device_cpu_s"]},
-           "bound_alone_s": bound(plain_s, work["host"], work["device"], stopped, cores, threads, work["machine"]),
-           "bound_run_s": bound(plain_s, ex["run_host_cpu_s"], ex["run_device_cpu_s"], stopped, cores, threads)}
+           "work_run_s": {"host": ex["run_host_cpu_s"], "device": ex["run_device_cpu_s"],
+                          "device_modelled": ex["run_device_cpu_modelled_s"]},
+           "device_share_modelled": seen,
+           "bound_alone_s": bound(plain_s, work["host"], work["device"] * seen, cores, threads, machine),
+           "bound_run_s": bound(plain_s, ex["run_host_cpu_s"], ex["run_device_cpu_modelled_s"], cores, threads)}
     # the device side in hardware, a host of c cores (c - 1 workers), each core as fast as
     # one here alone (a server's memory bandwidth feeds its cores; this VM's does not)
     out["hardware_bound_s"] = {str(c): max(plain_s, work["host"] / (c if speculative else 1))
@@ -402,7 +418,9 @@ def table(rows: list[dict]) -> str:
             row("work alone: host / device / machine", [
                 f"{x['work_alone_s']['host'] * 1e3:.0f}/{x['work_alone_s']['device'] * 1e3:.0f}/"
                 f"{x['work_alone_s']['machine'] * 1e3:.0f}" for x in b])
-            row("work in run: host / device", [f"{x['work_run_s']['host'] * 1e3:.0f}/{x['work_run_s']['device'] * 1e3:.0f}" for x in b])
+            row("work in run: host / device (modelled)", [
+                f"{x['work_run_s']['host'] * 1e3:.0f}/{x['work_run_s']['device'] * 1e3:.0f} "
+                f"({x['work_run_s']['device_modelled'] * 1e3:.0f})" for x in b])
             row(f"bound, costs alone ({b[0]['cores']} cores)", [f"{x['bound_alone_s'] * 1e3:.1f}" for x in b])
             row(f"bound, run's CPU ({b[0]['cores']} cores)", [f"{x['bound_run_s'] * 1e3:.1f}" for x in b])
             row("time / bound (costs alone)", [f"{x['time_over_bound_alone']:.2f}x" for x in b])
