@@ -104,7 +104,11 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
                     done = begin + seal(min(chunk_size, nbytes - pos))
                     heapq.heapreplace(free_at, done)
                     mine.append((begin, done))
-                chunks[planned] = mine
+                # and its GO command, sealed ahead by a worker into private memory (a
+                # request only exposes it: workers.py's "seal-go" task)
+                begin = max(now, free_at[0])
+                heapq.heapreplace(free_at, begin + seal(64))
+                chunks[planned] = (mine, (begin, begin + seal(64)))
                 window += nbytes
             planned += 1
 
@@ -156,6 +160,7 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
                     book(rec.stream, 0, t, n)
             else:
                 window -= rec.nbytes
+                mine, (go_begin, go_done) = mine
                 ready = t
                 for (begin, done), pos in zip(mine, range(0, rec.nbytes, chunk_size)):
                     if begin >= t:            # no worker got to it yet: the request encrypts it
@@ -163,7 +168,8 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
                         ready = max(ready, t)
                     else:
                         ready = max(ready, done)
-                t = ready + seal(64)          # the GO command, sealed at request time (its AES)
+                # the GO: exposed if a worker sealed it ahead, else sealed now (its AES)
+                t = max(ready, go_done) if go_begin < t else ready + seal(64)
                 book(rec.stream, 0, t, rec.nbytes)
             served += 1
             if mode == "pipellm":
