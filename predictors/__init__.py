@@ -13,6 +13,7 @@ from importlib.metadata import entry_points
 from pipellm.errors import ArgumentError, ArgumentTypeError
 
 from .base import Prediction, Predictor, TransferEvent
+from .experts import ExpertsPredictor
 from .learned import LearnedPredictor
 from .oracle import OraclePredictor
 from .rules import KVSwapPredictor, LayerwisePredictor, LRUPredictor
@@ -20,7 +21,8 @@ from .simple import NonePredictor, SequencePredictor
 
 GROUP = "pipellm.predictors"
 BUILTIN = {"none": NonePredictor, "sequence": SequencePredictor, "layerwise": LayerwisePredictor,
-           "kvswap": KVSwapPredictor, "lru": LRUPredictor, "oracle": OraclePredictor, "learned": LearnedPredictor}
+           "kvswap": KVSwapPredictor, "lru": LRUPredictor, "oracle": OraclePredictor, "learned": LearnedPredictor,
+           "experts": ExpertsPredictor}
 
 
 def _plugins() -> list:
@@ -100,7 +102,7 @@ def get(predictor, **options) -> Predictor:
     return cls(**options)
 
 
-__all__ = ["GROUP", "KVSwapPredictor", "LRUPredictor", "LayerwisePredictor", "LearnedPredictor", "NonePredictor",
+__all__ = ["ExpertsPredictor", "GROUP", "KVSwapPredictor", "LRUPredictor", "LayerwisePredictor", "LearnedPredictor", "NonePredictor",
            "OraclePredictor",
            "Prediction", "Predictor", "SequencePredictor", "TransferEvent",
            "available", "clone", "get"]

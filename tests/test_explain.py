@@ -142,6 +142,22 @@ def test_model_misses_share_the_aes_with_idle_workers_and_more_cores_never_hurt(
     assert plain < times[-1] < cc
 
 
+def test_model_charges_the_encryption_thrown_away_to_the_workers():
+    # a fan-out's unrequested candidates (or dropped speculation) cost the workers their
+    # AES: on two cores the requests wait for it, on sixteen the workers absorb it
+    trace = layers(passes=6, us=50.0, sync_each=True)
+    n = sum(r.op == "h2d" for r in trace.records)
+    hits = [False] * 4 + [True] * (n - 4)
+    layer_bytes = next(r.nbytes for r in trace.records if r.op == "h2d")
+
+    def t(cores, wasted):
+        return simulate(trace, "pipellm", COSTS, cores=cores, hits=hits, wasted_bytes=wasted)
+    wasted = 3 * layer_bytes * (n - 4)  # three unrequested candidates per hit
+    assert t(2, wasted) > 1.5 * t(2, 0)
+    assert t(16, wasted) - t(16, 0) < 0.25 * (t(2, wasted) - t(2, 0))
+    assert simulate(trace, "cc", COSTS, cores=2, wasted_bytes=10 * layer_bytes) == simulate(trace, "cc", COSTS, cores=2)
+
+
 def test_model_hides_encryption_under_compute_once_predicted():
     # compute (1 ms per 2 MiB layer) is far longer than the layer's AES (0.2 ms), and the
     # host waits for each layer (cc pays the AES every time): after the first pass

@@ -38,9 +38,9 @@ cdef Py_ssize_t TAG_BYTES = _TAG_BYTES
 GO_MESSAGE_BYTES = GO_BODY.size + _TAG_BYTES
 cdef Py_ssize_t _GO_MESSAGE_BYTES = GO_MESSAGE_BYTES
 #: adaptive speculation: a moving average of hits (weight of the newest request) and the
-#: level below which speculation stops; a stopped pipeline keeps scoring the predictor's
-#: first guess for each request ("shadow" predictions, nothing encrypted) and resumes
-#: once those guesses hit again
+#: level below which speculation stops; a stopped pipeline keeps scoring what a plan would
+#: queue against each request ("shadow" predictions, nothing encrypted) and resumes once
+#: those guesses hit again
 ACCURACY_ALPHA = 0.125
 ACCURACY_FLOOR = 0.25
 cdef double _ALPHA = ACCURACY_ALPHA, _FLOOR = ACCURACY_FLOOR
@@ -186,7 +186,7 @@ cdef class Queue(Engine):
     cdef public bint _replenish_pending # a planning task is queued
     cdef public Py_ssize_t _plan_skip   # chances to plan still to skip (see _note_plan)
     cdef public object _events          # deque: transfers the predictor has not heard of yet
-    cdef public object _shadow          # throttled: the predictor's first guess for the next request
+    cdef public object _shadow          # throttled: the keys a plan would queue for the next request
     cdef public Py_ssize_t lookahead
     cdef public object _dropped         # OrderedDict: keys whose speculation was lost -> their bytes
     cdef public list _spent             # items sent by hits, freed by a worker (see _hit)

@@ -129,9 +129,9 @@ class SpeculativeEngine(Queue):
         speculating = bool(self._items)
         item = self._claim(key)
         if item is None and self._shadow is not None:
-            # throttled: score the shadow guess (items left in the queue from before
+            # throttled: score the shadow guesses (items left in the queue from before
             # the throttle say nothing about the predictor now)
-            guessed = self._shadow == key
+            guessed = key in self._shadow
             self.counts["shadow_hits"] += guessed
             self._score(guessed)
         elif speculating:
@@ -147,14 +147,14 @@ class SpeculativeEngine(Queue):
         return item is not None, throttled
 
     def _shadow_guess(self):
-        """The key the predictor expects next, scored against the next request (costs one
-        predict(1) per request, no encryption, no slots)."""
+        """The keys a plan would queue now, scored against the next request: a hit if the
+        queue would have held it (a fan-out predictor names several candidates for one
+        request; costs one predict per request, no encryption, no slots)."""
         self._feed()
-        guesses = self._ask(1)
+        guesses = self._ask(self.lookahead)
         if not guesses:
             return None
-        p = guesses[0]
-        return (p.region, p.offset, p.nbytes)
+        return frozenset((p.region, p.offset, p.nbytes) for p in guesses)
 
     def _claim(self, key) -> Item | None:
         """The queued item for ``key`` if it can be sent; drops what the request makes useless."""

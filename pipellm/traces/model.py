@@ -18,7 +18,9 @@ names; never one larger than ``depth_bytes`` (the engine can't hold it); everyth
 encrypted on demand, as cc does (in pipellm mode, a large one in pieces shared with the
 workers idle at that moment, as ``pipellm/pipeline/ondemand.py`` does). A chunk no
 worker has started when its request comes is encrypted by the requesting thread (as the
-engine's stealing does); one a worker is on is waited for. Device-to-host chunks are
+engine's stealing does); one a worker is on is waited for. A hit's GO command is sealed
+ahead by a worker; the encryption a run threw away (``wasted_bytes``) is charged to the
+workers, a share before each hit. Device-to-host chunks are
 decrypted by the workers idle when they arrive, several at once, and committed in channel
 order (as the engine does); otherwise, and in cc, the host receives them on one thread
 when it synchronizes.
@@ -48,10 +50,13 @@ MODEL_OPTIONS = ("link", "chunk_size", "depth_bytes", "min_speculative_bytes", "
 
 def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkModel | None = None,
              chunk_size: int = 4 << 20, depth_bytes: int = 64 << 20, min_speculative_bytes: int | str = "auto",
-             workers: int | None = None, hits: list[bool] | None = None, timed_from: int = 0) -> float:
+             workers: int | None = None, hits: list[bool] | None = None, wasted_bytes: int = 0,
+             timed_from: int = 0) -> float:
     """The modelled time (seconds) of ``trace`` in ``mode`` on ``cores`` host cores (see
     the module docstring). ``hits``: which h2d records a real run of the trace sent from
-    speculation (else the rule of the module docstring decides). ``timed_from``: the time
+    speculation (else the rule of the module docstring decides). ``wasted_bytes``: what
+    that run's workers encrypted and threw away (mispredictions, a fan-out's candidates
+    not requested), charged to the workers spread over the hits. ``timed_from``: the time
     from that record on, the host synchronized there first (a benchmark's clock starting
     after its warm-up: the records before it still teach the predictor and fill the
     pipeline)."""
@@ -84,6 +89,7 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
             min_speculative_bytes = speculation_threshold()
         hits = _rule(trace, min_speculative_bytes)
     hits = hits if mode == "pipellm" else [False] * len(loads)
+    waste = wasted_bytes / max(1, sum(hits)) if mode == "pipellm" else 0.0  # per hit
     # pipellm: a hit's chunks, as (start, done) on the worker that took each; they are
     # queued in request order as soon as the requests before leave room within the depth
     chunks: dict[int, list[tuple[float, float]]] = {}
@@ -98,6 +104,8 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
             if ahead and window + nbytes > depth_bytes:
                 return
             if ahead:
+                if waste:  # the encryption thrown away, a share before each hit's
+                    heapq.heapreplace(free_at, max(now, free_at[0]) + waste / costs["seal_bytes_per_s"])
                 mine = []
                 for pos in range(0, nbytes, chunk_size):
                     begin = max(now, free_at[0])

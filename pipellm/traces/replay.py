@@ -250,10 +250,12 @@ def replay_many(traces: list[Trace], modes, predictors, progress=None, *, explai
             row["runs_s"] = [r["time_s"] for r in tries[run]]
             mine.append(row)
         plain = next((r["time_s"] for r in mine if r["mode"] == "plain"), None)
-        hits_of = {id(row): row.pop("_h2d_hits") for row in mine}
+        # per row, what the model takes from its run: which loads hit, and the bytes the
+        # workers encrypted for nothing (dropped speculation: the model charges them too)
+        hits_of = {id(row): (row.pop("_h2d_hits"), row.get("wasted_bytes", 0)) for row in mine}
         always = {row["predictor"]: hits_of[id(row)] for row in mine if row["mode"] == ALWAYS}
         for row in mine:
-            hits = hits_of[id(row)]
+            hits, wasted = hits_of[id(row)]
             row["overhead_vs_plain"] = row["time_s"] / plain - 1 if plain else None
             if explain:
                 floor = plain if plain is not None else summarize(trace)["link_s"]
@@ -264,10 +266,15 @@ def replay_many(traces: list[Trace], modes, predictors, progress=None, *, explai
                     # the controller turned speculation off on this machine; the model's
                     # machines have the cores for it: the predictor's hits with it always on
                     # (from this trace's pipellm-always run where there is one)
-                    hits = always.get(row["predictor"]) or replay(trace, ALWAYS, row["predictor"],
-                                                                  **dict(options))["_h2d_hits"]
+                    if row["predictor"] in always:
+                        hits, wasted = always[row["predictor"]]
+                    else:
+                        run = replay(trace, ALWAYS, row["predictor"], **dict(options))
+                        hits, wasted = run["_h2d_hits"], run["wasted_bytes"]
                     row["modelled_hits"] = "a run with speculation always on"
-                row["modelled"] = {str(c): simulate(trace, row["mode"].partition("-")[0], costs, cores=c, hits=hits, **{
-                    k: options[k] for k in MODEL_OPTIONS if k in options}) for c in sorted({cores, model_cores})}
+                row["modelled"] = {str(c): simulate(trace, row["mode"].partition("-")[0], costs, cores=c, hits=hits,
+                                                    wasted_bytes=wasted,
+                                                    **{k: options[k] for k in MODEL_OPTIONS if k in options})
+                                   for c in sorted({cores, model_cores})}
         rows += mine
     return rows
