@@ -3,12 +3,20 @@ router picks, so the next load is one of several."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from functools import cmp_to_key
 
 from pipellm.errors import ArgumentError
 
 from .base import Prediction, Predictor, TransferEvent, _new_tuple
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def _natural(name: str) -> tuple:
+    """A name's natural sort key: its numbers compared as numbers."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in _DIGITS.split(name))
+
 
 #: an anchor is loaded in at least this share of the passes (an expert a router favoured
 #: for a few tokens in a row is not one)
@@ -29,9 +37,10 @@ class ExpertsPredictor(Predictor):
     group, then the next anchor and its group, and so on for up to one pass. A group's
     candidates are its ``width`` members with the highest score (each group's members
     add 1, and older scores fade by ``decay`` per group: routers favour some experts and
-    a token tends to reuse the last token's), in the order their loads came before
-    (routers' experts are loaded in index order), those before what the group has
-    loaded already left out. A dense model (every region an anchor) gets the order of
+    a token tends to reuse the last token's), in the order their loads came before (a
+    before b and b before c: a before c; never seen together: by name, numbers as
+    numbers, as stacks load a router's experts in index order), those before what the
+    group has loaded already left out. A dense model (every region an anchor) gets the order of
     its last pass.
 
     >>> p = ExpertsPredictor(width=3)
@@ -110,21 +119,37 @@ class ExpertsPredictor(Predictor):
                 self._before[member, later] += 1
         # its candidates: the best ``width``, in load order (until the group comes again)
         best = sorted(scores, key=lambda m: (-scores[m], -self._last_pass[m], self._order[m]))[:self.width]
-        self._ranked[anchor] = sorted(best, key=cmp_to_key(self._load_order))
+        self._ranked[anchor] = self._in_load_order(best)
 
-    def _load_order(self, a: str, b: str) -> int:
-        before = self._before
-        return (before[b, a] - before[a, b]) or (self._order[a] - self._order[b])
+    def _precedes(self, a: str, b: str) -> bool:
+        """Whether ``a`` loads before ``b``: as they came in groups where both were
+        loaded, else by their names' natural order (expert 2 before expert 10)."""
+        ab, ba = self._before[a, b], self._before[b, a]
+        return ab > ba if ab != ba else _natural(a) < _natural(b)
+
+    def _in_load_order(self, members: list[str]) -> list[str]:
+        """``members`` ordered by what was seen (a before b, b before c: a before c),
+        the rest by name."""
+        n, before = len(members), self._before
+        after = [[before[a, b] > before[b, a] for b in members] for a in members]
+        for k in range(n):  # the transitive closure (a group holds a few members)
+            for i in range(n):
+                if after[i][k]:
+                    for j in range(n):
+                        after[i][j] = after[i][j] or after[k][j]
+        ahead = {m: sum(after[j][i] for j in range(n)) for i, m in enumerate(members)}
+        return sorted(members, key=lambda m: (ahead[m], _natural(m)))
 
     def _rest_of_group(self) -> list[str]:
-        """The current group's candidates still to come: not loaded, and not before the
-        last one loaded."""
-        loaded = self._group
-        rest = [m for m in self._ranked.get(self._anchor, ()) if m not in loaded]
-        if loaded:
-            last, before = loaded[-1], self._before
-            rest = [m for m in rest if before[m, last] <= before[last, m]]
-        return rest
+        """The current group's candidates still to come: not loaded, and after the last
+        one loaded."""
+        loaded, ranked = self._group, self._ranked.get(self._anchor, [])
+        if not loaded:
+            return list(ranked)
+        last = loaded[-1]
+        if last in ranked:
+            return [m for m in ranked[ranked.index(last) + 1:] if m not in loaded]
+        return [m for m in ranked if m not in loaded and self._precedes(last, m)]
 
     def predict(self, k: int) -> list[Prediction]:
         if self._anchor is None:

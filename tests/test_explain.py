@@ -156,6 +156,9 @@ def test_model_charges_the_encryption_thrown_away_to_the_workers():
     assert t(2, wasted) > 1.5 * t(2, 0)
     assert t(16, wasted) - t(16, 0) < 0.25 * (t(2, wasted) - t(2, 0))
     assert simulate(trace, "cc", COSTS, cores=2, wasted_bytes=10 * layer_bytes) == simulate(trace, "cc", COSTS, cores=2)
+    # the SKIPs a strict-order run sent past candidates cost the requesting thread
+    skipped = simulate(trace, "pipellm", COSTS, cores=16, hits=hits, skips=[0] * 4 + [2] * (n - 4))
+    assert skipped > t(16, 0) + 2 * (n - 4) * COSTS["cc_library_per_transfer_s"] * 0.5
 
 
 def test_model_hides_encryption_under_compute_once_predicted():

@@ -20,7 +20,8 @@ workers idle at that moment, as ``pipellm/pipeline/ondemand.py`` does). A chunk 
 worker has started when its request comes is encrypted by the requesting thread (as the
 engine's stealing does); one a worker is on is waited for. A hit's GO command is sealed
 ahead by a worker; the encryption a run threw away (``wasted_bytes``) is charged to the
-workers, a share before each hit. Device-to-host chunks are
+workers, a share before each hit, and its SKIP commands (strict order: the candidates a
+request passed) to the requesting thread. Device-to-host chunks are
 decrypted by the workers idle when they arrive, several at once, and committed in channel
 order (as the engine does); otherwise, and in cc, the host receives them on one thread
 when it synchronizes.
@@ -50,13 +51,15 @@ MODEL_OPTIONS = ("link", "chunk_size", "depth_bytes", "min_speculative_bytes", "
 
 def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkModel | None = None,
              chunk_size: int = 4 << 20, depth_bytes: int = 64 << 20, min_speculative_bytes: int | str = "auto",
-             workers: int | None = None, hits: list[bool] | None = None, wasted_bytes: int = 0,
-             timed_from: int = 0) -> float:
+             workers: int | None = None, hits: list[bool] | None = None, skips: list[int] | None = None,
+             wasted_bytes: int = 0, timed_from: int = 0) -> float:
     """The modelled time (seconds) of ``trace`` in ``mode`` on ``cores`` host cores (see
     the module docstring). ``hits``: which h2d records a real run of the trace sent from
     speculation (else the rule of the module docstring decides). ``wasted_bytes``: what
     that run's workers encrypted and threw away (mispredictions, a fan-out's candidates
-    not requested), charged to the workers spread over the hits. ``timed_from``: the time
+    not requested), charged to the workers spread over the hits; ``skips``: the SKIP
+    commands each load of that run sent (strict order: a command sealed and submitted
+    on the requesting thread, priced as a cc request of its size). ``timed_from``: the time
     from that record on, the host synchronized there first (a benchmark's clock starting
     after its warm-up: the records before it still teach the predictor and fill the
     pipeline)."""
@@ -90,6 +93,9 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
         hits = _rule(trace, min_speculative_bytes)
     hits = hits if mode == "pipellm" else [False] * len(loads)
     waste = wasted_bytes / max(1, sum(hits)) if mode == "pipellm" else 0.0  # per hit
+    skips = skips if mode == "pipellm" and skips is not None else [0] * len(loads)
+    skip_cost = costs.get("cc_library_per_transfer_s", costs["library_per_transfer_s"]) + \
+        costs["seal_fixed_s"] + 64 / costs["seal_bytes_per_s"]
     # pipellm: a hit's chunks, as (start, done) on the worker that took each; they are
     # queued in request order as soon as the requests before leave room within the depth
     chunks: dict[int, list[tuple[float, float]]] = {}
@@ -143,7 +149,7 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
         op = rec.op
         if op == "h2d":
             mine = chunks.pop(served, None)
-            t += lib if mine is None else hit_lib
+            t += (lib if mine is None else hit_lib) + skips[served] * skip_cost
             if mode == "plain":
                 book(rec.stream, 0, t, rec.nbytes)
             elif mine is None and mode == "pipellm" and rec.nbytes >= 2 * MIN_PIECE and free_at[0] <= t:

@@ -137,6 +137,10 @@ def _run(pipe: Pipeline, trace: Trace, explain: bool = False) -> dict:
 
     def engine_hits():
         return getattr(engine, "hits", 0)
+
+    def engine_skips():  # strict order: SKIP commands sent (each a command sealed on demand)
+        return getattr(engine, "counts", {}).get("nops", 0)
+    skip_counts = []  # per h2d: the SKIPs it sent
     for rec in trace.records:
         op = rec.op
         if explain:
@@ -150,9 +154,10 @@ def _run(pipe: Pipeline, trace: Trace, explain: bool = False) -> dict:
                 if warm is None:
                     warm = pipe.stats()
             r = regions[rec.region]
-            before = engine_hits()
+            before, skips = engine_hits(), engine_skips()
             pipe.to_device(r, rec.offset, rec.nbytes, stream=stream(rec.stream))
             hit_flags.append(engine_hits() > before)
+            skip_counts.append(engine_skips() - skips)
             with held():
                 model[rec.region][rec.offset:rec.offset + rec.nbytes] = r._array[rec.offset:rec.offset + rec.nbytes]
         elif op == "compute":
@@ -210,6 +215,7 @@ def _run(pipe: Pipeline, trace: Trace, explain: bool = False) -> dict:
     for key in SPEC_STATS + WORK_STATS:
         out[key] = stats.get(key, 0)
     out["_h2d_hits"] = hit_flags
+    out["_h2d_skips"] = skip_counts
     if explain:
         out["_threads"] = threads
     # what the predictor cost as the pipeline used it (observe every transfer, predict when planning)
@@ -252,10 +258,10 @@ def replay_many(traces: list[Trace], modes, predictors, progress=None, *, explai
         plain = next((r["time_s"] for r in mine if r["mode"] == "plain"), None)
         # per row, what the model takes from its run: which loads hit, and the bytes the
         # workers encrypted for nothing (dropped speculation: the model charges them too)
-        hits_of = {id(row): (row.pop("_h2d_hits"), row.get("wasted_bytes", 0)) for row in mine}
+        hits_of = {id(row): (row.pop("_h2d_hits"), row.pop("_h2d_skips"), row.get("wasted_bytes", 0)) for row in mine}
         always = {row["predictor"]: hits_of[id(row)] for row in mine if row["mode"] == ALWAYS}
         for row in mine:
-            hits, wasted = hits_of[id(row)]
+            hits, skips, wasted = hits_of[id(row)]
             row["overhead_vs_plain"] = row["time_s"] / plain - 1 if plain else None
             if explain:
                 floor = plain if plain is not None else summarize(trace)["link_s"]
@@ -267,13 +273,13 @@ def replay_many(traces: list[Trace], modes, predictors, progress=None, *, explai
                     # machines have the cores for it: the predictor's hits with it always on
                     # (from this trace's pipellm-always run where there is one)
                     if row["predictor"] in always:
-                        hits, wasted = always[row["predictor"]]
+                        hits, skips, wasted = always[row["predictor"]]
                     else:
                         run = replay(trace, ALWAYS, row["predictor"], **dict(options))
-                        hits, wasted = run["_h2d_hits"], run["wasted_bytes"]
+                        hits, skips, wasted = run["_h2d_hits"], run["_h2d_skips"], run["wasted_bytes"]
                     row["modelled_hits"] = "a run with speculation always on"
                 row["modelled"] = {str(c): simulate(trace, row["mode"].partition("-")[0], costs, cores=c, hits=hits,
-                                                    wasted_bytes=wasted,
+                                                    skips=skips, wasted_bytes=wasted,
                                                     **{k: options[k] for k in MODEL_OPTIONS if k in options})
                                    for c in sorted({cores, model_cores})}
         rows += mine
