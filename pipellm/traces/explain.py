@@ -53,6 +53,7 @@ from time import perf_counter
 import numpy as np
 
 from .. import timeline
+from ..predictors import Prediction, Predictor
 from .intervals import Union
 
 #: the causes of the requesting thread's modelled time, in report order
@@ -148,6 +149,19 @@ def measure_costs(chunk_size: int = 4 << 20, footprint: int = 128 << 20) -> dict
     return out
 
 
+def best_costs(a: dict | None, b: dict) -> dict:
+    """The better of two :func:`measure_costs` results, key by key (rates the higher,
+    times the lower): an idle machine's costs, when some measurements met a busy one.
+
+    >>> best_costs({"seal_bytes_per_s": 1e9, "seal_fixed_s": 2e-6}, {"seal_bytes_per_s": 2e9, "seal_fixed_s": 3e-6})
+    {'seal_bytes_per_s': 2000000000.0, 'seal_fixed_s': 2e-06}
+    """
+    if a is None:
+        return dict(b)
+    return {k: (max if k.endswith("_per_s") else min)(a[k], v) if isinstance(v, float) and k in a else v
+            for k, v in b.items()}
+
+
 def _aggregate(op, n: int, nbytes: int, threads: int, passes: int = 3) -> float:
     """Bytes per second of ``threads`` threads running ``op(i)`` at once over the ``n``
     chunks (thread k takes every chunk i with i % threads == k; best of ``passes``)."""
@@ -170,20 +184,50 @@ def _aggregate(op, n: int, nbytes: int, threads: int, passes: int = 3) -> float:
     return best
 
 
-def request_passes(mode: str, layers: int, nbytes: int, passes: int, settle_s: float = 10.0):
+class _Decoyed(Predictor):
+    """Round robin over ``names``, each one preceded by a decoy that is never requested
+    (a fan-out's candidate the router did not pick): in strict order every request then
+    passes one queued item, with one SKIP command."""
+
+    name = "decoyed"
+    uses_d2h = False
+
+    def __init__(self, names=(), nbytes: int = 0):
+        self.names, self.nbytes = list(names), nbytes
+        self.last = None
+
+    def observe(self, event) -> None:
+        self.last = event.region
+
+    def predict(self, k: int) -> list:
+        n = len(self.names)
+        at = self.names.index(self.last) + 1 if self.last in self.names else 0
+        out = []
+        for j in range(at, at + k // 2):
+            out += [Prediction(f"decoy{j % n}", 0, self.nbytes), Prediction(self.names[j % n], 0, self.nbytes)]
+        return out
+
+
+def request_passes(mode: str, layers: int, nbytes: int, passes: int, settle_s: float = 10.0,
+                   decoys: bool = False):
     """``layers`` regions of ``nbytes`` requested in turn by a pipeline in ``mode``: two
     passes to learn (and allocate the device's copies), then ``passes`` passes with the
     emulated copy engine paused (its thread competes for neither a core nor the GIL), a
-    pipellm pass once speculation has settled (within ``settle_s``). Yields each of those
-    passes' (seconds on the requesting thread, AES seconds the pipeline counted, hits,
-    the pipeline's stats after it)."""
+    pipellm pass once speculation has settled (within ``settle_s``). With ``decoys``
+    (pipellm), a region never requested is predicted before each one (:class:`_Decoyed`).
+    Yields each of those passes' (seconds on the requesting thread, AES seconds the
+    pipeline counted, hits, the pipeline's stats after it)."""
     from .. import hostmem
     from ..pipeline import Pipeline
 
-    options = {"min_speculative_bytes": 0, "depth_bytes": 4 * layers * (nbytes + (8 << 10)), "adaptive": False} \
+    options = {"min_speculative_bytes": 0, "depth_bytes": 8 * layers * (nbytes + (8 << 10)), "adaptive": False} \
         if mode == "pipellm" else {"bounce_bytes": (layers + 4) * (nbytes + (8 << 10))}
+    if decoys:
+        options.update(predictor=_Decoyed([f"layer{i}" for i in range(layers)], nbytes), lookahead=2 * layers)
     with Pipeline(device="emulated", mode=mode, chunk_size=nbytes, **options) as pipe:
         regions = [pipe.register(hostmem.empty(nbytes, np.uint8), name=f"layer{i}") for i in range(layers)]
+        for i in range(layers if decoys else 0):
+            pipe.register(hostmem.empty(nbytes, np.uint8), name=f"decoy{i}").array[:] = 2
         for r in regions:
             r.array[:] = 1
         for attempt in range(passes + 2):
@@ -204,20 +248,23 @@ def request_passes(mode: str, layers: int, nbytes: int, passes: int, settle_s: f
 
 def request_costs(layers: int = 8, nbytes: int = 64 << 10, passes: int = 20) -> dict:
     """The host's own cost per request, less its AES, with the emulated copy engine
-    paused: a plain copy, a cc request (encrypted on demand), and a pipellm hit (its
-    chunk encrypted ahead; the GO command and the submission are what is left): the best
-    of ``passes`` passes of :func:`request_passes` (pipellm: those whose requests all hit).
+    paused: a plain copy, a cc request (encrypted on demand), a pipellm hit (its chunk
+    encrypted ahead; the GO command and the submission are what is left), and what a
+    SKIP adds to a hit (strict order: the hit passes one queued item): the best of
+    ``passes`` passes of :func:`request_passes` (pipellm: those whose requests all hit).
 
     >>> c = request_costs(layers=2, passes=1)
     >>> sorted(c)
-    ['cc_library_per_transfer_s', 'hit_library_per_transfer_s', 'library_per_transfer_s']
+    ['cc_library_per_transfer_s', 'hit_library_per_transfer_s', 'library_per_transfer_s', 'skip_s']
     """
     out = {}
-    for mode, key in (("plain", "library_per_transfer_s"), ("cc", "cc_library_per_transfer_s"),
-                      ("pipellm", "hit_library_per_transfer_s")):
-        best = min(((elapsed - aes) / layers for elapsed, aes, hits, _ in request_passes(mode, layers, nbytes, passes)
+    for mode, key, decoys in (("plain", "library_per_transfer_s", False), ("cc", "cc_library_per_transfer_s", False),
+                              ("pipellm", "hit_library_per_transfer_s", False), ("pipellm", "skip_s", True)):
+        best = min(((elapsed - aes) / layers for elapsed, aes, hits, _ in
+                    request_passes(mode, layers, nbytes, passes, decoys=decoys)
                     if mode != "pipellm" or hits >= layers), default=float("nan"))
         out[key] = best
+    out["skip_s"] = max(0.0, out["skip_s"] - out["hit_library_per_transfer_s"])
     return out
 
 

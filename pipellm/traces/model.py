@@ -59,7 +59,8 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
     that run's workers encrypted and threw away (mispredictions, a fan-out's candidates
     not requested), charged to the workers spread over the hits; ``skips``: the SKIP
     commands each load of that run sent (strict order: a command sealed and submitted
-    on the requesting thread, priced as a cc request of its size). ``timed_from``: the time
+    on the requesting thread: ``costs["skip_s"]`` each, else a cc request's library cost).
+    ``timed_from``: the time
     from that record on, the host synchronized there first (a benchmark's clock starting
     after its warm-up: the records before it still teach the predictor and fill the
     pipeline)."""
@@ -94,8 +95,7 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
     hits = hits if mode == "pipellm" else [False] * len(loads)
     waste = wasted_bytes / max(1, sum(hits)) if mode == "pipellm" else 0.0  # per hit
     skips = skips if mode == "pipellm" and skips is not None else [0] * len(loads)
-    skip_cost = costs.get("cc_library_per_transfer_s", costs["library_per_transfer_s"]) + \
-        costs["seal_fixed_s"] + 64 / costs["seal_bytes_per_s"]
+    skip_cost = costs.get("skip_s", costs.get("cc_library_per_transfer_s", costs["library_per_transfer_s"]))
     # pipellm: a hit's chunks, as (start, done) on the worker that took each; they are
     # queued in request order as soon as the requests before leave room within the depth
     chunks: dict[int, list[tuple[float, float]]] = {}

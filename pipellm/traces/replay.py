@@ -24,7 +24,7 @@ import numpy as np
 from .. import hostmem, timeline
 from ..devices import open_device
 from ..pipeline import Pipeline
-from .explain import bounds, breakdown, measure_costs, pass_window, thread_cpu
+from .explain import best_costs, bounds, breakdown, measure_costs, pass_window, thread_cpu
 from .format import Trace
 from .model import MODEL_OPTIONS, simulate
 from .summary import summarize
@@ -231,16 +231,17 @@ def replay_many(traces: list[Trace], modes, predictors, progress=None, *, explai
     median run, ``runs_s`` every run's time); ``overhead_vs_plain`` against the same
     trace's plain time (when plain is among the modes). With ``explain``, each row also
     gets ``bounds`` (:func:`pipellm.traces.explain.bounds`) from costs measured alone
-    before the first run, for ``cores`` cores (default: this machine's), and the runs of
+    before each trace (the best of them), for ``cores`` cores (default: this machine's), and the runs of
     trace number ``timeline_of`` keep one pass of their timeline (for the plot). With
     ``model_cores``, each row also gets ``modelled`` (:func:`pipellm.traces.model.simulate`):
     its time modelled on this machine's cores and on ``model_cores``, the device side in
     hardware, from the same costs."""
-    costs = measure_costs(options.get("chunk_size", 4 << 20)) if explain else None
     cores = cores or os.cpu_count() or 1
     runs = [(mode, name) for mode in modes for name in (predictors if mode.startswith("pipellm") else [None])]
-    rows = []
+    costs, done = None, []
     for number, trace in enumerate(traces):
+        if explain:  # measured before each trace, the best of all kept: a slow spell of a shared
+            costs = best_costs(costs, measure_costs(options.get("chunk_size", 4 << 20)))  # machine is not alone
         tries: dict[tuple, list[dict]] = {run: [] for run in runs}
         for _ in range(repeat):  # the modes interleaved, so the machine's drift meets them alike
             for mode, name in runs:
@@ -255,6 +256,9 @@ def replay_many(traces: list[Trace], modes, predictors, progress=None, *, explai
             row = ranked[(len(ranked) - 1) // 2]  # the median run (the lower one of an even count)
             row["runs_s"] = [r["time_s"] for r in tries[run]]
             mine.append(row)
+        done.append((trace, mine))
+    rows = []
+    for trace, mine in done:  # the bounds and the model, from the best costs measured
         plain = next((r["time_s"] for r in mine if r["mode"] == "plain"), None)
         # per row, what the model takes from its run: which loads hit, and the bytes the
         # workers encrypted for nothing (dropped speculation: the model charges them too)
