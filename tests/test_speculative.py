@@ -124,6 +124,69 @@ def test_a_hit_whose_submission_fails_never_reuses_its_go_index(iv_order):
         ledger.check()
 
 
+class _Decoyed(pipellm.predictors.Predictor):
+    """Each layer predicted after a decoy that is never requested (a fan-out's candidate
+    the router did not pick): every request passes one queued item."""
+
+    def __init__(self, names=(), nbytes=0):
+        self.names, self.nbytes, self.last = list(names), nbytes, None
+
+    def observe(self, event):
+        self.last = event.region
+
+    def predict(self, k):
+        n, at = len(self.names), self.names.index(self.last) + 1 if self.last in self.names else 0
+        return [p for j in range(at, at + k // 2) for p in (pipellm.predictors.Prediction(f"decoy{j % n}", 0, self.nbytes),
+                                                           pipellm.predictors.Prediction(self.names[j % n], 0, self.nbytes))]
+
+
+def decoyed_pipe(n=3):
+    pipe = spec_pipe(predictor=_Decoyed([f"layer{i}" for i in range(n)], 3 * CHUNK + 100))
+    regions = layers(pipe, n=n)
+    for i in range(n):
+        pipe.register(pipellm.array(np.full(3 * CHUNK + 100, 7, np.uint8)), name=f"decoy{i}")
+    return pipe, regions
+
+
+def test_a_request_that_passes_a_queued_item_sends_its_skip_in_its_own_submission():
+    pipe, regions = decoyed_pipe()
+    with pipe:
+        learn(pipe, regions)
+        submissions = []
+        real = pipe.device.submit_messages
+
+        def spy(stream, session, msgs):
+            submissions.append([unpack_header(m.aad).kind for m in msgs])
+            return real(stream, session, msgs)
+        pipe.device.submit_messages = spy
+        before = pipe.stats()
+        for r in regions:
+            pipe.to_device(r)
+            pipe.wait_speculation()
+        s = pipe.stats()
+        check_device(pipe, regions)
+    assert s["hits"] - before["hits"] == 3 and s["nops"] - before["nops"] == 3   # a SKIP each
+    assert [k[:2] for k in submissions] == [[Kind.SKIP, Kind.GO]] * 3           # one submission each
+
+
+def test_a_skip_led_submission_that_fails_closes_strict_order_and_reuses_no_index():
+    pipe, regions = decoyed_pipe()
+    ledger = IVLedger()
+    with pipe, ledger.watch():
+        learn(pipe, regions)
+        real = pipe.device.submit_messages
+
+        def refuse(stream, session, msgs):
+            pipe.device.submit_messages = real
+            raise pipellm.DeviceError("injected: the device refused the submission")
+        pipe.device.submit_messages = refuse
+        with pytest.raises(pipellm.DeviceError, match="injected"):
+            pipe.to_device(regions[0])
+        with pytest.raises(pipellm.ChannelClosedError, match="sealed but could not be sent"):
+            pipe.to_device(regions[1])
+    ledger.check()
+
+
 def test_async_device_to_host_lands_and_waits():
     with spec_pipe() as pipe:
         src = layers(pipe, n=1, nbytes=10 * CHUNK)[0]

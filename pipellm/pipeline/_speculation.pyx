@@ -266,7 +266,7 @@ cdef class Queue(Engine):
             return False
         self._score(True)
         try:
-            self._send_go(item, (<Item>item).go_private, dst, dst_offset, stream)
+            self._send_go(item, (<Item>item).go_private, dst, dst_offset, stream, None)
         except BaseException:
             self._lock.enter()
             try:
@@ -347,19 +347,21 @@ cdef class Queue(Engine):
         if not self.sender.window:
             self._expect = last + 1
 
-    cpdef _send_go(self, Item item, Message private, dst, Py_ssize_t dst_offset, stream):
+    cpdef _send_go(self, Item item, Message private, dst, Py_ssize_t dst_offset, stream, tuple lead):
         """Send a claimed item whose chunks are sealed: its GO command (exposed from
         ``private``, sealed ahead for this destination, or sealed now), then the chunks.
         The GO goes into the first chunk's slot, after the chunk's message (room taken
-        with the slot): no slot of its own to take and retire on the request path."""
+        with the slot): no slot of its own to take and retire on the request path.
+        ``lead``: a sealed SKIP (ticket, slot, message) that goes first, or None."""
         cdef Chunk c
         cdef Ticket go
         cdef Message public
         cdef list chunks = item.chunks
+        cdef Py_ssize_t at = 0 if lead is None else 1  # the GO's place in the submission
         if not chunks:  # (no bounds checks here: a held place has no chunk to carry its GO)
             raise UsageError(f"{item.key} holds a place only: it has no chunks to send")
         go = self._go_tickets.pop(item.go.index)
-        msgs = [None]
+        msgs = [None] if lead is None else [lead[2], None]
         for c in chunks:
             msgs.append(c.msg)
         device = self.sender.device
@@ -369,19 +371,23 @@ cdef class Queue(Engine):
                 if public is None:
                     public = _exposed(<Endpoint?>self.sender.sealer, private, _go_view(chunks[0]))
                 _expose_into(<Endpoint?>self.sender.sealer, go, private, public)  # (Sealer.expose)
-                msgs[0] = public
+                msgs[at] = public
             else:
                 body = GO_BODY.pack(dst.id, dst_offset, len(chunks), item.nbytes)
-                msgs[0] = self.sender.sealer.seal_into(go, Kind.GO, 0, 0, body, _go_view(chunks[0]),
-                                                       order=self.sender.order, flags=self.sender.abandon)
+                msgs[at] = self.sender.sealer.seal_into(go, Kind.GO, 0, 0, body, _go_view(chunks[0]),
+                                                        order=self.sender.order, flags=self.sender.abandon)
             if isinstance(device, Submitter):  # (every device of ours: in C)
                 op = (<Submitter>device).submit_messages(stream, self.sender.session, msgs)
             else:
                 op = device.submit_messages(stream, self.sender.session, msgs)
         except BaseException:
             self._keep_or_fail(go)  # (the slots go back with the item, discarded by the caller)
+            if lead is not None:
+                self._drop_lead(lead)
             raise
         (<BouncePool?>self.spec_pool)._retire(item.slots, op)
+        if lead is not None:
+            self._lead_sent(lead, op)
         if private is None and self.sender.window:
             self.sender.abandon = 0  # (said by the GO now on its way, if it was owed)
         self._sent((<Chunk>chunks[len(chunks) - 1]).ticket.index)  # (no wraparound here)

@@ -178,13 +178,28 @@ class SpeculativeEngine(Queue):
     def _skip_to(self, target: int) -> None:
         """Strict order: make the device expect ``target`` next with one SKIP command, sealed
         under the index it expects now (always an unexposed GO index: GO commands are
-        sealed only when their transfer is requested)."""
+        sealed only when their transfer is requested), sent now."""
         if self.sender.window or self._expect >= target:
             return
+        self._send_lead(self._seal_skip(target), self.device.default_stream)
+
+    def _seal_skip(self, target: int) -> tuple:
+        """Strict order: the SKIP command to ``target`` (see ``_skip_to``) sealed into a
+        command slot, not sent: a claimed item sends it first in its own submission (one
+        submission, not two). Returns (ticket, slot, message): the lead of a submission.
+        From here the device is taken to expect ``target``; a lead never sent closes the
+        channel (``_drop_lead``): its index was exposed."""
         ticket = self._go_tickets.pop(self._expect)
+        body = SKIP_BODY.pack(target)
         try:
-            self._command(ticket, Kind.SKIP, SKIP_BODY.pack(target), None)
+            slot = self.cmd_pool.acquire(len(body) + TAG_BYTES, self.timeout)
         except BaseException:
+            self._keep_or_fail(ticket)
+            raise
+        try:
+            msg = self.channel.sealer.seal_into(ticket, Kind.SKIP, 0, 0, body, slot.view(len(body) + TAG_BYTES))
+        except BaseException:
+            self.cmd_pool.release(slot)
             self._keep_or_fail(ticket)
             raise
         self.counts["nops"] += 1
@@ -192,6 +207,28 @@ class SpeculativeEngine(Queue):
         self._expect = target
         for index in [i for i in self._go_tickets if i < target]:
             del self._go_tickets[index]
+        return ticket, slot, msg
+
+    def _send_lead(self, lead: tuple, stream) -> None:
+        """Submit a sealed SKIP on its own (the item it led falls back to on demand)."""
+        ticket, slot, msg = lead
+        try:
+            op = self.device.submit_messages(stream, self.sender.session, (msg,))
+        except BaseException:
+            self._drop_lead(lead)
+            raise
+        self._lead_sent(lead, op)
+
+    def _lead_sent(self, lead: tuple, op) -> None:
+        """A lead's submission is on its way: its slot back once the device has read it."""
+        self.cmd_pool.retire(lead[1], op)
+        self._high = max(self._high, lead[0].index)
+
+    def _drop_lead(self, lead: tuple) -> None:
+        """A sealed lead that will not be sent: its slot back; its index was exposed, so
+        strict order closes the channel (``_keep_or_fail``)."""
+        self.cmd_pool.release(lead[1])
+        self._keep_or_fail(lead[0])
 
     def _send_on_demand(self, region, offset, nbytes, dst, dst_offset, stream) -> None:
         if not self.sender.window:
@@ -233,8 +270,12 @@ class SpeculativeEngine(Queue):
 
     def _send_item(self, item: Item, dst, dst_offset, stream) -> None:
         try:
+            lead = None
             if not self.sender.window and self._expect < item.go.index:
-                self._skip_to(item.go.index)
+                if item.chunks:  # the SKIP goes first in the item's own submission
+                    lead = self._seal_skip(item.go.index)
+                else:
+                    self._skip_to(item.go.index)
             if not item.chunks:  # a held place: seal the data now, under the index kept for it
                 ticket = self._go_tickets.pop(item.go.index)
                 sender, data = self.sender, item.region.view[item.offset:item.offset + item.nbytes]
@@ -250,31 +291,39 @@ class SpeculativeEngine(Queue):
                 self.hits += 1
                 self.counts["held_places"] += 1
                 return
-            self._send_speculated(item, dst, dst_offset, stream)
+            self._send_speculated(item, dst, dst_offset, stream, lead)
         except BaseException:
             with self._cond:
                 self._discard(item)
             raise
 
-    def _send_speculated(self, item: Item, dst, dst_offset, stream) -> None:
+    def _send_speculated(self, item: Item, dst, dst_offset, stream, lead=None) -> None:
         chunks = item.chunks
-        with self._cond:
-            waiting = [c for c in chunks if c.state != READY]
-            if item.go_busy:  # a worker is sealing the GO ahead: it takes microseconds
-                self._wait_for(lambda: not item.go_busy)
-            private = item.go_private if item.go_dst == (dst.id, dst_offset) else None
-        if waiting:
-            for chunk in waiting:
-                self._ensure_ready(item, chunk)
-            if any(c.state != READY for c in waiting) or not self._current(item):
-                # a worker failed on it, or its bytes changed while it was finished: fall back
-                with self._cond:
-                    self.counts["stale"] += 1
-                    self._discard(item)
-                self.counts["misses"] += 1
-                self._send_on_demand(item.region, item.offset, item.nbytes, dst, dst_offset, stream)
-                return
-        self._send_go(item, private, dst, dst_offset, stream)
+        try:
+            with self._cond:
+                waiting = [c for c in chunks if c.state != READY]
+                if item.go_busy:  # a worker is sealing the GO ahead: it takes microseconds
+                    self._wait_for(lambda: not item.go_busy)
+                private = item.go_private if item.go_dst == (dst.id, dst_offset) else None
+            if waiting:
+                for chunk in waiting:
+                    self._ensure_ready(item, chunk)
+                if any(c.state != READY for c in waiting) or not self._current(item):
+                    # a worker failed on it, or its bytes changed while it was finished: fall back
+                    with self._cond:
+                        self.counts["stale"] += 1
+                        self._discard(item)
+                    self.counts["misses"] += 1
+                    if lead is not None:
+                        lead, sent = None, lead
+                        self._send_lead(sent, self.device.default_stream)
+                    self._send_on_demand(item.region, item.offset, item.nbytes, dst, dst_offset, stream)
+                    return
+        except BaseException:
+            if lead is not None:
+                self._drop_lead(lead)
+            raise
+        self._send_go(item, private, dst, dst_offset, stream, lead)
 
     def _ensure_ready(self, item: Item, chunk: Chunk) -> None:
         """The chunk encrypted: by a worker (wait for it) or, if none took it yet, here."""
@@ -294,11 +343,6 @@ class SpeculativeEngine(Queue):
                     timeline.span("wait-worker", start, end)
         if mine:
             self._encrypt(item, chunk)
-
-    def _command(self, ticket, kind, body: bytes, stream) -> None:
-        self.sender.send_sealed(self.cmd_pool, len(body), stream or self.device.default_stream,
-                                lambda out: self.channel.sealer.seal_into(ticket, kind, 0, 0, body, out))
-        self._high = max(self._high, ticket.index)
 
     def to_host(self, src, src_offset, region, offset, nbytes, stream):
         transfer = self.receiver.to_host(src, src_offset, region, offset, nbytes, stream)
