@@ -27,7 +27,7 @@ WORKLOADS = {
     "flexgen": ("layerwise", dict(model="opt-66b", new_tokens=8, prompt=128)),
     "lora": ("layerwise", dict(model="llama-7b", steps=4)),
     "vllm-swap": ("kvswap", dict(model="opt-30b")),
-    "moe": ("layerwise", dict(model="mixtral-8x7b", tokens=48)),
+    "moe": ("experts", dict(model="mixtral-8x7b", tokens=48)),
     "mixed-accelerate": ("layerwise", dict(model="opt-13b", tokens=8)),
     "mixed-vllm-swap": ("kvswap", dict(model="opt-30b")),
 }
