@@ -133,8 +133,9 @@ def test_model_misses_share_the_aes_with_idle_workers_and_more_cores_never_hurt(
     n = sum(r.op == "h2d" for r in trace.records)
     cc = simulate(trace, "cc", COSTS, cores=16)
     misses = [simulate(trace, "pipellm", COSTS, cores=c, hits=[False] * n) for c in (2, 16)]
-    # every 2 MiB miss in pieces: on 16 cores 8 hands (256 KiB each), on 2 cores 2
-    assert misses[1] < misses[0] < cc
+    # every 2 MiB miss in pieces on 16 cores: 8 hands (256 KiB each); on 2 cores no helper
+    # (the requesting thread and the copy engine have the two cores), sealed as cc does
+    assert misses[1] < misses[0] == pytest.approx(cc)
     hits = [False] * 4 + [True] * (n - 4)
     times = [simulate(trace, "pipellm", COSTS, cores=c, hits=hits) for c in (1, 2, 4, 16)]
     assert all(later <= earlier + 1e-12 for earlier, later in zip(times, times[1:]))

@@ -1,6 +1,7 @@
 """pipellm mode: a transfer encrypted on demand (a miss) is sealed in pieces by idle
 workers beside the requesting thread (pipellm/pipeline/ondemand.py)."""
 
+import os
 import time
 
 import numpy as np
@@ -18,7 +19,9 @@ MiB = 1 << 20
 
 def helped_pipe(device="emulated", **kw):
     # nothing is speculated (a huge threshold): every request is a miss, sealed on demand
+    # with the help of every idle worker (on two cores "auto" allows none)
     kw.setdefault("workers", 3)
+    kw.setdefault("on_demand_helpers", 3)
     return make_pipe("pipellm", device=device, chunk_size=4 * MiB, bounce_bytes=32 * MiB,
                      min_speculative_bytes=1 << 40, **kw)
 
@@ -104,3 +107,33 @@ def test_a_tampered_piece_refuses_the_whole_transfer():
                 pipe.to_device(region)
     finally:
         dev.close()
+
+
+def test_no_worker_helps_beyond_the_cores_it_would_need():
+    spy = Record()
+    dev = pipellm.open_device("emulated", adversary=spy)
+    try:
+        with helped_pipe(device=dev, on_demand_helpers=0) as pipe:   # "auto" on a 2-core host
+            assert pipe.stats()["on_demand_helpers"] == 0
+            region = pipe.register(pipellm.array(random_bytes(3 * MiB + 5, seed=1)), name="w")
+            for _ in range(2):
+                settle(pipe)
+                pipe.to_device(region)
+                pipe.synchronize()
+            assert pipe.stats()["helped_pieces"] == 0
+    finally:
+        dev.close()
+    # sealed as cc does: one message per chunk, all on the requesting thread
+    assert len([h for h in spy.headers if h.kind == Kind.DATA]) == 2
+
+
+@pytest.mark.parametrize("bad", [-1, "many", 1.5])
+def test_bad_on_demand_helpers_are_refused(bad):
+    with pytest.raises((pipellm.ArgumentError, TypeError), match="on_demand_helpers"):
+        pipellm.Pipeline(device="emulated", on_demand_helpers=bad)
+
+
+def test_auto_helpers_leave_the_requesting_thread_and_the_copy_engine_their_cores():
+    from pipellm.pipeline.ondemand import spare_cores
+    with make_pipe("pipellm") as pipe:
+        assert pipe.stats()["on_demand_helpers"] == spare_cores() == max(0, len(os.sched_getaffinity(0)) - 2)

@@ -106,6 +106,12 @@ class Pipeline(Requests):
     can lose to on-demand encryption where the workers have no spare cores and the
     workload leaves no time to hide under; see :mod:`pipellm.pipeline.payoff`).
 
+    A transfer encrypted on demand (a miss) is sealed in pieces by up to
+    ``on_demand_helpers`` idle workers beside the requesting thread ("auto": the cores
+    this process may run on less two, the requesting thread's and the device's copy
+    engine's: none on two cores, where a helper only slows the other two down; see
+    :mod:`pipellm.pipeline.ondemand`).
+
     ``chunk_size`` bytes travel per message (one IV each); ``bounce_bytes`` caps the
     bounce buffers; every wait gives up after ``timeout`` seconds with
     :class:`~pipellm.TransferTimeoutError`; keys rotate every ``rotate_after`` messages
@@ -118,7 +124,8 @@ class Pipeline(Requests):
                  workers: int | None = None, depth_bytes: int = DEFAULT_DEPTH_BYTES,
                  depth_messages: int = DEFAULT_DEPTH_MESSAGES, lookahead: int = DEFAULT_LOOKAHEAD,
                  iv_order: str = "strict", iv_window: int = DEFAULT_IV_WINDOW,
-                 min_speculative_bytes: int | str = DEFAULT_MIN_SPECULATIVE_BYTES, adaptive: bool = True):
+                 min_speculative_bytes: int | str = DEFAULT_MIN_SPECULATIVE_BYTES, adaptive: bool = True,
+                 on_demand_helpers: int | str = "auto"):
         if not isinstance(mode, str):
             raise ArgumentTypeError(f"mode must be a str, got {type(mode).__name__}")
         if mode not in MODES:
@@ -139,6 +146,13 @@ class Pipeline(Requests):
                 raise ArgumentError(f"min_speculative_bytes must be an int >= 0 or 'auto', got {min_speculative_bytes!r}")
         else:
             min_speculative_bytes = check_int("min_speculative_bytes", min_speculative_bytes)
+        if isinstance(on_demand_helpers, str):
+            if on_demand_helpers != "auto":
+                raise ArgumentError(f"on_demand_helpers must be an int >= 0 or 'auto', got {on_demand_helpers!r}")
+            from .ondemand import spare_cores
+            on_demand_helpers = spare_cores()
+        else:
+            on_demand_helpers = check_int("on_demand_helpers", on_demand_helpers)
         if not isinstance(adaptive, bool):
             raise ArgumentTypeError(f"adaptive must be True or False, got {type(adaptive).__name__}")
         if iv_order == "window" and iv_window <= depth_messages:
@@ -183,7 +197,7 @@ class Pipeline(Requests):
                     rotate_after=rotate_after, predictor=predictor, regions=self._names, workers=workers,
                     depth_bytes=depth_bytes, depth_messages=depth_messages, iv_order=iv_order,
                     iv_window=iv_window, lookahead=lookahead, min_speculative_bytes=min_speculative_bytes,
-                    adaptive=adaptive)
+                    adaptive=adaptive, on_demand_helpers=on_demand_helpers)
         except BaseException:
             if self._owns_device:
                 self.device.close()

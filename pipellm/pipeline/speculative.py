@@ -82,12 +82,11 @@ class SpeculativeEngine(Queue):
     mode = "pipellm"
     #: an idle worker plans further ahead while plans keep queueing more (see _extend_due)
     plan_when_idle = True
-    #: idle workers seal pieces of a transfer encrypted on demand (see ondemand.py)
-    help_on_demand = True
 
     def __init__(self, device, *, timeout, chunk_size, bounce_bytes, rotate_after, predictor: Predictor,
                  regions: dict, workers: int, depth_bytes: int, depth_messages: int, iv_order: str,
-                 iv_window: int, lookahead: int, min_speculative_bytes: int, adaptive: bool = True):
+                 iv_window: int, lookahead: int, min_speculative_bytes: int, adaptive: bool = True,
+                 on_demand_helpers: int = 0):
         window = iv_window if iv_order == "window" else 0
         self.cc = CCEngine(device, timeout=timeout, chunk_size=chunk_size, bounce_bytes=bounce_bytes,
                            rotate_after=rotate_after, window=window)
@@ -110,6 +109,7 @@ class SpeculativeEngine(Queue):
         self._receive_pending = False
         self._grew = False     # the last plan queued something (an idle worker may plan on)
         self._payoff = Payoff() if adaptive else None  # speculation on only while it pays
+        self.on_demand_helpers = on_demand_helpers  # idle workers that may seal pieces of a miss
         self.hit_wait_s = 0.0  # requests waiting for a worker to finish their chunks
         self.workers = Workers(self, workers)
         self.workers.start()
@@ -247,10 +247,10 @@ class SpeculativeEngine(Queue):
         """Encrypt on demand (h2d lock held): with idle workers' help where the transfer
         is large enough to share (see ondemand.py), else chunk by chunk as cc does."""
         helpers = 0
-        if nbytes >= 2 * ondemand.MIN_PIECE and self.help_on_demand and self.speculating:
+        if nbytes >= 2 * ondemand.MIN_PIECE and self.on_demand_helpers and self.speculating:
             with self._lock:
                 if not self.board.tasks:
-                    helpers = min(self.board.idle + self.board.napping, len(self.workers))
+                    helpers = min(self.board.idle + self.board.napping, len(self.workers), self.on_demand_helpers)
         if helpers:
             ondemand.send(self, region, offset, nbytes, dst, dst_offset, stream, helpers)
         else:
@@ -615,6 +615,7 @@ class SpeculativeEngine(Queue):
         counts["hit_wait_s"] = self.hit_wait_s
         counts["predictor_s"] = self.predictor_s
         counts["min_speculative_bytes"] = self.min_speculative_bytes
+        counts["on_demand_helpers"] = self.on_demand_helpers
         if self._payoff is not None:
             counts["speculating"] = self._payoff.speculating
             counts["payoff_switches"] = self._payoff.switches

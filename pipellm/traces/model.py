@@ -16,8 +16,9 @@ before, at least ``min_speculative_bytes`` long (the engine's threshold), and no
 since its last load (the write invalidates what was encrypted ahead), or those ``hits``
 names; never one larger than ``depth_bytes`` (the engine can't hold it); everything else is
 encrypted on demand, as cc does (in pipellm mode, a large one in pieces shared with the
-workers idle at that moment, as ``pipellm/pipeline/ondemand.py`` does). A chunk no
-worker has started when its request comes is encrypted by the requesting thread (as the
+workers idle at that moment, at most ``cores - 2`` of them, as
+``pipellm/pipeline/ondemand.py`` does). A chunk no worker has started when its request
+comes is encrypted by the requesting thread (as the
 engine's stealing does); one a worker is on is waited for. A hit's GO command is sealed
 ahead by a worker; the encryption a run threw away (``wasted_bytes``) is charged to the
 workers, a share before each hit, and its SKIP commands (strict order: the candidates a
@@ -71,6 +72,7 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
         costs.get("cc_library_per_transfer_s", costs["library_per_transfer_s"])
     hit_lib = costs.get("hit_library_per_transfer_s", lib)
     workers = max(1, cores - 1) if workers is None else workers
+    helpers = max(0, cores - 2)  # a miss's helpers: on_demand_helpers="auto" (ondemand.spare_cores)
 
     def seal(n):
         return costs["seal_fixed_s"] + n / costs["seal_bytes_per_s"]
@@ -152,9 +154,9 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
             t += (lib if mine is None else hit_lib) + skips[served] * skip_cost
             if mode == "plain":
                 book(rec.stream, 0, t, rec.nbytes)
-            elif mine is None and mode == "pipellm" and rec.nbytes >= 2 * MIN_PIECE and free_at[0] <= t:
+            elif mine is None and mode == "pipellm" and rec.nbytes >= 2 * MIN_PIECE and free_at[0] <= t and helpers:
                 # a miss, sealed in pieces by the idle workers beside the request (ondemand.py)
-                idle = [w for w in free_at if w <= t]
+                idle = [w for w in free_at if w <= t][:helpers]
                 parts = pieces(rec.nbytes, chunk_size, len(idle))
                 ends, mine_t = [], t
                 for k, (_, n) in enumerate(parts):
