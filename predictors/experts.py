@@ -131,13 +131,13 @@ class ExpertsPredictor(Predictor):
         """``members`` ordered by what was seen (a before b, b before c: a before c),
         the rest by name."""
         n, before = len(members), self._before
-        after = [[before[a, b] > before[b, a] for b in members] for a in members]
+        earlier = [[before[a, b] > before[b, a] for b in members] for a in members]  # [i][j]: i before j
         for k in range(n):  # the transitive closure (a group holds a few members)
             for i in range(n):
-                if after[i][k]:
+                if earlier[i][k]:
                     for j in range(n):
-                        after[i][j] = after[i][j] or after[k][j]
-        ahead = {m: sum(after[j][i] for j in range(n)) for i, m in enumerate(members)}
+                        earlier[i][j] = earlier[i][j] or earlier[k][j]
+        ahead = {m: sum(earlier[j][i] for j in range(n)) for i, m in enumerate(members)}  # members before m
         return sorted(members, key=lambda m: (ahead[m], _natural(m)))
 
     def _rest_of_group(self) -> list[str]:

@@ -10,6 +10,7 @@ from pipellm import IntegrityError
 from pipellm.channel import shared_write_observers
 from pipellm.channel.protocol import Kind, unpack_header
 from pipellm.testing import Adversary, IVLedger
+from pipellm.traces.explain import _Decoyed
 from conftest import TIMEOUT
 from spec_helpers import CHUNK, spec_pipe, layers, learn, check_device, settled_passes
 
@@ -124,23 +125,8 @@ def test_a_hit_whose_submission_fails_never_reuses_its_go_index(iv_order):
         ledger.check()
 
 
-class _Decoyed(pipellm.predictors.Predictor):
-    """Each layer predicted after a decoy that is never requested (a fan-out's candidate
-    the router did not pick): every request passes one queued item."""
-
-    def __init__(self, names=(), nbytes=0):
-        self.names, self.nbytes, self.last = list(names), nbytes, None
-
-    def observe(self, event):
-        self.last = event.region
-
-    def predict(self, k):
-        n, at = len(self.names), self.names.index(self.last) + 1 if self.last in self.names else 0
-        return [p for j in range(at, at + k // 2) for p in (pipellm.predictors.Prediction(f"decoy{j % n}", 0, self.nbytes),
-                                                           pipellm.predictors.Prediction(self.names[j % n], 0, self.nbytes))]
-
-
 def decoyed_pipe(n=3):
+    # each layer predicted after a decoy never requested: every request passes one queued item
     pipe = spec_pipe(predictor=_Decoyed([f"layer{i}" for i in range(n)], 3 * CHUNK + 100))
     regions = layers(pipe, n=n)
     for i in range(n):

@@ -314,7 +314,7 @@ class SpeculativeEngine(Queue):
                         self.counts["stale"] += 1
                         self._discard(item)
                     self.counts["misses"] += 1
-                    if lead is not None:
+                    if lead is not None:  # it goes alone (_send_lead drops it if that fails)
                         lead, sent = None, lead
                         self._send_lead(sent, self.device.default_stream)
                     self._send_on_demand(item.region, item.offset, item.nbytes, dst, dst_offset, stream)

@@ -38,8 +38,8 @@ computed twice: from each operation's cost measured alone on an idle machine
 the CPU times the run's threads spent on the same work (the gap is contention: shared
 cores, memory bandwidth). ``machine`` (costs alone only) is the work at the rates every
 core of this machine reaches at once: streaming AES and copies share the memory
-bandwidth, and on a small VM two threads at once may move fewer bytes than one alone. ``hardware`` bounds take the
-device side as an H100's (its copy engine decrypts at link rate: no device CPU work, no
+bandwidth, and on a small VM two threads at once may move fewer bytes than one alone.
+``hardware`` bounds take the device side as an H100's (its copy engine decrypts at link rate: no device CPU work, no
 stall) and the workers a host of ``C`` cores has (``C - 1``): ``max(P, host / C)``.
 """
 

@@ -18,11 +18,11 @@ names; never one larger than ``depth_bytes`` (the engine can't hold it); everyth
 encrypted on demand, as cc does (in pipellm mode, a large one in pieces shared with the
 workers idle at that moment, at most ``cores - 2`` of them, as
 ``pipellm/pipeline/ondemand.py`` does). A chunk no worker has started when its request
-comes is encrypted by the requesting thread (as the
-engine's stealing does); one a worker is on is waited for. A hit's GO command is sealed
-ahead by a worker; the encryption a run threw away (``wasted_bytes``) is charged to the
-workers, a share before each hit, and its SKIP commands (strict order: the candidates a
-request passed) to the requesting thread. Device-to-host chunks are
+comes is encrypted by the requesting thread (as the engine's stealing does); one a
+worker is on is waited for. A hit's GO command is sealed ahead by a worker; the
+encryption a run threw away (``wasted_bytes``) is charged to the workers, a share before
+each hit, and its SKIP commands (strict order: the candidates a request passed) to the
+requesting thread. Device-to-host chunks are
 decrypted by the workers idle when they arrive, several at once, and committed in channel
 order (as the engine does); otherwise, and in cc, the host receives them on one thread
 when it synchronizes.
@@ -60,9 +60,9 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
     that run's workers encrypted and threw away (mispredictions, a fan-out's candidates
     not requested), charged to the workers spread over the hits; ``skips``: the SKIP
     commands each load of that run sent (strict order: a command sealed and submitted
-    on the requesting thread: ``costs["skip_s"]`` each, else a cc request's library cost).
-    ``timed_from``: the time
-    from that record on, the host synchronized there first (a benchmark's clock starting
+    on the requesting thread: ``costs["skip_s"]`` each, else a cc request's library
+    cost). ``timed_from``: the time from that record on, the host synchronized there
+    first (a benchmark's clock starting
     after its warm-up: the records before it still teach the predictor and fill the
     pipeline)."""
     link = link or LinkModel()
@@ -123,8 +123,9 @@ def simulate(trace: Trace, mode: str, costs: dict, *, cores: int, link: LinkMode
                 # and its GO command, sealed ahead by a worker into private memory (a
                 # request only exposes it: workers.py's "seal-go" task)
                 begin = max(now, free_at[0])
-                heapq.heapreplace(free_at, begin + seal(64))
-                chunks[planned] = (mine, (begin, begin + seal(64)))
+                go = (begin, begin + seal(64))
+                heapq.heapreplace(free_at, go[1])
+                chunks[planned] = (mine, go)
                 window += nbytes
             planned += 1
 

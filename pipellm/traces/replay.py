@@ -231,8 +231,9 @@ def replay_many(traces: list[Trace], modes, predictors, progress=None, *, explai
     median run, ``runs_s`` every run's time); ``overhead_vs_plain`` against the same
     trace's plain time (when plain is among the modes). With ``explain``, each row also
     gets ``bounds`` (:func:`pipellm.traces.explain.bounds`) from costs measured alone
-    before each trace (the best of them), for ``cores`` cores (default: this machine's), and the runs of
-    trace number ``timeline_of`` keep one pass of their timeline (for the plot). With
+    before each trace (the best of them), for ``cores`` cores (default: this machine's),
+    and the runs of trace number ``timeline_of`` keep one pass of their timeline (for the
+    plot). With
     ``model_cores``, each row also gets ``modelled`` (:func:`pipellm.traces.model.simulate`):
     its time modelled on this machine's cores and on ``model_cores``, the device side in
     hardware, from the same costs."""
@@ -240,8 +241,8 @@ def replay_many(traces: list[Trace], modes, predictors, progress=None, *, explai
     runs = [(mode, name) for mode in modes for name in (predictors if mode.startswith("pipellm") else [None])]
     costs, done = None, []
     for number, trace in enumerate(traces):
-        if explain:  # measured before each trace, the best of all kept: a slow spell of a shared
-            costs = best_costs(costs, measure_costs(options.get("chunk_size", 4 << 20)))  # machine is not alone
+        if explain:  # before each trace, the best kept: one slow spell of a shared machine is not alone
+            costs = best_costs(costs, measure_costs(options.get("chunk_size", 4 << 20)))
         tries: dict[tuple, list[dict]] = {run: [] for run in runs}
         for _ in range(repeat):  # the modes interleaved, so the machine's drift meets them alike
             for mode, name in runs:
